@@ -1,0 +1,1 @@
+"""Benchmark scripts (not timed tests). Results land in results/ as long CSV with provenance."""
