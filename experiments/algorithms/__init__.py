@@ -1,0 +1,20 @@
+"""Layer-wise compression algorithms on a single ``(N, K)`` weight and its calibration statistics.
+
+Pure torch and model-agnostic: the sweep code (``experiments/compress.py``) collects ``H = X^T X / n``
+(or its diagonal) for each linear layer and calls these functions.
+
+- :mod:`.quant`: :func:`rtn`, :func:`gptq` -> :class:`QuantResult` on the grid of
+  ``triton_kernels/dequant_matmul.py``; :func:`dequantize_result`.
+- :mod:`.prune`: :func:`magnitude`, :func:`wanda`, :func:`sparsegpt` with patterns parsed by
+  :func:`parse_pattern` ("unstructured", "2:4", "block:32x32").
+- :mod:`.lowrank`: :func:`svd`, :func:`whitened_svd`, :func:`rank_for_ratio`, :func:`rank_for_energy`.
+"""
+from .lowrank import rank_for_energy, rank_for_ratio, svd, whitened_svd
+from .prune import Pattern, magnitude, parse_pattern, sparsegpt, wanda
+from .quant import QuantResult, dequantize_result, gptq, rtn
+
+__all__ = [
+    "QuantResult", "rtn", "gptq", "dequantize_result",
+    "Pattern", "parse_pattern", "magnitude", "wanda", "sparsegpt",
+    "rank_for_ratio", "rank_for_energy", "svd", "whitened_svd",
+]
