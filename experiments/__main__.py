@@ -1,0 +1,89 @@
+"""Command line: ``python -m experiments <command>``.
+
+    python -m experiments list
+    python -m experiments run <sweep|all|path.yaml> [--quick] [--model default] [--text-file F]
+                              [--source austen] [--out-dir results] [--device cpu] [--no-progress]
+
+Each command is a function ``cmd_<name>(args) -> int`` registered in :data:`COMMANDS` with a
+function that adds its arguments; adding a command is adding one entry. Bad input (unknown sweep
+or model, missing/empty text file, a setting that does not fit the model, a corpus too short)
+prints one ``error:`` line naming the option and exits with status 2 before any result row is written.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from typing import Callable
+
+
+def _add_list(p: argparse.ArgumentParser) -> None:
+    pass
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    from experiments.sweep import available_sweeps, load_sweep
+    print(f"{'sweep':10s} {'full':>5s} {'quick':>5s}  description")
+    for name, path in available_sweeps().items():
+        sw = load_sweep(path)
+        desc = sw.description.splitlines()[0] if sw.description else ""
+        print(f"{name:10s} {len(sw.full_points):5d} {len(sw.quick_points):5d}  {desc}")
+    return 0
+
+
+def _add_run(p: argparse.ArgumentParser) -> None:
+    p.add_argument("sweep", help="sweep name (see `list`), 'all', or a path to a sweep .yaml file")
+    p.add_argument("--quick", action="store_true", help="the quick subset with small budgets; writes under <out-dir>/quick/")
+    p.add_argument("--model", default="default",
+                   help="'default' (embedded SmolLM2-135M GGUF), an HF model id, a local directory or a .gguf file")
+    p.add_argument("--text-file", default=None, help="plain-text file: first 10%% calibration, rest evaluation")
+    p.add_argument("--source", default="austen", help="corpus when no --text-file: austen (default) or wikitext2 (online)")
+    p.add_argument("--out-dir", default="results", help="directory of the CSV tables (default: results)")
+    p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    p.add_argument("--no-progress", action="store_true", help="no tqdm bars")
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from experiments.sweep import resolve_sweeps, run_sweeps
+    t0 = time.perf_counter()
+    sweeps = resolve_sweeps(args.sweep)
+    paths = run_sweeps(sweeps, quick=args.quick, model=args.model, text_file=args.text_file, source=args.source,
+                       out_dir=args.out_dir, device=args.device, progress=not args.no_progress)
+    for p in paths:
+        print(p)
+    print(f"done in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
+    return 0
+
+
+COMMANDS: dict[str, tuple[Callable, Callable, str]] = {
+    "list": (_add_list, cmd_list, "list the sweeps with their point counts (full and --quick)"),
+    "run": (_add_run, cmd_run, "run or resume a sweep; one CSV row per point under --out-dir"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m experiments",
+                                     description="Compress a language model and measure what it costs.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="command")
+    for name, (add, fn, help_) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_, description=help_)
+        add(p)
+        p.set_defaults(func=fn)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError) as e:
+        # Bad input: one clear line, exit status 2 (argparse's own convention), no traceback.
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; finished points are saved, rerun the same command to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,291 @@
+"""Sweeps as data, and a resumable runner that writes one long CSV per sweep.
+
+A sweep is a YAML file in ``experiments/sweeps/`` (files starting with ``_`` are shared settings,
+not sweeps)::
+
+    name: quant
+    description: ...
+    settings: {eval_tokens: 16384}         # overrides _defaults.yaml "full" for this sweep
+    points:                                # explicit method specs (see experiments.compress)
+      - {method: dense}
+    grid:                                  # each entry: cartesian product of its lists
+      - {method: [rtn, gptq], bits: [3, 4], group_size: [64, -1]}
+    quick:                                 # the --quick subset: its own points and settings
+      settings: {eval_tokens: 2048}
+      points: [...]
+
+Settings (``_defaults.yaml``, sections ``full`` and ``quick``, overridden per sweep): ``seqlen``
+(evaluation window), ``eval_tokens`` (evaluation budget), ``calib_samples`` and ``calib_seqlen``
+(calibration windows), ``seed``.
+
+Runner (:func:`run_sweeps`): the model is loaded once and deep-copied for every point; every
+point is validated against the model's layer shapes, and the evaluation/calibration tokens are cut,
+*before* the first point runs, so bad input fails with no row written. Each finished point is
+appended atomically (``experiments.results.append_row``) to ``<out>/sweep_<name>.csv``
+(``<out>/quick/sweep_<name>.csv`` for ``--quick``, so quick and full results never mix). A
+point's id is a hash of its spec, its settings, the model and the corpus; points whose id is
+already in the table are skipped, so a run killed at any moment (even ``kill -9``) resumes where it
+stopped, with no duplicate, lost or half-written row. Torch's RNG is re-seeded for every point.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import itertools
+import json
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import torch
+import yaml
+
+from experiments.compress import (MethodSpec, aliases_source_grid, check_spec_fits, compress_model,
+                                  parse_spec)
+
+SWEEPS_DIR = Path(__file__).resolve().parent / "sweeps"
+SETTING_KEYS = ("seqlen", "eval_tokens", "calib_samples", "calib_seqlen", "seed")
+
+
+@dataclass
+class Sweep:
+    name: str
+    description: str
+    full_points: list[MethodSpec]
+    quick_points: list[MethodSpec]
+    full_settings: dict[str, int]
+    quick_settings: dict[str, int]
+    path: Path
+
+    def points(self, quick: bool) -> list[MethodSpec]:
+        return self.quick_points if quick else self.full_points
+
+    def settings(self, quick: bool) -> dict[str, int]:
+        return self.quick_settings if quick else self.full_settings
+
+
+def _load_yaml(path: Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ValueError(f"sweep file {path}: not valid YAML ({e})") from e
+    if not isinstance(data, dict):
+        raise ValueError(f"sweep file {path}: expected a mapping at the top level")
+    return data
+
+
+def _settings(base: Mapping[str, Any], override: Mapping[str, Any] | None, where: str) -> dict[str, int]:
+    out = dict(base)
+    for k, v in (override or {}).items():
+        if k not in SETTING_KEYS:
+            raise ValueError(f"{where}: unknown setting {k!r}; settings are {', '.join(SETTING_KEYS)}")
+        out[k] = v
+    for k in SETTING_KEYS:
+        v = out.get(k)
+        if isinstance(v, bool) or not isinstance(v, int) or v < (0 if k == "seed" else 1):
+            raise ValueError(f"{where}: setting {k}={v!r} must be a {'non-negative' if k == 'seed' else 'positive'} integer")
+    return out
+
+
+def _expand(section: Mapping[str, Any], where: str) -> list[MethodSpec]:
+    specs: list[MethodSpec] = []
+    for i, p in enumerate(section.get("points") or []):
+        specs.append(parse_spec(p, where=f"{where} points[{i}]"))
+    for i, g in enumerate(section.get("grid") or []):
+        if not isinstance(g, Mapping):
+            raise ValueError(f"{where} grid[{i}]: expected a mapping of option -> list of values")
+        keys = list(g)
+        values = [v if isinstance(v, list) else [v] for v in g.values()]
+        for combo in itertools.product(*values):
+            specs.append(parse_spec(dict(zip(keys, combo)), where=f"{where} grid[{i}]"))
+    seen: dict[str, int] = {}
+    unique = []
+    for s in specs:
+        key = json.dumps(s.to_dict(), sort_keys=True)
+        if key not in seen:
+            seen[key] = 1
+            unique.append(s)
+    return unique
+
+
+def load_sweep(path: str | Path, defaults: Mapping[str, Any] | None = None) -> Sweep:
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"sweep file {str(path)!r} does not exist")
+    if defaults is None:
+        defaults = _load_yaml(SWEEPS_DIR / "_defaults.yaml")
+    data = _load_yaml(path)
+    known = {"name", "description", "settings", "points", "grid", "quick"}
+    unknown = set(data) - known
+    if unknown:
+        raise ValueError(f"sweep file {path}: unknown key(s) {sorted(unknown)}; allowed: {sorted(known)}")
+    name = data.get("name", path.stem)
+    quick = data.get("quick") or {}
+    full_settings = _settings(defaults.get("full", {}), data.get("settings"), f"{path.name} settings")
+    quick_settings = _settings(defaults.get("quick", {}), quick.get("settings"), f"{path.name} quick.settings")
+    full_points = _expand(data, f"{path.name}")
+    quick_points = _expand(quick, f"{path.name} quick")
+    if not full_points:
+        raise ValueError(f"sweep file {path}: no points (give `points:` and/or `grid:`)")
+    return Sweep(name=name, description=str(data.get("description", "")).strip(), full_points=full_points,
+                 quick_points=quick_points or full_points[:2], full_settings=full_settings,
+                 quick_settings=quick_settings, path=path)
+
+
+def available_sweeps(sweeps_dir: Path = SWEEPS_DIR) -> dict[str, Path]:
+    return {p.stem: p for p in sorted(sweeps_dir.glob("*.yaml")) if not p.name.startswith("_")}
+
+
+def resolve_sweeps(name: str, sweeps_dir: Path = SWEEPS_DIR) -> list[Sweep]:
+    """``name`` is a sweep name, ``all``, or a path to a sweep YAML file."""
+    avail = available_sweeps(sweeps_dir)
+    if name == "all":
+        return [load_sweep(p) for p in avail.values()]
+    if name in avail:
+        return [load_sweep(avail[name])]
+    if name.endswith((".yaml", ".yml")):
+        return [load_sweep(name)]
+    raise ValueError(f"sweep={name!r} is not known; choose one of {', '.join(avail)}, 'all', "
+                     f"or a path to a sweep .yaml file")
+
+
+# ----------------------------------------------------------------------------- rows
+
+def point_id(spec: MethodSpec, settings: Mapping[str, Any], model: str, corpus: Mapping[str, str]) -> str:
+    """Stable id of a measured point: same spec + settings + model + corpus -> same id."""
+    key = json.dumps({"spec": spec.to_dict(), "settings": dict(sorted(settings.items())), "model": model,
+                      "corpus": dict(sorted(corpus.items()))}, sort_keys=True)
+    return hashlib.sha1(key.encode()).hexdigest()[:16]
+
+
+def method_columns(spec: MethodSpec) -> dict[str, Any]:
+    """Flat method columns; a combo fills the pruning columns from its first step, quant from its second."""
+    p, q = spec.prune_step, spec.quant_step
+    lr = spec if spec.family == "lowrank" else None
+    return {
+        "method": spec.method,
+        "prune_method": p.method if p else "",
+        "quant_method": q.method if q else "",
+        "bits": q.bits if q else "",
+        "group_size": q.group_size if q else "",
+        "symmetric": q.symmetric if q else "",
+        "act_order": q.act_order if q and q.act_order is not None else "",
+        "pattern": p.pattern if p else "",
+        "sparsity": round(p.sparsity, 6) if p else "",
+        "ratio": lr.ratio if lr and lr.ratio is not None else "",
+        "rank": lr.rank if lr and lr.rank is not None else "",
+        "energy": lr.energy if lr and lr.energy is not None else "",
+        "spec": json.dumps(spec.to_dict(), sort_keys=True),
+    }
+
+
+def _device_of(name: str) -> torch.device:
+    try:
+        dev = torch.device(name)
+    except RuntimeError as e:
+        raise ValueError(f"--device {name!r} is not a torch device (e.g. cpu, cuda, cuda:1)") from e
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name!r}: no CUDA device is available here; use --device cpu")
+    return dev
+
+
+@dataclass
+class _Prepared:
+    sweep: Sweep
+    settings: dict[str, int]
+    path: Path
+    todo: list[tuple[str, MethodSpec]]
+    n_done: int
+    windows: torch.Tensor
+    calib: torch.Tensor | None
+
+
+def run_sweeps(sweeps: list[Sweep], *, quick: bool = False, model: str = "default", text_file: str | None = None,
+               source: str = "austen", out_dir: str | Path = "results", device: str = "cpu",
+               progress: bool = True, log: Callable[[str], None] = lambda s: print(s, file=sys.stderr)
+               ) -> list[Path]:
+    """Run (or resume) ``sweeps``; returns the CSV paths. See the module docstring."""
+    from experiments import data, evaluate, models
+    from experiments.provenance import provenance
+    from experiments.results import append_row, read_rows
+
+    dev = _device_of(device)
+    out = Path(out_dir) / "quick" if quick else Path(out_dir)
+    t0 = time.perf_counter()
+    calib_text, eval_text, corpus = data.get_texts(source=source, text_file=text_file)
+    base, tokenizer, info = models.load_model(model)
+    base.eval()
+    log(f"loaded model {model!r} in {time.perf_counter() - t0:.1f}s")
+    from experiments.compress import layer_shapes
+    shapes = layer_shapes(base)
+    model_name = str(info.get("name", model)) if isinstance(info, Mapping) else model
+    source_grid = info.get("source_grid") if isinstance(info, Mapping) else None
+
+    # Everything that can fail on bad input happens here, before the first point runs.
+    prepared: list[_Prepared] = []
+    token_cache: dict[tuple, torch.Tensor] = {}
+    for sw in sweeps:
+        st = sw.settings(quick)
+        points = sw.points(quick)
+        for s in points:
+            try:
+                check_spec_fits(s, shapes)
+            except ValueError as e:
+                raise ValueError(f"sweep {sw.name!r}, point {s.label()}: {e}") from e
+        key = ("eval", st["eval_tokens"], st["seqlen"])
+        if key not in token_cache:
+            token_cache[key] = data.eval_tokens(tokenizer, eval_text, max_tokens=st["eval_tokens"], seqlen=st["seqlen"])
+        calib = None
+        if any(s.needs() for s in points):
+            ckey = ("calib", st["calib_samples"], st["calib_seqlen"], st["seed"])
+            if ckey not in token_cache:
+                token_cache[ckey] = data.calibration_batches(tokenizer, calib_text, n_samples=st["calib_samples"],
+                                                             seqlen=st["calib_seqlen"], seed=st["seed"])
+            calib = token_cache[ckey]
+        path = out / f"sweep_{sw.name}.csv"
+        done = {r.get("point_id") for r in read_rows(path)}
+        ids = [(point_id(s, st, model_name, corpus), s) for s in points]
+        todo = [(pid, s) for pid, s in ids if pid not in done]
+        prepared.append(_Prepared(sw, st, path, todo, len(ids) - len(todo), token_cache[key], calib))
+
+    prov = provenance(dev)
+    total = sum(len(p.todo) for p in prepared)
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=total, desc="sweep points", unit="point")
+    for p in prepared:
+        if p.n_done:
+            log(f"sweep {p.sweep.name}: {p.n_done} point(s) already in {p.path}, {len(p.todo)} to run")
+        for pid, spec in p.todo:
+            torch.manual_seed(p.settings["seed"])
+            m = copy.deepcopy(base).to(dev)
+            calib = p.calib.to(dev) if p.calib is not None else None
+            report = compress_model(m, spec, calib, progress=progress)
+            ev = evaluate.perplexity(m, p.windows.to(dev), progress=progress)
+            del m
+            row = {"sweep": p.sweep.name, "point_id": pid, "point": spec.label(), **method_columns(spec),
+                   "ppl": float(f"{ev['ppl']:.6g}"), "nll": float(f"{ev['nll']:.6g}"),
+                   "eval_tokens": int(ev["n_tokens"]), "seqlen": p.settings["seqlen"],
+                   "eval_token_budget": p.settings["eval_tokens"],
+                   "calib_samples": p.settings["calib_samples"] if spec.needs() else 0,
+                   "calib_seqlen": p.settings["calib_seqlen"] if spec.needs() else 0,
+                   "seed": p.settings["seed"],
+                   **report.summary(),
+                   "eval_seconds": round(float(ev["seconds"]), 2),
+                   "aliases_source_grid": aliases_source_grid(spec, source_grid),
+                   "source_grid": json.dumps(source_grid, sort_keys=True) if source_grid else "",
+                   "model": model_name,
+                   "corpus": corpus.get("corpus", ""), "calibration_text": corpus.get("calibration", ""),
+                   "evaluation_text": corpus.get("evaluation", ""), "quick": quick,
+                   **prov, "timestamp": provenance(dev)["timestamp"]}
+            append_row(p.path, row)
+            log(f"{p.sweep.name}: {spec.label():40s} ppl {row['ppl']:>10.4g}  {row['bits_per_weight']:.3g} bits/w  "
+                f"compress {row['compress_seconds']:.1f}s eval {row['eval_seconds']:.1f}s")
+            if bar is not None:
+                bar.update(1)
+    if bar is not None:
+        bar.close()
+    return [p.path for p in prepared]
