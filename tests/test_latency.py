@@ -1,0 +1,216 @@
+"""experiments.latency: spec -> format, layer shapes from the model, well-formed upserted rows, decode speed.
+
+Nothing here asserts on speed (timed tests flake on a shared machine): only on the rows' structure,
+the ratio arithmetic within one run, and the device/backend bookkeeping.
+"""
+import json
+import math
+
+import pytest
+import torch
+
+from experiments import latency, results
+from experiments.provenance import provenance
+
+TINY_LLAMA = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+
+
+@pytest.mark.parametrize("spec, expected", [
+    ({"method": "rtn", "bits": 4, "group_size": 64, "symmetric": False},
+     {"kind": "quant", "bits": 4, "group_size": 64, "symmetric": False}),
+    # GPTQ on the same grid is timed as the same format: latency does not depend on the values.
+    ({"method": "gptq", "bits": 4, "group_size": 64, "symmetric": False, "act_order": True},
+     {"kind": "quant", "bits": 4, "group_size": 64, "symmetric": False}),
+    ({"method": "rtn", "bits": 8, "group_size": -1, "symmetric": True},
+     {"kind": "quant", "bits": 8, "group_size": -1, "symmetric": True}),
+    ({"method": "rtn", "bits": 3}, {"kind": "quant", "bits": 3, "group_size": 128, "symmetric": False}),
+    ({"method": "wanda", "sparsity": 0.5, "pattern": "2:4"}, {"kind": "sparse", "pattern": "nm", "n": 2, "m": 4}),
+    ({"method": "sparsegpt", "pattern": "4:8"}, {"kind": "sparse", "pattern": "nm", "n": 4, "m": 8}),
+    ({"method": "magnitude", "sparsity": 0.7}, {"kind": "sparse", "pattern": "unstructured", "sparsity": 0.7}),
+    ({"method": "wanda", "sparsity": 0.5, "pattern": "block:16x32"},
+     {"kind": "sparse", "pattern": "block", "sparsity": 0.5, "block": (16, 32)}),
+    ({"method": "svd", "ratio": 0.5}, {"kind": "lowrank", "ratio": 0.5}),
+    ({"method": "whitened_svd", "rank": 64}, {"kind": "lowrank", "rank": 64}),
+    ({"method": "combo", "steps": [{"method": "sparsegpt", "pattern": "2:4"}, {"method": "gptq", "bits": 4}]},
+     {"kind": "sparse", "pattern": "nm", "n": 2, "m": 4}),
+    ({"method": "dense"}, {"kind": "dense"}),
+], ids=["rtn4g64", "gptq-same-grid", "rtn8pc-sym", "rtn3-default-group", "wanda2:4", "sparsegpt4:8",
+        "magnitude70", "wanda-block16x32", "svd-ratio", "wsvd-rank", "combo-2:4+gptq", "dense"])
+def test_format_of(spec, expected):
+    assert latency.format_of(spec) == expected
+
+
+@pytest.mark.parametrize("spec, exc, words", [
+    ({"method": "svd", "energy": 0.9}, ValueError, "energy"),
+    ({"method": "magnitude", "sparsity": 0.5, "pattern": "diagonal"}, ValueError, "pattern"),
+    ({"bits": 4}, TypeError, "method"),
+    ({"method": "mystery"}, ValueError, "no known format"),
+], ids=["energy-needs-real-weights", "bad-pattern", "no-method", "unknown"])
+def test_format_of_rejects(spec, exc, words):
+    with pytest.raises(exc, match=words):
+        latency.format_of(spec)
+
+
+@pytest.mark.parametrize("N, K, ratio", [(576, 576, 0.5), (192, 576, 0.3), (11008, 4096, 0.25)],
+                         ids=["576x576", "192x576", "11008x4096"])
+def test_rank_for_ratio_keeps_at_most_ratio_of_the_parameters(N, K, ratio):
+    r = latency.rank_for(N, K, {"kind": "lowrank", "ratio": ratio})
+    assert r * (N + K) <= ratio * N * K < (r + 1) * (N + K)
+
+
+def _tiny_llama():
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(**TINY_LLAMA)
+    return transformers.LlamaForCausalLM(cfg).eval(), cfg
+
+
+def test_model_layer_shapes_come_from_the_model():
+    model, cfg = _tiny_llama()
+    h, i = cfg.hidden_size, cfg.intermediate_size
+    kv = cfg.num_key_value_heads * (h // cfg.num_attention_heads)
+    got = {(N, K): set(names.split(",")) for names, N, K in latency.model_layer_shapes(model)}
+    assert got == {(h, h): {"q_proj", "o_proj"}, (kv, h): {"k_proj", "v_proj"},
+                   (i, h): {"gate_proj", "up_proj"}, (h, i): {"down_proj"}}
+
+
+# ------------------------------------------------------------------------------------- rows
+
+TINY_SHAPES = [("tiny_a", 48, 64), ("tiny_b", 40, 96)]
+TINY_M = [1, 3]
+TINY_SPECS = [
+    {"method": "rtn", "bits": 4, "group_size": 32, "symmetric": False},
+    {"method": "gptq", "bits": 4, "group_size": 32, "symmetric": False},  # same format as the RTN point
+    {"method": "magnitude", "sparsity": 0.5, "pattern": "2:4"},
+    {"method": "svd", "rank": 8},
+]
+
+
+def _needs_modules():
+    for mod in ("triton_kernels.nn.quant", "triton_kernels.nn.sparse", "triton_kernels.nn.lowrank",
+                "experiments.timing"):
+        pytest.importorskip(mod)
+
+
+@pytest.fixture()
+def tiny_run(tmp_path):
+    _needs_modules()
+    out = tmp_path / "latency_cpu.csv"
+    rows = latency.run_latency(TINY_SPECS, TINY_SHAPES, TINY_M, device="cpu", min_run_time=0.001,
+                               out=out, log=lambda s: None)
+    return out, rows
+
+
+def test_rows_are_well_formed(tiny_run):
+    out, rows = tiny_run
+    on_disk = results.read_rows(out)
+    assert len(on_disk) == len(rows) == len(TINY_SHAPES) * len(TINY_M) * (2 + len(TINY_SPECS))
+    prov = provenance("cpu")
+    for r in on_disk:
+        assert r["status"] == "ok", r["status"]
+        assert r["device_type"] == "cpu" and r["device"] == prov["device"]
+        assert r["weights"] == latency.WEIGHTS_NOTE
+        assert "benchmark" in r["timer"].lower(), r["timer"]  # torch.utils.benchmark on CPU
+        assert r["backend"] not in ("", "auto", "unknown", "triton"), r["backend"]
+        p20, med, p80 = float(r["p20_ms"]), float(r["median_ms"]), float(r["p80_ms"])
+        assert 0 < p20 <= med <= p80 and math.isfinite(p80)
+        assert float(r["memory_bytes"]) > 0
+        spec = json.loads(r["spec"])
+        kind = latency.format_of(spec)["kind"]
+        assert r["kind"] == kind
+        if kind == "dense":
+            assert r["act_dtype"] == spec["dtype"] and r["backend"] == "torch"
+        elif kind == "quant":
+            assert r["act_dtype"] == "bf16"  # weight-only CPU kernels run with bf16 activations
+    assert {r["act_dtype"] for r in on_disk if r["kind"] == "dense"} == {"fp32", "bf16"}
+
+
+def test_speedup_is_the_ratio_to_dense_of_the_same_run(tiny_run):
+    out, _ = tiny_run
+    rows = results.read_rows(out)
+    assert len({r["run_id"] for r in rows}) == 1
+    dense = {(r["N"], r["M"], json.loads(r["spec"])["dtype"]): float(r["median_ms"])
+             for r in rows if r["kind"] == "dense"}
+    compressed = [r for r in rows if r["kind"] != "dense"]
+    assert compressed
+    for r in compressed:
+        for dt in ("fp32", "bf16"):
+            d = dense[(r["N"], r["M"], dt)]
+            assert float(r[f"dense_{dt}_median_ms"]) == pytest.approx(d, rel=1e-12)
+            assert float(r[f"speedup_vs_dense_{dt}"]) == pytest.approx(d / float(r["median_ms"]), rel=1e-9)
+
+
+def test_specs_of_one_format_share_one_timing(tiny_run):
+    out, _ = tiny_run
+    rows = results.read_rows(out)
+    by = {}
+    for r in rows:
+        if r["method"] in ("rtn", "gptq"):
+            by.setdefault((r["N"], r["M"]), {})[r["method"]] = r["median_ms"]
+    assert by and all(v["rtn"] == v["gptq"] for v in by.values())
+
+
+def test_rerun_upserts_instead_of_duplicating(tiny_run):
+    out, first = tiny_run
+    second = latency.run_latency(TINY_SPECS[:1], TINY_SHAPES[:1], TINY_M[:1], device="cpu",
+                                 min_run_time=0.001, out=out, log=lambda s: None)
+    rows = results.read_rows(out)
+    assert len(rows) == len(first)
+    keys = [tuple(r[k] for k in latency.KEY) for r in rows]
+    assert len(set(keys)) == len(keys)
+    new_run = second[0]["run_id"]
+    replaced = [r for r in rows if r["run_id"] == new_run]
+    assert len(replaced) == len(second) == 3  # two dense baselines + the one point
+
+
+def test_resume_skips_finished_points(tiny_run):
+    out, first = tiny_run
+    again = latency.run_latency(TINY_SPECS, TINY_SHAPES, TINY_M, device="cpu", min_run_time=0.001,
+                                out=out, resume=True, log=lambda s: None)
+    assert again == []
+    assert len(results.read_rows(out)) == len(first)
+
+
+def test_cuda_request_without_cuda_is_an_error(tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present")
+    with pytest.raises(ValueError, match="device"):
+        latency.run_latency(TINY_SPECS, TINY_SHAPES, TINY_M, device="cuda", out=tmp_path / "x.csv")
+
+
+# ------------------------------------------------------------------------------------- decode
+
+def _tiny_tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"[UNK]": 0, "[PAD]": 1, "[EOS]": 2, **{f"w{i}": i for i in range(3, TINY_LLAMA["vocab_size"])}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", eos_token="[EOS]")
+
+
+def test_decode_tokens_per_second_on_a_tiny_llama(tmp_path):
+    model, cfg = _tiny_llama()
+    model.generation_config.eos_token_id = 2  # a random model may emit it: min_new_tokens must hold the length
+    tok = _tiny_tokenizer()
+    r = latency.decode_tokens_per_second(model, tok, prompt="w3 w4 w5 w6", new_tokens=7, repeats=2)
+    assert r["new_tokens"] == 7 and r["prompt_tokens"] == 4 and r["repeats"] == 2
+    assert r["seconds_min"] <= r["seconds_median"]
+    assert r["tokens_per_s"] == pytest.approx(7 / r["seconds_median"])
+    out = tmp_path / "decode_cpu.csv"
+    latency.record_decode(model, tok, label="dense", prompt="w3 w4 w5 w6", new_tokens=5, repeats=1, out=out)
+    row = latency.record_decode(model, tok, label="dense", prompt="w3 w4 w5 w6", new_tokens=5, repeats=1,
+                                out=out, dense_tokens_per_s=100.0)
+    rows = results.read_rows(out)
+    assert len(rows) == 1 and rows[0]["device_type"] == "cpu" and rows[0]["dtype"] == "fp32"
+    assert float(rows[0]["speedup_vs_dense"]) == pytest.approx(row["tokens_per_s"] / 100.0)
+
+
+@pytest.mark.parametrize("kw, words", [({"new_tokens": 0}, "new_tokens"), ({"repeats": 0}, "repeats")],
+                         ids=["zero-tokens", "zero-repeats"])
+def test_decode_rejects_bad_arguments(kw, words):
+    model, _ = _tiny_llama()
+    with pytest.raises(ValueError, match=words):
+        latency.decode_tokens_per_second(model, _tiny_tokenizer(), **kw)
