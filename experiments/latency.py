@@ -28,8 +28,10 @@ point by point (a rerun replaces its rows; an interrupted run keeps the finished
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
+import os
 import statistics
 import time
 import uuid
@@ -270,6 +272,25 @@ def act_dtype_for(kind: str, fmt: dict, device: torch.device) -> torch.dtype:
     return torch.bfloat16
 
 
+@contextlib.contextmanager
+def _no_interpreter(device: torch.device):
+    """On CPU, hide TRITON_INTERPRET=1 from the modules' ``auto`` choice while timing.
+
+    Under the interpreter ``auto`` would pick the Triton kernel run as Python, whose timings mean
+    nothing; the CPU latency table measures torch's CPU backends.
+    """
+    old = os.environ.get("TRITON_INTERPRET")
+    if device.type == "cpu" and old == "1":
+        os.environ["TRITON_INTERPRET"] = "0"
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("TRITON_INTERPRET", None)
+        else:
+            os.environ["TRITON_INTERPRET"] = old
+
+
 def dense_dtypes(device: torch.device) -> tuple[str, ...]:
     return ("fp16", "bf16") if device.type == "cuda" else ("fp32", "bf16")
 
@@ -277,6 +298,25 @@ def dense_dtypes(device: torch.device) -> tuple[str, ...]:
 # ---------------------------------------------------------------------------------------------
 # The sweep
 # ---------------------------------------------------------------------------------------------
+
+def _time_layer(kind: str, fmt: dict, N: int, K: int, M: int, act: torch.dtype, device: torch.device,
+                min_run_time: float) -> dict:
+    """Build the layer from random weights, run it once (checks the shape, resolves and prepacks the
+    backend), time it; the row's backend is the one the forward actually ran."""
+    layer = build_layer(kind, N, K, dtype=act, device=device,
+                        backend="triton" if device.type == "cuda" else "auto", **fmt)
+    x = torch.randn(M, K, device=device, dtype=act)
+    with torch.inference_mode():
+        y = layer(x)
+        if y.shape != (M, N):
+            raise RuntimeError(f"layer output shape {tuple(y.shape)} != {(M, N)}")
+        backend = _module_backend(layer)
+        if device.type == "cpu" and backend == "triton":
+            raise RuntimeError("the Triton interpreter ran on CPU: its timings are not performance numbers")
+        t = _time(lambda: layer(x), device, min_run_time)
+    return {"backend": backend, "memory_bytes": int(layer.memory_bytes()),
+            "bits_per_weight": float(layer.bits_per_weight()), "status": "ok", **_timing_cols(t)}
+
 
 def _canon(spec: dict) -> str:
     return json.dumps(spec, sort_keys=True)
@@ -342,6 +382,7 @@ def run_latency(specs: Iterable[dict], shapes: Iterable[tuple[str, int, int]], M
                 lin = build_layer("dense", N, K, dtype=dt, device=device)
                 x = torch.randn(M, K, device=device, dtype=dt)
                 with torch.inference_mode():
+                    F.linear(x, lin.weight)  # warm-up: oneDNN/cuBLAS pick and cache their kernel on the first call
                     t = _time(lambda: F.linear(x, lin.weight), device, min_run_time)
                 dense[dname] = t["median_ms"]
                 rows.append({**base, "spec": _canon({"method": "dense", "dtype": dname}), "method": "dense",
@@ -356,20 +397,11 @@ def run_latency(specs: Iterable[dict], shapes: Iterable[tuple[str, int, int]], M
                 row = {**base, "kind": kind, "format": format_label({"kind": kind, **fmt}, N, K),
                        "rank": rank_for(N, K, fmt) if kind == "lowrank" else "", "act_dtype": _DTYPE_NAMES[act]}
                 try:
-                    layer = build_layer(kind, N, K, dtype=act, device=device,
-                                        backend="triton" if device.type == "cuda" else "auto")
-                    x = torch.randn(M, K, device=device, dtype=act)
-                    with torch.inference_mode():
-                        y = layer(x)
-                        if y.shape != (M, N):
-                            raise RuntimeError(f"layer output shape {tuple(y.shape)} != {(M, N)}")
-                        t = _time(lambda: layer(x), device, min_run_time)
-                    row.update(backend=_module_backend(layer), memory_bytes=int(layer.memory_bytes()),
-                               bits_per_weight=float(layer.bits_per_weight()), status="ok", **_timing_cols(t))
+                    with _no_interpreter(device):
+                        row.update(_time_layer(kind, fmt, N, K, M, act, device, min_run_time))
                     for dname, dms in dense.items():
                         row[f"dense_{dname}_median_ms"] = dms
-                        row[f"speedup_vs_dense_{dname}"] = dms / t["median_ms"]
-                    del layer
+                        row[f"speedup_vs_dense_{dname}"] = dms / row["median_ms"]
                 except Exception as e:  # a failed point is a row too, so the table shows the gap
                     row.update(backend="", status=f"failed: {type(e).__name__}: {e}"[:300])
                 for s in ss:
