@@ -5,6 +5,7 @@ the ratio arithmetic within one run, and the device/backend bookkeeping.
 """
 import json
 import math
+import os
 
 import pytest
 import torch
@@ -87,25 +88,34 @@ TINY_SPECS = [
 ]
 
 
-def _needs_modules():
-    for mod in ("triton_kernels.nn.quant", "triton_kernels.nn.sparse", "triton_kernels.nn.lowrank",
-                "experiments.timing"):
-        pytest.importorskip(mod)
+_MODULE_OF = {"quant": "triton_kernels.nn.quant", "sparse": "triton_kernels.nn.sparse",
+              "lowrank": "triton_kernels.nn.lowrank"}
+
+
+def _available_specs():
+    """The tiny specs whose module has landed (the modules are written in parallel with this file)."""
+    import importlib.util
+    pytest.importorskip("experiments.timing")
+    specs = [s for s in TINY_SPECS
+             if importlib.util.find_spec(_MODULE_OF[latency.format_of(s)["kind"]]) is not None]
+    if not specs:
+        pytest.skip("no compressed-layer module (triton_kernels.nn.*) importable yet")
+    return specs
 
 
 @pytest.fixture()
 def tiny_run(tmp_path):
-    _needs_modules()
+    specs = _available_specs()
     out = tmp_path / "latency_cpu.csv"
-    rows = latency.run_latency(TINY_SPECS, TINY_SHAPES, TINY_M, device="cpu", min_run_time=0.001,
+    rows = latency.run_latency(specs, TINY_SHAPES, TINY_M, device="cpu", min_run_time=0.001,
                                out=out, log=lambda s: None)
-    return out, rows
+    return out, rows, specs
 
 
 def test_rows_are_well_formed(tiny_run):
-    out, rows = tiny_run
+    out, rows, specs = tiny_run
     on_disk = results.read_rows(out)
-    assert len(on_disk) == len(rows) == len(TINY_SHAPES) * len(TINY_M) * (2 + len(TINY_SPECS))
+    assert len(on_disk) == len(rows) == len(TINY_SHAPES) * len(TINY_M) * (2 + len(specs))
     prov = provenance("cpu")
     for r in on_disk:
         assert r["status"] == "ok", r["status"]
@@ -124,10 +134,12 @@ def test_rows_are_well_formed(tiny_run):
         elif kind == "quant":
             assert r["act_dtype"] == "bf16"  # weight-only CPU kernels run with bf16 activations
     assert {r["act_dtype"] for r in on_disk if r["kind"] == "dense"} == {"fp32", "bf16"}
+    # The interpreter was hidden only while timing (conftest sets it for the kernel tests).
+    assert os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def test_speedup_is_the_ratio_to_dense_of_the_same_run(tiny_run):
-    out, _ = tiny_run
+    out, _, _ = tiny_run
     rows = results.read_rows(out)
     assert len({r["run_id"] for r in rows}) == 1
     dense = {(r["N"], r["M"], json.loads(r["spec"])["dtype"]): float(r["median_ms"])
@@ -142,7 +154,7 @@ def test_speedup_is_the_ratio_to_dense_of_the_same_run(tiny_run):
 
 
 def test_specs_of_one_format_share_one_timing(tiny_run):
-    out, _ = tiny_run
+    out, _, _ = tiny_run
     rows = results.read_rows(out)
     by = {}
     for r in rows:
@@ -152,8 +164,8 @@ def test_specs_of_one_format_share_one_timing(tiny_run):
 
 
 def test_rerun_upserts_instead_of_duplicating(tiny_run):
-    out, first = tiny_run
-    second = latency.run_latency(TINY_SPECS[:1], TINY_SHAPES[:1], TINY_M[:1], device="cpu",
+    out, first, specs = tiny_run
+    second = latency.run_latency(specs[:1], TINY_SHAPES[:1], TINY_M[:1], device="cpu",
                                  min_run_time=0.001, out=out, log=lambda s: None)
     rows = results.read_rows(out)
     assert len(rows) == len(first)
@@ -165,8 +177,8 @@ def test_rerun_upserts_instead_of_duplicating(tiny_run):
 
 
 def test_resume_skips_finished_points(tiny_run):
-    out, first = tiny_run
-    again = latency.run_latency(TINY_SPECS, TINY_SHAPES, TINY_M, device="cpu", min_run_time=0.001,
+    out, first, specs = tiny_run
+    again = latency.run_latency(specs, TINY_SHAPES, TINY_M, device="cpu", min_run_time=0.001,
                                 out=out, resume=True, log=lambda s: None)
     assert again == []
     assert len(results.read_rows(out)) == len(first)
