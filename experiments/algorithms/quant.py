@@ -6,9 +6,9 @@ layer's inputs.
 
 The grid is the one of ``triton_kernels/dequant_matmul.py``:
 
-- codes ``q`` are integers in ``[0, 2^bits)``, groups run along K with ``group_size`` columns
-  (``-1``: one group per row, i.e. per-channel), the last group may be partial, so
-  ``G = ceil(K / group_size)``;
+- codes ``q`` are integers in ``[0, 2^bits)``, ``bits`` in 1..8, groups run along K with
+  ``group_size`` columns (``-1``: one group per row, i.e. per-channel; otherwise a power of two, as
+  the kernels require), the last group may be partial, so ``G = ceil(K / group_size)``;
 - asymmetric: ``w = (q - z) * s`` with an **integer** zero-point ``z`` in ``[0, 2^bits)``;
 - symmetric: ``w = (q - 2^(bits-1)) * s``.
 
@@ -18,13 +18,14 @@ Parameters of one group (one row, one slice of columns):
   ``z = clamp(round(-lo / s), 0, 2^bits - 1)``. Forcing ``lo <= 0 <= hi`` makes 0 exactly
   representable (``q = z``), which is what keeps pruned weights exactly zero when pruning is followed
   by quantization;
-- symmetric: ``s = max|w| / (2^(bits-1) - 1)``, so ``+max|w|`` is code ``2^bits - 1`` and the
-  extra negative code ``0`` is simply never needed for the extreme value;
+- symmetric: ``s = 2 max|w| / (2^bits - 1)`` (the kernel file's choice: the grid spans
+  ``[-max|w|, max|w|]`` with all ``2^bits`` codes, so ``+max|w|`` rounds to the clamped top code);
 - an all-zero group has ``s = 0``; it is replaced by 1 (every code is then the zero-point, the
   dequantized group is exactly 0, and no division by zero produces NaN).
 
-When ``triton_kernels.dequant_matmul.quantize_rtn`` exists, :func:`rtn` delegates to it so the harness
-and the kernels share one grid; the tests check both agree with this module's own math.
+:func:`rtn` is ``triton_kernels.dequant_matmul.quantize_rtn``; GPTQ needs the same grid one group
+slice at a time (:func:`find_params`, :func:`quantize_with_params`), and the tests check that the two
+agree bit for bit and that results dequantize like the kernel's ``dequantize(pack(q), ...)``.
 
 GPTQ follows Frantar et al. 2022 ("GPTQ: Accurate Post-Training Quantization for Generative
 Pre-trained Transformers"): columns are quantized left to right, the error of each column is spread
@@ -54,8 +55,9 @@ __all__ = [
 class QuantResult:
     """Codes and grid of a quantized ``(N, K)`` weight.
 
-    ``q``: uint8 ``(N, K)`` codes in ``[0, 2^bits)``; ``scales``: float32 ``(N, G)``; ``zeros``: uint8
-    ``(N, G)`` integer zero-points for asymmetric grids, ``None`` for symmetric ones.
+    ``q``: uint8 ``(N, K)`` codes in ``[0, 2^bits)``; ``scales``: float32 ``(N, G)``; ``zeros``:
+    float32 ``(N, G)`` holding integers in ``[0, 2^bits)`` for asymmetric grids, ``None`` for
+    symmetric ones (the dtypes ``quantize_rtn`` returns and ``pack``/``dequantize`` accept).
     """
     q: torch.Tensor
     scales: torch.Tensor
@@ -72,14 +74,15 @@ class QuantResult:
 def check_quant_args(K: int, *, bits, group_size) -> int:
     """Validate ``bits``/``group_size`` for a layer with ``K`` input features; return the effective
     group size (``K`` for per-channel)."""
-    if isinstance(bits, bool) or not isinstance(bits, int) or not 2 <= bits <= 8:
-        raise ValueError(f"bits must be an int in [2, 8], got {bits!r}")
+    if isinstance(bits, bool) or not isinstance(bits, int) or not 1 <= bits <= 8:
+        raise ValueError(f"bits must be an int in [1, 8], got {bits!r}")
     if isinstance(group_size, bool) or not isinstance(group_size, int):
         raise TypeError(f"group_size must be an int (-1 for per-channel), got {group_size!r}")
     if group_size == -1:
         return K
-    if group_size < 1:
-        raise ValueError(f"group_size must be -1 (per-channel) or a positive int, got {group_size}")
+    if group_size < 1 or group_size & (group_size - 1):
+        raise ValueError(f"group_size must be -1 (per-channel) or a power of two (16, 32, 64, 128, ...) "
+                         f"as the dequant kernels require, got {group_size}")
     if group_size > K:
         raise ValueError(
             f"group_size={group_size} does not fit a layer with K={K} input features; "
@@ -114,7 +117,7 @@ def find_params(w: torch.Tensor, *, bits: int, symmetric: bool) -> tuple[torch.T
     w = w.float()
     maxq = 2 ** bits - 1
     if symmetric:
-        scale = w.abs().amax(dim=1) / (2 ** (bits - 1) - 1)
+        scale = 2 * w.abs().amax(dim=1) / maxq
         zero = torch.full_like(scale, 2 ** (bits - 1))
     else:
         lo = w.amin(dim=1).clamp(max=0.0)
@@ -158,11 +161,12 @@ def _make_result(Q: torch.Tensor, scales, zeros, *, bits, group_size, symmetric)
     return QuantResult(
         q=Q.to(torch.uint8),
         scales=scales.float().contiguous(),
-        zeros=None if symmetric else zeros.to(torch.uint8).contiguous(),
+        zeros=None if symmetric else zeros.float().contiguous(),
         bits=bits, group_size=group_size, symmetric=symmetric)
 
 
 def _rtn_own(W: torch.Tensor, *, bits: int, group_size: int, symmetric: bool) -> QuantResult:
+    """RTN through :func:`find_params`, the grid GPTQ uses; the tests hold it equal to :func:`rtn`."""
     N, K = W.shape
     gs = check_quant_args(K, bits=bits, group_size=group_size)
     s, z = _group_params(W.float(), bits=bits, gs=gs, symmetric=symmetric)
@@ -170,25 +174,16 @@ def _rtn_own(W: torch.Tensor, *, bits: int, group_size: int, symmetric: bool) ->
     return _make_result(Q, s, z, bits=bits, group_size=group_size, symmetric=symmetric)
 
 
-def _kernel_quantize_rtn():
-    """``triton_kernels.dequant_matmul.quantize_rtn`` if that module provides it, else None."""
-    try:
-        from triton_kernels import dequant_matmul
-    except ImportError:
-        return None
-    return getattr(dequant_matmul, "quantize_rtn", None)
-
-
 def rtn(W: torch.Tensor, *, bits: int, group_size: int, symmetric: bool) -> QuantResult:
-    """Round-to-nearest quantization of ``W`` (N, K) on the group grid described in the module doc."""
+    """Round-to-nearest quantization of ``W`` (N, K): ``triton_kernels.dequant_matmul.quantize_rtn``,
+    so the harness and the kernels share one grid (the tests check it equals :func:`find_params`)."""
+    from triton_kernels.dequant_matmul import quantize_rtn  # lazy: imports triton
+
     _check_weight(W)
     check_quant_args(W.shape[1], bits=bits, group_size=group_size)
-    kernel_rtn = _kernel_quantize_rtn()
-    if kernel_rtn is None:
-        return _rtn_own(W, bits=bits, group_size=group_size, symmetric=symmetric)
-    q, scales, zeros = kernel_rtn(W.float(), bits, group_size, symmetric)
+    q, scales, zeros = quantize_rtn(W.float(), bits, group_size, symmetric)
     return QuantResult(q=q.to(torch.uint8), scales=scales.float(),
-                       zeros=None if symmetric or zeros is None else torch.round(zeros.float()).to(torch.uint8),
+                       zeros=None if symmetric else zeros.float(),
                        bits=bits, group_size=group_size, symmetric=symmetric)
 
 
