@@ -1,0 +1,341 @@
+"""QuantLinear: every backend against ``dequant_matmul_reference`` and against each other,
+``auto`` selection, RTN error bounds, exact memory accounting, state_dict/.to(), bad input.
+
+The Triton backend runs under the interpreter (conftest sets TRITON_INTERPRET=1), so its cases
+are few and small; the torch CPU backends and ``dequant`` run on every layer case.
+"""
+import io
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from triton_kernels import dequant_matmul as dq
+from triton_kernels.nn import quant
+from triton_kernels.nn.quant import QuantLinear
+
+# Outputs are compared to the float64 reference rounded once to the activation dtype.
+# bf16/fp16: the backends round the weight or the scales to the activation dtype (2^-9 / 2^-12
+# relative per term) and the output once more; fp32: dequantized weights are exact, only the
+# fp32 accumulation order differs.
+TOL = {
+    torch.float32: (1e-5, 1e-5),
+    torch.float16: (2e-3, 2e-3),
+    torch.bfloat16: (1.6e-2, 1.6e-2),
+}
+DTYPE_ID = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+# (id, N, K, bits, group_size, symmetric): chosen so that each torch CPU op applies to some
+# cases and not to others (odd N/K, partial groups), see QuantLinear.why_not.
+LAYERS = [
+    ("4b-g32-sym-48x96", 48, 96, 4, 32, True),          # torch_int4
+    ("4b-g128-asym-32x256", 32, 256, 4, 128, False),    # torch_int4, two full groups
+    ("4b-g64-asym-37x100", 37, 100, 4, 64, False),      # partial group, odd N: dequant only
+    ("8b-pc-asym-40x112", 40, 112, 8, -1, False),       # torch_int8 with the zero correction
+    ("8b-pc-sym-24x48", 24, 48, 8, -1, True),           # torch_int8
+    ("3b-g32-asym-19x75", 19, 75, 3, 32, False),        # codes straddle words: dequant only
+    ("2b-pc-sym-33x70", 33, 70, 2, -1, True),
+]
+CPU_BACKENDS = ("dequant", "torch_int4", "torch_int8")
+
+
+def _random_codes_layer(N, K, bits, group_size, symmetric, *, bias=True, seed=0):
+    """A layer from random codes/scales/zeros (not RTN), so the zero correction and the scale
+    mapping of the torch ops are exercised with arbitrary values."""
+    g = torch.Generator().manual_seed(seed)
+    G = 1 if group_size == -1 else math.ceil(K / group_size)
+    q = torch.randint(0, 2 ** bits, (N, K), generator=g)
+    # Scale the grid so that |w| ~ 1/sqrt(K) and outputs are O(1).
+    scales = (0.5 + torch.rand(N, G, generator=g)) / (2 ** bits * math.sqrt(K))
+    zeros = None if symmetric else torch.rand(N, G, generator=g) * (2 ** bits - 1)
+    b = torch.randn(N, generator=g) if bias else None
+    return QuantLinear.from_codes(q, scales, zeros, bits=bits, group_size=group_size,
+                                  symmetric=symmetric, bias=b)
+
+
+def _reference(m: QuantLinear, x: torch.Tensor) -> torch.Tensor:
+    out = torch.full((*x.shape[:-1], m.out_features), float("nan"), dtype=x.dtype)
+    return dq.dequant_matmul_reference(x, m.packed, m.scales, m.zeros, bits=m.bits, group_size=m.group_size,
+                                       symmetric=m.symmetric, bias=m.bias, out=out)
+
+
+def _assert_close(got, want, dtype, what):
+    atol, rtol = TOL[dtype]
+    assert got.dtype == want.dtype and got.shape == want.shape, (got.dtype, want.dtype, got.shape, want.shape)
+    assert not torch.isnan(got).any() or torch.isnan(want).any(), f"{what}: NaN in output"
+    err = (got.double() - want.double()).abs()
+    bound = atol + rtol * want.double().abs()
+    rel = (err.max() / want.double().abs().max().clamp_min(1e-30)).item()
+    assert bool((err <= bound).all()), (f"{what}: max-abs error {err.max().item():.3g}, relative {rel:.3g} "
+                                        f"(atol {atol}, rtol {rtol})")
+
+
+# ---------------------------------------------------------------------------------------------
+# Every backend against the reference and against each other
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", list(TOL), ids=DTYPE_ID.get)
+@pytest.mark.parametrize("lid,N,K,bits,gs,sym", LAYERS, ids=[c[0] for c in LAYERS])
+def test_cpu_backends_match_reference_and_each_other(lid, N, K, bits, gs, sym, dtype, monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # auto must resolve to a CPU backend here
+    m = _random_codes_layer(N, K, bits, gs, sym)
+    x = torch.randn(2, 3, K).to(dtype)  # leading dims are flattened and restored
+    want = _reference(m, x)
+    outs = {}
+    for backend in CPU_BACKENDS:
+        if m.why_not(backend, x) is not None:
+            with pytest.raises(ValueError, match=backend):
+                m(x, backend=backend)
+            continue
+        outs[backend] = m(x, backend=backend)
+        assert m.last_backend == backend
+        _assert_close(outs[backend], want, dtype, f"{lid} {backend} vs reference")
+    outs["auto"] = m(x)
+    _assert_close(outs["auto"], want, dtype, f"{lid} auto ({m.last_backend}) vs reference")
+    for name, y in outs.items():
+        _assert_close(y, outs["dequant"], dtype, f"{lid} {name} vs dequant")
+    if lid in ("4b-g32-sym-48x96", "4b-g128-asym-32x256", "8b-pc-asym-40x112", "8b-pc-sym-24x48"):
+        op = "torch_int4" if bits == 4 else "torch_int8"
+        assert op in outs, f"{lid}: {op} should apply to this layer"
+
+
+# The interpreter costs ~2 ms per (program x K-iteration): a handful of small cases, both kernel
+# paths (M <= 16 split-K decode, M > 16 tiled).
+TRITON_CASES = [
+    ("4b-g32-asym-48x96-M1", 48, 96, 4, 32, False, 1, torch.float32),
+    ("3b-g32-asym-19x75-M3", 19, 75, 3, 32, False, 3, torch.bfloat16),
+    ("8b-pc-sym-24x48-M20", 24, 48, 8, -1, True, 20, torch.float16),
+    ("4b-g64-asym-37x100-M17", 37, 100, 4, 64, False, 17, torch.bfloat16),
+]
+
+
+@pytest.mark.parametrize("lid,N,K,bits,gs,sym,M,dtype", TRITON_CASES, ids=[c[0] for c in TRITON_CASES])
+def test_triton_backend_matches_reference(lid, N, K, bits, gs, sym, M, dtype, monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    m = _random_codes_layer(N, K, bits, gs, sym)
+    x = torch.randn(M, K).to(dtype)
+    want = _reference(m, x)
+    y = m(x)  # auto picks triton under the interpreter
+    assert m.last_backend == "triton"
+    _assert_close(y, want, dtype, f"{lid} triton vs reference")
+    _assert_close(y, m(x, backend="dequant"), dtype, f"{lid} triton vs dequant")
+
+
+# ---------------------------------------------------------------------------------------------
+# auto selection and forced backends
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("interpret,dtype,layer,expected", [
+    ("1", torch.bfloat16, "4b-g32-sym-48x96", "triton"),
+    ("1", torch.float32, "3b-g32-asym-19x75", "triton"),
+    ("0", torch.bfloat16, "4b-g32-sym-48x96", "torch_int4"),
+    ("0", torch.bfloat16, "8b-pc-asym-40x112", "torch_int8"),
+    ("0", torch.bfloat16, "4b-g64-asym-37x100", "dequant"),   # partial group, odd N
+    ("0", torch.bfloat16, "3b-g32-asym-19x75", "dequant"),
+    ("0", torch.float32, "4b-g32-sym-48x96", "dequant"),      # no silent fp32 -> bf16
+    ("0", torch.float32, "8b-pc-sym-24x48", "dequant"),
+    ("0", torch.float16, "4b-g32-sym-48x96", "dequant"),
+], ids=lambda v: DTYPE_ID.get(v, v) if not isinstance(v, str) else v)
+def test_auto_selection(interpret, dtype, layer, expected, monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", interpret)
+    _, N, K, bits, gs, sym = next(c for c in LAYERS if c[0] == layer)
+    m = _random_codes_layer(N, K, bits, gs, sym)
+    x = torch.randn(1, K).to(dtype)
+    assert m.resolve_backend(x) == expected
+    # Without the environment variable only a CUDA device makes Triton usable.
+    monkeypatch.delenv("TRITON_INTERPRET")
+    if expected != "triton":
+        assert m.resolve_backend(x) == expected
+
+
+def test_auto_prefers_triton_on_cuda(monkeypatch):
+    # No GPU here: pretend the device is one Triton can use and check auto follows triton_usable.
+    monkeypatch.setattr(quant, "triton_usable", lambda device: True)
+    m = _random_codes_layer(48, 96, 4, 32, True)
+    assert m.resolve_backend(torch.randn(1, 96, dtype=torch.bfloat16)) == "triton"
+
+
+@pytest.mark.parametrize("layer,backend,dtype,match", [
+    ("3b-g32-asym-19x75", "torch_int4", torch.bfloat16, "bits=4"),
+    ("4b-g64-asym-37x100", "torch_int4", torch.bfloat16, "divisible"),
+    ("2b-pc-sym-33x70", "torch_int8", torch.bfloat16, "bits=8"),
+    ("4b-g32-sym-48x96", "torch_int8", torch.bfloat16, "bits=8"),
+    ("4b-g32-sym-48x96", "triton", torch.float32, "TRITON_INTERPRET"),
+])
+def test_forced_backend_that_cannot_apply_raises(layer, backend, dtype, match, monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    _, N, K, bits, gs, sym = next(c for c in LAYERS if c[0] == layer)
+    m = _random_codes_layer(N, K, bits, gs, sym)
+    x = torch.randn(2, K).to(dtype)
+    with pytest.raises(ValueError, match=match) as e:
+        m(x, backend=backend)
+    assert "dequant" in str(e.value)  # says what would run
+    m.backend = backend  # the same through the attribute
+    with pytest.raises(ValueError, match=match):
+        m(x)
+
+
+def test_int8_refuses_k_not_multiple_of_16():
+    # torch 2.13's _weight_int8pack_mm gives wrong results or segfaults for such K (measured).
+    m = _random_codes_layer(16, 40, 8, -1, True)
+    assert "divisible by 16" in m.why_not("torch_int8", torch.randn(1, 40, dtype=torch.bfloat16))
+
+
+def test_forced_torch_ops_run_fp32_and_prepack_once(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    m = _random_codes_layer(48, 96, 4, 32, False)
+    x = torch.randn(3, 96)
+    _assert_close(m(x, backend="torch_int4"), _reference(m, x), torch.float32, "torch_int4 fp32")
+    first = m._prepacked[("torch_int4", torch.float32)]
+    m(x, backend="torch_int4")
+    assert m._prepacked[("torch_int4", torch.float32)] is first, "prepacked weights rebuilt per forward"
+    m(x.bfloat16(), backend="torch_int4")
+    assert m._prepacked[("torch_int4", torch.bfloat16)][0] is first[0], "int4pack weight not shared across dtypes"
+
+
+# ---------------------------------------------------------------------------------------------
+# from_linear (RTN): error bounded by half a step of each group's grid
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("sym", [False, True], ids=["asym", "sym"])
+@pytest.mark.parametrize("gs", [-1, 32, 64], ids=lambda g: "pc" if g == -1 else f"g{g}")
+@pytest.mark.parametrize("bits", [2, 3, 4, 8], ids=lambda b: f"{b}b")
+def test_from_linear_rtn_error_bound(bits, gs, sym):
+    N, K = 21, 100  # K=100: groups of 32/64 leave a partial last group
+    lin = nn.Linear(K, N)
+    lin.weight.data[3] = 0.0  # an all-zero row: its groups must dequantize to exactly 0
+    m = QuantLinear.from_linear(lin, bits=bits, group_size=gs, symmetric=sym)
+    w = lin.weight.detach().float()
+    w_hat = m.dequantize()
+    gsz = K if gs == -1 else gs
+    G = math.ceil(K / gsz)
+    s = m.scales.float().repeat_interleave(gsz, dim=1)[:, :K]
+    # Asymmetric: the grid spans [min(w,0), max(w,0)] with 2^b - 1 steps and an integer zero, so
+    # round(w/s) + z never leaves [0, 2^b - 1]; symmetric: |w|/s <= (2^b - 1)/2 and clamping
+    # only bites at exactly half a step. Either way |w - w_hat| <= s/2, up to the fp32 roundings
+    # of w/s and of (q - z) * s (a few ulps of |w| and s).
+    eps = torch.finfo(torch.float32).eps
+    bound = s / 2 + 4 * eps * (w.abs() + s)
+    err = (w - w_hat).abs()
+    assert bool((err <= bound).all()), f"max |w - w_hat| / s = {(err / s).max().item():.4f} (> 0.5)"
+    assert bool((w_hat[3] == 0).all())
+    # The step is no coarser than the grid needs: range / (2^b - 1).
+    qmax = 2 ** bits - 1
+    wg = torch.nn.functional.pad(w, (0, G * gsz - K), value=0.0).view(N, G, gsz)
+    if sym:
+        need = 2 * wg.abs().amax(dim=2) / qmax
+    else:
+        need = (wg.amax(dim=2).clamp(min=0) - wg.amin(dim=2).clamp(max=0)) / qmax
+    need = torch.where(need == 0, torch.ones_like(need), need)  # the all-zero group's unit scale
+    torch.testing.assert_close(m.scales.float(), need, rtol=4 * eps, atol=0.0)
+    # The module computes with those weights.
+    x = torch.randn(4, K)
+    _assert_close(m(x, backend="dequant"), (x.double() @ w_hat.double().T + lin.bias.double()).float(),
+                  torch.float32, "from_linear forward")
+
+
+# ---------------------------------------------------------------------------------------------
+# Sizes
+# ---------------------------------------------------------------------------------------------
+
+def test_memory_bytes_exact_count():
+    N, K, bits, gs = 48, 100, 3, 32
+    m = _random_codes_layer(N, K, bits, gs, symmetric=False)
+    words = math.ceil(K * bits / 32)           # 10 words per row: 300 bits padded to 320
+    groups = math.ceil(K / gs)                 # 4 groups, the last one partial (4 weights)
+    codes, scales, zeros = N * words * 4, N * groups * 4, N * groups * 4
+    assert (codes, scales, zeros) == (1920, 768, 768)
+    assert m.memory_bytes() == 3456
+    assert m.memory_bytes(include_bias=True) == 3456 + N * 4
+    assert m.bits_per_weight() == pytest.approx(3456 * 8 / (N * K))
+    sym = _random_codes_layer(N, K, bits, gs, symmetric=True)
+    assert sym.zeros is None and sym.memory_bytes() == 1920 + 768
+
+
+def test_resident_bytes_counts_prepacked_copies():
+    N, K = 48, 96
+    m = _random_codes_layer(N, K, 4, 32, symmetric=False)
+    stored = m.memory_bytes(include_bias=True)
+    assert m.resident_bytes() == stored
+    m.prepack("torch_int4", torch.bfloat16)
+    int4pack = N * K // 2                      # uint8, two codes a byte
+    sz_bf16 = (K // 32) * N * 2 * 2            # [G, N, 2] bf16
+    assert m.resident_bytes() == stored + int4pack + sz_bf16
+    m.prepack("torch_int4", torch.float32)     # shares the int4pack weight, adds fp32 scales/zeros
+    assert m.resident_bytes() == stored + int4pack + sz_bf16 + (K // 32) * N * 2 * 4
+    assert m.memory_bytes() == stored - N * 4  # the storage format is unchanged
+    m.to(torch.device("cpu"))                  # a move drops the derived copies
+    assert m.resident_bytes() == stored
+
+
+# ---------------------------------------------------------------------------------------------
+# Module plumbing
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("sym", [False, True], ids=["asym", "sym"])
+def test_state_dict_round_trip(sym, monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    m = _random_codes_layer(32, 64, 4, 32, sym)
+    x = torch.randn(3, 64, dtype=torch.bfloat16)
+    y = m(x)
+    assert ("zeros" in m.state_dict()) == (not sym)
+    buf = io.BytesIO()
+    torch.save(m.state_dict(), buf)
+    buf.seek(0)
+    fresh = QuantLinear(torch.zeros_like(m.packed), torch.ones_like(m.scales),
+                        None if sym else torch.zeros_like(m.zeros), in_features=64, bits=4,
+                        group_size=32, symmetric=sym, bias=torch.zeros(32))
+    fresh(x)  # builds a prepacked copy of the placeholder weights, which loading must drop
+    fresh.load_state_dict(torch.load(buf))
+    assert torch.equal(fresh(x), y)
+    assert torch.equal(fresh.packed, m.packed)
+
+
+def test_to_moves_buffers_and_extra_repr():
+    m = _random_codes_layer(16, 32, 4, -1, False)
+    assert (m.in_features, m.out_features) == (32, 16)
+    r = repr(m)
+    for s in ("in_features=32", "out_features=16", "bits=4", "group_size=per-channel", "symmetric=False",
+              "backend='auto'"):
+        assert s in r, r
+    moved = m.to("meta")
+    assert all(t.device.type == "meta" for t in (moved.packed, moved.scales, moved.zeros, moved.bias))
+    assert moved.packed.dtype == torch.int32
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input
+# ---------------------------------------------------------------------------------------------
+
+def test_bad_inputs():
+    m = _random_codes_layer(16, 32, 4, 32, False)
+    with pytest.raises(ValueError, match=r"\(\.\.\., 32\)"):
+        m(torch.randn(2, 31))
+    with pytest.raises(TypeError, match="x must be"):
+        m(torch.ones(2, 32, dtype=torch.int64))
+    with pytest.raises(ValueError, match="backend"):
+        m(torch.randn(2, 32), backend="cuda_magic")
+    with pytest.raises(ValueError, match="backend"):
+        m.backend = "fastest"
+    q = torch.randint(0, 16, (16, 32))
+    s = torch.ones(16, 1)
+    with pytest.raises(ValueError, match=r"q must hold codes in \[0, 7\]"):
+        QuantLinear.from_codes(q, s, s, bits=3, group_size=-1, symmetric=False)
+    with pytest.raises(TypeError, match="q must be"):
+        QuantLinear.from_codes(q.float(), s, s, bits=4, group_size=-1, symmetric=False)
+    with pytest.raises(ValueError, match="scales must have shape"):
+        QuantLinear.from_codes(q, torch.ones(16, 2), torch.ones(16, 2), bits=4, group_size=-1, symmetric=False)
+    with pytest.raises(ValueError, match="zeros is required"):
+        QuantLinear.from_codes(q, s, None, bits=4, group_size=-1, symmetric=False)
+    with pytest.raises(ValueError, match="group_size"):
+        QuantLinear.from_codes(q, s, s, bits=4, group_size=24, symmetric=False)
+    with pytest.raises(ValueError, match="bits"):
+        QuantLinear.from_codes(q, s, s, bits=9, group_size=-1, symmetric=False)
+    with pytest.raises(ValueError, match="bias must have shape"):
+        QuantLinear.from_codes(q, s, s, bits=4, group_size=-1, symmetric=False, bias=torch.ones(15))
+    with pytest.raises(TypeError, match="linear must be"):
+        QuantLinear.from_linear(nn.Conv1d(4, 4, 1))
+    with pytest.raises(ValueError, match="words per row"):
+        QuantLinear(torch.zeros(16, 3, dtype=torch.int32), s, s, in_features=32, bits=4, group_size=-1,
+                    symmetric=False)
