@@ -1,0 +1,285 @@
+"""``SparseLinear``: a linear layer stored in one of the sparse formats of ``triton_kernels.sparse_matmul``.
+
+Build one with ``SparseLinear.from_linear(linear, pattern, mask=None, sparsity=None, ...)``:
+
+- ``pattern="block"`` (``block=(bn, bk)``, each 16/32/64): BSR blocks that hold any kept weight.
+- ``pattern="nm"`` (``n=2, m=4``; also 1:4, 4:8, ...): N:M compressed values + packed indices.
+- ``pattern="unstructured"`` (``tile=(64, 64)``): weight + 1-bit mask + list of non-empty tiles.
+- ``pattern="activation"`` (``threshold=`` or ``sparsity=`` = target activation sparsity): the dense
+  weight stored transposed (K, N); per call, input features with small |x| are dropped and their
+  weight columns are not read. ``threshold`` keeps ``|x| >= threshold``; ``sparsity=s`` keeps the
+  ``K - round(s*K)`` largest |x| of each row (ties may keep a few more).
+
+``mask`` (bool (N, K), True = kept) is used exactly as given, on a linear whose weight was already
+updated (Wanda/SparseGPT). ``sparsity`` prunes by magnitude (``magnitude_prune``/``block_prune``;
+for "nm" the sparsity is n/m by definition, so ``nm_prune`` is used). With neither, the zeros already
+in the weight define the pattern (for "nm" the weight must then already be N:M).
+
+Backends (``backend=``; resolved at construction, since each backend keeps its own storage):
+- ``"triton"``: the ``sparse_matmul`` kernels (CUDA/ROCm, or CPU under ``TRITON_INTERPRET=1``).
+- ``"torch_bsr"`` (block) / ``"torch_csr"`` (unstructured): torch's sparse CPU matmuls; float32 only
+  (torch 2.13 raises "addmm_out_sparse_csr_impl_mkl not implemented" for fp16/bf16), so a forced one
+  on another dtype raises ValueError.
+- ``"torch_gather"`` (activation): ``x[:, kept] @ W^T[kept]`` in torch.
+- ``"dense"``: the masked weight kept dense, ``F.linear`` (activation: sparsified x, dense weight).
+- ``"auto"``: triton where ``triton_usable``; else see ``_auto_cpu_backend`` (data-driven crossovers).
+
+``memory_bytes()`` counts every tensor the chosen storage holds (values, indices, bits, tile lists)
+plus the bias; ``bits_per_weight()`` excludes the bias and divides by N*K.
+"""
+import torch
+from torch import nn
+
+from triton_kernels import sparse_matmul as sm
+from triton_kernels.nn._backend import check_backend, triton_usable
+
+PATTERNS = ("block", "nm", "unstructured", "activation")
+BACKENDS = {
+    "block": ("auto", "triton", "torch_bsr", "dense"),
+    "nm": ("auto", "triton", "dense"),
+    "unstructured": ("auto", "triton", "torch_csr", "dense"),
+    "activation": ("auto", "triton", "torch_gather", "dense"),
+}
+# Storage buffers per (pattern, backend); every one is counted by memory_bytes().
+_BUFFERS = {
+    ("block", "triton"): ("values", "row_ptr", "col_idx"),
+    ("block", "torch_bsr"): ("values", "row_ptr", "col_idx"),
+    ("nm", "triton"): ("values", "meta"),
+    ("unstructured", "triton"): ("weight", "bits", "tile_ptr", "tile_k"),
+    ("unstructured", "torch_csr"): ("crow", "col", "values"),
+}
+
+
+def _auto_cpu_backend(pattern: str, dtype: torch.dtype, density: float) -> str:
+    """CPU choice without Triton, from PLATFORM.md (torch 2.13, 4096^2, 2 threads, fp32 dense 2.66 ms
+    at M=1 and 6.08 ms at M=16).
+
+    BSR 32x32 at 50%/90%: 2.03/0.335 ms (M=1), 8.09/1.62 ms (M=16). Its time is close to linear in
+    the block density: 16.2 ms per unit density at M=16, so it beats dense up to density 6.08/16.2 =
+    0.375 for M <= 16 (at M=1 up to 0.65). We take 0.375 so it wins for decode and small batches.
+    CSR at 50%/90%: 14.8/0.81 ms (M=1), 16.4/1.14 ms (M=16): interpolating linearly between the two
+    points at M=1 it matches dense at density ~0.15, so CSR only below that.
+    Both exist only for float32; N:M and activation sparsity have no faster torch CPU kernel measured,
+    so they stay dense.
+    """
+    if dtype == torch.float32 and pattern == "block" and density <= 0.375:
+        return "torch_bsr"
+    if dtype == torch.float32 and pattern == "unstructured" and density <= 0.15:
+        return "torch_csr"
+    return "dense"
+
+
+class SparseLinear(nn.Module):
+    """A sparse ``nn.Linear``; build with :meth:`from_linear`. See the module docstring."""
+
+    def __init__(self, in_features: int, out_features: int, pattern: str, backend: str, *,
+                 block=(32, 32), n=2, m=4, tile=(64, 64), threshold=None, activation_sparsity=None,
+                 sparsity=0.0):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.pattern, self.backend = pattern, backend
+        self.block, self.n, self.m, self.tile = tuple(block), n, m, tuple(tile)
+        self.threshold, self.activation_sparsity = threshold, activation_sparsity
+        self.sparsity = float(sparsity)  # fraction of zero weights in the effective (masked) weight
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, pattern: str, mask=None, sparsity=None, *, block=(32, 32),
+                    n=2, m=4, tile=(64, 64), threshold=None, backend="auto") -> "SparseLinear":
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
+        if pattern not in PATTERNS:
+            raise ValueError(f"pattern must be one of {PATTERNS}, got {pattern!r}")
+        check_backend(backend, BACKENDS[pattern])
+        w = linear.weight.detach()
+        N, K = w.shape
+        sm._check_weight(w, "linear.weight")
+        bias = None if linear.bias is None else linear.bias.detach().clone()
+
+        if pattern == "activation":
+            if mask is not None:
+                raise ValueError("mask is a weight mask; pattern='activation' takes threshold= or sparsity=")
+            if (threshold is None) == (sparsity is None):
+                raise ValueError("pattern='activation' needs exactly one of threshold= or sparsity= "
+                                 "(target fraction of dropped input features)")
+            if sparsity is not None:
+                sm._check_sparsity(sparsity)
+            mod = cls(K, N, pattern, "", threshold=threshold, activation_sparsity=sparsity)
+            mod.backend = mod._resolve(backend, w.device, w.dtype, 1.0)
+            mod.register_buffer("weight_t", w.t().contiguous())
+            mod.register_buffer("bias", bias)
+            return mod
+
+        if threshold is not None:
+            raise ValueError(f"threshold applies to pattern='activation' only, not {pattern!r}")
+        if mask is not None and sparsity is not None:
+            raise ValueError("give mask= (used exactly) or sparsity= (magnitude pruning), not both")
+        if mask is not None:
+            sm._check_mask(mask, w)
+        elif sparsity is not None:
+            if pattern == "nm":
+                if abs(sparsity - (1 - n / m)) > 1e-9:
+                    raise ValueError(f"sparsity={sparsity} contradicts {n}:{m} (sparsity {1 - n / m}); omit it")
+                mask = sm.nm_prune(w, n, m)
+            elif pattern == "block":
+                mask = sm.block_prune(w, block, sparsity)
+            else:
+                mask = sm.magnitude_prune(w, sparsity)
+        else:
+            mask = w != 0
+        w_eff = torch.where(mask, w, torch.zeros((), dtype=w.dtype, device=w.device))
+        zero_frac = float((w_eff == 0).float().mean()) if w_eff.numel() else 0.0
+        mod = cls(K, N, pattern, "", block=block, n=n, m=m, tile=tile, sparsity=zero_frac)
+
+        if pattern == "block":
+            bsw = sm.to_block_sparse(w_eff, block)
+            mod.backend = mod._resolve(backend, w.device, w.dtype, bsw.block_density)
+            if mod.backend == "dense":
+                mod.register_buffer("weight", w_eff.contiguous())
+            else:
+                for name in _BUFFERS[("block", "triton")]:
+                    mod.register_buffer(name, getattr(bsw, name))
+        elif pattern == "nm":
+            nmw = sm.nm_compress(w_eff, n, m)  # raises on a mask that is not n:m
+            mod.backend = mod._resolve(backend, w.device, w.dtype, n / m)
+            if mod.backend == "dense":
+                mod.register_buffer("weight", w_eff.contiguous())
+            else:
+                mod.register_buffer("values", nmw.values)
+                mod.register_buffer("meta", nmw.meta)
+        else:
+            density = float(mask.float().mean()) if mask.numel() else 0.0
+            mod.backend = mod._resolve(backend, w.device, w.dtype, density)
+            if mod.backend == "triton":
+                mw = sm.to_masked(w_eff, mask, tile)
+                for name in _BUFFERS[("unstructured", "triton")]:
+                    mod.register_buffer(name, getattr(mw, name))
+            elif mod.backend == "torch_csr":
+                csr = w_eff.to_sparse_csr()
+                mod.register_buffer("crow", csr.crow_indices())
+                mod.register_buffer("col", csr.col_indices())
+                mod.register_buffer("values", csr.values())
+            else:
+                mod.register_buffer("weight", w_eff.contiguous())
+        mod.register_buffer("bias", bias)
+        return mod
+
+    def _resolve(self, backend: str, device: torch.device, dtype: torch.dtype, density: float) -> str:
+        if backend == "auto":
+            return "triton" if triton_usable(device) else _auto_cpu_backend(self.pattern, dtype, density)
+        if backend == "triton" and not triton_usable(device):
+            raise ValueError(f"backend='triton' needs a CUDA/ROCm device or TRITON_INTERPRET=1, weight is on {device}")
+        if backend in ("torch_bsr", "torch_csr"):
+            if device.type != "cpu" or dtype != torch.float32:
+                raise ValueError(f"backend={backend!r} needs a float32 CPU weight (torch's sparse CPU matmul), "
+                                 f"got {dtype} on {device}")
+        return backend
+
+    # ------------------------------------------------------------------ storage views
+    def _bsw(self):
+        return sm.BlockSparseWeight(self.values, self.row_ptr, self.col_idx,
+                                    (self.out_features, self.in_features), self.block)
+
+    def _nmw(self):
+        return sm.NMWeight(self.values, self.meta, (self.out_features, self.in_features), self.n, self.m)
+
+    def _mw(self):
+        return sm.MaskedWeight(self.weight, self.bits, self.tile_ptr, self.tile_k,
+                               (self.out_features, self.in_features), self.tile)
+
+    def dense_weight(self) -> torch.Tensor:
+        """The effective (N, K) weight the layer multiplies by (for the activation pattern: all of it)."""
+        key = (self.pattern, self.backend)
+        if self.pattern == "activation":
+            return self.weight_t.t()
+        if key in (("block", "triton"), ("block", "torch_bsr")):
+            return self._bsw().to_dense()
+        if key == ("nm", "triton"):
+            return self._nmw().to_dense()
+        if key == ("unstructured", "triton"):
+            return self._mw().to_dense()
+        if key == ("unstructured", "torch_csr"):
+            return torch.sparse_csr_tensor(self.crow, self.col, self.values,
+                                           (self.out_features, self.in_features)).to_dense()
+        return self.weight
+
+    def _activation_mask(self, x):
+        if self.threshold is not None:
+            return x.abs() >= self.threshold
+        K = x.shape[-1]
+        kept = K - round(self.activation_sparsity * K)
+        if kept == 0:
+            return torch.zeros_like(x, dtype=torch.bool)
+        kth = torch.topk(x.abs(), kept, dim=-1).values[..., -1:]
+        return x.abs() >= kth
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, p, be = self.bias, self.pattern, self.backend
+        if p == "activation":
+            amask = self._activation_mask(x)
+            if be == "triton":
+                return sm.activation_sparse_matmul(x, self.weight_t.t(), mask=amask, bias=b)
+            xs = torch.where(amask, x, torch.zeros((), dtype=x.dtype, device=x.device))
+            if be == "torch_gather":
+                K = self.in_features
+                kept = amask.reshape(-1, K).any(0).nonzero().squeeze(1)
+                y = xs.reshape(-1, K)[:, kept] @ self.weight_t[kept]
+                y = y.reshape(*x.shape[:-1], self.out_features)
+                return y if b is None else y + b
+            return nn.functional.linear(xs, self.weight_t.t(), b)
+        if be == "dense":
+            return nn.functional.linear(x, self.weight, b)
+        if be == "triton":
+            if p == "block":
+                return sm.block_sparse_matmul(x, self._bsw(), b)
+            if p == "nm":
+                return sm.nm_matmul(x, self._nmw(), b)
+            return sm.packed_masked_matmul(x, self._mw(), b)
+        return self._torch_sparse_forward(x)
+
+    def _torch_sparse_forward(self, x):
+        N, K = self.out_features, self.in_features
+        if x.shape[-1] != K:
+            raise ValueError(f"x must have shape (..., {K}), got {tuple(x.shape)}")
+        if x.dtype != torch.float32:
+            raise TypeError(f"backend={self.backend!r} computes in float32; x is {x.dtype}")
+        x2 = x.reshape(-1, K)
+        if self.backend == "torch_bsr":
+            bn, bk = self.block
+            Np, Kp = -(-N // bn) * bn, -(-K // bk) * bk  # torch BSR needs whole blocks: pad, then slice
+            w = torch.sparse_bsr_tensor(self.row_ptr, self.col_idx, self.values, (Np, Kp))
+            y = (w @ nn.functional.pad(x2, (0, Kp - K)).t()).t()[:, :N]
+        else:
+            w = torch.sparse_csr_tensor(self.crow, self.col, self.values, (N, K))
+            y = (w @ x2.t()).t()
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*x.shape[:-1], N)
+
+    # ------------------------------------------------------------------ accounting
+    def memory_bytes(self, include_bias: bool = True) -> int:
+        """Bytes of every stored tensor (values, indices, bits, tile lists), plus the bias by default."""
+        return sum(t.numel() * t.element_size() for name, t in self.named_buffers()
+                   if t is not None and (include_bias or name != "bias"))
+
+    def bits_per_weight(self) -> float:
+        """Stored bits per weight of the dense (N, K) layer, bias excluded."""
+        return 8.0 * self.memory_bytes(include_bias=False) / (self.in_features * self.out_features)
+
+    def extra_repr(self) -> str:
+        opts = {"block": f"block={self.block}", "nm": f"n={self.n}, m={self.m}",
+                "unstructured": f"tile={self.tile}",
+                "activation": (f"threshold={self.threshold}" if self.threshold is not None
+                               else f"activation_sparsity={self.activation_sparsity}")}[self.pattern]
+        return (f"in_features={self.in_features}, out_features={self.out_features}, pattern={self.pattern!r}, "
+                f"{opts}, backend={self.backend!r}, sparsity={self.sparsity:.3f}, "
+                f"bits_per_weight={self.bits_per_weight():.2f}, bias={self.bias is not None}")
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # The number of stored blocks/values depends on the mask: take the incoming sizes.
+        for name, t in list(self._buffers.items()):
+            src = state_dict.get(prefix + name)
+            if t is not None and src is not None and src.shape != t.shape:
+                self._buffers[name] = torch.empty(src.shape, dtype=t.dtype, device=t.device)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
