@@ -1,6 +1,8 @@
 """Magnitude, Wanda and SparseGPT (experiments/algorithms/prune.py): exact patterns, error vs magnitude."""
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from experiments.algorithms import Pattern, magnitude, parse_pattern, sparsegpt, wanda
 
@@ -192,3 +194,29 @@ def test_bad_statistics():
         sparsegpt(W, torch.eye(K - 1), sparsity=0.5, pattern="unstructured")
     with pytest.raises(ValueError, match="scope"):
         magnitude(W, sparsity=0.5, pattern="unstructured", scope="column")
+
+
+@pytest.mark.parametrize("pattern, sparsity", [("unstructured", 0.5), ("2:4", None), ("block:8x16", 0.5)],
+                         ids=["unstructured50", "2of4", "block8x16"])
+def test_sparsegpt_update_compensates(pattern, sparsity):
+    # The OBS update must do better than zeroing the same weights and leaving the rest alone.
+    W, X = weight(N, K, 12), calibration(512, K, 12)
+    W_s, mask = sparsegpt(W, X.T @ X / X.shape[0], sparsity=sparsity, pattern=pattern)
+    e_update = output_error(W, W_s, X)
+    e_zeroed = output_error(W, torch.where(mask, W, torch.zeros(())), X)
+    assert e_update < 0.9 * e_zeroed, f"with updates {e_update:.4g}, same mask without {e_zeroed:.4g}"
+
+
+@settings(max_examples=30, deadline=None, database=None)
+@given(n_rows=st.integers(1, 12), groups=st.integers(1, 9), nm=st.sampled_from([(1, 2), (2, 4), (3, 8), (4, 8)]),
+       sparsity=st.floats(0, 0.95), seed=st.integers(0, 2 ** 16))
+def test_masks_exact_property(n_rows, groups, nm, sparsity, seed):
+    n, m = nm
+    K = groups * m
+    W = weight(n_rows, K, seed)
+    W[:, ::3] = 0.0  # ties at zero must not change the counts
+    _, mask = magnitude(W, sparsity=None, pattern=f"{n}:{m}")
+    assert bool((mask.reshape(n_rows, groups, m).sum(-1) == n).all())
+    _, mask = wanda(W, torch.rand(K, generator=torch.Generator().manual_seed(seed)), sparsity=sparsity,
+                    pattern="unstructured")
+    assert bool(((~mask).sum(1) == int(sparsity * K + 1e-9)).all())

@@ -1,6 +1,8 @@
 """RTN and GPTQ (experiments/algorithms/quant.py): grid format, exactness properties, GPTQ vs RTN."""
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from experiments.algorithms import QuantResult, dequantize_result, gptq, magnitude, rtn
 from experiments.algorithms.quant import _rtn_own, find_params
@@ -261,3 +263,19 @@ def test_find_params_includes_zero():
     s, z = find_params(w, bits=4, symmetric=False)
     assert torch.equal(z, torch.tensor([0.0, 15.0]))  # all-positive -> 0, all-negative -> top code
     torch.testing.assert_close(s, torch.tensor([2.0 / 15, 3.0 / 15]))
+
+
+@settings(max_examples=30, deadline=None, database=None)
+@given(n_rows=st.integers(1, 9), K=st.integers(1, 150), bits=st.integers(1, 8),
+       group_size=st.sampled_from([-1, 16, 32, 64]), symmetric=st.booleans(), seed=st.integers(0, 2 ** 16),
+       scale=st.sampled_from([1e-3, 1.0, 1e3]))
+def test_rtn_round_trip_property(n_rows, K, bits, group_size, symmetric, seed, scale):
+    if group_size > K:
+        group_size = -1
+    W = weight(n_rows, K, seed) * scale
+    r = rtn(W, bits=bits, group_size=group_size, symmetric=symmetric)
+    W_hat = dequantize_result(r)
+    gs = K if group_size == -1 else group_size
+    step = r.scales.repeat_interleave(gs, 1)[:, :K]
+    assert torch.isfinite(W_hat).all()
+    assert bool(((W - W_hat).abs() <= step / 2 + 4 * torch.finfo(torch.float32).eps * W.abs()).all())
