@@ -269,6 +269,21 @@ def test_resident_bytes_counts_prepacked_copies():
     assert m.resident_bytes() == stored
 
 
+def test_cache_dequantized_keeps_one_dense_copy(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    m = _random_codes_layer(24, 40, 3, 32, False)
+    x = torch.randn(2, 40)
+    y = m(x)
+    stored = m.resident_bytes()
+    m.cache_dequantized = True
+    torch.testing.assert_close(m(x), y, rtol=0, atol=0)
+    assert m.resident_bytes() == stored + 24 * 40 * 4  # one fp32 (N, K) weight
+    calls = []
+    monkeypatch.setattr(m, "dequantize", lambda: calls.append(1))
+    m(x)
+    assert calls == [], "the cached weight must be reused, not rebuilt"
+
+
 # ---------------------------------------------------------------------------------------------
 # Module plumbing
 # ---------------------------------------------------------------------------------------------

@@ -33,8 +33,12 @@ Backends (``backend=`` at construction, the ``backend`` attribute, or ``forward(
   of 16 (measured on torch 2.13: other K give wrong results or a segfault, so they are refused).
   The op computes ``x @ (w_int8 * s)^T`` with ``w_int8 = q - 128``; an asymmetric zero is added
   back as the rank-1 term ``rowsum(x) * (128 - z) * s`` in fp32.
-- ``"dequant"``: dequantize to fp32 on every call, cast to the activation dtype, ``F.linear``.
-  Works everywhere; costs a full dequantization per forward (nothing dense is kept resident).
+- ``"dequant"``: dequantize to fp32, cast to the activation dtype, ``F.linear``. Works everywhere.
+  By default it dequantizes on every call and keeps nothing dense resident; that costs a full
+  unpack per forward (~1 s for 4096x4096 on the 2-core dev CPU, ~80 ms for 1536x576). With
+  ``cache_dequantized=True`` (constructor argument or attribute) the dense weight in the activation
+  dtype is built once and kept: dense speed, dense memory (visible in ``resident_bytes()``). Use
+  it for accuracy runs in fp32 (perplexity), not for memory or latency claims.
 - ``"auto"`` (default), decided per call:
   1. ``triton`` when ``triton_usable(x.device)`` (CUDA, or ``TRITON_INTERPRET=1`` on CPU);
   2. on CPU with **bf16** activations: ``torch_int4``, else ``torch_int8``, where they apply;
@@ -49,7 +53,8 @@ A forced backend that cannot run a given layer/input raises ``ValueError`` sayin
 Resident memory
 ---------------
 The torch CPU backends need their own weight formats (int4pack uint8 (N, K/2) + [G, N, 2]
-scales-and-zeros; int8 (N, K) + scales). They are built once, on first use (or by ``prepack()``),
+scales-and-zeros; int8 (N, K) + scales), and ``dequant`` with ``cache_dequantized=True`` a dense
+(N, K) weight. They are built once, on first use (or by ``prepack()`` for the torch ops),
 kept next to the storage format (not instead of it: the storage is the state_dict and the source
 of truth), and dropped on ``.to()``/``load_state_dict``. ``memory_bytes()`` counts the storage
 format only; ``resident_bytes()`` counts every tensor this module currently holds, prepacked
@@ -80,7 +85,8 @@ class QuantLinear(nn.Module):
 
     def __init__(self, packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, *,
                  in_features: int, bits: int, group_size: int, symmetric: bool,
-                 bias: torch.Tensor | None = None, backend: str = "auto"):
+                 bias: torch.Tensor | None = None, backend: str = "auto",
+                 cache_dequantized: bool = False):
         super().__init__()
         if not isinstance(bits, int) or not 1 <= bits <= 8:
             raise ValueError(f"bits must be an int in 1..8, got {bits!r}")
@@ -119,6 +125,7 @@ class QuantLinear(nn.Module):
         self.register_buffer("zeros", None if zeros is None else zeros.contiguous())
         self.register_buffer("bias", None if bias is None else bias.contiguous())
         self.backend = backend
+        self.cache_dequantized = bool(cache_dequantized)
         self.last_backend: str | None = None
         self._prepacked: dict[tuple, tuple[torch.Tensor, ...]] = {}
 
@@ -127,7 +134,7 @@ class QuantLinear(nn.Module):
     @classmethod
     def from_codes(cls, q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, *,
                    bits: int, group_size: int, symmetric: bool, bias: torch.Tensor | None = None,
-                   backend: str = "auto") -> "QuantLinear":
+                   backend: str = "auto", cache_dequantized: bool = False) -> "QuantLinear":
         """Build from integer codes ``q`` (N, K) in [0, 2^bits) chosen by any quantizer.
 
         ``scales``/``zeros``: (N, ceil(K / group_size)) (``group_size=-1``: (N, 1)); ``zeros`` may be
@@ -143,11 +150,12 @@ class QuantLinear(nn.Module):
                              f"got values in [{int(q.min())}, {int(q.max())}]")
         packed = dq.pack(q, bits)
         return cls(packed, scales, zeros, in_features=q.shape[1], bits=bits, group_size=group_size,
-                   symmetric=symmetric, bias=bias, backend=backend)
+                   symmetric=symmetric, bias=bias, backend=backend, cache_dequantized=cache_dequantized)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, bits: int = 4, group_size: int = 128,
-                    symmetric: bool = False, backend: str = "auto") -> "QuantLinear":
+                    symmetric: bool = False, backend: str = "auto",
+                    cache_dequantized: bool = False) -> "QuantLinear":
         """Round-to-nearest quantization of ``linear.weight`` (``dequant_matmul.quantize_rtn``)."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"linear must be a torch.nn.Linear, got {type(linear).__name__}")
@@ -155,7 +163,7 @@ class QuantLinear(nn.Module):
         q, scales, zeros = dq.quantize_rtn(w, bits, group_size, symmetric)
         bias = None if linear.bias is None else linear.bias.detach().clone()
         return cls.from_codes(q, scales, zeros, bits=bits, group_size=group_size, symmetric=symmetric,
-                              bias=bias, backend=backend)
+                              bias=bias, backend=backend, cache_dequantized=cache_dequantized)
 
     # -- backend choice --------------------------------------------------------------------
 
@@ -284,7 +292,13 @@ class QuantLinear(nn.Module):
             y = dq.dequant_matmul(x2, self.packed, self.scales, self.zeros, bits=self.bits,
                                   group_size=self.group_size, symmetric=self.symmetric, bias=self.bias)
         elif chosen == "dequant":
-            w = self.dequantize().to(x.dtype)
+            if self.cache_dequantized:
+                key = ("dequant", x.dtype)
+                if key not in self._prepacked:
+                    self._prepacked[key] = (self.dequantize().to(x.dtype),)
+                w = self._prepacked[key][0]
+            else:
+                w = self.dequantize().to(x.dtype)
             y = F.linear(x2, w, None if self.bias is None else self.bias.to(x.dtype))
         elif chosen == "torch_int4":
             w, sz = self.prepack("torch_int4", x.dtype)
@@ -340,7 +354,7 @@ class QuantLinear(nn.Module):
         gs = "per-channel" if self.group_size == -1 else self.group_size
         return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
                 f"group_size={gs}, symmetric={self.symmetric}, bias={self.bias is not None}, "
-                f"backend={self.backend!r}")
+                f"backend={self.backend!r}" + (", cache_dequantized=True" if self.cache_dequantized else ""))
 
 
 def _check_param(name: str, t, shape: tuple[int, ...], device: torch.device) -> None:
