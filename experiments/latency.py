@@ -14,8 +14,10 @@ for any low-rank spec. Every row says so (``weights="random, same format"``).
   against torch fp16 and bf16 ``F.linear``.
 - CPU: the modules' ``auto`` backend (torch's CPU kernels), timed by ``experiments.timing``
   (``torch.utils.benchmark``), against dense fp32 and bf16. Weight-only quantized kernels get bf16
-  activations (fp32 activations are 30-125x slower there, PLATFORM.md); CSR sparse gets fp32
-  (bf16 CSR is not implemented in torch).
+  activations (fp32 activations are 30-125x slower there, PLATFORM.md); sparse and low-rank
+  layers get fp32 (torch's CSR/BSR matmuls exist only in fp32). On CPU, ``auto`` keeps N:M and
+  most unstructured masks as a masked dense weight (no faster torch CPU kernel): the ``backend``
+  column says so.
 
 Every row records ``device_type``, ``device``, ``backend``, ``act_dtype`` and ``timer``, so a CPU
 figure is never read as a GPU one. Rows are upserted into ``results/latency_<device_type>.csv``
@@ -151,7 +153,7 @@ def build_layer(kind: str, N: int, K: int, *, dtype: torch.dtype = torch.float32
         lin = _random_linear(N, K, dtype, device, g)
         kw = {"pattern": fmt["pattern"]}
         if fmt["pattern"] == "nm":
-            kw.update(n=fmt["n"], m=fmt["m"])
+            kw.update(n=fmt["n"], m=fmt["m"], sparsity=1 - fmt["n"] / fmt["m"])  # magnitude N:M mask
         elif fmt["pattern"] == "activation":
             kw.update(sparsity=fmt.get("sparsity", 0.0))
         else:
@@ -248,40 +250,45 @@ def _timing_cols(t: dict) -> dict:
     return out
 
 
-def _module_backend(layer: nn.Module) -> str:
-    """The backend the module actually ran (its resolved choice, not the ``auto`` request)."""
-    for attr in ("last_backend", "resolved_backend", "backend"):
-        v = getattr(layer, attr, None)
-        if callable(v):
-            try:
-                v = v()
-            except TypeError:
-                continue
-        if isinstance(v, str) and v != "auto":
-            return v
+def _module_backend(layer: nn.Module, x: torch.Tensor) -> str:
+    """The backend the module ran on ``x`` (its resolved choice, never the ``auto`` request).
+
+    Each module says it its own way: QuantLinear's ``last_backend``, LowRankLinear's
+    ``resolved_backend(device)``, SparseLinear's ``backend`` (resolved when it is built).
+    """
+    last = getattr(layer, "last_backend", None)
+    if isinstance(last, str):
+        return last
+    resolved = getattr(layer, "resolved_backend", None)
+    if callable(resolved):
+        return resolved(x.device)
+    backend = getattr(layer, "backend", None)
+    if isinstance(backend, str) and backend != "auto":
+        return backend
     return "unknown"
 
 
 def act_dtype_for(kind: str, fmt: dict, device: torch.device) -> torch.dtype:
-    """Activation dtype of the compressed layer: fp16 on CUDA (the Triton kernels' input);
-    on CPU bf16 except CSR-backed unstructured sparsity (bf16 CSR is not implemented in torch)."""
+    """Activation dtype of the compressed layer.
+
+    CUDA: fp16, the Triton kernels' input. CPU: bf16 for the weight-only quantized kernels (they are
+    30-125x slower with fp32 activations, PLATFORM.md); fp32 for sparse (torch's CSR/BSR matmuls
+    exist only in fp32) and low-rank (two fp32 GEMMs, compared with dense fp32).
+    """
     if device.type == "cuda":
         return torch.float16
-    if kind == "sparse" and fmt.get("pattern") == "unstructured":
-        return torch.float32
-    return torch.bfloat16
+    return torch.bfloat16 if kind == "quant" else torch.float32
 
 
 @contextlib.contextmanager
-def _no_interpreter(device: torch.device):
-    """On CPU, hide TRITON_INTERPRET=1 from the modules' ``auto`` choice while timing.
+def triton_interpret(value: str):
+    """Set TRITON_INTERPRET for the modules' backend choice inside the block, restore it after.
 
-    Under the interpreter ``auto`` would pick the Triton kernel run as Python, whose timings mean
-    nothing; the CPU latency table measures torch's CPU backends.
+    The modules read it at call time (``triton_usable``), not the kernels' decorators, so this only
+    steers which backend ``auto`` picks and which storage a ``backend="triton"`` module is built with.
     """
     old = os.environ.get("TRITON_INTERPRET")
-    if device.type == "cpu" and old == "1":
-        os.environ["TRITON_INTERPRET"] = "0"
+    os.environ["TRITON_INTERPRET"] = value
     try:
         yield
     finally:
@@ -289,6 +296,15 @@ def _no_interpreter(device: torch.device):
             os.environ.pop("TRITON_INTERPRET", None)
         else:
             os.environ["TRITON_INTERPRET"] = old
+
+
+def _no_interpreter(device: torch.device):
+    """On CPU, hide TRITON_INTERPRET=1 from the modules' ``auto`` choice while building and timing:
+    under the interpreter ``auto`` would pick the Triton kernel run as Python, whose timings mean
+    nothing; the CPU latency table measures torch's CPU backends."""
+    if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1":
+        return triton_interpret("0")
+    return contextlib.nullcontext()
 
 
 def dense_dtypes(device: torch.device) -> tuple[str, ...]:
@@ -310,7 +326,7 @@ def _time_layer(kind: str, fmt: dict, N: int, K: int, M: int, act: torch.dtype, 
         y = layer(x)
         if y.shape != (M, N):
             raise RuntimeError(f"layer output shape {tuple(y.shape)} != {(M, N)}")
-        backend = _module_backend(layer)
+        backend = _module_backend(layer, x)
         if device.type == "cpu" and backend == "triton":
             raise RuntimeError("the Triton interpreter ran on CPU: its timings are not performance numbers")
         t = _time(lambda: layer(x), device, min_run_time)

@@ -89,19 +89,24 @@ def _freeze(fmt: dict) -> tuple:
 @functools.lru_cache(maxsize=None)
 def _weight_bytes_cached(kind: str, N: int, K: int, frozen: tuple) -> int:
     # Local import: latency imports this module for the measured-vs-ideal join.
-    from experiments.latency import build_layer
     import torch
 
-    layer = build_layer(kind, N, K, dtype=torch.float16, device="cpu", **dict(frozen))
-    return int(layer.memory_bytes()) if kind != "dense" else N * K * 2
+    from experiments.latency import build_layer, triton_interpret
+
+    # The GPU storage format is the one a backend="triton" module holds (SparseLinear keeps a
+    # different storage per backend: on CPU ``auto`` may keep a masked dense weight). Building one
+    # on CPU needs triton_usable(cpu), i.e. TRITON_INTERPRET=1; nothing is launched.
+    with triton_interpret("1"):
+        layer = build_layer(kind, N, K, dtype=torch.float16, device="cpu", backend="triton", **dict(frozen))
+    return int(layer.memory_bytes())
 
 
 def weight_bytes(kind: str, N: int, K: int, **fmt) -> int:
     """Bytes of an ``[N, K]`` weight in ``kind``'s storage format: the module's own ``memory_bytes()``.
 
-    Dense is fp16 (``2*N*K``). The module is built from random fp16 weights of that shape (the byte
-    count depends on the format and, for unstructured masks, on the number of kept weights, never on
-    the values) and cached per (kind, shape, format).
+    Dense is fp16 (``2*N*K``). The module is built from random fp16 weights of that shape with the
+    storage of its Triton backend (the byte count depends on the format and, for masks, on how many
+    weights or blocks are kept, never on the values) and cached per (kind, shape, format).
     """
     if kind not in KINDS:
         raise ValueError(f"kind={kind!r} must be one of {KINDS}")

@@ -95,14 +95,17 @@ def test_weight_bytes_equal_the_modules_memory_bytes(kind, fmt):
     # Built here independently of experiments.latency.build_layer, from an fp16 linear.
     torch.manual_seed(1)
     lin = torch.nn.Linear(K, N, bias=False).half()
+    # backend="triton": the GPU storage format (conftest sets TRITON_INTERPRET=1, so it can be built here).
     if kind == "quant":
-        m = nn_mod.QuantLinear.from_linear(lin, fmt["bits"], fmt["group_size"], fmt["symmetric"])
+        m = nn_mod.QuantLinear.from_linear(lin, fmt["bits"], fmt["group_size"], fmt["symmetric"], backend="triton")
     elif kind == "sparse":
         kw = dict(fmt)
-        m = nn_mod.SparseLinear.from_linear(lin, **kw)
+        if kw["pattern"] == "nm":
+            kw["sparsity"] = 1 - kw["n"] / kw["m"]
+        m = nn_mod.SparseLinear.from_linear(lin, backend="triton", **kw)
     else:
         r = fmt["rank"]
-        m = nn_mod.LowRankLinear(torch.randn(N, r).half(), torch.randn(r, K).half())
+        m = nn_mod.LowRankLinear(torch.randn(N, r).half(), torch.randn(r, K).half(), backend="triton")
         assert m.memory_bytes() == 2 * r * (N + K)  # two fp16 factors, nothing else
     assert roofline.weight_bytes(kind, N, K, **fmt) == m.memory_bytes()
     r = roofline.ideal(kind, N, K, 1, "H100 SXM", **fmt)
