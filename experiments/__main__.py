@@ -55,9 +55,35 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_latency(p: argparse.ArgumentParser) -> None:
+    from experiments.latency import add_arguments
+    add_arguments(p)
+
+
+def cmd_latency(args: argparse.Namespace) -> int:
+    from experiments.latency import main as latency_main
+    latency_main(args)
+    return 0
+
+
+def _add_roofline(p: argparse.ArgumentParser) -> None:
+    from experiments.roofline import add_arguments
+    add_arguments(p)
+
+
+def cmd_roofline(args: argparse.Namespace) -> int:
+    from experiments.roofline import main as roofline_main
+    roofline_main(args)
+    return 0
+
+
 COMMANDS: dict[str, tuple[Callable, Callable, str]] = {
     "list": (_add_list, cmd_list, "list the sweeps with their point counts (full and --quick)"),
     "run": (_add_run, cmd_run, "run or resume a sweep; one CSV row per point under --out-dir"),
+    "latency": (_add_latency, cmd_latency,
+                "time the compressed layers vs dense on this device (results/latency_<device_type>.csv)"),
+    "roofline": (_add_roofline, cmd_roofline,
+                 "ideal kernel times on named GPUs from bytes and FLOPs (results/roofline_model.csv)"),
 }
 
 
