@@ -1,0 +1,259 @@
+"""Paper-style figures drawn from the result tables (the notebooks call these; so does ``reproduce``).
+
+Every figure is regenerated from ``results/*.csv`` by code: nothing here computes a result, it only
+reads the tables that ``experiments.sweep``, ``experiments.latency`` and ``experiments.roofline`` wrote.
+
+Conventions: perplexity on a log axis (it spans orders of magnitude once a model this small breaks),
+the dense baseline as a dashed reference line, points that alias the default model's Q4_1 source grid
+drawn hollow and named in the legend (they reproduce the stored weights exactly, so they are not a real
+measurement of 4-bit accuracy), CPU latencies labelled as CPU latencies.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterable
+
+import matplotlib.pyplot as plt
+import pandas as pd
+
+REPO = Path(__file__).resolve().parent.parent
+RESULTS = REPO / "results"
+SWEEPS = ("quant", "sparsity", "lowrank", "combo")
+SOURCE_GRID_NOTE = "aliases the Q4_1 source grid (reproduces the stored weights; not a real 4-bit result)"
+
+plt.rcParams.update({"figure.dpi": 110, "savefig.dpi": 150, "axes.grid": True, "grid.alpha": 0.3,
+                     "axes.spines.top": False, "axes.spines.right": False, "font.size": 9,
+                     "legend.fontsize": 7, "legend.frameon": False})
+
+
+def results_dir(quick: bool, root: str | Path = RESULTS) -> Path:
+    """Quick runs write under ``results/quick/`` so they never mix with full runs."""
+    return Path(root) / "quick" if quick else Path(root)
+
+
+def sweep_table(name: str, *, quick: bool, run_missing: bool = False, model: str = "default",
+                root: str | Path = RESULTS) -> pd.DataFrame:
+    """The long table of sweep ``name``; runs the sweep first when the table is missing and ``run_missing``."""
+    path = results_dir(quick, root) / f"sweep_{name}.csv"
+    if not path.exists():
+        if not run_missing:
+            raise FileNotFoundError(f"{path} does not exist; run `python -m experiments run {name}"
+                                    f"{' --quick' if quick else ''}` or pass run_missing=True")
+        from experiments.sweep import resolve_sweeps, run_sweeps
+        run_sweeps(resolve_sweeps(name), quick=quick, model=model, out_dir=root)
+    df = pd.read_csv(path)
+    df["aliases_source_grid"] = df["aliases_source_grid"].astype(str).str.lower() == "true"
+    return df
+
+
+def optional_table(path: str | Path) -> pd.DataFrame | None:
+    path = Path(path)
+    return pd.read_csv(path) if path.exists() else None
+
+
+def dense_ppl(df: pd.DataFrame) -> float | None:
+    dense = df[df["method"] == "dense"]
+    return float(dense["ppl"].iloc[0]) if len(dense) else None
+
+
+def save(fig: plt.Figure, name: str, figures_dir: str | Path, formats: Iterable[str] = ("png", "svg")) -> list[Path]:
+    """Save ``fig`` as ``<figures_dir>/<name>.<fmt>`` for each format; returns the paths."""
+    d = Path(figures_dir)
+    d.mkdir(parents=True, exist_ok=True)
+    paths = [d / f"{name}.{fmt}" for fmt in formats]
+    for p in paths:
+        fig.savefig(p, bbox_inches="tight", metadata={"Date": None} if p.suffix == ".svg" else None)
+    return paths
+
+
+def _baseline(ax, ppl: float | None, label: str = "dense fp32") -> None:
+    if ppl is not None:
+        ax.axhline(ppl, color="k", ls="--", lw=1, label=f"{label} ({ppl:.2f})")
+
+
+def _mark_aliases(ax, df: pd.DataFrame, x: str) -> None:
+    a = df[df["aliases_source_grid"]]
+    if len(a):
+        ax.scatter(a[x], a["ppl"], s=110, facecolors="none", edgecolors="crimson", lw=1.3, zorder=5,
+                   label=SOURCE_GRID_NOTE)
+
+
+def _title(df: pd.DataFrame) -> str:
+    r = df.iloc[0]
+    return f"{r.get('model', '')}: evaluated on {r.get('evaluation_text', '')}, {int(r.get('eval_tokens', 0))} tokens"
+
+
+def quant_figure(df: pd.DataFrame) -> plt.Figure:
+    """Perplexity against bits per weight (scales and zeros included), one line per method x group size."""
+    fig, ax = plt.subplots(figsize=(6.2, 4))
+    q = df[df["method"] != "dense"].copy()
+    q["group_size"] = q["group_size"].astype(int)
+    for (method, g), sub in q.groupby(["method", "group_size"]):
+        sub = sub.sort_values("bits_per_weight")
+        ax.plot(sub["bits_per_weight"], sub["ppl"], marker="o" if method == "gptq" else "s",
+                ls="-" if method == "gptq" else ":", label=f"{method.upper()} g{g if g > 0 else '=K (per-channel)'}")
+    _mark_aliases(ax, q, "bits_per_weight")
+    _baseline(ax, dense_ppl(df))
+    ax.set_yscale("log")
+    ax.set_xlabel("effective bits per weight (codes + scales + zeros)")
+    ax.set_ylabel("perplexity (log scale)")
+    ax.set_title(_title(df), fontsize=8)
+    ax.legend(loc="upper right", ncol=2)
+    return fig
+
+
+def sparsity_figure(df: pd.DataFrame) -> plt.Figure:
+    """Left: unstructured sparsity sweep per method. Right: structured patterns (N:M, blocks) per method."""
+    fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.8), gridspec_kw={"width_ratios": [1.3, 1]})
+    s = df[df["method"] != "dense"].copy()
+    uns = s[s["pattern"] == "unstructured"]
+    for method, sub in uns.groupby("method"):
+        sub = sub.sort_values("sparsity")
+        a.plot(100 * sub["sparsity"], sub["ppl"], marker="o", label=method)
+    _baseline(a, dense_ppl(df))
+    a.set_yscale("log")
+    a.set_xlabel("unstructured sparsity (% of weights zero)")
+    a.set_ylabel("perplexity (log scale)")
+    a.legend()
+    st = s[s["pattern"] != "unstructured"]
+    if len(st):
+        pats = list(dict.fromkeys(st["pattern"]))
+        methods = list(dict.fromkeys(st["method"]))
+        w = 0.8 / max(len(methods), 1)
+        for i, m in enumerate(methods):
+            vals = [st[(st["pattern"] == p) & (st["method"] == m)]["ppl"].min() for p in pats]
+            b.bar([j + i * w for j in range(len(pats))], vals, width=w, label=m)
+        b.set_xticks([j + w * (len(methods) - 1) / 2 for j in range(len(pats))], pats)
+        _baseline(b, dense_ppl(df))
+        b.set_yscale("log")
+        b.set_xlabel("structured pattern")
+        b.legend()
+    fig.suptitle(_title(df), fontsize=8)
+    return fig
+
+
+def lowrank_figure(df: pd.DataFrame) -> plt.Figure:
+    """Perplexity against the fraction of parameters kept, plain vs activation-aware (whitened) SVD."""
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    lr = df[df["method"] != "dense"]
+    for method, sub in lr.groupby("method"):
+        sub = sub.sort_values("ratio")
+        ax.plot(sub["ratio"], sub["ppl"], marker="o", label={"svd": "SVD", "whitened_svd": "activation-aware SVD"}
+                .get(method, method))
+    _baseline(ax, dense_ppl(df))
+    ax.set_yscale("log")
+    ax.set_xlabel("parameters kept (fraction of dense)")
+    ax.set_ylabel("perplexity (log scale)")
+    ax.invert_xaxis()
+    ax.set_title(_title(df), fontsize=8)
+    ax.legend()
+    return fig
+
+
+def model_layer_speedup(lat: pd.DataFrame, M: int = 1, versus: str = "fp32") -> pd.DataFrame:
+    """Per spec: summed latency over the model's own layer shapes at ``M`` against dense in the same run."""
+    ok = lat[(lat["status"] == "ok") & (lat["M"] == M) & (~lat["layer"].astype(str).str.startswith("std_"))]
+    dense = ok[ok["spec"] == f'{{"dtype": "{versus}", "method": "dense"}}'].groupby("layer")["median_ms"].first()
+    comp = ok[ok["method"] != "dense"]
+    rows = []
+    for spec, sub in comp.groupby("spec"):
+        sub = sub[sub["layer"].isin(dense.index)]
+        if len(sub):
+            rows.append({"spec": spec, "backend": ",".join(sorted(set(sub["backend"].astype(str)))),
+                         "device": sub["device"].iloc[0], "ms": sub["median_ms"].sum(),
+                         "dense_ms": dense[sub["layer"]].sum(), "speedup": dense[sub["layer"]].sum() / sub["median_ms"].sum()})
+    return pd.DataFrame(rows)
+
+
+def _pareto(points: pd.DataFrame, x: str, y: str, lower_x_better: bool = True) -> pd.DataFrame:
+    pts = points.sort_values(x, ascending=lower_x_better)
+    front, best = [], float("inf")
+    for _, r in pts.iterrows():
+        if r[y] < best:
+            front.append(r)
+            best = r[y]
+    return pd.DataFrame(front)
+
+
+def pareto_figure(tables: dict[str, pd.DataFrame], latency: pd.DataFrame | None = None) -> plt.Figure:
+    """All methods on one accuracy-memory(-latency) frontier, combinations included."""
+    frames = [t.assign(sweep=name) for name, t in tables.items() if t is not None and len(t)]
+    df = pd.concat(frames, ignore_index=True)
+    comp = df[df["method"] != "dense"]
+    ncols = 2 if latency is not None and len(latency) else 1
+    fig, axes = plt.subplots(1, ncols, figsize=(6 * ncols, 4.2), squeeze=False)
+    ax = axes[0, 0]
+    for sweep, sub in comp.groupby("sweep"):
+        ax.scatter(sub["bits_per_weight"], sub["ppl"], s=18, label=sweep, alpha=0.8)
+    front = _pareto(comp, "bits_per_weight", "ppl")
+    ax.plot(front["bits_per_weight"], front["ppl"], "k-", lw=0.8, label="Pareto frontier")
+    _mark_aliases(ax, comp, "bits_per_weight")
+    _baseline(ax, dense_ppl(df), "dense fp32 (32 bits/weight)")
+    ax.set_yscale("log")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("effective bits per weight (log2; fp16 = 16)")
+    ax.set_ylabel("perplexity (log scale)")
+    ax.set_title("accuracy vs memory", fontsize=9)
+    ax.legend(loc="upper right")
+    if ncols == 2:
+        ax = axes[0, 1]
+        sp = model_layer_speedup(latency)
+        joined = comp.merge(sp, on="spec", how="inner")
+        for sweep, sub in joined.groupby("sweep"):
+            ax.scatter(sub["speedup"], sub["ppl"], s=18, label=sweep, alpha=0.8)
+        if len(joined):
+            front = _pareto(joined, "speedup", "ppl", lower_x_better=False)
+            ax.plot(front["speedup"], front["ppl"], "k-", lw=0.8, label="Pareto frontier")
+        ax.axvline(1.0, color="k", ls=":", lw=1, label="dense fp32 speed")
+        _baseline(ax, dense_ppl(df))
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        dev = joined["device"].iloc[0] if len(joined) else ""
+        ax.set_xlabel("speedup over dense fp32, model's layers summed, M=1 (CPU backends; log2)")
+        ax.set_ylabel("perplexity (log scale)")
+        ax.set_title(f"accuracy vs latency — measured on {dev}", fontsize=8)
+        ax.legend(loc="upper right")
+    return fig
+
+
+def latency_figure(lat: pd.DataFrame, layer: str = "std_4096x4096", versus: str = "fp32") -> plt.Figure:
+    """Speedup over dense of every format at one shape, grouped by M (from one latency run)."""
+    ok = lat[(lat["status"] == "ok") & (lat["layer"] == layer) & (lat["method"] != "dense")]
+    col = f"speedup_vs_dense_{versus}"
+    fmts = ok.groupby("format")[col].max().sort_values().index.tolist()
+    Ms = sorted(ok["M"].unique())
+    fig, ax = plt.subplots(figsize=(6.5, max(2.5, 0.22 * len(fmts) + 1)))
+    h = 0.8 / max(len(Ms), 1)
+    for i, M in enumerate(Ms):
+        sub = ok[ok["M"] == M].groupby("format")[col].first()
+        ax.barh([j + i * h for j in range(len(fmts))], [sub.get(f, float("nan")) for f in fmts], height=h, label=f"M={M}")
+    ax.set_yticks([j + h * (len(Ms) - 1) / 2 for j in range(len(fmts))], fmts)
+    ax.axvline(1.0, color="k", ls="--", lw=1)
+    ax.set_xscale("log", base=2)
+    dev = ok["device"].iloc[0] if len(ok) else ""
+    kind = "CPU" if (len(ok) and ok["device_type"].iloc[0] == "cpu") else "GPU"
+    ax.set_xlabel(f"speedup over dense {versus} ({kind} measurement, log2; >1 is faster)")
+    ax.set_title(f"{layer.replace('std_', '')} layer — {dev}", fontsize=8)
+    ax.legend()
+    return fig
+
+
+def roofline_figure(roof: pd.DataFrame, gpu: str = "H100 SXM", N: int = 4096, K: int = 4096,
+                    measured: pd.DataFrame | None = None) -> plt.Figure:
+    """Ideal (modelled) speedup over dense fp16 against M, per format; measured GPU points if any."""
+    sub = roof[(roof["gpu"] == gpu) & (roof["N"] == N) & (roof["K"] == K)]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for fmt, s in sub.groupby("format"):
+        s = s.sort_values("M")
+        ax.plot(s["M"], s["ideal_speedup_vs_dense_fp16"], marker=".", label=fmt)
+    if measured is not None and len(measured):
+        m = measured[(measured["N"] == N) & (measured["K"] == K) & (measured["method"] != "dense")]
+        ax.scatter(m["M"], m["speedup_vs_dense_fp16"], c="k", marker="x", label=f"measured on {gpu} (GPU)")
+    ax.axhline(1.0, color="k", ls="--", lw=1)
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log", base=2)
+    ax.set_xlabel("M (tokens per matmul, log2)")
+    ax.set_ylabel("ideal speedup over dense fp16 (log2)")
+    ax.set_title(f"roofline MODEL (not a measurement): {gpu}, {N}x{K}", fontsize=8)
+    ax.legend(ncol=2)
+    return fig

@@ -1,0 +1,58 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # 02 — What does 50–80% / 2:4 / block sparsity cost?
+#
+# Perplexity of the default model after pruning every linear layer of every transformer block with
+# magnitude pruning, Wanda (|W|·‖X‖) or SparseGPT (OBS updates), as unstructured masks at 50–80%,
+# N:M (2:4, 4:8) and 32×32 blocks. The pruned layers are real `SparseLinear` modules: the evaluation
+# runs through their forward, not through a dense copy.
+#
+# Sweep definition: `experiments/sweeps/sparsity.yaml`.
+
+# %% tags=["parameters"]
+quick = True            # quick subset and budgets (results/quick/); False = the full sweep (results/)
+model = "default"       # the embedded SmolLM2 GGUF, an HF id/local path, or a .gguf file
+device = "cpu"
+run_missing = True      # run the sweep when its table is missing
+figures_dir = None      # default: results/figures (results/quick/figures in quick mode)
+
+# %%
+from pathlib import Path
+
+from experiments import plots
+
+figures_dir = Path(figures_dir or plots.results_dir(quick) / "figures")
+df = plots.sweep_table("sparsity", quick=quick, run_missing=run_missing, model=model)
+df[["point", "pattern", "sparsity", "bits_per_weight", "compression_vs_fp16", "ppl"]].sort_values(["pattern", "sparsity", "point"])
+
+# %% [markdown]
+# ## Perplexity against sparsity, and per structured pattern
+
+# %%
+fig = plots.sparsity_figure(df)
+plots.save(fig, "sparsity_ppl", figures_dir)
+fig
+
+# %% [markdown]
+# ## Calibrated methods against magnitude at the same pattern
+# Magnitude perplexity divided by each method's perplexity (above 1: better than magnitude).
+
+# %%
+s = df[df["method"] != "dense"]
+wide = s.pivot_table(index=["pattern", "sparsity"], columns="method", values="ppl", aggfunc="first")
+for m in ("wanda", "sparsegpt"):
+    if {"magnitude", m} <= set(wide.columns):
+        wide[f"magnitude_over_{m}"] = wide["magnitude"] / wide[m]
+wide

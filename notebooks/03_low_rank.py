@@ -1,0 +1,56 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # 03 — What does a rank-r factorization cost?
+#
+# Every linear layer W (N×K) of every block replaced by U·V with rank r chosen so that r·(N+K) is a
+# fraction ("ratio") of N·K. Plain truncated SVD against activation-aware SVD (whitening by the
+# Cholesky factor of the calibration Gram matrix, as in SVD-LLM). The evaluation runs through the
+# real `LowRankLinear` modules.
+#
+# Sweep definition: `experiments/sweeps/lowrank.yaml`.
+
+# %% tags=["parameters"]
+quick = True            # quick subset and budgets (results/quick/); False = the full sweep (results/)
+model = "default"       # the embedded SmolLM2 GGUF, an HF id/local path, or a .gguf file
+device = "cpu"
+run_missing = True      # run the sweep when its table is missing
+figures_dir = None      # default: results/figures (results/quick/figures in quick mode)
+
+# %%
+from pathlib import Path
+
+from experiments import plots
+
+figures_dir = Path(figures_dir or plots.results_dir(quick) / "figures")
+df = plots.sweep_table("lowrank", quick=quick, run_missing=run_missing, model=model)
+df[["point", "ratio", "bits_per_weight", "compression_vs_fp16", "ppl"]].sort_values(["ratio", "point"])
+
+# %% [markdown]
+# ## Perplexity against the fraction of parameters kept
+
+# %%
+fig = plots.lowrank_figure(df)
+plots.save(fig, "lowrank_ppl_vs_ratio", figures_dir)
+fig
+
+# %% [markdown]
+# ## Activation-aware against plain SVD at the same ratio
+# Plain-SVD perplexity divided by activation-aware perplexity (above 1: whitening helped).
+
+# %%
+wide = df[df["method"] != "dense"].pivot_table(index="ratio", columns="method", values="ppl", aggfunc="first")
+if {"svd", "whitened_svd"} <= set(wide.columns):
+    wide["svd_over_whitened"] = wide["svd"] / wide["whitened_svd"]
+wide

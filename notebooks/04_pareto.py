@@ -1,0 +1,84 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # 04 — All methods on one accuracy–memory–latency frontier
+#
+# Every measured point of the four sweeps (quantization, sparsity, low rank, and pruning followed by
+# quantization) on two planes: perplexity against effective bits per weight, and perplexity against
+# the measured layer speedup over dense. A point is on the Pareto frontier when nothing else is both
+# smaller (or faster) and more accurate.
+#
+# **Latency here is what this machine measured.** On a CPU it is the modules' CPU backends
+# (torch's weight-only int4/int8 kernels, BSR/CSR, two dense matmuls, or masked dense where torch has
+# nothing faster) against dense fp32 at the model's own layer shapes, M = 1 (decode). It is not a GPU
+# number; the GPU design targets are in `00_kernels_tour` (compile report) and the roofline model below.
+#
+# Combination rows (pruning then quantization) run through `SparseLinear` over the dequantized kept
+# weights; their size is *modelled* (sparse indices + `bits` per kept value + scales/zeros) because no
+# fused sparse+quantized kernel exists yet (`size_is_modelled` column).
+
+
+
+# %%
+from pathlib import Path
+
+import pandas as pd
+
+from experiments import plots
+
+figures_dir = Path(figures_dir or plots.results_dir(quick) / "figures")
+tables = {name: plots.sweep_table(name, quick=quick, run_missing=run_missing, model=model) for name in plots.SWEEPS}
+device_type = "cuda" if device.startswith("cuda") else "cpu"
+latency_csv = plots.results_dir(quick) / f"latency_{device_type}.csv"
+if not latency_csv.exists() and run_missing:
+    import argparse
+
+    from experiments import latency
+    latency.main(argparse.Namespace(quick=quick, sweep="all", device=device, decode=False, resume=True,
+                                    min_run_time=None, out=str(latency_csv)))
+latency_table = plots.optional_table(latency_csv)
+all_points = pd.concat([t.assign(sweep=n) for n, t in tables.items()], ignore_index=True)
+all_points[["sweep", "point", "bits_per_weight", "compression_vs_fp16", "ppl", "aliases_source_grid"]].sort_values("bits_per_weight")
+
+# %% [markdown]
+# ## The frontier
+
+# %%
+fig = plots.pareto_figure(tables, latency_table)
+plots.save(fig, "pareto", figures_dir)
+fig
+
+# %% [markdown]
+# ## Layer latency on this machine (4096×4096, the standard LLM shape)
+
+# %%
+if latency_table is not None:
+    fig = plots.latency_figure(latency_table)
+    plots.save(fig, "latency_4096", figures_dir)
+    display(fig)
+    display(plots.model_layer_speedup(latency_table).sort_values("speedup", ascending=False))
+
+# %% [markdown]
+# ## Roofline model for GPUs (a model, not a measurement)
+# Ideal time = max(bytes moved / peak bandwidth, FLOPs / peak fp16 tensor FLOP rate), bytes counted
+# from the modules' own `memory_bytes()`. Measured GPU points appear only where a GPU ran.
+
+# %%
+from experiments import roofline
+
+roof = pd.DataFrame(roofline.table())
+measured = plots.optional_table(plots.RESULTS / "latency_cuda.csv")
+fig = plots.roofline_figure(roof, measured=measured)
+plots.save(fig, "roofline_h100_4096", figures_dir)
+fig
