@@ -35,8 +35,10 @@ def assert_close(out, ref, dtype):
 
 
 def _data(M, N, K, dtype, bias=True):
-    # x sliced out of a wider buffer: a load that ignores the K mask or stride reads the extra columns
-    x = torch.randn(M, K + 7).to(dtype)[:, :K]
+    # x sliced out of a wider NaN-filled buffer: a load that ignores the K mask or the stride reads NaN
+    buf = torch.full((M, K + 7), float("nan"), dtype=dtype)
+    buf[:, :K] = torch.randn(M, K).to(dtype)
+    x = buf[:, :K]
     w = (torch.randn(N, K) / K ** 0.5).to(dtype)
     b = torch.randn(N).to(dtype) if bias else None
     return x, w, b
@@ -55,6 +57,7 @@ def test_block_sparse_matches_reference(shape, dtype, block):
     x, w, b = _data(M, N, K, dtype)
     mask = sm.block_prune(w, block, 0.6)
     mask[: block[0]] = False  # an empty block row: its outputs are bias only
+    mask[-1, -1] = True  # keep an edge block (magnitude pruning drops the smaller edge blocks)
     bsw = sm.to_block_sparse(w * mask, block)
     assert int(bsw.row_ptr[1] - bsw.row_ptr[0]) == 0
     out = sm.block_sparse_matmul(x, bsw, b, out=_poisoned(M, N, dtype))

@@ -50,7 +50,7 @@ _BUFFERS = {
 }
 
 
-def _auto_cpu_backend(pattern: str, dtype: torch.dtype, density: float) -> str:
+def _auto_cpu_backend(pattern: str, dtype: torch.dtype, density: float, square: bool = True) -> str:
     """CPU choice without Triton, from PLATFORM.md (torch 2.13, 4096^2, 2 threads, fp32 dense 2.66 ms
     at M=1 and 6.08 ms at M=16).
 
@@ -59,10 +59,10 @@ def _auto_cpu_backend(pattern: str, dtype: torch.dtype, density: float) -> str:
     0.375 for M <= 16 (at M=1 up to 0.65). We take 0.375 so it wins for decode and small batches.
     CSR at 50%/90%: 14.8/0.81 ms (M=1), 16.4/1.14 ms (M=16): interpolating linearly between the two
     points at M=1 it matches dense at density ~0.15, so CSR only below that.
-    Both exist only for float32; N:M and activation sparsity have no faster torch CPU kernel measured,
+    Both exist only for float32 (and BSR only for square blocks: MKL refuses others); N:M and activation sparsity have no faster torch CPU kernel measured,
     so they stay dense.
     """
-    if dtype == torch.float32 and pattern == "block" and density <= 0.375:
+    if dtype == torch.float32 and pattern == "block" and square and density <= 0.375:
         return "torch_bsr"
     if dtype == torch.float32 and pattern == "unstructured" and density <= 0.15:
         return "torch_csr"
@@ -166,13 +166,18 @@ class SparseLinear(nn.Module):
 
     def _resolve(self, backend: str, device: torch.device, dtype: torch.dtype, density: float) -> str:
         if backend == "auto":
-            return "triton" if triton_usable(device) else _auto_cpu_backend(self.pattern, dtype, density)
+            if triton_usable(device):
+                return "triton"
+            return _auto_cpu_backend(self.pattern, dtype, density, self.block[0] == self.block[1])
         if backend == "triton" and not triton_usable(device):
             raise ValueError(f"backend='triton' needs a CUDA/ROCm device or TRITON_INTERPRET=1, weight is on {device}")
         if backend in ("torch_bsr", "torch_csr"):
             if device.type != "cpu" or dtype != torch.float32:
                 raise ValueError(f"backend={backend!r} needs a float32 CPU weight (torch's sparse CPU matmul), "
                                  f"got {dtype} on {device}")
+        if backend == "torch_bsr" and self.block[0] != self.block[1]:
+            # torch 2.13: "MKL Sparse doesn't support matrices with non-square blocks"
+            raise ValueError(f"backend='torch_bsr' needs square blocks, got block={self.block}")
         return backend
 
     # ------------------------------------------------------------------ storage views
@@ -199,7 +204,7 @@ class SparseLinear(nn.Module):
         if key == ("unstructured", "triton"):
             return self._mw().to_dense()
         if key == ("unstructured", "torch_csr"):
-            return torch.sparse_csr_tensor(self.crow, self.col, self.values,
+            return torch.sparse_csr_tensor(self.crow, self.col, self.values, check_invariants=False, size=
                                            (self.out_features, self.in_features)).to_dense()
         return self.weight
 
@@ -248,10 +253,10 @@ class SparseLinear(nn.Module):
         if self.backend == "torch_bsr":
             bn, bk = self.block
             Np, Kp = -(-N // bn) * bn, -(-K // bk) * bk  # torch BSR needs whole blocks: pad, then slice
-            w = torch.sparse_bsr_tensor(self.row_ptr, self.col_idx, self.values, (Np, Kp))
+            w = torch.sparse_bsr_tensor(self.row_ptr, self.col_idx, self.values, (Np, Kp), check_invariants=False)
             y = (w @ nn.functional.pad(x2, (0, Kp - K)).t()).t()[:, :N]
         else:
-            w = torch.sparse_csr_tensor(self.crow, self.col, self.values, (N, K))
+            w = torch.sparse_csr_tensor(self.crow, self.col, self.values, (N, K), check_invariants=False)
             y = (w @ x2.t()).t()
         if self.bias is not None:
             y = y + self.bias

@@ -1,0 +1,149 @@
+"""``SparseLinear``: every pattern x backend agrees with the masked dense layer; storage accounting."""
+import pytest
+import torch
+from torch import nn
+
+from triton_kernels import sparse_matmul as sm
+from triton_kernels.nn.sparse import BACKENDS, SparseLinear, _auto_cpu_backend
+
+TOL = {torch.float32: (1e-5, 1e-5), torch.float16: (1e-3, 2e-3), torch.bfloat16: (1e-3, 1.6e-2)}
+N, K = 70, 100  # neither a multiple of the blocks nor of 32
+
+
+def assert_close(out, ref, dtype):
+    atol, rtol = TOL[dtype]
+    out, ref = out.float(), ref.float()
+    assert not torch.isnan(out).any(), "output has NaN"
+    err = (out - ref).abs()
+    bad = err > atol + rtol * ref.abs()
+    assert not bad.any(), (f"{int(bad.sum())} mismatches: max abs err {err.max().item():.3g}, "
+                           f"max rel err {(err / ref.abs().clamp_min(1e-12)).max().item():.3g}")
+
+
+def _linear(dtype=torch.float32, bias=True):
+    lin = nn.Linear(K, N, bias=bias)
+    with torch.no_grad():
+        lin.weight.mul_(3)
+    return lin.to(dtype)
+
+
+OPTS = {"block": {"block": (32, 32), "sparsity": 0.7}, "nm": {"n": 2, "m": 4, "sparsity": 0.5},
+        "unstructured": {"sparsity": 0.8}, "activation": {"threshold": 0.6}}
+
+
+def _expected(lin, mod, x):
+    if mod.pattern == "activation":
+        return sm.activation_sparse_matmul_reference(x, lin.weight.detach(), threshold=0.6, bias=lin.bias.detach())
+    return sm.masked_matmul_reference(x, mod.dense_weight(), mod.dense_weight() != 0, lin.bias.detach())
+
+
+@pytest.mark.parametrize("pattern,backend", [(p, b) for p in OPTS for b in BACKENDS[p] if b != "auto"],
+                         ids=lambda v: str(v))
+@pytest.mark.parametrize("M", [1, 17])
+def test_backends_agree(pattern, backend, M):
+    lin = _linear()
+    mod = SparseLinear.from_linear(lin, pattern, backend=backend, **OPTS[pattern])
+    assert mod.backend == backend
+    x = torch.randn(M, K)
+    ref = _expected(lin, mod, x)
+    assert_close(mod(x), ref, torch.float32)
+    # every backend stores the same effective weight
+    auto = SparseLinear.from_linear(lin, pattern, backend="dense", **OPTS[pattern])
+    assert torch.equal(mod.dense_weight(), auto.dense_weight())
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("pattern", list(OPTS))
+def test_triton_half_dtypes(pattern, dtype):
+    lin = _linear(dtype)
+    mod = SparseLinear.from_linear(lin, pattern, **OPTS[pattern])
+    assert mod.backend == "triton"  # auto under TRITON_INTERPRET=1
+    x = torch.randn(2, 3, K).to(dtype)
+    y = mod(x)
+    assert y.shape == (2, 3, N) and y.dtype == dtype
+    assert_close(y, _expected(lin, mod, x), dtype)
+
+
+def test_given_mask_is_used_exactly():
+    lin = _linear()
+    mask = torch.rand(N, K) < 0.4
+    for pattern in ("block", "unstructured"):
+        mod = SparseLinear.from_linear(lin, pattern, mask=mask)
+        assert torch.equal(mod.dense_weight(), lin.weight.detach() * mask)
+    nm_mask = sm.nm_prune(torch.randn(N, K), 2, 4)  # an n:m mask not chosen by this weight's magnitude
+    mod = SparseLinear.from_linear(lin, "nm", mask=nm_mask)
+    assert torch.equal(mod.dense_weight(), lin.weight.detach() * nm_mask)
+    assert mod.sparsity == pytest.approx(float((lin.weight * nm_mask == 0).float().mean()))
+
+
+def test_activation_target_sparsity_drops_that_fraction():
+    lin = _linear()
+    mod = SparseLinear.from_linear(lin, "activation", sparsity=0.5)
+    x = torch.randn(3, K)
+    keep = x.abs() >= x.abs().topk(K // 2, dim=-1).values[..., -1:]
+    assert torch.equal(mod._activation_mask(x), keep)
+    ref = sm.activation_sparse_matmul_reference(x, lin.weight.detach(), mask=keep, bias=lin.bias.detach())
+    assert_close(mod(x), ref, torch.float32)
+
+
+def test_memory_accounting():
+    lin = _linear(torch.float16, bias=False)
+    nm = SparseLinear.from_linear(lin, "nm", n=2, m=4, sparsity=0.5)
+    # K=100: 50 fp16 values per row (8 bits/weight) + 50 2-bit indices in 4 int32 words per row
+    assert nm.memory_bytes() == N * 50 * 2 + N * 4 * 4
+    assert nm.bits_per_weight() == pytest.approx(8 * nm.memory_bytes() / (N * K))
+    blk = SparseLinear.from_linear(lin, "block", block=(16, 16), sparsity=0.9)
+    nnzb = blk.values.shape[0]
+    assert nnzb == round((1 - 0.9) * 5 * 7)
+    assert blk.memory_bytes() == nnzb * 16 * 16 * 2 + (5 + 1) * 4 + nnzb * 4
+    assert blk.memory_bytes() < N * K * 2 / 4
+    with_bias = SparseLinear.from_linear(_linear(torch.float16), "block", block=(16, 16), sparsity=0.9)
+    assert with_bias.memory_bytes() == with_bias.memory_bytes(include_bias=False) + N * 2
+    assert "pattern='block'" in repr(blk) and "bits_per_weight" in repr(blk)
+
+
+@pytest.mark.parametrize("pattern,backend", [("block", "triton"), ("block", "torch_bsr"), ("nm", "triton"),
+                                             ("unstructured", "triton"), ("unstructured", "torch_csr"),
+                                             ("activation", "triton")], ids=str)
+def test_state_dict_round_trip(pattern, backend):
+    src = SparseLinear.from_linear(_linear(), pattern, backend=backend, **OPTS[pattern])
+    opts = dict(OPTS[pattern])
+    if "sparsity" in opts and pattern != "nm":
+        opts["sparsity"] = 0.3  # a different number of stored blocks/values than src
+    dst = SparseLinear.from_linear(_linear(), pattern, backend=backend, **opts)
+    dst.load_state_dict(src.state_dict())
+    x = torch.randn(3, K)
+    assert torch.equal(dst(x), src(x))
+    assert dst.memory_bytes() == src.memory_bytes()
+
+
+def test_auto_cpu_choice_follows_measured_crossovers():
+    assert _auto_cpu_backend("block", torch.float32, 0.1) == "torch_bsr"
+    assert _auto_cpu_backend("block", torch.float32, 0.5) == "dense"
+    assert _auto_cpu_backend("block", torch.bfloat16, 0.1) == "dense"
+    assert _auto_cpu_backend("block", torch.float32, 0.1, square=False) == "dense"
+    assert _auto_cpu_backend("unstructured", torch.float32, 0.1) == "torch_csr"
+    assert _auto_cpu_backend("unstructured", torch.float32, 0.5) == "dense"
+    assert _auto_cpu_backend("nm", torch.float32, 0.5) == "dense"
+
+
+def test_bad_arguments():
+    lin = _linear()
+    with pytest.raises(ValueError, match="pattern must be one of"):
+        SparseLinear.from_linear(lin, "diagonal")
+    with pytest.raises(ValueError, match="backend='torch_csr' is not one of"):
+        SparseLinear.from_linear(lin, "block", backend="torch_csr")
+    with pytest.raises(ValueError, match="needs a float32 CPU weight"):
+        SparseLinear.from_linear(_linear(torch.bfloat16), "block", sparsity=0.9, backend="torch_bsr")
+    with pytest.raises(ValueError, match="needs square blocks"):
+        SparseLinear.from_linear(lin, "block", block=(32, 16), sparsity=0.9, backend="torch_bsr")
+    with pytest.raises(ValueError, match="weight is not 2:4"):
+        SparseLinear.from_linear(lin, "nm", mask=torch.rand(N, K) < 0.9)
+    with pytest.raises(ValueError, match="mask must have the weight's shape"):
+        SparseLinear.from_linear(lin, "unstructured", mask=torch.ones(N, K + 1, dtype=torch.bool))
+    with pytest.raises(ValueError, match="not both"):
+        SparseLinear.from_linear(lin, "unstructured", mask=torch.ones(N, K, dtype=torch.bool), sparsity=0.5)
+    with pytest.raises(ValueError, match="exactly one of threshold"):
+        SparseLinear.from_linear(lin, "activation")
+    with pytest.raises(TypeError, match="float32"):
+        SparseLinear.from_linear(lin, "unstructured", sparsity=0.9, backend="torch_csr")(torch.randn(2, K).double())
