@@ -198,6 +198,28 @@ def _dequant_tile(packed_ptr, scales_ptr, zeros_ptr, offs_n, offs_k, N, K,
 
 
 @triton.jit
+def _round_to_bf16(v):
+    """fp32 -> the nearest bf16 value (ties to even), kept in fp32, by integer arithmetic.
+
+    Only for the interpreter's bf16 emulation: Triton 3.9's interpreter truncates fp32 -> bf16 casts.
+    """
+    b = v.to(tl.uint32, bitcast=True)
+    b = (b + 0x7FFF + ((b >> 16) & 1)) & 0xFFFF0000
+    return b.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _dot_acc(x, w, acc, EMULATE_BF16_DOT: tl.constexpr):
+    """acc + x @ w^T for x [BM, BK] in the activation dtype and w [BN, BK] fp32 (rounded to x's dtype)."""
+    if EMULATE_BF16_DOT:
+        # Triton 3.9's interpreter runs tl.dot on bf16's uint16 storage (garbage). bf16 x bf16 products
+        # are exact in fp32, so an fp32 dot of bf16-rounded values is the same computation.
+        return tl.dot(x.to(tl.float32), tl.trans(_round_to_bf16(w)), acc, input_precision="ieee")
+    else:
+        return tl.dot(x, tl.trans(w.to(x.dtype)), acc, input_precision="ieee")
+
+
+@triton.jit
 def dequant_gemv_kernel(
     # pointers
     x_ptr, packed_ptr, scales_ptr, zeros_ptr, bias_ptr, ws_ptr,
@@ -208,6 +230,7 @@ def dequant_gemv_kernel(
     # meta-parameters
     BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, SYMMETRIC: tl.constexpr, HAS_BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
+    EMULATE_BF16_DOT: tl.constexpr = False,  # interpreter only, see _dot_acc
 ):
     """Decode path: ws[m, n] += sum over this program's K blocks of x[m, k] * w[n, k] (split-K)."""
     pid_n = tl.program_id(0)
@@ -235,9 +258,10 @@ def dequant_gemv_kernel(
         else:
             x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
                         mask=mask_m[:, None] & mask_k[None, :], other=0.0)  # [BM, BK]
-            acc = tl.dot(x, tl.trans(w.to(x.dtype)), acc, input_precision="ieee")  # [BM, BN]
+            acc = _dot_acc(x, w, acc, EMULATE_BF16_DOT)  # [BM, BN]
     if HAS_BIAS:
-        b = tl.load(bias_ptr + offs_n, mask=mask_n & (pid_k == 0), other=0.0).to(tl.float32)
+        first_split = tl.full([BLOCK_N], pid_k, tl.int32) == 0  # only split 0 adds the bias
+        b = tl.load(bias_ptr + offs_n, mask=mask_n & first_split, other=0.0).to(tl.float32)
         if BLOCK_M == 1:
             acc += b
         else:
@@ -260,6 +284,7 @@ def dequant_matmul_kernel(
     # meta-parameters
     BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, SYMMETRIC: tl.constexpr, HAS_BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    EMULATE_BF16_DOT: tl.constexpr = False,  # interpreter only, see _dot_acc
 ):
     """Prefill path: out[m, n] = sum_k x[m, k] * w[n, k] (+ bias[n]) with tensor-core tiles."""
     pid = tl.program_id(0)
@@ -286,9 +311,11 @@ def dequant_matmul_kernel(
         w = _dequant_tile(packed_ptr, scales_ptr, zeros_ptr, offs_n, offs_k, N, K,
                           stride_pn, stride_sn, stride_sg, stride_zn, stride_zg, k_start,
                           BITS, GROUP_SIZE, SYMMETRIC, BLOCK_K)  # [BN, BK] fp32
-        acc = tl.dot(x, tl.trans(w.to(x.dtype)), acc, input_precision="ieee")  # [BM, BN]
+        acc = _dot_acc(x, w, acc, EMULATE_BF16_DOT)  # [BM, BN]
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    if EMULATE_BF16_DOT:
+        acc = _round_to_bf16(acc)  # the interpreter's own fp32 -> bf16 store would truncate
     tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on,
              acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
@@ -428,7 +455,8 @@ def dequant_matmul(x, packed, scales, zeros, *, bits, group_size, symmetric, bia
     bias_arg = bias if bias is not None else scales  # unused when not HAS_BIAS
     sg = scales.stride(1)
     zn, zg = zeros_arg.stride(0), zeros_arg.stride(1)
-    common = dict(BITS=bits, GROUP_SIZE=group_size, SYMMETRIC=symmetric, HAS_BIAS=bias is not None)
+    common = dict(BITS=bits, GROUP_SIZE=group_size, SYMMETRIC=symmetric, HAS_BIAS=bias is not None,
+                  EMULATE_BF16_DOT=_interpreting() and x.dtype == torch.bfloat16)
     if M <= GEMV_MAX_M:
         ws = torch.zeros((M, N), device=x.device, dtype=torch.float32)
         block_m = 1 if M == 1 else 16
