@@ -28,6 +28,12 @@
 # weights; their size is *modelled* (sparse indices + `bits` per kept value + scales/zeros) because no
 # fused sparse+quantized kernel exists yet (`size_is_modelled` column).
 
+# %% tags=["parameters"]
+quick = True            # quick subset and budgets (results/quick/); False = the full sweep (results/)
+model = "default"       # the embedded SmolLM2 GGUF, an HF id/local path, or a .gguf file
+device = "cpu"          # where latency is measured when its table is missing ("cuda" on a GPU)
+run_missing = True      # run the sweeps / latency when their tables are missing
+figures_dir = None      # default: results/figures (results/quick/figures in quick mode)
 
 
 # %%
