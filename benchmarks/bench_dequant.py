@@ -13,6 +13,10 @@
   repeated calls: those are hot-cache timings, not DRAM-bandwidth ones (the ``note`` column says so,
   judged on ``resident_bytes``: storage plus the prepacked copy torch's kernels read).
 
+The CPU thread count is part of the ``device`` column (``--threads`` sets it). With more threads
+than idle cores (a shared machine), torch's OpenMP kernels of ~1 ms slow down by 10x or more
+(measured here: int4 M=1 4096x4096 3.3 ms on 1 thread vs 26 ms on 2 threads at load average 10).
+
 Shapes are (N, K) = (out_features, in_features): 4096x4096, 4096x11008 (down projection) and
 11008x4096 (up projection); M in {1, 2, 4, 8, 16, 32, 64, 128, 512}. ``--quick``: 4096x4096, M in {1, 16}.
 Weights are random (latency does not depend on the values), quantized by RTN. Before timing, every
@@ -187,10 +191,17 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help="4096x4096 only, M in {1, 16}")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     p.add_argument("--out", default=None, help="CSV path (default results/bench_dequant_<device_type>.csv)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: torch's); recorded in the device column. On a shared, "
+                        "oversubscribed machine 1 thread gives far steadier numbers than 2")
     p.add_argument("--min-run-time", type=float, default=None,
                    help="seconds per CPU timing (default 0.2, quick 0.1); ms of do_bench rep on CUDA x 1e-3")
     args = p.parse_args(argv)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if args.threads is not None:
+        if args.threads < 1:
+            raise SystemExit(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
     if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1":
         print("TRITON_INTERPRET=1 would route QuantLinear to the Triton interpreter, whose timings are not "
               "performance numbers; unset it for a CPU benchmark.", file=sys.stderr)
