@@ -56,6 +56,14 @@ KEY = ("device_type", "device", "spec", "N", "K", "M")
 DECODE_KEY = ("device_type", "device", "label", "spec", "new_tokens", "prompt")
 DEFAULT_PROMPT = "It is a truth universally acknowledged, that a single man in possession of a good fortune,"
 
+# --quick without --sweep: one format per family that has a fast torch CPU kernel or is cheap
+# (formats without one, e.g. 3-bit on the dequant fallback, take seconds per call at 4096^2).
+QUICK_SPECS: tuple[dict, ...] = (
+    {"method": "rtn", "bits": 4, "group_size": 64, "symmetric": False},
+    {"method": "magnitude", "sparsity": 0.5, "pattern": "2:4"},
+    {"method": "svd", "ratio": 0.5},
+)
+
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 _DTYPE_NAMES = {v: k for k, v in _DTYPES.items()}
 
@@ -483,15 +491,50 @@ def record_decode(model, tokenizer, *, label: str, spec: dict | None = None, den
     return row
 
 
+def run_decode(specs: Iterable[dict], *, device: torch.device, new_tokens: int = 32,
+               log: Callable[[str], None] = print) -> list[dict]:
+    """Decode tokens/s of the default model, dense and compressed by each spec that needs no
+    calibration data (RTN, magnitude, plain SVD: the decode speed depends on the format only, so the
+    calibrated methods of the same format are left to the sweep runner). One row per model."""
+    from experiments.compress import compress_model, parse_spec
+    from experiments.models import load_model
+
+    model, tok, _ = load_model()
+    model.to(device)
+    dense = record_decode(model, tok, label="dense fp32", new_tokens=new_tokens)
+    log(f"[decode {device.type}] dense fp32: {dense['tokens_per_s']:.1f} tok/s")
+    rows = [dense]
+    seen = set()
+    for spec in specs:
+        parsed = parse_spec(spec)
+        fk = _canon(format_of(spec))
+        if parsed.needs() or fk in seen:
+            continue
+        seen.add(fk)
+        m, _, _ = load_model()  # a fresh copy to compress in place
+        compress_model(m, parsed, None, progress=False)
+        m.to(device)
+        row = record_decode(m, tok, label=parsed.label(), spec=parsed.to_dict(), new_tokens=new_tokens,
+                            dense_tokens_per_s=dense["tokens_per_s"])
+        log(f"[decode {device.type}] {parsed.label()}: {row['tokens_per_s']:.1f} tok/s "
+            f"(x{row['speedup_vs_dense']:.2f} vs dense)")
+        rows.append(row)
+        del m
+    return rows
+
+
 # ---------------------------------------------------------------------------------------------
 # CLI
 # ---------------------------------------------------------------------------------------------
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quick", action="store_true", help="a few shapes and M, short timings (seconds)")
-    p.add_argument("--sweep", default="all", help="a sweep of experiments/sweeps/ (see `list`) or all")
+    p.add_argument("--sweep", default=None,
+                   help="a sweep of experiments/sweeps/ (see `list`) or all (default: all; with --quick "
+                        "and no --sweep, one fast format per family)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if present, else cpu)")
-    p.add_argument("--decode", action="store_true", help="also measure greedy-decode tokens/s of the dense model")
+    p.add_argument("--decode", action="store_true",
+                   help="also measure greedy-decode tokens/s of the default model, dense and compressed")
     p.add_argument("--resume", action="store_true", help="skip points already in the CSV")
     p.add_argument("--min-run-time", type=float, default=None, help="seconds per timing (default 0.2, quick 0.05)")
     p.add_argument("--out", default=None, help="CSV path (default results/latency_<device_type>.csv)")
@@ -500,7 +543,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> list[dict]:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     quick = getattr(args, "quick", False)
-    specs = load_sweep_specs(getattr(args, "sweep", "all"), quick=quick)
+    sweep = getattr(args, "sweep", None)
+    specs = list(QUICK_SPECS) if quick and sweep is None else load_sweep_specs(sweep or "all", quick=quick)
     model_shapes = default_model_shapes()
     if quick:  # the smallest and largest of the model's shapes, one standard shape
         by_size = sorted(model_shapes, key=lambda t: t[1] * t[2])
@@ -511,12 +555,7 @@ def main(args: argparse.Namespace) -> list[dict]:
     rows = run_latency(specs, shapes, Ms, device=device, min_run_time=mrt, out=getattr(args, "out", None),
                        resume=getattr(args, "resume", False))
     if getattr(args, "decode", False):
-        from experiments.models import load_model
-        loaded = load_model()
-        model, tok = (loaded[0], loaded[1]) if isinstance(loaded, tuple) else (loaded.model, loaded.tokenizer)
-        model.to(device)
-        row = record_decode(model, tok, label="dense fp32", new_tokens=16 if quick else 32)
-        print(f"[decode {device.type}] dense: {row['tokens_per_s']:.1f} tok/s")
+        run_decode(specs, device=device, new_tokens=16 if quick else 32)
     return rows
 
 
