@@ -55,7 +55,7 @@ STANDARD_M = (1, 16, 128)
 # The formats the default table covers: one per storage format the modules implement.
 DEFAULT_FORMATS: tuple[dict, ...] = (
     {"kind": "dense"},
-    {"kind": "quant", "bits": 8, "group_size": None, "symmetric": True},
+    {"kind": "quant", "bits": 8, "group_size": -1, "symmetric": True},
     {"kind": "quant", "bits": 4, "group_size": 128, "symmetric": False},
     {"kind": "quant", "bits": 4, "group_size": 64, "symmetric": False},
     {"kind": "quant", "bits": 3, "group_size": 64, "symmetric": False},

@@ -162,3 +162,20 @@ def test_measured_vs_ideal_joins_only_gpu_rows(tmp_path):
     a = joined[1]
     assert a["ideal_us"] == pytest.approx(roofline.ideal_time("lowrank", 4096, 4096, 1, "A100 80GB", rank=64) * 1e6)
     assert math.isfinite(a["fraction_of_roofline"])
+
+
+@pytest.mark.parametrize("fmt", roofline.DEFAULT_FORMATS, ids=roofline.format_label)
+def test_every_default_format_builds_and_counts(fmt):
+    """Each format of the default table builds a real module at a small shape (the table would fail
+    late, after minutes of building large modules, otherwise)."""
+    N, K = 128, 256
+    kind = fmt["kind"]
+    rest = {k: v for k, v in fmt.items() if k != "kind"}
+    if kind == "lowrank" and rest["rank"] > min(N, K):
+        rest["rank"] = min(N, K) // 2
+    b = roofline.weight_bytes(kind, N, K, **rest)
+    assert 0 < b
+    if kind == "quant":
+        assert b > N * K * rest["bits"] / 8  # the codes plus scales (and zeros)
+    if kind == "dense":
+        assert b == 2 * N * K
