@@ -34,6 +34,7 @@ Such reports carry ``size_is_modelled=True``.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import time
@@ -173,6 +174,11 @@ def parse_spec(spec: Mapping[str, Any] | MethodSpec, *, where: str = "method spe
         g = spec.get("group_size", DEFAULT_GROUP_SIZE)
         if not isinstance(g, int) or isinstance(g, bool) or not (g == -1 or g >= 1):
             _fail(where, f"group_size={g!r} must be a positive integer or -1 (one group per output channel)")
+        if g != -1 and g & (g - 1):
+            # QuantLinear's storage format takes power-of-two groups only.
+            p2 = 1 << (g.bit_length() - 1)
+            _fail(where, f"group_size={g} is not a power of two (QuantLinear stores power-of-two groups); "
+                         f"use e.g. {p2} or {2 * p2}, or -1 for one group per output channel")
         sym = spec.get("symmetric", False)
         if not isinstance(sym, bool):
             _fail(where, f"symmetric={sym!r} must be true or false")
@@ -306,25 +312,21 @@ def check_spec_fits(spec: MethodSpec, shapes: Mapping[str, tuple[int, int]]) -> 
 # ----------------------------------------------------------------------------- source grid
 
 def aliases_source_grid(spec: MethodSpec, source_grid: Mapping[str, Any] | None) -> bool:
-    """Whether the setting reproduces the model's source quantization grid (so it is not a measurement).
+    """Whether a setting's quantization step (alone or inside a combo) can reproduce the source grid.
 
-    Rule: a quantization step (alone or inside a combo) with the same bits, the same symmetry and
-    the same group size as the grid the checkpoint was stored in (``info["source_grid"]``, e.g.
-    Q4_1 = 4-bit asymmetric, groups of 32). Both RTN and GPTQ alias it: the weights already lie on
-    that grid, RTN returns them unchanged (max error 0.0, PLATFORM.md) and GPTQ's error feedback is
-    then zero, so it returns them unchanged too. Finer grids (more bits, or groups that divide 32)
-    do not reproduce the weights exactly in general (e.g. 8-bit asym g32 contains a Q4_1 group's
-    16 levels only when the group uses both extreme levels, because 255/15 = 17, and otherwise
-    does not), so they are not flagged; the per-row ``weight_rel_error`` column shows how close
-    any setting comes to the source weights, measured rather than assumed.
+    The rule is :func:`experiments.models.aliases_source_grid` (grid containment), applied to the
+    quantization step with integer zero-points (the convention of our quantizers and kernels).
+    RTN and GPTQ are treated alike: on weights that lie on the setting's grid GPTQ's error feedback
+    is zero. Consequence on the default model: its Q4_1 grid has fractional zero-points (m/d), so
+    no integer-zero setting contains it, not even 4-bit asymmetric groups of 32, and the flag is
+    False there (measured: RTN w4 g32 leaves about half a step of error, see models.py); the
+    ``weight_rel_error`` column shows how close every setting came to the source weights.
     """
-    if not source_grid:
-        return False
     q = spec.quant_step
-    if q is None:
+    if q is None or not source_grid:
         return False
-    return (q.bits == source_grid.get("bits") and q.group_size == source_grid.get("group_size")
-            and bool(q.symmetric) == bool(source_grid.get("symmetric", False)))
+    return bool(_models().aliases_source_grid(dict(source_grid), bits=q.bits, group_size=q.group_size,
+                                              symmetric=bool(q.symmetric), integer_zero=True))
 
 
 # ----------------------------------------------------------------------------- report
@@ -392,8 +394,9 @@ class CompressionReport:
         }
 
 
-def _fp16_bytes(n: int, k: int, has_bias: bool) -> int:
-    return 2 * (n * k + (n if has_bias else 0))
+def _fp16_bytes(n: int, k: int) -> int:
+    # Bias excluded, as in _stored_bytes: it is not compressed.
+    return 2 * n * k
 
 
 # ----------------------------------------------------------------------------- calibration
@@ -413,35 +416,10 @@ class _Stats:
         return (self.H / max(self.n, 1)).float()
 
 
-def _slice_kwargs(kwargs: Mapping[str, Any], batch: int, sl: slice) -> dict[str, Any]:
-    """Slice tensors (and tuples of tensors) whose leading dim is the calibration batch size."""
-    def cut(v):
-        if torch.is_tensor(v) and v.dim() > 0 and v.shape[0] == batch and batch > 1:
-            return v[sl]
-        if isinstance(v, tuple):
-            return tuple(cut(t) for t in v)
-        return v
-    return {k: cut(v) for k, v in kwargs.items()}
-
-
-def _run_block(block: nn.Module, x: torch.Tensor, kwargs: Mapping[str, Any], chunk: int) -> torch.Tensor:
-    outs = []
-    b = x.shape[0]
-    for i in range(0, b, chunk):
-        sl = slice(i, min(i + chunk, b))
-        o = block(x[sl], **_slice_kwargs(kwargs, b, sl))
-        outs.append(o[0] if isinstance(o, (tuple, list)) else o)
-    return torch.cat(outs)
-
-
-def _capture(model: nn.Module, calib_ids: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
-    """Hidden states entering block 0 and the kwargs each block is called with."""
+def _capture(model: nn.Module, calib_ids: torch.Tensor) -> tuple[torch.Tensor, list[dict[str, Any]]]:
+    """Hidden states entering block 0 and the kwargs each block is called with (one dict per block)."""
     got = _models().block_prefix_forward(model, calib_ids)
-    # The agreed interface returns (hidden, kwargs); accept a dict form too.
-    if isinstance(got, Mapping):
-        return got["hidden_states"], dict(got.get("kwargs", {}))
-    hidden, kwargs = got
-    return hidden, dict(kwargs)
+    return got.hidden, got.kwargs
 
 
 # ----------------------------------------------------------------------------- per-layer compression
@@ -483,19 +461,48 @@ def _sparse_module(w_hat: torch.Tensor, mask: torch.Tensor, bias, pattern: str):
     return SparseLinear.from_linear(_dense_linear(w_hat, bias), mask=mask, **parse_pattern(pattern).module_kwargs())
 
 
-def _modelled_sparse_quant_bytes(sparse_mod: nn.Module, qres, n: int, k: int) -> int:
+def _fp16_exact(t: torch.Tensor) -> torch.Tensor:
+    """Round to fp16 and back: the values a deployment stores, kept in fp32 for the fp32 evaluation."""
+    return t.to(torch.float16).float()
+
+
+def _stored_bytes(mod: nn.Module) -> int:
+    """``memory_bytes()`` of the module with its floating tensors in fp16 and without its bias.
+
+    The evaluation runs in fp32 (the model's dtype), but a compressed layer is deployed with fp16
+    floats (scales, factors, kept values), and the ratio is taken against fp16 dense weights.
+    The values were rounded to fp16 before the module was built (see ``_fp16_exact``), so this
+    is the size of exactly what was evaluated. The bias is not compressed and is counted on
+    neither side (QuantLinear leaves it out of memory_bytes(); LowRankLinear counts it).
+    """
+    half = copy.deepcopy(mod).to(torch.float16)
+    if getattr(half, "bias", None) is not None:
+        half.bias = None
+    return int(half.memory_bytes())
+
+
+def _quant_module(res, bias):
+    from triton_kernels.nn.quant import QuantLinear
+    # Scales are stored in fp16, as GGUF and GPTQ checkpoints store them: 16 bits per group is what
+    # a deployment pays, and the algorithms' fp32 scales would overstate bits/weight by 16/group.
+    # The reported error and the dense simulation use the module's own dequantized weight.
+    # Zero-points are integers in [0, 2^bits), exact in fp16; QuantLinear takes them as floats, so
+    # they cost 16 bits per group like the scales (as GGUF Q4_1 stores its fp16 min).
+    zeros = None if res.zeros is None else res.zeros.to(torch.float16)
+    return QuantLinear.from_codes(res.q, res.scales.to(torch.float16), zeros, bits=res.bits,
+                                  group_size=res.group_size, symmetric=res.symmetric, bias=bias)
+
+
+def _modelled_sparse_quant_bytes(sparse_mod: nn.Module, qmod: nn.Module) -> int:
     """Size model for prune-then-quantize: sparse metadata + ``bits`` per stored value + scales/zeros.
 
-    The sparse module stores its values in floating point; we replace exactly those value bytes by
-    ``bits`` per stored value and add the quantizer's scales/zeros as QuantLinear would store them.
+    The sparse module stores its values in floating point; exactly those value bytes are replaced
+    by ``bits`` per stored value, and the quantizer's scales/zeros are added as QuantLinear stores them.
     """
-    from triton_kernels.nn.quant import QuantLinear
     values = _sparse_value_tensor(sparse_mod)
-    meta_bytes = sparse_mod.memory_bytes() - values.numel() * values.element_size()
-    q = QuantLinear.from_codes(qres.q, qres.scales, qres.zeros, bits=qres.bits, group_size=qres.group_size,
-                               symmetric=qres.symmetric)
-    scale_zero_bytes = q.memory_bytes() - math.ceil(n * k * qres.bits / 8)
-    return meta_bytes + math.ceil(values.numel() * qres.bits / 8) + scale_zero_bytes
+    meta_bytes = _stored_bytes(sparse_mod) - values.numel() * 2
+    scale_zero_bytes = _stored_bytes(qmod) - qmod.packed.numel() * qmod.packed.element_size()
+    return meta_bytes + math.ceil(values.numel() * qmod.bits / 8) + scale_zero_bytes
 
 
 def _sparse_value_tensor(mod: nn.Module) -> torch.Tensor:
@@ -515,18 +522,14 @@ def compress_layer(layer: nn.Module, spec: MethodSpec, stats: _Stats | None, *, 
     modelled = False
     rank = nnz = None
     if spec.family == "quant":
-        from experiments.algorithms.quant import dequantize_result
-        from triton_kernels.nn.quant import QuantLinear
-        res = _quantize(spec, w, stats)
-        w_hat = dequantize_result(res).float()
-        mod = QuantLinear.from_codes(res.q, res.scales, res.zeros, bits=res.bits, group_size=res.group_size,
-                                     symmetric=res.symmetric, bias=bias)
-        size = mod.memory_bytes()
+        mod = _quant_module(_quantize(spec, w, stats), bias)
+        w_hat = mod.dequantize().float()
+        size = _stored_bytes(mod)
     elif spec.family == "sparse":
         w_hat, mask = _prune(spec, w, stats)
-        w_hat = w_hat.float() * mask
+        w_hat = _fp16_exact(w_hat.float() * mask)
         mod = _sparse_module(w_hat, mask, bias, spec.pattern)
-        size = mod.memory_bytes()
+        size = _stored_bytes(mod)
         nnz = int(mask.sum())
     elif spec.family == "lowrank":
         from experiments.algorithms import lowrank
@@ -541,26 +544,26 @@ def compress_layer(layer: nn.Module, spec: MethodSpec, stats: _Stats | None, *, 
             u, v = lowrank.svd(w, rank=rank)
         else:
             u, v = lowrank.whitened_svd(w, stats.hessian(), rank=rank, damp=spec.damp)
-        w_hat = (u @ v).float()
-        mod = LowRankLinear(u.contiguous(), v.contiguous(), bias)
-        size = mod.memory_bytes()
+        u, v = _fp16_exact(u).contiguous(), _fp16_exact(v).contiguous()
+        w_hat = (u.double() @ v.double()).float()
+        mod = LowRankLinear(u, v, bias)
+        size = _stored_bytes(mod)
     elif spec.family == "combo":
-        from experiments.algorithms.quant import dequantize_result
         p, q = spec.steps
         w_p, mask = _prune(p, w, stats)
         mask = mask.bool()
-        res = _quantize(q, w_p.float() * mask, stats, mask=mask)
-        # Pruned positions are structural zeros of the sparse format, not quantized values, so the
-        # zero point need not represent 0; only the kept values need to be on the grid.
-        w_hat = dequantize_result(res).float() * mask
+        qmod = _quant_module(_quantize(q, w_p.float() * mask, stats, mask=mask), None)
+        # Pruned positions are structural zeros of the sparse format, not stored values; the kept
+        # values are exactly the quantized ones (fp16 scales included).
+        w_hat = qmod.dequantize().float() * mask
         mod = _sparse_module(w_hat, mask, bias, p.pattern)
-        size = _modelled_sparse_quant_bytes(mod, res, n, k)
+        size = _modelled_sparse_quant_bytes(mod, qmod)
         modelled = True
         nnz = int(mask.sum())
     else:
         raise ValueError(f"method={spec.method!r} does not compress layers")
     rec = LayerRecord(name=name, shape=(n, k), module=type(mod).__name__, bytes=int(size),
-                      fp16_bytes=_fp16_bytes(n, k, bias is not None),
+                      fp16_bytes=_fp16_bytes(n, k),
                       weight_sq_error=float((w - w_hat).double().square().sum()),
                       weight_sq_norm=float(w.double().square().sum()), rank=rank, nnz=nnz)
     return mod, rec, w_hat, modelled
@@ -597,7 +600,7 @@ def compress_model(model: nn.Module, spec: Mapping[str, Any] | MethodSpec, calib
         for i, ls in enumerate(per_block):
             for name, layer in ls.items():
                 n, k = shapes[f"block{i}.{name}"]
-                fb = _fp16_bytes(n, k, getattr(layer, "bias", None) is not None)
+                fb = _fp16_bytes(n, k)
                 w2 = float(m.linear_weight(layer).double().square().sum())
                 report.layers.append(LayerRecord(f"block{i}.{name}", (n, k), "dense-fp16", fb, fb, 0.0, w2))
         return report
@@ -622,7 +625,7 @@ def compress_model(model: nn.Module, spec: Mapping[str, Any] | MethodSpec, calib
                 st = stats[name] = _Stats(k, needs)
                 handles.append(layer.register_forward_pre_hook(_make_hook(st, shared)))
             try:
-                _run_block(block, hidden, kwargs, chunk)
+                m.run_block(block, hidden, kwargs[i], batch_size=chunk)
             finally:
                 for h in handles:
                     h.remove()
@@ -635,7 +638,7 @@ def compress_model(model: nn.Module, spec: Mapping[str, Any] | MethodSpec, calib
                 report.weights[rec.name] = w_hat
         stats.clear()
         if needs:
-            hidden = _run_block(block, hidden, kwargs, chunk)
+            hidden = m.run_block(block, hidden, kwargs[i], batch_size=chunk)
     report.seconds = time.perf_counter() - t0
     return report
 

@@ -18,7 +18,8 @@ Settings (``_defaults.yaml``, sections ``full`` and ``quick``, overridden per sw
 (evaluation window), ``eval_tokens`` (evaluation budget), ``calib_samples`` and ``calib_seqlen``
 (calibration windows), ``seed``.
 
-Runner (:func:`run_sweeps`): the model is loaded once and deep-copied for every point; every
+Runner (:func:`run_sweeps`): the model is loaded once and deep-copied for every point (the cache
+of ``experiments.models.load_model``); every
 point is validated against the model's layer shapes, and the evaluation/calibration tokens are cut,
 *before* the first point runs, so bad input fails with no row written. Each finished point is
 appended atomically (``experiments.results.append_row``) to ``<out>/sweep_<name>.csv``
@@ -29,7 +30,6 @@ stopped, with no duplicate, lost or half-written row. Torch's RNG is re-seeded f
 """
 from __future__ import annotations
 
-import copy
 import hashlib
 import itertools
 import json
@@ -43,7 +43,7 @@ import torch
 import yaml
 
 from experiments.compress import (MethodSpec, aliases_source_grid, check_spec_fits, compress_model,
-                                  parse_spec)
+                                  layer_shapes, parse_spec)
 
 SWEEPS_DIR = Path(__file__).resolve().parent / "sweeps"
 SETTING_KEYS = ("seqlen", "eval_tokens", "calib_samples", "calib_seqlen", "seed")
@@ -215,11 +215,12 @@ def run_sweeps(sweeps: list[Sweep], *, quick: bool = False, model: str = "defaul
     out = Path(out_dir) / "quick" if quick else Path(out_dir)
     t0 = time.perf_counter()
     calib_text, eval_text, corpus = data.get_texts(source=source, text_file=text_file)
-    base, tokenizer, info = models.load_model(model)
-    base.eval()
+    # load_model keeps one pristine template per process and returns a deep copy per call (~1 s),
+    # so every point starts from the uncompressed model without reloading the file.
+    first, tokenizer, info = models.load_model(model)
     log(f"loaded model {model!r} in {time.perf_counter() - t0:.1f}s")
-    from experiments.compress import layer_shapes
-    shapes = layer_shapes(base)
+    shapes = layer_shapes(first)
+    del first
     model_name = str(info.get("name", model)) if isinstance(info, Mapping) else model
     source_grid = info.get("source_grid") if isinstance(info, Mapping) else None
 
@@ -261,7 +262,7 @@ def run_sweeps(sweeps: list[Sweep], *, quick: bool = False, model: str = "defaul
             log(f"sweep {p.sweep.name}: {p.n_done} point(s) already in {p.path}, {len(p.todo)} to run")
         for pid, spec in p.todo:
             torch.manual_seed(p.settings["seed"])
-            m = copy.deepcopy(base).to(dev)
+            m = models.load_model(model)[0].to(dev)
             calib = p.calib.to(dev) if p.calib is not None else None
             report = compress_model(m, spec, calib, progress=progress)
             ev = evaluate.perplexity(m, p.windows.to(dev), progress=progress)
