@@ -37,6 +37,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Any, Mapping
@@ -455,10 +456,30 @@ def _quantize(s: MethodSpec, w: torch.Tensor, st: _Stats | None, mask: torch.Ten
                       act_order=s.act_order, damp=s.damp, mask=mask)
 
 
-def _sparse_module(w_hat: torch.Tensor, mask: torch.Tensor, bias, pattern: str):
-    from triton_kernels.nn.sparse import SparseLinear
+def _sparse_module(w_hat: torch.Tensor, mask: torch.Tensor, bias, pattern: str, *, storage_probe: bool = False):
+    """SparseLinear over ``w_hat`` with exactly ``mask``.
+
+    The module picks its backend (and with it its storage) at construction: on a CPU without
+    Triton, "auto" may keep the masked weight dense because that is the fastest CPU forward. The
+    size column must describe the sparse kernel's format, so ``storage_probe=True`` builds the same
+    layer with the Triton storage (values + indices/metadata) for ``memory_bytes()`` only; the
+    TRITON_INTERPRET switch just lets the module accept backend="triton" on CPU, nothing runs.
+    """
     from experiments.algorithms.prune import parse_pattern
-    return SparseLinear.from_linear(_dense_linear(w_hat, bias), mask=mask, **parse_pattern(pattern).module_kwargs())
+    from triton_kernels.nn.sparse import SparseLinear
+    kw = parse_pattern(pattern).module_kwargs()
+    lin = _dense_linear(w_hat, bias)
+    if not storage_probe:
+        return SparseLinear.from_linear(lin, mask=mask, **kw)
+    old = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        return SparseLinear.from_linear(lin, mask=mask, backend="triton", **kw)
+    finally:
+        if old is None:
+            del os.environ["TRITON_INTERPRET"]
+        else:
+            os.environ["TRITON_INTERPRET"] = old
 
 
 def _fp16_exact(t: torch.Tensor) -> torch.Tensor:
@@ -506,8 +527,9 @@ def _modelled_sparse_quant_bytes(sparse_mod: nn.Module, qmod: nn.Module) -> int:
 
 
 def _sparse_value_tensor(mod: nn.Module) -> torch.Tensor:
-    # TODO(adapt to SparseLinear's attribute name once triton_kernels/nn/sparse.py lands).
-    for name in ("values", "vals", "weight_values", "data"):
+    # N:M and block storage hold "values"; the unstructured (masked-tile) storage keeps the masked
+    # weight itself plus a bit mask, so its "values" are the whole weight.
+    for name in ("values", "weight"):
         t = getattr(mod, name, None)
         if torch.is_tensor(t):
             return t
@@ -529,7 +551,7 @@ def compress_layer(layer: nn.Module, spec: MethodSpec, stats: _Stats | None, *, 
         w_hat, mask = _prune(spec, w, stats)
         w_hat = _fp16_exact(w_hat.float() * mask)
         mod = _sparse_module(w_hat, mask, bias, spec.pattern)
-        size = _stored_bytes(mod)
+        size = _stored_bytes(_sparse_module(w_hat, mask, bias, spec.pattern, storage_probe=True))
         nnz = int(mask.sum())
     elif spec.family == "lowrank":
         from experiments.algorithms import lowrank
@@ -557,7 +579,7 @@ def compress_layer(layer: nn.Module, spec: MethodSpec, stats: _Stats | None, *, 
         # values are exactly the quantized ones (fp16 scales included).
         w_hat = qmod.dequantize().float() * mask
         mod = _sparse_module(w_hat, mask, bias, p.pattern)
-        size = _modelled_sparse_quant_bytes(mod, qmod)
+        size = _modelled_sparse_quant_bytes(_sparse_module(w_hat, mask, bias, p.pattern, storage_probe=True), qmod)
         modelled = True
         nnz = int(mask.sum())
     else:
@@ -567,6 +589,19 @@ def compress_layer(layer: nn.Module, spec: MethodSpec, stats: _Stats | None, *, 
                       weight_sq_error=float((w - w_hat).double().square().sum()),
                       weight_sq_norm=float(w.double().square().sum()), rank=rank, nnz=nnz)
     return mod, rec, w_hat, modelled
+
+
+def module_backends(model: nn.Module) -> str:
+    """The backends the compressed modules ran (or will run) with, e.g. "QuantLinear:dequant"."""
+    seen = set()
+    for mod in model.modules():
+        name = type(mod).__name__
+        if name in ("QuantLinear", "SparseLinear", "LowRankLinear"):
+            b = getattr(mod, "last_backend", None) or getattr(mod, "backend", "?")
+            if b == "auto" and hasattr(mod, "resolved_backend"):
+                b = mod.resolved_backend(next(mod.buffers()).device)
+            seen.add(f"{name}:{b}")
+    return ",".join(sorted(seen))
 
 
 def _set_submodule(root: nn.Module, dotted: str, new: nn.Module) -> None:

@@ -43,7 +43,7 @@ import torch
 import yaml
 
 from experiments.compress import (MethodSpec, aliases_source_grid, check_spec_fits, compress_model,
-                                  layer_shapes, parse_spec)
+                                  layer_shapes, module_backends, parse_spec)
 
 SWEEPS_DIR = Path(__file__).resolve().parent / "sweeps"
 SETTING_KEYS = ("seqlen", "eval_tokens", "calib_samples", "calib_seqlen", "seed")
@@ -266,6 +266,7 @@ def run_sweeps(sweeps: list[Sweep], *, quick: bool = False, model: str = "defaul
             calib = p.calib.to(dev) if p.calib is not None else None
             report = compress_model(m, spec, calib, progress=progress)
             ev = evaluate.perplexity(m, p.windows.to(dev), progress=progress)
+            backends = module_backends(m)
             del m
             row = {"sweep": p.sweep.name, "point_id": pid, "point": spec.label(), **method_columns(spec),
                    "ppl": float(f"{ev['ppl']:.6g}"), "nll": float(f"{ev['nll']:.6g}"),
@@ -276,6 +277,7 @@ def run_sweeps(sweeps: list[Sweep], *, quick: bool = False, model: str = "defaul
                    "seed": p.settings["seed"],
                    **report.summary(),
                    "eval_seconds": round(float(ev["seconds"]), 2),
+                   "module_backends": backends,
                    "aliases_source_grid": aliases_source_grid(spec, source_grid),
                    "source_grid": json.dumps(source_grid, sort_keys=True) if source_grid else "",
                    "model": model_name,
