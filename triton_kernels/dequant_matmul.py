@@ -86,14 +86,17 @@ def gemv_configs(interpret: bool | None = None) -> list:
     if interpret:
         # SPLIT_K=2 so the interpreter exercises the atomic split-K reduction too.
         return [triton.Config({"BLOCK_N": 32, "BLOCK_K": 32, "SPLIT_K": 2}, num_warps=4, num_stages=1)]
+    # Every element of a weight tile carries its own gather pointer(s) (codes may straddle words),
+    # so register use grows with BLOCK_N * BLOCK_K per thread. The compile check (sm_80/sm_90/gfx942,
+    # 3-bit group 32 = the heaviest variant) spilled at 64 tile elements per thread (e.g. 64x128 with
+    # 4 warps) and also 64x128 with 8 warps on gfx942; 16x256 / 4 warps and 32x128 / 8 warps are clean.
     out = []
     for bn, bk, sk, warps in [
-        (64, 128, 1, 4),
-        (32, 256, 1, 4),
-        (64, 128, 4, 4),
-        (32, 128, 8, 4),
-        (128, 64, 2, 8),
+        (16, 256, 1, 4),
+        (16, 256, 4, 4),
         (16, 256, 16, 4),
+        (32, 128, 1, 8),
+        (32, 128, 8, 8),
     ]:
         out.append(triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": sk}, num_warps=warps, num_stages=2))
     return out
@@ -106,24 +109,36 @@ def matmul_configs(interpret: bool | None = None) -> list:
     if interpret:
         return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4},
                               num_warps=4, num_stages=1)]
+    # Same per-thread budget as gemv_configs for the [BLOCK_N, BLOCK_K] dequantized tile plus the
+    # accumulator: the compile check spilled 128x64x32, 64x128x32 and 32x64x64 with 4 warps and
+    # 128x256x32 with 8 (3-bit group 32), and passed 128x128x32/8 warps and 64x64x64/4 warps.
     out = []
     for bm, bn, bk, warps, stages in [
         (128, 128, 32, 8, 3),
-        (128, 64, 64, 4, 3),
-        (64, 128, 64, 4, 3),
         (64, 64, 64, 4, 3),
-        (32, 64, 128, 4, 2),
-        (128, 256, 32, 8, 3),
+        (64, 128, 32, 8, 3),
+        (32, 64, 64, 8, 2),
     ]:
         out.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8},
                                  num_warps=warps, num_stages=stages))
     return out
 
 
+def fp32_configs(configs):
+    """The configs that fp32 activations may use: an ieee fp32 tl.dot has no tensor-core path and
+    holds its operands in registers, so only small tiles fit (a 128x128x32 tile spilled 24 KB)."""
+    def small(c):
+        k = c.kwargs
+        return k.get("BLOCK_M", 16) * k["BLOCK_N"] <= 32 * 64 and k["BLOCK_N"] * k["BLOCK_K"] <= 4096
+    return [c for c in configs if small(c)] or configs[:1]
+
+
 def _prune_gemv(configs, named_args, **kwargs):
     """Drop K splits with nothing to do and K blocks wider than the whole row; keep at least one."""
     args = {**named_args, **kwargs}
     K = args["K"]
+    if args["BLOCK_M"] > 1 and args["x_ptr"].dtype == torch.float32:
+        configs = fp32_configs(configs)
     kept = [c for c in configs
             if c.kwargs["BLOCK_K"] <= max(32, triton.next_power_of_2(K))
             and c.kwargs["SPLIT_K"] <= triton.cdiv(K, c.kwargs["BLOCK_K"])]
@@ -134,6 +149,8 @@ def _prune_matmul(configs, named_args, **kwargs):
     """Drop tiles taller than the M bucket (pure padding) or wider than N / K; keep at least one."""
     args = {**named_args, **kwargs}
     m_bucket, N, K = args["M_BUCKET"], args["N"], args["K"]
+    if args["x_ptr"].dtype == torch.float32:
+        configs = fp32_configs(configs)
     kept = [c for c in configs
             if c.kwargs["BLOCK_M"] <= max(32, m_bucket)
             and c.kwargs["BLOCK_N"] <= max(32, triton.next_power_of_2(N))

@@ -10,8 +10,8 @@ constexpr branches without compiling the full product.
 import torch
 
 from triton_kernels.compile_check import Case
-from triton_kernels.dequant_matmul import (dequant_gemv_kernel, dequant_matmul_kernel, gemv_configs,
-                                           matmul_configs)
+from triton_kernels.dequant_matmul import (dequant_gemv_kernel, dequant_matmul_kernel, fp32_configs,
+                                           gemv_configs, matmul_configs)
 
 N = K = 4096
 
@@ -75,8 +75,11 @@ def cases() -> list[Case]:
     for block_m in (1, 16):
         out.append(_gemv_case(gemv[0], 8, 128, True, block_m))
         out.append(_gemv_case(gemv[0], 4, -1, True, block_m))
-    out.append(_gemv_case(gemv[0], 4, 128, False, 16, act=torch.float32))
     out.append(_matmul_case(mm[0], 8, 128, True))
     out.append(_matmul_case(mm[0], 4, -1, True))
-    out.append(_matmul_case(mm[0], 4, 128, False, act=torch.float32))
+    # fp32 activations (ieee fp32 dot, no tensor cores) run only on the tiles the pruner keeps for them.
+    for cfg in fp32_configs(gemv):
+        out.append(_gemv_case(cfg, 3, 32, False, 16, act=torch.float32))
+    for cfg in fp32_configs(mm):
+        out.append(_matmul_case(cfg, 3, 32, False, act=torch.float32))
     return out
