@@ -79,10 +79,10 @@ report("dequant_matmul (3-bit)", y, dq.dequant_matmul_reference(x, *args, bits=3
 
 # %%
 w = torch.randn(N, K)
-nmw = sp.nm_compress(sp.nm_prune(w, 2, 4), 2, 4)
+nmw = sp.nm_compress(w * sp.nm_prune(w, 2, 4), 2, 4)  # *_prune helpers return the boolean mask (True = kept)
 x = torch.randn(M, K, device=device)
 report("nm_matmul (2:4)", sp.nm_matmul(x, nmw), sp.nm_matmul_reference(x, nmw))
-bsw = sp.to_block_sparse(sp.block_prune(w, (32, 32), 0.75), (32, 32))
+bsw = sp.to_block_sparse(w * sp.block_prune(w, (32, 32), 0.75), (32, 32))
 report("block_sparse_matmul (75%)", sp.block_sparse_matmul(x, bsw), sp.block_sparse_matmul_reference(x, bsw))
 report("activation_sparse (|x|<0.7)", sp.activation_sparse_matmul(x, w, threshold=0.7),
        sp.activation_sparse_matmul_reference(x, w, threshold=0.7))
@@ -104,7 +104,7 @@ report("lowrank_linear (r=16)", lr.lowrank_linear(x, U, V), lr.lowrank_linear_re
 from triton_kernels.nn import LowRankLinear, QuantLinear, SparseLinear
 
 lin = torch.nn.Linear(K, N)
-for mod in (QuantLinear.from_linear(lin, 4, 32, False), SparseLinear.from_linear(lin, pattern="nm", n=2, m=4),
+for mod in (QuantLinear.from_linear(lin, 4, 32, False), SparseLinear.from_linear(lin, pattern="nm", n=2, m=4, sparsity=0.5),
             LowRankLinear.from_linear(lin, rank=32)):
     print(f"{type(mod).__name__:<14} {mod.bits_per_weight():6.2f} bits/weight  {mod.memory_bytes():>7} bytes  {mod.extra_repr()}")
 
