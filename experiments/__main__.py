@@ -77,6 +77,16 @@ def cmd_roofline(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_reproduce(p: argparse.ArgumentParser) -> None:
+    from experiments.reproduce import add_arguments
+    add_arguments(p)
+
+
+def cmd_reproduce(args: argparse.Namespace) -> int:
+    from experiments.reproduce import main as reproduce_main
+    return reproduce_main(args)
+
+
 COMMANDS: dict[str, tuple[Callable, Callable, str]] = {
     "list": (_add_list, cmd_list, "list the sweeps with their point counts (full and --quick)"),
     "run": (_add_run, cmd_run, "run or resume a sweep; one CSV row per point under --out-dir"),
@@ -84,6 +94,8 @@ COMMANDS: dict[str, tuple[Callable, Callable, str]] = {
                 "time the compressed layers vs dense on this device (results/latency_<device_type>.csv)"),
     "roofline": (_add_roofline, cmd_roofline,
                  "ideal kernel times on named GPUs from bytes and FLOPs (results/roofline_model.csv)"),
+    "reproduce": (_add_reproduce, cmd_reproduce,
+                  "sweeps + latency + decode + roofline + notebooks/figures into results/ (resumable)"),
 }
 
 
