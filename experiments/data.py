@@ -58,8 +58,8 @@ DEBIAN_PACKAGE = "r-cran-janeaustenr"
 _RDATA_DIR = "usr/lib/R/site-library/janeaustenr/data"
 SOURCES = ("austen", "wikitext2")
 
-# Default evaluation budget: 16 windows of 1024 tokens of Pride and Prejudice (~30 s on the 2-core
-# CPU for the default model); quick mode uses 8 windows of 512.
+# Default evaluation budget: 16 windows of 1024 tokens of Pride and Prejudice, ~30 s for the default
+# model at the ~540 tok/s PLATFORM.md measured on an idle 2-core CPU; quick mode uses 8 windows of 512.
 EVAL_SEQLEN = 1024
 EVAL_MAX_TOKENS = 16384
 QUICK_EVAL_SEQLEN = 512

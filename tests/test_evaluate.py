@@ -79,8 +79,9 @@ def test_default_model_baseline_perplexity_is_sane():
     _, evaluation, _ = data.get_texts("austen")
     windows = data.eval_tokens(tok, evaluation, max_tokens=2048, seqlen=512)
     real = perplexity(model, windows, progress=False)
-    shuffled = windows.flatten()[torch.randperm(windows.numel(), generator=torch.Generator().manual_seed(0))]
-    scrambled = perplexity(model, shuffled.view_as(windows), progress=False)
+    head = windows[:2].flatten()  # two windows are enough to see the gap and halve the cost
+    shuffled = head[torch.randperm(head.numel(), generator=torch.Generator().manual_seed(0))]
+    scrambled = perplexity(model, shuffled.view(2, -1), progress=False)
     assert real["n_tokens"] == 4 * 511
     # English prose with a 135M model: tens, not hundreds; shuffled tokens cost an order of magnitude.
     assert 5 < real["ppl"] < 100, real
