@@ -19,10 +19,14 @@
 # at several group sizes, against the **effective** bits per weight (packed codes + scales + zeros,
 # counted from `QuantLinear.memory_bytes()`).
 #
-# **Caveat — source grid.** The default model ships as a Q4_1 GGUF (asymmetric 4-bit, groups of 32):
-# its fp32 weights *are* a 4-bit grid. Settings that reproduce that grid (asymmetric 4-bit, group 32)
-# recover the stored weights exactly, so their perplexity equals the dense one and says nothing about
-# 4-bit accuracy. They are drawn hollow in red and flagged in the table (`aliases_source_grid`).
+# **Caveat — source grid.** The default model ships as a Q4_1 GGUF (asymmetric 4-bit, groups of 32,
+# fractional zero points): its fp32 weights already lie on a 4-bit grid. A setting that reproduces that
+# grid exactly would recover the stored weights and say nothing about 4-bit accuracy; such rows carry
+# `aliases_source_grid = True` and are drawn hollow in red. This toolkit's RTN and GPTQ use *integer*
+# zero points, which cannot express Q4_1's fractional ones, so asymmetric 4-bit g32 does **not**
+# reproduce the weights (the rule is `experiments.models.aliases_source_grid`, tested by requantizing
+# grid weights). Those points are real measurements, but favourable ones: the weights start on a
+# 4-bit, group-32 grid. Read the 4-bit g32 points with that in mind.
 #
 # The sweep itself is defined as data in `experiments/sweeps/quant.yaml`; this notebook only reads
 # its table (`results/sweep_quant.csv`, or `results/quick/` in quick mode) and runs the sweep if the
