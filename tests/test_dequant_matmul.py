@@ -121,26 +121,30 @@ def test_leading_batch_dims(lead, act):
 
 
 @pytest.mark.parametrize("bits", range(1, 9))
-@pytest.mark.parametrize("M", [1, 5, None], ids=["gemv-sum", "gemv-dot", "tiled"])
-def test_kernel_dequantizes_bit_exactly(bits, M):
-    """x = rows of the fp32 identity: every output is one dequantized weight times 1 plus exact zeros,
-    so y must equal dequantize() bit for bit. Float zeros and full-mantissa fp32 scales make any other
-    arithmetic (e.g. q*s - z*s, or an FMA) visible."""
+@pytest.mark.parametrize("M,act", [(1, torch.float32), (5, torch.float32), (None, torch.float32),
+                                   (None, torch.float16), (None, torch.bfloat16)],
+                         ids=["gemv-sum", "gemv-dot", "gemv-row-chunks", "tiled-fp16", "tiled-bf16"])
+def test_kernel_dequantizes_bit_exactly(bits, M, act):
+    """x = rows of the identity: every output is one dequantized weight times 1 plus exact zeros, so y
+    must equal dequantize() bit for bit (fp32 activations) or dequantize() rounded once to the
+    activation dtype (fp16/bf16: the prefill kernel rounds w for tl.dot, the sum and store are then
+    exact). Float zeros and full-mantissa fp32 scales make any other arithmetic (e.g. q*s - z*s)
+    visible."""
     N, K, gs = 37, 75, 16 if bits % 2 else 32
     _, packed, scales, zeros = make_weight(N, K, bits, gs, False, torch.float32, float_zeros=True)
     scales = scales * (1 + torch.rand_like(scales) * 1e-3)
     w = dequantize(packed, scales, zeros, bits=bits, group_size=gs, K=K, symmetric=False)
-    eye = torch.eye(K)
+    eye = torch.eye(K, dtype=act)
     rows = range(K) if M is None else range(7, 7 + M)
     x = eye[list(rows)]
-    y = dequant_matmul(x, packed, scales, zeros, bits=bits, group_size=gs, symmetric=False)
-    expect = w[:, list(rows)].T
+    y = dequant_matmul(x, packed, scales, zeros, bits=bits, group_size=gs, symmetric=False).float()
+    expect = w[:, list(rows)].T.to(act).float()
     diff = (y != expect).sum().item()
     assert diff == 0, f"{diff} weights differ from dequantize(); max abs err {(y - expect).abs().max().item():.3e}"
     # symmetric grid, per-channel scales, same exactness
     ws = dequantize(packed, scales[:, :1], None, bits=bits, group_size=-1, K=K, symmetric=True)
     ys = dequant_matmul(x, packed, scales[:, :1].contiguous(), None, bits=bits, group_size=-1, symmetric=True)
-    assert torch.equal(ys, ws[:, list(rows)].T)
+    assert torch.equal(ys.float(), ws[:, list(rows)].T.to(act).float())
 
 
 def test_dequantize_definition():

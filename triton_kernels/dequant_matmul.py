@@ -16,7 +16,8 @@ Shapes and dtypes
 -----------------
 - ``x``: (..., K), fp16 / bf16 / fp32, any strides in the leading dims' flattening that ``reshape``
   can view; accumulation is fp32, the output (..., N) has x's dtype. fp32 activations use
-  ``input_precision="ieee"`` on the tensor-core path (no tf32), so fp32 results stay fp32-accurate.
+  ``input_precision="ieee"`` (no tf32), so fp32 results stay fp32-accurate; they always take the
+  split-K kernel (16 rows per program), since ieee fp32 dot tiles large enough for prefill spill.
 - ``packed``: int32 (N, ceil(K * bits / 32)); ``scales``/``zeros``: (N, ceil(K / group_size)),
   fp16 / bf16 / fp32 (each may differ); ``bias``: (N,), any float dtype, added in fp32.
 - ``group_size``: -1 or a power of two (16 ... 256 are the tuned ones); K need not be a multiple of it
@@ -39,8 +40,11 @@ For bits=4 this is the familiar 8 codes per word, code j at shift 4*(j % 8); for
 Two kernel paths
 ----------------
 - ``dequant_gemv_kernel`` (decode, M <= 16): a split-K kernel. Each program owns BLOCK_N output
-  columns and every SPLIT_K-th K block, reads each packed word of its tile once (consecutive threads
-  on consecutive words of a row: coalesced), unpacks and dequantizes in registers, and for M == 1
+  columns and every SPLIT_K-th K block. Each code gathers the word(s) holding it (a second word
+  only where a code straddles, i.e. never for 1/2/4/8 bits); consecutive codes of a row sit on
+  consecutive lanes, so a warp's loads fall in the same sectors and each packed byte comes from
+  DRAM once. Unpacking and dequantization happen in registers. The per-element pointers cost
+  registers, which is why the tiles are small (see ``gemv_configs``). For M == 1 it
   reduces with ``tl.sum`` (no padding to a 16-row MMA), for 2 <= M <= 16 with one ``tl.dot`` on a
   16-row tile. Partial sums go through ``tl.atomic_add`` into an fp32 workspace (M, N) that the
   launcher zeroes and finally casts to the activation dtype; fp32 atomics exist on every target and
@@ -48,6 +52,15 @@ Two kernel paths
   The bias is added by the K-split 0 programs only.
 - ``dequant_matmul_kernel`` (prefill, M > 16): a tiled ``tl.dot`` kernel with grouped program order,
   full K loop per program, fused bias, output stored directly in the activation dtype.
+
+Under the interpreter with bf16 activations the kernels emulate the bf16 ``tl.dot`` in fp32
+(``EMULATE_BF16_DOT``): Triton 3.9's interpreter multiplies bf16's uint16 storage as integers and
+truncates fp32 -> bf16 casts. The emulation rounds to bf16 exactly as the GPU does, so it tests
+the same arithmetic; compiled kernels never take that branch.
+
+K is inferred from x in ``dequant_matmul`` and checked against packed/scales/zeros; two K that
+need the same number of words and groups (e.g. 40 and 41 at 3 bits, group 16) cannot be told apart
+from the shapes, so pass the K the weight was packed with.
 
 Each kernel is autotuned over configs from a factory (``gemv_configs`` / ``matmul_configs``); the key
 covers the M bucket, N, K, bits, group size, symmetry and (added by Triton) the tensor dtypes. Under
@@ -97,6 +110,7 @@ def gemv_configs(interpret: bool | None = None) -> list:
         (16, 256, 16, 4),
         (32, 128, 1, 8),
         (32, 128, 8, 8),
+        (16, 64, 4, 4),  # the only tile here that fp32 activations fit at BLOCK_M=16 (see fp32_configs)
     ]:
         out.append(triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": sk}, num_warps=warps, num_stages=2))
     return out
@@ -111,13 +125,12 @@ def matmul_configs(interpret: bool | None = None) -> list:
                               num_warps=4, num_stages=1)]
     # Same per-thread budget as gemv_configs for the [BLOCK_N, BLOCK_K] dequantized tile plus the
     # accumulator: the compile check spilled 128x64x32, 64x128x32 and 32x64x64 with 4 warps and
-    # 128x256x32 with 8 (3-bit group 32), and passed 128x128x32/8 warps and 64x64x64/4 warps.
+    # 128x256x32 with 8 (3-bit group 32), on gfx942 also 64x128x32 and 32x64x64 with 8 warps, and
+    # passed 128x128x32 / 8 warps and 64x64x64 / 4 warps everywhere.
     out = []
     for bm, bn, bk, warps, stages in [
         (128, 128, 32, 8, 3),
         (64, 64, 64, 4, 3),
-        (64, 128, 32, 8, 3),
-        (32, 64, 64, 8, 2),
     ]:
         out.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8},
                                  num_warps=warps, num_stages=stages))
@@ -125,12 +138,11 @@ def matmul_configs(interpret: bool | None = None) -> list:
 
 
 def fp32_configs(configs):
-    """The configs that fp32 activations may use: an ieee fp32 tl.dot has no tensor-core path and
-    holds its operands in registers, so only small tiles fit (a 128x128x32 tile spilled 24 KB)."""
-    def small(c):
-        k = c.kwargs
-        return k.get("BLOCK_M", 16) * k["BLOCK_N"] <= 32 * 64 and k["BLOCK_N"] * k["BLOCK_K"] <= 4096
-    return [c for c in configs if small(c)] or configs[:1]
+    """The decode configs fp32 activations may use with BLOCK_M=16: an ieee fp32 tl.dot has no
+    tensor-core path and is register-hungry. The compile check (sm_90, 3-bit group 32) spilled
+    16x256, 32x128, 32x64 and 16x128 tiles and passed 16x64; the prefill kernel spilled even at
+    32x32x32, so fp32 activations never take it."""
+    return [c for c in configs if c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"] <= 1024] or configs[-1:]
 
 
 def _prune_gemv(configs, named_args, **kwargs):
@@ -149,8 +161,6 @@ def _prune_matmul(configs, named_args, **kwargs):
     """Drop tiles taller than the M bucket (pure padding) or wider than N / K; keep at least one."""
     args = {**named_args, **kwargs}
     m_bucket, N, K = args["M_BUCKET"], args["N"], args["K"]
-    if args["x_ptr"].dtype == torch.float32:
-        configs = fp32_configs(configs)
     kept = [c for c in configs
             if c.kwargs["BLOCK_M"] <= max(32, m_bucket)
             and c.kwargs["BLOCK_N"] <= max(32, triton.next_power_of_2(N))
@@ -252,8 +262,9 @@ def dequant_gemv_kernel(
     """Decode path: ws[m, n] += sum over this program's K blocks of x[m, k] * w[n, k] (split-K)."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
+    pid_m = tl.program_id(2)  # > 0 only for fp32 activations with M > 16 (see dequant_matmul)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_m = tl.arange(0, BLOCK_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     mask_n = offs_n < N
     mask_m = offs_m < M
     if BLOCK_M == 1:
@@ -474,10 +485,12 @@ def dequant_matmul(x, packed, scales, zeros, *, bits, group_size, symmetric, bia
     zn, zg = zeros_arg.stride(0), zeros_arg.stride(1)
     common = dict(BITS=bits, GROUP_SIZE=group_size, SYMMETRIC=symmetric, HAS_BIAS=bias is not None,
                   EMULATE_BF16_DOT=_interpreting() and x.dtype == torch.bfloat16)
-    if M <= GEMV_MAX_M:
+    if M <= GEMV_MAX_M or x.dtype == torch.float32:
+        # fp32 activations take the split-K kernel at every M, 16 rows per program along grid axis 2:
+        # no ieee fp32 tl.dot tile big enough for the prefill kernel compiles without spills.
         ws = torch.zeros((M, N), device=x.device, dtype=torch.float32)
         block_m = 1 if M == 1 else 16
-        grid = lambda META: (triton.cdiv(N, META["BLOCK_N"]), META["SPLIT_K"])  # noqa: E731
+        grid = lambda META: (triton.cdiv(N, META["BLOCK_N"]), META["SPLIT_K"], triton.cdiv(M, block_m))  # noqa: E731
         _gemv_autotuned[grid](
             x2, packed, scales, zeros_arg, bias_arg, ws,
             M, N, K,

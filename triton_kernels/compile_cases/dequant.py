@@ -77,9 +77,8 @@ def cases() -> list[Case]:
         out.append(_gemv_case(gemv[0], 4, -1, True, block_m))
     out.append(_matmul_case(mm[0], 8, 128, True))
     out.append(_matmul_case(mm[0], 4, -1, True))
-    # fp32 activations (ieee fp32 dot, no tensor cores) run only on the tiles the pruner keeps for them.
+    # fp32 activations (ieee fp32 dot) take only the decode kernel, on the tiles the pruner keeps for them.
     for cfg in fp32_configs(gemv):
         out.append(_gemv_case(cfg, 3, 32, False, 16, act=torch.float32))
-    for cfg in fp32_configs(mm):
-        out.append(_matmul_case(cfg, 3, 32, False, act=torch.float32))
+
     return out
