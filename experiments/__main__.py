@@ -87,6 +87,16 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     return reproduce_main(args)
 
 
+def _add_summary(p: argparse.ArgumentParser) -> None:
+    from experiments.summary import add_arguments
+    add_arguments(p)
+
+
+def cmd_summary(args: argparse.Namespace) -> int:
+    from experiments.summary import main as summary_main
+    return summary_main(args)
+
+
 COMMANDS: dict[str, tuple[Callable, Callable, str]] = {
     "list": (_add_list, cmd_list, "list the sweeps with their point counts (full and --quick)"),
     "run": (_add_run, cmd_run, "run or resume a sweep; one CSV row per point under --out-dir"),
@@ -96,6 +106,7 @@ COMMANDS: dict[str, tuple[Callable, Callable, str]] = {
                  "ideal kernel times on named GPUs from bytes and FLOPs (results/roofline_model.csv)"),
     "reproduce": (_add_reproduce, cmd_reproduce,
                   "sweeps + latency + decode + roofline + notebooks/figures into results/ (resumable)"),
+    "summary": (_add_summary, cmd_summary, "headline numbers from the result tables, as Markdown"),
 }
 
 
