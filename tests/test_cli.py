@@ -119,17 +119,18 @@ def test_run_quick_writes_one_row_per_point(tiny, tmp_path):
     ([], "name: bad\npoints: [{method: svd, rank: 80}]\n", r"rank=80 is larger than min"),
     ([], "name: bad\nsettings: {eval_tokens: 1000000}\npoints: [{method: dense}]\n", r"use max_tokens <= \d+"),
 ], ids=["model", "text-file", "group-size", "nm", "rank", "corpus-too-short"])
-def test_bad_input_exits_2_without_rows(tiny, tmp_path, extra, sweep_body, match):
+def test_bad_input_exits_2_without_rows(tiny, tmp_path, capsys, extra, sweep_body, match):
+    """In-process (``main(argv)``, what ``python -m experiments`` calls): no interpreter start-up per case."""
     import re
+    from experiments.__main__ import main
     model, text, sweep = tiny
     if sweep_body is not None:
         sweep = tmp_path / "bad.yaml"
         sweep.write_text(sweep_body)
     args = ["run", sweep, "--model", model, "--text-file", text, "--out-dir", tmp_path / "out", "--no-progress"]
     # Later options win in argparse, so `extra` overrides the defaults above.
-    r = cli(*args, *extra)
-    assert r.returncode == 2, r.stderr
-    err = r.stderr.strip().splitlines()[-1]
+    assert main([str(a) for a in (*args, *extra)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("error: ") and re.search(match, err), err
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").rglob("*.csv"))
 
