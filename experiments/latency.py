@@ -53,7 +53,7 @@ STANDARD_SHAPES = (("std_4096x4096", 4096, 4096), ("std_11008x4096", 11008, 4096
 STANDARD_M = (1, 16, 128)
 QUICK_M = (1, 16)
 KEY = ("device_type", "device", "spec", "N", "K", "M")
-DECODE_KEY = ("device_type", "device", "label", "spec", "new_tokens", "prompt")
+DECODE_KEY = ("device_type", "device", "label", "spec", "dtype", "new_tokens", "prompt")
 DEFAULT_PROMPT = "It is a truth universally acknowledged, that a single man in possession of a good fortune,"
 
 # --quick without --sweep: one format per family that has a fast torch CPU kernel or is cheap
@@ -492,18 +492,30 @@ def record_decode(model, tokenizer, *, label: str, spec: dict | None = None, den
 
 
 def run_decode(specs: Iterable[dict], *, device: torch.device, new_tokens: int = 32,
+               dtypes: Iterable[torch.dtype] = (torch.float32, torch.bfloat16), out: str | Path | None = None,
                log: Callable[[str], None] = print) -> list[dict]:
     """Decode tokens/s of the default model, dense and compressed by each spec that needs no
     calibration data (RTN, magnitude, plain SVD: the decode speed depends on the format only, so the
-    calibrated methods of the same format are left to the sweep runner). One row per model."""
+    calibrated methods of the same format are left to the sweep runner). One row per model and dtype.
+
+    Each model runs in every one of ``dtypes`` against the dense model in the same dtype: on CPU the
+    fast weight-only kernels (torch int4/int8) exist only for bf16 activations, so fp32 decoding of a
+    quantized model takes the dequantize-per-call fallback, and the fp32 rows show that cost.
+    """
     from experiments.compress import compress_model, parse_spec
     from experiments.models import load_model
 
+    dtypes = list(dtypes)
     model, tok, _ = load_model()
-    model.to(device)
-    dense = record_decode(model, tok, label="dense fp32", new_tokens=new_tokens)
-    log(f"[decode {device.type}] dense fp32: {dense['tokens_per_s']:.1f} tok/s")
-    rows = [dense]
+    dense = {}
+    rows = []
+    for dt in dtypes:
+        model.to(device=device, dtype=dt)
+        name = _DTYPE_NAMES[dt]
+        dense[dt] = record_decode(model, tok, label=f"dense {name}", new_tokens=new_tokens, out=out)
+        log(f"[decode {device.type}] dense {name}: {dense[dt]['tokens_per_s']:.1f} tok/s")
+        rows.append(dense[dt])
+    del model
     seen = set()
     for spec in specs:
         parsed = parse_spec(spec)
@@ -513,12 +525,14 @@ def run_decode(specs: Iterable[dict], *, device: torch.device, new_tokens: int =
         seen.add(fk)
         m, _, _ = load_model()  # a fresh copy to compress in place
         compress_model(m, parsed, None, progress=False)
-        m.to(device)
-        row = record_decode(m, tok, label=parsed.label(), spec=parsed.to_dict(), new_tokens=new_tokens,
-                            dense_tokens_per_s=dense["tokens_per_s"])
-        log(f"[decode {device.type}] {parsed.label()}: {row['tokens_per_s']:.1f} tok/s "
-            f"(x{row['speedup_vs_dense']:.2f} vs dense)")
-        rows.append(row)
+        for dt in dtypes:
+            m.to(device=device, dtype=dt)
+            name = _DTYPE_NAMES[dt]
+            row = record_decode(m, tok, label=f"{parsed.label()} {name}", spec=parsed.to_dict(),
+                                new_tokens=new_tokens, dense_tokens_per_s=dense[dt]["tokens_per_s"], out=out)
+            log(f"[decode {device.type}] {parsed.label()} {name}: {row['tokens_per_s']:.1f} tok/s "
+                f"(x{row['speedup_vs_dense']:.2f} vs dense {name})")
+            rows.append(row)
         del m
     return rows
 

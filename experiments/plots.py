@@ -160,7 +160,7 @@ def model_layer_speedup(lat: pd.DataFrame, M: int = 1, versus: str = "fp32") -> 
         sub = sub[sub["layer"].isin(dense.index)]
         if len(sub):
             rows.append({"spec": spec, "backend": ",".join(sorted(set(sub["backend"].astype(str)))),
-                         "device": sub["device"].iloc[0], "ms": sub["median_ms"].sum(),
+                         "latency_device": sub["device"].iloc[0], "ms": sub["median_ms"].sum(),
                          "dense_ms": dense[sub["layer"]].sum(), "speedup": dense[sub["layer"]].sum() / sub["median_ms"].sum()})
     return pd.DataFrame(rows)
 
@@ -208,7 +208,7 @@ def pareto_figure(tables: dict[str, pd.DataFrame], latency: pd.DataFrame | None 
         _baseline(ax, dense_ppl(df))
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
-        dev = joined["device"].iloc[0] if len(joined) else ""
+        dev = joined["latency_device"].iloc[0] if len(joined) else ""
         ax.set_xlabel("speedup over dense fp32, model's layers summed, M=1 (CPU backends; log2)")
         ax.set_ylabel("perplexity (log scale)")
         ax.set_title(f"accuracy vs latency — measured on {dev}", fontsize=8)

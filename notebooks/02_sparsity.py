@@ -22,7 +22,7 @@
 # Sweep definition: `experiments/sweeps/sparsity.yaml`.
 
 # %% tags=["parameters"]
-quick = True            # quick subset and budgets (results/quick/); False = the full sweep (results/)
+quick = True            # quick subset and budgets (results/quick/); False: the full sweep (results/)
 model = "default"       # the embedded SmolLM2 GGUF, an HF id/local path, or a .gguf file
 device = "cpu"
 run_missing = True      # run the sweep when its table is missing

@@ -29,7 +29,7 @@
 # fused sparse+quantized kernel exists yet (`size_is_modelled` column).
 
 # %% tags=["parameters"]
-quick = True            # quick subset and budgets (results/quick/); False = the full sweep (results/)
+quick = True            # quick subset and budgets (results/quick/); False: the full sweep (results/)
 model = "default"       # the embedded SmolLM2 GGUF, an HF id/local path, or a .gguf file
 device = "cpu"          # where latency is measured when its table is missing ("cuda" on a GPU)
 run_missing = True      # run the sweeps / latency when their tables are missing
