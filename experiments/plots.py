@@ -188,7 +188,7 @@ def pareto_figure(tables: dict[str, pd.DataFrame], latency: pd.DataFrame | None 
     front = _pareto(comp, "bits_per_weight", "ppl")
     ax.plot(front["bits_per_weight"], front["ppl"], "k-", lw=0.8, label="Pareto frontier")
     _mark_aliases(ax, comp, "bits_per_weight")
-    _baseline(ax, dense_ppl(df), "dense fp32 (32 bits/weight)")
+    _baseline(ax, dense_ppl(df), "dense (sizes counted as fp16: 16 bits/weight)")
     ax.set_yscale("log")
     ax.set_xscale("log", base=2)
     ax.set_xlabel("effective bits per weight (log2; fp16 = 16)")

@@ -81,9 +81,10 @@ if latency_table is not None:
 # from the modules' own `memory_bytes()`. Measured GPU points appear only where a GPU ran.
 
 # %%
-from experiments import roofline
-
-roof = pd.DataFrame(roofline.table())
+roof = plots.optional_table(plots.RESULTS / "roofline_model.csv")  # written by `python -m experiments roofline`
+if roof is None and run_missing:
+    from experiments import roofline
+    roof = pd.DataFrame(roofline.table())
 measured = plots.optional_table(plots.RESULTS / "latency_cuda.csv")
 fig = plots.roofline_figure(roof, measured=measured)
 plots.save(fig, "roofline_h100_4096", figures_dir)
