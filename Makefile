@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml
 
 test: $(STAMP)
 	$(PY) -m triton_kernels.compile_check --out results/compile_check.csv
-	TRITON_INTERPRET=1 $(PY) -m pytest -q --timeout=900
+	TRITON_INTERPRET=1 $(PY) -m pytest -q -n 2 --timeout=900
 
 compile-check: $(STAMP)
 	$(PY) -m triton_kernels.compile_check --out results/compile_check.csv
