@@ -218,7 +218,8 @@ def pareto_figure(tables: dict[str, pd.DataFrame], latency: pd.DataFrame | None 
 
 def latency_figure(lat: pd.DataFrame, layer: str = "std_4096x4096", versus: str = "fp32") -> plt.Figure:
     """Speedup over dense of every format at one shape, grouped by M (from one latency run)."""
-    ok = lat[(lat["status"] == "ok") & (lat["layer"] == layer) & (lat["method"] != "dense")]
+    ok = lat[(lat["status"] == "ok") & (lat["layer"] == layer) & (lat["method"] != "dense")].copy()
+    ok["format"] = ok["format"] + " [" + ok["backend"].astype(str) + "]"  # which CPU/GPU path actually ran
     col = f"speedup_vs_dense_{versus}"
     fmts = ok.groupby("format")[col].max().sort_values().index.tolist()
     Ms = sorted(ok["M"].unique())
@@ -243,9 +244,10 @@ def roofline_figure(roof: pd.DataFrame, gpu: str = "H100 SXM", N: int = 4096, K:
     """Ideal (modelled) speedup over dense fp16 against M, per format; measured GPU points if any."""
     sub = roof[(roof["gpu"] == gpu) & (roof["N"] == N) & (roof["K"] == K)]
     fig, ax = plt.subplots(figsize=(6, 4))
-    for fmt, s in sub.groupby("format"):
+    for i, (fmt, s) in enumerate(sub.groupby("format")):
         s = s.sort_values("M")
-        ax.plot(s["M"], s["ideal_speedup_vs_dense_fp16"], marker=".", label=fmt)
+        # more formats than colours in the cycle: the line style tells the second lap apart
+        ax.plot(s["M"], s["ideal_speedup_vs_dense_fp16"], marker=".", ls=("-", "--", ":")[i // 10 % 3], label=fmt)
     if measured is not None and len(measured):
         m = measured[(measured["N"] == N) & (measured["K"] == K) & (measured["method"] != "dense")]
         ax.scatter(m["M"], m["speedup_vs_dense_fp16"], c="k", marker="x", label=f"measured on {gpu} (GPU)")
