@@ -28,7 +28,7 @@ def sweep_summary(quick: bool, root: Path = RESULTS) -> str:
         if not path.exists():
             continue
         df = pd.read_csv(path)
-        meta = meta or df.iloc[0]
+        meta = df.iloc[0] if meta is None else meta
         for _, r in df.sort_values(["method", "bits_per_weight"]).iterrows():
             lines.append(f"| {name} | {r['point']} | {_fmt(r['bits_per_weight'])} | {_fmt(r['compression_vs_fp16'])} "
                          f"| {_fmt(r['ppl'], 4)} | {'yes' if str(r['aliases_source_grid']).lower() == 'true' else ''} |")
@@ -78,7 +78,25 @@ def decode_summary(quick: bool, device_type: str = "cpu", root: Path = RESULTS) 
     return "\n".join(lines)
 
 
+def compile_summary(root: Path = RESULTS) -> str:
+    path = root / "compile_check.csv"
+    if not path.exists():
+        return "(no compile-check table yet: python -m triton_kernels.compile_check --out results/compile_check.csv)"
+    d = pd.read_csv(path)
+    d["family"] = d["kernel"].str.split("_").str[0]
+    lines = [f"Compile check ({d['device'].iloc[0]}, triton {d['triton'].iloc[0]}, {d['timestamp'].iloc[0][:10]}, "
+             f"commit {d['git_commit'].iloc[0]}; command: `python -m triton_kernels.compile_check --out results/compile_check.csv`):\n",
+             "| family | target | configs | ok | max registers | total spill bytes | max shared bytes | shared limit |",
+             "|---|---|---|---|---|---|---|---|"]
+    for (fam, tgt), g in d.groupby(["family", "target"], sort=False):
+        lines.append(f"| {fam} | {tgt} | {len(g)} | {(g['status'] == 'ok').sum()} | {_fmt(g['registers'].max(), 4)} "
+                     f"| {_fmt(g['spill_bytes'].sum(), 6)} | {_fmt(g['shared_bytes'].max(), 7)} | {g['shared_limit'].iloc[0]} |")
+    return "\n".join(lines)
+
+
 def main(args: argparse.Namespace) -> int:
+    print(compile_summary())
+    print()
     print(sweep_summary(args.quick))
     print()
     print(latency_summary(args.quick))
