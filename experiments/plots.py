@@ -259,3 +259,27 @@ def roofline_figure(roof: pd.DataFrame, gpu: str = "H100 SXM", N: int = 4096, K:
     ax.set_title(f"roofline MODEL (not a measurement): {gpu}, {N}x{K}", fontsize=8)
     ax.legend(ncol=2)
     return fig
+
+
+def compile_check_figure(cc: pd.DataFrame) -> plt.Figure:
+    """Registers and shared memory of every compiled config, per target, against the target's limits."""
+    targets = list(dict.fromkeys(cc["target"]))
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    fams = list(dict.fromkeys(cc["kernel"]))
+    for ax, col, label in ((axes[0], "registers", "registers per thread"),
+                           (axes[1], "shared_bytes", "shared memory per block (KiB)")):
+        for j, t in enumerate(targets):
+            sub = cc[cc["target"] == t]
+            y = sub[col] / (1024 if col == "shared_bytes" else 1)
+            x = [fams.index(k) + (j - (len(targets) - 1) / 2) * 0.25 for k in sub["kernel"]]
+            ax.scatter(x, y, s=12, label=t, alpha=0.7)
+            if col == "shared_bytes":
+                ax.axhline(sub["shared_limit"].iloc[0] / 1024, ls="--", lw=0.8, color=f"C{j}")
+        ax.set_xticks(range(len(fams)), fams, rotation=45, ha="right", fontsize=7)
+        ax.set_ylabel(label)
+    axes[0].axhline(255, color="k", ls=":", lw=0.8, label="NVIDIA max (255)")
+    axes[0].legend()
+    axes[1].set_title("dashed: per-block limit of each target", fontsize=8)
+    fig.suptitle("compile check: every autotune config, compiled ahead of time without a GPU (0 spills required)",
+                 fontsize=9)
+    return fig

@@ -151,3 +151,8 @@ cc = pd.read_csv(table)
 print(f"{(cc['status'] == 'ok').sum()}/{len(cc)} configs ok; compiled on: {cc['device'].iloc[0]}")
 cc.pivot_table(index=["kernel", "config"], columns="target", values=["registers", "spill_bytes", "shared_bytes"],
                aggfunc="first")
+
+# %%
+fig = plots.compile_check_figure(cc)
+plots.save(fig, "compile_check", figures_dir)
+fig
