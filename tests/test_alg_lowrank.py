@@ -3,21 +3,7 @@ import pytest
 import torch
 
 from experiments.algorithms import rank_for_energy, rank_for_ratio, svd, whitened_svd
-
-
-def calibration(n: int, K: int, seed: int) -> torch.Tensor:
-    """Correlated inputs with a few 20x outlier features."""
-    g = torch.Generator().manual_seed(seed)
-    mix = torch.randn(K, K, generator=g) / K ** 0.5
-    shared = torch.randn(n, 8, generator=g) @ torch.randn(8, K, generator=g)
-    heavy = torch.randn(n, 1, generator=g).abs().clamp(min=0.3)
-    X = (torch.randn(n, K, generator=g) @ mix + 0.5 * shared) / heavy
-    X[:, torch.randperm(K, generator=g)[:5]] *= 20
-    return X
-
-
-def weight(N: int, K: int, seed: int) -> torch.Tensor:
-    return torch.randn(N, K, generator=torch.Generator().manual_seed(seed))
+from alg_data import calibration, weight
 
 
 def rel(a, b) -> str:

@@ -5,25 +5,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from experiments.algorithms import Pattern, magnitude, parse_pattern, sparsegpt, wanda
-
-
-def calibration(n: int, K: int, seed: int) -> torch.Tensor:
-    """Correlated inputs with a few 20x outlier features (the situation Wanda/SparseGPT target)."""
-    g = torch.Generator().manual_seed(seed)
-    mix = torch.randn(K, K, generator=g) / K ** 0.5
-    shared = torch.randn(n, 8, generator=g) @ torch.randn(8, K, generator=g)
-    heavy = torch.randn(n, 1, generator=g).abs().clamp(min=0.3)
-    X = (torch.randn(n, K, generator=g) @ mix + 0.5 * shared) / heavy
-    X[:, torch.randperm(K, generator=g)[:5]] *= 20
-    return X
-
-
-def weight(N: int, K: int, seed: int) -> torch.Tensor:
-    return torch.randn(N, K, generator=torch.Generator().manual_seed(seed))
-
-
-def output_error(W, W_hat, X) -> float:
-    return ((W - W_hat) @ X.T).norm().item()
+from alg_data import calibration, weight, output_error
 
 
 def run(method, W, X, **kw):
