@@ -9,7 +9,8 @@ Steps (each resumable: a rerun after an interruption skips what is already in th
 2. layer latency of every sweep point's format against dense on this device (``latency_<device>.csv``)
 3. greedy-decode tokens/s of the dense and compressed default model (``decode_<device>.csv``)
 4. the roofline model of named GPUs (``results/roofline_model.csv``; a model, not a measurement)
-5. the kernel benchmarks (``benchmarks/``: QuantLinear vs dense, sparse/low-rank break-even curves)
+5. the kernel benchmarks (``benchmarks/``: QuantLinear vs dense, sparse/low-rank break-even curves;
+   full mode only, ``make bench QUICK=1`` runs their quick variants)
 6. the notebooks, executed with papermill in the same mode; they draw the figures from the tables into
    ``<results>/figures/`` (executed copies go to ``build/notebooks/``, outside version control)
 
@@ -88,13 +89,15 @@ def main(args: argparse.Namespace) -> int:
     written.append(root / "roofline_model.csv")
     timings["roofline"] = time.perf_counter() - t
 
-    if not args.no_bench:
+    if args.quick and not args.no_bench:
+        print("kernel benchmarks: skipped in --quick (run `make bench QUICK=1`)", file=sys.stderr)
+    elif not args.no_bench:
         from benchmarks import bench_dequant, bench_sparse_lowrank
 
         t = _step(f"kernel benchmarks on {device.type}")
         for bench in (bench_dequant, bench_sparse_lowrank):
             csv = out / f"{bench.__name__.rsplit('.', 1)[1]}_{device.type}.csv"
-            bench.main(["--device", device.type, "--out", str(csv)] + (["--quick"] if args.quick else []))
+            bench.main(["--device", device.type, "--out", str(csv)])
             written.append(csv)
         timings["benchmarks"] = time.perf_counter() - t
 
