@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 QUICK  ?=
 
-.PHONY: test reproduce env compile-check bench clean-venv
+.PHONY: test reproduce env compile-check bench gpu-check clean-venv
 
 env: $(STAMP)
 
@@ -32,6 +32,14 @@ bench: $(STAMP)
 
 reproduce: $(STAMP)
 	$(PY) -m experiments reproduce $(if $(QUICK),--quick,)
+
+# On a machine with a CUDA GPU: compiled-kernel correctness + benchmarks vs cuBLAS -> results/gpu/*.csv.
+# Installs nothing (the lent GPU machine has torch + triton and no network): the venv's python when
+# there is one, else python3. GemLite columns appear when `gemlite` is importable.
+GPU_PY  ?= $(if $(wildcard $(PY)),$(PY),python3)
+GPU_OUT ?= results/gpu
+gpu-check:
+	$(GPU_PY) -m benchmarks.gpu_check --out-dir $(GPU_OUT)
 
 clean-venv:
 	rm -rf $(VENV)

@@ -52,6 +52,9 @@ _NM_PATTERNS = {(1, 4), (2, 4), (1, 8), (2, 8), (4, 8)}
 _SMEM_BUDGET = 65536  # bytes: gfx942's per-block limit, the smallest of the compile-check targets
 
 
+_TRITON_VERSION = tuple(int(p) for p in triton.__version__.split(".")[:2])
+
+
 def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -72,9 +75,14 @@ def nm_configs(interpret: bool | None = None) -> list:
     """Configs for :func:`nm_matmul_kernel` (BLOCK_K counts dense input features)."""
     if _interpreting() if interpret is None else interpret:
         return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 64}, num_warps=4, num_stages=1)]
+    tiles = ((16, 64, 64, 4, 4), (32, 64, 64, 4, 3), (64, 64, 64, 4, 3), (128, 128, 32, 8, 3))
+    if _TRITON_VERSION < (3, 7):
+        # Triton 3.6 fails to compile this kernel for sm_90 with BLOCK_M >= 64 (the wgmma path):
+        # "Illegal shared layout; expected collapsed shapePerCTA to be at least [8, 64]" for the
+        # reshaped dense tile (compile check, 2026-11-30). 3.7.1 and 3.9.0 compile all four.
+        tiles = tuple(t for t in tiles if t[0] < 64)
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
-            for bm, bn, bk, w, s in ((16, 64, 64, 4, 4), (32, 64, 64, 4, 3), (64, 64, 64, 4, 3),
-                                     (128, 128, 32, 8, 3))]
+            for bm, bn, bk, w, s in tiles]
 
 
 def masked_configs(interpret: bool | None = None) -> list:

@@ -1,0 +1,606 @@
+"""Everything measured on a real GPU in one command: compiled-kernel correctness, then benchmarks.
+
+    make gpu-check                    # = python -m benchmarks.gpu_check --out-dir results/gpu
+    python -m benchmarks.gpu_check [--budget-s 420] [--workers 12] [--out-dir DIR] [--only correctness,dequant,...]
+
+Sections, in order (each writes its CSV as soon as it finishes, so a run cut short keeps what it measured):
+
+1. ``correctness``: every kernel compiled for this GPU (not the interpreter) against its pure-torch
+   ``*_reference``: dequant-matmul at every bit width 1-8 x group sizes x sym/asym x fp16/bf16/fp32,
+   decode (M <= 16) and prefill paths, odd shapes and real ones (4096x4096, 8192x28672, 28672x8192);
+   block / N:M / unstructured / activation sparsity; low rank fused and two-GEMM. Outputs are
+   NaN-poisoned buffers; inputs are column slices of NaN-padded buffers. The error bound is the
+   rounding bound of a dot product: ``|y - ref| <= atol + rtol * (|x| @ |W|^T + |bias|)`` with
+   ``rtol = c * u + K * 2^-24`` (u = the activation dtype's unit roundoff). The cases run in a pool of
+   worker processes so that Triton's compiles (one per autotune config) overlap.
+2. ``bandwidth``: device-to-device copy GB/s, the yardstick for "% of bandwidth".
+3. ``dequant``: ``dequant_matmul`` against torch fp16/bf16 ``F.linear`` (cuBLAS) at LLM shapes and
+   M in {1, 4, 16, 64, 128, 512, 2048}; achieved GB/s (weight storage + activations + output) and %
+   of the copy bandwidth measured in this run. GemLite / torchao columns when importable.
+4. ``sparse_lowrank``: block 90%, 2:4, unstructured 50%, activation 50% and low rank r in
+   {32, 64, 128, 256} (fused vs two GEMMs vs two cuBLAS matmuls) against dense fp16.
+
+Timings: ``triton.testing.do_bench`` (median, p20, p80; it flushes L2 between calls). The whole run
+is time-boxed (``--budget-s``): a section that would start after the budget is skipped and recorded
+as skipped in ``summary.csv``, never silently. Results: ``<out-dir>/*.csv`` with provenance columns
+(GPU name, driver, torch, triton, CUDA, commit). The last thing printed is a short summary table.
+
+On a CPU (no GPU) ``--device cpu`` runs only the correctness part under ``TRITON_INTERPRET=1`` at
+small shapes: that is how the plumbing is tested; it measures nothing.
+"""
+from __future__ import annotations
+
+import argparse
+import concurrent.futures as cf
+import csv
+import datetime as _dt
+import math
+import multiprocessing as mp
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+import zlib
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+SECTIONS = ("correctness", "bandwidth", "dequant", "sparse_lowrank")
+UNIT_ROUNDOFF = {torch.float16: 2.0 ** -11, torch.bfloat16: 2.0 ** -8, torch.float32: 2.0 ** -24}
+DNAME = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+DTYPES = {v: k for k, v in DNAME.items()}
+
+
+# ----------------------------------------------------------------------------------------------
+# Provenance and CSV
+# ----------------------------------------------------------------------------------------------
+def _version(pkg: str) -> str:
+    import importlib.metadata
+    try:
+        return importlib.metadata.version(pkg)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def _git_commit() -> str:
+    # The device machine gets a copy of the working tree without .git: the caller passes the commit.
+    env = os.environ.get("GPU_CHECK_COMMIT")
+    if env:
+        return env
+    try:
+        return subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True,
+                              check=True, cwd=Path(__file__).resolve().parent).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def _driver() -> str:
+    try:
+        return subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                              capture_output=True, text=True, timeout=20).stdout.strip().splitlines()[0]
+    except (OSError, IndexError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def provenance(device: torch.device) -> dict:
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU {platform.processor()}"
+    return {
+        "device": gpu, "device_type": device.type,
+        "driver": _driver() if device.type == "cuda" else "",
+        "cuda": torch.version.cuda or "", "torch": torch.__version__, "triton": _version("triton"),
+        "python": platform.python_version(), "git_commit": _git_commit(),
+        "timestamp": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def write_csv(path: Path, rows: list[dict]) -> None:
+    """Write ``rows`` atomically (temp file + rename); the header is the union of the rows' keys."""
+    if not rows:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fields: list[str] = []
+    for r in rows:
+        fields += [k for k in r if k not in fields]
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=fields)
+        w.writeheader()
+        w.writerows(rows)
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------------------------
+# Correctness cases (picklable dicts; run in worker processes)
+# ----------------------------------------------------------------------------------------------
+def _sliced(M, K, dtype, randn, pad=7):
+    """x (M, K) as a column slice of a NaN-padded (M, K + pad) buffer."""
+    v = randn(M, K)
+    buf = torch.full((M, K + pad), float("nan"), dtype=dtype, device=v.device)
+    x = buf[:, :K]
+    x.copy_(v)
+    return x
+
+
+def _poisoned(M, N, dtype, device):
+    return torch.full((M, N), float("nan"), dtype=dtype, device=device)
+
+
+def _judge(case, y, ref, bound, dtype, K, c=2.0) -> dict:
+    rtol = c * UNIT_ROUNDOFF[dtype] + K * 2.0 ** -24
+    atol = 1e-6
+    y64, r64, b64 = y.double(), ref.double(), bound.double()
+    nan = int(torch.isnan(y64).sum())
+    err = (y64 - r64).abs()
+    ratio = (err / (atol + rtol * b64)).nan_to_num(nan=float("inf")).max().item() if y.numel() else 0.0
+    return {**case, "status": "ok" if nan == 0 and ratio <= 1.0 else "FAIL", "nan_outputs": nan,
+            "max_abs_err": f"{err.nan_to_num(nan=float('inf')).max().item():.3e}",
+            "worst_err_over_bound": f"{ratio:.3g}", "rtol": f"{rtol:.3g}"}
+
+
+def dequant_cases(device_type: str) -> list[dict]:
+    """Covering design: every bit width meets every group size, sym/asym, all three dtypes, both paths."""
+    small = device_type == "cpu"
+    groups = [16, 32, 64, 128, 256, -1]
+    dts = ["fp16", "bf16", "fp32"]
+    Ms = [1, 5, 16] if small else [1, 5, 16, 33, 300]
+    shape = (45, 100) if small else (300, 1000)
+    cases = []
+    for bits in range(1, 9):
+        for j, gs in enumerate(groups if not small else groups[bits % 2::2]):
+            dt = dts[(bits + j) % 3]
+            for M in Ms[(bits + j) % 2::2] if small else Ms:
+                cases.append(dict(family="dequant", bits=bits, group_size=gs, symmetric=(bits + j) % 2 == 0,
+                                  dtype=dt, M=M, N=shape[0], K=shape[1] + bits, bias=j % 2 == 0))
+    if not small:
+        for N, K in [(4096, 4096), (28672, 8192), (8192, 28672)]:
+            for bits in (2, 3, 4, 8):
+                for M in (1, 16, 128):
+                    cases.append(dict(family="dequant", bits=bits, group_size=128, symmetric=False,
+                                      dtype="fp16", M=M, N=N, K=K, bias=False))
+        for dt in ("bf16", "fp32"):
+            cases.append(dict(family="dequant", bits=4, group_size=64, symmetric=True, dtype=dt, M=1,
+                              N=4096, K=4096, bias=False))
+    return cases
+
+
+def sparse_cases(device_type: str) -> list[dict]:
+    small = device_type == "cpu"
+    shapes = [(1, 97, 131), (17, 45, 77)] if small else [(1, 300, 1000), (5, 300, 1000), (33, 300, 1000),
+                                                         (1, 4096, 4096), (128, 4096, 4096)]
+    dts = ["fp16", "bf16"] + ([] if small else ["fp32"])
+    cases = []
+    for i, (M, N, K) in enumerate(shapes):
+        for j, dt in enumerate(dts):
+            common = dict(family="sparse", dtype=dt, M=M, N=N, K=K, bias=(i + j) % 2 == 0)
+            cases.append({**common, "pattern": "block", "block": [(32, 16), (16, 64), (64, 64), (32, 32)][(i + j) % 4],
+                          "sparsity": 0.9})
+            cases.append({**common, "pattern": "nm", "nm": [(2, 4), (1, 4), (4, 8)][(i + j) % 3]})
+            cases.append({**common, "pattern": "unstructured", "sparsity": 0.5})
+            cases.append({**common, "pattern": "activation", "sparsity": 0.5})
+    return cases
+
+
+def lowrank_cases(device_type: str) -> list[dict]:
+    small = device_type == "cpu"
+    shapes = [(1, 70, 45, 17), (17, 100, 67, 33)] if small else [
+        (1, 300, 1000, 33), (5, 300, 1000, 128), (33, 1000, 300, 129), (1, 4096, 4096, 128),
+        (16, 8192, 8192, 64), (2048, 4096, 4096, 256)]
+    dts = ["fp16", "bf16"] + ([] if small else ["fp32"])
+    cases = []
+    for i, (M, N, K, r) in enumerate(shapes):
+        for j, dt in enumerate(dts):
+            for path in ("fused", "two_gemm"):
+                if path == "fused" and r > 256:
+                    continue
+                cases.append(dict(family="lowrank", dtype=dt, M=M, N=N, K=K, rank=r, path=path,
+                                  bias=(i + j) % 2 == 0))
+    return cases
+
+
+def all_cases(device_type: str) -> list[dict]:
+    return dequant_cases(device_type) + sparse_cases(device_type) + lowrank_cases(device_type)
+
+
+def run_case(case: dict, device_type: str) -> dict:
+    """One correctness case; never raises (an exception becomes status ERROR with its message)."""
+    try:
+        return _run_case(case, torch.device(device_type))
+    except Exception as e:  # noqa: BLE001 - a worker must report, not die
+        return {**case, "status": "ERROR", "error": f"{type(e).__name__}: {e}"[:400],
+                "traceback": traceback.format_exc()[-1500:]}
+
+
+def _run_case(case: dict, device: torch.device) -> dict:
+    gen = torch.Generator(device=device).manual_seed(zlib.crc32(_case_name(case).encode()))  # fixed per case
+    dt = DTYPES[case["dtype"]]
+    M, N, K = case["M"], case["N"], case["K"]
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=gen, device=device)
+
+    x = _sliced(M, K, dt, randn)
+    bias = (randn(N) * 0.1).to(dt) if case["bias"] else None
+    out = _poisoned(M, N, dt, device)
+    t0 = time.perf_counter()
+    if case["family"] == "dequant":
+        from triton_kernels import dequant_matmul as dq
+        bits, gs, sym = case["bits"], case["group_size"], case["symmetric"]
+        G = 1 if gs == -1 else math.ceil(K / gs)
+        q = torch.randint(0, 2 ** bits, (N, K), generator=gen, device=device, dtype=torch.int32)
+        scales = ((torch.rand(N, G, generator=gen, device=device) + 0.5) * (2.0 / 2 ** bits)).to(dt)
+        zeros = None if sym else torch.randint(0, 2 ** bits, (N, G), generator=gen, device=device).to(dt)
+        packed = dq.pack(q, bits)
+        del q
+        kw = dict(bits=bits, group_size=gs, symmetric=sym)
+        y = dq.dequant_matmul(x, packed, scales, zeros, bias=bias, out=out, **kw)
+        torch.cuda.synchronize() if device.type == "cuda" else None
+        elapsed = time.perf_counter() - t0
+        ref = dq.dequant_matmul_reference(x, packed, scales, zeros, bias=bias, **kw)
+        w = dq.dequantize(packed, scales, zeros, K=K, **kw)
+        bound = x.double().abs() @ w.double().abs().T
+        c = 2.0
+    elif case["family"] == "sparse":
+        from triton_kernels import sparse_matmul as sm
+        w = (randn(N, K) / K ** 0.5).to(dt)
+        pat = case["pattern"]
+        if pat == "block":
+            mask = sm.block_prune(w, tuple(case["block"]), case["sparsity"])
+            bsw = sm.to_block_sparse(w * mask, tuple(case["block"]))
+            y = sm.block_sparse_matmul(x, bsw, bias, out=out)
+            ref = sm.block_sparse_matmul_reference(x, bsw, bias)
+            weff = bsw.to_dense()
+        elif pat == "nm":
+            n, m = case["nm"]
+            nmw = sm.nm_compress(w * sm.nm_prune(w, n, m), n, m)
+            y = sm.nm_matmul(x, nmw, bias, out=out)
+            ref = sm.nm_matmul_reference(x, nmw, bias)
+            weff = nmw.to_dense()
+        elif pat == "unstructured":
+            mask = sm.magnitude_prune(w, case["sparsity"])
+            mw = sm.to_masked(w, mask)
+            y = sm.packed_masked_matmul(x, mw, bias, out=out)
+            ref = sm.packed_masked_matmul_reference(x, mw, bias)
+            weff = mw.to_dense()
+        else:
+            thr = x.float().abs().quantile(case["sparsity"]).item()
+            wt = sm.activation_sparse_weight(w)
+            y = sm.activation_sparse_matmul(x, wt, threshold=thr, bias=bias, out=out)
+            ref = sm.activation_sparse_matmul_reference(x, wt, threshold=thr, bias=bias)
+            weff = w
+        torch.cuda.synchronize() if device.type == "cuda" else None
+        elapsed = time.perf_counter() - t0
+        bound = x.double().abs().nan_to_num(0) @ weff.double().abs().T
+        c = 2.0
+    else:
+        from triton_kernels.lowrank_linear import lowrank_linear, lowrank_linear_reference
+        r = case["rank"]
+        U = (randn(N, r) / r ** 0.5).to(dt)
+        V = (randn(r, K) / K ** 0.5).to(dt)
+        y = lowrank_linear(x, U, V, bias, path=case["path"], out=out)
+        torch.cuda.synchronize() if device.type == "cuda" else None
+        elapsed = time.perf_counter() - t0
+        ref = lowrank_linear_reference(x, U, V, bias)
+        bound = (x.double().abs() @ V.double().abs().T) @ U.double().abs().T
+        K = K + r  # two accumulations
+        c = 3.0  # t is rounded to the activation dtype too
+    if bias is not None:
+        bound = bound + bias.double().abs()
+    row = _judge(case, y, ref, bound, dt, K, c)
+    row["first_call_s"] = round(elapsed, 3)
+    return row
+
+
+def _case_name(c: dict) -> str:
+    keys = [k for k in ("family", "pattern", "bits", "group_size", "symmetric", "nm", "block", "sparsity",
+                        "rank", "path", "dtype", "M", "N", "K", "bias") if k in c]
+    return " ".join(f"{k}={c[k]}" for k in keys)
+
+
+def _worker_init():
+    os.environ.setdefault("TRITON_PRINT_AUTOTUNING", "0")
+
+
+def run_correctness(device: torch.device, workers: int, deadline: float) -> list[dict]:
+    cases = all_cases(device.type)
+    print(f"[correctness] {len(cases)} cases on {device.type} with {workers} worker(s)", flush=True)
+    rows = []
+    if workers <= 1:
+        for c in cases:
+            if time.monotonic() > deadline:
+                rows.append({**c, "status": "SKIPPED", "error": "time budget"})
+                continue
+            rows.append(run_case(c, device.type))
+    else:
+        ctx = mp.get_context("spawn")
+        with cf.ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_worker_init) as pool:
+            futs = {pool.submit(run_case, c, device.type): c for c in cases}
+            for f in cf.as_completed(futs):
+                try:
+                    rows.append(f.result(timeout=max(1.0, deadline - time.monotonic())))
+                except Exception as e:  # noqa: BLE001
+                    rows.append({**futs[f], "status": "ERROR", "error": f"{type(e).__name__}: {e}"[:400]})
+                done = len(rows)
+                if done % 25 == 0 or done == len(cases):
+                    bad = sum(r["status"] != "ok" for r in rows)
+                    print(f"[correctness] {done}/{len(cases)} done, {bad} not ok", flush=True)
+    for r in rows:
+        r["case"] = _case_name(r)
+        if r["status"] != "ok":
+            print(f"[correctness] {r['status']}: {r['case']}  {r.get('error', '')}"
+                  f"{r.get('worst_err_over_bound', '')}", flush=True)
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------
+# Benchmarks (main process only)
+# ----------------------------------------------------------------------------------------------
+def _bench(fn) -> dict:
+    import triton.testing
+    med, p20, p80 = triton.testing.do_bench(fn, warmup=10, rep=40, quantiles=[0.5, 0.2, 0.8])
+    return {"median_ms": round(float(med), 5), "p20_ms": round(float(p20), 5), "p80_ms": round(float(p80), 5)}
+
+
+def run_bandwidth(device) -> list[dict]:
+    n = 1 << 28  # 512 MiB of fp16: far beyond L2
+    src = torch.empty(n, dtype=torch.float16, device=device).normal_()
+    dst = torch.empty_like(src)
+    t = _bench(lambda: dst.copy_(src))
+    gbps = 2 * src.numel() * 2 / (t["median_ms"] * 1e-3) / 1e9
+    print(f"[bandwidth] device-to-device copy: {gbps:.0f} GB/s", flush=True)
+    del src, dst
+    return [{"bench": "copy", "bytes_moved": 2 * n * 2, **t, "gbps": round(gbps, 1)}]
+
+
+DEQUANT_SHAPES = [(4096, 4096), (8192, 8192), (28672, 8192), (8192, 28672)]  # (N, K)
+DEQUANT_FORMATS = [(4, 128), (3, 128), (2, 128), (8, 128), (4, 32)]  # (bits, group size), asym
+M_VALUES = [1, 4, 16, 64, 128, 512, 2048]
+
+
+def _optional_gemlite():
+    try:
+        import gemlite  # noqa: F401
+        return gemlite
+    except Exception:  # noqa: BLE001 - not installed / incompatible: a blank column, said in the note
+        return None
+
+
+def run_dequant(device, copy_gbps, deadline) -> list[dict]:
+    from triton_kernels import dequant_matmul as dq
+    rows = []
+    gemlite = _optional_gemlite()
+    print(f"[dequant] GemLite: {'version ' + _version('gemlite') if gemlite else 'not importable (no column)'}",
+          flush=True)
+    gen = torch.Generator(device=device).manual_seed(0)
+    for N, K in DEQUANT_SHAPES:
+        w = torch.randn(N, K, generator=gen, device=device) / K ** 0.5
+        dense = {dt: w.to(dt) for dt in (torch.float16, torch.bfloat16)}
+        formats, gemlite_layers = {}, {}
+        for bits, gs in DEQUANT_FORMATS:
+            q, s, z = dq.quantize_rtn(w, bits=bits, group_size=gs, symmetric=False)
+            s, z = s.to(torch.float16), z.to(torch.float16)
+            formats[(bits, gs)] = (dq.pack(q, bits), s, z)
+            if gemlite is not None and bits in (1, 2, 4, 8) and gs >= 32:
+                gemlite_layers[(bits, gs)] = _gemlite_layer(gemlite, q, s, z, bits, gs)
+            del q
+        del w
+        for M in M_VALUES:
+            if time.monotonic() > deadline:
+                rows.append({"shape": f"{N}x{K}", "M": M, "variant": "all", "status": "SKIPPED (time budget)"})
+                continue
+            x = torch.randn(M, K, device=device, dtype=torch.float16)
+            base = {}
+            for dt, wd in dense.items():
+                xd = x.to(dt)
+                t = _bench(lambda: F.linear(xd, wd))
+                base[DNAME[dt]] = t["median_ms"]
+                rows.append(_dq_row(N, K, M, f"dense_{DNAME[dt]}", "cuBLAS F.linear", t, N * K * 2, x, copy_gbps))
+            for (bits, gs), (packed, s, z) in formats.items():
+                if M > 128 and (bits, gs) not in ((4, 128), (3, 128)):
+                    continue  # prefill: two formats are enough to see the tiled kernel
+                kw = dict(bits=bits, group_size=gs, symmetric=False)
+                fn = lambda: dq.dequant_matmul(x, packed, s, z, **kw)  # noqa: E731
+                fn()  # autotune outside the timing
+                t = _bench(fn)
+                wbytes = packed.numel() * 4 + s.numel() * 2 + z.numel() * 2
+                r = _dq_row(N, K, M, f"int{bits}_g{gs}_asym", "triton dequant_matmul", t, wbytes, x, copy_gbps)
+                r.update(bits=bits, group_size=gs)
+                for name, ms in base.items():
+                    r[f"speedup_vs_{name}"] = round(ms / t["median_ms"], 3)
+                rows.append(r)
+                gl = gemlite_layers.get((bits, gs))
+                if gl is not None:
+                    r.update(_gemlite_timing(gl, x, t["median_ms"], fn))
+                print(f"[dequant] {N}x{K} M={M:<5d} int{bits} g{gs}: {t['median_ms']:.4f} ms  "
+                      f"x{r['speedup_vs_fp16']:.2f} vs fp16  {r['pct_copy_bw']}% of copy BW"
+                      + (f"  gemlite {r.get('gemlite_ms', r.get('gemlite_error', ''))}" if gl is not None else ""),
+                      flush=True)
+    return rows
+
+
+def _gemlite_layer(gemlite, q, s, z, bits, gs):
+    """GemLite's layer on the same codes (HQQ convention w = (q - z) * s, which is ours), or the error."""
+    try:
+        N, K = q.shape
+        layer = gemlite.GemLiteLinear(bits, group_size=gs, in_features=K, out_features=N,
+                                      input_dtype=gemlite.DType.FP16, output_dtype=gemlite.DType.FP16)
+        layer.pack(q.to(torch.uint8), s, z, None)
+        return layer
+    except Exception as e:  # noqa: BLE001 - a column with the error, not a crash
+        return f"{type(e).__name__}: {e}"[:200]
+
+
+def _gemlite_timing(layer, x, ours_ms, ours_fn) -> dict:
+    if isinstance(layer, str):
+        return {"gemlite_error": layer}
+    try:
+        y = layer(x)
+        ref = ours_fn().float()
+        err = ((y.float() - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item()
+        t = _bench(lambda: layer(x))
+        return {"gemlite_ms": t["median_ms"], "gemlite_p20_ms": t["p20_ms"], "gemlite_p80_ms": t["p80_ms"],
+                "speedup_vs_gemlite": round(t["median_ms"] / ours_ms, 3), "gemlite_rel_err_vs_ours": f"{err:.2e}"}
+    except Exception as e:  # noqa: BLE001
+        return {"gemlite_error": f"{type(e).__name__}: {e}"[:200]}
+
+
+def _dq_row(N, K, M, variant, backend, t, wbytes, x, copy_gbps) -> dict:
+    moved = wbytes + M * K * 2 + M * N * 2
+    gbps = moved / (t["median_ms"] * 1e-3) / 1e9
+    return {"shape": f"{N}x{K}", "N": N, "K": K, "M": M, "variant": variant, "backend": backend,
+            "act_dtype": "fp16", **t, "weight_bytes": wbytes, "gbps": round(gbps, 1),
+            "pct_copy_bw": round(100 * gbps / copy_gbps, 1) if copy_gbps else "", "status": "ok"}
+
+
+def run_sparse_lowrank(device, deadline) -> list[dict]:
+    from triton_kernels import sparse_matmul as sm
+    from triton_kernels.lowrank_linear import lowrank_linear
+    N = K = 8192
+    dt = torch.float16
+    gen = torch.Generator(device=device).manual_seed(1)
+    w = (torch.randn(N, K, generator=gen, device=device) / K ** 0.5).to(dt)
+    variants = {
+        "block32_s0.9": (lambda: sm.to_block_sparse(w * sm.block_prune(w, (32, 32), 0.9), (32, 32)),
+                         sm.block_sparse_matmul),
+        "block64_s0.9": (lambda: sm.to_block_sparse(w * sm.block_prune(w, (64, 64), 0.9), (64, 64)),
+                         sm.block_sparse_matmul),
+        "2:4": (lambda: sm.nm_compress(w * sm.nm_prune(w, 2, 4), 2, 4), sm.nm_matmul),
+        "unstructured_s0.5": (lambda: sm.to_masked(w, sm.magnitude_prune(w, 0.5)), sm.packed_masked_matmul),
+    }
+    built = {k: b() for k, (b, _) in variants.items()}
+    wt = sm.activation_sparse_weight(w)
+    rows = []
+    for M in (1, 16, 2048):
+        if time.monotonic() > deadline:
+            rows.append({"M": M, "variant": "all", "status": "SKIPPED (time budget)"})
+            continue
+        x = torch.randn(M, K, device=device, dtype=dt)
+        dense = _bench(lambda: F.linear(x, w))
+        rows.append({"family": "dense", "variant": "dense_fp16", "M": M, **dense, "speedup_vs_fp16": 1.0})
+        for name, (_, fn) in variants.items():
+            op = built[name]
+            f = lambda: fn(x, op)  # noqa: E731
+            f()
+            t = _bench(f)
+            rows.append({"family": "sparse", "variant": name, "M": M, **t,
+                         "speedup_vs_fp16": round(dense["median_ms"] / t["median_ms"], 3)})
+        if M <= 16:
+            thr = x.float().abs().quantile(0.5).item()
+            f = lambda: sm.activation_sparse_matmul(x, wt, threshold=thr)  # noqa: E731
+            f()
+            t = _bench(f)
+            rows.append({"family": "sparse", "variant": "activation_s0.5", "M": M, **t,
+                         "speedup_vs_fp16": round(dense["median_ms"] / t["median_ms"], 3)})
+        for r in (32, 64, 128, 256):
+            U = (torch.randn(N, r, generator=gen, device=device) / r ** 0.5).to(dt)
+            V = (torch.randn(r, K, generator=gen, device=device) / K ** 0.5).to(dt)
+            paths = {"fused": lambda: lowrank_linear(x, U, V, path="fused"),
+                     "two_gemm": lambda: lowrank_linear(x, U, V, path="two_gemm"),
+                     "cublas_two_matmul": lambda: F.linear(F.linear(x, V), U)}
+            for pname, f in paths.items():
+                f()
+                t = _bench(f)
+                rows.append({"family": "lowrank", "variant": f"rank{r}_{pname}", "rank": r, "path": pname,
+                             "M": M, **t, "speedup_vs_fp16": round(dense["median_ms"] / t["median_ms"], 3)})
+        for r in rows:
+            if r.get("M") == M and "median_ms" in r:
+                r.setdefault("shape", f"{N}x{K}")
+                r.setdefault("dtype", "fp16")
+                r.setdefault("status", "ok")
+        print(f"[sparse_lowrank] M={M}: " + "  ".join(f"{r['variant']} x{r['speedup_vs_fp16']}"
+                                                       for r in rows if r.get("M") == M and "speedup_vs_fp16" in r),
+              flush=True)
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------
+# Driver
+# ----------------------------------------------------------------------------------------------
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--out-dir", default="results/gpu", help="where the CSVs go (default results/gpu)")
+    p.add_argument("--budget-s", type=float, default=420.0,
+                   help="wall-clock budget; sections past it are skipped and recorded (default 420)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="processes for the correctness cases (default min(12, CPUs); 1 on CPU)")
+    p.add_argument("--only", default=",".join(SECTIONS), help=f"comma-separated subset of {SECTIONS}")
+    p.add_argument("--device", default=None, choices=("cuda", "cpu"),
+                   help="cuda (default when present); cpu runs the correctness plumbing under the interpreter")
+    args = p.parse_args(argv)
+    only = [s.strip() for s in args.only.split(",") if s.strip()]
+    bad = [s for s in only if s not in SECTIONS]
+    if bad:
+        p.error(f"--only: unknown section(s) {bad}; choose from {', '.join(SECTIONS)}")
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: no CUDA device here")
+    if device.type == "cpu":
+        if os.environ.get("TRITON_INTERPRET") != "1":
+            p.error("--device cpu runs the kernels under the interpreter: set TRITON_INTERPRET=1")
+        only = [s for s in only if s == "correctness"]
+    workers = args.workers or (min(12, os.cpu_count() or 1) if device.type == "cuda" else 1)
+    start = time.monotonic()
+    deadline = start + args.budget_s
+    out_dir = Path(args.out_dir)
+    prov = provenance(device)
+    print(f"gpu_check on {prov['device']} (driver {prov['driver']}, CUDA {prov['cuda']}), torch {prov['torch']}, "
+          f"triton {prov['triton']}, commit {prov['git_commit']}", flush=True)
+    summary = []
+    copy_gbps = None
+    for section in SECTIONS:
+        if section not in only:
+            continue
+        t0 = time.monotonic()
+        if t0 > deadline:
+            summary.append({"section": section, "status": "SKIPPED (time budget)", "seconds": 0})
+            continue
+        try:
+            if section == "correctness":
+                rows = run_correctness(device, workers, deadline)
+                n_ok = sum(r["status"] == "ok" for r in rows)
+                status = f"{n_ok}/{len(rows)} ok"
+            elif section == "bandwidth":
+                rows = run_bandwidth(device)
+                copy_gbps = rows[0]["gbps"]
+                status = f"copy {copy_gbps} GB/s"
+            elif section == "dequant":
+                rows = run_dequant(device, copy_gbps, deadline)
+                status = _dequant_headline(rows)
+            else:
+                rows = run_sparse_lowrank(device, deadline)
+                status = _sparse_headline(rows)
+        except Exception as e:  # noqa: BLE001 - record, continue with the next section
+            traceback.print_exc()
+            rows, status = [], f"ERROR {type(e).__name__}: {e}"[:300]
+        write_csv(out_dir / f"{section}.csv", [{**r, **prov} for r in rows])
+        summary.append({"section": section, "status": status, "seconds": round(time.monotonic() - t0, 1)})
+        print(f"[{section}] {status} ({summary[-1]['seconds']} s)", flush=True)
+    write_csv(out_dir / "summary.csv", [{**s, **prov} for s in summary])
+    print("\nsection          seconds  result")
+    for s in summary:
+        print(f"{s['section']:<16s} {s['seconds']:>7}  {s['status']}")
+    print(f"total {time.monotonic() - start:.0f} s; CSVs in {out_dir}/")
+    failed = any(s["status"].startswith("ERROR") or ("/" in s["status"] and s["status"].split("/")[0] !=
+                 s["status"].split("/")[1].split()[0]) for s in summary)
+    return 1 if failed else 0
+
+
+def _dequant_headline(rows) -> str:
+    want = [r for r in rows if r.get("shape") == "28672x8192" and r.get("variant") == "int4_g128_asym"
+            and r.get("M") in (1, 16)]
+    return "; ".join(f"int4 g128 28672x8192 M={r['M']}: x{r['speedup_vs_fp16']} vs fp16, {r['pct_copy_bw']}% BW"
+                     for r in want) or f"{len(rows)} rows"
+
+
+def _sparse_headline(rows) -> str:
+    want = [r for r in rows if r.get("M") == 1 and r.get("variant") in ("block32_s0.9", "activation_s0.5",
+                                                                       "rank128_fused", "rank128_two_gemm")]
+    return "; ".join(f"{r['variant']} M=1 x{r['speedup_vs_fp16']}" for r in want) or f"{len(rows)} rows"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,55 @@
+"""The plumbing of ``make gpu-check`` (benchmarks/gpu_check.py), run on CPU under the interpreter.
+
+On a GPU the same cases run compiled; here they run at small shapes to show that every case builds
+its inputs, calls the kernel and its reference and judges the result, and that the judge fails on
+a wrong or missing output (a check that cannot fail would be worthless on the GPU too).
+"""
+import csv
+
+import pytest
+import torch
+
+from benchmarks import gpu_check
+
+
+def test_cpu_correctness_plumbing_writes_all_ok(tmp_path):
+    rc = gpu_check.main(["--device", "cpu", "--out-dir", str(tmp_path)])
+    rows = list(csv.DictReader(open(tmp_path / "correctness.csv")))
+    assert rc == 0
+    families = {r["family"] for r in rows}
+    assert families == {"dequant", "sparse", "lowrank"}
+    assert {int(r["bits"]) for r in rows if r["family"] == "dequant"} == set(range(1, 9))
+    assert {r["pattern"] for r in rows if r["family"] == "sparse"} == {"block", "nm", "unstructured", "activation"}
+    assert all(r["status"] == "ok" for r in rows), [r["case"] for r in rows if r["status"] != "ok"]
+    assert all(r["git_commit"] and r["torch"] for r in rows)
+    summary = list(csv.DictReader(open(tmp_path / "summary.csv")))
+    assert [s["section"] for s in summary] == ["correctness"]
+
+
+def test_gpu_case_grid_covers_every_bit_width_group_and_dtype():
+    cases = gpu_check.dequant_cases("cuda")
+    seen = {(c["bits"], c["group_size"]) for c in cases}
+    assert {(b, g) for b in range(1, 9) for g in (16, 32, 64, 128, 256, -1)} <= seen
+    assert {c["dtype"] for c in cases} == {"fp16", "bf16", "fp32"}
+    assert {c["M"] for c in cases} >= {1, 16, 33}  # both kernel paths
+    assert {(c["N"], c["K"]) for c in cases} >= {(28672, 8192), (8192, 28672)}
+
+
+def test_judge_fails_on_wrong_or_missing_outputs():
+    ref = torch.randn(4, 8)
+    bound = torch.ones(4, 8)
+    case = {"family": "dequant"}
+    assert gpu_check._judge(case, ref.clone(), ref, bound, torch.float16, K=8)["status"] == "ok"
+    off = ref.clone()
+    off[1, 2] += 0.01  # 20x the fp16 bound at |bound| = 1
+    assert gpu_check._judge(case, off, ref, bound, torch.float16, K=8)["status"] == "FAIL"
+    nan = ref.clone()
+    nan[3, 7] = float("nan")
+    row = gpu_check._judge(case, nan, ref, bound, torch.float16, K=8)
+    assert row["status"] == "FAIL" and row["nan_outputs"] == 1
+
+
+def test_unknown_section_is_a_clear_error(capsys):
+    with pytest.raises(SystemExit):
+        gpu_check.main(["--device", "cpu", "--only", "correctness,speed"])
+    assert "--only: unknown section(s) ['speed']" in capsys.readouterr().err
