@@ -317,17 +317,23 @@ def run_correctness(device: torch.device, workers: int, deadline: float) -> list
             rows.append(run_case(c, device.type))
     else:
         ctx = mp.get_context("spawn")
-        with cf.ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_worker_init) as pool:
-            futs = {pool.submit(run_case, c, device.type): c for c in cases}
-            for f in cf.as_completed(futs):
+        pool = cf.ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_worker_init)
+        futs = {pool.submit(run_case, c, device.type): c for c in cases}
+        try:
+            for f in cf.as_completed(futs, timeout=max(1.0, deadline - time.monotonic())):
                 try:
-                    rows.append(f.result(timeout=max(1.0, deadline - time.monotonic())))
-                except Exception as e:  # noqa: BLE001
+                    rows.append(f.result())
+                except Exception as e:  # noqa: BLE001 - a dead worker: record, go on
                     rows.append({**futs[f], "status": "ERROR", "error": f"{type(e).__name__}: {e}"[:400]})
-                done = len(rows)
-                if done % 25 == 0 or done == len(cases):
+                if len(rows) % 25 == 0 or len(rows) == len(cases):
                     bad = sum(r["status"] != "ok" for r in rows)
-                    print(f"[correctness] {done}/{len(cases)} done, {bad} not ok", flush=True)
+                    print(f"[correctness] {len(rows)}/{len(cases)} done, {bad} not ok", flush=True)
+        except cf.TimeoutError:
+            rows += [{**c, "status": "SKIPPED", "error": "time budget"} for f, c in futs.items() if not f.done()]
+            for proc in list(getattr(pool, "_processes", {}).values()):
+                proc.kill()
+        finally:
+            pool.shutdown(wait=False, cancel_futures=True)
     for r in rows:
         r["case"] = _case_name(r)
         if r["status"] != "ok":
@@ -369,7 +375,7 @@ def _optional_gemlite():
         return None
 
 
-def run_dequant(device, copy_gbps, deadline) -> list[dict]:
+def run_dequant(device, copy_gbps, deadline, save) -> list[dict]:
     from triton_kernels import dequant_matmul as dq
     rows = []
     gemlite = _optional_gemlite()
@@ -413,8 +419,9 @@ def run_dequant(device, copy_gbps, deadline) -> list[dict]:
                     r[f"speedup_vs_{name}"] = round(ms / t["median_ms"], 3)
                 rows.append(r)
                 gl = gemlite_layers.get((bits, gs))
-                if gl is not None:
+                if gl is not None and deadline - time.monotonic() > 60:
                     r.update(_gemlite_timing(gl, x, t["median_ms"], fn))
+                save(rows)
                 print(f"[dequant] {N}x{K} M={M:<5d} int{bits} g{gs}: {t['median_ms']:.4f} ms  "
                       f"x{r['speedup_vs_fp16']:.2f} vs fp16  {r['pct_copy_bw']}% of copy BW"
                       + (f"  gemlite {r.get('gemlite_ms', r.get('gemlite_error', ''))}" if gl is not None else ""),
@@ -456,7 +463,7 @@ def _dq_row(N, K, M, variant, backend, t, wbytes, x, copy_gbps) -> dict:
             "pct_copy_bw": round(100 * gbps / copy_gbps, 1) if copy_gbps else "", "status": "ok"}
 
 
-def run_sparse_lowrank(device, deadline) -> list[dict]:
+def run_sparse_lowrank(device, deadline, save) -> list[dict]:
     from triton_kernels import sparse_matmul as sm
     from triton_kernels.lowrank_linear import lowrank_linear
     N = K = 8192
@@ -511,6 +518,7 @@ def run_sparse_lowrank(device, deadline) -> list[dict]:
                 r.setdefault("shape", f"{N}x{K}")
                 r.setdefault("dtype", "fp16")
                 r.setdefault("status", "ok")
+        save(rows)
         print(f"[sparse_lowrank] M={M}: " + "  ".join(f"{r['variant']} x{r['speedup_vs_fp16']}"
                                                        for r in rows if r.get("M") == M and "speedup_vs_fp16" in r),
               flush=True)
@@ -555,12 +563,14 @@ def main(argv=None) -> int:
         if section not in only:
             continue
         t0 = time.monotonic()
+        save = lambda rows, section=section: write_csv(out_dir / f"{section}.csv", [{**r, **prov} for r in rows])  # noqa: E731
         if t0 > deadline:
             summary.append({"section": section, "status": "SKIPPED (time budget)", "seconds": 0})
             continue
         try:
             if section == "correctness":
-                rows = run_correctness(device, workers, deadline)
+                # correctness gets at most 45% of the budget: the benchmarks are the other half of the truth
+                rows = run_correctness(device, workers, t0 + 0.45 * (deadline - t0))
                 n_ok = sum(r["status"] == "ok" for r in rows)
                 status = f"{n_ok}/{len(rows)} ok"
             elif section == "bandwidth":
@@ -568,15 +578,15 @@ def main(argv=None) -> int:
                 copy_gbps = rows[0]["gbps"]
                 status = f"copy {copy_gbps} GB/s"
             elif section == "dequant":
-                rows = run_dequant(device, copy_gbps, deadline)
+                rows = run_dequant(device, copy_gbps, deadline, save)
                 status = _dequant_headline(rows)
             else:
-                rows = run_sparse_lowrank(device, deadline)
+                rows = run_sparse_lowrank(device, deadline, save)
                 status = _sparse_headline(rows)
         except Exception as e:  # noqa: BLE001 - record, continue with the next section
             traceback.print_exc()
             rows, status = [], f"ERROR {type(e).__name__}: {e}"[:300]
-        write_csv(out_dir / f"{section}.csv", [{**r, **prov} for r in rows])
+        save(rows)
         summary.append({"section": section, "status": status, "seconds": round(time.monotonic() - t0, 1)})
         print(f"[{section}] {status} ({summary[-1]['seconds']} s)", flush=True)
     write_csv(out_dir / "summary.csv", [{**s, **prov} for s in summary])
