@@ -38,8 +38,9 @@ reproduce: $(STAMP)
 # there is one, else python3. GemLite columns appear when `gemlite` is importable.
 GPU_PY  ?= $(if $(wildcard $(PY)),$(PY),python3)
 GPU_OUT ?= results/gpu
+GPU_ARGS ?=
 gpu-check:
-	$(GPU_PY) -m benchmarks.gpu_check --out-dir $(GPU_OUT)
+	$(GPU_PY) -m benchmarks.gpu_check --out-dir $(GPU_OUT) $(GPU_ARGS)
 
 clean-venv:
 	rm -rf $(VENV)
