@@ -105,6 +105,25 @@ def test_dequant_matmul_grid(bits, group_size, symmetric, float_zeros, act, para
     assert_matmul_close(y, ref, x, w, bias, act)
 
 
+@pytest.mark.parametrize("bits", range(1, 9))
+@pytest.mark.parametrize("K", [128, 100], ids=["K128-planes-aligned", "K100-planes-midword"])
+@pytest.mark.parametrize("M,act,group_size,symmetric", [(1, torch.float16, 64, False), (7, torch.bfloat16, -1, True)],
+                         ids=["M1-fp16-g64-asym", "M7-bf16-perchannel-sym"])
+def test_decode_direct_store(bits, K, M, act, group_size, symmetric):
+    """N large enough that the decode kernel stores its rows directly (no split-K workspace), with
+    3/5/6/7-bit planes starting on a word (K=128) and mid-word (K=100, funnel-shifted loads)."""
+    N = 260  # ceil(260 / 64) * 1 = 5 row tiles >= 2 x the interpreter's 2 "SMs": no split
+    _, packed, scales, zeros = make_weight(N, K, bits, group_size, symmetric, torch.float16)
+    x = sliced((M, K), act)
+    bias = torch.randn(N).to(act)
+    kw = dict(bits=bits, group_size=group_size, symmetric=symmetric, bias=bias)
+    out = torch.full((M, N), float("nan"), dtype=act)
+    y = dequant_matmul(x, packed, scales, zeros, out=out, **kw)
+    ref = dequant_matmul_reference(x, packed, scales, zeros, **kw)
+    w = dequantize(packed, scales, zeros, bits=bits, group_size=group_size, K=K, symmetric=symmetric)
+    assert_matmul_close(y, ref, x, w, bias, act)
+
+
 @pytest.mark.parametrize("lead", [(2, 3), (3, 7), (1, 1, 1)], ids=["2x3-decode", "3x7-prefill", "1x1x1-gemv"])
 @pytest.mark.parametrize("act", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
 def test_leading_batch_dims(lead, act):
@@ -163,17 +182,25 @@ def test_dequantize_definition():
 # ---------------------------------------------------------------------------------------------
 # Packing
 # ---------------------------------------------------------------------------------------------
+PLANES = {1: (1,), 2: (2,), 3: (2, 1), 4: (4,), 5: (4, 1), 6: (4, 2), 7: (4, 2, 1), 8: (8,)}
+
+
 def naive_pack(q, bits):
-    """The layout spec, bit by bit: code j's bit b is stream bit j*bits + b = bit (i % 32) of word i // 32."""
+    """The layout spec, bit by bit: a code's bits split into planes of widths PLANES[bits] (low bits
+    first); bit b of code j's field in the plane of width w that starts at code bit lo is stream bit
+    K*lo + j*w + b, and stream bit i is bit (i % 32) of word i // 32."""
     N, K = q.shape
     W = math.ceil(K * bits / 32)
     out = []
     for row in q.tolist():
         words = [0] * W
-        for j, code in enumerate(row):
-            for b in range(bits):
-                i = j * bits + b
-                words[i // 32] |= ((code >> b) & 1) << (i % 32)
+        lo = 0
+        for w in PLANES[bits]:
+            for j, code in enumerate(row):
+                for b in range(w):
+                    i = K * lo + j * w + b
+                    words[i // 32] |= ((code >> (lo + b)) & 1) << (i % 32)
+            lo += w
         out.append([v - 2**32 if v >= 2**31 else v for v in words])
     return torch.tensor(out, dtype=torch.int32).reshape(N, W)
 

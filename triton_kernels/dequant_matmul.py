@@ -89,30 +89,28 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def gemv_configs(interpret: bool | None = None) -> list:
-    """Autotune configs of the decode (split-K) kernel; one small config under the interpreter.
+def planes(bits: int) -> tuple[int, ...]:
+    """Widths of the power-of-two bit planes a ``bits``-bit code is stored in, low bits first."""
+    return {1: (1,), 2: (2,), 3: (2, 1), 4: (4,), 5: (4, 1), 6: (4, 2), 7: (4, 2, 1), 8: (8,)}[bits]
 
-    The full list is what the compile check compiles for sm_80/sm_90/gfx942.
+
+def gemv_configs(interpret: bool | None = None, split: bool = False) -> list:
+    """Autotune configs of the decode kernel (``split``: the split-K variant); one under the interpreter.
+
+    Every config loads whole packed words: a row's BLOCK_K * bits / 32 words are contiguous, so at
+    4 bits and BLOCK_K = 256 a thread's share is 128-bit vectors. BLOCK_K is at most the group size
+    where groups are >= 32 (the pruner drops wider tiles), so a tile needs one scale per row.
     """
     if interpret is None:
         interpret = _interpreting()
     if interpret:
-        # SPLIT_K=2 so the interpreter exercises the atomic split-K reduction too.
-        return [triton.Config({"BLOCK_N": 32, "BLOCK_K": 32, "SPLIT_K": 2}, num_warps=4, num_stages=1)]
-    # Every element of a weight tile carries its own gather pointer(s) (codes may straddle words),
-    # so register use grows with BLOCK_N * BLOCK_K per thread. The compile check (sm_80/sm_90/gfx942,
-    # 3-bit group 32 = the heaviest variant) spilled at 64 tile elements per thread (e.g. 64x128 with
-    # 4 warps) and also 64x128 with 8 warps on gfx942; 16x256 / 4 warps and 32x128 / 8 warps are clean.
+        return [triton.Config({"BLOCK_N": 16, "BLOCK_K": 32, "SPLIT_K": 2 if split else 1},
+                              num_warps=4, num_stages=1)]
     out = []
-    for bn, bk, sk, warps in [
-        (16, 256, 1, 4),
-        (16, 256, 4, 4),
-        (16, 256, 16, 4),
-        (32, 128, 1, 8),
-        (32, 128, 8, 8),
-        (16, 64, 4, 4),  # the only tile here that fp32 activations fit at BLOCK_M=16 (see fp32_configs)
-    ]:
-        out.append(triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": sk}, num_warps=warps, num_stages=2))
+    for bn, bk, warps in [(16, 256, 4), (32, 256, 4), (64, 128, 4), (32, 128, 4), (16, 64, 4), (32, 32, 4)]:
+        for sk in ((4, 8) if split else (1,)):
+            out.append(triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": sk}, num_warps=warps,
+                                     num_stages=2))
     return out
 
 
@@ -123,14 +121,12 @@ def matmul_configs(interpret: bool | None = None) -> list:
     if interpret:
         return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4},
                               num_warps=4, num_stages=1)]
-    # Same per-thread budget as gemv_configs for the [BLOCK_N, BLOCK_K] dequantized tile plus the
-    # accumulator: the compile check spilled 128x64x32, 64x128x32 and 32x64x64 with 4 warps and
-    # 128x256x32 with 8 (3-bit group 32), on gfx942 also 64x128x32 and 32x64x64 with 8 warps, and
-    # passed 128x128x32 / 8 warps and 64x64x64 / 4 warps everywhere.
     out = []
     for bm, bn, bk, warps, stages in [
+        (128, 128, 64, 8, 3),
         (128, 128, 32, 8, 3),
-        (64, 64, 64, 4, 3),
+        (64, 128, 64, 4, 3),
+        (128, 64, 64, 4, 3),
     ]:
         out.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8},
                                  num_warps=warps, num_stages=stages))
@@ -139,87 +135,134 @@ def matmul_configs(interpret: bool | None = None) -> list:
 
 def fp32_configs(configs):
     """The decode configs fp32 activations may use with BLOCK_M=16: an ieee fp32 tl.dot has no
-    tensor-core path and is register-hungry. The compile check (sm_90, 3-bit group 32) spilled
-    16x256, 32x128, 32x64 and 16x128 tiles and passed 16x64; the prefill kernel spilled even at
-    32x32x32, so fp32 activations never take it."""
+    tensor-core path and is register-hungry, so only tiles of at most 1024 weights."""
     return [c for c in configs if c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"] <= 1024] or configs[-1:]
 
 
+def _fits_group(configs, group_size):
+    """Tiles inside one group (BLOCK_K <= group size) where groups are >= 32; keep at least one."""
+    if group_size == -1 or group_size < 32:
+        return configs
+    return [c for c in configs if c.kwargs["BLOCK_K"] <= group_size] or configs[-1:]
+
+
 def _prune_gemv(configs, named_args, **kwargs):
-    """Drop K splits with nothing to do and K blocks wider than the whole row; keep at least one."""
+    """Drop K blocks wider than the row, splits with nothing to do, tiles wider than a group."""
     args = {**named_args, **kwargs}
     K = args["K"]
     if args["BLOCK_M"] > 1 and args["x_ptr"].dtype == torch.float32:
         configs = fp32_configs(configs)
+    configs = _fits_group(configs, args["GROUP_SIZE"])
     kept = [c for c in configs
             if c.kwargs["BLOCK_K"] <= max(32, triton.next_power_of_2(K))
             and c.kwargs["SPLIT_K"] <= triton.cdiv(K, c.kwargs["BLOCK_K"])]
-    return kept or configs[:1]
+    return kept or configs[-1:]
 
 
 def _prune_matmul(configs, named_args, **kwargs):
-    """Drop tiles taller than the M bucket (pure padding) or wider than N / K; keep at least one."""
+    """Drop tiles taller than the M bucket (pure padding), wider than N / K or than a group."""
     args = {**named_args, **kwargs}
     m_bucket, N, K = args["M_BUCKET"], args["N"], args["K"]
+    configs = _fits_group(configs, args["GROUP_SIZE"])
     kept = [c for c in configs
             if c.kwargs["BLOCK_M"] <= max(32, m_bucket)
             and c.kwargs["BLOCK_N"] <= max(32, triton.next_power_of_2(N))
             and c.kwargs["BLOCK_K"] <= max(32, triton.next_power_of_2(K))]
-    return kept or configs[:1]
+    return kept or configs[-1:]
 
 
 # ----------------------------------------------------------------------------------------------
 # Kernels
 # ----------------------------------------------------------------------------------------------
 @triton.jit
-def _dequant_tile(packed_ptr, scales_ptr, zeros_ptr, offs_n, offs_k, N, K,
-                  stride_pn, stride_sn, stride_sg, stride_zn, stride_zg, k_start,
-                  BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, SYMMETRIC: tl.constexpr,
-                  BLOCK_K: tl.constexpr):
-    """fp32 tile [BLOCK_N, BLOCK_K] of dequantized weights (k = k_start + arange); zero outside (N, K)."""
-    mask_n = offs_n < N
-    mask_k = offs_k < K
-    mask = mask_n[:, None] & mask_k[None, :]
-    bitpos = offs_k * BITS  # int32 is enough: a row holds < 2^31 bits
-    word = bitpos // 32
-    shift = (bitpos % 32).to(tl.uint32)
-    ptrs = packed_ptr + offs_n[:, None] * stride_pn + word[None, :]  # [BN, BK]
-    lo = tl.load(ptrs, mask=mask, other=0).to(tl.uint32, bitcast=True)  # unsigned: logical shifts
-    q = lo >> shift[None, :]
-    if 32 % BITS != 0:
-        # Only straddling codes read the next word (it may not exist for the others).
-        straddle = (shift + BITS) > 32
-        hi = tl.load(ptrs + 1, mask=mask & straddle[None, :], other=0).to(tl.uint32, bitcast=True)
-        # Two shifts: one shift by (32 - shift) would be a shift by 32 (undefined) when shift == 0.
-        q = q | ((hi << 1) << (31 - shift[None, :]))
-    q = q & ((1 << BITS) - 1)
-    qf = q.to(tl.float32)  # [BN, BK]
+def _unpack_words(v, W: tl.constexpr):
+    """uint32 words [R, C] of W-bit codes (LSB first) -> codes [R, C * 32 // W] in stream order.
 
-    if GROUP_SIZE == -1:
-        # One group per row.
-        s = tl.load(scales_ptr + offs_n * stride_sn, mask=mask_n, other=0.0).to(tl.float32)[:, None]
-        if not SYMMETRIC:
-            z = tl.load(zeros_ptr + offs_n * stride_zn, mask=mask_n, other=0.0).to(tl.float32)[:, None]
-    elif GROUP_SIZE >= BLOCK_K:
-        # Both powers of two and k_start a multiple of BLOCK_K: the tile lies inside one group,
-        # so one scale per row (a [BN] load instead of a [BN, BK] gather).
-        g = k_start // GROUP_SIZE
-        s = tl.load(scales_ptr + offs_n * stride_sn + g * stride_sg, mask=mask_n, other=0.0)
-        s = s.to(tl.float32)[:, None]
-        if not SYMMETRIC:
-            z = tl.load(zeros_ptr + offs_n * stride_zn + g * stride_zg, mask=mask_n, other=0.0)
-            z = z.to(tl.float32)[:, None]
+    Each step splits every element into its low and high half and interleaves them, so a word's
+    earlier codes (low bits) come first: log2(32 / W) shift/mask/interleave steps in registers.
+    """
+    if W <= 16:
+        v = tl.interleave(v & 0xFFFF, v >> 16)
+    if W <= 8:
+        v = tl.interleave(v & 0xFF, v >> 8)
+    if W <= 4:
+        v = tl.interleave(v & 0xF, v >> 4)
+    if W <= 2:
+        v = tl.interleave(v & 0x3, v >> 2)
+    if W <= 1:
+        v = tl.interleave(v & 0x1, v >> 1)
+    return v
+
+
+@triton.jit
+def _plane_codes(row_ptrs, mask_n, WPR, word0, SHIFT, W: tl.constexpr, BLOCK_K: tl.constexpr,
+                 ALIGNED: tl.constexpr):
+    """Codes [BN, BLOCK_K] of one W-bit plane whose tile starts at bit 32 * word0 + SHIFT of each row."""
+    BW: tl.constexpr = BLOCK_K * W // 32
+    offs_w = word0 + tl.arange(0, BW)
+    ptrs = row_ptrs[:, None] + offs_w[None, :]  # [BN, BW]: contiguous words of each row
+    v = tl.load(ptrs, mask=mask_n[:, None] & (offs_w < WPR)[None, :], other=0).to(tl.uint32, bitcast=True)
+    if not ALIGNED:
+        # The plane starts mid-word (K * lower widths not a multiple of 32): funnel-shift word pairs.
+        hi = tl.load(ptrs + 1, mask=mask_n[:, None] & (offs_w + 1 < WPR)[None, :], other=0)
+        hi = hi.to(tl.uint32, bitcast=True)
+        v = (v >> SHIFT) | ((hi << 1) << (31 - SHIFT))
+    return _unpack_words(v, W)
+
+
+@triton.jit
+def _codes_tile(packed_ptr, offs_n, mask_n, stride_pn, WPR, kb, P1_WORD0, P1_SHIFT, P2_WORD0, P2_SHIFT,
+                W0: tl.constexpr, W1: tl.constexpr, W2: tl.constexpr, BLOCK_K: tl.constexpr,
+                ALIGNED: tl.constexpr):
+    """uint32 codes [BN, BLOCK_K] of K block ``kb``: the planes' codes, shifted into place and OR-ed."""
+    row_ptrs = packed_ptr + offs_n * stride_pn
+    q = _plane_codes(row_ptrs, mask_n, WPR, kb * (BLOCK_K * W0 // 32), 0, W0, BLOCK_K, True)
+    if W1 > 0:
+        q1 = _plane_codes(row_ptrs, mask_n, WPR, P1_WORD0 + kb * (BLOCK_K * W1 // 32), P1_SHIFT, W1,
+                          BLOCK_K, ALIGNED)
+        q = q | (q1 << W0)
+    if W2 > 0:
+        q2 = _plane_codes(row_ptrs, mask_n, WPR, P2_WORD0 + kb * (BLOCK_K * W2 // 32), P2_SHIFT, W2,
+                          BLOCK_K, ALIGNED)
+        q = q | (q2 << (W0 + W1))
+    return q
+
+
+@triton.jit
+def _row_params(scales_ptr, zeros_ptr, offs_n, mask_n, g, stride_sn, stride_sg, stride_zn, stride_zg,
+                BITS: tl.constexpr, SYMMETRIC: tl.constexpr):
+    """fp32 scale and zero point [BN] of group g of each row (the zero 2^(bits-1) when symmetric)."""
+    s = tl.load(scales_ptr + offs_n * stride_sn + g * stride_sg, mask=mask_n, other=0.0).to(tl.float32)
+    if SYMMETRIC:
+        z = tl.full(s.shape, 1 << (BITS - 1), tl.float32)
+    else:
+        z = tl.load(zeros_ptr + offs_n * stride_zn + g * stride_zg, mask=mask_n, other=0.0).to(tl.float32)
+    return s, z
+
+
+@triton.jit
+def _dequant_elementwise(q, scales_ptr, zeros_ptr, offs_n, offs_k, mask_n, K, kb, stride_sn, stride_sg,
+                         stride_zn, stride_zg, BITS: tl.constexpr, GROUP_SIZE: tl.constexpr,
+                         SYMMETRIC: tl.constexpr, BLOCK_K: tl.constexpr):
+    """fp32 weights [BN, BK] = (q - z) * s, the documented formula (two roundings, no FMA).
+
+    One scale/zero per row when the tile lies inside one group (per-channel, or BLOCK_K <= group
+    size), else gathered per element (groups narrower than the tile).
+    """
+    mask = mask_n[:, None] & (offs_k < K)[None, :]
+    if GROUP_SIZE == -1 or GROUP_SIZE >= BLOCK_K:
+        g = 0 if GROUP_SIZE == -1 else (kb * BLOCK_K) // GROUP_SIZE
+        s, z = _row_params(scales_ptr, zeros_ptr, offs_n, mask_n, g, stride_sn, stride_sg, stride_zn,
+                           stride_zg, BITS, SYMMETRIC)
+        w = (q.to(tl.float32) - z[:, None]) * s[:, None]
     else:
         g = offs_k // GROUP_SIZE
-        s = tl.load(scales_ptr + offs_n[:, None] * stride_sn + g[None, :] * stride_sg,
-                    mask=mask, other=0.0).to(tl.float32)
-        if not SYMMETRIC:
-            z = tl.load(zeros_ptr + offs_n[:, None] * stride_zn + g[None, :] * stride_zg,
-                        mask=mask, other=0.0).to(tl.float32)
-    if SYMMETRIC:
-        w = (qf - (1 << (BITS - 1))) * s
-    else:
-        w = (qf - z) * s
+        s = tl.load(scales_ptr + offs_n[:, None] * stride_sn + g[None, :] * stride_sg, mask=mask, other=0.0)
+        if SYMMETRIC:
+            w = (q.to(tl.float32) - (1 << (BITS - 1))) * s.to(tl.float32)
+        else:
+            z = tl.load(zeros_ptr + offs_n[:, None] * stride_zn + g[None, :] * stride_zg, mask=mask, other=0.0)
+            w = (q.to(tl.float32) - z.to(tl.float32)) * s.to(tl.float32)
     # Outside (N, K) the tile must be exactly 0 even if a scale is inf/NaN (0 * inf = NaN).
     return tl.where(mask, w, 0.0)
 
@@ -247,19 +290,59 @@ def _dot_acc(x, w, acc, EMULATE_BF16_DOT: tl.constexpr):
 
 
 @triton.jit
+def _k_block(acc, accq, xsum, x, q, scales_ptr, zeros_ptr, offs_n, offs_k, mask_n, K, kb,
+             stride_sn, stride_sg, stride_zn, stride_zg,
+             BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, SYMMETRIC: tl.constexpr, BLOCK_M: tl.constexpr,
+             BLOCK_K: tl.constexpr, EMULATE_BF16_DOT: tl.constexpr):
+    """One K block of sum_k x[m, k] * (q[n, k] - z) * s.
+
+    Factored (per-channel, or the tile inside one group): the codes are multiplied as they are
+    (exact small integers in any dtype) and the group's zero and scale applied once per tile:
+    s * (sum_k x q - z * sum_k x). accq/xsum carry the per-channel sums to the end.
+    Otherwise (groups narrower than the tile): dequantize each weight, then multiply.
+    """
+    if GROUP_SIZE == -1 or GROUP_SIZE >= BLOCK_K:
+        if BLOCK_M == 1:
+            part = tl.sum(q.to(tl.float32) * x[None, :], axis=1)  # [BN]
+            xs = tl.sum(x, axis=0)
+        else:
+            part = _dot_acc(x, q.to(tl.float32), tl.zeros(acc.shape, tl.float32), EMULATE_BF16_DOT)  # [BM, BN]
+            xs = tl.sum(x.to(tl.float32), axis=1)[:, None]  # [BM, 1]
+        if GROUP_SIZE == -1:
+            accq += part
+            xsum += xs
+        else:
+            s, z = _row_params(scales_ptr, zeros_ptr, offs_n, mask_n, (kb * BLOCK_K) // GROUP_SIZE,
+                               stride_sn, stride_sg, stride_zn, stride_zg, BITS, SYMMETRIC)
+            if BLOCK_M == 1:
+                acc += (part - z * xs) * s
+            else:
+                acc += (part - xs * z[None, :]) * s[None, :]
+    else:
+        w = _dequant_elementwise(q, scales_ptr, zeros_ptr, offs_n, offs_k, mask_n, K, kb, stride_sn, stride_sg,
+                                 stride_zn, stride_zg, BITS, GROUP_SIZE, SYMMETRIC, BLOCK_K)
+        if BLOCK_M == 1:
+            acc += tl.sum(w * x[None, :], axis=1)
+        else:
+            acc = _dot_acc(x, w, acc, EMULATE_BF16_DOT)
+    return acc, accq, xsum
+
+
+@triton.jit
 def dequant_gemv_kernel(
-    # pointers
-    x_ptr, packed_ptr, scales_ptr, zeros_ptr, bias_ptr, ws_ptr,
-    # sizes
-    M, N, K,
-    # strides: x (M, K); packed (N, words); scales, zeros (N, groups); fp32 workspace (M, N)
-    stride_xm, stride_xk, stride_pn, stride_sn, stride_sg, stride_zn, stride_zg, stride_wm,
-    # meta-parameters
-    BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, SYMMETRIC: tl.constexpr, HAS_BIAS: tl.constexpr,
+    # pointers (out is written when SPLIT_K == 1, the fp32 workspace ws accumulated otherwise)
+    x_ptr, packed_ptr, scales_ptr, zeros_ptr, bias_ptr, out_ptr, ws_ptr,
+    # sizes: WPR = words per packed row; plane 1 / 2 start at bit 32 * P*_WORD0 + P*_SHIFT of a row
+    M, N, K, WPR, P1_WORD0, P1_SHIFT, P2_WORD0, P2_SHIFT,
+    # strides: x (M, K); packed (N, words); scales, zeros (N, groups); out and ws (M, N)
+    stride_xm, stride_xk, stride_pn, stride_sn, stride_sg, stride_zn, stride_zg, stride_om, stride_wm,
+    # meta-parameters: BITS = W0 + W1 + W2 (plane widths), ALIGNED = every plane starts on a word
+    BITS: tl.constexpr, W0: tl.constexpr, W1: tl.constexpr, W2: tl.constexpr, ALIGNED: tl.constexpr,
+    GROUP_SIZE: tl.constexpr, SYMMETRIC: tl.constexpr, HAS_BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
     EMULATE_BF16_DOT: tl.constexpr = False,  # interpreter only, see _dot_acc
 ):
-    """Decode path: ws[m, n] += sum over this program's K blocks of x[m, k] * w[n, k] (split-K)."""
+    """Decode path: out[m, n] = sum_k x[m, k] * w[n, k] (+ bias), K split over SPLIT_K programs."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     pid_m = tl.program_id(2)  # > 0 only for fp32 activations with M > 16 (see dequant_matmul)
@@ -269,24 +352,33 @@ def dequant_gemv_kernel(
     mask_m = offs_m < M
     if BLOCK_M == 1:
         acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+        xsum = tl.zeros([1], dtype=tl.float32).sum(axis=0)
     else:
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        xsum = tl.zeros([BLOCK_M, 1], dtype=tl.float32)
+    accq = tl.zeros(acc.shape, dtype=tl.float32)
     num_kb = tl.cdiv(K, BLOCK_K)
     for kb in range(pid_k, num_kb, SPLIT_K):
-        k_start = kb * BLOCK_K
-        offs_k = k_start + tl.arange(0, BLOCK_K)
+        offs_k = kb * BLOCK_K + tl.arange(0, BLOCK_K)
         mask_k = offs_k < K
-        w = _dequant_tile(packed_ptr, scales_ptr, zeros_ptr, offs_n, offs_k, N, K,
-                          stride_pn, stride_sn, stride_sg, stride_zn, stride_zg, k_start,
-                          BITS, GROUP_SIZE, SYMMETRIC, BLOCK_K)  # [BN, BK] fp32
+        q = _codes_tile(packed_ptr, offs_n, mask_n, stride_pn, WPR, kb, P1_WORD0, P1_SHIFT, P2_WORD0,
+                        P2_SHIFT, W0, W1, W2, BLOCK_K, ALIGNED)  # [BN, BK] uint32
         if BLOCK_M == 1:
             # M == 1: a register reduction; padding to a 16-row MMA would waste 15/16 of it.
             x = tl.load(x_ptr + offs_k * stride_xk, mask=mask_k, other=0.0).to(tl.float32)  # [BK]
-            acc += tl.sum(w * x[None, :], axis=1)
         else:
             x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
                         mask=mask_m[:, None] & mask_k[None, :], other=0.0)  # [BM, BK]
-            acc = _dot_acc(x, w, acc, EMULATE_BF16_DOT)  # [BM, BN]
+        acc, accq, xsum = _k_block(acc, accq, xsum, x, q, scales_ptr, zeros_ptr, offs_n, offs_k, mask_n, K, kb,
+                                   stride_sn, stride_sg, stride_zn, stride_zg, BITS, GROUP_SIZE, SYMMETRIC,
+                                   BLOCK_M, BLOCK_K, EMULATE_BF16_DOT)
+    if GROUP_SIZE == -1:
+        s, z = _row_params(scales_ptr, zeros_ptr, offs_n, mask_n, 0, stride_sn, stride_sg, stride_zn,
+                           stride_zg, BITS, SYMMETRIC)
+        if BLOCK_M == 1:
+            acc = (accq - z * xsum) * s
+        else:
+            acc = (accq - xsum * z[None, :]) * s[None, :]
     if HAS_BIAS:
         first_split = tl.full([BLOCK_N], pid_k, tl.int32) == 0  # only split 0 adds the bias
         b = tl.load(bias_ptr + offs_n, mask=mask_n & first_split, other=0.0).to(tl.float32)
@@ -294,23 +386,34 @@ def dequant_gemv_kernel(
             acc += b
         else:
             acc += b[None, :]
-    if BLOCK_M == 1:
-        tl.atomic_add(ws_ptr + offs_n, acc, mask=mask_n)
+    if SPLIT_K == 1:
+        # Stored directly in the activation dtype: no workspace, no second launch.
+        if EMULATE_BF16_DOT:
+            acc = _round_to_bf16(acc)  # the interpreter's own fp32 -> bf16 store would truncate
+        if BLOCK_M == 1:
+            tl.store(out_ptr + offs_n, acc.to(out_ptr.dtype.element_ty), mask=mask_n)
+        else:
+            tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :], acc.to(out_ptr.dtype.element_ty),
+                     mask=mask_m[:, None] & mask_n[None, :])
     else:
-        tl.atomic_add(ws_ptr + offs_m[:, None] * stride_wm + offs_n[None, :], acc,
-                      mask=mask_m[:, None] & mask_n[None, :])
+        if BLOCK_M == 1:
+            tl.atomic_add(ws_ptr + offs_n, acc, mask=mask_n)
+        else:
+            tl.atomic_add(ws_ptr + offs_m[:, None] * stride_wm + offs_n[None, :], acc,
+                          mask=mask_m[:, None] & mask_n[None, :])
 
 
 @triton.jit
 def dequant_matmul_kernel(
     # pointers
     x_ptr, packed_ptr, scales_ptr, zeros_ptr, bias_ptr, out_ptr,
-    # sizes (M_BUCKET is only an autotune key: next power of two of M)
-    M, N, K, M_BUCKET,
+    # sizes (M_BUCKET is only an autotune key: next power of two of M); planes as in the decode kernel
+    M, N, K, M_BUCKET, WPR, P1_WORD0, P1_SHIFT, P2_WORD0, P2_SHIFT,
     # strides: x (M, K); packed (N, words); scales, zeros (N, groups); out (M, N)
     stride_xm, stride_xk, stride_pn, stride_sn, stride_sg, stride_zn, stride_zg, stride_om, stride_on,
     # meta-parameters
-    BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, SYMMETRIC: tl.constexpr, HAS_BIAS: tl.constexpr,
+    BITS: tl.constexpr, W0: tl.constexpr, W1: tl.constexpr, W2: tl.constexpr, ALIGNED: tl.constexpr,
+    GROUP_SIZE: tl.constexpr, SYMMETRIC: tl.constexpr, HAS_BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     EMULATE_BF16_DOT: tl.constexpr = False,  # interpreter only, see _dot_acc
 ):
@@ -331,14 +434,17 @@ def dequant_matmul_kernel(
     mask_m = offs_m < M
     mask_n = offs_n < N
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for k_start in range(0, K, BLOCK_K):
-        offs_k = k_start + tl.arange(0, BLOCK_K)
-        mask_k = offs_k < K
+    for kb in range(0, tl.cdiv(K, BLOCK_K)):
+        offs_k = kb * BLOCK_K + tl.arange(0, BLOCK_K)
         x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
-                    mask=mask_m[:, None] & mask_k[None, :], other=0.0)  # [BM, BK]
-        w = _dequant_tile(packed_ptr, scales_ptr, zeros_ptr, offs_n, offs_k, N, K,
-                          stride_pn, stride_sn, stride_sg, stride_zn, stride_zg, k_start,
-                          BITS, GROUP_SIZE, SYMMETRIC, BLOCK_K)  # [BN, BK] fp32
+                    mask=mask_m[:, None] & (offs_k < K)[None, :], other=0.0)  # [BM, BK]
+        q = _codes_tile(packed_ptr, offs_n, mask_n, stride_pn, WPR, kb, P1_WORD0, P1_SHIFT, P2_WORD0,
+                        P2_SHIFT, W0, W1, W2, BLOCK_K, ALIGNED)  # [BN, BK] uint32
+        # Dequantized once per tile and shared by BLOCK_M rows, so the per-weight formula costs little
+        # here; the factored form of the decode kernel would need a second [BM, BN] accumulator
+        # (the compile check: 128x128 tiles spilled 600 bytes with it).
+        w = _dequant_elementwise(q, scales_ptr, zeros_ptr, offs_n, offs_k, mask_n, K, kb, stride_sn, stride_sg,
+                                 stride_zn, stride_zg, BITS, GROUP_SIZE, SYMMETRIC, BLOCK_K)  # [BN, BK] fp32
         acc = _dot_acc(x, w, acc, EMULATE_BF16_DOT)  # [BM, BN]
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
@@ -348,9 +454,12 @@ def dequant_matmul_kernel(
              acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
 
-_gemv_autotuned = triton.autotune(
-    configs=gemv_configs(), key=["BLOCK_M", "N", "K", "BITS", "GROUP_SIZE", "SYMMETRIC"],
-    prune_configs_by={"early_config_prune": _prune_gemv},
+_GEMV_KEY = ["BLOCK_M", "N", "K", "BITS", "GROUP_SIZE", "SYMMETRIC"]
+_gemv_direct = triton.autotune(
+    configs=gemv_configs(), key=_GEMV_KEY, prune_configs_by={"early_config_prune": _prune_gemv},
+)(dequant_gemv_kernel)
+_gemv_split = triton.autotune(
+    configs=gemv_configs(split=True), key=_GEMV_KEY, prune_configs_by={"early_config_prune": _prune_gemv},
     reset_to_zero=["ws_ptr"],  # benchmarking re-runs the atomics into the same workspace
 )(dequant_gemv_kernel)
 
@@ -461,11 +570,32 @@ def _check_call(x, packed, scales, zeros, bits, group_size, symmetric, bias, out
 # ----------------------------------------------------------------------------------------------
 # Launcher
 # ----------------------------------------------------------------------------------------------
+_SM_COUNT: dict = {}
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 2  # the interpreter: small, so that the tests' N take both decode variants
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _SM_COUNT:
+        _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+    return _SM_COUNT[idx]
+
+
+def plane_args(K: int, bits: int) -> dict:
+    """The kernels' plane arguments for a (K, bits) weight: widths, where planes 1 and 2 start, alignment."""
+    widths = planes(bits) + (0,) * (3 - len(planes(bits)))
+    start1, start2 = K * widths[0], K * (widths[0] + widths[1])
+    return dict(WPR=_num_words(K, bits), P1_WORD0=start1 // 32, P1_SHIFT=start1 % 32,
+                P2_WORD0=start2 // 32, P2_SHIFT=start2 % 32,
+                W0=widths[0], W1=widths[1], W2=widths[2], ALIGNED=start1 % 32 == 0 and start2 % 32 == 0)
+
+
 def dequant_matmul(x, packed, scales, zeros, *, bits, group_size, symmetric, bias=None, out=None):
     """``x @ dequantize(packed, scales, zeros)^T (+ bias)`` in x's dtype, accumulated in fp32.
 
-    x: (..., K) fp16/bf16/fp32; K is x.shape[-1]. M = prod(x.shape[:-1]) <= 16 takes the split-K
-    decode kernel, larger M the tiled tensor-core kernel. ``out``: optional preallocated
+    x: (..., K) fp16/bf16/fp32; K is x.shape[-1]. M = prod(x.shape[:-1]) <= 16 takes the decode
+    kernel, larger M the tiled tensor-core kernel. ``out``: optional preallocated
     contiguous (..., N) tensor of x's dtype.
     """
     K, N = _check_call(x, packed, scales, zeros, bits, group_size, symmetric, bias, out)
@@ -479,30 +609,37 @@ def dequant_matmul(x, packed, scales, zeros, *, bits, group_size, symmetric, bia
         return out
     if packed.stride(1) != 1:
         packed = packed.contiguous()
+    pa = plane_args(K, bits)
+    sizes = {k: pa.pop(k) for k in ("WPR", "P1_WORD0", "P1_SHIFT", "P2_WORD0", "P2_SHIFT")}
     zeros_arg = scales if (symmetric or zeros is None) else zeros  # unused when SYMMETRIC
     bias_arg = bias if bias is not None else scales  # unused when not HAS_BIAS
     sg = scales.stride(1)
     zn, zg = zeros_arg.stride(0), zeros_arg.stride(1)
     common = dict(BITS=bits, GROUP_SIZE=group_size, SYMMETRIC=symmetric, HAS_BIAS=bias is not None,
-                  EMULATE_BF16_DOT=_interpreting() and x.dtype == torch.bfloat16)
+                  EMULATE_BF16_DOT=_interpreting() and x.dtype == torch.bfloat16, **pa)
     if M <= GEMV_MAX_M or x.dtype == torch.float32:
-        # fp32 activations take the split-K kernel at every M, 16 rows per program along grid axis 2:
+        # fp32 activations take the decode kernel at every M, 16 rows per program along grid axis 2:
         # no ieee fp32 tl.dot tile big enough for the prefill kernel compiles without spills.
-        ws = torch.zeros((M, N), device=x.device, dtype=torch.float32)
         block_m = 1 if M == 1 else 16
+        # Split K only where the rows alone give too few programs to keep every SM streaming
+        # (fewer than 2 x 64-row tiles per SM); otherwise store directly, without workspace or copy.
+        split = triton.cdiv(N, 64) * triton.cdiv(M, block_m) < 2 * _num_sms(x.device)
+        ws = torch.zeros((M, N), device=x.device, dtype=torch.float32) if split else out2
+        kernel = _gemv_split if split else _gemv_direct
         grid = lambda META: (triton.cdiv(N, META["BLOCK_N"]), META["SPLIT_K"], triton.cdiv(M, block_m))  # noqa: E731
-        _gemv_autotuned[grid](
-            x2, packed, scales, zeros_arg, bias_arg, ws,
-            M, N, K,
-            x2.stride(0), x2.stride(1), packed.stride(0), scales.stride(0), sg, zn, zg, ws.stride(0),
-            BLOCK_M=block_m, **common)
-        out2.copy_(ws)  # the cast to the activation dtype, after all K splits have landed
+        kernel[grid](
+            x2, packed, scales, zeros_arg, bias_arg, out2, ws,
+            M, N, K, *sizes.values(),
+            x2.stride(0), x2.stride(1), packed.stride(0), scales.stride(0), sg, zn, zg, out2.stride(0),
+            ws.stride(0), BLOCK_M=block_m, **common)
+        if split:
+            out2.copy_(ws)  # the cast to the activation dtype, after all K splits have landed
     else:
         m_bucket = min(triton.next_power_of_2(M), 4096)
         grid = lambda META: (triton.cdiv(M, META["BLOCK_M"]) * triton.cdiv(N, META["BLOCK_N"]),)  # noqa: E731
         _matmul_autotuned[grid](
             x2, packed, scales, zeros_arg, bias_arg, out2,
-            M, N, K, m_bucket,
+            M, N, K, m_bucket, *sizes.values(),
             x2.stride(0), x2.stride(1), packed.stride(0), scales.stride(0), sg, zn, zg,
             out2.stride(0), out2.stride(1),
             **common)
@@ -541,8 +678,19 @@ def dequant_matmul_reference(x, packed, scales, zeros, *, bits, group_size, symm
 # ----------------------------------------------------------------------------------------------
 # Packing and compression helpers
 # ----------------------------------------------------------------------------------------------
+def _stream_words(codes, width: int):
+    """int64 (N, K) codes of a power-of-two ``width`` -> int64 (N, ceil(K*width/32)) LSB-first words."""
+    N, K = codes.shape
+    per = 32 // width
+    W = (K * width + 31) // 32
+    c = torch.zeros((N, W * per), dtype=torch.int64, device=codes.device)
+    c[:, :K] = codes
+    shifts = torch.arange(per, device=codes.device, dtype=torch.int64) * width
+    return (c.view(N, W, per) << shifts).sum(dim=2)  # disjoint bit fields: sum == OR
+
+
 def pack(q, bits):
-    """Codes (N, K) in [0, 2^bits) -> int32 (N, ceil(K*bits/32)) LSB-first bit streams (see docstring)."""
+    """Codes (N, K) in [0, 2^bits) -> int32 (N, ceil(K*bits/32)) bit planes (see the module docstring)."""
     _check_bits(bits)
     if not isinstance(q, torch.Tensor):
         raise TypeError(f"q must be an integer torch.Tensor of shape (N, K), got {type(q).__name__}")
@@ -555,19 +703,21 @@ def pack(q, bits):
     if q.numel() and (int(q.min()) < 0 or int(q.max()) >= 2 ** bits):
         raise ValueError(f"q has codes in [{int(q.min())}, {int(q.max())}], outside [0, {2 ** bits - 1}] "
                          f"for bits={bits}")
-    # The stream repeats every 32 codes (= `bits` words): place each of those 32 codes with
-    # constant word/shift, vectorised over rows and periods (no per-bit tensor: memory stays ~8x q).
-    P = (K + 31) // 32
-    qp = torch.zeros((N, P * 32), dtype=torch.int64, device=q.device)
-    qp[:, :K] = q
-    qp = qp.view(N, P, 32)
-    words = torch.zeros((N, P, bits), dtype=torch.int64, device=q.device)
-    for c in range(32):
-        w, s = divmod(c * bits, 32)
-        words[:, :, w] |= (qp[:, :, c] << s) & 0xFFFFFFFF
-        if s + bits > 32:
-            words[:, :, w + 1] |= qp[:, :, c] >> (32 - s)
-    words = words.view(N, P * bits)[:, :_num_words(K, bits)]
+    # One bit stream per row: plane 0's K codes, then plane 1's, ... Each plane is packed into whole
+    # words (codes never straddle inside it) and shifted to its start bit K * (lower widths).
+    total = _num_words(K, bits)
+    words = torch.zeros((N, total + 1), dtype=torch.int64, device=q.device)
+    lo = 0
+    for width in planes(bits):
+        pw = _stream_words((q >> lo) & ((1 << width) - 1), width)
+        start = K * lo
+        w0, sh = divmod(start, 32)
+        n = pw.shape[1]
+        words[:, w0:w0 + n] |= (pw << sh) & 0xFFFFFFFF
+        if sh:
+            words[:, w0 + 1:w0 + 1 + n] |= pw >> (32 - sh)
+        lo += width
+    words = words[:, :total]
     words = torch.where(words >= 2 ** 31, words - 2 ** 32, words)  # two's complement into int32
     return words.to(torch.int32).contiguous()
 
@@ -585,19 +735,18 @@ def unpack(packed, bits, K):
         raise ValueError(f"packed has {packed.shape[1]} words per row, but K={K} at bits={bits} needs "
                          f"{_num_words(K, bits)}")
     N = packed.shape[0]
-    P = (K + 31) // 32
-    words = torch.zeros((N, P * bits), dtype=torch.int64, device=packed.device)
-    words[:, :packed.shape[1]] = packed.to(torch.int64) & 0xFFFFFFFF
-    words = words.view(N, P, bits)
-    q = torch.empty((N, P, 32), dtype=torch.int64, device=packed.device)
-    mask = 2 ** bits - 1
-    for c in range(32):
-        w, s = divmod(c * bits, 32)
-        v = words[:, :, w] >> s
-        if s + bits > 32:
-            v = v | (words[:, :, w + 1] << (32 - s))
-        q[:, :, c] = v & mask
-    return q.view(N, P * 32)[:, :K].to(torch.uint8).contiguous()
+    words = torch.zeros((N, packed.shape[1] + 1), dtype=torch.int64, device=packed.device)
+    words[:, :-1] = packed.to(torch.int64) & 0xFFFFFFFF
+    q = torch.zeros((N, K), dtype=torch.int64, device=packed.device)
+    k = torch.arange(K, device=packed.device, dtype=torch.int64)
+    lo = 0
+    for width in planes(bits):
+        bit = K * lo + k * width  # stream bit of each code's plane field
+        w, sh = bit // 32, bit % 32
+        v = (words[:, w] >> sh) | (words[:, w + 1] << (32 - sh))  # fields may straddle when unaligned
+        q |= (v & ((1 << width) - 1)) << lo
+        lo += width
+    return q.to(torch.uint8).contiguous()
 
 
 def quantize_rtn(w, bits, group_size, symmetric):

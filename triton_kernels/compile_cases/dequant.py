@@ -1,17 +1,17 @@
 """Compile-check cases for ``triton_kernels.dequant_matmul``.
 
-Every autotune config of both kernels on a representative 4096 x 4096 problem, in the two variants
-that bound the resource use: 4-bit with group 128 (the common case: no straddling codes, one scale
-per row per K block) and 3-bit with group 32 (the heaviest: codes straddle words, so a second load,
-and groups narrower than BLOCK_K, so a gathered scale/zero tile). A few more variants (8-bit
-symmetric, per-channel, fp32 activations) on each kernel's first config cover the remaining
-constexpr branches without compiling the full product.
+Every autotune config of the three kernels (decode with direct store, decode with split-K, prefill) on
+a representative 4096 x 4096 problem, each config as the pruner would run it (tiles no wider than a
+group of >= 32), in the variants that bound the resource use: 4-bit g128 (one plane, 128-bit loads)
+and 3-bit g128 (two planes, a 2-bit and a 1-bit one). A few more variants on each kernel's first
+config cover the remaining constexpr branches: 7-bit (three planes), 8-bit symmetric, per-channel,
+groups of 16 (per-element scales), fp32 activations.
 """
 import torch
 
 from triton_kernels.compile_check import Case
-from triton_kernels.dequant_matmul import (dequant_gemv_kernel, dequant_matmul_kernel, fp32_configs,
-                                           gemv_configs, matmul_configs)
+from triton_kernels.dequant_matmul import (_fits_group, dequant_gemv_kernel, dequant_matmul_kernel,
+                                           fp32_configs, gemv_configs, matmul_configs, plane_args)
 
 N = K = 4096
 
@@ -25,18 +25,27 @@ def _weight(bits: int, group_size: int):
     return packed, scales, zeros
 
 
+def _planes(bits):
+    pa = plane_args(K, bits)
+    sizes = tuple(pa.pop(k) for k in ("WPR", "P1_WORD0", "P1_SHIFT", "P2_WORD0", "P2_SHIFT"))
+    return sizes, pa
+
+
 def _gemv_case(cfg, bits, group_size, symmetric, block_m, act=torch.bfloat16):
     M = block_m
     x = torch.zeros((M, K), dtype=act)
     packed, scales, zeros = _weight(bits, group_size)
     bias = torch.zeros((N,), dtype=act)
+    out = torch.zeros((M, N), dtype=act)
     ws = torch.zeros((M, N), dtype=torch.float32)
-    args = (x, packed, scales, zeros, bias, ws, M, N, K,
+    sizes, pa = _planes(bits)
+    args = (x, packed, scales, zeros, bias, out, ws, M, N, K, *sizes,
             x.stride(0), x.stride(1), packed.stride(0), scales.stride(0), scales.stride(1),
-            zeros.stride(0), zeros.stride(1), ws.stride(0))
-    meta = dict(BITS=bits, GROUP_SIZE=group_size, SYMMETRIC=symmetric, HAS_BIAS=True, BLOCK_M=block_m,
+            zeros.stride(0), zeros.stride(1), out.stride(0), ws.stride(0))
+    meta = dict(BITS=bits, GROUP_SIZE=group_size, SYMMETRIC=symmetric, HAS_BIAS=True, BLOCK_M=block_m, **pa,
                 **cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    return Case(dequant_gemv_kernel, "dequant_gemv",
+    name = "dequant_gemv_splitk" if cfg.kwargs["SPLIT_K"] > 1 else "dequant_gemv"
+    return Case(dequant_gemv_kernel, name,
                 _describe(cfg, bits, group_size, symmetric, act, f"BLOCK_M={block_m}"), args, meta)
 
 
@@ -46,10 +55,11 @@ def _matmul_case(cfg, bits, group_size, symmetric, act=torch.bfloat16):
     packed, scales, zeros = _weight(bits, group_size)
     bias = torch.zeros((N,), dtype=act)
     out = torch.zeros((M, N), dtype=act)
-    args = (x, packed, scales, zeros, bias, out, M, N, K, M,
+    sizes, pa = _planes(bits)
+    args = (x, packed, scales, zeros, bias, out, M, N, K, M, *sizes,
             x.stride(0), x.stride(1), packed.stride(0), scales.stride(0), scales.stride(1),
             zeros.stride(0), zeros.stride(1), out.stride(0), out.stride(1))
-    meta = dict(BITS=bits, GROUP_SIZE=group_size, SYMMETRIC=symmetric, HAS_BIAS=True,
+    meta = dict(BITS=bits, GROUP_SIZE=group_size, SYMMETRIC=symmetric, HAS_BIAS=True, **pa,
                 **cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return Case(dequant_matmul_kernel, "dequant_matmul",
                 _describe(cfg, bits, group_size, symmetric, act, ""), args, meta)
@@ -65,20 +75,21 @@ def _describe(cfg, bits, group_size, symmetric, act, extra):
 
 def cases() -> list[Case]:
     out = []
-    gemv, mm = gemv_configs(interpret=False), matmul_configs(interpret=False)
-    for bits, gs in [(4, 128), (3, 32)]:
-        for cfg in gemv:
+    direct, split = gemv_configs(interpret=False), gemv_configs(interpret=False, split=True)
+    mm = matmul_configs(interpret=False)
+    for bits, gs in [(4, 128), (3, 128)]:
+        for cfg in _fits_group(direct, gs):
             for block_m in (1, 16):
                 out.append(_gemv_case(cfg, bits, gs, False, block_m))
-        for cfg in mm:
+        for cfg in _fits_group(mm, gs):
             out.append(_matmul_case(cfg, bits, gs, False))
-    for block_m in (1, 16):
-        out.append(_gemv_case(gemv[0], 8, 128, True, block_m))
-        out.append(_gemv_case(gemv[0], 4, -1, True, block_m))
-    out.append(_matmul_case(mm[0], 8, 128, True))
-    out.append(_matmul_case(mm[0], 4, -1, True))
+    for cfg in _fits_group(split, 128):
+        out.append(_gemv_case(cfg, 4, 128, False, 1))
+    for bits, gs, sym in [(7, 128, False), (8, 128, True), (2, -1, True), (4, 16, False)]:
+        for block_m in (1, 16):
+            out.append(_gemv_case(_fits_group(direct, gs)[0], bits, gs, sym, block_m))
+        out.append(_matmul_case(_fits_group(mm, gs)[0], bits, gs, sym))
     # fp32 activations (ieee fp32 dot) take only the decode kernel, on the tiles the pruner keeps for them.
-    for cfg in fp32_configs(gemv):
+    for cfg in fp32_configs(_fits_group(direct, 32)):
         out.append(_gemv_case(cfg, 3, 32, False, 16, act=torch.float32))
-
     return out
