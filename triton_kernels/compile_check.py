@@ -52,6 +52,8 @@ class Case:
     config: str
     args: tuple
     meta: dict
+    weight_args: tuple = ()  # indices (among the leading tensor args) of the packed-weight pointers
+    wide_loads: bool = False  # a decode kernel: packed weights must be fetched >= 64 bits at a time
 
 
 class _FakeDriver:
@@ -118,17 +120,35 @@ def compile_case(case: Case, target_name: str, device_id: int) -> dict[str, Any]
     try:
         compiled = case.kernel.warmup(*case.args, grid=(1,), **case.meta)
         shared = int(compiled.metadata.shared)
+        problems = []
         if target.backend == "cuda":
             regs, spills = _ptxas_usage(compiled.asm["ptx"], target.arch)
+            row.update(_sass_row(case, compiled))
+            if row["local_mem_instrs"]:
+                problems.append("local memory")
+            if case.wide_loads and (not row["weight_load_bits"]
+                                    or min(int(b) for b in row["weight_load_bits"].split("/")) < 64):
+                problems.append("packed weights loaded narrower than 64 bits")
         else:
             regs, spills = _amd_usage(compiled.asm["amdgcn"])
-        ok = spills == 0 and shared <= smem_limit
+        if spills:
+            problems.insert(0, "spills")
+        if shared > smem_limit:
+            problems.append("shared memory over limit")
         row.update(registers=regs, spill_bytes=spills, shared_bytes=shared, shared_limit=smem_limit,
-                   status="ok" if ok else ("spills" if spills else "shared memory over limit"))
+                   status="; ".join(problems) or "ok")
     except Exception as e:  # a config that does not compile is a failure of the check, reported per row
         row.update(registers="", spill_bytes="", shared_bytes="", shared_limit=smem_limit,
                    status=f"compile error: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}")
     return row
+
+
+def _sass_row(case: Case, compiled) -> dict[str, Any]:
+    """Load widths of the packed weights (PTX def-use), local memory and MMA instructions (SASS)."""
+    from triton_kernels import compile_sass
+    widths = compile_sass.ptx_weight_loads(compiled.asm["ptx"], case.weight_args) if case.weight_args else []
+    counts = compile_sass.sass_counts(compiled.asm["cubin"], _nvidia_bin("cuobjdump"))
+    return {**compile_sass.weight_load_facts(widths), **compile_sass.sass_facts(counts)}
 
 
 def all_cases() -> list[Case]:
@@ -152,10 +172,11 @@ def run(targets: list[str], cases: list[Case] | None = None,
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
-    cols = ["kernel", "config", "target", "registers", "spill_bytes", "shared_bytes", "status"]
-    widths = {c: max(len(c), *(len(str(r[c])) for r in rows)) for c in cols}
+    cols = ["kernel", "config", "target", "registers", "spill_bytes", "shared_bytes", "weight_load_bits",
+            "local_mem_instrs", "tensor_core_instrs", "status"]
+    widths = {c: max(len(c), *(len(str(r.get(c, ""))) for r in rows)) for c in cols}
     lines = ["  ".join(c.ljust(widths[c]) for c in cols)]
-    lines += ["  ".join(str(r[c]).ljust(widths[c]) for c in cols) for r in rows]
+    lines += ["  ".join(str(r.get(c, "")).ljust(widths[c]) for c in cols) for r in rows]
     return "\n".join(lines)
 
 

@@ -25,33 +25,34 @@ Shapes and dtypes
 
 Storage layout of ``packed`` (binding: QuantLinear and ``from_gguf`` build on it)
 -------------------------------------------------------------------------------
-Each row of codes is an LSB-first bit stream: code j occupies stream bits [j*bits, (j+1)*bits) with
-its least significant bit first, and stream bit i lives in bit (i % 32) of int32 word i // 32 of that
-row. Rows are padded with zero bits up to a whole word, so a weight costs exactly ``bits`` bits.
-A code may straddle two words. Example, bits=3 (codes c0, c1, ...; digits are the code's bit index)::
-
-    word 0, bit 31 ............................................ bit 0
-           [c10:1 0][c9:2 1 0][c8 ] ... [c2:2 1 0][c1:2 1 0][c0:2 1 0]
-    word 1, bit 31 ............................................ bit 0
-           ...  [c11:2 1 0][c10:2]        <- c10's bit 2 spills into word 1's bit 0
-
-For bits=4 this is the familiar 8 codes per word, code j at shift 4*(j % 8); for bits=8, 4 per word.
+A code is split into power-of-two bit planes, low bits first: 1, 2, 4, 8 bits are one plane;
+3 = 2 + 1, 5 = 4 + 1, 6 = 4 + 2, 7 = 4 + 2 + 1 (``planes(bits)``). Each row of ``packed`` is one
+LSB-first bit stream (stream bit i is bit i % 32 of int32 word i // 32) holding plane 0's field of
+all K codes, then plane 1's, then plane 2's: the field of code k in the plane of width w that
+starts at code bit lo occupies stream bits [K*lo + k*w, K*lo + (k+1)*w). Rows are padded with zero
+bits up to a whole word, so a weight still costs exactly ``bits`` bits: (N, ceil(K * bits / 32)).
+Inside a plane no field straddles a word (w divides 32), so a kernel loads whole words and unpacks
+them with shifts; a plane starts on a word whenever K * lo is a multiple of 32 (every K that is a
+multiple of 32), else the kernels funnel-shift word pairs. Example, bits=3, K=64: words 0-3 hold
+the low 2 bits of codes 0..63 (16 per word, code k at shift 2*(k % 16)), words 4-5 their bit 2
+(32 per word). For 1/2/4/8 bits this is the familiar layout (4 bits: 8 codes per word, code k at
+shift 4*(k % 8)); ``from_gguf``'s 4- and 8-bit codes use it unchanged.
 
 Two kernel paths
 ----------------
-- ``dequant_gemv_kernel`` (decode, M <= 16): a split-K kernel. Each program owns BLOCK_N output
-  columns and every SPLIT_K-th K block. Each code gathers the word(s) holding it (a second word
-  only where a code straddles, i.e. never for 1/2/4/8 bits); consecutive codes of a row sit on
-  consecutive lanes, so a warp's loads fall in the same sectors and each packed byte comes from
-  DRAM once. Unpacking and dequantization happen in registers. The per-element pointers cost
-  registers, which is why the tiles are small (see ``gemv_configs``). For M == 1 it
-  reduces with ``tl.sum`` (no padding to a 16-row MMA), for 2 <= M <= 16 with one ``tl.dot`` on a
-  16-row tile. Partial sums go through ``tl.atomic_add`` into an fp32 workspace (M, N) that the
-  launcher zeroes and finally casts to the activation dtype; fp32 atomics exist on every target and
-  in the interpreter, and the workspace keeps fp16/bf16 outputs from being summed in low precision.
-  The bias is added by the K-split 0 programs only.
+- ``dequant_gemv_kernel`` (decode, M <= 16): each program owns BLOCK_N rows; it loads each plane's
+  BLOCK_K * w / 32 contiguous words per row as one tile (BLOCK_N * BLOCK_K is large enough that a
+  thread gets >= 2 consecutive words: 64/128-bit loads, checked in the SASS by the compile check),
+  unpacks them in registers by halving (``_unpack_words``: log2(32 / w) shift/mask/interleave
+  steps) and ORs the planes together. M == 1 reduces with ``tl.sum`` in factored form per group,
+  ``s * (sum_k x q - z * sum_k x)`` (the codes are small exact integers, so the per-weight work is a
+  convert and an FMA); 2 <= M <= 16 uses one 16-row ``tl.dot`` on the codes where the tile lies in
+  one group, else on the dequantized tile. Where the rows alone give fewer than two 64-row tiles per
+  SM it splits K (fp32 atomics into a workspace, then a cast); otherwise it stores directly in the
+  activation dtype (one launch, no workspace). The bias is added once.
 - ``dequant_matmul_kernel`` (prefill, M > 16): a tiled ``tl.dot`` kernel with grouped program order,
-  full K loop per program, fused bias, output stored directly in the activation dtype.
+  full K loop per program, the same wide loads and unpacking, the tile dequantized with the documented
+  formula (scales loaded once per group and broadcast), fused bias, output stored directly.
 
 Under the interpreter with bf16 activations the kernels emulate the bf16 ``tl.dot`` in fp32
 (``EMULATE_BF16_DOT``): Triton 3.9's interpreter multiplies bf16's uint16 storage as integers and
@@ -65,11 +66,11 @@ from the shapes, so pass the K the weight was packed with.
 Each kernel is autotuned over configs from a factory (``gemv_configs`` / ``matmul_configs``); the key
 covers the M bucket, N, K, bits, group size, symmetry and (added by Triton) the tensor dtypes. Under
 ``TRITON_INTERPRET=1`` the factories return one small config (the interpreter cannot benchmark).
-The GPU design target is ~3.9x over fp16 for 4-bit at M <= 16 on a memory-bound GPU; no GPU was
-available while writing this file, so that is a target, not a measurement.
+GPU status (results/gpu/): the previous decode kernel (one gather per code) was measured on an H200
+at 0.07-0.29x cuBLAS fp16; this design's target is ~3x at 4 bits and M = 1, not yet measured on a GPU.
 
-Public API: ``pack``, ``unpack``, ``dequantize``, ``dequant_matmul``, ``dequant_matmul_reference``,
-``quantize_rtn``, ``from_gguf``. Imports only torch and triton (copy the file alone).
+Public API: ``pack``, ``unpack``, ``planes``, ``dequantize``, ``dequant_matmul``,
+``dequant_matmul_reference``, ``quantize_rtn``, ``from_gguf``. Imports only torch and triton (copy the file alone).
 """
 import os
 
@@ -97,9 +98,11 @@ def planes(bits: int) -> tuple[int, ...]:
 def gemv_configs(interpret: bool | None = None, split: bool = False) -> list:
     """Autotune configs of the decode kernel (``split``: the split-K variant); one under the interpreter.
 
-    Every config loads whole packed words: a row's BLOCK_K * bits / 32 words are contiguous, so at
-    4 bits and BLOCK_K = 256 a thread's share is 128-bit vectors. BLOCK_K is at most the group size
-    where groups are >= 32 (the pruner drops wider tiles), so a tile needs one scale per row.
+    Every config loads whole packed words: a row's BLOCK_K * width / 32 words of each plane are
+    contiguous, and BLOCK_N * BLOCK_K is large enough that every thread of the block gets at least
+    two consecutive words of even a 1-bit plane (BLOCK_N * BLOCK_K / 32 >= 2 x threads), so the
+    loads are 64- or 128-bit vectors. The compile check verifies this in the SASS: 16x64 and 32x32
+    tiles with 4 warps fetched 4-bit weights with 32-bit loads.
     """
     if interpret is None:
         interpret = _interpreting()
@@ -107,8 +110,8 @@ def gemv_configs(interpret: bool | None = None, split: bool = False) -> list:
         return [triton.Config({"BLOCK_N": 16, "BLOCK_K": 32, "SPLIT_K": 2 if split else 1},
                               num_warps=4, num_stages=1)]
     out = []
-    for bn, bk, warps in [(16, 256, 4), (32, 256, 4), (64, 128, 4), (32, 128, 4), (16, 64, 4), (32, 32, 4)]:
-        for sk in ((4, 8) if split else (1,)):
+    for bn, bk, warps in [(16, 512, 4), (32, 256, 4), (64, 128, 4), (64, 256, 4), (128, 128, 8)]:
+        for sk in ((4,) if split else (1,)):
             out.append(triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": sk}, num_warps=warps,
                                      num_stages=2))
     return out
@@ -133,26 +136,37 @@ def matmul_configs(interpret: bool | None = None) -> list:
     return out
 
 
-def fp32_configs(configs):
-    """The decode configs fp32 activations may use with BLOCK_M=16: an ieee fp32 tl.dot has no
-    tensor-core path and is register-hungry, so only tiles of at most 1024 weights."""
-    return [c for c in configs if c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"] <= 1024] or configs[-1:]
+def fp32_configs(split: bool = False) -> list:
+    """The decode configs for fp32 activations with BLOCK_M=16 (the pruner swaps them in): an ieee
+    fp32 tl.dot has no tensor-core path and is register-hungry; the compile check (sm_90, 3-bit g32)
+    spilled 16x256, 32x128, 32x64 and 16x128 tiles; 16x64 with 4 warps used local memory in the SASS
+    (18 LDL/STL), with 8 warps none. A correctness path, not a speed one: such small tiles load
+    packed words 32 bits at a time."""
+    return [triton.Config({"BLOCK_N": 16, "BLOCK_K": 64, "SPLIT_K": 4 if split else 1}, num_warps=8,
+                          num_stages=2)]
 
 
-def _fits_group(configs, group_size):
-    """Tiles inside one group (BLOCK_K <= group size) where groups are >= 32; keep at least one."""
-    if group_size == -1 or group_size < 32:
-        return configs
-    return [c for c in configs if c.kwargs["BLOCK_K"] <= group_size] or configs[-1:]
+def multirow_configs(split: bool = False) -> list:
+    """The decode configs for 2 <= M <= 16 with fp16/bf16 activations (the pruner swaps them in): a
+    16-row tl.dot tile holds the unpacked codes, the dequantized tile and the dot operands at once.
+    Compile check, 2026-11-30: 16x512 and 32x256 tiles spilled 4-12 bytes on gfx942, 64x128 / 4 warps
+    24 bytes on sm_90 (8-bit), 64x128 / 8 warps loads a 1-bit plane 32 bits at a time, and 128x128 /
+    8 warps spilled 10 bytes on gfx942 with 2 stages (1-bit g16) and, in the split-K variant, 2 bytes
+    with 3 stages (3-bit g32); 3 stages (direct) / 2 stages (split-K) are clean with >= 64-bit weight
+    loads on every variant checked."""
+    return [triton.Config({"BLOCK_N": 128, "BLOCK_K": 128, "SPLIT_K": 4 if split else 1}, num_warps=8,
+                          num_stages=2 if split else 3)]
 
 
 def _prune_gemv(configs, named_args, **kwargs):
-    """Drop K blocks wider than the row, splits with nothing to do, tiles wider than a group."""
+    """Drop K blocks wider than the row (beyond 32) and K splits with nothing to do; keep at least one."""
     args = {**named_args, **kwargs}
     K = args["K"]
-    if args["BLOCK_M"] > 1 and args["x_ptr"].dtype == torch.float32:
-        configs = fp32_configs(configs)
-    configs = _fits_group(configs, args["GROUP_SIZE"])
+    if args["BLOCK_M"] > 1 and not _interpreting():
+        if args["x_ptr"].dtype == torch.float32:
+            configs = fp32_configs(split=configs[0].kwargs["SPLIT_K"] > 1)
+        else:
+            configs = multirow_configs(split=configs[0].kwargs["SPLIT_K"] > 1)
     kept = [c for c in configs
             if c.kwargs["BLOCK_K"] <= max(32, triton.next_power_of_2(K))
             and c.kwargs["SPLIT_K"] <= triton.cdiv(K, c.kwargs["BLOCK_K"])]
@@ -160,10 +174,9 @@ def _prune_gemv(configs, named_args, **kwargs):
 
 
 def _prune_matmul(configs, named_args, **kwargs):
-    """Drop tiles taller than the M bucket (pure padding), wider than N / K or than a group."""
+    """Drop tiles taller than the M bucket (pure padding) or wider than N / K; keep at least one."""
     args = {**named_args, **kwargs}
     m_bucket, N, K = args["M_BUCKET"], args["N"], args["K"]
-    configs = _fits_group(configs, args["GROUP_SIZE"])
     kept = [c for c in configs
             if c.kwargs["BLOCK_M"] <= max(32, m_bucket)
             and c.kwargs["BLOCK_N"] <= max(32, triton.next_power_of_2(N))
@@ -229,42 +242,47 @@ def _codes_tile(packed_ptr, offs_n, mask_n, stride_pn, WPR, kb, P1_WORD0, P1_SHI
 
 
 @triton.jit
-def _row_params(scales_ptr, zeros_ptr, offs_n, mask_n, g, stride_sn, stride_sg, stride_zn, stride_zg,
-                BITS: tl.constexpr, SYMMETRIC: tl.constexpr):
-    """fp32 scale and zero point [BN] of group g of each row (the zero 2^(bits-1) when symmetric)."""
-    s = tl.load(scales_ptr + offs_n * stride_sn + g * stride_sg, mask=mask_n, other=0.0).to(tl.float32)
+def _tile_params(scales_ptr, zeros_ptr, offs_n, mask_n, kb, K, stride_sn, stride_sg, stride_zn, stride_zg,
+                 BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, SYMMETRIC: tl.constexpr, BLOCK_K: tl.constexpr):
+    """fp32 scales and zero points [BN, NG] of the NG groups that K block kb touches (NG = 1 for
+    per-channel or groups >= BLOCK_K); the zero is 2^(bits-1) when symmetric."""
+    if GROUP_SIZE == -1:
+        offs_g = tl.zeros([1], dtype=tl.int32)
+    elif GROUP_SIZE >= BLOCK_K:
+        offs_g = tl.zeros([1], dtype=tl.int32) + (kb * BLOCK_K) // GROUP_SIZE
+    else:
+        offs_g = kb * (BLOCK_K // GROUP_SIZE) + tl.arange(0, BLOCK_K // GROUP_SIZE)
+    mask = mask_n[:, None] & (offs_g * GROUP_SIZE < K)[None, :]
+    s = tl.load(scales_ptr + offs_n[:, None] * stride_sn + offs_g[None, :] * stride_sg, mask=mask, other=0.0)
+    s = s.to(tl.float32)
     if SYMMETRIC:
         z = tl.full(s.shape, 1 << (BITS - 1), tl.float32)
     else:
-        z = tl.load(zeros_ptr + offs_n * stride_zn + g * stride_zg, mask=mask_n, other=0.0).to(tl.float32)
+        z = tl.load(zeros_ptr + offs_n[:, None] * stride_zn + offs_g[None, :] * stride_zg, mask=mask, other=0.0)
+        z = z.to(tl.float32)
     return s, z
+
+
+@triton.jit
+def _per_weight(p, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """A [BN, NG] per-group tile broadcast to [BN, BLOCK_K] (each group's value over its columns)."""
+    NG: tl.constexpr = p.shape[1]
+    return tl.reshape(tl.broadcast_to(p[:, :, None], [BLOCK_N, NG, BLOCK_K // NG]), [BLOCK_N, BLOCK_K])
 
 
 @triton.jit
 def _dequant_elementwise(q, scales_ptr, zeros_ptr, offs_n, offs_k, mask_n, K, kb, stride_sn, stride_sg,
                          stride_zn, stride_zg, BITS: tl.constexpr, GROUP_SIZE: tl.constexpr,
-                         SYMMETRIC: tl.constexpr, BLOCK_K: tl.constexpr):
+                         SYMMETRIC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """fp32 weights [BN, BK] = (q - z) * s, the documented formula (two roundings, no FMA).
 
-    One scale/zero per row when the tile lies inside one group (per-channel, or BLOCK_K <= group
-    size), else gathered per element (groups narrower than the tile).
+    The tile's scales and zeros are loaded once per group and broadcast over the group's columns.
     """
-    mask = mask_n[:, None] & (offs_k < K)[None, :]
-    if GROUP_SIZE == -1 or GROUP_SIZE >= BLOCK_K:
-        g = 0 if GROUP_SIZE == -1 else (kb * BLOCK_K) // GROUP_SIZE
-        s, z = _row_params(scales_ptr, zeros_ptr, offs_n, mask_n, g, stride_sn, stride_sg, stride_zn,
-                           stride_zg, BITS, SYMMETRIC)
-        w = (q.to(tl.float32) - z[:, None]) * s[:, None]
-    else:
-        g = offs_k // GROUP_SIZE
-        s = tl.load(scales_ptr + offs_n[:, None] * stride_sn + g[None, :] * stride_sg, mask=mask, other=0.0)
-        if SYMMETRIC:
-            w = (q.to(tl.float32) - (1 << (BITS - 1))) * s.to(tl.float32)
-        else:
-            z = tl.load(zeros_ptr + offs_n[:, None] * stride_zn + g[None, :] * stride_zg, mask=mask, other=0.0)
-            w = (q.to(tl.float32) - z.to(tl.float32)) * s.to(tl.float32)
+    s, z = _tile_params(scales_ptr, zeros_ptr, offs_n, mask_n, kb, K, stride_sn, stride_sg, stride_zn,
+                        stride_zg, BITS, GROUP_SIZE, SYMMETRIC, BLOCK_K)
+    w = (q.to(tl.float32) - _per_weight(z, BLOCK_N, BLOCK_K)) * _per_weight(s, BLOCK_N, BLOCK_K)
     # Outside (N, K) the tile must be exactly 0 even if a scale is inf/NaN (0 * inf = NaN).
-    return tl.where(mask, w, 0.0)
+    return tl.where(mask_n[:, None] & (offs_k < K)[None, :], w, 0.0)
 
 
 @triton.jit
@@ -293,38 +311,38 @@ def _dot_acc(x, w, acc, EMULATE_BF16_DOT: tl.constexpr):
 def _k_block(acc, accq, xsum, x, q, scales_ptr, zeros_ptr, offs_n, offs_k, mask_n, K, kb,
              stride_sn, stride_sg, stride_zn, stride_zg,
              BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, SYMMETRIC: tl.constexpr, BLOCK_M: tl.constexpr,
-             BLOCK_K: tl.constexpr, EMULATE_BF16_DOT: tl.constexpr):
-    """One K block of sum_k x[m, k] * (q[n, k] - z) * s.
+             BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EMULATE_BF16_DOT: tl.constexpr):
+    """One K block of the decode kernel: sum_k x[m, k] * (q[n, k] - z) * s.
 
-    Factored (per-channel, or the tile inside one group): the codes are multiplied as they are
-    (exact small integers in any dtype) and the group's zero and scale applied once per tile:
-    s * (sum_k x q - z * sum_k x). accq/xsum carry the per-channel sums to the end.
-    Otherwise (groups narrower than the tile): dequantize each weight, then multiply.
+    M == 1, factored per group: the codes are multiplied as they are (small exact integers) and each
+    group's zero and scale applied once: s * (sum_k x q - z * sum_k x). Per-channel sums (accq, xsum)
+    are carried to the end. M > 1: one tl.dot per tile on the codes where the tile lies inside one
+    group (the same factoring), else on the dequantized tile.
     """
-    if GROUP_SIZE == -1 or GROUP_SIZE >= BLOCK_K:
+    if GROUP_SIZE == -1:
         if BLOCK_M == 1:
-            part = tl.sum(q.to(tl.float32) * x[None, :], axis=1)  # [BN]
-            xs = tl.sum(x, axis=0)
+            accq += tl.sum(q.to(tl.float32) * x[None, :], axis=1)  # [BN]
+            xsum += tl.sum(x, axis=0)
         else:
-            part = _dot_acc(x, q.to(tl.float32), tl.zeros(acc.shape, tl.float32), EMULATE_BF16_DOT)  # [BM, BN]
-            xs = tl.sum(x.to(tl.float32), axis=1)[:, None]  # [BM, 1]
-        if GROUP_SIZE == -1:
-            accq += part
-            xsum += xs
-        else:
-            s, z = _row_params(scales_ptr, zeros_ptr, offs_n, mask_n, (kb * BLOCK_K) // GROUP_SIZE,
-                               stride_sn, stride_sg, stride_zn, stride_zg, BITS, SYMMETRIC)
-            if BLOCK_M == 1:
-                acc += (part - z * xs) * s
-            else:
-                acc += (part - xs * z[None, :]) * s[None, :]
+            accq = _dot_acc(x, q.to(tl.float32), accq, EMULATE_BF16_DOT)  # [BM, BN]
+            xsum += tl.sum(x.to(tl.float32), axis=1)[:, None]  # [BM, 1]
+    elif BLOCK_M == 1:
+        s, z = _tile_params(scales_ptr, zeros_ptr, offs_n, mask_n, kb, K, stride_sn, stride_sg, stride_zn,
+                            stride_zg, BITS, GROUP_SIZE, SYMMETRIC, BLOCK_K)  # [BN, NG]
+        NG: tl.constexpr = s.shape[1]
+        part = tl.sum(tl.reshape(q.to(tl.float32) * x[None, :], [BLOCK_N, NG, BLOCK_K // NG]), axis=2)
+        xs = tl.sum(tl.reshape(x, [NG, BLOCK_K // NG]), axis=1)  # [NG]
+        acc += tl.sum((part - z * xs[None, :]) * s, axis=1)
+    elif GROUP_SIZE >= BLOCK_K:
+        s, z = _tile_params(scales_ptr, zeros_ptr, offs_n, mask_n, kb, K, stride_sn, stride_sg, stride_zn,
+                            stride_zg, BITS, GROUP_SIZE, SYMMETRIC, BLOCK_K)  # [BN, 1]
+        part = _dot_acc(x, q.to(tl.float32), tl.zeros(acc.shape, tl.float32), EMULATE_BF16_DOT)  # [BM, BN]
+        xs = tl.sum(x.to(tl.float32), axis=1)[:, None]  # [BM, 1]
+        acc += (part - xs * tl.reshape(z, [1, BLOCK_N])) * tl.reshape(s, [1, BLOCK_N])
     else:
         w = _dequant_elementwise(q, scales_ptr, zeros_ptr, offs_n, offs_k, mask_n, K, kb, stride_sn, stride_sg,
-                                 stride_zn, stride_zg, BITS, GROUP_SIZE, SYMMETRIC, BLOCK_K)
-        if BLOCK_M == 1:
-            acc += tl.sum(w * x[None, :], axis=1)
-        else:
-            acc = _dot_acc(x, w, acc, EMULATE_BF16_DOT)
+                                 stride_zn, stride_zg, BITS, GROUP_SIZE, SYMMETRIC, BLOCK_N, BLOCK_K)
+        acc = _dot_acc(x, w, acc, EMULATE_BF16_DOT)
     return acc, accq, xsum
 
 
@@ -371,14 +389,14 @@ def dequant_gemv_kernel(
                         mask=mask_m[:, None] & mask_k[None, :], other=0.0)  # [BM, BK]
         acc, accq, xsum = _k_block(acc, accq, xsum, x, q, scales_ptr, zeros_ptr, offs_n, offs_k, mask_n, K, kb,
                                    stride_sn, stride_sg, stride_zn, stride_zg, BITS, GROUP_SIZE, SYMMETRIC,
-                                   BLOCK_M, BLOCK_K, EMULATE_BF16_DOT)
+                                   BLOCK_M, BLOCK_N, BLOCK_K, EMULATE_BF16_DOT)
     if GROUP_SIZE == -1:
-        s, z = _row_params(scales_ptr, zeros_ptr, offs_n, mask_n, 0, stride_sn, stride_sg, stride_zn,
-                           stride_zg, BITS, SYMMETRIC)
+        s, z = _tile_params(scales_ptr, zeros_ptr, offs_n, mask_n, 0, K, stride_sn, stride_sg, stride_zn,
+                            stride_zg, BITS, GROUP_SIZE, SYMMETRIC, BLOCK_K)  # [BN, 1]
         if BLOCK_M == 1:
-            acc = (accq - z * xsum) * s
+            acc = (accq - tl.reshape(z, [BLOCK_N]) * xsum) * tl.reshape(s, [BLOCK_N])
         else:
-            acc = (accq - xsum * z[None, :]) * s[None, :]
+            acc = (accq - xsum * tl.reshape(z, [1, BLOCK_N])) * tl.reshape(s, [1, BLOCK_N])
     if HAS_BIAS:
         first_split = tl.full([BLOCK_N], pid_k, tl.int32) == 0  # only split 0 adds the bias
         b = tl.load(bias_ptr + offs_n, mask=mask_n & first_split, other=0.0).to(tl.float32)
@@ -444,7 +462,7 @@ def dequant_matmul_kernel(
         # here; the factored form of the decode kernel would need a second [BM, BN] accumulator
         # (the compile check: 128x128 tiles spilled 600 bytes with it).
         w = _dequant_elementwise(q, scales_ptr, zeros_ptr, offs_n, offs_k, mask_n, K, kb, stride_sn, stride_sg,
-                                 stride_zn, stride_zg, BITS, GROUP_SIZE, SYMMETRIC, BLOCK_K)  # [BN, BK] fp32
+                                 stride_zn, stride_zg, BITS, GROUP_SIZE, SYMMETRIC, BLOCK_N, BLOCK_K)  # [BN, BK]
         acc = _dot_acc(x, w, acc, EMULATE_BF16_DOT)  # [BM, BN]
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]

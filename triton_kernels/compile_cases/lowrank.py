@@ -41,7 +41,7 @@ def cases() -> list[Case]:
                     x.stride(0), x.stride(1), U.stride(0), U.stride(1), V.stride(0), V.stride(1),
                     y.stride(0), y.stride(1))
             out.append(Case(fused, f"lowrank_fused_r{r}", _name(cfg), args,
-                            _meta(cfg, HAS_BIAS=True, R_PAD=r_pad, DOT_UPCAST=False)))
+                            _meta(cfg, HAS_BIAS=True, R_PAD=r_pad, DOT_UPCAST=False), weight_args=(1, 2)))
     r = 1024
     U = torch.empty(N, r, dtype=DTYPE)
     V = torch.empty(r, K, dtype=DTYPE)
@@ -53,7 +53,7 @@ def cases() -> list[Case]:
         second = (t, U, bias, y, M, N, r, t.stride(0), t.stride(1), U.stride(0), U.stride(1),
                   y.stride(0), y.stride(1))
         out.append(Case(mm, "lowrank_two_gemm_xVt_r1024", _name(cfg), first,
-                        _meta(cfg, HAS_BIAS=False, DOT_UPCAST=False)))
+                        _meta(cfg, HAS_BIAS=False, DOT_UPCAST=False), weight_args=(1,)))
         out.append(Case(mm, "lowrank_two_gemm_tUt_r1024", _name(cfg), second,
-                        _meta(cfg, HAS_BIAS=True, DOT_UPCAST=False)))
+                        _meta(cfg, HAS_BIAS=True, DOT_UPCAST=False), weight_args=(1,)))
     return out

@@ -43,7 +43,7 @@ def cases() -> list[Case]:
         for cfg in _pruned(sm.block_sparse_configs(interpret=False), x, BLOCK_N=bn, BLOCK_K=bk):
             args = (x, values, row_ptr, col_idx, bias, y, M, N, K, x.stride(0), x.stride(1), y.stride(0), y.stride(1))
             out.append(Case(sm.block_sparse_matmul_kernel.fn, f"sparse_block_{bn}x{bk}", _name(cfg), args,
-                            _meta(cfg, BLOCK_N=bn, BLOCK_K=bk)))
+                            _meta(cfg, BLOCK_N=bn, BLOCK_K=bk), weight_args=(1,)))
 
     for n, m in ((2, 4), (4, 8)):
         bits = sm._idx_bits(m)
@@ -54,7 +54,7 @@ def cases() -> list[Case]:
             args = (x, values, meta, bias, y, M, N, K, kc, x.stride(0), x.stride(1), values.stride(0),
                     values.stride(1), meta.stride(0), y.stride(0), y.stride(1))
             out.append(Case(sm.nm_matmul_kernel.fn, f"sparse_nm_{n}of{m}", _name(cfg), args,
-                            _meta(cfg, NN=n, MM=m, IDX_BITS=bits, IDX_PER_WORD=32 // bits)))
+                            _meta(cfg, NN=n, MM=m, IDX_BITS=bits, IDX_PER_WORD=32 // bits), weight_args=(1, 2)))
 
     tn, tk = 64, 64
     w = torch.empty(N, K, dtype=DTYPE)
@@ -65,7 +65,7 @@ def cases() -> list[Case]:
         args = (x, w, bitsw, tile_ptr, tile_k, bias, y, M, N, K, x.stride(0), x.stride(1), w.stride(0),
                 w.stride(1), bitsw.stride(0), y.stride(0), y.stride(1))
         out.append(Case(sm.masked_matmul_kernel.fn, "sparse_masked_64x64", _name(cfg), args,
-                        _meta(cfg, BLOCK_N=tn, BLOCK_K=tk)))
+                        _meta(cfg, BLOCK_N=tn, BLOCK_K=tk), weight_args=(1, 2)))
 
     wt = torch.empty(K, N, dtype=DTYPE).t()  # (N, K) view of a contiguous (K, N) weight, as the layer stores it
     idx = torch.empty(K, dtype=torch.int32)
@@ -77,5 +77,5 @@ def cases() -> list[Case]:
             args = (xs, wt, idx, count, bias, ys, rows, N, xs.stride(0), xs.stride(1), wt.stride(1),
                     wt.stride(0), ys.stride(0), ys.stride(1))
             out.append(Case(sm.activation_sparse_matmul_kernel.fn, f"sparse_activation_M{rows}", _name(cfg),
-                            args, _meta(cfg, BLOCK_M=block_m)))
+                            args, _meta(cfg, BLOCK_M=block_m), weight_args=(1,)))
     return out
