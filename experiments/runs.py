@@ -116,15 +116,22 @@ def reference_dir(quick: bool) -> Path:
 # ------------------------------------------------------------------------------------------ steps
 
 def digest(*parts: Any) -> str:
-    """A short stable hash of JSON-able parts and file contents (``Path`` parts are read)."""
+    """A short stable hash of JSON-able parts and file contents (``Path`` parts, also inside lists, are read)."""
     h = hashlib.sha256()
-    for p in parts:
+
+    def add(p: Any) -> None:
         if isinstance(p, Path):
             h.update(p.name.encode())
             h.update(p.read_bytes() if p.is_file() else b"<missing>")
+        elif isinstance(p, (list, tuple)) and any(isinstance(x, (Path, list, tuple)) for x in p):
+            for x in p:
+                add(x)
         else:
             h.update(json.dumps(p, sort_keys=True, default=str).encode())
         h.update(b"\0")
+
+    for p in parts:
+        add(p)
     return h.hexdigest()[:16]
 
 

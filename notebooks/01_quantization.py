@@ -52,7 +52,8 @@ from experiments import plots
 root = plots.notebook_root(model, results_dir)
 figures_dir = Path(figures_dir or plots.figures_dir_for(root, quick))
 df = plots.sweep_table("quant", quick=quick, run_missing=run_missing, model=model, root=root)
-print(f"{len(df)} points of {df['model'].iloc[0]} from {plots.results_dir(quick, root) / 'sweep_quant.csv'}")
+print(f"{len(df)} points of {df['model'].iloc[0]} from {plots.results_dir(quick, root) / 'sweep_quant.csv'}; "
+      f"dense perplexity {plots.dense_ppl(df) or float('nan'):.4g}, measured on {df['device'].iloc[0]}")
 cols = ["point", "bits", "group_size", "bits_per_weight", "compression_vs_fp16", "ppl", "aliases_source_grid"]
 df[cols].sort_values(["bits", "group_size", "point"])
 

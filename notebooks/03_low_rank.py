@@ -40,7 +40,8 @@ from experiments import plots
 root = plots.notebook_root(model, results_dir)
 figures_dir = Path(figures_dir or plots.figures_dir_for(root, quick))
 df = plots.sweep_table("lowrank", quick=quick, run_missing=run_missing, model=model, root=root)
-print(f"{len(df)} points of {df['model'].iloc[0]} from {plots.results_dir(quick, root) / 'sweep_lowrank.csv'}")
+print(f"{len(df)} points of {df['model'].iloc[0]} from {plots.results_dir(quick, root) / 'sweep_lowrank.csv'}; "
+      f"dense perplexity {plots.dense_ppl(df) or float('nan'):.4g}, measured on {df['device'].iloc[0]}")
 df[["point", "ratio", "bits_per_weight", "compression_vs_fp16", "ppl"]].sort_values(["ratio", "point"])
 
 # %% [markdown]
