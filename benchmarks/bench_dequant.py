@@ -41,7 +41,7 @@ from torch import nn
 
 from experiments.provenance import provenance
 from experiments.results import replace_rows
-from experiments.runs import MEASURE_CONTEXT, mode_dir, run_root
+from experiments.runs import MEASURE_CONTEXT, mode_dir, refuse_reference, run_root
 from experiments.timing import time_fn
 
 SHAPES = ((4096, 4096), (4096, 11008), (11008, 4096))
@@ -199,6 +199,11 @@ def main(argv=None) -> int:
                    help="seconds per CPU timing (default 0.2, quick 0.1); ms of do_bench rep on CUDA x 1e-3")
     args = p.parse_args(argv)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    try:
+        out = refuse_reference(args.out) if args.out else \
+            mode_dir(run_root(), args.quick) / f"bench_dequant_{device.type}.csv"
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from e
     if args.threads is not None:
         if args.threads < 1:
             raise SystemExit(f"--threads must be >= 1, got {args.threads}")
@@ -207,8 +212,6 @@ def main(argv=None) -> int:
         print("TRITON_INTERPRET=1 would route QuantLinear to the Triton interpreter, whose timings are not "
               "performance numbers; unset it for a CPU benchmark.", file=sys.stderr)
         return 2
-    out = Path(args.out) if args.out else \
-        mode_dir(run_root(), args.quick) / f"bench_dequant_{device.type}.csv"
     min_run_time = args.min_run_time
     if min_run_time is None and device.type == "cpu":
         min_run_time = 0.1 if args.quick else 0.2

@@ -44,7 +44,7 @@ from torch import nn
 
 from experiments.provenance import provenance
 from experiments.results import replace_rows
-from experiments.runs import MEASURE_CONTEXT, mode_dir, run_root
+from experiments.runs import MEASURE_CONTEXT, mode_dir, refuse_reference, run_root
 from experiments.timing import time_fn
 from triton_kernels.lowrank_linear import lowrank_linear_reference
 from triton_kernels.nn.lowrank import LowRankLinear
@@ -221,8 +221,11 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     if device.type == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device here")
-    out = Path(args.out) if args.out else \
-        mode_dir(run_root(), args.quick) / f"bench_sparse_lowrank_{device.type}.csv"
+    try:
+        out = refuse_reference(args.out) if args.out else \
+            mode_dir(run_root(), args.quick) / f"bench_sparse_lowrank_{device.type}.csv"
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from e
     min_run_time = args.min_run_time if args.min_run_time is not None else (0.1 if args.quick else None)
     run(device, QUICK_SWEEPS if args.quick else SWEEPS, M_VALUES, min_run_time, out)
     print(f"wrote {out}")

@@ -49,7 +49,7 @@ from torch import nn
 
 from experiments import results
 from experiments.provenance import provenance
-from experiments.runs import MEASURE_CONTEXT, mode_dir, run_root
+from experiments.runs import MEASURE_CONTEXT, mode_dir, refuse_reference, run_root
 
 WEIGHTS_NOTE = "random, same format"
 STANDARD_SHAPES = (("std_4096x4096", 4096, 4096), ("std_11008x4096", 11008, 4096),
@@ -596,6 +596,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> list[dict]:
+    out = getattr(args, "out", None)
+    if out:
+        refuse_reference(out)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     quick = getattr(args, "quick", False)
     sweep = getattr(args, "sweep", None)
@@ -607,7 +610,6 @@ def main(args: argparse.Namespace) -> list[dict]:
     else:
         shapes, Ms = model_shapes + list(STANDARD_SHAPES), STANDARD_M
     mrt = args.min_run_time if getattr(args, "min_run_time", None) is not None else (0.05 if quick else 0.2)
-    out = getattr(args, "out", None)
     out_dir = Path(out).parent if out else mode_dir(run_root(run=getattr(args, "run", None)), quick)
     rows = run_latency(specs, shapes, Ms, device=device, min_run_time=mrt,
                        out=out or out_dir / f"latency_{device.type}.csv", resume=getattr(args, "resume", False))

@@ -268,9 +268,9 @@ def measured_vs_ideal(latency_csv: str | Path) -> list[dict]:
 
 def main(args: argparse.Namespace | None = None) -> list[dict]:
     """``python -m experiments roofline``: write the roofline table (and the measured join if any)."""
-    from experiments.runs import run_root
+    from experiments.runs import refuse_reference, run_root
 
-    out = Path(getattr(args, "out", None) or run_root(run=getattr(args, "run", None)) / OUT_NAME)
+    out = refuse_reference(getattr(args, "out", None) or run_root(run=getattr(args, "run", None)) / OUT_NAME)
     rows = table()
     results.write_rows(out, rows)
     print(f"wrote {len(rows)} roofline rows (not measurements) to {out}")

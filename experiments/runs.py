@@ -104,6 +104,15 @@ def run_root(*, out_dir: str | os.PathLike | None = None, run: str | None = None
     return root
 
 
+def refuse_reference(path: str | os.PathLike, option: str = "--out") -> Path:
+    """``path`` (a table a command is about to write) unless it lies in the reference ``results/``."""
+    if is_reference(Path(path).expanduser().resolve().parent):
+        raise ValueError(f"{option} {str(path)!r} is in the committed reference results directory {REFERENCE}: "
+                         f"measurements go to a run directory (default {runs_root()}/{DEFAULT_RUN}) and replace the "
+                         f"reference only through `python -m experiments promote --run NAME`")
+    return Path(path)
+
+
 def mode_dir(root: str | os.PathLike, quick: bool) -> Path:
     """Quick tables live under ``<root>/quick/`` so quick and full results never mix."""
     return Path(root) / "quick" if quick else Path(root)

@@ -91,7 +91,7 @@ def latency_summary(quick: bool, device_type: str = "cpu", root: Path = RESULTS)
         kind = "CPU backends, not GPU numbers" if lat["device_type"].iloc[0] == "cpu" else "GPU (Triton) backends"
         lines = [f"Layer latency, {lat['device'].iloc[0]}, torch {lat['torch'].iloc[0]}, {lat['timestamp'].iloc[0][:10]}, "
                  f"commit {lat['git_commit'].iloc[0]}; command: `python -m experiments latency"
-                 f"{' --quick' if quick else ''} --out {_rel(path, root)}`. Random weights in each format; {kind}.\n",
+                 f"{' --quick' if quick else ''}` (table {_rel(path, root)}). Random weights in each format; {kind}.\n",
                  "| format (4096x4096) | M | backend | activations | median ms | x vs dense fp32 | x vs dense bf16 |",
                  "|---|---|---|---|---|---|---|"]
         for _, r in std.sort_values(["M", "format"]).iterrows():

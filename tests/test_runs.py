@@ -364,3 +364,22 @@ def test_step_digest_reads_the_files(tmp_path):
     assert runs.digest(1, [a, b]) == d
     a.write_text("x\n2\n")
     assert runs.digest(1, [a, b]) != d
+
+
+@pytest.mark.parametrize("command", ["latency", "roofline", "bench_dequant", "bench_sparse_lowrank"])
+def test_explicit_outputs_into_the_reference_are_refused(command):
+    from experiments import latency, roofline
+
+    target = str(REPO / "results" / "quick" / "x.csv")
+    if command == "latency":
+        with pytest.raises(ValueError, match="reference results directory .* promote"):
+            latency.main(argparse.Namespace(quick=True, sweep=None, device="cpu", out=target))
+    elif command == "roofline":
+        with pytest.raises(ValueError, match="reference results directory .* promote"):
+            roofline.main(argparse.Namespace(out=target))
+    else:
+        import importlib
+        bench = importlib.import_module(f"benchmarks.{command}")
+        with pytest.raises(SystemExit, match="reference results directory .* promote"):
+            bench.main(["--device", "cpu", "--out", target])
+    assert not (REPO / "results" / "quick" / "x.csv").exists()
