@@ -40,8 +40,10 @@ def _mixed_note(path: Path, parts: list) -> str:
 
 
 def _rel(path: Path, root: Path) -> str:
+    """``path`` relative to the repository when inside it (results/..., runs/...), else absolute."""
+    from experiments.runs import REPO
     try:
-        return str(path.relative_to(root.parent))
+        return str(path.resolve().relative_to(REPO))
     except ValueError:
         return str(path)
 
