@@ -4,8 +4,9 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 QUICK  ?=
+RUN    ?=
 
-.PHONY: test reproduce env compile-check bench gpu-check clean-venv
+.PHONY: test reproduce promote env compile-check bench gpu-check clean-venv
 
 env: $(STAMP)
 
@@ -30,8 +31,13 @@ bench: $(STAMP)
 	$(PY) -m benchmarks.bench_dequant $(if $(QUICK),--quick,)
 	$(PY) -m benchmarks.bench_sparse_lowrank $(if $(QUICK),--quick,)
 
+# Recomputes everything into runs/$(RUN) (default runs/local; ignored by git), resuming only that run,
+# and ends with a diff against the committed reference results/. `make promote` makes a run the reference.
 reproduce: $(STAMP)
-	$(PY) -m experiments reproduce $(if $(QUICK),--quick,)
+	$(PY) -m experiments reproduce $(if $(QUICK),--quick,) $(if $(RUN),--run $(RUN),)
+
+promote: $(STAMP)
+	$(PY) -m experiments promote $(if $(QUICK),--quick,) $(if $(RUN),--run $(RUN),)
 
 # On a machine with a CUDA GPU: compiled-kernel correctness + benchmarks vs cuBLAS -> results/gpu/*.csv.
 # Installs nothing (the lent GPU machine has torch + triton and no network): the venv's python when

@@ -1,6 +1,6 @@
 """Weight-only quantized linear vs dense, at LLM layer shapes: a benchmark script, not a test.
 
-    python -m benchmarks.bench_dequant [--quick] [--device cpu|cuda] [--out results/bench_dequant_cpu.csv]
+    python -m benchmarks.bench_dequant [--quick] [--device cpu|cuda] [--out runs/local/bench_dequant_cpu.csv]
 
 - CUDA: ``QuantLinear`` with the Triton kernel (fp16 activations) against torch fp16 dense
   ``F.linear``; effective GB/s (weight storage + activation + output bytes per call / time; the
@@ -41,6 +41,7 @@ from torch import nn
 
 from experiments.provenance import provenance
 from experiments.results import replace_rows
+from experiments.runs import MEASURE_CONTEXT, mode_dir, refuse_reference, run_root
 from experiments.timing import time_fn
 
 SHAPES = ((4096, 4096), (4096, 11008), (11008, 4096))
@@ -153,7 +154,7 @@ def run(device: torch.device, shapes, m_values, variants, min_run_time: float | 
                 print(f"{shape:>11s} M={M:<4d} {r['variant']:<20s} {r['backend']:<16s} "
                       f"{r['median_ms']:9.4f} ms (IQR {r['iqr_ms']:.4f})  "
                       + "  ".join(f"x{r[f'speedup_vs_{n}']:.2f} vs {n}" for n in dense_ms), flush=True)
-            replace_rows(out, rows, KEY)
+            replace_rows(out, rows, KEY, context=MEASURE_CONTEXT)
             all_rows += rows
     return all_rows
 
@@ -190,7 +191,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="4096x4096 only, M in {1, 16}")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
-    p.add_argument("--out", default=None, help="CSV path (default results/bench_dequant_<device_type>.csv)")
+    p.add_argument("--out", default=None, help="CSV path (default runs/local[/quick]/bench_dequant_<device_type>.csv; experiments.runs)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: torch's); recorded in the device column. On a shared, "
                         "oversubscribed machine 1 thread gives far steadier numbers than 2")
@@ -198,6 +199,11 @@ def main(argv=None) -> int:
                    help="seconds per CPU timing (default 0.2, quick 0.1); ms of do_bench rep on CUDA x 1e-3")
     args = p.parse_args(argv)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    try:
+        out = refuse_reference(args.out) if args.out else \
+            mode_dir(run_root(), args.quick) / f"bench_dequant_{device.type}.csv"
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from e
     if args.threads is not None:
         if args.threads < 1:
             raise SystemExit(f"--threads must be >= 1, got {args.threads}")
@@ -206,7 +212,6 @@ def main(argv=None) -> int:
         print("TRITON_INTERPRET=1 would route QuantLinear to the Triton interpreter, whose timings are not "
               "performance numbers; unset it for a CPU benchmark.", file=sys.stderr)
         return 2
-    out = Path(args.out or f"results/bench_dequant_{device.type}.csv")
     min_run_time = args.min_run_time
     if min_run_time is None and device.type == "cpu":
         min_run_time = 0.1 if args.quick else 0.2

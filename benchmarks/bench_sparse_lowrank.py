@@ -1,6 +1,6 @@
 """Sparse and low-rank linear layers against dense: break-even curves. A benchmark script, not a test.
 
-    python -m benchmarks.bench_sparse_lowrank [--quick] [--device cpu|cuda] [--out results/bench_sparse_lowrank_cpu.csv]
+    python -m benchmarks.bench_sparse_lowrank [--quick] [--device cpu|cuda] [--out runs/local/bench_sparse_lowrank_cpu.csv]
 
 One 4096x4096 layer (N = out_features, K = in_features), M in {1, 16, 128} rows, against dense
 ``F.linear`` in fp32 and bf16 from the same run (``speedup_vs_dense_fp32`` / ``_bf16`` columns):
@@ -44,6 +44,7 @@ from torch import nn
 
 from experiments.provenance import provenance
 from experiments.results import replace_rows
+from experiments.runs import MEASURE_CONTEXT, mode_dir, refuse_reference, run_root
 from experiments.timing import time_fn
 from triton_kernels.lowrank_linear import lowrank_linear_reference
 from triton_kernels.nn.lowrank import LowRankLinear
@@ -180,7 +181,7 @@ def run(device: torch.device, sweeps: dict, m_values, min_run_time: float | None
             r["speedup_vs_dense_fp32"] = round(dense_ms[torch.float32] / r["median_ms"], 3)
             r["speedup_vs_dense_bf16"] = round(dense_ms[torch.bfloat16] / r["median_ms"], 3)
         m_rows += _crossover_rows(prov, M, m_rows)
-        replace_rows(out, m_rows, KEY)
+        replace_rows(out, m_rows, KEY, context=MEASURE_CONTEXT)
         rows += m_rows
     return rows
 
@@ -208,7 +209,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="fewer sweep points (still M in {1, 16, 128})")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
-    p.add_argument("--out", default=None, help="CSV path (default results/bench_sparse_lowrank_<device>.csv)")
+    p.add_argument("--out", default=None, help="CSV path (default runs/local[/quick]/bench_sparse_lowrank_<device_type>.csv; experiments.runs)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--min-run-time", type=float, default=None,
                    help="seconds per CPU timing (default 0.2, 0.1 with --quick)")
@@ -220,7 +221,11 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     if device.type == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device here")
-    out = Path(args.out or f"results/bench_sparse_lowrank_{device.type}.csv")
+    try:
+        out = refuse_reference(args.out) if args.out else \
+            mode_dir(run_root(), args.quick) / f"bench_sparse_lowrank_{device.type}.csv"
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from e
     min_run_time = args.min_run_time if args.min_run_time is not None else (0.1 if args.quick else None)
     run(device, QUICK_SWEEPS if args.quick else SWEEPS, M_VALUES, min_run_time, out)
     print(f"wrote {out}")

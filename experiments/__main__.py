@@ -2,7 +2,13 @@
 
     python -m experiments list
     python -m experiments run <sweep|all|path.yaml> [--quick] [--model default] [--text-file F]
-                              [--source austen] [--out-dir results] [--device cpu] [--no-progress]
+                              [--source austen] [--run NAME | --out-dir DIR] [--device cpu] [--no-progress]
+    python -m experiments reproduce [--quick] [--run NAME]      # every step, then a diff vs results/
+    python -m experiments compare [--quick] [--run NAME]        # a run's numbers vs the reference
+    python -m experiments promote --run NAME [--quick]          # make a run the reference results/
+
+Measuring commands write into a run directory (``runs/<NAME>/``, ignored by git; see
+``experiments.runs``), never into the committed reference tables under ``results/``.
 
 Each command is a function ``cmd_<name>(args) -> int`` registered in :data:`COMMANDS` with a
 function that adds its arguments; adding a command is adding one entry. Bad input (unknown sweep
@@ -19,6 +25,15 @@ from typing import Callable
 
 def _add_list(p: argparse.ArgumentParser) -> None:
     pass
+
+
+def _add_run_dir(p: argparse.ArgumentParser) -> None:
+    """--run / --out-dir: where a measuring command writes (experiments.runs.run_root)."""
+    p.add_argument("--run", default=None, metavar="NAME",
+                   help="run directory runs/NAME (default: 'local' for the default model and corpus, "
+                        "'local-<model>-<text>' otherwise; $TKR_RUNS_DIR relocates runs/)")
+    p.add_argument("--out-dir", default=None, metavar="DIR",
+                   help="an explicit run directory instead of runs/NAME (never the reference results/)")
 
 
 def cmd_list(args: argparse.Namespace) -> int:
@@ -38,7 +53,7 @@ def _add_run(p: argparse.ArgumentParser) -> None:
                    help="'default' (embedded SmolLM2-135M GGUF), an HF model id, a local directory or a .gguf file")
     p.add_argument("--text-file", default=None, help="plain-text file: first 10%% calibration, rest evaluation")
     p.add_argument("--source", default="austen", help="corpus when no --text-file: austen (default) or wikitext2 (online)")
-    p.add_argument("--out-dir", default="results", help="directory of the CSV tables (default: results)")
+    _add_run_dir(p)
     p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
     p.add_argument("--no-progress", action="store_true", help="no tqdm bars")
 
@@ -48,7 +63,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     sweeps = resolve_sweeps(args.sweep)
     paths = run_sweeps(sweeps, quick=args.quick, model=args.model, text_file=args.text_file, source=args.source,
-                       out_dir=args.out_dir, device=args.device, progress=not args.no_progress)
+                       out_dir=args.out_dir, run=args.run, device=args.device, progress=not args.no_progress)
     for p in paths:
         print(p)
     print(f"done in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
@@ -87,6 +102,26 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     return reproduce_main(args)
 
 
+def _add_compare(p: argparse.ArgumentParser) -> None:
+    from experiments.compare import add_arguments
+    add_arguments(p)
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from experiments.compare import main as compare_main
+    return compare_main(args)
+
+
+def _add_promote(p: argparse.ArgumentParser) -> None:
+    from experiments.promote import add_arguments
+    add_arguments(p)
+
+
+def cmd_promote(args: argparse.Namespace) -> int:
+    from experiments.promote import main as promote_main
+    return promote_main(args)
+
+
 def _add_summary(p: argparse.ArgumentParser) -> None:
     from experiments.summary import add_arguments
     add_arguments(p)
@@ -99,13 +134,16 @@ def cmd_summary(args: argparse.Namespace) -> int:
 
 COMMANDS: dict[str, tuple[Callable, Callable, str]] = {
     "list": (_add_list, cmd_list, "list the sweeps with their point counts (full and --quick)"),
-    "run": (_add_run, cmd_run, "run or resume a sweep; one CSV row per point under --out-dir"),
+    "run": (_add_run, cmd_run, "run or resume a sweep; one CSV row per point in the run directory (runs/NAME)"),
     "latency": (_add_latency, cmd_latency,
-                "time the compressed layers vs dense on this device (results/latency_<device_type>.csv)"),
+                "time the compressed layers vs dense on this device (runs/NAME/latency_<device_type>.csv)"),
     "roofline": (_add_roofline, cmd_roofline,
-                 "ideal kernel times on named GPUs from bytes and FLOPs (results/roofline_model.csv)"),
+                 "ideal kernel times on named GPUs from bytes and FLOPs (runs/NAME/roofline_model.csv)"),
     "reproduce": (_add_reproduce, cmd_reproduce,
-                  "sweeps + latency + decode + roofline + notebooks/figures into results/ (resumable)"),
+                  "sweeps + latency + decode + roofline + notebooks/figures into runs/NAME, then a diff "
+                  "against the reference results/ (resumable)"),
+    "compare": (_add_compare, cmd_compare, "a run's perplexities and sizes against the reference results/"),
+    "promote": (_add_promote, cmd_promote, "replace the reference tables in results/ by a finished run's"),
     "summary": (_add_summary, cmd_summary, "headline numbers from the result tables, as Markdown"),
 }
 

@@ -20,8 +20,11 @@ for any low-rank spec. Every row says so (``weights="random, same format"``).
   column says so.
 
 Every row records ``device_type``, ``device``, ``backend``, ``act_dtype`` and ``timer``, so a CPU
-figure is never read as a GPU one. Rows are upserted into ``results/latency_<device_type>.csv``
-point by point (a rerun replaces its rows; an interrupted run keeps the finished points).
+figure is never read as a GPU one. Rows are upserted into ``<run>/latency_<device_type>.csv``
+(``runs/local/`` by default, ``runs/local/quick/`` with --quick; ``experiments.runs``) point by point
+(a rerun replaces its rows; an interrupted run keeps the finished points). A table holds one machine
+(``experiments.runs.MEASURE_CONTEXT``: device type, device name with its thread count, torch build):
+timing into a table measured elsewhere is an error, never a silent merge.
 
     python -m experiments latency --quick                # CPU here, a few shapes, seconds
     python -m experiments latency --sweep all --device cuda
@@ -46,6 +49,7 @@ from torch import nn
 
 from experiments import results
 from experiments.provenance import provenance
+from experiments.runs import MEASURE_CONTEXT, mode_dir, refuse_reference, run_root
 
 WEIGHTS_NOTE = "random, same format"
 STANDARD_SHAPES = (("std_4096x4096", 4096, 4096), ("std_11008x4096", 11008, 4096),
@@ -375,11 +379,13 @@ def run_latency(specs: Iterable[dict], shapes: Iterable[tuple[str, int, int]], M
     device = torch.device(device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("device='cuda' but torch sees no CUDA device; use device='cpu'")
-    out = Path(out) if out is not None else Path(f"results/latency_{device.type}.csv")
+    out = Path(out) if out is not None else run_root() / f"latency_{device.type}.csv"
     prov = provenance(device)
     run_id = uuid.uuid4().hex[:12]
     specs, shapes, Ms = list(specs), list(shapes), list(Ms)
-    done = {tuple(r.get(k, "") for k in KEY) for r in results.read_rows(out)} if resume else set()
+    existing = results.read_rows(out)
+    results.check_context(out, [prov], MEASURE_CONTEXT, existing=existing)  # before any timing
+    done = {tuple(r.get(k, "") for k in KEY) for r in existing} if resume else set()
     formats: dict[str, list[dict]] = {}  # one timing per distinct format, shared by its specs
     for s in specs:
         try:
@@ -434,7 +440,7 @@ def run_latency(specs: Iterable[dict], shapes: Iterable[tuple[str, int, int]], M
                     + (f"{row['median_ms']:.4f} ms ({row['backend']}, {row['act_dtype']}), "
                        + ", ".join(f"x{row[f'speedup_vs_dense_{d}']:.2f} vs dense {d}" for d in dense)
                        if row["status"] == "ok" else row["status"]))
-            results.replace_rows(out, rows, KEY)
+            results.replace_rows(out, rows, KEY, context=MEASURE_CONTEXT)
             written += rows
     return written
 
@@ -477,7 +483,7 @@ def decode_tokens_per_second(model, tokenizer, *, prompt: str = DEFAULT_PROMPT, 
 
 def record_decode(model, tokenizer, *, label: str, spec: dict | None = None, dense_tokens_per_s: float | None = None,
                   out: str | Path | None = None, **kw) -> dict:
-    """Measure decode speed and upsert a row into ``results/decode_<device_type>.csv``.
+    """Measure decode speed and upsert a row into ``out`` (default ``runs/local/decode_<device_type>.csv``).
 
     ``dense_tokens_per_s`` (measured on the same machine in the same run) adds ``speedup_vs_dense``.
     """
@@ -487,13 +493,14 @@ def record_decode(model, tokenizer, *, label: str, spec: dict | None = None, den
            "dtype": _DTYPE_NAMES.get(next(model.parameters()).dtype, str(next(model.parameters()).dtype)), **r}
     if dense_tokens_per_s:
         row["speedup_vs_dense"] = r["tokens_per_s"] / dense_tokens_per_s
-    results.replace_rows(Path(out) if out else Path(f"results/decode_{device.type}.csv"), [row], DECODE_KEY)
+    results.replace_rows(Path(out) if out else run_root() / f"decode_{device.type}.csv", [row], DECODE_KEY,
+                         context=MEASURE_CONTEXT)
     return row
 
 
 def run_decode(specs: Iterable[dict], *, device: torch.device, new_tokens: int = 32,
                dtypes: Iterable[torch.dtype] = (torch.float32, torch.bfloat16), out: str | Path | None = None,
-               log: Callable[[str], None] = print) -> list[dict]:
+               resume: bool = False, log: Callable[[str], None] = print) -> list[dict]:
     """Decode tokens/s of the default model, dense and compressed by each spec that needs no
     calibration data (RTN, magnitude, plain SVD: the decode speed depends on the format only, so the
     calibrated methods of the same format are left to the sweep runner). One row per model and dtype.
@@ -501,21 +508,28 @@ def run_decode(specs: Iterable[dict], *, device: torch.device, new_tokens: int =
     Each model runs in every one of ``dtypes`` against the dense model in the same dtype: on CPU the
     fast weight-only kernels (torch int4/int8) exist only for bf16 activations, so fp32 decoding of a
     quantized model takes the dequantize-per-call fallback, and the fp32 rows show that cost.
+
+    With ``resume`` the rows already in ``out`` for this machine (same label, spec, dtype, token count
+    and prompt) are kept and not measured again; a model is loaded only when something is left to do,
+    and a compressed row's speedup uses the dense row of the table (same machine, checked).
     """
     from experiments.compress import compress_model, parse_spec
     from experiments.models import load_model
 
+    device = torch.device(device)
     dtypes = list(dtypes)
-    model, tok, _ = load_model()
-    dense = {}
-    rows = []
-    for dt in dtypes:
-        model.to(device=device, dtype=dt)
-        name = _DTYPE_NAMES[dt]
-        dense[dt] = record_decode(model, tok, label=f"dense {name}", new_tokens=new_tokens, out=out)
-        log(f"[decode {device.type}] dense {name}: {dense[dt]['tokens_per_s']:.1f} tok/s")
-        rows.append(dense[dt])
-    del model
+    out = Path(out) if out is not None else run_root() / f"decode_{device.type}.csv"
+    prov = provenance(device)
+    existing = results.read_rows(out)
+    results.check_context(out, [prov], MEASURE_CONTEXT, existing=existing)  # before any timing
+    have = {tuple(r.get(k, "") for k in DECODE_KEY): r for r in existing} if resume else {}
+
+    def done_row(label: str, spec: dict, dtype: torch.dtype) -> dict | None:
+        key = (prov["device_type"], prov["device"], label, _canon(spec), _DTYPE_NAMES[dtype], str(new_tokens),
+               DEFAULT_PROMPT)
+        return have.get(key)
+
+    todo_specs = []
     seen = set()
     for spec in specs:
         parsed = parse_spec(spec)
@@ -523,9 +537,33 @@ def run_decode(specs: Iterable[dict], *, device: torch.device, new_tokens: int =
         if parsed.needs() or fk in seen:
             continue
         seen.add(fk)
-        m, _, _ = load_model()  # a fresh copy to compress in place
-        compress_model(m, parsed, None, progress=False)
+        todo_specs.append(parsed)
+
+    rows = []
+    dense: dict[torch.dtype, dict] = {}
+    for dt in dtypes:
+        r = done_row(f"dense {_DTYPE_NAMES[dt]}", {"method": "dense"}, dt)
+        if r is not None:
+            dense[dt] = {**r, "tokens_per_s": float(r["tokens_per_s"])}
+    if len(dense) < len(dtypes):
+        model, tok, _ = load_model()
         for dt in dtypes:
+            if dt in dense:
+                continue
+            model.to(device=device, dtype=dt)
+            name = _DTYPE_NAMES[dt]
+            dense[dt] = record_decode(model, tok, label=f"dense {name}", new_tokens=new_tokens, out=out)
+            log(f"[decode {device.type}] dense {name}: {dense[dt]['tokens_per_s']:.1f} tok/s")
+            rows.append(dense[dt])
+        del model
+    for parsed in todo_specs:
+        left = [dt for dt in dtypes if done_row(f"{parsed.label()} {_DTYPE_NAMES[dt]}", parsed.to_dict(), dt) is None]
+        if not left:
+            log(f"[decode {device.type}] {parsed.label()}: already in {out}")
+            continue
+        m, tok, _ = load_model()  # a fresh copy to compress in place
+        compress_model(m, parsed, None, progress=False)
+        for dt in left:
             m.to(device=device, dtype=dt)
             name = _DTYPE_NAMES[dt]
             row = record_decode(m, tok, label=f"{parsed.label()} {name}", spec=parsed.to_dict(),
@@ -551,10 +589,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="also measure greedy-decode tokens/s of the default model, dense and compressed")
     p.add_argument("--resume", action="store_true", help="skip points already in the CSV")
     p.add_argument("--min-run-time", type=float, default=None, help="seconds per timing (default 0.2, quick 0.05)")
-    p.add_argument("--out", default=None, help="CSV path (default results/latency_<device_type>.csv)")
+    p.add_argument("--run", default=None, metavar="NAME",
+                   help="run directory runs/NAME (default: local); tables go to runs/NAME[/quick]/")
+    p.add_argument("--out", default=None,
+                   help="CSV path (default runs/<run>/latency_<device_type>.csv, runs/<run>/quick/... with --quick)")
 
 
 def main(args: argparse.Namespace) -> list[dict]:
+    out = getattr(args, "out", None)
+    if out:
+        refuse_reference(out)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     quick = getattr(args, "quick", False)
     sweep = getattr(args, "sweep", None)
@@ -566,10 +610,12 @@ def main(args: argparse.Namespace) -> list[dict]:
     else:
         shapes, Ms = model_shapes + list(STANDARD_SHAPES), STANDARD_M
     mrt = args.min_run_time if getattr(args, "min_run_time", None) is not None else (0.05 if quick else 0.2)
-    rows = run_latency(specs, shapes, Ms, device=device, min_run_time=mrt, out=getattr(args, "out", None),
-                       resume=getattr(args, "resume", False))
+    out_dir = Path(out).parent if out else mode_dir(run_root(run=getattr(args, "run", None)), quick)
+    rows = run_latency(specs, shapes, Ms, device=device, min_run_time=mrt,
+                       out=out or out_dir / f"latency_{device.type}.csv", resume=getattr(args, "resume", False))
     if getattr(args, "decode", False):
-        run_decode(specs, device=device, new_tokens=16 if quick else 32)
+        run_decode(specs, device=device, new_tokens=16 if quick else 32, out=out_dir / f"decode_{device.type}.csv",
+                   resume=getattr(args, "resume", False))
     return rows
 
 

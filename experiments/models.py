@@ -233,6 +233,15 @@ def _load_uncached(spec: str, dtype: torch.dtype):
     return model, tokenizer, info
 
 
+def model_name(spec: str = "default") -> str:
+    """The ``model`` column that results of ``spec`` carry (``info["name"]`` of :func:`load_model`),
+    without loading anything: readers use it to select the rows of one model."""
+    if spec == "default":
+        return DEFAULT_NAME
+    path = Path(str(spec)).expanduser()
+    return path.name if path.suffix == ".gguf" else str(spec)
+
+
 def load_model(spec: str = "default", dtype: torch.dtype = torch.float32, *,
                cache: bool = True) -> tuple[nn.Module, object, dict]:
     """(model in eval mode, tokenizer, info) for a model spec (see module docstring).

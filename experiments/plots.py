@@ -1,7 +1,12 @@
 """Paper-style figures drawn from the result tables (the notebooks call these; so does ``reproduce``).
 
-Every figure is regenerated from ``results/*.csv`` by code: nothing here computes a result, it only
-reads the tables that ``experiments.sweep``, ``experiments.latency`` and ``experiments.roofline`` wrote.
+Every figure is regenerated from the result tables by code: nothing here computes a result, it only
+reads the tables that ``experiments.sweep``, ``experiments.latency`` and ``experiments.roofline`` wrote,
+either the committed reference (``results/``) or a run directory (``runs/<NAME>/``, ``experiments.runs``).
+
+Readers never merge contexts silently: a sweep table must hold one context (model, corpus, settings,
+machine) and the model a notebook asks for; a latency table holding several machines is refused by
+the Pareto figure and split per machine by :func:`model_layer_speedup` (never summed across them).
 
 Conventions: perplexity on a log axis (it spans orders of magnitude once a model this small breaks),
 the dense baseline as a dashed reference line, points that alias the default model's Q4_1 source grid
@@ -16,8 +21,11 @@ from typing import Iterable
 import matplotlib.pyplot as plt
 import pandas as pd
 
-REPO = Path(__file__).resolve().parent.parent
-RESULTS = REPO / "results"
+from experiments.results import ContextMismatch, check_single_context
+from experiments.runs import MEASURE_CONTEXT, REFERENCE, REPO, SWEEP_CONTEXT, default_run_name, is_reference, \
+    runs_root
+
+RESULTS = REFERENCE
 SWEEPS = ("quant", "sparsity", "lowrank", "combo")
 SOURCE_GRID_NOTE = "aliases the Q4_1 source grid (reproduces the stored weights; not a real 4-bit result)"
 
@@ -26,22 +34,66 @@ plt.rcParams.update({"figure.dpi": 110, "savefig.dpi": 150, "axes.grid": True, "
                      "legend.fontsize": 7, "legend.frameon": False})
 
 
+class NoResults(FileNotFoundError):
+    """No table of the requested model/context where a reader looked."""
+
+
 def results_dir(quick: bool, root: str | Path = RESULTS) -> Path:
-    """Quick runs write under ``results/quick/`` so they never mix with full runs."""
+    """Quick runs write under ``<root>/quick/`` so they never mix with full runs."""
     return Path(root) / "quick" if quick else Path(root)
+
+
+def notebook_root(model: str = "default", results_dir: str | Path | None = None) -> Path:
+    """Where a notebook reads its tables: ``results_dir`` if given (relative to the repository), else the
+    committed reference ``results/`` for the default model and the model's default run directory
+    (``runs/local-<model>``, where ``python -m experiments run --model M`` writes) for any other."""
+    if results_dir is not None:
+        p = Path(results_dir).expanduser()
+        return p if p.is_absolute() else REPO / p
+    return RESULTS if model == "default" else runs_root() / default_run_name(model)
+
+
+def figures_dir_for(root: str | Path, quick: bool) -> Path:
+    """Figures go beside the tables they show; those of the reference tables go to ``build/figures``
+    (``promote`` is what updates the committed ``results/figures``), so reading never edits tracked files."""
+    if is_reference(root):
+        return REPO / "build" / "figures" / ("quick" if quick else "")
+    return results_dir(quick, root) / "figures"
+
+
+def _where(root: Path) -> str:
+    return "the reference results" if is_reference(root) else f"run directory {root}"
 
 
 def sweep_table(name: str, *, quick: bool, run_missing: bool = False, model: str = "default",
                 root: str | Path = RESULTS) -> pd.DataFrame:
-    """The long table of sweep ``name``; runs the sweep first when the table is missing and ``run_missing``."""
+    """The long table of sweep ``name`` for ``model`` under ``root``.
+
+    Refuses (:class:`NoResults`) a table of another model and (``ContextMismatch``) one mixing several
+    contexts. A missing table is run first when ``run_missing`` and ``root`` is a run directory (the
+    reference ``results/`` is never written here).
+    """
+    from experiments.models import model_name
+
+    root = Path(root)
     path = results_dir(quick, root) / f"sweep_{name}.csv"
+    how = (f"`python -m experiments run {name}{' --quick' if quick else ''}"
+           f"{'' if model == 'default' else f' --model {model}'}`")
     if not path.exists():
-        if not run_missing:
-            raise FileNotFoundError(f"{path} does not exist; run `python -m experiments run {name}"
-                                    f"{' --quick' if quick else ''}` or pass run_missing=True")
+        if not run_missing or is_reference(root):
+            raise NoResults(f"no {name} results for model {model!r} in {_where(root)} ({path} does not exist); "
+                            f"run {how} (it writes {runs_root() / default_run_name(model)}) and read that "
+                            f"directory (results_dir=...), or pass run_missing=True with a run directory")
         from experiments.sweep import resolve_sweeps, run_sweeps
         run_sweeps(resolve_sweeps(name), quick=quick, model=model, out_dir=root)
     df = pd.read_csv(path)
+    check_single_context(df.to_dict("records"), SWEEP_CONTEXT, str(path))
+    want = model_name(model)
+    have = str(df["model"].iloc[0]) if len(df) else ""
+    if have != want:
+        raise NoResults(f"{path} holds results for model {have!r}, not {want!r} (model={model!r}): no {name} "
+                        f"results for that model in {_where(root)}; run {how} and read its run directory "
+                        f"(results_dir=...)")
     df["aliases_source_grid"] = df["aliases_source_grid"].astype(str).str.lower() == "true"
     return df
 
@@ -49,6 +101,41 @@ def sweep_table(name: str, *, quick: bool, run_missing: bool = False, model: str
 def optional_table(path: str | Path) -> pd.DataFrame | None:
     path = Path(path)
     return pd.read_csv(path) if path.exists() else None
+
+
+def measurement_table(path: str | Path) -> pd.DataFrame | None:
+    """A latency/decode table, or None when missing; ``ContextMismatch`` when it mixes machines."""
+    df = optional_table(path)
+    if df is not None:
+        check_single_context(df.to_dict("records"), MEASURE_CONTEXT, str(path))
+    return df
+
+
+def roofline_table(quick: bool, root: str | Path = RESULTS) -> pd.DataFrame | None:
+    """The roofline model table of ``root`` (its ``quick/`` copy first: the model is the same in both modes)."""
+    for d in (results_dir(quick, root), Path(root)):
+        if (d / "roofline_model.csv").exists():
+            return pd.read_csv(d / "roofline_model.csv")
+    return None
+
+
+def show(fig: plt.Figure) -> None:
+    """Display ``fig`` once in a notebook and close it (an open figure would be drawn a second time by the
+    inline backend at the end of the cell)."""
+    try:
+        from IPython import get_ipython
+        from IPython.display import display
+    except ImportError:  # no IPython: nothing to display
+        get_ipython = None
+    if get_ipython is not None and get_ipython() is not None:
+        display(fig)
+    plt.close(fig)
+
+
+def _legend(ax, **kw) -> None:
+    """A legend only when something is labelled (matplotlib warns on an empty one)."""
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(**kw)
 
 
 def dense_ppl(df: pd.DataFrame) -> float | None:
@@ -80,7 +167,8 @@ def _mark_aliases(ax, df: pd.DataFrame, x: str) -> None:
 
 def _title(df: pd.DataFrame) -> str:
     r = df.iloc[0]
-    return f"{r.get('model', '')}: evaluated on {r.get('evaluation_text', '')}, {int(r.get('eval_tokens', 0))} tokens"
+    return (f"{r.get('model', '')}: evaluated on {r.get('evaluation_text', '')}, {int(r.get('eval_tokens', 0))} tokens"
+            f" — {r.get('device', '')}")
 
 
 def quant_figure(df: pd.DataFrame) -> plt.Figure:
@@ -98,7 +186,7 @@ def quant_figure(df: pd.DataFrame) -> plt.Figure:
     ax.set_xlabel("effective bits per weight (codes + scales + zeros)")
     ax.set_ylabel("perplexity (log scale)")
     ax.set_title(_title(df), fontsize=8)
-    ax.legend(loc="upper right", ncol=2)
+    _legend(ax, loc="upper right", ncol=2)
     return fig
 
 
@@ -107,6 +195,8 @@ def sparsity_figure(df: pd.DataFrame) -> plt.Figure:
     fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.8), gridspec_kw={"width_ratios": [1.3, 1]})
     s = df[df["method"] != "dense"].copy()
     uns = s[s["pattern"] == "unstructured"]
+    if not len(uns):
+        a.text(0.5, 0.5, "no unstructured points in this table", transform=a.transAxes, ha="center", va="center")
     for method, sub in uns.groupby("method"):
         sub = sub.sort_values("sparsity")
         a.plot(100 * sub["sparsity"], sub["ppl"], marker="o", label=method)
@@ -114,7 +204,7 @@ def sparsity_figure(df: pd.DataFrame) -> plt.Figure:
     a.set_yscale("log")
     a.set_xlabel("unstructured sparsity (% of weights zero)")
     a.set_ylabel("perplexity (log scale)")
-    a.legend()
+    _legend(a)
     st = s[s["pattern"] != "unstructured"]
     if len(st):
         pats = list(dict.fromkeys(st["pattern"]))
@@ -127,7 +217,7 @@ def sparsity_figure(df: pd.DataFrame) -> plt.Figure:
         _baseline(b, dense_ppl(df))
         b.set_yscale("log")
         b.set_xlabel("structured pattern")
-        b.legend()
+        _legend(b)
     fig.suptitle(_title(df), fontsize=8)
     return fig
 
@@ -146,23 +236,34 @@ def lowrank_figure(df: pd.DataFrame) -> plt.Figure:
     ax.set_ylabel("perplexity (log scale)")
     ax.invert_xaxis()
     ax.set_title(_title(df), fontsize=8)
-    ax.legend()
+    _legend(ax)
     return fig
 
 
 def model_layer_speedup(lat: pd.DataFrame, M: int = 1, versus: str = "fp32") -> pd.DataFrame:
-    """Per spec: summed latency over the model's own layer shapes at ``M`` against dense in the same run."""
+    """Per machine and spec: summed latency over the model's own layer shapes at ``M`` against dense
+    measured on the same machine. Rows of different machines (``MEASURE_CONTEXT``) are never summed
+    together: each machine gets its own rows, labelled by ``latency_device``."""
     ok = lat[(lat["status"] == "ok") & (lat["M"] == M) & (~lat["layer"].astype(str).str.startswith("std_"))]
-    dense = ok[ok["spec"] == f'{{"dtype": "{versus}", "method": "dense"}}'].groupby("layer")["median_ms"].first()
-    comp = ok[ok["method"] != "dense"]
+    ctx = [c for c in MEASURE_CONTEXT if c in ok.columns]
     rows = []
-    for spec, sub in comp.groupby("spec"):
-        sub = sub[sub["layer"].isin(dense.index)]
-        if len(sub):
-            rows.append({"spec": spec, "backend": ",".join(sorted(set(sub["backend"].astype(str)))),
-                         "latency_device": sub["device"].iloc[0], "ms": sub["median_ms"].sum(),
-                         "dense_ms": dense[sub["layer"]].sum(), "speedup": dense[sub["layer"]].sum() / sub["median_ms"].sum()})
-    return pd.DataFrame(rows)
+    for key, on_machine in ok.groupby(ctx, sort=False, dropna=False) if ctx else [((), ok)]:
+        dense_rows = on_machine[on_machine["spec"] == f'{{"dtype": "{versus}", "method": "dense"}}']
+        if dense_rows["layer"].duplicated().any():
+            raise ContextMismatch(f"latency rows of one machine ({dict(zip(ctx, key))}) hold two dense {versus} "
+                                  f"timings of one layer at M={M}; refusing to pick one")
+        dense = dense_rows.groupby("layer")["median_ms"].first()
+        comp = on_machine[on_machine["method"] != "dense"]
+        for spec, sub in comp.groupby("spec"):
+            sub = sub[sub["layer"].isin(dense.index)]
+            if sub["layer"].duplicated().any():
+                raise ContextMismatch(f"latency rows of one machine hold two timings of {spec} on one layer")
+            if len(sub):
+                rows.append({"spec": spec, "backend": ",".join(sorted(set(sub["backend"].astype(str)))),
+                             "latency_device": sub["device"].iloc[0], "ms": sub["median_ms"].sum(),
+                             "dense_ms": dense[sub["layer"]].sum(),
+                             "speedup": dense[sub["layer"]].sum() / sub["median_ms"].sum()})
+    return pd.DataFrame(rows, columns=["spec", "backend", "latency_device", "ms", "dense_ms", "speedup"])
 
 
 def _pareto(points: pd.DataFrame, x: str, y: str, lower_x_better: bool = True) -> pd.DataFrame:
@@ -176,8 +277,16 @@ def _pareto(points: pd.DataFrame, x: str, y: str, lower_x_better: bool = True) -
 
 
 def pareto_figure(tables: dict[str, pd.DataFrame], latency: pd.DataFrame | None = None) -> plt.Figure:
-    """All methods on one accuracy-memory(-latency) frontier, combinations included."""
+    """All methods on one accuracy-memory(-latency) frontier, combinations included.
+
+    The sweep tables must share one context apart from their settings (one model, corpus and machine),
+    and ``latency`` must come from one machine: otherwise ``ContextMismatch``, never a merged figure.
+    """
     frames = [t.assign(sweep=name) for name, t in tables.items() if t is not None and len(t)]
+    check_single_context(pd.concat(frames, ignore_index=True).to_dict("records"),
+                         ("model", "corpus", "evaluation_text", "device"), "the sweep tables of the Pareto figure")
+    if latency is not None and len(latency):
+        check_single_context(latency.to_dict("records"), MEASURE_CONTEXT, "the latency table of the Pareto figure")
     df = pd.concat(frames, ignore_index=True)
     comp = df[df["method"] != "dense"]
     ncols = 2 if latency is not None and len(latency) else 1
@@ -194,7 +303,7 @@ def pareto_figure(tables: dict[str, pd.DataFrame], latency: pd.DataFrame | None 
     ax.set_xlabel("effective bits per weight (log2; fp16 = 16)")
     ax.set_ylabel("perplexity (log scale)")
     ax.set_title("accuracy vs memory", fontsize=9)
-    ax.legend(loc="upper right")
+    _legend(ax, loc="upper right")
     if ncols == 2:
         ax = axes[0, 1]
         sp = model_layer_speedup(latency)
@@ -212,7 +321,7 @@ def pareto_figure(tables: dict[str, pd.DataFrame], latency: pd.DataFrame | None 
         ax.set_xlabel("speedup over dense fp32, model's layers summed, M=1 (CPU backends; log2)")
         ax.set_ylabel("perplexity (log scale)")
         ax.set_title(f"accuracy vs latency — measured on {dev}", fontsize=8)
-        ax.legend(loc="upper right")
+        _legend(ax, loc="upper right")
     return fig
 
 
@@ -235,7 +344,7 @@ def latency_figure(lat: pd.DataFrame, layer: str = "std_4096x4096", versus: str 
     kind = "CPU" if (len(ok) and ok["device_type"].iloc[0] == "cpu") else "GPU"
     ax.set_xlabel(f"speedup over dense {versus} ({kind} measurement, log2; >1 is faster)")
     ax.set_title(f"{layer.replace('std_', '')} layer — {dev}", fontsize=8)
-    ax.legend()
+    _legend(ax)
     return fig
 
 
@@ -257,7 +366,7 @@ def roofline_figure(roof: pd.DataFrame, gpu: str = "H100 SXM", N: int = 4096, K:
     ax.set_xlabel("M (tokens per matmul, log2)")
     ax.set_ylabel("ideal speedup over dense fp16 (log2)")
     ax.set_title(f"roofline MODEL (not a measurement): {gpu}, {N}x{K}", fontsize=8)
-    ax.legend(ncol=2)
+    _legend(ax, ncol=2)
     return fig
 
 
@@ -278,7 +387,7 @@ def compile_check_figure(cc: pd.DataFrame) -> plt.Figure:
         ax.set_xticks(range(len(fams)), fams, rotation=45, ha="right", fontsize=7)
         ax.set_ylabel(label)
     axes[0].axhline(255, color="k", ls=":", lw=0.8, label="NVIDIA max (255)")
-    axes[0].legend()
+    _legend(axes[0])
     axes[1].set_title("dashed: per-block limit of each target", fontsize=8)
     fig.suptitle("compile check: every autotune config, compiled ahead of time without a GPU (0 spills required)",
                  fontsize=9)

@@ -11,7 +11,7 @@ is built from random weights), so the model charges precisely what the storage f
 Activations are fp16 in and out. Kernel overheads (launch, dequant ALU work, imperfect overlap, tails)
 are not modelled: measured times should sit above these lines, and the ratio says how far.
 
-    python -m experiments roofline            # writes results/roofline_model.csv
+    python -m experiments roofline            # writes runs/local/roofline_model.csv (--run NAME, --out PATH)
 
 Every row carries ``model="roofline (not a measurement)"``.
 """
@@ -26,7 +26,7 @@ from typing import Iterable
 from experiments import results
 
 MODEL_TAG = "roofline (not a measurement)"
-OUT_CSV = Path("results/roofline_model.csv")
+OUT_NAME = "roofline_model.csv"  # in the run directory (experiments.runs), never results/ directly
 ACT_BYTES = 2  # fp16/bf16 activations in and out
 
 # Peak DRAM bandwidth (bytes/s) and dense (no 2:4 sparsity) fp16/bf16 tensor-core FLOP/s with fp32
@@ -238,7 +238,7 @@ def gpu_of_device_name(name: str) -> str | None:
     return None
 
 
-def measured_vs_ideal(latency_csv: str | Path = "results/latency_cuda.csv") -> list[dict]:
+def measured_vs_ideal(latency_csv: str | Path) -> list[dict]:
     """Join GPU latency rows with the roofline of the GPU they ran on (for measured-vs-ideal plots).
 
     Only ``device_type == "cuda"`` rows whose device name matches a GPU of the table are joined; each
@@ -268,11 +268,13 @@ def measured_vs_ideal(latency_csv: str | Path = "results/latency_cuda.csv") -> l
 
 def main(args: argparse.Namespace | None = None) -> list[dict]:
     """``python -m experiments roofline``: write the roofline table (and the measured join if any)."""
-    out = Path(getattr(args, "out", None) or OUT_CSV)
+    from experiments.runs import refuse_reference, run_root
+
+    out = refuse_reference(getattr(args, "out", None) or run_root(run=getattr(args, "run", None)) / OUT_NAME)
     rows = table()
     results.write_rows(out, rows)
     print(f"wrote {len(rows)} roofline rows (not measurements) to {out}")
-    joined = measured_vs_ideal(getattr(args, "latency_csv", None) or "results/latency_cuda.csv")
+    joined = measured_vs_ideal(getattr(args, "latency_csv", None) or out.with_name("latency_cuda.csv"))
     if joined:
         jpath = out.with_name("roofline_vs_measured.csv")
         results.write_rows(jpath, joined)
@@ -281,9 +283,11 @@ def main(args: argparse.Namespace | None = None) -> list[dict]:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--out", default=str(OUT_CSV), help="roofline table CSV")
-    p.add_argument("--latency-csv", default="results/latency_cuda.csv",
-                   help="GPU latency table to join with the roofline, if present")
+    p.add_argument("--run", default=None, metavar="NAME", help="run directory runs/NAME (default: local)")
+    p.add_argument("--out", default=None, help=f"roofline table CSV (default runs/<run>/{OUT_NAME})")
+    p.add_argument("--latency-csv", default=None,
+                   help="GPU latency table to join with the roofline, if present (default: latency_cuda.csv "
+                        "beside --out)")
 
 
 if __name__ == "__main__":

@@ -1,9 +1,13 @@
 """Headline numbers as a Markdown table, read from the result tables (the README pastes this output).
 
-    python -m experiments summary [--quick]
+    python -m experiments summary [--quick] [--run NAME | --results-dir DIR]
 
-Nothing here measures anything: it selects rows of ``results/sweep_*.csv``, ``latency_*.csv`` and
-``decode_*.csv`` and prints them with the device, date and command that produced them.
+Nothing here measures anything: it selects rows of ``sweep_*.csv``, ``latency_*.csv`` and
+``decode_*.csv`` of the reference results (``results/``, default) or of a run directory, and prints
+them with the model, text, device, date and command that produced them. Rows of different contexts
+(``experiments.runs.SWEEP_CONTEXT`` / ``MEASURE_CONTEXT``: another model, text, settings or machine)
+are never merged under one heading: each context gets its own heading, and a table that mixes
+several contexts is flagged.
 """
 from __future__ import annotations
 
@@ -13,69 +17,112 @@ from pathlib import Path
 import pandas as pd
 
 from experiments.plots import RESULTS, SWEEPS, model_layer_speedup, results_dir
+from experiments.runs import MEASURE_CONTEXT, SWEEP_CONTEXT, check_run_name, runs_root
 
 
 def _fmt(v, nd=3):
     return "" if pd.isna(v) else f"{v:.{nd}g}"
 
 
+def split_contexts(df: pd.DataFrame, columns) -> list[tuple[dict, pd.DataFrame]]:
+    """``df`` split by the values of ``columns`` it has, in order of first appearance."""
+    cols = [c for c in columns if c in df.columns]
+    if not cols or not len(df):
+        return [({}, df)]
+    keys = df[cols].astype(str).fillna("").agg("\x1f".join, axis=1)
+    return [(dict(zip(cols, k.split("\x1f"))), df[keys == k]) for k in dict.fromkeys(keys)]
+
+
+def _mixed_note(path: Path, parts: list) -> str:
+    varying = sorted({c for ctx, _ in parts for c in ctx if len({p[0].get(c) for p in parts}) > 1})
+    return (f"**Warning: {path} mixes {len(parts)} contexts (they differ in {', '.join(varying)}); "
+            f"they are shown separately below, never merged.**\n")
+
+
+def _rel(path: Path, root: Path) -> str:
+    """``path`` relative to the repository when inside it (results/..., runs/...), else absolute."""
+    from experiments.runs import REPO
+    try:
+        return str(path.resolve().relative_to(REPO))
+    except ValueError:
+        return str(path)
+
+
 def sweep_summary(quick: bool, root: Path = RESULTS) -> str:
-    lines = ["| sweep | point | bits/weight | x smaller than fp16 | perplexity | aliases source grid |",
-             "|---|---|---|---|---|---|"]
-    meta = None
+    sections: dict[tuple, list[tuple[str, pd.DataFrame]]] = {}
+    notes = []
     for name in SWEEPS:
         path = results_dir(quick, root) / f"sweep_{name}.csv"
         if not path.exists():
             continue
-        df = pd.read_csv(path)
-        meta = df.iloc[0] if meta is None else meta
-        for _, r in df.sort_values(["method", "bits_per_weight"]).iterrows():
-            lines.append(f"| {name} | {r['point']} | {_fmt(r['bits_per_weight'])} | {_fmt(r['compression_vs_fp16'])} "
-                         f"| {_fmt(r['ppl'], 4)} | {'yes' if str(r['aliases_source_grid']).lower() == 'true' else ''} |")
-    if meta is None:
+        parts = split_contexts(pd.read_csv(path), SWEEP_CONTEXT)
+        if len(parts) > 1:
+            notes.append(_mixed_note(path, parts))
+        for ctx, df in parts:
+            sections.setdefault(tuple(sorted(ctx.items())), []).append((name, df))
+    if not sections:
         return "(no sweep tables yet)"
-    head = (f"Model {meta['model']}, evaluation text {meta['evaluation_text']} ({int(meta['eval_tokens'])} tokens, "
-            f"seqlen {int(meta['seqlen'])}), calibration {meta['calibration_text']}; device {meta['device']}; "
-            f"commit {meta['git_commit']}; {meta['timestamp'][:10]}; "
-            f"command: `python -m experiments run all{' --quick' if quick else ''}`.\n\n")
-    return head + "\n".join(lines)
+    out = notes[:]
+    if len(sections) > 1:
+        out.append(f"**The sweep tables hold {len(sections)} different contexts (model, text, settings or "
+                   f"machine); one section each.**\n")
+    for tables in sections.values():
+        meta = tables[0][1].iloc[0]
+        lines = ["| sweep | point | bits/weight | x smaller than fp16 | perplexity | aliases source grid |",
+                 "|---|---|---|---|---|---|"]
+        for name, df in tables:
+            for _, r in df.sort_values(["method", "bits_per_weight"]).iterrows():
+                lines.append(f"| {name} | {r['point']} | {_fmt(r['bits_per_weight'])} | {_fmt(r['compression_vs_fp16'])} "
+                             f"| {_fmt(r['ppl'], 4)} | {'yes' if str(r['aliases_source_grid']).lower() == 'true' else ''} |")
+        out.append(f"Model {meta['model']}, evaluation text {meta['evaluation_text']} ({int(meta['eval_tokens'])} tokens, "
+                   f"seqlen {int(meta['seqlen'])}), calibration {meta['calibration_text']}; device {meta['device']}; "
+                   f"commit {meta['git_commit']}; {meta['timestamp'][:10]}; "
+                   f"command: `python -m experiments run all{' --quick' if quick else ''}`.\n\n" + "\n".join(lines))
+    return "\n\n".join(out)
 
 
 def latency_summary(quick: bool, device_type: str = "cpu", root: Path = RESULTS) -> str:
     path = results_dir(quick, root) / f"latency_{device_type}.csv"
     if not path.exists():
         return "(no latency table yet)"
-    lat = pd.read_csv(path)
-    ok = lat[(lat["status"] == "ok") & (lat["method"] != "dense")]
-    std = ok[ok["layer"] == "std_4096x4096"].drop_duplicates(["format", "M"])
-    lines = [f"Layer latency, {lat['device'].iloc[0]}, {lat['timestamp'].iloc[0][:10]}, "
-             f"commit {lat['git_commit'].iloc[0]}; command: `python -m experiments latency"
-             f"{' --quick' if quick else ''} --out {path.relative_to(root.parent)}`. Random weights in each format; "
-             f"CPU backends, not GPU numbers.\n",
-             "| format (4096x4096) | M | backend | activations | median ms | x vs dense fp32 | x vs dense bf16 |",
-             "|---|---|---|---|---|---|---|"]
-    for _, r in std.sort_values(["M", "format"]).iterrows():
-        lines.append(f"| {r['format']} | {r['M']} | {r['backend']} | {r['act_dtype']} | {_fmt(r['median_ms'])} "
-                     f"| {_fmt(r.get('speedup_vs_dense_fp32'))} | {_fmt(r.get('speedup_vs_dense_bf16'))} |")
-    sp = model_layer_speedup(lat)
-    if len(sp):
-        lines += ["", "Summed over the default model's own layer shapes, M=1, against dense fp32 in the same run:", "",
-                  "| spec | backend | ms | dense fp32 ms | speedup |", "|---|---|---|---|---|"]
-        for _, r in sp.sort_values("speedup", ascending=False).iterrows():
-            lines.append(f"| `{r['spec']}` | {r['backend']} | {_fmt(r['ms'])} | {_fmt(r['dense_ms'])} | {_fmt(r['speedup'])} |")
-    return "\n".join(lines)
+    parts = split_contexts(pd.read_csv(path), MEASURE_CONTEXT)
+    out = [_mixed_note(path, parts)] if len(parts) > 1 else []
+    for _, lat in parts:
+        ok = lat[(lat["status"] == "ok") & (lat["method"] != "dense")]
+        std = ok[ok["layer"] == "std_4096x4096"].drop_duplicates(["format", "M"])
+        kind = "CPU backends, not GPU numbers" if lat["device_type"].iloc[0] == "cpu" else "GPU (Triton) backends"
+        lines = [f"Layer latency, {lat['device'].iloc[0]}, torch {lat['torch'].iloc[0]}, {lat['timestamp'].iloc[0][:10]}, "
+                 f"commit {lat['git_commit'].iloc[0]}; command: `python -m experiments latency"
+                 f"{' --quick' if quick else ''}` (table {_rel(path, root)}). Random weights in each format; {kind}.\n",
+                 "| format (4096x4096) | M | backend | activations | median ms | x vs dense fp32 | x vs dense bf16 |",
+                 "|---|---|---|---|---|---|---|"]
+        for _, r in std.sort_values(["M", "format"]).iterrows():
+            lines.append(f"| {r['format']} | {r['M']} | {r['backend']} | {r['act_dtype']} | {_fmt(r['median_ms'])} "
+                         f"| {_fmt(r.get('speedup_vs_dense_fp32'))} | {_fmt(r.get('speedup_vs_dense_bf16'))} |")
+        sp = model_layer_speedup(lat)
+        if len(sp):
+            lines += ["", f"Summed over the default model's own layer shapes, M=1, against dense fp32 in the same run "
+                          f"({lat['device'].iloc[0]}):", "",
+                      "| spec | backend | ms | dense fp32 ms | speedup |", "|---|---|---|---|---|"]
+            for _, r in sp.sort_values("speedup", ascending=False).iterrows():
+                lines.append(f"| `{r['spec']}` | {r['backend']} | {_fmt(r['ms'])} | {_fmt(r['dense_ms'])} | {_fmt(r['speedup'])} |")
+        out.append("\n".join(lines))
+    return "\n\n".join(out)
 
 
 def decode_summary(quick: bool, device_type: str = "cpu", root: Path = RESULTS) -> str:
     path = results_dir(quick, root) / f"decode_{device_type}.csv"
     if not path.exists():
         return "(no decode table yet)"
-    d = pd.read_csv(path)
-    lines = [f"Greedy decode, {d['device'].iloc[0]}, {d['timestamp'].iloc[0][:10]}:\n",
-             "| model | tokens/s | x vs dense |", "|---|---|---|"]
-    for _, r in d.iterrows():
-        lines.append(f"| {r['label']} | {_fmt(r['tokens_per_s'])} | {_fmt(r.get('speedup_vs_dense'))} |")
-    return "\n".join(lines)
+    parts = split_contexts(pd.read_csv(path), MEASURE_CONTEXT)
+    out = [_mixed_note(path, parts)] if len(parts) > 1 else []
+    for _, d in parts:
+        lines = [f"Greedy decode, {d['device'].iloc[0]}, torch {d['torch'].iloc[0]}, {d['timestamp'].iloc[0][:10]}:\n",
+                 "| model | tokens/s | x vs dense |", "|---|---|---|"]
+        for _, r in d.iterrows():
+            lines.append(f"| {r['label']} | {_fmt(r['tokens_per_s'])} | {_fmt(r.get('speedup_vs_dense'))} |")
+        out.append("\n".join(lines))
+    return "\n\n".join(out)
 
 
 def compile_summary(root: Path = RESULTS) -> str:
@@ -95,15 +142,24 @@ def compile_summary(root: Path = RESULTS) -> str:
 
 
 def main(args: argparse.Namespace) -> int:
-    print(compile_summary())
+    root = RESULTS
+    if getattr(args, "results_dir", None):
+        root = Path(args.results_dir).expanduser().resolve()
+    elif getattr(args, "run", None):
+        root = runs_root() / check_run_name(args.run)
+    if not root.is_dir():
+        raise FileNotFoundError(f"results directory {root} does not exist (--run / --results-dir)")
+    print(compile_summary(root if (root / "compile_check.csv").exists() else RESULTS))
     print()
-    print(sweep_summary(args.quick))
+    print(sweep_summary(args.quick, root))
     print()
-    print(latency_summary(args.quick))
+    print(latency_summary(args.quick, root=root))
     print()
-    print(decode_summary(args.quick))
+    print(decode_summary(args.quick, root=root))
     return 0
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--quick", action="store_true", help="summarise results/quick/ instead of results/")
+    p.add_argument("--quick", action="store_true", help="summarise the quick-mode tables (<dir>/quick/)")
+    p.add_argument("--run", default=None, metavar="NAME", help="summarise run runs/NAME instead of the reference results/")
+    p.add_argument("--results-dir", default=None, metavar="DIR", help="summarise this results directory")

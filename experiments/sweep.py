@@ -23,10 +23,15 @@ of ``experiments.models.load_model``); every
 point is validated against the model's layer shapes, and the evaluation/calibration tokens are cut,
 *before* the first point runs, so bad input fails with no row written. Each finished point is
 appended atomically (``experiments.results.append_row``) to ``<out>/sweep_<name>.csv``
-(``<out>/quick/sweep_<name>.csv`` for ``--quick``, so quick and full results never mix). A
-point's id is a hash of its spec, its settings, the model and the corpus; points whose id is
-already in the table are skipped, so a run killed at any moment (even ``kill -9``) resumes where it
-stopped, with no duplicate, lost or half-written row. Torch's RNG is re-seeded for every point.
+(``<out>/quick/sweep_<name>.csv`` for ``--quick``, so quick and full results never mix). ``<out>``
+is a run directory (``experiments.runs.run_root``: ``runs/local`` for the default model and corpus,
+never the committed ``results/``). A table holds one context (``experiments.runs.SWEEP_CONTEXT``:
+model, corpus and a hash of its text, settings, machine): a run whose context differs from a
+table's rows fails before the first point with an error naming the difference, so another model,
+text or machine never counts as "already done" and never mixes in. A point's id is a hash of its
+spec, its settings, the model and the corpus; points whose id is already in the table are skipped,
+so a run killed at any moment (even ``kill -9``) resumes where it stopped, with no duplicate, lost
+or half-written row. Torch's RNG is re-seeded for every point.
 """
 from __future__ import annotations
 
@@ -191,6 +196,25 @@ def _device_of(name: str) -> torch.device:
     return dev
 
 
+def text_digest(calib_text: str, eval_text: str) -> str:
+    """Hash of the calibration and evaluation texts (the ``text_sha256`` context column): a changed
+    text file under the same name is another context."""
+    h = hashlib.sha256(calib_text.encode("utf-8", "replace"))
+    h.update(b"\0")
+    h.update(eval_text.encode("utf-8", "replace"))
+    return h.hexdigest()[:16]
+
+
+def _context_row(model_name: str, corpus: Mapping[str, str], text_sha: str, quick: bool,
+                 settings: Mapping[str, int], prov: Mapping[str, str]) -> dict[str, Any]:
+    """The context columns (``experiments.runs.SWEEP_CONTEXT``) of this run's rows."""
+    return {"model": model_name, "corpus": corpus.get("corpus", ""),
+            "calibration_text": corpus.get("calibration", ""), "evaluation_text": corpus.get("evaluation", ""),
+            "text_sha256": text_sha, "quick": quick, "seqlen": settings["seqlen"],
+            "eval_token_budget": settings["eval_tokens"], "seed": settings["seed"],
+            "device_type": prov["device_type"], "device": prov["device"], "torch": prov["torch"]}
+
+
 @dataclass
 class _Prepared:
     sweep: Sweep
@@ -203,18 +227,24 @@ class _Prepared:
 
 
 def run_sweeps(sweeps: list[Sweep], *, quick: bool = False, model: str = "default", text_file: str | None = None,
-               source: str = "austen", out_dir: str | Path = "results", device: str = "cpu",
-               progress: bool = True, log: Callable[[str], None] = lambda s: print(s, file=sys.stderr)
-               ) -> list[Path]:
-    """Run (or resume) ``sweeps``; returns the CSV paths. See the module docstring."""
+               source: str = "austen", out_dir: str | Path | None = None, run: str | None = None,
+               device: str = "cpu", progress: bool = True,
+               log: Callable[[str], None] = lambda s: print(s, file=sys.stderr)) -> list[Path]:
+    """Run (or resume) ``sweeps``; returns the CSV paths. See the module docstring.
+
+    ``out_dir``/``run`` choose the run directory (``experiments.runs.run_root``; default
+    ``runs/local`` or ``runs/local-<model>-<text>``).
+    """
     from experiments import data, evaluate, models
     from experiments.provenance import provenance
-    from experiments.results import append_row, read_rows
+    from experiments.results import append_row, check_context, read_rows
+    from experiments.runs import SWEEP_CONTEXT, mode_dir, run_root
 
     dev = _device_of(device)
-    out = Path(out_dir) / "quick" if quick else Path(out_dir)
+    out = mode_dir(run_root(out_dir=out_dir, run=run, model=model, text_file=text_file, source=source), quick)
     t0 = time.perf_counter()
     calib_text, eval_text, corpus = data.get_texts(source=source, text_file=text_file)
+    text_sha = text_digest(calib_text, eval_text)
     # load_model keeps one pristine template per process and returns a deep copy per call (~1 s),
     # so every point starts from the uncompressed model without reloading the file.
     first, tokenizer, info = models.load_model(model)
@@ -223,6 +253,7 @@ def run_sweeps(sweeps: list[Sweep], *, quick: bool = False, model: str = "defaul
     del first
     model_name = str(info.get("name", model)) if isinstance(info, Mapping) else model
     source_grid = info.get("source_grid") if isinstance(info, Mapping) else None
+    prov = provenance(dev)
 
     # Everything that can fail on bad input happens here, before the first point runs.
     prepared: list[_Prepared] = []
@@ -246,12 +277,15 @@ def run_sweeps(sweeps: list[Sweep], *, quick: bool = False, model: str = "defaul
                                                              seqlen=st["calib_seqlen"], seed=st["seed"])
             calib = token_cache[ckey]
         path = out / f"sweep_{sw.name}.csv"
-        done = {r.get("point_id") for r in read_rows(path)}
+        existing = read_rows(path)
+        # The context this run writes; a table of another context is an error, never "already done".
+        check_context(path, [_context_row(model_name, corpus, text_sha, quick, st, prov)], SWEEP_CONTEXT,
+                      existing=existing)
+        done = {r.get("point_id") for r in existing}
         ids = [(point_id(s, st, model_name, corpus), s) for s in points]
         todo = [(pid, s) for pid, s in ids if pid not in done]
         prepared.append(_Prepared(sw, st, path, todo, len(ids) - len(todo), token_cache[key], calib))
 
-    prov = provenance(dev)
     total = sum(len(p.todo) for p in prepared)
     bar = None
     if progress:
@@ -280,11 +314,9 @@ def run_sweeps(sweeps: list[Sweep], *, quick: bool = False, model: str = "defaul
                    "module_backends": backends,
                    "aliases_source_grid": aliases_source_grid(spec, source_grid),
                    "source_grid": json.dumps(source_grid, sort_keys=True) if source_grid else "",
-                   "model": model_name,
-                   "corpus": corpus.get("corpus", ""), "calibration_text": corpus.get("calibration", ""),
-                   "evaluation_text": corpus.get("evaluation", ""), "quick": quick,
+                   **_context_row(model_name, corpus, text_sha, quick, p.settings, prov),
                    **prov, "timestamp": provenance(dev)["timestamp"]}
-            append_row(p.path, row)
+            append_row(p.path, row, context=SWEEP_CONTEXT)
             log(f"{p.sweep.name}: {spec.label():40s} ppl {row['ppl']:>10.4g}  {row['bits_per_weight']:.3g} bits/w  "
                 f"compress {row['compress_seconds']:.1f}s eval {row['eval_seconds']:.1f}s")
             if bar is not None:

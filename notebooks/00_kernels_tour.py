@@ -5,6 +5,8 @@
 #     text_representation:
 #       extension: .py
 #       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -32,10 +34,11 @@
 # taken from it.
 
 # %% tags=["parameters"]
-quick = True
+quick = False           # figures go to the quick or the full figures directory
 device = "cpu"          # "cuda" runs the compiled kernels on a GPU
-run_missing = True      # run the compile check when its table is missing
-figures_dir = None
+results_dir = None      # None: the committed reference results/; or a run directory such as "runs/local"
+run_missing = True      # run the compile check when no table is found (into a run directory only)
+figures_dir = None      # default: <run>/figures, or build/figures for the reference tables
 
 # %%
 import os
@@ -142,17 +145,22 @@ import pandas as pd
 
 from experiments import plots
 
-figures_dir = Path(figures_dir or plots.results_dir(quick) / "figures")
-table = plots.RESULTS / "compile_check.csv"
-if not table.exists() and run_missing:
+root = plots.notebook_root("default", results_dir)
+figures_dir = Path(figures_dir or plots.figures_dir_for(root, quick))
+# The run's own compile check if it has one, else the reference one (the compile check is part of
+# `make test`, not of `reproduce`); the line below says which table is shown.
+table = next((p for p in (root / "compile_check.csv", plots.RESULTS / "compile_check.csv") if p.exists()),
+             root / "compile_check.csv")
+if not table.exists() and run_missing and not plots.is_reference(root):
     subprocess.run([sys.executable, "-m", "triton_kernels.compile_check", "--out", str(table)], check=True,
                    env={k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}, capture_output=True)
 cc = pd.read_csv(table)
-print(f"{(cc['status'] == 'ok').sum()}/{len(cc)} configs ok; compiled on: {cc['device'].iloc[0]}")
+print(f"{(cc['status'] == 'ok').sum()}/{len(cc)} configs ok; compiled on: {cc['device'].iloc[0]}, "
+      f"triton {cc['triton'].iloc[0]}; table: {table}")
 cc.pivot_table(index=["kernel", "config"], columns="target", values=["registers", "spill_bytes", "shared_bytes"],
                aggfunc="first")
 
 # %%
 fig = plots.compile_check_figure(cc)
 plots.save(fig, "compile_check", figures_dir)
-fig
+plots.show(fig)

@@ -5,6 +5,8 @@
 #     text_representation:
 #       extension: .py
 #       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -29,23 +31,29 @@
 # 4-bit, group-32 grid. Read the 4-bit g32 points with that in mind.
 #
 # The sweep itself is defined as data in `experiments/sweeps/quant.yaml`; this notebook only reads
-# its table (`results/sweep_quant.csv`, or `results/quick/` in quick mode) and runs the sweep if the
-# table is missing.
+# its table: by default the committed reference `results/sweep_quant.csv` (`results/quick/` with
+# `quick = True`); set `results_dir` to a run directory (e.g. `runs/local`, what `make reproduce`
+# writes) to see your own run. A missing table is run into that run directory.
 
 # %% tags=["parameters"]
-quick = True            # quick subset and budgets (results/quick/); False: the full sweep (results/)
+quick = False           # False: the full sweep's tables; True: the quick subset (<results>/quick/)
 model = "default"       # the embedded SmolLM2 GGUF, an HF id/local path, or a .gguf file
 device = "cpu"
-run_missing = True      # run the sweep when its table is missing
-figures_dir = None      # default: results/figures (results/quick/figures in quick mode)
+results_dir = None      # None: the committed reference results/ (default model) or runs/local-<model> (another
+                        # model); or a run directory such as "runs/local" (what `make reproduce` wrote)
+run_missing = True      # run a missing sweep into that run directory (never into the reference results/)
+figures_dir = None      # default: <run>/figures, or build/figures for the reference tables
 
 # %%
 from pathlib import Path
 
 from experiments import plots
 
-figures_dir = Path(figures_dir or plots.results_dir(quick) / "figures")
-df = plots.sweep_table("quant", quick=quick, run_missing=run_missing, model=model)
+root = plots.notebook_root(model, results_dir)
+figures_dir = Path(figures_dir or plots.figures_dir_for(root, quick))
+df = plots.sweep_table("quant", quick=quick, run_missing=run_missing, model=model, root=root)
+print(f"{len(df)} points of {df['model'].iloc[0]} from {plots.results_dir(quick, root) / 'sweep_quant.csv'}; "
+      f"dense perplexity {plots.dense_ppl(df) or float('nan'):.4g}, measured on {df['device'].iloc[0]}")
 cols = ["point", "bits", "group_size", "bits_per_weight", "compression_vs_fp16", "ppl", "aliases_source_grid"]
 df[cols].sort_values(["bits", "group_size", "point"])
 
@@ -55,7 +63,7 @@ df[cols].sort_values(["bits", "group_size", "point"])
 # %%
 fig = plots.quant_figure(df)
 plots.save(fig, "quant_ppl_vs_bits", figures_dir)
-fig
+plots.show(fig)
 
 # %% [markdown]
 # ## GPTQ against RTN at the same grid

@@ -5,6 +5,8 @@
 #     text_representation:
 #       extension: .py
 #       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -22,19 +24,24 @@
 # Sweep definition: `experiments/sweeps/lowrank.yaml`.
 
 # %% tags=["parameters"]
-quick = True            # quick subset and budgets (results/quick/); False: the full sweep (results/)
+quick = False           # False: the full sweep's tables; True: the quick subset (<results>/quick/)
 model = "default"       # the embedded SmolLM2 GGUF, an HF id/local path, or a .gguf file
 device = "cpu"
-run_missing = True      # run the sweep when its table is missing
-figures_dir = None      # default: results/figures (results/quick/figures in quick mode)
+results_dir = None      # None: the committed reference results/ (default model) or runs/local-<model> (another
+                        # model); or a run directory such as "runs/local" (what `make reproduce` wrote)
+run_missing = True      # run a missing sweep into that run directory (never into the reference results/)
+figures_dir = None      # default: <run>/figures, or build/figures for the reference tables
 
 # %%
 from pathlib import Path
 
 from experiments import plots
 
-figures_dir = Path(figures_dir or plots.results_dir(quick) / "figures")
-df = plots.sweep_table("lowrank", quick=quick, run_missing=run_missing, model=model)
+root = plots.notebook_root(model, results_dir)
+figures_dir = Path(figures_dir or plots.figures_dir_for(root, quick))
+df = plots.sweep_table("lowrank", quick=quick, run_missing=run_missing, model=model, root=root)
+print(f"{len(df)} points of {df['model'].iloc[0]} from {plots.results_dir(quick, root) / 'sweep_lowrank.csv'}; "
+      f"dense perplexity {plots.dense_ppl(df) or float('nan'):.4g}, measured on {df['device'].iloc[0]}")
 df[["point", "ratio", "bits_per_weight", "compression_vs_fp16", "ppl"]].sort_values(["ratio", "point"])
 
 # %% [markdown]
@@ -43,7 +50,7 @@ df[["point", "ratio", "bits_per_weight", "compression_vs_fp16", "ppl"]].sort_val
 # %%
 fig = plots.lowrank_figure(df)
 plots.save(fig, "lowrank_ppl_vs_ratio", figures_dir)
-fig
+plots.show(fig)
 
 # %% [markdown]
 # ## Activation-aware against plain SVD at the same ratio

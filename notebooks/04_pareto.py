@@ -5,6 +5,8 @@
 #     text_representation:
 #       extension: .py
 #       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -29,11 +31,13 @@
 # fused sparse+quantized kernel exists yet (`size_is_modelled` column).
 
 # %% tags=["parameters"]
-quick = True            # quick subset and budgets (results/quick/); False: the full sweep (results/)
+quick = False           # False: the full sweeps' tables; True: the quick subsets (<results>/quick/)
 model = "default"       # the embedded SmolLM2 GGUF, an HF id/local path, or a .gguf file
-device = "cpu"          # where latency is measured when its table is missing ("cuda" on a GPU)
-run_missing = True      # run the sweeps / latency when their tables are missing
-figures_dir = None      # default: results/figures (results/quick/figures in quick mode)
+device = "cpu"          # whose latency table to show / measure when missing ("cuda" on a GPU)
+results_dir = None      # None: the committed reference results/ (default model) or runs/local-<model> (another
+                        # model); or a run directory such as "runs/local" (what `make reproduce` wrote)
+run_missing = True      # run missing sweeps / latency into that run directory (never into the reference)
+figures_dir = None      # default: <run>/figures, or build/figures for the reference tables
 
 
 # %%
@@ -43,17 +47,21 @@ import pandas as pd
 
 from experiments import plots
 
-figures_dir = Path(figures_dir or plots.results_dir(quick) / "figures")
-tables = {name: plots.sweep_table(name, quick=quick, run_missing=run_missing, model=model) for name in plots.SWEEPS}
+root = plots.notebook_root(model, results_dir)
+figures_dir = Path(figures_dir or plots.figures_dir_for(root, quick))
+tables = {name: plots.sweep_table(name, quick=quick, run_missing=run_missing, model=model, root=root)
+          for name in plots.SWEEPS}
 device_type = "cuda" if device.startswith("cuda") else "cpu"
-latency_csv = plots.results_dir(quick) / f"latency_{device_type}.csv"
-if not latency_csv.exists() and run_missing:
+latency_csv = plots.results_dir(quick, root) / f"latency_{device_type}.csv"
+if not latency_csv.exists() and run_missing and not plots.is_reference(root):
     import argparse
 
     from experiments import latency
     latency.main(argparse.Namespace(quick=quick, sweep="all", device=device, decode=False, resume=True,
                                     min_run_time=None, out=str(latency_csv)))
-latency_table = plots.optional_table(latency_csv)
+latency_table = plots.measurement_table(latency_csv)  # refuses a table that mixes machines
+print(f"sweeps from {plots.results_dir(quick, root)}; latency: "
+      + (f"{latency_csv} ({latency_table['device'].iloc[0]})" if latency_table is not None else "none"))
 all_points = pd.concat([t.assign(sweep=n) for n, t in tables.items()], ignore_index=True)
 all_points[["sweep", "point", "bits_per_weight", "compression_vs_fp16", "ppl", "aliases_source_grid"]].sort_values("bits_per_weight")
 
@@ -63,7 +71,7 @@ all_points[["sweep", "point", "bits_per_weight", "compression_vs_fp16", "ppl", "
 # %%
 fig = plots.pareto_figure(tables, latency_table)
 plots.save(fig, "pareto", figures_dir)
-fig
+plots.show(fig)
 
 # %% [markdown]
 # ## Layer latency on this machine (4096×4096, the standard LLM shape)
@@ -72,7 +80,7 @@ fig
 if latency_table is not None:
     fig = plots.latency_figure(latency_table)
     plots.save(fig, "latency_4096", figures_dir)
-    display(fig)
+    plots.show(fig)
     display(plots.model_layer_speedup(latency_table).sort_values("speedup", ascending=False))
 
 # %% [markdown]
@@ -81,11 +89,14 @@ if latency_table is not None:
 # from the modules' own `memory_bytes()`. Measured GPU points appear only where a GPU ran.
 
 # %%
-roof = plots.optional_table(plots.RESULTS / "roofline_model.csv")  # written by `python -m experiments roofline`
+roof = plots.roofline_table(quick, root)  # written by `python -m experiments roofline`
 if roof is None and run_missing:
     from experiments import roofline
     roof = pd.DataFrame(roofline.table())
-measured = plots.optional_table(plots.RESULTS / "latency_cuda.csv")
-fig = plots.roofline_figure(roof, measured=measured)
-plots.save(fig, "roofline_h100_4096", figures_dir)
-fig
+measured = plots.measurement_table(plots.results_dir(quick, root) / "latency_cuda.csv")
+if roof is not None:
+    fig = plots.roofline_figure(roof, measured=measured)
+    plots.save(fig, "roofline_h100_4096", figures_dir)
+    plots.show(fig)
+else:
+    print(f"no roofline table in {root}: run `python -m experiments roofline`")

@@ -177,3 +177,79 @@ def test_kill_9_mid_sweep_then_resume_equals_uninterrupted_run(tiny, tmp_path):
         # Deterministic: same seeds, same windows, same algorithms -> the same numbers.
         for col in ("ppl", "bytes", "bits_per_weight", "weight_rel_error"):
             assert t[col] == by_id[t["point_id"]][col], (t["point"], col)
+
+
+# ------------------------------------------------------------------------------ runs never mix
+
+def _rows_or_empty(path):
+    return rows(path) if Path(path).exists() else []
+
+
+def test_runs_go_to_the_repository_run_dir_from_any_directory_and_another_text_to_another_run(tiny, tmp_path):
+    """No --out-dir: the run directory is resolved from the repository's runs/ ($TKR_RUNS_DIR here, to keep
+    the test out of the checkout), whatever the current directory; another text file gets its own run."""
+    model, text, sweep = tiny
+    other = tmp_path / "other.txt"
+    other.write_text(Path(text).read_text()[::-1] + "\n")
+    cwd = tmp_path / "somewhere"
+    cwd.mkdir()
+    env = dict(_env(), TKR_RUNS_DIR=str(tmp_path / "runs"))
+    for t in (text, other):
+        r = subprocess.run([sys.executable, "-m", "experiments", "run", str(sweep), "--model", str(model),
+                            "--text-file", str(t), "--quick", "--no-progress"], cwd=cwd, env=env,
+                           capture_output=True, text=True, timeout=240)
+        assert r.returncode == 0, r.stderr
+    assert not list(cwd.rglob("*")), "a run wrote into the current directory"
+    a = rows(tmp_path / "runs" / "local-model-text" / "quick" / "sweep_tiny.csv")
+    b = rows(tmp_path / "runs" / "local-model-other" / "quick" / "sweep_tiny.csv")
+    assert len(a) == len(b) == 2
+    assert {r["corpus"] for r in a} == {f"file:{Path(text).resolve()}"}
+    assert {r["corpus"] for r in b} == {f"file:{other.resolve()}"}
+    assert a[0]["text_sha256"] != b[0]["text_sha256"] and a[0]["ppl"] != b[0]["ppl"]
+
+
+def _device_of_rows(path, device):
+    table = rows(path)
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(table[0]))
+        w.writeheader()
+        w.writerows([{**r, "device": device} for r in table])
+
+
+@pytest.mark.parametrize("change", ["text-file", "text-content", "machine", "model"])
+def test_a_table_of_another_context_is_never_resumed_or_appended_to(tiny, tmp_path, capsys, change):
+    """The fresh-clone case and the README's --text-file case: a table measured with another text, text
+    content, machine or model is an error naming the difference (exit 2), not "already done", not appended to."""
+    import re
+    from experiments.__main__ import main
+    model, text, sweep = tiny
+    out = tmp_path / "run"
+    base = ["run", str(sweep), "--model", str(model), "--text-file", str(tmp_path / "t.txt"), "--out-dir", str(out),
+            "--quick", "--no-progress"]
+    (tmp_path / "t.txt").write_text(Path(text).read_text())
+    assert main(base) == 0
+    table = out / "quick" / "sweep_tiny.csv"
+    args = list(base)
+    if change == "text-file":
+        (tmp_path / "mytext.txt").write_text(Path(text).read_text())
+        args[args.index("--text-file") + 1] = str(tmp_path / "mytext.txt")
+        match = r"corpus: table has 'file:.*t\.txt', this run has 'file:.*mytext\.txt'"
+    elif change == "text-content":
+        (tmp_path / "t.txt").write_text(Path(text).read_text()[::-1])
+        match = r"text_sha256: table has '[0-9a-f]{16}', this run has '[0-9a-f]{16}'"
+    elif change == "machine":
+        _device_of_rows(table, "CPU Intel(R) Xeon(R) Platinum 8480+ (2 threads)")
+        match = r"device: table has 'CPU Intel\(R\) Xeon\(R\) Platinum 8480\+ \(2 threads\)', this run has 'CPU "
+    else:
+        import shutil
+        shutil.copytree(model, tmp_path / "model2")
+        args[args.index("--model") + 1] = str(tmp_path / "model2")
+        match = r"model: table has '.*/model', this run has '.*/model2'"
+    before = table.read_bytes()
+    capsys.readouterr()
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "already in" not in err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("error: ") and re.search(match, last) and "--run NAME or --out-dir" in last, last
+    assert table.read_bytes() == before

@@ -235,3 +235,48 @@ def test_decode_rejects_bad_arguments(kw, words):
     model, _ = _tiny_llama()
     with pytest.raises(ValueError, match=words):
         latency.decode_tokens_per_second(model, _tiny_tokenizer(), **kw)
+
+
+# ------------------------------------------------------------------------------ one machine per table
+
+def test_latency_into_a_table_of_another_machine_is_refused_before_timing(tiny_run):
+    """The second-machine case: its rows must not be appended to the first machine's table."""
+    out, first, specs = tiny_run
+    rows = [{**r, "device": "CPU Intel(R) Xeon(R) (2 threads)"} for r in results.read_rows(out)]
+    results.write_rows(out, rows)
+    before = out.read_bytes()
+    timed = []
+    with pytest.raises(results.ContextMismatch, match=r"device: table has 'CPU Intel\(R\) Xeon\(R\) \(2 threads\)'"):
+        latency.run_latency(specs, TINY_SHAPES, TINY_M, device="cpu", min_run_time=0.001, out=out, resume=True,
+                            log=timed.append)
+    assert timed == [] and out.read_bytes() == before
+
+
+def test_decode_resume_skips_finished_rows_without_loading_the_model(tmp_path, monkeypatch):
+    """A rerun of reproduce's decode step with every row present measures nothing and loads no model."""
+    from experiments import models
+    from experiments.compress import parse_spec
+
+    def no_load(*a, **k):
+        raise AssertionError("the model was loaded although every decode row was done")
+
+    monkeypatch.setattr(models, "load_model", no_load)
+    specs = [{"method": "rtn", "bits": 4, "group_size": 64, "symmetric": False},
+             {"method": "gptq", "bits": 4, "group_size": 64}]  # calibrated: never decoded
+    prov = provenance("cpu")
+    out = tmp_path / "decode_cpu.csv"
+    done = []
+    for label, spec in (("dense", {"method": "dense"}), (parse_spec(specs[0]).label(), parse_spec(specs[0]).to_dict())):
+        for dt in ("fp32", "bf16"):
+            done.append({**prov, "label": f"{label} {dt}", "spec": json.dumps(spec, sort_keys=True), "dtype": dt,
+                         "new_tokens": 8, "prompt": latency.DEFAULT_PROMPT, "tokens_per_s": 10.0})
+    results.write_rows(out, done)
+    before = out.read_bytes()
+    log = []
+    assert latency.run_decode(specs, device=torch.device("cpu"), new_tokens=8, out=out, resume=True,
+                              log=log.append) == []
+    assert log == [f"[decode cpu] {parse_spec(specs[0]).label()}: already in {out}"] and out.read_bytes() == before
+    # A table of another machine is refused before anything is measured.
+    results.write_rows(out, [{**r, "device": "CPU other (2 threads)"} for r in done])
+    with pytest.raises(results.ContextMismatch, match="device"):
+        latency.run_decode(specs, device=torch.device("cpu"), new_tokens=8, out=out, resume=True, log=log.append)
