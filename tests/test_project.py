@@ -17,7 +17,8 @@ def _pyproject_requirements() -> dict[str, str]:
     reqs = list(meta["dependencies"])
     for extra in meta["optional-dependencies"].values():
         reqs += extra
-    return {_name(r): r.replace(" ", "") for r in reqs}
+    # An extra may include another one of this project ("<name>[experiments]"): not a package to list.
+    return {_name(r): r.replace(" ", "") for r in reqs if _name(r) != _name(meta["name"])}
 
 
 def _environment_pip_requirements() -> dict[str, str]:

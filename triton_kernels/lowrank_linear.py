@@ -248,6 +248,24 @@ def lowrank_matmul_kernel(
 # ----------------------------------------------------------------------------------------------
 # Launchers
 # ----------------------------------------------------------------------------------------------
+# True when the kernels above were defined under TRITON_INTERPRET=1 (Triton reads it when each
+# ``@triton.jit`` runs, so setting it after this module is imported changes nothing).
+_INTERPRETED = not isinstance(lowrank_fused_kernel.fn, triton.runtime.JITFunction)  # .fn: under autotune
+
+
+def _check_launchable(x: torch.Tensor, fn: str) -> None:
+    """A clear error for CPU tensors without the interpreter (Triton's own: "0 active drivers")."""
+    if x.device.type != "cpu" or _INTERPRETED:
+        return
+    late = (" (TRITON_INTERPRET=1 is set now, but was not when this module was imported)"
+            if os.environ.get("TRITON_INTERPRET") == "1" else "")
+    raise RuntimeError(
+        f"{fn}: x is a CPU tensor, and the Triton kernels need a CUDA/ROCm GPU. Move the tensors to "
+        f"the GPU, or set TRITON_INTERPRET=1 before this module is imported to run the kernels in "
+        f"Triton's interpreter on CPU (slow: for tests){late}. For CPU inference use LowRankLinear "
+        f"(triton_kernels.nn; its CPU backends run torch's kernels), or lowrank_linear_reference (pure torch).")
+
+
 def _check_inputs(x, U, V, bias):
     for name, t in (("x", x), ("U", U), ("V", V)) + ((("bias", bias),) if bias is not None else ()):
         if not isinstance(t, torch.Tensor):
@@ -273,7 +291,7 @@ def _check_inputs(x, U, V, bias):
 
 
 def _dot_upcast(dtype: torch.dtype) -> bool:
-    # Triton 3.9's interpreter returns garbage (errors ~1e10) from tl.dot on bfloat16 operands
+    # Triton's interpreter (3.6-3.9) returns garbage (errors ~1e10) from tl.dot on bfloat16 operands
     # (measured with 16x16 randn tiles). bf16 x bf16 products are exact in fp32 (8+8 significant
     # bits < 24), so an fp32 "ieee" dot of the upcast tiles gives what a bf16 tensor-core dot with
     # fp32 accumulation gives. Compiled GPU code never takes this branch.
@@ -309,6 +327,7 @@ def lowrank_linear(x: torch.Tensor, U: torch.Tensor, V: torch.Tensor, bias: torc
     out: optional contiguous result buffer of shape (..., N) and x's dtype/device.
     """
     _check_inputs(x, U, V, bias)
+    _check_launchable(x, "lowrank_linear")
     if path not in ("auto", "fused", "two_gemm"):
         raise ValueError(f"path={path!r} is not one of ('auto', 'fused', 'two_gemm')")
     N, R = U.shape

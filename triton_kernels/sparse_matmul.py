@@ -115,7 +115,7 @@ def _prune_tiled(configs, named_args, **kwargs):
 # ----------------------------------------------------------------------------------------------
 @triton.jit
 def _dot(a, b, acc, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr):
-    # Triton 3.9's interpreter multiplies the raw bits of bfloat16 operands in tl.dot; the launcher
+    # Triton's interpreter (3.6-3.9) multiplies the raw bits of bfloat16 operands in tl.dot; the launcher
     # sets UPCAST_DOT there only. bf16 x bf16 products are exact in fp32, so the result is the same.
     if UPCAST_DOT:
         out = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
@@ -306,6 +306,24 @@ def activation_sparse_matmul_kernel(
 # ----------------------------------------------------------------------------------------------
 # Launchers
 # ----------------------------------------------------------------------------------------------
+# True when the kernels above were defined under TRITON_INTERPRET=1 (Triton reads it when each
+# ``@triton.jit`` runs, so setting it after this module is imported changes nothing).
+_INTERPRETED = not isinstance(block_sparse_matmul_kernel.fn, triton.runtime.JITFunction)  # .fn: under autotune
+
+
+def _check_launchable(x: torch.Tensor, fn: str) -> None:
+    """A clear error for CPU tensors without the interpreter (Triton's own: "0 active drivers")."""
+    if x.device.type != "cpu" or _INTERPRETED:
+        return
+    late = (" (TRITON_INTERPRET=1 is set now, but was not when this module was imported)"
+            if os.environ.get("TRITON_INTERPRET") == "1" else "")
+    raise RuntimeError(
+        f"{fn}: x is a CPU tensor, and the Triton kernels need a CUDA/ROCm GPU. Move the tensors to "
+        f"the GPU, or set TRITON_INTERPRET=1 before this module is imported to run the kernels in "
+        f"Triton's interpreter on CPU (slow: for tests){late}. For CPU inference use SparseLinear "
+        f"(triton_kernels.nn; its CPU backends run torch's kernels), or the matching *_reference (pure torch).")
+
+
 def _dot_meta(dtype: torch.dtype) -> dict:
     # fp32 layers are used to measure accuracy: keep them ieee rather than tf32 (fp16/bf16 ignore it)
     return {"DOT_PRECISION": "ieee" if dtype == torch.float32 else "tf32",
@@ -348,6 +366,7 @@ def block_sparse_matmul(x, bsw, bias=None, *, out=None):
         raise TypeError(f"bsw must be a BlockSparseWeight (from to_block_sparse), got {type(bsw).__name__}")
     N, K = bsw.shape
     x2, out2, lead = _check_inputs(x, K, N, bsw.values.dtype, bsw.values.device, bias, out, "bsw")
+    _check_launchable(x, "block_sparse_matmul")
     M = x2.shape[0]
     bn, bk = bsw.block
     grid = lambda META: (triton.cdiv(N, bn), triton.cdiv(M, META["BLOCK_M"]))  # noqa: E731
@@ -364,6 +383,7 @@ def nm_matmul(x, nmw, bias=None, *, out=None):
         raise TypeError(f"nmw must be an NMWeight (from nm_compress), got {type(nmw).__name__}")
     N, K = nmw.shape
     x2, out2, lead = _check_inputs(x, K, N, nmw.values.dtype, nmw.values.device, bias, out, "nmw")
+    _check_launchable(x, "nm_matmul")
     M = x2.shape[0]
     bits = _idx_bits(nmw.m)
     grid = lambda META: (triton.cdiv(N, META["BLOCK_N"]), triton.cdiv(M, META["BLOCK_M"]))  # noqa: E731
@@ -383,6 +403,7 @@ def packed_masked_matmul(x, mw, bias=None, *, out=None):
         raise TypeError(f"mw must be a MaskedWeight (from to_masked), got {type(mw).__name__}")
     N, K = mw.shape
     x2, out2, lead = _check_inputs(x, K, N, mw.weight.dtype, mw.weight.device, bias, out, "mw")
+    _check_launchable(x, "packed_masked_matmul")
     M = x2.shape[0]
     tn, tk = mw.tile
     grid = lambda META: (triton.cdiv(N, tn), triton.cdiv(M, META["BLOCK_M"]))  # noqa: E731
@@ -411,6 +432,7 @@ def activation_sparse_matmul(x, weight, threshold=None, mask=None, bias=None, *,
                          f"{tuple(weight.shape) if isinstance(weight, torch.Tensor) else type(weight).__name__}")
     N, K = weight.shape
     x2, out2, lead = _check_inputs(x, K, N, weight.dtype, weight.device, bias, out, "weight")
+    _check_launchable(x, "activation_sparse_matmul")
     M = x2.shape[0]
     keep = _activation_keep(x, threshold, mask).reshape(-1, K)
     xs = torch.where(keep, x2, torch.zeros((), dtype=x.dtype, device=x.device))
