@@ -24,7 +24,7 @@ BUILD  := build
 
 TORCH_INSTALL = pip install -q torch==$(TORCH) $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX),)
 
-.PHONY: test test-triton-range test-triton-oldest reproduce env compile-check bench lab clean-venv
+.PHONY: test test-triton-range test-triton-oldest check-install reproduce env compile-check bench lab clean-venv
 
 env: $(STAMP)
 
@@ -74,6 +74,12 @@ test-triton-%: .venv-triton%/.installed-stamp
 	  print('kernel tests with triton', triton.__version__, 'torch', torch.__version__)"
 	TRITON_INTERPRET=1 .venv-triton$*/bin/python -m pytest -q -n 2 --timeout=900 $(PYTEST_EXTRA_$*) $(KERNEL_TESTS)
 
+# Does the install resolve from PyPI alone, as on a user's machine (no local index, nothing installed)?
+# Needs the network; about 2 minutes.
+check-install:
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install --dry-run --isolated --ignore-installed -e '.[experiments,dev,notebooks]' | tail -1
+
 bench: $(STAMP)
 	$(PY) -m benchmarks.bench_dequant $(if $(QUICK),--quick,)
 	$(PY) -m benchmarks.bench_sparse_lowrank $(if $(QUICK),--quick,)
@@ -81,10 +87,12 @@ bench: $(STAMP)
 reproduce: $(STAMP)
 	$(PY) -m experiments reproduce $(if $(QUICK),--quick,)
 
-# JupyterLab on notebooks/, kernel = this venv's Python (the "python3" kernel of the server's env).
+# JupyterLab on notebooks/, kernel = this venv's Python (the "python3" kernel of the server's env),
+# on 127.0.0.1 only; as root (containers) Jupyter refuses to start without allow_root.
 LAB_PORT ?= 8888
 lab: $(STAMP)
-	$(PY) -m jupyterlab --ServerApp.root_dir=notebooks --ServerApp.ip=127.0.0.1 --ServerApp.port=$(LAB_PORT)
+	$(PY) -m jupyterlab --ServerApp.root_dir=notebooks --ServerApp.ip=127.0.0.1 --ServerApp.port=$(LAB_PORT) \
+	  $(if $(filter 0,$(shell id -u)),--ServerApp.allow_root=True,)
 
 clean-venv:
 	rm -rf $(VENV) .venv-triton*/
