@@ -78,7 +78,7 @@ test-triton-%: .venv-triton%/.installed-stamp
 # Needs the network; about 2 minutes.
 check-install:
 	test -x $(PY) || python3 -m venv $(VENV)
-	$(PY) -m pip install --dry-run --isolated --ignore-installed -e '.[experiments,dev,notebooks]' | tail -1
+	$(PY) -m pip install --dry-run --isolated --ignore-installed -e '.[experiments,dev,notebooks]'
 
 bench: $(STAMP)
 	$(PY) -m benchmarks.bench_dequant $(if $(QUICK),--quick,)
