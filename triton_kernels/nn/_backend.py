@@ -27,7 +27,8 @@ def cpu_dense_rows(x: torch.Tensor) -> torch.Tensor:
     reaches the output; ``x.contiguous()`` is correct (M <= 16, K=96 or 576 were fine). A caller's
     activations are such a slice whenever they come from a fused projection (QKV) or a split.
     ``tests/test_cpu_strided_inputs.py`` shows the torch behaviour and checks every CPU backend.
-    The Triton kernels take strides and need no copy; neither do CUDA tensors (not affected).
+    The Triton kernels take strides and need no copy. CUDA tensors are left as they are: the bug was
+    seen in torch's CPU kernels, and a copy there would cost memory bandwidth for nothing known.
     """
     if x.device.type == "cpu" and not x.is_contiguous():
         return x.contiguous()
