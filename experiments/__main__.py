@@ -98,6 +98,15 @@ def _add_reproduce(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_reproduce(args: argparse.Namespace) -> int:
+    if not args.skip_notebooks:
+        # Checked before the first step, not after an hour of sweeps.
+        try:
+            import ipykernel  # noqa: F401, PLC0415
+            import papermill  # noqa: F401, PLC0415
+        except ImportError as e:
+            raise ValueError(f"reproduce executes the notebooks, which needs the notebooks extra ({e}): "
+                             f"pip install -e '.[notebooks]' (make reproduce installs every extra), "
+                             f"or pass --skip-notebooks for the tables only") from None
     from experiments.reproduce import main as reproduce_main
     return reproduce_main(args)
 

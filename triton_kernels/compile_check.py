@@ -2,6 +2,9 @@
 
     python -m triton_kernels.compile_check [--targets sm_80,sm_90,gfx942] [--out results/compile_check.csv]
 
+``make compile-check`` refreshes the committed ``results/compile_check.csv``; ``make test`` writes its
+report to ``build/compile_check.csv`` (ignored), so tests and CI leave the tracked tables alone.
+
 For each kernel family a ``cases()`` function (in ``triton_kernels/compile_cases.py``) yields one
 :class:`Case` per (kernel, autotune config, representative problem). Each case is compiled through
 the kernel's own ``warmup`` with a minimal fake driver installed, so the JIT specializes exactly as it
@@ -14,9 +17,13 @@ memory above the target's per-block limit, or any config that does not compile.
 from __future__ import annotations
 
 import argparse
+import csv
 import dataclasses
+import datetime
 import os
+import platform
 import re
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -180,6 +187,64 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _git_commit() -> str:
+    """Short commit of this checkout, '+dirty' with uncommitted changes; 'unknown' outside git."""
+    repo = Path(__file__).resolve().parent
+    try:
+        sha = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=repo, check=True,
+                             capture_output=True, text=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=repo,
+                               capture_output=True, text=True).stdout.strip()
+        return sha + ("+dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def provenance(argv: list[str] | None = None) -> dict[str, str]:
+    """Columns every row of the report carries: where and with what it was compiled, and how.
+
+    Its own (not the harness's ``experiments.provenance``): the kernels and their tooling do not
+    import the research harness. The column names are the harness's, so readers treat both alike.
+    """
+    args = sys.argv[1:] if argv is None else argv
+    return {
+        "device_type": "cpu",
+        "device": f"compiled ahead of time on CPU {_cpu_name()} ({torch.get_num_threads()} threads) (no GPU)",
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "python": platform.python_version(),
+        "git_commit": _git_commit(),
+        "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "host_threads": str(os.cpu_count()),
+        "command": shlex.join(["python", "-m", "triton_kernels.compile_check", *args]),
+    }
+
+
+def write_csv(path: str | os.PathLike, rows: list[dict[str, Any]]) -> None:
+    """Replace ``path`` with ``rows`` (header from the first row) through a temporary file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else [], restval="")
+            w.writeheader()
+            w.writerows(rows)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--targets", default=",".join(TARGETS),
@@ -197,11 +262,8 @@ def main(argv: list[str] | None = None) -> int:
     rows = run(targets, cases)
     print(format_table(rows))
     if args.out:
-        from experiments.provenance import provenance
-        from experiments.results import write_rows
-        prov = provenance("cpu")
-        prov["device"] = "compiled ahead of time on " + prov["device"] + " (no GPU)"
-        write_rows(args.out, [{**r, **prov} for r in rows])
+        prov = provenance(argv)
+        write_csv(args.out, [{**r, **prov} for r in rows])
         print(f"wrote {args.out}")
     bad = [r for r in rows if r["status"] != "ok"]
     print(f"{len(rows) - len(bad)}/{len(rows)} configs ok")

@@ -55,7 +55,7 @@ Two kernel paths
   formula (scales loaded once per group and broadcast), fused bias, output stored directly.
 
 Under the interpreter with bf16 activations the kernels emulate the bf16 ``tl.dot`` in fp32
-(``EMULATE_BF16_DOT``): Triton 3.9's interpreter multiplies bf16's uint16 storage as integers and
+(``EMULATE_BF16_DOT``): Triton's interpreter (3.6-3.9) multiplies bf16's uint16 storage as integers and
 truncates fp32 -> bf16 casts. The emulation rounds to bf16 exactly as the GPU does, so it tests
 the same arithmetic; compiled kernels never take that branch.
 
@@ -289,7 +289,7 @@ def _dequant_elementwise(q, scales_ptr, zeros_ptr, offs_n, offs_k, mask_n, K, kb
 def _round_to_bf16(v):
     """fp32 -> the nearest bf16 value (ties to even), kept in fp32, by integer arithmetic.
 
-    Only for the interpreter's bf16 emulation: Triton 3.9's interpreter truncates fp32 -> bf16 casts.
+    Only for the interpreter's bf16 emulation: Triton's interpreter (3.6-3.9) truncates fp32 -> bf16 casts.
     """
     b = v.to(tl.uint32, bitcast=True)
     b = (b + 0x7FFF + ((b >> 16) & 1)) & 0xFFFF0000
@@ -300,7 +300,7 @@ def _round_to_bf16(v):
 def _dot_acc(x, w, acc, EMULATE_BF16_DOT: tl.constexpr):
     """acc + x @ w^T for x [BM, BK] in the activation dtype and w [BN, BK] fp32 (rounded to x's dtype)."""
     if EMULATE_BF16_DOT:
-        # Triton 3.9's interpreter runs tl.dot on bf16's uint16 storage (garbage). bf16 x bf16 products
+        # Triton's interpreter (3.6-3.9) runs tl.dot on bf16's uint16 storage (garbage). bf16 x bf16 products
         # are exact in fp32, so an fp32 dot of bf16-rounded values is the same computation.
         return tl.dot(x.to(tl.float32), tl.trans(_round_to_bf16(w)), acc, input_precision="ieee")
     else:
@@ -490,6 +490,24 @@ _matmul_autotuned = triton.autotune(
 # ----------------------------------------------------------------------------------------------
 # Input checks
 # ----------------------------------------------------------------------------------------------
+# True when the kernels above were defined under TRITON_INTERPRET=1 (Triton reads it when each
+# ``@triton.jit`` runs, so setting it after this module is imported changes nothing).
+_INTERPRETED = not isinstance(dequant_gemv_kernel, triton.runtime.JITFunction)
+
+
+def _check_launchable(x: torch.Tensor, fn: str) -> None:
+    """A clear error for CPU tensors without the interpreter (Triton's own: "0 active drivers")."""
+    if x.device.type != "cpu" or _INTERPRETED:
+        return
+    late = (" (TRITON_INTERPRET=1 is set now, but was not when this module was imported)"
+            if os.environ.get("TRITON_INTERPRET") == "1" else "")
+    raise RuntimeError(
+        f"{fn}: x is a CPU tensor, and the Triton kernels need a CUDA/ROCm GPU. Move the tensors to "
+        f"the GPU, or set TRITON_INTERPRET=1 before this module is imported to run the kernels in "
+        f"Triton's interpreter on CPU (slow: for tests){late}. For CPU inference use QuantLinear "
+        f"(triton_kernels.nn; its CPU backends run torch's kernels), or dequant_matmul_reference (pure torch).")
+
+
 def _num_words(K: int, bits: int) -> int:
     return (K * bits + 31) // 32
 
@@ -617,6 +635,7 @@ def dequant_matmul(x, packed, scales, zeros, *, bits, group_size, symmetric, bia
     contiguous (..., N) tensor of x's dtype.
     """
     K, N = _check_call(x, packed, scales, zeros, bits, group_size, symmetric, bias, out)
+    _check_launchable(x, "dequant_matmul")
     lead = x.shape[:-1]
     x2 = x.reshape(-1, K)  # a view for sliced/offset x whenever reshape can view it
     M = x2.shape[0]

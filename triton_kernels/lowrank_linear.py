@@ -63,14 +63,15 @@ def _interpreting() -> bool:
 # Config factories and pruning
 # ----------------------------------------------------------------------------------------------
 # Every config below compiles without spills within each target's shared-memory limit for bf16
-# (python -m triton_kernels.compile_check --kernel lowrank: sm_80, sm_90, gfx942). The largest is the
-# fused R_PAD=128 (64, 128, 32) tile at 96 KiB on sm_80/sm_90 (64 KiB on gfx942).
+# (python -m triton_kernels.compile_check --kernel lowrank: sm_80, sm_90, gfx942; Triton 3.6-3.9).
+# The largest is the fused R_PAD=128 (64, 128, 32) tile at 96 KiB on sm_80/sm_90 (64 KiB on gfx942).
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) per R_PAD bucket: the larger R_PAD, the larger
 # the fp32 t accumulator (BLOCK_M x R_PAD), so BLOCK_M and BLOCK_K shrink as R_PAD grows.
 _FUSED = {
-    64: [(16, 64, 128, 4, 3), (32, 64, 128, 4, 3), (64, 128, 64, 4, 3), (128, 128, 64, 8, 3)],
-    128: [(16, 64, 64, 4, 3), (32, 64, 64, 4, 3), (64, 64, 32, 4, 3), (64, 128, 32, 8, 3)],
+    # BLOCK_M=32 with 3 stages spilled 1-3 bytes on gfx942 with Triton 3.6-3.8 (both buckets); 2 do not.
+    64: [(16, 64, 128, 4, 3), (32, 64, 128, 4, 2), (64, 128, 64, 4, 3), (128, 128, 64, 8, 3)],
+    128: [(16, 64, 64, 4, 3), (32, 64, 64, 4, 2), (64, 64, 32, 4, 3), (64, 128, 32, 8, 3)],
     # (32, 64, 32, 8 warps, 3 stages) spilled 122 bytes on gfx942 (8 wave64 warps cap a thread at
     # 256 VGPRs); with 4 warps it fits in 373 registers.
     256: [(16, 64, 32, 4, 3), (32, 64, 32, 4, 2), (64, 64, 32, 8, 2)],
@@ -248,6 +249,24 @@ def lowrank_matmul_kernel(
 # ----------------------------------------------------------------------------------------------
 # Launchers
 # ----------------------------------------------------------------------------------------------
+# True when the kernels above were defined under TRITON_INTERPRET=1 (Triton reads it when each
+# ``@triton.jit`` runs, so setting it after this module is imported changes nothing).
+_INTERPRETED = not isinstance(lowrank_fused_kernel.fn, triton.runtime.JITFunction)  # .fn: under autotune
+
+
+def _check_launchable(x: torch.Tensor, fn: str) -> None:
+    """A clear error for CPU tensors without the interpreter (Triton's own: "0 active drivers")."""
+    if x.device.type != "cpu" or _INTERPRETED:
+        return
+    late = (" (TRITON_INTERPRET=1 is set now, but was not when this module was imported)"
+            if os.environ.get("TRITON_INTERPRET") == "1" else "")
+    raise RuntimeError(
+        f"{fn}: x is a CPU tensor, and the Triton kernels need a CUDA/ROCm GPU. Move the tensors to "
+        f"the GPU, or set TRITON_INTERPRET=1 before this module is imported to run the kernels in "
+        f"Triton's interpreter on CPU (slow: for tests){late}. For CPU inference use LowRankLinear "
+        f"(triton_kernels.nn; its CPU backends run torch's kernels), or lowrank_linear_reference (pure torch).")
+
+
 def _check_inputs(x, U, V, bias):
     for name, t in (("x", x), ("U", U), ("V", V)) + ((("bias", bias),) if bias is not None else ()):
         if not isinstance(t, torch.Tensor):
@@ -273,7 +292,7 @@ def _check_inputs(x, U, V, bias):
 
 
 def _dot_upcast(dtype: torch.dtype) -> bool:
-    # Triton 3.9's interpreter returns garbage (errors ~1e10) from tl.dot on bfloat16 operands
+    # Triton's interpreter (3.6-3.9) returns garbage (errors ~1e10) from tl.dot on bfloat16 operands
     # (measured with 16x16 randn tiles). bf16 x bf16 products are exact in fp32 (8+8 significant
     # bits < 24), so an fp32 "ieee" dot of the upcast tiles gives what a bf16 tensor-core dot with
     # fp32 accumulation gives. Compiled GPU code never takes this branch.
@@ -309,6 +328,7 @@ def lowrank_linear(x: torch.Tensor, U: torch.Tensor, V: torch.Tensor, bias: torc
     out: optional contiguous result buffer of shape (..., N) and x's dtype/device.
     """
     _check_inputs(x, U, V, bias)
+    _check_launchable(x, "lowrank_linear")
     if path not in ("auto", "fused", "two_gemm"):
         raise ValueError(f"path={path!r} is not one of ('auto', 'fused', 'two_gemm')")
     N, R = U.shape

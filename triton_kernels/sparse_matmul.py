@@ -52,9 +52,6 @@ _NM_PATTERNS = {(1, 4), (2, 4), (1, 8), (2, 8), (4, 8)}
 _SMEM_BUDGET = 65536  # bytes: gfx942's per-block limit, the smallest of the compile-check targets
 
 
-_TRITON_VERSION = tuple(int(p) for p in triton.__version__.split(".")[:2])
-
-
 def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -75,14 +72,11 @@ def nm_configs(interpret: bool | None = None) -> list:
     """Configs for :func:`nm_matmul_kernel` (BLOCK_K counts dense input features)."""
     if _interpreting() if interpret is None else interpret:
         return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 64}, num_warps=4, num_stages=1)]
-    tiles = ((16, 64, 64, 4, 4), (32, 64, 64, 4, 3), (64, 64, 64, 4, 3), (128, 128, 32, 8, 3))
-    if _TRITON_VERSION < (3, 7):
-        # Triton 3.6 fails to compile this kernel for sm_90 with BLOCK_M >= 64 (the wgmma path):
-        # "Illegal shared layout; expected collapsed shapePerCTA to be at least [8, 64]" for the
-        # reshaped dense tile (compile check, 2026-11-30). 3.7.1 and 3.9.0 compile all four.
-        tiles = tuple(t for t in tiles if t[0] < 64)
+    # Spill-free for 2:4 and 4:8 on sm_80, sm_90 and gfx942 with Triton 3.7.1, 3.8 and 3.9 (compile check).
+    # With 4 warps, (16|32|64, 64, 64) spilled 3-22 bytes on gfx942 (4:8, Triton 3.7-3.9) or sm_90 (3.8).
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
-            for bm, bn, bk, w, s in tiles]
+            for bm, bn, bk, w, s in ((16, 64, 64, 8, 4), (32, 64, 64, 8, 3), (64, 64, 32, 8, 3),
+                                     (128, 128, 32, 8, 3))]
 
 
 def masked_configs(interpret: bool | None = None) -> list:
@@ -118,12 +112,25 @@ def _prune_tiled(configs, named_args, **kwargs):
     return kept or configs[:1]
 
 
+# Triton 3.6 fails to compile the N:M kernel's BLOCK_M >= 64 tiles for sm_90 (2:4, bf16: "LLVM ERROR:
+# Illegal shared layout" in TritonGPUOptimizeDotOperands), and its autotuner does not skip a config
+# that fails that way; 3.7-3.9 compile them (compile check). So 3.6 keeps the BLOCK_M <= 32 tiles.
+_TRITON_3_6 = tuple(int(p) for p in triton.__version__.split(".")[:2]) < (3, 7)
+
+
+def _prune_nm(configs, named_args, **kwargs):
+    kept = _prune_tiled(configs, named_args, **kwargs)
+    if _TRITON_3_6:
+        kept = [c for c in kept if c.kwargs["BLOCK_M"] <= 32] or kept[:1]
+    return kept
+
+
 # ----------------------------------------------------------------------------------------------
 # Kernels
 # ----------------------------------------------------------------------------------------------
 @triton.jit
 def _dot(a, b, acc, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr):
-    # Triton 3.9's interpreter multiplies the raw bits of bfloat16 operands in tl.dot; the launcher
+    # Triton's interpreter (3.6-3.9) multiplies the raw bits of bfloat16 operands in tl.dot; the launcher
     # sets UPCAST_DOT there only. bf16 x bf16 products are exact in fp32, so the result is the same.
     if UPCAST_DOT:
         out = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
@@ -174,7 +181,7 @@ def block_sparse_matmul_kernel(
 
 
 @triton.autotune(configs=nm_configs(), key=["M", "N", "K"],
-                 prune_configs_by={"early_config_prune": _prune_tiled})
+                 prune_configs_by={"early_config_prune": _prune_nm})
 @triton.jit
 def nm_matmul_kernel(
     # pointers: activations, kept values, packed indices, bias, output
@@ -314,6 +321,24 @@ def activation_sparse_matmul_kernel(
 # ----------------------------------------------------------------------------------------------
 # Launchers
 # ----------------------------------------------------------------------------------------------
+# True when the kernels above were defined under TRITON_INTERPRET=1 (Triton reads it when each
+# ``@triton.jit`` runs, so setting it after this module is imported changes nothing).
+_INTERPRETED = not isinstance(block_sparse_matmul_kernel.fn, triton.runtime.JITFunction)  # .fn: under autotune
+
+
+def _check_launchable(x: torch.Tensor, fn: str) -> None:
+    """A clear error for CPU tensors without the interpreter (Triton's own: "0 active drivers")."""
+    if x.device.type != "cpu" or _INTERPRETED:
+        return
+    late = (" (TRITON_INTERPRET=1 is set now, but was not when this module was imported)"
+            if os.environ.get("TRITON_INTERPRET") == "1" else "")
+    raise RuntimeError(
+        f"{fn}: x is a CPU tensor, and the Triton kernels need a CUDA/ROCm GPU. Move the tensors to "
+        f"the GPU, or set TRITON_INTERPRET=1 before this module is imported to run the kernels in "
+        f"Triton's interpreter on CPU (slow: for tests){late}. For CPU inference use SparseLinear "
+        f"(triton_kernels.nn; its CPU backends run torch's kernels), or the matching *_reference (pure torch).")
+
+
 def _dot_meta(dtype: torch.dtype) -> dict:
     # fp32 layers are used to measure accuracy: keep them ieee rather than tf32 (fp16/bf16 ignore it)
     return {"DOT_PRECISION": "ieee" if dtype == torch.float32 else "tf32",
@@ -356,6 +381,7 @@ def block_sparse_matmul(x, bsw, bias=None, *, out=None):
         raise TypeError(f"bsw must be a BlockSparseWeight (from to_block_sparse), got {type(bsw).__name__}")
     N, K = bsw.shape
     x2, out2, lead = _check_inputs(x, K, N, bsw.values.dtype, bsw.values.device, bias, out, "bsw")
+    _check_launchable(x, "block_sparse_matmul")
     M = x2.shape[0]
     bn, bk = bsw.block
     grid = lambda META: (triton.cdiv(N, bn), triton.cdiv(M, META["BLOCK_M"]))  # noqa: E731
@@ -372,6 +398,7 @@ def nm_matmul(x, nmw, bias=None, *, out=None):
         raise TypeError(f"nmw must be an NMWeight (from nm_compress), got {type(nmw).__name__}")
     N, K = nmw.shape
     x2, out2, lead = _check_inputs(x, K, N, nmw.values.dtype, nmw.values.device, bias, out, "nmw")
+    _check_launchable(x, "nm_matmul")
     M = x2.shape[0]
     bits = _idx_bits(nmw.m)
     grid = lambda META: (triton.cdiv(N, META["BLOCK_N"]), triton.cdiv(M, META["BLOCK_M"]))  # noqa: E731
@@ -391,6 +418,7 @@ def packed_masked_matmul(x, mw, bias=None, *, out=None):
         raise TypeError(f"mw must be a MaskedWeight (from to_masked), got {type(mw).__name__}")
     N, K = mw.shape
     x2, out2, lead = _check_inputs(x, K, N, mw.weight.dtype, mw.weight.device, bias, out, "mw")
+    _check_launchable(x, "packed_masked_matmul")
     M = x2.shape[0]
     tn, tk = mw.tile
     grid = lambda META: (triton.cdiv(N, tn), triton.cdiv(M, META["BLOCK_M"]))  # noqa: E731
@@ -419,6 +447,7 @@ def activation_sparse_matmul(x, weight, threshold=None, mask=None, bias=None, *,
                          f"{tuple(weight.shape) if isinstance(weight, torch.Tensor) else type(weight).__name__}")
     N, K = weight.shape
     x2, out2, lead = _check_inputs(x, K, N, weight.dtype, weight.device, bias, out, "weight")
+    _check_launchable(x, "activation_sparse_matmul")
     M = x2.shape[0]
     keep = _activation_keep(x, threshold, mask).reshape(-1, K)
     xs = torch.where(keep, x2, torch.zeros((), dtype=x.dtype, device=x.device))

@@ -50,7 +50,7 @@ def cases() -> list[Case]:
         kc = K * n // m
         values = torch.empty(N, kc, dtype=DTYPE)
         meta = torch.empty(N, -(-kc // (32 // bits)), dtype=torch.int32)
-        for cfg in _pruned(sm.nm_configs(interpret=False), x):
+        for cfg in sm._prune_nm(sm.nm_configs(interpret=False), {"x_ptr": x}):
             args = (x, values, meta, bias, y, M, N, K, kc, x.stride(0), x.stride(1), values.stride(0),
                     values.stride(1), meta.stride(0), y.stride(0), y.stride(1))
             out.append(Case(sm.nm_matmul_kernel.fn, f"sparse_nm_{n}of{m}", _name(cfg), args,

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from triton_kernels.lowrank_linear import lowrank_linear, svd_factors
-from triton_kernels.nn._backend import check_backend, triton_usable
+from triton_kernels.nn._backend import check_backend, cpu_dense_rows, triton_usable
 
 BACKENDS = ("auto", "triton", "two_matmul")
 
@@ -119,6 +119,7 @@ class LowRankLinear(nn.Module):
             raise ValueError(f"x must have last dim in_features = {self.in_features}; got {tuple(x.shape)}")
         if self.resolved_backend(x.device) == "triton":
             return lowrank_linear(x, self.U, self.V, self.bias)
+        x = cpu_dense_rows(x)  # torch's CPU kernels can misread column slices (see the helper)
         return F.linear(F.linear(x, self.V), self.U, self.bias)
 
     def extra_repr(self) -> str:

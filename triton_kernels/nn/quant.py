@@ -69,7 +69,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from triton_kernels import dequant_matmul as dq
-from triton_kernels.nn._backend import check_backend, triton_usable
+from triton_kernels.nn._backend import check_backend, cpu_dense_rows, triton_usable
 
 BACKENDS = ("auto", "triton", "torch_int4", "torch_int8", "dequant")
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -288,6 +288,8 @@ class QuantLinear(nn.Module):
         chosen = self.resolve_backend(x, backend)
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
+        if chosen != "triton":
+            x2 = cpu_dense_rows(x2)  # torch's CPU kernels can misread column slices (see the helper)
         if chosen == "triton":
             y = dq.dequant_matmul(x2, self.packed, self.scales, self.zeros, bits=self.bits,
                                   group_size=self.group_size, symmetric=self.symmetric, bias=self.bias)
@@ -302,12 +304,12 @@ class QuantLinear(nn.Module):
             y = F.linear(x2, w, None if self.bias is None else self.bias.to(x.dtype))
         elif chosen == "torch_int4":
             w, sz = self.prepack("torch_int4", x.dtype)
-            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2.contiguous(), w, self._group(), sz)
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, w, self._group(), sz)
             if self.bias is not None:
                 y = (y.float() + self.bias.float()).to(x.dtype)
         else:  # torch_int8
             w, s, *corr = self.prepack("torch_int8", x.dtype)
-            y = torch._weight_int8pack_mm(x2.contiguous(), w, s)
+            y = torch._weight_int8pack_mm(x2, w, s)
             if corr or self.bias is not None:
                 y = y.float()
                 if corr:

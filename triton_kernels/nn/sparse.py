@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from triton_kernels import sparse_matmul as sm
-from triton_kernels.nn._backend import check_backend, triton_usable
+from triton_kernels.nn._backend import check_backend, cpu_dense_rows, triton_usable
 
 PATTERNS = ("block", "nm", "unstructured", "activation")
 BACKENDS = {
@@ -221,6 +221,8 @@ class SparseLinear(nn.Module):
     # ------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, p, be = self.bias, self.pattern, self.backend
+        if be != "triton":
+            x = cpu_dense_rows(x)  # torch's CPU kernels can misread column slices (see the helper)
         if p == "activation":
             amask = self._activation_mask(x)
             if be == "triton":
