@@ -72,7 +72,7 @@ class LineProgress:
         self.start = self.last = time.perf_counter()
         self.closed = False
         if self.enabled and self.leave:
-            self._print(f"{self.total} {self.unit}" if self.total is not None else "started")
+            self._print(f"0/{self.total} {self.unit}" if self.total is not None else "started")
 
     def _print(self, text: str) -> None:
         print(f"[{self.desc}] {text}" if self.desc else text, file=self.stream, flush=True)

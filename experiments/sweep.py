@@ -174,11 +174,25 @@ def method_columns(spec: MethodSpec) -> dict[str, Any]:
         "act_order": q.act_order if q and q.act_order is not None else "",
         "pattern": p.pattern if p else "",
         "sparsity": round(p.sparsity, 6) if p else "",
+        # Tables written before these columns existed lack them: there, scope is "row" for every
+        # magnitude/wanda unstructured row and damp is in the spec column (see experiments.compress).
+        "scope": p.prune_scope if p else "",
+        "damp": _damps(spec),
         "ratio": lr.ratio if lr and lr.ratio is not None else "",
         "rank": lr.rank if lr and lr.rank is not None else "",
         "energy": lr.energy if lr and lr.energy is not None else "",
         "spec": json.dumps(spec.to_dict(), sort_keys=True),
     }
+
+
+def _damps(spec: MethodSpec) -> str | float:
+    """The damping of the spec's damped step(s): one value, or ``method=value`` pairs if they differ."""
+    steps = [s for s in (spec.steps or (spec,)) if s.damp is not None]
+    if not steps:
+        return ""
+    if len({s.damp for s in steps}) == 1:
+        return steps[0].damp
+    return "; ".join(f"{s.method}={s.damp:g}" for s in steps)
 
 
 def _device_of(name: str) -> torch.device:
