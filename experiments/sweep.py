@@ -86,6 +86,9 @@ def _settings(base: Mapping[str, Any], override: Mapping[str, Any] | None, where
         v = out.get(k)
         if isinstance(v, bool) or not isinstance(v, int) or v < (0 if k == "seed" else 1):
             raise ValueError(f"{where}: setting {k}={v!r} must be a {'non-negative' if k == 'seed' else 'positive'} integer")
+    if out["eval_tokens"] < out["seqlen"]:
+        raise ValueError(f"{where}: setting eval_tokens={out['eval_tokens']} is smaller than seqlen={out['seqlen']}, "
+                         f"so no evaluation window fits; use eval_tokens >= {out['seqlen']} (a multiple of seqlen)")
     return out
 
 
@@ -205,6 +208,44 @@ def _device_of(name: str) -> torch.device:
     return dev
 
 
+def _where_to_set(sw: Sweep, quick: bool, key: str) -> str:
+    """Where a user changes sweep setting ``key``: the sweep file's section, or the shared defaults."""
+    section = "quick: settings:" if quick else "settings:"
+    return (f"`{key}:` under `{section}` in {sw.path} (or in {SWEEPS_DIR / '_defaults.yaml'} "
+            f"section `{'quick' if quick else 'full'}:` for every sweep)")
+
+
+def _eval_windows(sw: Sweep, quick: bool, tokenizer, text: str, st: Mapping[str, int], text_file) -> torch.Tensor:
+    """``data.eval_tokens`` for a sweep's settings; a too-short text names the sweep settings to change."""
+    from experiments import data
+    n_tok = int(data.tokenize(tokenizer, text).numel())
+    seqlen, budget = st["seqlen"], st["eval_tokens"]
+    available = n_tok // seqlen
+    if budget // seqlen > available:
+        if available == 0:
+            fix = f"seqlen <= {n_tok} ({_where_to_set(sw, quick, 'seqlen')})"
+        else:
+            fix = f"eval_tokens <= {available * seqlen} ({_where_to_set(sw, quick, 'eval_tokens')})"
+        raise ValueError(f"sweep {sw.name!r}{' (--quick)' if quick else ''}: the evaluation text has {n_tok} tokens, "
+                         f"{available} full window(s) of seqlen={seqlen}, but the setting eval_tokens={budget} asks for "
+                         f"{budget // seqlen}; set {fix}, or give a longer "
+                         f"{'--text-file' if text_file else 'text with --text-file'}")
+    return data.eval_tokens(tokenizer, text, max_tokens=budget, seqlen=seqlen)
+
+
+def _calib_windows(sw: Sweep, quick: bool, tokenizer, text: str, st: Mapping[str, int], text_file) -> torch.Tensor:
+    """``data.calibration_batches`` for a sweep's settings; a too-short text names the setting to change."""
+    from experiments import data
+    n_tok = int(data.tokenize(tokenizer, text).numel())
+    if n_tok < st["calib_seqlen"]:
+        raise ValueError(f"sweep {sw.name!r}{' (--quick)' if quick else ''}: the calibration text has {n_tok} tokens, "
+                         f"fewer than the setting calib_seqlen={st['calib_seqlen']}; set calib_seqlen <= {n_tok} "
+                         f"({_where_to_set(sw, quick, 'calib_seqlen')}), or give a longer "
+                         f"{'--text-file (its first 10% is the calibration text)' if text_file else 'text with --text-file'}")
+    return data.calibration_batches(tokenizer, text, n_samples=st["calib_samples"], seqlen=st["calib_seqlen"],
+                                    seed=st["seed"])
+
+
 @dataclass
 class _Prepared:
     sweep: Sweep
@@ -229,6 +270,20 @@ def run_sweeps(sweeps: list[Sweep], *, quick: bool = False, model: str = "defaul
     out = Path(out_dir) / "quick" if quick else Path(out_dir)
     t0 = time.perf_counter()
     calib_text, eval_text, corpus = data.get_texts(source=source, text_file=text_file)
+    # The tokenizer alone first: the texts are checked against every sweep's token budgets before
+    # the model load (~25 s for the default model), so a too-short text fails in seconds.
+    tokenizer = models.load_tokenizer(model)
+    token_cache: dict[tuple, torch.Tensor] = {}
+    for sw in sweeps:
+        st = sw.settings(quick)
+        key = ("eval", st["eval_tokens"], st["seqlen"])
+        if key not in token_cache:
+            token_cache[key] = _eval_windows(sw, quick, tokenizer, eval_text, st, text_file)
+        if any(s.needs() for s in sw.points(quick)):
+            ckey = ("calib", st["calib_samples"], st["calib_seqlen"], st["seed"])
+            if ckey not in token_cache:
+                token_cache[ckey] = _calib_windows(sw, quick, tokenizer, calib_text, st, text_file)
+    log(f"texts tokenized in {time.perf_counter() - t0:.1f}s; loading model {model!r}")
     # load_model keeps one pristine template per process and returns a deep copy per call (~1 s),
     # so every point starts from the uncompressed model without reloading the file.
     first, tokenizer, info = models.load_model(model)
@@ -238,9 +293,8 @@ def run_sweeps(sweeps: list[Sweep], *, quick: bool = False, model: str = "defaul
     model_name = str(info.get("name", model)) if isinstance(info, Mapping) else model
     source_grid = info.get("source_grid") if isinstance(info, Mapping) else None
 
-    # Everything that can fail on bad input happens here, before the first point runs.
+    # Everything else that can fail on bad input happens here, before the first point runs.
     prepared: list[_Prepared] = []
-    token_cache: dict[tuple, torch.Tensor] = {}
     for sw in sweeps:
         st = sw.settings(quick)
         points = sw.points(quick)
@@ -250,15 +304,9 @@ def run_sweeps(sweeps: list[Sweep], *, quick: bool = False, model: str = "defaul
             except ValueError as e:
                 raise ValueError(f"sweep {sw.name!r}, point {s.label()}: {e}") from e
         key = ("eval", st["eval_tokens"], st["seqlen"])
-        if key not in token_cache:
-            token_cache[key] = data.eval_tokens(tokenizer, eval_text, max_tokens=st["eval_tokens"], seqlen=st["seqlen"])
         calib = None
         if any(s.needs() for s in points):
-            ckey = ("calib", st["calib_samples"], st["calib_seqlen"], st["seed"])
-            if ckey not in token_cache:
-                token_cache[ckey] = data.calibration_batches(tokenizer, calib_text, n_samples=st["calib_samples"],
-                                                             seqlen=st["calib_seqlen"], seed=st["seed"])
-            calib = token_cache[ckey]
+            calib = token_cache[("calib", st["calib_samples"], st["calib_seqlen"], st["seed"])]
         path = out / f"sweep_{sw.name}.csv"
         done = {r.get("point_id") for r in read_rows(path)}
         ids = [(point_id(s, st, model_name, corpus), s) for s in points]

@@ -225,6 +225,8 @@ ATOL, RTOL = 2e-4, 2e-4
 
 SPECS = [
     {"method": "rtn", "bits": 4, "group_size": 32},
+    {"method": "rtn", "bits": 1, "group_size": 32},  # 1-bit asymmetric: accepted by the harness since issue 8
+    {"method": "magnitude", "sparsity": 0.5, "scope": "layer"},
     {"method": "gptq", "bits": 3, "group_size": 32, "act_order": True},
     {"method": "magnitude", "sparsity": 0.5, "pattern": "unstructured"},
     {"method": "wanda", "pattern": "2:4"},
@@ -349,3 +351,17 @@ def test_sequential_calibration_sees_compressed_upstream(model_and_data):
     d_seq = (got - by_hand(model)).norm().item()
     d_dense = (got - by_hand(base)).norm().item()
     assert d_seq < 0.1 * d_dense, f"||got - sequential|| {d_seq:.3g} vs ||got - dense-fed|| {d_dense:.3g}"
+
+
+def test_magnitude_scope_reaches_the_algorithm(model_and_data):
+    """scope=layer: one threshold per layer (per-row counts vary); default/row: exactly half of every row."""
+    _, layer_report = compressed(model_and_data, {"method": "magnitude", "sparsity": 0.5, "scope": "layer"})
+    _, row_report = compressed(model_and_data, {"method": "magnitude", "sparsity": 0.5, "pattern": "unstructured"})
+    uneven = 0
+    for name, w in layer_report.weights.items():
+        n, k = w.shape
+        per_row = (w == 0).sum(1)
+        assert int(per_row.sum()) == (n * k) // 2, name
+        uneven += int(per_row.min() != per_row.max())
+        assert torch.equal((row_report.weights[name] == 0).sum(1), torch.full((n,), k // 2)), name
+    assert uneven == len(layer_report.weights), "a per-layer threshold left every row of some layer at exactly 50%"
