@@ -72,8 +72,14 @@ def _add_latency(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_latency(args: argparse.Namespace) -> int:
-    from experiments.latency import main as latency_main
-    latency_main(args)
+    import torch
+
+    from experiments import latency
+    latency.main(args)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    print(args.out or latency.default_out(device))
+    if args.decode:
+        print(latency.default_decode_out(device))
     return 0
 
 
@@ -84,7 +90,8 @@ def _add_roofline(p: argparse.ArgumentParser) -> None:
 
 def cmd_roofline(args: argparse.Namespace) -> int:
     from experiments.roofline import main as roofline_main
-    roofline_main(args)
+    for path in roofline_main(args):
+        print(path)
     return 0
 
 

@@ -671,11 +671,9 @@ def compress_model(model: nn.Module, spec: Mapping[str, Any] | MethodSpec, calib
     hidden = kwargs = None
     if needs:
         hidden, kwargs = _capture(model, calib_ids)
-    it = blocks
-    if progress:
-        from tqdm.auto import tqdm
-        it = tqdm(blocks, desc=f"compress {spec.label()}", unit="block", leave=False)
-    for i, block in enumerate(it):
+    from experiments.progress import progress_bar
+    for i, block in enumerate(progress_bar(blocks, desc=f"compress {spec.label()}", unit="block", leave=False,
+                                           enabled=progress)):
         linears = per_block[i]
         stats: dict[str, _Stats] = {}
         if needs:

@@ -45,6 +45,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from experiments import results
+from experiments.progress import progress_bar, status
 from experiments.provenance import provenance
 
 WEIGHTS_NOTE = "random, same format"
@@ -338,8 +339,11 @@ def _time_layer(kind: str, fmt: dict, N: int, K: int, M: int, act: torch.dtype, 
         if device.type == "cpu" and backend == "triton":
             raise RuntimeError("the Triton interpreter ran on CPU: its timings are not performance numbers")
         t = _time(lambda: layer(x), device, min_run_time)
+    # memory_bytes/bits_per_weight: the storage format (16-bit floats), as everywhere in the harness;
+    # resident_bytes: what the timed module held in memory (its backend's tensors, actual dtypes).
     return {"backend": backend, "memory_bytes": int(layer.memory_bytes()),
-            "bits_per_weight": float(layer.bits_per_weight()), "status": "ok", **_timing_cols(t)}
+            "bits_per_weight": float(layer.bits_per_weight()), "resident_bytes": int(layer.resident_bytes()),
+            "status": "ok", **_timing_cols(t)}
 
 
 def _canon(spec: dict) -> str:
@@ -363,7 +367,7 @@ def load_sweep_specs(name: str, *, quick: bool = False) -> list[dict]:
 def run_latency(specs: Iterable[dict], shapes: Iterable[tuple[str, int, int]], Ms: Iterable[int], *,
                 device: str | torch.device = "cpu", min_run_time: float = 0.2,
                 out: str | Path | None = None, resume: bool = False,
-                log: Callable[[str], None] = print) -> list[dict]:
+                log: Callable[[str], None] = status) -> list[dict]:
     """Time every (spec, shape, M) against dense in the same run and upsert the rows into ``out``.
 
     Returns all rows written by this run. Dense rows are ``spec={"method": "dense", "dtype": ...}``;
@@ -375,7 +379,7 @@ def run_latency(specs: Iterable[dict], shapes: Iterable[tuple[str, int, int]], M
     device = torch.device(device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("device='cuda' but torch sees no CUDA device; use device='cpu'")
-    out = Path(out) if out is not None else Path(f"results/latency_{device.type}.csv")
+    out = Path(out) if out is not None else default_out(device)
     prov = provenance(device)
     run_id = uuid.uuid4().hex[:12]
     specs, shapes, Ms = list(specs), list(shapes), list(Ms)
@@ -412,7 +416,8 @@ def run_latency(specs: Iterable[dict], shapes: Iterable[tuple[str, int, int]], M
                 rows.append({**base, "spec": _canon({"method": "dense", "dtype": dname}), "method": "dense",
                              "kind": "dense", "format": f"dense {dname}", "rank": "",
                              "backend": "torch", "act_dtype": dname, "memory_bytes": N * K * dt.itemsize,
-                             "bits_per_weight": 8 * dt.itemsize, "status": "ok", **_timing_cols(t)})
+                             "bits_per_weight": 8 * dt.itemsize, "resident_bytes": N * K * dt.itemsize,
+                             "status": "ok", **_timing_cols(t)})
                 del lin
             for fk, ss in todo.items():
                 fmt = json.loads(fk)
@@ -443,8 +448,18 @@ def run_latency(specs: Iterable[dict], shapes: Iterable[tuple[str, int, int]], M
 # End-to-end decode
 # ---------------------------------------------------------------------------------------------
 
+def default_out(device: torch.device | str) -> Path:
+    """Where ``run_latency`` writes when given no ``out``."""
+    return Path(f"results/latency_{torch.device(device).type}.csv")
+
+
+def default_decode_out(device: torch.device | str) -> Path:
+    """Where ``record_decode`` writes when given no ``out``."""
+    return Path(f"results/decode_{torch.device(device).type}.csv")
+
+
 def decode_tokens_per_second(model, tokenizer, *, prompt: str = DEFAULT_PROMPT, new_tokens: int = 32,
-                             repeats: int = 3) -> dict:
+                             repeats: int = 3, label: str = "decode", progress: bool = True) -> dict:
     """Greedy-decoding speed: ``new_tokens`` generated tokens / wall seconds (median of ``repeats``
     timed runs after one warm-up), prompt prefill included, on the model's own device.
 
@@ -460,8 +475,11 @@ def decode_tokens_per_second(model, tokenizer, *, prompt: str = DEFAULT_PROMPT, 
               pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     seconds, generated = [], 0
+    # One generate call of a dequantize-per-call model takes ~15 s on the 2-core CPU: show progress.
+    bar = progress_bar(total=1 + repeats, desc=label, unit="generate call", enabled=progress)
     with torch.inference_mode():
         model.generate(**enc, **kw)  # warm-up: caches, lazy packing, allocator
+        bar.update(1)
         for _ in range(repeats):
             sync()
             t0 = time.perf_counter()
@@ -469,6 +487,8 @@ def decode_tokens_per_second(model, tokenizer, *, prompt: str = DEFAULT_PROMPT, 
             sync()
             seconds.append(time.perf_counter() - t0)
             generated = out.shape[1] - enc["input_ids"].shape[1]
+            bar.update(1)
+    bar.close()
     med = statistics.median(seconds)
     return {"tokens_per_s": generated / med, "seconds_median": med, "seconds_min": min(seconds),
             "new_tokens": generated, "prompt_tokens": int(enc["input_ids"].shape[1]), "repeats": repeats,
@@ -482,18 +502,18 @@ def record_decode(model, tokenizer, *, label: str, spec: dict | None = None, den
     ``dense_tokens_per_s`` (measured on the same machine in the same run) adds ``speedup_vs_dense``.
     """
     device = next(model.parameters()).device
-    r = decode_tokens_per_second(model, tokenizer, **kw)
+    r = decode_tokens_per_second(model, tokenizer, label=f"decode {label}", **kw)
     row = {**provenance(device), "label": label, "spec": _canon(spec or {"method": "dense"}),
            "dtype": _DTYPE_NAMES.get(next(model.parameters()).dtype, str(next(model.parameters()).dtype)), **r}
     if dense_tokens_per_s:
         row["speedup_vs_dense"] = r["tokens_per_s"] / dense_tokens_per_s
-    results.replace_rows(Path(out) if out else Path(f"results/decode_{device.type}.csv"), [row], DECODE_KEY)
+    results.replace_rows(Path(out) if out else default_decode_out(device), [row], DECODE_KEY)
     return row
 
 
 def run_decode(specs: Iterable[dict], *, device: torch.device, new_tokens: int = 32,
                dtypes: Iterable[torch.dtype] = (torch.float32, torch.bfloat16), out: str | Path | None = None,
-               log: Callable[[str], None] = print) -> list[dict]:
+               log: Callable[[str], None] = status) -> list[dict]:
     """Decode tokens/s of the default model, dense and compressed by each spec that needs no
     calibration data (RTN, magnitude, plain SVD: the decode speed depends on the format only, so the
     calibrated methods of the same format are left to the sweep runner). One row per model and dtype.
@@ -506,6 +526,7 @@ def run_decode(specs: Iterable[dict], *, device: torch.device, new_tokens: int =
     from experiments.models import load_model
 
     dtypes = list(dtypes)
+    log(f"[decode {device.type}] loading the default model")
     model, tok, _ = load_model()
     dense = {}
     rows = []
@@ -523,8 +544,9 @@ def run_decode(specs: Iterable[dict], *, device: torch.device, new_tokens: int =
         if parsed.needs() or fk in seen:
             continue
         seen.add(fk)
+        log(f"[decode {device.type}] compressing the default model: {parsed.label()}")
         m, _, _ = load_model()  # a fresh copy to compress in place
-        compress_model(m, parsed, None, progress=False)
+        compress_model(m, parsed, None, progress=True)
         for dt in dtypes:
             m.to(device=device, dtype=dt)
             name = _DTYPE_NAMES[dt]

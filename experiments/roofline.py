@@ -198,10 +198,14 @@ def format_label(fmt: dict) -> str:
 
 
 def table(gpus: Iterable[str] = tuple(GPUS), formats: Iterable[dict] = DEFAULT_FORMATS,
-          shapes: Iterable[tuple[int, int]] = STANDARD_SHAPES, Ms: Iterable[int] = STANDARD_M) -> list[dict]:
+          shapes: Iterable[tuple[int, int]] = STANDARD_SHAPES, Ms: Iterable[int] = STANDARD_M, *,
+          progress: bool = False) -> list[dict]:
     """Long table: one row per (gpu, format, shape, M) with the ideal time and speedup over dense fp16."""
+    from experiments.progress import progress_bar
+
     rows = []
-    formats, shapes, Ms = list(formats), list(shapes), list(Ms)
+    gpus, formats, shapes, Ms = list(gpus), list(formats), list(shapes), list(Ms)
+    bar = progress_bar(total=len(gpus) * len(shapes), desc="roofline", unit="GPU x shape", enabled=progress)
     for gpu in gpus:
         spec = _check_gpu(gpu)
         for N, K in shapes:
@@ -221,6 +225,8 @@ def table(gpus: Iterable[str] = tuple(GPUS), formats: Iterable[dict] = DEFAULT_F
                         "regime": r["regime"], "ideal_us": r["ideal_s"] * 1e6,
                         "dense_fp16_ideal_us": dense_s * 1e6, "ideal_speedup_vs_dense_fp16": dense_s / r["ideal_s"],
                     })
+            bar.update(1)
+    bar.close()
     return rows
 
 
@@ -266,18 +272,27 @@ def measured_vs_ideal(latency_csv: str | Path = "results/latency_cuda.csv") -> l
     return out
 
 
-def main(args: argparse.Namespace | None = None) -> list[dict]:
-    """``python -m experiments roofline``: write the roofline table (and the measured join if any)."""
+def main(args: argparse.Namespace | None = None) -> list[Path]:
+    """``python -m experiments roofline``: write the roofline table (and the measured join if any).
+
+    Returns the paths written; status lines go to stderr (``experiments.progress``).
+    """
+    from experiments.progress import status
+
     out = Path(getattr(args, "out", None) or OUT_CSV)
-    rows = table()
+    status("[roofline] ideal times from bytes and FLOPs (a model, not a measurement); the first GPU "
+           "builds one module per format and shape to count its bytes")
+    rows = table(progress=True)
     results.write_rows(out, rows)
-    print(f"wrote {len(rows)} roofline rows (not measurements) to {out}")
+    status(f"[roofline] wrote {len(rows)} roofline rows (not measurements) to {out}")
+    written = [out]
     joined = measured_vs_ideal(getattr(args, "latency_csv", None) or "results/latency_cuda.csv")
     if joined:
         jpath = out.with_name("roofline_vs_measured.csv")
         results.write_rows(jpath, joined)
-        print(f"wrote {len(joined)} measured-vs-ideal rows to {jpath}")
-    return rows
+        status(f"[roofline] wrote {len(joined)} measured-vs-ideal rows to {jpath}")
+        written.append(jpath)
+    return written
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -315,10 +315,8 @@ def run_sweeps(sweeps: list[Sweep], *, quick: bool = False, model: str = "defaul
 
     prov = provenance(dev)
     total = sum(len(p.todo) for p in prepared)
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-        bar = tqdm(total=total, desc="sweep points", unit="point")
+    from experiments.progress import progress_bar
+    bar = progress_bar(total=total, desc="sweep points", unit="point", enabled=progress)
     for p in prepared:
         if p.n_done:
             log(f"sweep {p.sweep.name}: {p.n_done} point(s) already in {p.path}, {len(p.todo)} to run")
@@ -349,8 +347,6 @@ def run_sweeps(sweeps: list[Sweep], *, quick: bool = False, model: str = "defaul
             append_row(p.path, row)
             log(f"{p.sweep.name}: {spec.label():40s} ppl {row['ppl']:>10.4g}  {row['bits_per_weight']:.3g} bits/w  "
                 f"compress {row['compress_seconds']:.1f}s eval {row['eval_seconds']:.1f}s")
-            if bar is not None:
-                bar.update(1)
-    if bar is not None:
-        bar.close()
+            bar.update(1)
+    bar.close()
     return [p.path for p in prepared]
