@@ -18,8 +18,9 @@ generalizes). One row per (layer, ratio, damp); ``damp = 0`` is SVD-LLM's undamp
 (``status`` says when its Cholesky fails). The inputs come from the dense model (not from already
 compressed upstream blocks, as in a sweep), which isolates the per-layer choice.
 
-The default ``DEFAULT_WHITENING_DAMP`` in ``experiments/compress.py`` cites the numbers this wrote;
-``tests/test_alg_lowrank.py`` checks the same ordering on a synthetic layer with anisotropic inputs.
+The default ``DEFAULT_WHITENING_DAMP`` in ``experiments/compress.py`` cites the numbers this wrote
+(``results/damping_whitened_svd.csv``); ``tests/test_alg_lowrank.py`` checks the same ordering on a
+synthetic layer with anisotropic inputs.
 """
 from __future__ import annotations
 
@@ -52,10 +53,19 @@ def layer_stats(model, windows: torch.Tensor, blocks: list[int], *, chunk: int =
                 sums[key] = sums.get(key, 0) + x.T @ x
                 counts[key] = counts.get(key, 0) + x.shape[0]
             handles.append(layer.register_forward_pre_hook(hook))
+    class _Done(Exception):
+        pass
+
+    def stop(*_):  # nothing after the last requested block is needed
+        raise _Done
+    handles.append(all_blocks[max(blocks)].register_forward_hook(stop))
     try:
         with torch.no_grad():
             for s in range(0, windows.shape[0], chunk):
-                model(input_ids=windows[s:s + chunk], use_cache=False)
+                try:
+                    model(input_ids=windows[s:s + chunk], use_cache=False)
+                except _Done:
+                    pass
     finally:
         for h in handles:
             h.remove()
@@ -86,17 +96,22 @@ def study(blocks=BLOCKS, damps=DAMPS, ratios=RATIOS, *, log=lambda s: print(s, f
     for key in progress_bar(list(weights), desc="whitened SVD per layer", unit="layer"):
         W = weights[key]
         N, K = W.shape
-        for ratio in ratios:
-            r = rank_for_ratio(N, K, ratio)
-            for d in damps:
+        ranks = {ratio: rank_for_ratio(N, K, ratio) for ratio in ratios}
+        for d in damps:
+            # One factorization per damping at the largest rank: the rank-r factors are its first r
+            # components (U = P_r Sigma_r, V = Q_r^T S^-1 row by row), exactly what rank=r returns.
+            try:
+                U, V = whitened_svd(W.float(), H_cal[key].float(), rank=max(ranks.values()), damp=d)
+                failure = None
+            except ValueError as e:  # undamped Cholesky of a singular H
+                failure = f"failed: {e}"[:200]
+            for ratio, r in ranks.items():
                 row = {"layer": key, "N": N, "K": K, "ratio": ratio, "rank": r, "damp": d,
                        "calib_tokens": int(calib.numel()), "heldout_tokens": int(held.numel())}
-                try:
-                    U, V = whitened_svd(W.float(), H_cal[key].float(), rank=r, damp=d)
-                except ValueError as e:  # undamped Cholesky of a singular H
-                    rows.append({**row, "status": f"failed: {e}"[:200], "calib_rel_err": "", "heldout_rel_err": ""})
+                if failure:
+                    rows.append({**row, "status": failure, "calib_rel_err": "", "heldout_rel_err": ""})
                     continue
-                E = W - U.double() @ V.double()
+                E = W - U[:, :r].double() @ V[:r].double()
                 rows.append({**row, "status": "ok", "calib_rel_err": rel_error(E, W, H_cal[key]),
                              "heldout_rel_err": rel_error(E, W, H_held[key])})
     return rows
@@ -136,10 +151,10 @@ def main(argv: list[str] | None = None) -> int:
     from experiments import results
     from experiments.provenance import provenance
 
+    prov = provenance("cpu")  # at the start: the commit whose code runs
     rows = study(args.blocks)
     print(summarize(rows), file=sys.stderr)
     if args.out:
-        prov = provenance("cpu")
         results.write_rows(args.out, [{**r, **prov, "command": "python -m experiments.damping"} for r in rows])
         print(args.out)
     return 0
