@@ -37,6 +37,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import copy
+import functools
 import importlib.util
 import inspect
 import os
@@ -268,6 +269,29 @@ def _hf_progress_bars_off_unless_terminal() -> None:
         pass
 
 
+@contextlib.contextmanager
+def _quiet_gguf_bar():
+    """transformers' GGUF loader draws a plain tqdm bar ("Converting and de-quantizing GGUF tensors")
+    that the switches above do not reach; outside a terminal it is disabled for the load."""
+    try:
+        terminal = sys.stderr.isatty()
+    except (AttributeError, ValueError):
+        terminal = False
+    try:
+        from transformers import modeling_gguf_pytorch_utils as gguf_utils  # noqa: PLC0415
+    except ImportError:
+        gguf_utils = None
+    bar = getattr(gguf_utils, "tqdm", None)
+    if terminal or bar is None:
+        yield
+        return
+    gguf_utils.tqdm = functools.partial(bar, disable=True)
+    try:
+        yield
+    finally:
+        gguf_utils.tqdm = bar
+
+
 def _resolve(spec: str) -> tuple[str, Path | str, str | None]:
     """(kind, location, gguf file name) with kind in gguf / local / hub."""
     if not isinstance(spec, str) or not spec:
@@ -311,7 +335,7 @@ def load_tokenizer(spec: str = "default"):
         _hf_progress_bars_off_unless_terminal()
         kind, where, gguf_file = _resolve(spec)
         if kind == "gguf":
-            with _hub_offline():
+            with _hub_offline(), _quiet_gguf_bar():
                 tok = AutoTokenizer.from_pretrained(where, gguf_file=gguf_file, local_files_only=True)
         else:
             local_only = kind == "local" or _hub_local_only(spec)
@@ -330,7 +354,7 @@ def _load_uncached(spec: str, dtype: torch.dtype):
     kind, where, gguf_file = _resolve(spec)
     tokenizer = load_tokenizer(spec)
     if kind == "gguf":
-        with _hub_offline():
+        with _hub_offline(), _quiet_gguf_bar():
             model = AutoModelForCausalLM.from_pretrained(where, gguf_file=gguf_file, dtype=dtype,
                                                          local_files_only=True)
         types = gguf_tensor_types(Path(where) / gguf_file)

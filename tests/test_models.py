@@ -369,3 +369,20 @@ def test_load_tokenizer_does_not_load_the_model(tiny_llama_dir, monkeypatch):
     assert tok("w1 w5", add_special_tokens=False)["input_ids"] == [1, 5]
     assert models.load_tokenizer(str(tiny_llama_dir)) is tok
     models.clear_model_cache()
+
+
+@pytest.mark.slow
+def test_default_model_load_draws_no_bars_in_a_log():
+    """Issue 8: tqdm bars (transformers' "Converting and de-quantizing GGUF tensors", "Loading
+    weights") became control-character soup in redirected logs. With stderr not a terminal the load
+    prints no carriage return or escape sequence."""
+    import subprocess
+    import sys
+    from pathlib import Path
+    import os
+    env = {k: v for k, v in os.environ.items() if k != "TQDM_DISABLE"}
+    r = subprocess.run([sys.executable, "-c", "from experiments import models; models.load_model('default')"],
+                       cwd=Path(__file__).resolve().parent.parent, env=env, capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "\r" not in r.stderr and "\x1b" not in r.stderr, r.stderr[:500]
