@@ -127,7 +127,8 @@ def test_table_and_main_report_progress_on_stderr_and_return_paths(tmp_path, cap
                           progress=True)
     assert len(rows) == 2
     err = capsys.readouterr().err.splitlines()
-    assert err[0] == "[roofline] 0/2 GPU x shape" and err[-1].startswith("[roofline] done: 2/2 GPU x shape")
+    assert err[0] == "[roofline: weight bytes per format] 0/2 shape"
+    assert err[-1].startswith("[roofline: weight bytes per format] done: 2/2 shape")
     monkeypatch.setattr(roofline, "table", lambda progress=False: rows)
     import argparse
     paths = roofline.main(argparse.Namespace(out=str(tmp_path / "r.csv"), latency_csv=str(tmp_path / "none.csv")))
