@@ -225,8 +225,6 @@ ATOL, RTOL = 2e-4, 2e-4
 
 SPECS = [
     {"method": "rtn", "bits": 4, "group_size": 32},
-    {"method": "rtn", "bits": 1, "group_size": 32},  # 1-bit asymmetric: accepted by the harness since issue 8
-    {"method": "magnitude", "sparsity": 0.5, "scope": "layer"},
     {"method": "gptq", "bits": 3, "group_size": 32, "act_order": True},
     {"method": "magnitude", "sparsity": 0.5, "pattern": "unstructured"},
     {"method": "wanda", "pattern": "2:4"},
@@ -234,6 +232,8 @@ SPECS = [
     {"method": "svd", "ratio": 0.5},
     {"method": "whitened_svd", "ratio": 0.5},
     {"method": "combo", "steps": [{"method": "sparsegpt", "pattern": "2:4"}, {"method": "gptq", "bits": 4, "group_size": 32}]},
+    {"method": "rtn", "bits": 1, "group_size": 32},  # 1-bit asymmetric: accepted by the harness since issue 8
+    {"method": "magnitude", "sparsity": 0.5, "scope": "layer"},
 ]
 
 
@@ -337,6 +337,7 @@ def test_sequential_calibration_sees_compressed_upstream(model_and_data):
     from experiments.models import block_prefix_forward, find_blocks, run_block
     base, calib, _ = model_and_data
     model, report = compressed(model_and_data, SPECS[1])
+    assert report.spec.method == "gptq"
     got = report.weights["block1.self_attn.q_proj"]
     w = base.model.layers[1].self_attn.q_proj.weight.detach().float()
 
