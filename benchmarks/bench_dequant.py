@@ -4,7 +4,7 @@
 
 - CUDA: ``QuantLinear`` with the Triton kernel (fp16 activations) against torch fp16 dense
   ``F.linear``; effective GB/s (weight storage + activation + output bytes per call / time; the
-  weight counted as ``QuantLinear.memory_bytes()``, codes + scales + zeros) and the share of
+  weight counted as the codes + scales + zeros the layer holds) and the share of
   the GPU's peak DRAM bandwidth, from a table of named GPUs (an unlisted GPU gets a blank, not a guess).
 - CPU: ``QuantLinear``'s CPU backend (``auto``, bf16 activations: torch's int4/int8 weight-only
   kernels, or dequantize + ``F.linear`` where they do not apply, e.g. 3-bit) against dense fp32 and
@@ -146,22 +146,30 @@ def run(device: torch.device, shapes, m_values, variants, min_run_time: float | 
                 layer(x)  # resolves the backend and builds any prepacked weights outside the timing
                 t = time_fn(lambda: layer(x), device, min_run_time=min_run_time)
                 rows.append(_row(prov, shape, N, K, M, v.name, v, act, layer.last_backend, t,
-                                 layer.memory_bytes(), x.element_size(), peak, errs[v],
+                                 _stored_nbytes(layer), x.element_size(), peak, errs[v],
                                  resident_bytes=layer.resident_bytes()))
             for r in rows:
                 for name, ms in dense_ms.items():
                     r[f"speedup_vs_{name}"] = round(ms / r["median_ms"], 4)
                 print(f"{shape:>11s} M={M:<4d} {r['variant']:<20s} {r['backend']:<16s} "
                       f"{r['median_ms']:9.4f} ms (IQR {r['iqr_ms']:.4f})  "
-                      + "  ".join(f"x{r[f'speedup_vs_{n}']:.2f} vs {n}" for n in dense_ms), flush=True)
+                      + "  ".join(f"x{r[f'speedup_vs_{n}']:.2f} vs {n}" for n in dense_ms), file=sys.stderr, flush=True)
             replace_rows(out, rows, KEY, context=MEASURE_CONTEXT)
             all_rows += rows
     return all_rows
 
 
+def _stored_nbytes(layer) -> int:
+    """Bytes of the codes, scales and zeros as the layer holds them (what the kernel reads per call).
+
+    Not ``memory_bytes()``, which counts the format with 16-bit scales: RTN leaves fp32 scales here,
+    and the bandwidth of a measured call must count the bytes that call moved."""
+    return sum(t.numel() * t.element_size() for t in (layer.packed, layer.scales, layer.zeros) if t is not None)
+
+
 def _row(prov, shape, N, K, M, variant, v: Variant | None, act_dtype, backend, t, weight_bytes,
          act_size, peak, err, resident_bytes=None) -> dict:
-    # GB/s counts the weight's storage format (QuantLinear.memory_bytes) plus activations and output.
+    # GB/s counts the weight's stored tensors (codes + scales + zeros as held) plus activations and output.
     moved = weight_bytes + M * K * act_size + M * N * act_size
     gbps = moved / (t["median_ms"] * 1e-3) / 1e9
     resident = weight_bytes if resident_bytes is None else resident_bytes
@@ -220,7 +228,8 @@ def main(argv=None) -> int:
     torch.manual_seed(0)
     with torch.inference_mode():
         run(device, shapes, m_values, VARIANTS, min_run_time, out)
-    print(f"wrote {out}")
+    print(f"wrote {out}", file=sys.stderr)
+    print(out)  # stdout: the product only (see experiments.progress)
     return 0
 
 

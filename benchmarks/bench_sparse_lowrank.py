@@ -113,8 +113,10 @@ def _check(family: str, layer: nn.Module, x: torch.Tensor) -> float:
 
 
 def _weight_bytes(layer: nn.Module) -> int:
-    if hasattr(layer, "memory_bytes"):
-        return layer.memory_bytes()
+    # What the timed module holds (its backend's storage, e.g. a masked dense fp32 weight on CPU), not
+    # the sparse format's size (memory_bytes): the hot-cache note is about the bytes actually read.
+    if hasattr(layer, "resident_bytes"):
+        return layer.resident_bytes()
     return sum(p.numel() * p.element_size() for p in layer.parameters())
 
 
@@ -176,7 +178,7 @@ def run(device: torch.device, sweeps: dict, m_values, min_run_time: float | None
                 m_rows.append(_row(prov, M, fam, value, name, dt, backend, t, _weight_bytes(layer), err, device))
                 print(f"{device.type} M={M:4d} {name:14s} {DTYPE_NAMES[dt]} {backend:12s} "
                       f"{t['median_ms']:8.4f} ms  x{dense_ms[torch.float32] / t['median_ms']:6.2f} vs fp32  "
-                      f"x{dense_ms[torch.bfloat16] / t['median_ms']:6.2f} vs bf16  err {err:.1e}", flush=True)
+                      f"x{dense_ms[torch.bfloat16] / t['median_ms']:6.2f} vs bf16  err {err:.1e}", flush=True, file=sys.stderr)
         for r in m_rows:
             r["speedup_vs_dense_fp32"] = round(dense_ms[torch.float32] / r["median_ms"], 3)
             r["speedup_vs_dense_bf16"] = round(dense_ms[torch.bfloat16] / r["median_ms"], 3)
@@ -201,7 +203,7 @@ def _crossover_rows(prov, M, m_rows) -> list[dict]:
                         "dtype": dtype, "backend": backend, "baseline": f"dense_{base}",
                         "crossover": value, "note": note})
             print(f"crossover M={M:4d} {fam:10s} {dtype} {backend:12s} vs dense {base}: "
-                  f"{value or '-':>7s} ({note})")
+                  f"{value or '-':>7s} ({note})", file=sys.stderr)
     return out
 
 
@@ -228,7 +230,8 @@ def main(argv=None) -> int:
         raise SystemExit(f"error: {e}") from e
     min_run_time = args.min_run_time if args.min_run_time is not None else (0.1 if args.quick else None)
     run(device, QUICK_SWEEPS if args.quick else SWEEPS, M_VALUES, min_run_time, out)
-    print(f"wrote {out}")
+    print(f"wrote {out}", file=sys.stderr)
+    print(out)  # stdout: the product only (see experiments.progress)
     return 0
 
 

@@ -14,6 +14,13 @@ Each command is a function ``cmd_<name>(args) -> int`` registered in :data:`COMM
 function that adds its arguments; adding a command is adding one entry. Bad input (unknown sweep
 or model, missing/empty text file, a setting that does not fit the model, a corpus too short)
 prints one ``error:`` line naming the option and exits with status 2 before any result row is written.
+A missing piece of the environment (``datasets`` for ``--source wikitext2``, apt-get for the default
+corpus, the default model's package, no network for an uncached Hub model: ``SetupError``) prints
+one ``error:`` line saying what to install or do, exit status 1.
+
+Streams: stdout carries only a command's product (the ``list`` table, the ``summary`` Markdown,
+the paths of the tables a command wrote, one per line); progress, status lines and errors go to
+stderr (see ``experiments.progress``).
 """
 from __future__ import annotations
 
@@ -21,6 +28,8 @@ import argparse
 import sys
 import time
 from typing import Callable
+
+from experiments.errors import SetupError
 
 
 def _add_list(p: argparse.ArgumentParser) -> None:
@@ -55,7 +64,9 @@ def _add_run(p: argparse.ArgumentParser) -> None:
     p.add_argument("--source", default="austen", help="corpus when no --text-file: austen (default) or wikitext2 (online)")
     _add_run_dir(p)
     p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
-    p.add_argument("--no-progress", action="store_true", help="no tqdm bars")
+    p.add_argument("--no-progress", action="store_true",
+                   help="no progress bars/lines (on a terminal: tqdm bars; in a redirected log: a plain line "
+                        "every TKR_PROGRESS_INTERVAL seconds, default 30)")
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -76,8 +87,12 @@ def _add_latency(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_latency(args: argparse.Namespace) -> int:
-    from experiments.latency import main as latency_main
-    latency_main(args)
+    from experiments import latency
+    latency.main(args)
+    lat_out, dec_out = latency.output_paths(args)
+    print(lat_out)
+    if args.decode:
+        print(dec_out)
     return 0
 
 
@@ -88,7 +103,8 @@ def _add_roofline(p: argparse.ArgumentParser) -> None:
 
 def cmd_roofline(args: argparse.Namespace) -> int:
     from experiments.roofline import main as roofline_main
-    roofline_main(args)
+    for path in roofline_main(args):
+        print(path)
     return 0
 
 
@@ -176,6 +192,10 @@ def main(argv: list[str] | None = None) -> int:
         # Bad input: one clear line, exit status 2 (argparse's own convention), no traceback.
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except SetupError as e:
+        # Something to install or provide: one clear line saying what, exit status 1, no traceback.
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("interrupted; finished points are saved, rerun the same command to resume", file=sys.stderr)
         return 130

@@ -6,6 +6,7 @@ A *method spec* is plain data (a dict from a sweep YAML, or a :class:`MethodSpec
     {"method": "rtn", "bits": 4, "group_size": 64, "symmetric": False}
     {"method": "gptq", "bits": 3, "group_size": 64, "symmetric": False, "act_order": True}
     {"method": "magnitude" | "wanda" | "sparsegpt", "sparsity": 0.5, "pattern": "unstructured"}
+    {"method": "magnitude", "sparsity": 0.5, "scope": "layer"}            # one threshold per layer
     {"method": "sparsegpt", "pattern": "2:4"}                             # N:M implies the sparsity
     {"method": "wanda", "sparsity": 0.5, "pattern": "block:32x32"}
     {"method": "svd" | "whitened_svd", "ratio": 0.6}                      # or "rank": 64, "energy": 0.9
@@ -16,6 +17,20 @@ A *method spec* is plain data (a dict from a sweep YAML, or a :class:`MethodSpec
 :func:`check_spec_fits` rejects settings that do not fit a layer of the model (group size larger
 than K, N:M or block pattern that does not divide the layer, rank larger than min(N, K)), both
 before any work is done, with a ``ValueError`` that names the option and says what would fit.
+
+Options that changed meaning or default (the canonical spec, its point id and its label are stable):
+
+- ``scope`` (magnitude, wanda; unstructured only): ``"row"`` compares weights within each output
+  row (Wanda's per-output comparison), ``"layer"`` uses one threshold for the whole layer (the
+  magnitude baseline of the Wanda and SparseGPT papers). A spec without the key means ``"row"``,
+  which is what every magnitude row computed before the key existed used; ``"row"`` is therefore
+  left out of the canonical form and the label, ``"layer"`` appears in both
+  (``magnitude-unstructured-0.5-layer``). The sweeps ask for ``scope: layer`` explicitly.
+- ``damp`` (gptq, sparsegpt, whitened_svd): added to H as ``damp * mean(diag H)``. GPTQ and
+  SparseGPT default to 0.01 (their papers); whitened SVD defaults to ``DEFAULT_WHITENING_DAMP``,
+  chosen from measurements (see there). The canonical form always carries the value; labels name
+  it when it is not 0.01 (``whitened_svd-ratio0.8-damp0.001``), so the labels of rows computed
+  with the former whitened-SVD default 0.01 keep their meaning.
 
 :func:`compress_model` compresses every linear layer inside the transformer blocks in place,
 block by block as GPTQ/SparseGPT do: the calibration inputs of block ``i`` are the outputs of the
@@ -34,10 +49,8 @@ Such reports carry ``size_is_modelled=True``.
 """
 from __future__ import annotations
 
-import copy
 import dataclasses
 import math
-import os
 import time
 from dataclasses import dataclass, field
 from typing import Any, Mapping
@@ -56,8 +69,8 @@ _OPTIONS: dict[str, set[str]] = {
     "dense": set(),
     "rtn": _QUANT_OPTS,
     "gptq": _QUANT_OPTS | {"act_order", "damp"},
-    "magnitude": {"sparsity", "pattern"},
-    "wanda": {"sparsity", "pattern"},
+    "magnitude": {"sparsity", "pattern", "scope"},
+    "wanda": {"sparsity", "pattern", "scope"},
     "sparsegpt": {"sparsity", "pattern", "damp"},
     "svd": {"ratio", "rank", "energy"},
     "whitened_svd": {"ratio", "rank", "energy", "damp"},
@@ -66,7 +79,19 @@ _OPTIONS: dict[str, set[str]] = {
 
 # GPTQ's usual default; a partial last group is part of the kernel format, so 128 is fine for K=576.
 DEFAULT_GROUP_SIZE = 128
+# GPTQ's and SparseGPT's damping (relative to mean(diag H)), as in their reference code.
 DEFAULT_DAMP = 0.01
+# Whitened SVD: SVD-LLM whitens without damping; a little keeps S invertible (dead or collinear
+# inputs). Chosen from `python -m experiments.damping` (results/damping_whitened_svd.csv): 49 real
+# layers of the default model (blocks 0, 5, ..., 29), ratios 0.9/0.7/0.5, errors relative to undamped
+# whitening on held-out text (Emma): damp 1e-3 was never worse (147/147 cases, geometric mean 0.999)
+# and cost at most +4.9% on the calibration statistics; the former default 0.01 was worse in 12/147
+# held-out cases, up to +25% (+75% on calibration; worst: block 0 o_proj). Undamped (0) fails where H
+# is singular. tests/test_alg_lowrank.py checks the ordering on a synthetic anisotropic layer.
+DEFAULT_WHITENING_DAMP = 1e-3
+# Labels name damp when it differs from this value (the former default of every method).
+_LABEL_DAMP = 0.01
+PRUNE_SCOPES = ("row", "layer")
 
 
 @dataclass(frozen=True)
@@ -81,6 +106,7 @@ class MethodSpec:
     damp: float | None = None
     sparsity: float | None = None
     pattern: str | None = None
+    scope: str | None = None  # None = "row" (see the module docstring)
     ratio: float | None = None
     rank: int | None = None
     energy: float | None = None
@@ -130,22 +156,34 @@ class MethodSpec:
             d["steps"] = [s.to_dict() for s in self.steps]
         return d
 
+    @property
+    def prune_scope(self) -> str:
+        """``"row"`` or ``"layer"`` for magnitude/wanda unstructured pruning, ``""`` where it does not apply."""
+        if self.method not in ("magnitude", "wanda") or self.pattern != "unstructured":
+            return ""
+        return self.scope or "row"
+
     def label(self) -> str:
-        """Short human-readable label, e.g. ``gptq-w3-g64-asym-act`` or ``sparsegpt-2:4+gptq-w4-g64-asym``."""
+        """Short human-readable label, e.g. ``gptq-w3-g64-asym-act`` or ``sparsegpt-2:4+gptq-w4-g64-asym``.
+
+        Settings that differ from the former defaults are named: ``-layer`` for a per-layer
+        magnitude/wanda threshold, ``-damp<d>`` for a damping other than 0.01.
+        """
         if self.method == "combo":
             return "+".join(s.label() for s in self.steps)
+        damp = f"-damp{self.damp:g}" if self.damp is not None and self.damp != _LABEL_DAMP else ""
         if self.family == "quant":
             g = "pc" if self.group_size == -1 else f"g{self.group_size}"
             s = "sym" if self.symmetric else "asym"
-            return f"{self.method}-w{self.bits}-{g}-{s}" + ("-act" if self.act_order else "")
+            return f"{self.method}-w{self.bits}-{g}-{s}" + ("-act" if self.act_order else "") + damp
         if self.family == "sparse":
             if ":" in self.pattern and not self.pattern.startswith("block"):
-                return f"{self.method}-{self.pattern}"
-            return f"{self.method}-{self.pattern}-{self.sparsity:g}"
+                return f"{self.method}-{self.pattern}{damp}"
+            return f"{self.method}-{self.pattern}-{self.sparsity:g}" + ("-layer" if self.scope == "layer" else "") + damp
         if self.family == "lowrank":
             for k in ("ratio", "rank", "energy"):
                 if getattr(self, k) is not None:
-                    return f"{self.method}-{k}{getattr(self, k):g}"
+                    return f"{self.method}-{k}{getattr(self, k):g}{damp}"
         return self.method
 
 
@@ -170,8 +208,8 @@ def parse_spec(spec: Mapping[str, Any] | MethodSpec, *, where: str = "method spe
 
     if method in QUANT_METHODS:
         bits = spec.get("bits")
-        if not isinstance(bits, int) or isinstance(bits, bool) or not 2 <= bits <= 8:
-            _fail(where, f"bits={bits!r} must be an integer in 2..8")
+        if not isinstance(bits, int) or isinstance(bits, bool) or not 1 <= bits <= 8:
+            _fail(where, f"bits={bits!r} must be an integer in 1..8 (the kernels' code widths)")
         g = spec.get("group_size", DEFAULT_GROUP_SIZE)
         if not isinstance(g, int) or isinstance(g, bool) or not (g == -1 or g >= 1):
             _fail(where, f"group_size={g!r} must be a positive integer or -1 (one group per output channel)")
@@ -183,6 +221,12 @@ def parse_spec(spec: Mapping[str, Any] | MethodSpec, *, where: str = "method spe
         sym = spec.get("symmetric", False)
         if not isinstance(sym, bool):
             _fail(where, f"symmetric={sym!r} must be true or false")
+        if sym and bits == 1:
+            # The kernels' symmetric grid is w = (q - 2^(bits-1)) * s with s = 2 max|w| / (2^bits - 1):
+            # at 1 bit its levels are {-2 max|w|, 0} and every |w| <= max|w| rounds to 0.
+            _fail(where, "bits=1 with symmetric=true cannot work: the symmetric 1-bit grid is {-s, 0} with "
+                         "s = 2*max|w|, so every weight rounds to 0; use symmetric=false (levels {0, +-(max-min)} "
+                         "per group) or bits >= 2")
         kw.update(bits=bits, group_size=g, symmetric=sym)
         if method == "gptq":
             act = spec.get("act_order", False)
@@ -211,6 +255,16 @@ def parse_spec(spec: Mapping[str, Any] | MethodSpec, *, where: str = "method spe
         kw.update(pattern=pattern, sparsity=float(sparsity))
         if method == "sparsegpt":
             kw.update(damp=_damp(spec, where))
+        if "scope" in spec:
+            scope = spec["scope"]
+            if scope not in PRUNE_SCOPES:
+                _fail(where, f"scope={scope!r} must be 'row' (compare weights within each output row) or "
+                             f"'layer' (one threshold for the whole layer, the papers' magnitude baseline)")
+            if pat.kind != "unstructured":
+                _fail(where, f"scope={scope!r} applies to pattern='unstructured' only; pattern={pattern!r} "
+                             f"fixes its own groups (N:M within each row's groups of M, blocks across the layer)")
+            # "row" is what a spec without the key means (and meant before the key existed): canonical None.
+            kw.update(scope=None if scope == "row" else scope)
 
     elif method in LOWRANK_METHODS:
         given = [k for k in ("ratio", "rank", "energy") if spec.get(k) is not None]
@@ -231,7 +285,7 @@ def parse_spec(spec: Mapping[str, Any] | MethodSpec, *, where: str = "method spe
             v = float(v)
         kw[k] = v
         if method == "whitened_svd":
-            kw.update(damp=_damp(spec, where))
+            kw.update(damp=_damp(spec, where, DEFAULT_WHITENING_DAMP))
 
     elif method == "combo":
         steps = spec.get("steps")
@@ -245,8 +299,8 @@ def parse_spec(spec: Mapping[str, Any] | MethodSpec, *, where: str = "method spe
     return MethodSpec(**kw)
 
 
-def _damp(spec: Mapping[str, Any], where: str) -> float:
-    d = spec.get("damp", DEFAULT_DAMP)
+def _damp(spec: Mapping[str, Any], where: str, default: float = DEFAULT_DAMP) -> float:
+    d = spec.get("damp", default)
     if not isinstance(d, (int, float)) or isinstance(d, bool) or not 0 <= d < 1:
         _fail(where, f"damp={d!r} must be in [0, 1) (fraction of the mean diagonal of H added before inverting)")
     return float(d)
@@ -442,9 +496,9 @@ def _dense_linear(w: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
 def _prune(s: MethodSpec, w: torch.Tensor, st: _Stats | None) -> tuple[torch.Tensor, torch.Tensor]:
     from experiments.algorithms import prune
     if s.method == "magnitude":
-        return prune.magnitude(w, sparsity=s.sparsity, pattern=s.pattern)
+        return prune.magnitude(w, sparsity=s.sparsity, pattern=s.pattern, scope=s.scope or "row")
     if s.method == "wanda":
-        return prune.wanda(w, st.sq.float(), sparsity=s.sparsity, pattern=s.pattern)
+        return prune.wanda(w, st.sq.float(), sparsity=s.sparsity, pattern=s.pattern, scope=s.scope or "row")
     return prune.sparsegpt(w, st.hessian(), sparsity=s.sparsity, pattern=s.pattern, damp=s.damp)
 
 
@@ -456,30 +510,18 @@ def _quantize(s: MethodSpec, w: torch.Tensor, st: _Stats | None, mask: torch.Ten
                       act_order=s.act_order, damp=s.damp, mask=mask)
 
 
-def _sparse_module(w_hat: torch.Tensor, mask: torch.Tensor, bias, pattern: str, *, storage_probe: bool = False):
+def _sparse_module(w_hat: torch.Tensor, mask: torch.Tensor, bias, pattern: str):
     """SparseLinear over ``w_hat`` with exactly ``mask``.
 
-    The module picks its backend (and with it its storage) at construction: on a CPU without
-    Triton, "auto" may keep the masked weight dense because that is the fastest CPU forward. The
-    size column must describe the sparse kernel's format, so ``storage_probe=True`` builds the same
-    layer with the Triton storage (values + indices/metadata) for ``memory_bytes()`` only; the
-    TRITON_INTERPRET switch just lets the module accept backend="triton" on CPU, nothing runs.
+    The module picks its backend (and with it what it holds) at construction: on a CPU without
+    Triton, "auto" may keep the masked weight dense because that is the fastest CPU forward. Its
+    ``memory_bytes()`` still describes the sparse kernel's format (values + indices/metadata), which
+    is what the size columns report.
     """
     from experiments.algorithms.prune import parse_pattern
     from triton_kernels.nn.sparse import SparseLinear
     kw = parse_pattern(pattern).module_kwargs()
-    lin = _dense_linear(w_hat, bias)
-    if not storage_probe:
-        return SparseLinear.from_linear(lin, mask=mask, **kw)
-    old = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "1"
-    try:
-        return SparseLinear.from_linear(lin, mask=mask, backend="triton", **kw)
-    finally:
-        if old is None:
-            del os.environ["TRITON_INTERPRET"]
-        else:
-            os.environ["TRITON_INTERPRET"] = old
+    return SparseLinear.from_linear(_dense_linear(w_hat, bias), mask=mask, **kw)
 
 
 def _fp16_exact(t: torch.Tensor) -> torch.Tensor:
@@ -488,18 +530,15 @@ def _fp16_exact(t: torch.Tensor) -> torch.Tensor:
 
 
 def _stored_bytes(mod: nn.Module) -> int:
-    """``memory_bytes()`` of the module with its floating tensors in fp16 and without its bias.
+    """``memory_bytes()`` of the module: its storage format, floats at 16 bits, bias excluded.
 
     The evaluation runs in fp32 (the model's dtype), but a compressed layer is deployed with fp16
-    floats (scales, factors, kept values), and the ratio is taken against fp16 dense weights.
-    The values were rounded to fp16 before the module was built (see ``_fp16_exact``), so this
-    is the size of exactly what was evaluated. The bias is not compressed and is counted on
-    neither side (QuantLinear leaves it out of memory_bytes(); LowRankLinear counts it).
+    floats (scales, factors, kept values), and the ratio is taken against fp16 dense weights. The
+    modules count their formats that way whatever dtype and backend they hold; the values were
+    rounded to fp16 before the module was built (see ``_fp16_exact``), so this is the size of
+    exactly what was evaluated. The bias is not compressed and is counted on neither side.
     """
-    half = copy.deepcopy(mod).to(torch.float16)
-    if getattr(half, "bias", None) is not None:
-        half.bias = None
-    return int(half.memory_bytes())
+    return int(mod.memory_bytes())
 
 
 def _quant_module(res, bias):
@@ -517,23 +556,15 @@ def _quant_module(res, bias):
 def _modelled_sparse_quant_bytes(sparse_mod: nn.Module, qmod: nn.Module) -> int:
     """Size model for prune-then-quantize: sparse metadata + ``bits`` per stored value + scales/zeros.
 
-    The sparse module stores its values in floating point; exactly those value bytes are replaced
-    by ``bits`` per stored value, and the quantizer's scales/zeros are added as QuantLinear stores them.
+    The sparse format stores its values as 16-bit floats (``format_values()`` of them: N:M and block
+    formats the kept values, the unstructured masked-tile format the whole weight plus a bit mask);
+    exactly those value bytes are replaced by ``bits`` per stored value, and the quantizer's
+    scales/zeros are added as QuantLinear's format stores them.
     """
-    values = _sparse_value_tensor(sparse_mod)
-    meta_bytes = _stored_bytes(sparse_mod) - values.numel() * 2
+    values = sparse_mod.format_values()
+    meta_bytes = _stored_bytes(sparse_mod) - values * 2
     scale_zero_bytes = _stored_bytes(qmod) - qmod.packed.numel() * qmod.packed.element_size()
-    return meta_bytes + math.ceil(values.numel() * qmod.bits / 8) + scale_zero_bytes
-
-
-def _sparse_value_tensor(mod: nn.Module) -> torch.Tensor:
-    # N:M and block storage hold "values"; the unstructured (masked-tile) storage keeps the masked
-    # weight itself plus a bit mask, so its "values" are the whole weight.
-    for name in ("values", "weight"):
-        t = getattr(mod, name, None)
-        if torch.is_tensor(t):
-            return t
-    raise AttributeError(f"cannot find the stored values of {type(mod).__name__} for the size model")
+    return meta_bytes + math.ceil(values * qmod.bits / 8) + scale_zero_bytes
 
 
 def compress_layer(layer: nn.Module, spec: MethodSpec, stats: _Stats | None, *, name: str = ""):
@@ -551,7 +582,7 @@ def compress_layer(layer: nn.Module, spec: MethodSpec, stats: _Stats | None, *, 
         w_hat, mask = _prune(spec, w, stats)
         w_hat = _fp16_exact(w_hat.float() * mask)
         mod = _sparse_module(w_hat, mask, bias, spec.pattern)
-        size = _stored_bytes(_sparse_module(w_hat, mask, bias, spec.pattern, storage_probe=True))
+        size = _stored_bytes(mod)
         nnz = int(mask.sum())
     elif spec.family == "lowrank":
         from experiments.algorithms import lowrank
@@ -579,7 +610,7 @@ def compress_layer(layer: nn.Module, spec: MethodSpec, stats: _Stats | None, *, 
         # values are exactly the quantized ones (fp16 scales included).
         w_hat = qmod.dequantize().float() * mask
         mod = _sparse_module(w_hat, mask, bias, p.pattern)
-        size = _modelled_sparse_quant_bytes(_sparse_module(w_hat, mask, bias, p.pattern, storage_probe=True), qmod)
+        size = _modelled_sparse_quant_bytes(mod, qmod)
         modelled = True
         nnz = int(mask.sum())
     else:
@@ -645,11 +676,9 @@ def compress_model(model: nn.Module, spec: Mapping[str, Any] | MethodSpec, calib
     hidden = kwargs = None
     if needs:
         hidden, kwargs = _capture(model, calib_ids)
-    it = blocks
-    if progress:
-        from tqdm.auto import tqdm
-        it = tqdm(blocks, desc=f"compress {spec.label()}", unit="block", leave=False)
-    for i, block in enumerate(it):
+    from experiments.progress import progress_bar
+    for i, block in enumerate(progress_bar(blocks, desc=f"compress {spec.label()}", unit="block", leave=False,
+                                           enabled=progress)):
         linears = per_block[i]
         stats: dict[str, _Stats] = {}
         if needs:

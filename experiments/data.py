@@ -45,6 +45,8 @@ from pathlib import Path
 
 import torch
 
+from experiments.errors import SetupError
+
 # R object name in the janeaustenr package -> title. Order is publication order.
 AUSTEN_NOVELS = {
     "sensesensibility": "Sense and Sensibility",
@@ -100,7 +102,7 @@ _MANUAL = (f"Fetch it by hand on a Debian/Ubuntu machine:\n"
 def _apt_download(workdir: Path) -> Path:
     """Download the .deb into ``workdir``; run ``apt-get update`` once if the index does not know it."""
     if shutil.which("apt-get") is None or shutil.which("dpkg") is None:
-        raise RuntimeError(f"The default corpus needs apt-get and dpkg, which are not on PATH. {_MANUAL}")
+        raise SetupError(f"The default corpus needs apt-get and dpkg, which are not on PATH. {_MANUAL}")
 
     def download() -> subprocess.CompletedProcess:
         return subprocess.run(["apt-get", "download", DEBIAN_PACKAGE], cwd=workdir,
@@ -112,11 +114,11 @@ def _apt_download(workdir: Path) -> Path:
         upd = subprocess.run(["apt-get", "update"], capture_output=True, text=True)
         res = download()
         if res.returncode != 0:
-            raise RuntimeError(f"`apt-get download {DEBIAN_PACKAGE}` failed:\n{res.stderr.strip()}\n"
+            raise SetupError(f"`apt-get download {DEBIAN_PACKAGE}` failed:\n{res.stderr.strip()}\n"
                                f"(`apt-get update` said: {upd.stderr.strip()[-500:] or 'ok'})\n{_MANUAL}")
     debs = sorted(workdir.glob(f"{DEBIAN_PACKAGE}_*.deb"))
     if not debs:
-        raise RuntimeError(f"apt-get reported success but no {DEBIAN_PACKAGE}_*.deb appeared in {workdir}. {_MANUAL}")
+        raise SetupError(f"apt-get reported success but no {DEBIAN_PACKAGE}_*.deb appeared in {workdir}. {_MANUAL}")
     return debs[-1]
 
 
@@ -164,7 +166,7 @@ def load_corpus(name: str = "austen", cache_dir: str | os.PathLike | None = None
             unpacked = Path(tmp) / "root"
             res = subprocess.run(["dpkg", "-x", str(deb), str(unpacked)], capture_output=True, text=True)
             if res.returncode != 0:
-                raise RuntimeError(f"`dpkg -x {deb.name}` failed: {res.stderr.strip()}\n{_MANUAL}")
+                raise SetupError(f"`dpkg -x {deb.name}` failed: {res.stderr.strip()}\n{_MANUAL}")
             for key, text in extract_austen(unpacked).items():
                 _write_text_atomic(paths[key], text)
     return {AUSTEN_NOVELS[key]: paths[key].read_text(encoding="utf-8") for key in AUSTEN_NOVELS}
@@ -201,16 +203,16 @@ def _wikitext2() -> tuple[str, str]:
     try:
         import datasets  # noqa: PLC0415 - optional, online-only dependency
     except ImportError as e:
-        raise RuntimeError("source='wikitext2' needs the `datasets` package (pip install datasets) and "
-                           "network access on first use; offline, use the default Austen corpus or "
-                           "--text-file") from e
+        raise SetupError("--source wikitext2 needs the `datasets` package (pip install datasets) and "
+                         "network access on first use; offline, use the default Austen corpus "
+                         "(--source austen) or --text-file") from e
     try:
         train = datasets.load_dataset("wikitext", "wikitext-2-raw-v1", split="train")
         test = datasets.load_dataset("wikitext", "wikitext-2-raw-v1", split="test")
     except Exception as e:  # datasets raises many types when offline (ConnectionError, OSError, ...)
-        raise RuntimeError(f"could not load WikiText-2 through `datasets` ({type(e).__name__}: {e}); it "
-                           f"needs network access on first use. Offline, use the default Austen corpus "
-                           f"or --text-file") from e
+        raise SetupError(f"could not load WikiText-2 through `datasets` ({type(e).__name__}: {e}); it "
+                         f"needs network access on first use. Offline, use the default Austen corpus "
+                         f"(--source austen) or --text-file") from e
     return "\n\n".join(train["text"]), "\n\n".join(test["text"])
 
 
@@ -300,6 +302,7 @@ def eval_tokens(tokenizer, text: str, *, max_tokens: int | None = EVAL_MAX_TOKEN
                              f"use max_tokens >= {seqlen}")
     if n_windows == 0 or n_windows > available:
         raise ValueError(f"evaluation text has only {tokens.numel()} tokens ({available} full windows of "
-                         f"seqlen={seqlen}), fewer than max_tokens={max_tokens}; use max_tokens <= "
-                         f"{available * seqlen} or a smaller seqlen")
+                         f"seqlen={seqlen}), fewer than max_tokens={max_tokens}; pass max_tokens <= "
+                         f"{available * seqlen} (or max_tokens=None for every full window), a smaller "
+                         f"seqlen, or a longer text")
     return tokens[:n_windows * seqlen].view(n_windows, seqlen).clone()

@@ -36,7 +36,7 @@ def perplexity(model: nn.Module, windows: torch.Tensor, *, batch_size: int = 1,
                          f"{tuple(windows.shape)}")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
-    from tqdm.auto import tqdm  # noqa: PLC0415
+    from experiments.progress import progress_bar  # noqa: PLC0415
 
     device = next(model.parameters()).device
     was_training = model.training
@@ -46,8 +46,8 @@ def perplexity(model: nn.Module, windows: torch.Tensor, *, batch_size: int = 1,
     start = time.perf_counter()
     try:
         with torch.inference_mode():
-            for i in tqdm(range(0, n_windows, batch_size), desc="perplexity", unit="batch",
-                          disable=not progress, leave=False):
+            for i in progress_bar(range(0, n_windows, batch_size), desc="perplexity", unit="batch",
+                                  enabled=progress, leave=False):
                 ids = windows[i:i + batch_size].to(device)
                 logits = model(input_ids=ids, use_cache=False).logits
                 # Upcast per batch: a float16/bfloat16 model's logits are scored in float32.

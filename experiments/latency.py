@@ -48,6 +48,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from experiments import results
+from experiments.progress import progress_bar, status
 from experiments.provenance import provenance
 from experiments.runs import MEASURE_CONTEXT, mode_dir, refuse_reference, run_root
 
@@ -342,8 +343,11 @@ def _time_layer(kind: str, fmt: dict, N: int, K: int, M: int, act: torch.dtype, 
         if device.type == "cpu" and backend == "triton":
             raise RuntimeError("the Triton interpreter ran on CPU: its timings are not performance numbers")
         t = _time(lambda: layer(x), device, min_run_time)
+    # memory_bytes/bits_per_weight: the storage format (16-bit floats), as everywhere in the harness;
+    # resident_bytes: what the timed module held in memory (its backend's tensors, actual dtypes).
     return {"backend": backend, "memory_bytes": int(layer.memory_bytes()),
-            "bits_per_weight": float(layer.bits_per_weight()), "status": "ok", **_timing_cols(t)}
+            "bits_per_weight": float(layer.bits_per_weight()), "resident_bytes": int(layer.resident_bytes()),
+            "status": "ok", **_timing_cols(t)}
 
 
 def _canon(spec: dict) -> str:
@@ -367,7 +371,7 @@ def load_sweep_specs(name: str, *, quick: bool = False) -> list[dict]:
 def run_latency(specs: Iterable[dict], shapes: Iterable[tuple[str, int, int]], Ms: Iterable[int], *,
                 device: str | torch.device = "cpu", min_run_time: float = 0.2,
                 out: str | Path | None = None, resume: bool = False,
-                log: Callable[[str], None] = print) -> list[dict]:
+                log: Callable[[str], None] = status) -> list[dict]:
     """Time every (spec, shape, M) against dense in the same run and upsert the rows into ``out``.
 
     Returns all rows written by this run. Dense rows are ``spec={"method": "dense", "dtype": ...}``;
@@ -379,7 +383,7 @@ def run_latency(specs: Iterable[dict], shapes: Iterable[tuple[str, int, int]], M
     device = torch.device(device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("device='cuda' but torch sees no CUDA device; use device='cpu'")
-    out = Path(out) if out is not None else run_root() / f"latency_{device.type}.csv"
+    out = Path(out) if out is not None else default_out(device)
     prov = provenance(device)
     run_id = uuid.uuid4().hex[:12]
     specs, shapes, Ms = list(specs), list(shapes), list(Ms)
@@ -418,7 +422,8 @@ def run_latency(specs: Iterable[dict], shapes: Iterable[tuple[str, int, int]], M
                 rows.append({**base, "spec": _canon({"method": "dense", "dtype": dname}), "method": "dense",
                              "kind": "dense", "format": f"dense {dname}", "rank": "",
                              "backend": "torch", "act_dtype": dname, "memory_bytes": N * K * dt.itemsize,
-                             "bits_per_weight": 8 * dt.itemsize, "status": "ok", **_timing_cols(t)})
+                             "bits_per_weight": 8 * dt.itemsize, "resident_bytes": N * K * dt.itemsize,
+                             "status": "ok", **_timing_cols(t)})
                 del lin
             for fk, ss in todo.items():
                 fmt = json.loads(fk)
@@ -449,8 +454,18 @@ def run_latency(specs: Iterable[dict], shapes: Iterable[tuple[str, int, int]], M
 # End-to-end decode
 # ---------------------------------------------------------------------------------------------
 
+def default_out(device: torch.device | str) -> Path:
+    """Where ``run_latency`` writes when given no ``out``: the default run directory."""
+    return run_root() / f"latency_{torch.device(device).type}.csv"
+
+
+def default_decode_out(device: torch.device | str) -> Path:
+    """Where ``record_decode`` writes when given no ``out``: the default run directory."""
+    return run_root() / f"decode_{torch.device(device).type}.csv"
+
+
 def decode_tokens_per_second(model, tokenizer, *, prompt: str = DEFAULT_PROMPT, new_tokens: int = 32,
-                             repeats: int = 3) -> dict:
+                             repeats: int = 3, label: str = "decode", progress: bool = True) -> dict:
     """Greedy-decoding speed: ``new_tokens`` generated tokens / wall seconds (median of ``repeats``
     timed runs after one warm-up), prompt prefill included, on the model's own device.
 
@@ -466,8 +481,11 @@ def decode_tokens_per_second(model, tokenizer, *, prompt: str = DEFAULT_PROMPT, 
               pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     seconds, generated = [], 0
+    # One generate call of a dequantize-per-call model takes ~15 s on the 2-core CPU: show progress.
+    bar = progress_bar(total=1 + repeats, desc=label, unit="generate call", enabled=progress)
     with torch.inference_mode():
         model.generate(**enc, **kw)  # warm-up: caches, lazy packing, allocator
+        bar.update(1)
         for _ in range(repeats):
             sync()
             t0 = time.perf_counter()
@@ -475,6 +493,8 @@ def decode_tokens_per_second(model, tokenizer, *, prompt: str = DEFAULT_PROMPT, 
             sync()
             seconds.append(time.perf_counter() - t0)
             generated = out.shape[1] - enc["input_ids"].shape[1]
+            bar.update(1)
+    bar.close()
     med = statistics.median(seconds)
     return {"tokens_per_s": generated / med, "seconds_median": med, "seconds_min": min(seconds),
             "new_tokens": generated, "prompt_tokens": int(enc["input_ids"].shape[1]), "repeats": repeats,
@@ -488,19 +508,19 @@ def record_decode(model, tokenizer, *, label: str, spec: dict | None = None, den
     ``dense_tokens_per_s`` (measured on the same machine in the same run) adds ``speedup_vs_dense``.
     """
     device = next(model.parameters()).device
-    r = decode_tokens_per_second(model, tokenizer, **kw)
+    r = decode_tokens_per_second(model, tokenizer, label=f"decode {label}", **kw)
     row = {**provenance(device), "label": label, "spec": _canon(spec or {"method": "dense"}),
            "dtype": _DTYPE_NAMES.get(next(model.parameters()).dtype, str(next(model.parameters()).dtype)), **r}
     if dense_tokens_per_s:
         row["speedup_vs_dense"] = r["tokens_per_s"] / dense_tokens_per_s
-    results.replace_rows(Path(out) if out else run_root() / f"decode_{device.type}.csv", [row], DECODE_KEY,
+    results.replace_rows(Path(out) if out else default_decode_out(device), [row], DECODE_KEY,
                          context=MEASURE_CONTEXT)
     return row
 
 
 def run_decode(specs: Iterable[dict], *, device: torch.device, new_tokens: int = 32,
                dtypes: Iterable[torch.dtype] = (torch.float32, torch.bfloat16), out: str | Path | None = None,
-               resume: bool = False, log: Callable[[str], None] = print) -> list[dict]:
+               resume: bool = False, log: Callable[[str], None] = status) -> list[dict]:
     """Decode tokens/s of the default model, dense and compressed by each spec that needs no
     calibration data (RTN, magnitude, plain SVD: the decode speed depends on the format only, so the
     calibrated methods of the same format are left to the sweep runner). One row per model and dtype.
@@ -518,7 +538,7 @@ def run_decode(specs: Iterable[dict], *, device: torch.device, new_tokens: int =
 
     device = torch.device(device)
     dtypes = list(dtypes)
-    out = Path(out) if out is not None else run_root() / f"decode_{device.type}.csv"
+    out = Path(out) if out is not None else default_decode_out(device)
     prov = provenance(device)
     existing = results.read_rows(out)
     results.check_context(out, [prov], MEASURE_CONTEXT, existing=existing)  # before any timing
@@ -546,6 +566,7 @@ def run_decode(specs: Iterable[dict], *, device: torch.device, new_tokens: int =
         if r is not None:
             dense[dt] = {**r, "tokens_per_s": float(r["tokens_per_s"])}
     if len(dense) < len(dtypes):
+        log(f"[decode {device.type}] loading the default model")
         model, tok, _ = load_model()
         for dt in dtypes:
             if dt in dense:
@@ -561,8 +582,9 @@ def run_decode(specs: Iterable[dict], *, device: torch.device, new_tokens: int =
         if not left:
             log(f"[decode {device.type}] {parsed.label()}: already in {out}")
             continue
+        log(f"[decode {device.type}] compressing the default model: {parsed.label()}")
         m, tok, _ = load_model()  # a fresh copy to compress in place
-        compress_model(m, parsed, None, progress=False)
+        compress_model(m, parsed, None, progress=True)
         for dt in left:
             m.to(device=device, dtype=dt)
             name = _DTYPE_NAMES[dt]
@@ -595,6 +617,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="CSV path (default runs/<run>/latency_<device_type>.csv, runs/<run>/quick/... with --quick)")
 
 
+def output_paths(args: argparse.Namespace) -> tuple[Path, Path]:
+    """(latency table, decode table) that ``main(args)`` writes."""
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    out = getattr(args, "out", None)
+    out_dir = Path(out).parent if out else mode_dir(run_root(run=getattr(args, "run", None)),
+                                                     getattr(args, "quick", False))
+    return Path(out) if out else out_dir / f"latency_{device.type}.csv", out_dir / f"decode_{device.type}.csv"
+
+
 def main(args: argparse.Namespace) -> list[dict]:
     out = getattr(args, "out", None)
     if out:
@@ -610,11 +641,11 @@ def main(args: argparse.Namespace) -> list[dict]:
     else:
         shapes, Ms = model_shapes + list(STANDARD_SHAPES), STANDARD_M
     mrt = args.min_run_time if getattr(args, "min_run_time", None) is not None else (0.05 if quick else 0.2)
-    out_dir = Path(out).parent if out else mode_dir(run_root(run=getattr(args, "run", None)), quick)
-    rows = run_latency(specs, shapes, Ms, device=device, min_run_time=mrt,
-                       out=out or out_dir / f"latency_{device.type}.csv", resume=getattr(args, "resume", False))
+    lat_out, dec_out = output_paths(args)
+    rows = run_latency(specs, shapes, Ms, device=device, min_run_time=mrt, out=lat_out,
+                       resume=getattr(args, "resume", False))
     if getattr(args, "decode", False):
-        run_decode(specs, device=device, new_tokens=16 if quick else 32, out=out_dir / f"decode_{device.type}.csv",
+        run_decode(specs, device=device, new_tokens=16 if quick else 32, out=dec_out,
                    resume=getattr(args, "resume", False))
     return rows
 

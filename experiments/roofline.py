@@ -198,10 +198,19 @@ def format_label(fmt: dict) -> str:
 
 
 def table(gpus: Iterable[str] = tuple(GPUS), formats: Iterable[dict] = DEFAULT_FORMATS,
-          shapes: Iterable[tuple[int, int]] = STANDARD_SHAPES, Ms: Iterable[int] = STANDARD_M) -> list[dict]:
+          shapes: Iterable[tuple[int, int]] = STANDARD_SHAPES, Ms: Iterable[int] = STANDARD_M, *,
+          progress: bool = False) -> list[dict]:
     """Long table: one row per (gpu, format, shape, M) with the ideal time and speedup over dense fp16."""
+    from experiments.progress import progress_bar
+
     rows = []
-    formats, shapes, Ms = list(formats), list(shapes), list(Ms)
+    gpus, formats, shapes, Ms = list(gpus), list(formats), list(shapes), list(Ms)
+    # The slow part (~40 s): building one module per format and shape to count its bytes (cached).
+    for N, K in progress_bar(shapes, desc="roofline: weight bytes per format", unit="shape", enabled=progress):
+        for fmt in formats:
+            rest = {k: v for k, v in fmt.items() if k != "kind"}
+            if not (fmt["kind"] == "lowrank" and rest["rank"] > min(N, K)):
+                weight_bytes(fmt["kind"], N, K, **rest)
     for gpu in gpus:
         spec = _check_gpu(gpu)
         for N, K in shapes:
@@ -266,20 +275,28 @@ def measured_vs_ideal(latency_csv: str | Path) -> list[dict]:
     return out
 
 
-def main(args: argparse.Namespace | None = None) -> list[dict]:
-    """``python -m experiments roofline``: write the roofline table (and the measured join if any)."""
+def main(args: argparse.Namespace | None = None) -> list[Path]:
+    """``python -m experiments roofline``: write the roofline table (and the measured join if any).
+
+    Returns the paths written; status lines go to stderr (``experiments.progress``).
+    """
+    from experiments.progress import status
     from experiments.runs import refuse_reference, run_root
 
     out = refuse_reference(getattr(args, "out", None) or run_root(run=getattr(args, "run", None)) / OUT_NAME)
-    rows = table()
+    status("[roofline] ideal times from bytes and FLOPs (a model, not a measurement); the first GPU "
+           "builds one module per format and shape to count its bytes")
+    rows = table(progress=True)
     results.write_rows(out, rows)
-    print(f"wrote {len(rows)} roofline rows (not measurements) to {out}")
+    status(f"[roofline] wrote {len(rows)} roofline rows (not measurements) to {out}")
+    written = [out]
     joined = measured_vs_ideal(getattr(args, "latency_csv", None) or out.with_name("latency_cuda.csv"))
     if joined:
         jpath = out.with_name("roofline_vs_measured.csv")
         results.write_rows(jpath, joined)
-        print(f"wrote {len(joined)} measured-vs-ideal rows to {jpath}")
-    return rows
+        status(f"[roofline] wrote {len(joined)} measured-vs-ideal rows to {jpath}")
+        written.append(jpath)
+    return written
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

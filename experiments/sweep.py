@@ -91,6 +91,9 @@ def _settings(base: Mapping[str, Any], override: Mapping[str, Any] | None, where
         v = out.get(k)
         if isinstance(v, bool) or not isinstance(v, int) or v < (0 if k == "seed" else 1):
             raise ValueError(f"{where}: setting {k}={v!r} must be a {'non-negative' if k == 'seed' else 'positive'} integer")
+    if out["eval_tokens"] < out["seqlen"]:
+        raise ValueError(f"{where}: setting eval_tokens={out['eval_tokens']} is smaller than seqlen={out['seqlen']}, "
+                         f"so no evaluation window fits; use eval_tokens >= {out['seqlen']} (a multiple of seqlen)")
     return out
 
 
@@ -179,11 +182,25 @@ def method_columns(spec: MethodSpec) -> dict[str, Any]:
         "act_order": q.act_order if q and q.act_order is not None else "",
         "pattern": p.pattern if p else "",
         "sparsity": round(p.sparsity, 6) if p else "",
+        # Tables written before these columns existed lack them: there, scope is "row" for every
+        # magnitude/wanda unstructured row and damp is in the spec column (see experiments.compress).
+        "scope": p.prune_scope if p else "",
+        "damp": _damps(spec),
         "ratio": lr.ratio if lr and lr.ratio is not None else "",
         "rank": lr.rank if lr and lr.rank is not None else "",
         "energy": lr.energy if lr and lr.energy is not None else "",
         "spec": json.dumps(spec.to_dict(), sort_keys=True),
     }
+
+
+def _damps(spec: MethodSpec) -> str | float:
+    """The damping of the spec's damped step(s): one value, or ``method=value`` pairs if they differ."""
+    steps = [s for s in (spec.steps or (spec,)) if s.damp is not None]
+    if not steps:
+        return ""
+    if len({s.damp for s in steps}) == 1:
+        return steps[0].damp
+    return "; ".join(f"{s.method}={s.damp:g}" for s in steps)
 
 
 def _device_of(name: str) -> torch.device:
@@ -213,6 +230,44 @@ def _context_row(model_name: str, corpus: Mapping[str, str], text_sha: str, quic
             "text_sha256": text_sha, "quick": quick, "seqlen": settings["seqlen"],
             "eval_token_budget": settings["eval_tokens"], "seed": settings["seed"],
             "device_type": prov["device_type"], "device": prov["device"], "torch": prov["torch"]}
+
+
+def _where_to_set(sw: Sweep, quick: bool, key: str) -> str:
+    """Where a user changes sweep setting ``key``: the sweep file's section, or the shared defaults."""
+    section = "quick: settings:" if quick else "settings:"
+    return (f"`{key}:` under `{section}` in {sw.path} (or in {SWEEPS_DIR / '_defaults.yaml'} "
+            f"section `{'quick' if quick else 'full'}:` for every sweep)")
+
+
+def _eval_windows(sw: Sweep, quick: bool, tokenizer, text: str, st: Mapping[str, int], text_file) -> torch.Tensor:
+    """``data.eval_tokens`` for a sweep's settings; a too-short text names the sweep settings to change."""
+    from experiments import data
+    n_tok = int(data.tokenize(tokenizer, text).numel())
+    seqlen, budget = st["seqlen"], st["eval_tokens"]
+    available = n_tok // seqlen
+    if budget // seqlen > available:
+        if available == 0:
+            fix = f"seqlen <= {n_tok} ({_where_to_set(sw, quick, 'seqlen')})"
+        else:
+            fix = f"eval_tokens <= {available * seqlen} ({_where_to_set(sw, quick, 'eval_tokens')})"
+        raise ValueError(f"sweep {sw.name!r}{' (--quick)' if quick else ''}: the evaluation text has {n_tok} tokens, "
+                         f"{available} full window(s) of seqlen={seqlen}, but the setting eval_tokens={budget} asks for "
+                         f"{budget // seqlen}; set {fix}, or give a longer "
+                         f"{'--text-file' if text_file else 'text with --text-file'}")
+    return data.eval_tokens(tokenizer, text, max_tokens=budget, seqlen=seqlen)
+
+
+def _calib_windows(sw: Sweep, quick: bool, tokenizer, text: str, st: Mapping[str, int], text_file) -> torch.Tensor:
+    """``data.calibration_batches`` for a sweep's settings; a too-short text names the setting to change."""
+    from experiments import data
+    n_tok = int(data.tokenize(tokenizer, text).numel())
+    if n_tok < st["calib_seqlen"]:
+        raise ValueError(f"sweep {sw.name!r}{' (--quick)' if quick else ''}: the calibration text has {n_tok} tokens, "
+                         f"fewer than the setting calib_seqlen={st['calib_seqlen']}; set calib_seqlen <= {n_tok} "
+                         f"({_where_to_set(sw, quick, 'calib_seqlen')}), or give a longer "
+                         f"{'--text-file (its first 10% is the calibration text)' if text_file else 'text with --text-file'}")
+    return data.calibration_batches(tokenizer, text, n_samples=st["calib_samples"], seqlen=st["calib_seqlen"],
+                                    seed=st["seed"])
 
 
 @dataclass
@@ -245,6 +300,20 @@ def run_sweeps(sweeps: list[Sweep], *, quick: bool = False, model: str = "defaul
     t0 = time.perf_counter()
     calib_text, eval_text, corpus = data.get_texts(source=source, text_file=text_file)
     text_sha = text_digest(calib_text, eval_text)
+    # The tokenizer alone first: the texts are checked against every sweep's token budgets before
+    # the model load (~25 s for the default model), so a too-short text fails in seconds.
+    tokenizer = models.load_tokenizer(model)
+    token_cache: dict[tuple, torch.Tensor] = {}
+    for sw in sweeps:
+        st = sw.settings(quick)
+        key = ("eval", st["eval_tokens"], st["seqlen"])
+        if key not in token_cache:
+            token_cache[key] = _eval_windows(sw, quick, tokenizer, eval_text, st, text_file)
+        if any(s.needs() for s in sw.points(quick)):
+            ckey = ("calib", st["calib_samples"], st["calib_seqlen"], st["seed"])
+            if ckey not in token_cache:
+                token_cache[ckey] = _calib_windows(sw, quick, tokenizer, calib_text, st, text_file)
+    log(f"texts tokenized in {time.perf_counter() - t0:.1f}s; loading model {model!r}")
     # load_model keeps one pristine template per process and returns a deep copy per call (~1 s),
     # so every point starts from the uncompressed model without reloading the file.
     first, tokenizer, info = models.load_model(model)
@@ -255,9 +324,8 @@ def run_sweeps(sweeps: list[Sweep], *, quick: bool = False, model: str = "defaul
     source_grid = info.get("source_grid") if isinstance(info, Mapping) else None
     prov = provenance(dev)
 
-    # Everything that can fail on bad input happens here, before the first point runs.
+    # Everything else that can fail on bad input happens here, before the first point runs.
     prepared: list[_Prepared] = []
-    token_cache: dict[tuple, torch.Tensor] = {}
     for sw in sweeps:
         st = sw.settings(quick)
         points = sw.points(quick)
@@ -267,15 +335,9 @@ def run_sweeps(sweeps: list[Sweep], *, quick: bool = False, model: str = "defaul
             except ValueError as e:
                 raise ValueError(f"sweep {sw.name!r}, point {s.label()}: {e}") from e
         key = ("eval", st["eval_tokens"], st["seqlen"])
-        if key not in token_cache:
-            token_cache[key] = data.eval_tokens(tokenizer, eval_text, max_tokens=st["eval_tokens"], seqlen=st["seqlen"])
         calib = None
         if any(s.needs() for s in points):
-            ckey = ("calib", st["calib_samples"], st["calib_seqlen"], st["seed"])
-            if ckey not in token_cache:
-                token_cache[ckey] = data.calibration_batches(tokenizer, calib_text, n_samples=st["calib_samples"],
-                                                             seqlen=st["calib_seqlen"], seed=st["seed"])
-            calib = token_cache[ckey]
+            calib = token_cache[("calib", st["calib_samples"], st["calib_seqlen"], st["seed"])]
         path = out / f"sweep_{sw.name}.csv"
         existing = read_rows(path)
         # The context this run writes; a table of another context is an error, never "already done".
@@ -287,10 +349,8 @@ def run_sweeps(sweeps: list[Sweep], *, quick: bool = False, model: str = "defaul
         prepared.append(_Prepared(sw, st, path, todo, len(ids) - len(todo), token_cache[key], calib))
 
     total = sum(len(p.todo) for p in prepared)
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-        bar = tqdm(total=total, desc="sweep points", unit="point")
+    from experiments.progress import progress_bar
+    bar = progress_bar(total=total, desc="sweep points", unit="point", enabled=progress)
     for p in prepared:
         if p.n_done:
             log(f"sweep {p.sweep.name}: {p.n_done} point(s) already in {p.path}, {len(p.todo)} to run")
@@ -319,8 +379,6 @@ def run_sweeps(sweeps: list[Sweep], *, quick: bool = False, model: str = "defaul
             append_row(p.path, row, context=SWEEP_CONTEXT)
             log(f"{p.sweep.name}: {spec.label():40s} ppl {row['ppl']:>10.4g}  {row['bits_per_weight']:.3g} bits/w  "
                 f"compress {row['compress_seconds']:.1f}s eval {row['eval_seconds']:.1f}s")
-            if bar is not None:
-                bar.update(1)
-    if bar is not None:
-        bar.close()
+            bar.update(1)
+    bar.close()
     return [p.path for p in prepared]

@@ -98,7 +98,8 @@ def _kernel_api():
 
 @pytest.mark.parametrize("bits, group_size, symmetric", [
     pytest.param(4, 32, False, id="4b-g32-asym"), pytest.param(3, 32, True, id="3b-g32-sym"),
-    pytest.param(8, -1, False, id="8b-perchannel-asym"), pytest.param(2, 64, False, id="2b-g64-asym")])
+    pytest.param(8, -1, False, id="8b-perchannel-asym"), pytest.param(2, 64, False, id="2b-g64-asym"),
+    pytest.param(1, 32, False, id="1b-g32-asym")])
 def test_results_match_kernel_dequantize(bits, group_size, symmetric):
     dm = _kernel_api()
     N, K = 24, 128
@@ -133,6 +134,38 @@ def test_gptq_beats_rtn_on_correlated_inputs(bits, group_size, symmetric, act_or
     e_g, e_r = output_error(W, dequantize_result(g), X), output_error(W, dequantize_result(r), X)
     # GPTQ greedily minimizes exactly this error (RTN/GPTQ ratio is 0.3-0.8 on this data).
     assert e_g < e_r, f"GPTQ output error {e_g:.4g} vs RTN {e_r:.4g} (ratio {e_g / e_r:.3f})"
+
+
+@pytest.mark.parametrize("group_size, act_order", [(32, False), (64, True), (-1, False)], ids=["g32", "g64-act", "pc"])
+def test_one_bit_asymmetric_rtn_and_gptq_behave(group_size, act_order):
+    """1-bit asymmetric (the harness accepts it since issue 8): each group is {0, +-(hi - lo)}, codes
+    are 0/1, nothing is NaN, the kernel dequantizes the same, and GPTQ still beats RTN."""
+    N, K = 48, 128
+    W, X = weight(N, K, 7), calibration(768, K, 7)
+    H = X.T @ X / X.shape[0]
+    r = rtn(W, bits=1, group_size=group_size, symmetric=False)
+    g = gptq(W, H, bits=1, group_size=group_size, symmetric=False, act_order=act_order)
+    gs = K if group_size == -1 else group_size
+    for res in (r, g):
+        assert set(res.q.unique().tolist()) <= {0, 1} and set(res.zeros.unique().tolist()) <= {0.0, 1.0}
+        W_hat = dequantize_result(res)
+        assert torch.isfinite(W_hat).all()
+        for grp in W_hat.reshape(N, -1, gs)[:8].reshape(-1, gs):
+            levels = set(grp.unique().tolist())
+            assert len(levels) <= 2 and (0.0 in levels or len(levels) == 1), levels
+    e_g, e_r = output_error(W, dequantize_result(g), X), output_error(W, dequantize_result(r), X)
+    assert e_g < e_r, f"1-bit GPTQ output error {e_g:.4g} vs RTN {e_r:.4g}"
+    # Not degenerate: some weights are kept off zero (RTN's grid is coarse, the 1-bit levels are
+    # the group's whole range, so most round to 0, but the largest ones do not).
+    assert 0 < (dequantize_result(r) != 0).float().mean() < 0.5
+
+
+def test_one_bit_symmetric_grid_is_degenerate():
+    """Why the harness refuses bits=1 with symmetric=true: the kernels' symmetric 1-bit grid is
+    (q - 1) * s with s = 2 max|w|, levels {-s, 0}, and every |w| <= max|w| = s/2 rounds to 0."""
+    W = weight(16, 64, 8)
+    r = rtn(W, bits=1, group_size=32, symmetric=True)
+    assert torch.equal(dequantize_result(r), torch.zeros_like(W))
 
 
 @pytest.mark.parametrize("act_order", [False, True], ids=["natural", "actorder"])

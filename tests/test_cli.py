@@ -110,15 +110,29 @@ def test_run_quick_writes_one_row_per_point(tiny, tmp_path):
     assert "QuantLinear:dequant" in rtn["module_backends"]
 
 
+# Budgets the tiny text holds: the texts are checked before the model (and the layer shapes) load.
+SMALL = "settings: {seqlen: 32, eval_tokens: 256, calib_samples: 2, calib_seqlen: 32}\n"
+
+
 @pytest.mark.parametrize("extra, sweep_body, match", [
     (["--model", "/nonexistent/dir"], None, r"model spec '/nonexistent/dir'"),
     (["--text-file", "/nonexistent.txt"], None, r"--text-file '/nonexistent.txt' does not exist"),
-    ([], "name: bad\npoints: [{method: rtn, bits: 4, group_size: 128}]\n",
+    ([], "name: bad\n" + SMALL + "points: [{method: rtn, bits: 4, group_size: 128}]\n",
      r"group_size=128 is larger than the layer's in_features K=96 .* use a group size <= 96"),
-    ([], "name: bad\npoints: [{method: wanda, pattern: '3:5'}]\n", r"m=5 does not divide K=96"),
-    ([], "name: bad\npoints: [{method: svd, rank: 80}]\n", r"rank=80 is larger than min"),
-    ([], "name: bad\nsettings: {eval_tokens: 1000000}\npoints: [{method: dense}]\n", r"use max_tokens <= \d+"),
-], ids=["model", "text-file", "group-size", "nm", "rank", "corpus-too-short"])
+    ([], "name: bad\n" + SMALL + "points: [{method: wanda, pattern: '3:5'}]\n", r"m=5 does not divide K=96"),
+    ([], "name: bad\n" + SMALL + "points: [{method: svd, rank: 80}]\n", r"rank=80 is larger than min"),
+    ([], "name: bad\nsettings: {eval_tokens: 1000000}\npoints: [{method: dense}]\n",
+     r"sweep 'bad': the evaluation text has \d+ tokens, \d+ full window\(s\) of seqlen=512, but the setting "
+     r"eval_tokens=1000000 asks for 1953; set eval_tokens <= \d+ \(`eval_tokens:` under `settings:` in .*bad\.yaml"),
+    ([], "name: bad\nsettings: {seqlen: 100000, eval_tokens: 100000}\npoints: [{method: dense}]\n",
+     r"the evaluation text has \d+ tokens, 0 full window\(s\) of seqlen=100000.* set seqlen <= \d+ \(`seqlen:`"),
+    ([], "name: bad\nsettings: {seqlen: 32, eval_tokens: 256, calib_seqlen: 100000}\npoints: [{method: gptq, bits: 4, group_size: 32}]\n",
+     r"the calibration text has \d+ tokens, fewer than the setting calib_seqlen=100000; set calib_seqlen <= \d+"),
+    ([], "name: bad\nsettings: {eval_tokens: 100, seqlen: 256}\npoints: [{method: dense}]\n",
+     r"eval_tokens=100 is smaller than seqlen=256"),
+    ([], "name: bad\npoints: [{method: rtn, bits: 1, symmetric: true}]\n", r"bits=1 with symmetric=true cannot work"),
+], ids=["model", "text-file", "group-size", "nm", "rank", "corpus-too-short", "seqlen-too-long", "calib-too-short",
+        "budget-below-seqlen", "1bit-sym"])
 def test_bad_input_exits_2_without_rows(tiny, tmp_path, capsys, extra, sweep_body, match):
     """In-process (``main(argv)``, what ``python -m experiments`` calls): no interpreter start-up per case."""
     import re
@@ -133,6 +147,41 @@ def test_bad_input_exits_2_without_rows(tiny, tmp_path, capsys, extra, sweep_bod
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("error: ") and re.search(match, err), err
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").rglob("*.csv"))
+
+
+def test_too_short_text_fails_before_the_model_loads(tiny, tmp_path, capsys, monkeypatch):
+    """Issue 8: the too-short-text check ran only after the (~25 s) model load. Now only the
+    tokenizer is loaded first; a model load here would fail the test."""
+    from experiments import models
+    from experiments.__main__ import main
+    model, text, _ = tiny
+    sweep = tmp_path / "short.yaml"
+    sweep.write_text("name: short\nsettings: {eval_tokens: 1000000}\npoints: [{method: dense}]\n")
+
+    def no_model(*a, **k):
+        raise AssertionError("the model was loaded before the texts were checked")
+    monkeypatch.setattr(models, "load_model", no_model)
+    models.clear_model_cache()
+    assert main(["run", str(sweep), "--model", str(model), "--text-file", str(text), "--out-dir", str(tmp_path / "o"),
+                 "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("error: sweep 'short': the evaluation text has"), err
+    assert "eval_tokens <=" in err and "--text-file" in err and "max_tokens" not in err
+
+
+def test_wikitext2_without_datasets_is_one_error_line(tiny, tmp_path, capsys, monkeypatch):
+    """Issue 8: `--source wikitext2` without the `datasets` package printed a traceback."""
+    from experiments.__main__ import main
+    model, _, sweep = tiny
+    monkeypatch.setitem(sys.modules, "datasets", None)  # import datasets -> ImportError, installed or not
+    code = main(["run", str(sweep), "--model", str(model), "--source", "wikitext2", "--out-dir", str(tmp_path / "o"),
+                 "--no-progress"])
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert code == 1, captured.err
+    assert lines[0].startswith("error: --source wikitext2 needs the `datasets` package (pip install datasets)"), lines
+    assert "Traceback" not in captured.err and captured.out == ""
+    assert not (tmp_path / "o").exists()
 
 
 def test_unknown_sweep_name():

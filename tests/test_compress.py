@@ -22,7 +22,13 @@ SHAPES = {"block0.q_proj": (96, 96), "block0.k_proj": (48, 96), "block0.down_pro
 @pytest.mark.parametrize("spec, match", [
     ({"method": "awq", "bits": 4}, r"unknown method='awq'; choose one of dense, rtn, gptq"),
     ({"method": "rtn", "bits": 4, "groupsize": 64}, r"unknown option\(s\) \['groupsize'\] for method='rtn'; it accepts"),
-    ({"method": "rtn", "bits": 1}, r"bits=1 must be an integer in 2\.\.8"),
+    ({"method": "rtn", "bits": 9}, r"bits=9 must be an integer in 1\.\.8"),
+    ({"method": "gptq", "bits": 0}, r"bits=0 must be an integer in 1\.\.8"),
+    ({"method": "rtn", "bits": 2.5}, r"bits=2\.5 must be an integer in 1\.\.8"),
+    ({"method": "rtn", "bits": 1, "symmetric": True}, r"bits=1 with symmetric=true cannot work: .* every weight rounds to 0; use symmetric=false"),
+    ({"method": "magnitude", "sparsity": 0.5, "scope": "column"}, r"scope='column' must be 'row' .* or 'layer'"),
+    ({"method": "magnitude", "pattern": "2:4", "scope": "layer"}, r"scope='layer' applies to pattern='unstructured' only"),
+    ({"method": "sparsegpt", "sparsity": 0.5, "scope": "layer"}, r"unknown option\(s\) \['scope'\] for method='sparsegpt'"),
     ({"method": "rtn", "bits": 4, "group_size": 0}, r"group_size=0 must be a positive integer or -1"),
     ({"method": "rtn", "bits": 4, "group_size": 192}, r"group_size=192 is not a power of two .* use e\.g\. 128 or 256"),
     ({"method": "gptq", "bits": 4, "act_order": "yes"}, r"act_order='yes' must be true or false"),
@@ -37,7 +43,7 @@ SHAPES = {"block0.q_proj": (96, 96), "block0.k_proj": (48, 96), "block0.down_pro
      r"supported combination is a pruning step .* followed by a quantization step"),
     ({"method": "combo", "steps": [{"method": "wanda", "pattern": "2:4"}, {"method": "rtn", "bits": 11}]},
      r"step 2: bits=11"),
-], ids=["method", "option", "bits", "group0", "group-pow2", "act_order", "no-sparsity", "nm-sparsity", "nm-order",
+], ids=["method", "option", "bits9", "bits0", "bits-float", "bits1-sym", "scope", "scope-nm", "scope-sparsegpt", "group0", "group-pow2", "act_order", "no-sparsity", "nm-sparsity", "nm-order",
         "pattern", "lowrank-none", "lowrank-two", "ratio", "combo-order", "combo-step"])
 def test_parse_spec_rejects_bad_specs(spec, match):
     with pytest.raises(ValueError, match=match):
@@ -71,6 +77,67 @@ def test_spec_roundtrip_and_defaults():
     assert s == MethodSpec("gptq", bits=3, group_size=128, symmetric=False, act_order=False, damp=0.01)
     assert parse_spec(s.to_dict()) == s
     assert parse_spec({"method": "sparsegpt", "pattern": "4:8"}).sparsity == pytest.approx(0.5)
+    one = parse_spec({"method": "gptq", "bits": 1, "group_size": 64})
+    assert (one.bits, one.symmetric, one.label()) == (1, False, "gptq-w1-g64-asym")
+
+
+def test_prune_scope_canonical_form_and_labels():
+    """A spec without ``scope`` keeps meaning per-row (what every committed magnitude row used); an
+    explicit "row" is the same point; "layer" is a different point with its own label and id."""
+    from experiments.sweep import method_columns, point_id
+    plain = parse_spec({"method": "magnitude", "sparsity": 0.5})
+    row = parse_spec({"method": "magnitude", "sparsity": 0.5, "scope": "row"})
+    layer = parse_spec({"method": "magnitude", "sparsity": 0.5, "scope": "layer"})
+    assert plain == row and "scope" not in row.to_dict() and row.label() == "magnitude-unstructured-0.5"
+    assert layer.to_dict()["scope"] == "layer" and layer.label() == "magnitude-unstructured-0.5-layer"
+    assert (method_columns(row)["scope"], method_columns(layer)["scope"]) == ("row", "layer")
+    assert method_columns(parse_spec({"method": "wanda", "pattern": "2:4"}))["scope"] == ""
+    settings, corpus = {"seqlen": 8}, {"corpus": "x"}
+    assert point_id(plain, settings, "m", corpus) == point_id(row, settings, "m", corpus)
+    assert point_id(layer, settings, "m", corpus) != point_id(row, settings, "m", corpus)
+
+
+def test_damp_is_recorded_and_named_when_not_the_former_default():
+    from experiments.compress import DEFAULT_WHITENING_DAMP
+    from experiments.sweep import method_columns
+    w = parse_spec({"method": "whitened_svd", "ratio": 0.8})
+    assert w.damp == DEFAULT_WHITENING_DAMP and w.to_dict()["damp"] == DEFAULT_WHITENING_DAMP
+    assert method_columns(w)["damp"] == DEFAULT_WHITENING_DAMP
+    old = parse_spec({"method": "whitened_svd", "ratio": 0.8, "damp": 0.01})
+    assert old.label() == "whitened_svd-ratio0.8"  # the label every committed whitened_svd row carries
+    assert parse_spec({"method": "whitened_svd", "ratio": 0.8, "damp": 0.001}).label() == "whitened_svd-ratio0.8-damp0.001"
+    assert parse_spec({"method": "gptq", "bits": 4, "damp": 0.1}).label() == "gptq-w4-g128-asym-damp0.1"
+    combo = parse_spec({"method": "combo", "steps": [{"method": "sparsegpt", "pattern": "2:4", "damp": 0.05},
+                                                     {"method": "gptq", "bits": 4}]})
+    assert method_columns(combo)["damp"] == "sparsegpt=0.05; gptq=0.01"
+
+
+def _committed_sweep_rows():
+    import csv
+    from pathlib import Path
+    root = Path(__file__).resolve().parent.parent / "results"
+    tables = sorted(root.rglob("sweep_*.csv"))
+    assert tables, f"no committed sweep tables under {root}"
+    for path in tables:
+        with open(path, newline="") as f:
+            for r in csv.DictReader(f):
+                yield path, r
+
+
+def test_committed_rows_keep_their_meaning():
+    """Every committed sweep row's spec parses back to exactly itself (so its point id, a hash of the
+    canonical spec, is unchanged) with the same label: new options (scope, the whitened-SVD damping
+    default) never relabel an existing number."""
+    import json
+    n = 0
+    for path, r in _committed_sweep_rows():
+        spec = parse_spec(json.loads(r["spec"]))
+        assert json.dumps(spec.to_dict(), sort_keys=True) == r["spec"], (path, r["point"])
+        assert spec.label() == r["point"], (path, r["spec"])
+        if spec.method == "magnitude" and spec.pattern == "unstructured":
+            assert spec.prune_scope == "row" and r.get("scope", "row") == "row", (path, r["point"])
+        n += 1
+    assert n > 0
 
 
 Q4_0 = {"qtype": "Q4_0", "bits": 4, "group_size": 32, "symmetric": True}
@@ -165,6 +232,8 @@ SPECS = [
     {"method": "svd", "ratio": 0.5},
     {"method": "whitened_svd", "ratio": 0.5},
     {"method": "combo", "steps": [{"method": "sparsegpt", "pattern": "2:4"}, {"method": "gptq", "bits": 4, "group_size": 32}]},
+    {"method": "rtn", "bits": 1, "group_size": 32},  # 1-bit asymmetric: accepted by the harness since issue 8
+    {"method": "magnitude", "sparsity": 0.5, "scope": "layer"},
 ]
 
 
@@ -215,7 +284,7 @@ def test_module_path_matches_dense_simulation(model_and_data, spec):
         assert report.bytes == sum(2 * m.rank * (m.in_features + m.out_features) for m in mods)
         assert report.bits_per_weight == pytest.approx(16 * spec.ratio, rel=0.05)
     elif spec.family == "sparse":
-        assert report.bytes <= sum(m.memory_bytes() for m in mods)
+        assert report.bytes == sum(m.memory_bytes() for m in mods)  # the format, whatever the backend
     assert 0 < report.weight_rel_error < float("inf")
 
 
@@ -268,6 +337,7 @@ def test_sequential_calibration_sees_compressed_upstream(model_and_data):
     from experiments.models import block_prefix_forward, find_blocks, run_block
     base, calib, _ = model_and_data
     model, report = compressed(model_and_data, SPECS[1])
+    assert report.spec.method == "gptq"
     got = report.weights["block1.self_attn.q_proj"]
     w = base.model.layers[1].self_attn.q_proj.weight.detach().float()
 
@@ -282,3 +352,17 @@ def test_sequential_calibration_sees_compressed_upstream(model_and_data):
     d_seq = (got - by_hand(model)).norm().item()
     d_dense = (got - by_hand(base)).norm().item()
     assert d_seq < 0.1 * d_dense, f"||got - sequential|| {d_seq:.3g} vs ||got - dense-fed|| {d_dense:.3g}"
+
+
+def test_magnitude_scope_reaches_the_algorithm(model_and_data):
+    """scope=layer: one threshold per layer (per-row counts vary); default/row: exactly half of every row."""
+    _, layer_report = compressed(model_and_data, {"method": "magnitude", "sparsity": 0.5, "scope": "layer"})
+    _, row_report = compressed(model_and_data, {"method": "magnitude", "sparsity": 0.5, "pattern": "unstructured"})
+    uneven = 0
+    for name, w in layer_report.weights.items():
+        n, k = w.shape
+        per_row = (w == 0).sum(1)
+        assert int(per_row.sum()) == (n * k) // 2, name
+        uneven += int(per_row.min() != per_row.max())
+        assert torch.equal((row_report.weights[name] == 0).sum(1), torch.full((n,), k // 2)), name
+    assert uneven == len(layer_report.weights), "a per-layer threshold left every row of some layer at exactly 50%"

@@ -134,8 +134,13 @@ def test_rows_are_well_formed(tiny_run):
         assert r["backend"] not in ("", "auto", "unknown", "triton"), r["backend"]
         p20, med, p80 = float(r["p20_ms"]), float(r["median_ms"]), float(r["p80_ms"])
         assert 0 < p20 <= med <= p80 and math.isfinite(p80)
-        assert float(r["memory_bytes"]) > 0
+        assert float(r["memory_bytes"]) > 0 and float(r["resident_bytes"]) > 0
         spec = json.loads(r["spec"])
+        if spec.get("pattern") == "2:4":
+            # The sparse format (16-bit values + 2-bit indices), not the masked dense fp32 weight the
+            # CPU backend keeps while timing (that one is resident_bytes).
+            assert float(r["bits_per_weight"]) == 9.0 and r["backend"] == "dense"
+            assert int(r["resident_bytes"]) == 4 * int(r["N"]) * int(r["K"])
         kind = latency.format_of(spec)["kind"]
         assert r["kind"] == kind
         if kind == "dense":
@@ -280,3 +285,19 @@ def test_decode_resume_skips_finished_rows_without_loading_the_model(tmp_path, m
     results.write_rows(out, [{**r, "device": "CPU other (2 threads)"} for r in done])
     with pytest.raises(results.ContextMismatch, match="device"):
         latency.run_decode(specs, device=torch.device("cpu"), new_tokens=8, out=out, resume=True, log=log.append)
+
+
+def test_decode_reports_progress_on_stderr(capsys, monkeypatch):
+    """Issue 8: decode timing was silent for ~60 s per model; it now prints a line per generate call
+    (in a redirected log: plain lines, see experiments.progress)."""
+    monkeypatch.setenv("TKR_PROGRESS_INTERVAL", "0")
+    monkeypatch.delenv("TQDM_DISABLE", raising=False)
+    model, _ = _tiny_llama()
+    latency.decode_tokens_per_second(model, _tiny_tokenizer(), prompt="w3 w4", new_tokens=2, repeats=2,
+                                     label="decode tiny fp32")
+    cap = capsys.readouterr()
+    err = cap.err.splitlines()
+    assert cap.out == ""
+    assert err[0] == "[decode tiny fp32] 0/3 generate call"
+    assert err[1].startswith("[decode tiny fp32] 1/3 generate call")
+    assert err[-1].startswith("[decode tiny fp32] done: 3/3 generate call")

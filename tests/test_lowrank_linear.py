@@ -287,13 +287,18 @@ def test_module_forced_triton_without_interpreter(monkeypatch):
 def test_module_accounting_and_repr():
     layer = LowRankLinear.from_linear(_linear(60, 44, dtype=torch.float16), rank=8)
     assert layer.rank == 8
-    assert layer.memory_bytes() == (60 * 8 + 8 * 44 + 60) * 2
+    assert layer.memory_bytes() == (60 * 8 + 8 * 44) * 2
+    assert layer.memory_bytes(include_bias=True) == (60 * 8 + 8 * 44 + 60) * 2
+    assert layer.resident_bytes() == (60 * 8 + 8 * 44 + 60) * 2
     assert layer.bits_per_weight() == pytest.approx(16 * (60 * 8 + 8 * 44) / (60 * 44))
     text = repr(layer)
     for part in ("in_features=44", "out_features=60", "rank=8", "bias=True", "backend='auto'"):
         assert part in text, text
+    # fp32 factors: the format counts them at 16 bits (as the harness does), resident_bytes as held.
     no_bias = LowRankLinear.from_linear(_linear(bias=False), rank=3)
-    assert no_bias.memory_bytes() == (60 * 3 + 3 * 44) * 4
+    assert no_bias.memory_bytes() == (60 * 3 + 3 * 44) * 2
+    assert no_bias.resident_bytes() == (60 * 3 + 3 * 44) * 4
+    assert no_bias.bits_per_weight() == pytest.approx(layer.bits_per_weight() * 3 / 8)
 
 
 def test_module_state_dict_round_trip():

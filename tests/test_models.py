@@ -294,3 +294,95 @@ def test_default_model_loads_with_source_grid_from_file():
     w = models.linear_weight(models.find_linears(models.find_blocks(m)[0])["self_attn.q_proj"])
     distinct = max(len(torch.unique(g)) for g in w[:4].reshape(-1, 32))
     assert distinct <= 16
+
+
+# --- Hub ids: fail fast offline ----------------------------------------------------------------
+
+def test_unknown_hub_id_fails_in_seconds_with_a_clear_message(monkeypatch):
+    """Issue 8: an unknown hub id spent 52 s in HTTP retries offline before its error. Online the Hub
+    answers 404 at once; offline the reachability probe gives up after HUB_PROBE_TIMEOUT_S."""
+    import time
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    models.clear_model_cache()
+    t0 = time.perf_counter()
+    with pytest.raises(ValueError, match=r"model spec 'tkr-no-such-org/no-such-model-8'") as e:
+        models.load_model("tkr-no-such-org/no-such-model-8")
+    elapsed = time.perf_counter() - t0
+    assert elapsed < 3 * models.HUB_PROBE_TIMEOUT_S + 5, f"took {elapsed:.1f}s"
+    assert "does not answer" in str(e.value) or "could not load model spec" in str(e.value)
+    assert '"default"' in str(e.value)  # the accepted specs are listed
+
+
+def test_hub_unreachable_and_not_cached_is_a_clear_error(monkeypatch):
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    models.clear_model_cache()
+    monkeypatch.setattr(models, "hub_reachable", lambda timeout=0: (False, "https://huggingface.co: ConnectError: x"))
+    monkeypatch.setattr(models, "_hub_cached", lambda repo_id: False)
+    with pytest.raises(ValueError, match=r"'org/model' is not a local path and not in the local Hugging Face "
+                                         r"cache, and the Hub does not answer within 3 s \(https://huggingface.co"):
+        models.load_tokenizer("org/model")
+
+
+def test_hub_cached_model_loads_offline_when_the_hub_is_unreachable(monkeypatch):
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    models.clear_model_cache()
+    monkeypatch.setattr(models, "hub_reachable", lambda timeout=0: (False, "down"))
+    monkeypatch.setattr(models, "_hub_cached", lambda repo_id: True)
+    assert models._hub_local_only("org/model") is True
+    models.clear_model_cache()
+    monkeypatch.setattr(models, "hub_reachable", lambda timeout=0: (True, "up"))
+    assert models._hub_local_only("org/model") is False
+    models.clear_model_cache()
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(models, "hub_reachable", lambda timeout=0: pytest.fail("no probe when HF_HUB_OFFLINE is set"))
+    assert models._hub_local_only("org/model") is True
+    monkeypatch.setattr(models, "_hub_cached", lambda repo_id: False)
+    models.clear_model_cache()
+    with pytest.raises(ValueError, match="HF_HUB_OFFLINE is set and the model is not in the local"):
+        models._hub_local_only("org/model")
+    models.clear_model_cache()
+
+
+def test_hub_probe_gives_up_within_its_timeout(monkeypatch):
+    """An endpoint that accepts the connection but never answers costs the timeout, not minutes."""
+    import socket
+    import time
+
+    from huggingface_hub import constants
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen(1)  # never accepted: the kernel completes the handshake, nobody ever replies
+        monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{server.getsockname()[1]}")
+        t0 = time.perf_counter()
+        ok, why = models.hub_reachable(timeout=1.0)
+        elapsed = time.perf_counter() - t0
+    assert not ok and "127.0.0.1" in why and "Timeout" in why, why
+    assert 0.9 < elapsed < 5, elapsed
+
+
+def test_load_tokenizer_does_not_load_the_model(tiny_llama_dir, monkeypatch):
+    import transformers as tf
+    models.clear_model_cache()
+    monkeypatch.setattr(tf.AutoModelForCausalLM, "from_pretrained",
+                        classmethod(lambda cls, *a, **k: pytest.fail("model loaded")))
+    tok = models.load_tokenizer(str(tiny_llama_dir))
+    assert tok("w1 w5", add_special_tokens=False)["input_ids"] == [1, 5]
+    assert models.load_tokenizer(str(tiny_llama_dir)) is tok
+    models.clear_model_cache()
+
+
+@pytest.mark.slow
+def test_default_model_load_draws_no_bars_in_a_log():
+    """Issue 8: tqdm bars (transformers' "Converting and de-quantizing GGUF tensors", "Loading
+    weights") became control-character soup in redirected logs. With stderr not a terminal the load
+    prints no carriage return or escape sequence."""
+    import subprocess
+    import sys
+    from pathlib import Path
+    import os
+    env = {k: v for k, v in os.environ.items() if k != "TQDM_DISABLE"}
+    r = subprocess.run([sys.executable, "-c", "from experiments import models; models.load_model('default')"],
+                       cwd=Path(__file__).resolve().parent.parent, env=env, capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "\r" not in r.stderr and "\x1b" not in r.stderr, r.stderr[:500]

@@ -248,22 +248,37 @@ def test_from_linear_rtn_error_bound(bits, gs, sym):
 
 def test_memory_bytes_exact_count():
     N, K, bits, gs = 48, 100, 3, 32
-    m = _random_codes_layer(N, K, bits, gs, symmetric=False)
+    m = _random_codes_layer(N, K, bits, gs, symmetric=False)   # fp32 scales/zeros and bias
+    assert m.scales.dtype == torch.float32
     words = math.ceil(K * bits / 32)           # 10 words per row: 300 bits padded to 320
     groups = math.ceil(K / gs)                 # 4 groups, the last one partial (4 weights)
-    codes, scales, zeros = N * words * 4, N * groups * 4, N * groups * 4
-    assert (codes, scales, zeros) == (1920, 768, 768)
-    assert m.memory_bytes() == 3456
-    assert m.memory_bytes(include_bias=True) == 3456 + N * 4
-    assert m.bits_per_weight() == pytest.approx(3456 * 8 / (N * K))
+    # The format stores scales and zeros at 16 bits, whatever dtype the module holds them in.
+    codes, scales, zeros = N * words * 4, N * groups * 2, N * groups * 2
+    assert (codes, scales, zeros) == (1920, 384, 384)
+    assert m.memory_bytes() == 2688
+    assert m.memory_bytes(include_bias=True) == 2688 + N * 2
+    assert m.bits_per_weight() == pytest.approx(2688 * 8 / (N * K))
     sym = _random_codes_layer(N, K, bits, gs, symmetric=True)
-    assert sym.zeros is None and sym.memory_bytes() == 1920 + 768
+    assert sym.zeros is None and sym.memory_bytes() == 1920 + 384
+    # The same codes with fp16 scales/zeros: the same format, the same size.
+    half = QuantLinear(m.packed, m.scales.half(), m.zeros.half(), in_features=K, bits=bits, group_size=gs,
+                       symmetric=False)
+    assert half.memory_bytes() == m.memory_bytes() and half.resident_bytes() == 2688
+
+
+def test_bits_per_weight_of_an_fp32_layer_is_the_harness_number():
+    """Issue 8: QuantLinear.from_linear on an fp32 layer reported 5.0 bits/weight (fp32 scales and
+    zeros) where the harness reports 4.5 for 4-bit g64 (fp16 scales and zeros)."""
+    lin = nn.Linear(128, 64)
+    m = QuantLinear.from_linear(lin, bits=4, group_size=64)
+    assert m.bits_per_weight() == pytest.approx(4 + 2 * 16 / 64) == 4.5
+    assert m.resident_bytes() == 64 * 128 // 2 + 2 * 64 * 2 * 4 + 64 * 4  # codes + fp32 scales/zeros + fp32 bias
 
 
 def test_resident_bytes_counts_prepacked_copies():
     N, K = 48, 96
     m = _random_codes_layer(N, K, 4, 32, symmetric=False)
-    stored = m.memory_bytes(include_bias=True)
+    stored = N * K // 2 + 2 * (K // 32) * N * 4 + N * 4  # codes + fp32 scales/zeros + fp32 bias, as held
     assert m.resident_bytes() == stored
     m.prepack("torch_int4", torch.bfloat16)
     int4pack = N * K // 2                      # uint8, two codes a byte
@@ -271,7 +286,7 @@ def test_resident_bytes_counts_prepacked_copies():
     assert m.resident_bytes() == stored + int4pack + sz_bf16
     m.prepack("torch_int4", torch.float32)     # shares the int4pack weight, adds fp32 scales/zeros
     assert m.resident_bytes() == stored + int4pack + sz_bf16 + (K // 32) * N * 2 * 4
-    assert m.memory_bytes() == stored - N * 4  # the storage format is unchanged
+    assert m.memory_bytes() == N * K // 2 + 2 * (K // 32) * N * 2  # the storage format is unchanged
     m.to(torch.device("cpu"))                  # a move drops the derived copies
     assert m.resident_bytes() == stored
 

@@ -112,6 +112,30 @@ def test_weight_bytes_equal_the_modules_memory_bytes(kind, fmt):
     assert r["bytes"] == m.memory_bytes() + 2 * K + 2 * N
 
 
+def test_quant_weight_bytes_count_16_bit_scales_like_the_harness():
+    """Issue 8: the roofline counted RTN's fp32 scales and zeros (4.5 bits/weight at 4-bit g128) while the
+    harness counts fp16 ones (4.25). Both now use the format: codes + 16-bit scales and zeros."""
+    N = K = 4096
+    assert roofline.weight_bytes("quant", N, K, bits=4, group_size=128, symmetric=False) == N * K // 2 + 2 * 2 * N * 32
+    assert roofline.weight_bytes("quant", N, K, bits=8, group_size=-1, symmetric=True) == N * K + 2 * N
+
+
+def test_table_and_main_report_progress_on_stderr_and_return_paths(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("TKR_PROGRESS_INTERVAL", "0")
+    monkeypatch.delenv("TQDM_DISABLE", raising=False)
+    rows = roofline.table(gpus=["H100 SXM"], formats=[{"kind": "dense"}], shapes=[(64, 64), (128, 64)], Ms=[1],
+                          progress=True)
+    assert len(rows) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert err[0] == "[roofline: weight bytes per format] 0/2 shape"
+    assert err[-1].startswith("[roofline: weight bytes per format] done: 2/2 shape")
+    monkeypatch.setattr(roofline, "table", lambda progress=False: rows)
+    import argparse
+    paths = roofline.main(argparse.Namespace(out=str(tmp_path / "r.csv"), latency_csv=str(tmp_path / "none.csv")))
+    cap = capsys.readouterr()
+    assert paths == [tmp_path / "r.csv"] and cap.out == "" and "wrote 2 roofline rows" in cap.err
+
+
 def test_dense_weight_bytes_are_fp16():
     assert roofline.weight_bytes("dense", 33, 17) == 2 * 33 * 17
 

@@ -71,13 +71,16 @@ def test_method_columns_flatten_a_combo():
 
 
 @pytest.mark.parametrize("body, match", [
-    ("name: x\npoints: [{method: rtn, bits: 9}]\n", r"points\[0\].*bits=9 must be an integer in 2\.\.8"),
+    ("name: x\npoints: [{method: rtn, bits: 9}]\n", r"points\[0\].*bits=9 must be an integer in 1\.\.8"),
+    ("name: x\ngrid: [{method: [rtn], bits: [1, 0]}]\n", r"grid\[0\].*bits=0 must be an integer in 1\.\.8"),
     ("name: x\ngrid: [{method: [rtn], bits: [4], groupsize: [64]}]\n", r"grid\[0\].*unknown option.*groupsize"),
     ("name: x\npoints: [{method: dense}]\nsettings: {eval_tokenz: 10}\n", r"unknown setting 'eval_tokenz'"),
     ("name: x\npoints: [{method: dense}]\nsettings: {seqlen: 0}\n", r"seqlen=0 must be a positive integer"),
+    ("name: x\npoints: [{method: dense}]\nsettings: {seqlen: 512, eval_tokens: 500}\n",
+     r"eval_tokens=500 is smaller than seqlen=512, so no evaluation window fits"),
     ("name: x\npoint: [{method: dense}]\n", r"unknown key\(s\) \['point'\]"),
     ("name: x\n", r"no points"),
-], ids=["bits", "grid-option", "setting-name", "setting-value", "top-key", "empty"])
+], ids=["bits", "bits-grid", "grid-option", "setting-name", "setting-value", "budget-below-seqlen", "top-key", "empty"])
 def test_bad_sweep_file_names_the_problem(tmp_path, body, match):
     f = tmp_path / "x.yaml"
     f.write_text(body)

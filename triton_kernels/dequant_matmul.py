@@ -150,12 +150,12 @@ def multirow_configs(split: bool = False) -> list:
     """The decode configs for 2 <= M <= 16 with fp16/bf16 activations (the pruner swaps them in): a
     16-row tl.dot tile holds the unpacked codes, the dequantized tile and the dot operands at once.
     Compile check, 2026-11-30: 16x512 and 32x256 tiles spilled 4-12 bytes on gfx942, 64x128 / 4 warps
-    24 bytes on sm_90 (8-bit), 64x128 / 8 warps loads a 1-bit plane 32 bits at a time, and 128x128 /
-    8 warps spilled 10 bytes on gfx942 with 2 stages (1-bit g16) and, in the split-K variant, 2 bytes
-    with 3 stages (3-bit g32); 3 stages (direct) / 2 stages (split-K) are clean with >= 64-bit weight
-    loads on every variant checked."""
+    24 bytes on sm_90 (8-bit), 64x128 / 8 warps loads a 1-bit plane 32 bits at a time; 128x128 /
+    8 warps spilled 1-20 bytes with 1, 2 or 3 stages on some variant under Triton 3.7.1 or 3.9
+    (gfx942 mostly); with 4 stages it is clean on sm_80/sm_90/gfx942 under 3.6.0, 3.7.1 and 3.9.0,
+    with >= 64-bit weight loads on every variant checked (1/3/4/7/8 bits, groups 16..128, -1)."""
     return [triton.Config({"BLOCK_N": 128, "BLOCK_K": 128, "SPLIT_K": 4 if split else 1}, num_warps=8,
-                          num_stages=2 if split else 3)]
+                          num_stages=4)]
 
 
 def _prune_gemv(configs, named_args, **kwargs):

@@ -71,11 +71,13 @@ def svd(W: torch.Tensor, *, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
     return (P[:, :rank] * sig[:rank]).float().contiguous(), Qt[:rank].float().contiguous()
 
 
-def whitened_svd(W: torch.Tensor, H: torch.Tensor, *, rank: int, damp: float = 0.01) -> tuple[torch.Tensor, torch.Tensor]:
+def whitened_svd(W: torch.Tensor, H: torch.Tensor, *, rank: int, damp: float = 1e-3) -> tuple[torch.Tensor, torch.Tensor]:
     """SVD-LLM truncation-aware whitening: SVD of ``W S`` with ``S = chol(H + damp * mean(diag H) * I)``.
 
     ``damp`` is relative to the mean diagonal (as for GPTQ) and keeps ``S`` invertible when some
-    inputs are dead or collinear.
+    inputs are dead or collinear. SVD-LLM uses no damping; every bit of it moves the factorization
+    away from the calibration optimum. 1e-3 (the default) measured as good as undamped on held-out
+    data on the default model's layers, where GPTQ's 0.01 cost up to 25% (``experiments/damping.py``).
     """
     _check_weight(W)
     N, K = W.shape

@@ -19,7 +19,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from triton_kernels.lowrank_linear import lowrank_linear, svd_factors
-from triton_kernels.nn._backend import check_backend, cpu_dense_rows, triton_usable
+from triton_kernels.nn._backend import (check_backend, check_input, cpu_dense_rows, format_nbytes, tensor_nbytes,
+                                         triton_usable)
 
 BACKENDS = ("auto", "triton", "two_matmul")
 
@@ -88,17 +89,21 @@ class LowRankLinear(nn.Module):
     def rank(self) -> int:
         return self.U.shape[1]
 
-    def memory_bytes(self) -> int:
-        """Bytes of U + V + bias (bias included; it is the same for the dense layer)."""
-        n = self.U.numel() * self.U.element_size() + self.V.numel() * self.V.element_size()
-        if self.bias is not None:
-            n += self.bias.numel() * self.bias.element_size()
-        return n
+    def memory_bytes(self, include_bias: bool = False) -> int:
+        """Bytes of the factored format: U and V at 16 bits (fp16/bf16), whatever dtype they are held in.
+
+        The bias (16-bit) only with ``include_bias=True``: it is the same for the dense layer and not
+        part of the compressed weight. ``resident_bytes()`` counts the actual tensors.
+        """
+        return format_nbytes(self.U, self.V, self.bias if include_bias else None)
 
     def bits_per_weight(self) -> float:
-        """Bits of U + V (no bias) per entry of the dense (out_features x in_features) weight."""
-        n = self.U.numel() * self.U.element_size() + self.V.numel() * self.V.element_size()
-        return 8.0 * n / (self.out_features * self.in_features)
+        """Bits of U + V (no bias, 16-bit floats) per entry of the dense (out_features x in_features) weight."""
+        return 8.0 * self.memory_bytes() / (self.out_features * self.in_features)
+
+    def resident_bytes(self) -> int:
+        """Bytes of U, V and bias as this module holds them now (actual dtype)."""
+        return tensor_nbytes(self.U, self.V, self.bias)
 
     def resolved_backend(self, device: torch.device) -> str:
         """The backend forward uses on ``device`` ("triton" or "two_matmul")."""
@@ -110,13 +115,7 @@ class LowRankLinear(nn.Module):
         return self.backend
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype != self.U.dtype:
-            raise TypeError(f"x.dtype ({x.dtype}) must equal the layer's dtype ({self.U.dtype}); "
-                            f"cast x or the layer with .to()")
-        if x.device != self.U.device:
-            raise ValueError(f"x is on {x.device} but the layer is on {self.U.device}")
-        if x.shape[-1] != self.in_features:
-            raise ValueError(f"x must have last dim in_features = {self.in_features}; got {tuple(x.shape)}")
+        check_input(x, in_features=self.in_features, device=self.U.device, dtype=self.U.dtype)
         if self.resolved_backend(x.device) == "triton":
             return lowrank_linear(x, self.U, self.V, self.bias)
         x = cpu_dense_rows(x)  # torch's CPU kernels can misread column slices (see the helper)

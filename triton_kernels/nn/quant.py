@@ -1,10 +1,11 @@
 """``QuantLinear``: a linear layer whose weight is stored as packed 1-8-bit codes.
 
-Storage (the state_dict, and what ``memory_bytes()`` counts)
------------------------------------------------------------
+Storage (the state_dict, and what ``memory_bytes()`` counts, floats at 16 bits)
+-----------------------------------------------------------------------------
 - ``packed``: int32 (N, ceil(K * bits / 32)), the layout of ``triton_kernels.dequant_matmul.pack``
   (each row an LSB-first bit stream of ``bits``-bit codes).
-- ``scales``: (N, ceil(K / group_size)) in whatever float dtype it was given (fp32 from RTN).
+- ``scales``: (N, ceil(K / group_size)) in whatever float dtype it was given (fp32 from RTN; the
+  format, and so ``memory_bytes()``, counts them as fp16).
 - ``zeros``: same shape, asymmetric grids only (``None`` for symmetric: ``w = (q - 2^(bits-1)) * s``).
 - ``bias``: (N,) or ``None``.
 
@@ -57,7 +58,8 @@ scales-and-zeros; int8 (N, K) + scales), and ``dequant`` with ``cache_dequantize
 (N, K) weight. They are built once, on first use (or by ``prepack()`` for the torch ops),
 kept next to the storage format (not instead of it: the storage is the state_dict and the source
 of truth), and dropped on ``.to()``/``load_state_dict``. ``memory_bytes()`` counts the storage
-format only; ``resident_bytes()`` counts every tensor this module currently holds, prepacked
+format only, with scales/zeros at 16 bits (what a checkpoint stores, what the harness reports);
+``resident_bytes()`` counts every tensor this module currently holds in its actual dtype, prepacked
 copies included.
 """
 from __future__ import annotations
@@ -69,7 +71,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from triton_kernels import dequant_matmul as dq
-from triton_kernels.nn._backend import check_backend, cpu_dense_rows, triton_usable
+from triton_kernels.nn._backend import (check_backend, check_input, cpu_dense_rows, format_nbytes, tensor_nbytes,
+                                         triton_usable)
 
 BACKENDS = ("auto", "triton", "torch_int4", "torch_int8", "dequant")
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -277,14 +280,8 @@ class QuantLinear(nn.Module):
     # -- forward -----------------------------------------------------------------------------
 
     def forward(self, x: torch.Tensor, backend: str | None = None) -> torch.Tensor:
-        if not torch.is_tensor(x) or x.dtype not in _FLOAT_DTYPES:
-            raise TypeError(f"x must be a fp32/bf16/fp16 tensor (..., {self.in_features}), got "
-                            f"{getattr(x, 'dtype', type(x))}")
-        if x.dim() < 1 or x.shape[-1] != self.in_features:
-            raise ValueError(f"x must have shape (..., {self.in_features}), got {tuple(x.shape)}")
-        if x.device != self.packed.device:
-            raise ValueError(f"x is on {x.device} but the layer's weights are on {self.packed.device}; "
-                             f"move one with .to()")
+        # Any float activation dtype: every backend casts the dequantized weight/scales to it.
+        check_input(x, in_features=self.in_features, device=self.packed.device, dtypes=_FLOAT_DTYPES)
         chosen = self.resolve_backend(x, backend)
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
@@ -328,29 +325,23 @@ class QuantLinear(nn.Module):
     # -- sizes -------------------------------------------------------------------------------
 
     def memory_bytes(self, include_bias: bool = False) -> int:
-        """Bytes of the storage format: packed codes + scales (+ zeros), from the actual tensors.
+        """Bytes of the storage format: packed codes + 16-bit scales (+ 16-bit zeros).
 
-        The bias is left out unless ``include_bias`` (it is not part of the compressed weight).
-        Prepacked copies for torch's CPU ops are not counted here: see ``resident_bytes()``.
+        Scales and zeros count 16 bits each whatever dtype this module holds them in (fp16, as GPTQ
+        and GGUF checkpoints store them and as the harness counts them; ``from_linear`` keeps RTN's
+        fp32 scales, which ``resident_bytes()`` shows). The bias (16-bit) only with ``include_bias``:
+        it is not part of the compressed weight. Prepacked copies are never counted here.
         """
-        tensors = [self.packed, self.scales, self.zeros] + ([self.bias] if include_bias else [])
-        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+        return format_nbytes(self.packed, self.scales, self.zeros, self.bias if include_bias else None)
 
     def bits_per_weight(self) -> float:
         """Storage bits per weight, scales and zeros included: ``8 * memory_bytes() / (N * K)``."""
         return 8.0 * self.memory_bytes() / (self.out_features * self.in_features)
 
     def resident_bytes(self) -> int:
-        """Every tensor this module holds right now: storage, bias and any prepacked copies."""
-        seen: set[int] = set()
-        total = 0
-        tensors = [self.packed, self.scales, self.zeros, self.bias]
-        tensors += [t for v in self._prepacked.values() for t in v]
-        for t in tensors:
-            if t is not None and id(t) not in seen:
-                seen.add(id(t))
-                total += t.numel() * t.element_size()
-        return total
+        """Every tensor this module holds right now, in its actual dtype: storage, bias, prepacked copies."""
+        return tensor_nbytes(self.packed, self.scales, self.zeros, self.bias,
+                             *(t for v in self._prepacked.values() for t in v))
 
     def extra_repr(self) -> str:
         gs = "per-channel" if self.group_size == -1 else self.group_size

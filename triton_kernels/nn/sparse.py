@@ -24,14 +24,21 @@ Backends (``backend=``; resolved at construction, since each backend keeps its o
 - ``"dense"``: the masked weight kept dense, ``F.linear`` (activation: sparsified x, dense weight).
 - ``"auto"``: triton where ``triton_usable``; else see ``_auto_cpu_backend`` (data-driven crossovers).
 
-``memory_bytes()`` counts every tensor the chosen storage holds (values, indices, bits, tile lists)
-plus the bias; ``bits_per_weight()`` excludes the bias and divides by N*K.
+Sizes: ``memory_bytes()`` is the size of the pattern's sparse *format*, the storage of the Triton
+kernels (block: values + row pointers + block columns; N:M: kept values + packed in-group indices;
+unstructured: weight + 1-bit mask + tile list; activation: the dense weight), with floats counted at
+16 bits (fp16/bf16, what a deployment stores) and integers as stored, whatever backend was chosen:
+a 2:4 layer is 9 bits/weight (16-bit values + 2-bit indices) also where the CPU backend keeps a
+masked dense fp32 weight. The bias is left out unless ``include_bias=True``. ``bits_per_weight()``
+is ``8 * memory_bytes() / (N * K)``. ``resident_bytes()`` counts what the module holds in memory
+right now: every buffer of the chosen backend in its actual dtype, bias included.
 """
 import torch
 from torch import nn
 
 from triton_kernels import sparse_matmul as sm
-from triton_kernels.nn._backend import check_backend, cpu_dense_rows, triton_usable
+from triton_kernels.nn._backend import (check_backend, check_input, cpu_dense_rows, format_nbytes, tensor_nbytes,
+                                         triton_usable)
 
 PATTERNS = ("block", "nm", "unstructured", "activation")
 BACKENDS = {
@@ -40,7 +47,7 @@ BACKENDS = {
     "unstructured": ("auto", "triton", "torch_csr", "dense"),
     "activation": ("auto", "triton", "torch_gather", "dense"),
 }
-# Storage buffers per (pattern, backend); every one is counted by memory_bytes().
+# Storage buffers per (pattern, backend); resident_bytes() counts them, memory_bytes() the Triton format's.
 _BUFFERS = {
     ("block", "triton"): ("values", "row_ptr", "col_idx"),
     ("block", "torch_bsr"): ("values", "row_ptr", "col_idx"),
@@ -81,6 +88,7 @@ class SparseLinear(nn.Module):
         self.block, self.n, self.m, self.tile = tuple(block), n, m, tuple(tile)
         self.threshold, self.activation_sparsity = threshold, activation_sparsity
         self.sparsity = float(sparsity)  # fraction of zero weights in the effective (masked) weight
+        self._format = (0, 0)  # (float values, metadata bytes); set by from_linear / load_state_dict
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -108,6 +116,7 @@ class SparseLinear(nn.Module):
             mod.backend = mod._resolve(backend, w.device, w.dtype, 1.0)
             mod.register_buffer("weight_t", w.t().contiguous())
             mod.register_buffer("bias", bias)
+            mod._format = mod._format_parts(w, None)
             return mod
 
         if threshold is not None:
@@ -162,6 +171,7 @@ class SparseLinear(nn.Module):
             else:
                 mod.register_buffer("weight", w_eff.contiguous())
         mod.register_buffer("bias", bias)
+        mod._format = mod._format_parts(w_eff, mask)
         return mod
 
     def _resolve(self, backend: str, device: torch.device, dtype: torch.dtype, density: float) -> str:
@@ -219,7 +229,19 @@ class SparseLinear(nn.Module):
         return x.abs() >= kth
 
     # ------------------------------------------------------------------ forward
+    def _weight_tensor(self) -> torch.Tensor:
+        """The stored tensor whose dtype and device the input must match."""
+        for name in ("weight_t", "weight", "values"):
+            t = getattr(self, name, None)
+            if torch.is_tensor(t):
+                return t
+        raise AssertionError("SparseLinear without a weight buffer")
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self._weight_tensor()
+        # Every backend multiplies x by the stored weight without casting (torch's CSR/BSR exist only
+        # in fp32, F.linear and the kernels need one dtype), so x must have the weight's dtype.
+        check_input(x, in_features=self.in_features, device=w.device, dtype=w.dtype)
         b, p, be = self.bias, self.pattern, self.backend
         if be != "triton":
             x = cpu_dense_rows(x)  # torch's CPU kernels can misread column slices (see the helper)
@@ -247,10 +269,6 @@ class SparseLinear(nn.Module):
 
     def _torch_sparse_forward(self, x):
         N, K = self.out_features, self.in_features
-        if x.shape[-1] != K:
-            raise ValueError(f"x must have shape (..., {K}), got {tuple(x.shape)}")
-        if x.dtype != torch.float32:
-            raise TypeError(f"backend={self.backend!r} computes in float32; x is {x.dtype}")
         x2 = x.reshape(-1, K)
         if self.backend == "torch_bsr":
             bn, bk = self.block
@@ -265,14 +283,62 @@ class SparseLinear(nn.Module):
         return y.reshape(*x.shape[:-1], N)
 
     # ------------------------------------------------------------------ accounting
-    def memory_bytes(self, include_bias: bool = True) -> int:
-        """Bytes of every stored tensor (values, indices, bits, tile lists), plus the bias by default."""
-        return sum(t.numel() * t.element_size() for name, t in self.named_buffers()
-                   if t is not None and (include_bias or name != "bias"))
+    def _format_parts(self, w_eff: torch.Tensor, mask: torch.Tensor | None) -> tuple[int, int]:
+        """(stored float values, bytes of integer metadata) of the pattern's Triton storage format.
+
+        Counted from the layout of ``triton_kernels.sparse_matmul`` (int32 indices/bits), so it does
+        not depend on the backend: block counts the blocks ``to_block_sparse`` keeps (any nonzero),
+        unstructured the tiles ``to_masked`` lists (any kept entry of ``mask``).
+        """
+        N, K = self.out_features, self.in_features
+        if self.pattern == "activation":
+            return N * K, 0
+        if self.pattern == "nm":
+            Kp = -(-K // self.m) * self.m
+            kept = Kp * self.n // self.m
+            per_word = 32 // sm._idx_bits(self.m)
+            return N * kept, N * (-(-kept // per_word)) * 4
+        if self.pattern == "block":
+            bn, bk = self.block
+            nbr, nbc = -(-N // bn), -(-K // bk)
+            nz = sm._pad2(w_eff != 0, nbr * bn, nbc * bk).reshape(nbr, bn, nbc, bk).any(dim=3).any(dim=1)
+            nnzb = int(nz.sum())
+            return nnzb * bn * bk, (nbr + 1) * 4 + nnzb * 4
+        tn, tk = self.tile
+        ntr, ntc = -(-N // tn), -(-K // tk)
+        keep = mask if mask is not None else w_eff != 0
+        tiles = int(sm._pad2(keep, ntr * tn, ntc * tk).reshape(ntr, tn, ntc, tk).any(dim=3).any(dim=1).sum())
+        return N * K, N * (-(-K // 32)) * 4 + (ntr + 1) * 4 + tiles * 4
+
+    def format_values(self) -> int:
+        """How many floating-point values the sparse format stores (kept values with the format's
+        padding; the whole weight for the unstructured and activation formats)."""
+        return self._format[0]
+
+    def _stored_mask(self) -> torch.Tensor | None:
+        """The exact keep-mask where the storage holds one (unstructured Triton bits), else None."""
+        if (self.pattern, self.backend) == ("unstructured", "triton"):
+            return self._mw().mask()
+        return None
+
+    def memory_bytes(self, include_bias: bool = False) -> int:
+        """Bytes of the sparse format (see the module docstring): floats at 16 bits, any backend.
+
+        The bias (also at 16 bits) only with ``include_bias=True``: it is not part of the compressed weight.
+        """
+        values, meta = self._format
+        n = 2 * values + meta
+        if include_bias and self.bias is not None:
+            n += format_nbytes(self.bias)
+        return n
 
     def bits_per_weight(self) -> float:
-        """Stored bits per weight of the dense (N, K) layer, bias excluded."""
-        return 8.0 * self.memory_bytes(include_bias=False) / (self.in_features * self.out_features)
+        """Bits per weight of the sparse format: ``8 * memory_bytes() / (N * K)``, bias excluded."""
+        return 8.0 * self.memory_bytes() / (self.in_features * self.out_features)
+
+    def resident_bytes(self) -> int:
+        """Bytes of every tensor the module holds now (the chosen backend's storage and the bias)."""
+        return tensor_nbytes(*(t for _, t in self.named_buffers()))
 
     def extra_repr(self) -> str:
         opts = {"block": f"block={self.block}", "nm": f"n={self.n}, m={self.m}",
@@ -290,3 +356,5 @@ class SparseLinear(nn.Module):
             if t is not None and src is not None and src.shape != t.shape:
                 self._buffers[name] = torch.empty(src.shape, dtype=t.dtype, device=t.device)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        # New contents, new format size (where the mask is not stored, the kept weights are the nonzeros).
+        self._format = self._format_parts(self.dense_weight(), self._stored_mask())
