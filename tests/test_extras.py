@@ -31,6 +31,9 @@ OPTIONAL = {
     "datasets": "only for --source wikitext2 (online), imported when asked for",
     "papermill": "reproduce's notebook step; reproduce checks for it before it starts",
     "ipykernel": "reproduce's notebook step; reproduce checks for it before it starts",
+    "httpx": "models' offline probe of the hub (huggingface_hub brings it); without it, a socket probe",
+    "IPython": "plots show a figure inline only inside a notebook; ImportError means no display",
+    "gemlite": "gpu_check's side-by-side column, only where importable (a blank column otherwise)",
 }
 
 
