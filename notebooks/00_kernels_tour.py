@@ -160,6 +160,20 @@ print(f"{(cc['status'] == 'ok').sum()}/{len(cc)} configs ok; compiled on: {cc['d
 cc.pivot_table(index=["kernel", "config"], columns="target", values=["registers", "spill_bytes", "shared_bytes"],
                aggfunc="first")
 
+# %% [markdown]
+# What the compiled code does with the weights (NVIDIA targets, read from the PTX and the SASS): the width
+# of the loads that fetch the packed weights (a decode kernel must use 64- or 128-bit vectors: the check
+# fails otherwise), local-memory instructions (must be 0) and tensor-core instructions (HMMA/HGMMA).
+
+# %%
+sass_cols = ["weight_load_bits", "weight_bytes_per_load", "local_mem_instrs", "tensor_core_instrs"]
+if set(sass_cols) <= set(cc.columns):
+    nv = cc[cc["target"].isin(["sm_80", "sm_90"])]
+    display_table = nv.pivot_table(index=["kernel", "config"], columns="target", values=sass_cols, aggfunc="first")
+else:
+    display_table = "this compile-check table predates the load-width columns"
+display_table
+
 # %%
 fig = plots.compile_check_figure(cc)
 plots.save(fig, "compile_check", figures_dir)
