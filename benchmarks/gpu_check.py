@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures as cf
-import csv
 import datetime as _dt
 import math
 import multiprocessing as mp
@@ -40,7 +39,6 @@ import os
 import platform
 import subprocess
 import sys
-import tempfile
 import time
 import traceback
 import zlib
@@ -48,6 +46,9 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+from experiments.provenance import _version, git_commit
+from experiments.results import write_rows as write_csv
 
 SECTIONS = ("correctness", "bandwidth", "dequant", "sparse_lowrank")
 UNIT_ROUNDOFF = {torch.float16: 2.0 ** -11, torch.bfloat16: 2.0 ** -8, torch.float32: 2.0 ** -24}
@@ -58,26 +59,6 @@ DTYPES = {v: k for k, v in DNAME.items()}
 # ----------------------------------------------------------------------------------------------
 # Provenance and CSV
 # ----------------------------------------------------------------------------------------------
-def _version(pkg: str) -> str:
-    import importlib.metadata
-    try:
-        return importlib.metadata.version(pkg)
-    except importlib.metadata.PackageNotFoundError:
-        return "not installed"
-
-
-def _git_commit() -> str:
-    # The device machine gets a copy of the working tree without .git: the caller passes the commit.
-    env = os.environ.get("GPU_CHECK_COMMIT")
-    if env:
-        return env
-    try:
-        return subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True,
-                              check=True, cwd=Path(__file__).resolve().parent).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def _driver() -> str:
     try:
         return subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
@@ -92,26 +73,9 @@ def provenance(device: torch.device) -> dict:
         "device": gpu, "device_type": device.type,
         "driver": _driver() if device.type == "cuda" else "",
         "cuda": torch.version.cuda or "", "torch": torch.__version__, "triton": _version("triton"),
-        "python": platform.python_version(), "git_commit": _git_commit(),
+        "python": platform.python_version(), "git_commit": git_commit(),
         "timestamp": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }
-
-
-def write_csv(path: Path, rows: list[dict]) -> None:
-    """Write ``rows`` atomically (temp file + rename); the header is the union of the rows' keys."""
-    if not rows:
-        return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fields: list[str] = []
-    for r in rows:
-        fields += [k for k in r if k not in fields]
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=fields)
-        w.writeheader()
-        w.writerows(rows)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -301,10 +265,6 @@ def _case_name(c: dict) -> str:
     return " ".join(f"{k}={c[k]}" for k in keys)
 
 
-def _worker_init():
-    os.environ.setdefault("TRITON_PRINT_AUTOTUNING", "0")
-
-
 def run_correctness(device: torch.device, workers: int, deadline: float) -> list[dict]:
     cases = all_cases(device.type)
     print(f"[correctness] {len(cases)} cases on {device.type} with {workers} worker(s)", flush=True)
@@ -317,7 +277,7 @@ def run_correctness(device: torch.device, workers: int, deadline: float) -> list
             rows.append(run_case(c, device.type))
     else:
         ctx = mp.get_context("spawn")
-        pool = cf.ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_worker_init)
+        pool = cf.ProcessPoolExecutor(max_workers=workers, mp_context=ctx)
         futs = {pool.submit(run_case, c, device.type): c for c in cases}
         try:
             for f in cf.as_completed(futs, timeout=max(1.0, deadline - time.monotonic())):
@@ -563,7 +523,9 @@ def main(argv=None) -> int:
         if section not in only:
             continue
         t0 = time.monotonic()
-        save = lambda rows, section=section: write_csv(out_dir / f"{section}.csv", [{**r, **prov} for r in rows])  # noqa: E731
+        def save(rows, section=section):  # a section that measured nothing writes no file
+            if rows:
+                write_csv(out_dir / f"{section}.csv", [{**r, **prov} for r in rows])
         if t0 > deadline:
             summary.append({"section": section, "status": "SKIPPED (time budget)", "seconds": 0})
             continue

@@ -23,7 +23,13 @@ def _version(pkg: str) -> str:
 
 @functools.lru_cache(maxsize=1)
 def git_commit() -> str:
-    """Short commit of the working tree, with '+dirty' when uncommitted changes exist."""
+    """Short commit of the working tree, with '+dirty' when uncommitted changes exist.
+
+    A copy of the tree without ``.git`` (e.g. what a remote GPU machine receives) reports the commit
+    its caller passes in ``TKR_GIT_COMMIT``, else "unknown".
+    """
+    if not (REPO / ".git").exists() and os.environ.get("TKR_GIT_COMMIT"):
+        return os.environ["TKR_GIT_COMMIT"]
     try:
         sha = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=REPO, check=True,
                              capture_output=True, text=True).stdout.strip()
