@@ -6,6 +6,8 @@
     python -m experiments reproduce [--quick] [--run NAME]      # every step, then a diff vs results/
     python -m experiments compare [--quick] [--run NAME]        # a run's numbers vs the reference
     python -m experiments promote --run NAME [--quick]          # make a run the reference results/
+    python -m experiments compress <point label|spec JSON> [--quick] [--model M] --out DIR   # save one
+    python -m experiments eval DIR [--quick] [--decode N]       # evaluate a saved compressed model
 
 Measuring commands write into a run directory (``runs/<NAME>/``, ignored by git; see
 ``experiments.runs``), never into the committed reference tables under ``results/``.
@@ -157,6 +159,26 @@ def cmd_summary(args: argparse.Namespace) -> int:
     return summary_main(args)
 
 
+def _add_compress(p: argparse.ArgumentParser) -> None:
+    from experiments.saved_cli import add_compress_arguments
+    add_compress_arguments(p)
+
+
+def cmd_compress(args: argparse.Namespace) -> int:
+    from experiments.saved_cli import compress_main
+    return compress_main(args)
+
+
+def _add_eval(p: argparse.ArgumentParser) -> None:
+    from experiments.saved_cli import add_eval_arguments
+    add_eval_arguments(p)
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from experiments.saved_cli import eval_main
+    return eval_main(args)
+
+
 COMMANDS: dict[str, tuple[Callable, Callable, str]] = {
     "list": (_add_list, cmd_list, "list the sweeps with their point counts (full and --quick)"),
     "run": (_add_run, cmd_run, "run or resume a sweep; one CSV row per point in the run directory (runs/NAME)"),
@@ -170,6 +192,9 @@ COMMANDS: dict[str, tuple[Callable, Callable, str]] = {
     "compare": (_add_compare, cmd_compare, "a run's perplexities and sizes against the reference results/"),
     "promote": (_add_promote, cmd_promote, "replace the reference tables in results/ by a finished run's"),
     "summary": (_add_summary, cmd_summary, "headline numbers from the result tables, as Markdown"),
+    "compress": (_add_compress, cmd_compress,
+                 "compress the model once (a sweep point label or a spec as JSON) and save it to --out DIR"),
+    "eval": (_add_eval, cmd_eval, "perplexity (and --decode speed) of a model saved by `compress`, without recompressing"),
 }
 
 

@@ -1,0 +1,58 @@
+"""``python -m experiments compress`` / ``eval`` on the tiny model of test_cli: a saved point evaluates
+to exactly the perplexity the sweep measured for it, and bad input is one ``error:`` line, exit 2."""
+import json
+
+from tests.test_cli import cli, rows, tiny  # noqa: F401  (tiny is a fixture)
+
+ONE_POINT = """\
+name: one
+description: one calibrated point
+settings: {seqlen: 32, eval_tokens: 256, calib_samples: 4, calib_seqlen: 32, seed: 0}
+points:
+  - {method: gptq, bits: 4, group_size: 32, act_order: true}
+quick:
+  settings: {seqlen: 32, eval_tokens: 64, calib_samples: 2, calib_seqlen: 32, seed: 0}
+  points: [{method: gptq, bits: 4, group_size: 32, act_order: true}]
+"""
+
+
+def test_compress_then_eval_equals_the_sweep_row(tiny, tmp_path):  # noqa: F811
+    model, text, _ = tiny
+    sweep = tmp_path / "one.yaml"
+    sweep.write_text(ONE_POINT)
+    r = cli("run", sweep, "--model", model, "--text-file", text, "--out-dir", tmp_path / "run", "--quick",
+            "--no-progress")
+    assert r.returncode == 0, r.stderr
+    (row,) = rows(tmp_path / "run" / "quick" / "sweep_one.csv")
+
+    out = tmp_path / "saved"
+    r = cli("compress", row["point"], "--sweep", sweep, "--model", model, "--text-file", text, "--quick",
+            "--out", out, "--no-progress")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == str(out)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["label"] == row["point"] == "gptq-w4-g32-asym-act"
+    assert manifest["calibration"]["calib_samples"] == 2 and manifest["base_model"]["spec"] == str(model)
+
+    r = cli("eval", out, "--text-file", text, "--quick", "--no-progress")
+    assert r.returncode == 0, r.stderr
+    got = json.loads(r.stdout)
+    # Same calibration, same compression, same windows: the same number the sweep wrote.
+    assert got["ppl"] == float(row["ppl"]) and got["eval_tokens"] == int(row["eval_tokens"])
+    assert got["bits_per_weight"] == float(row["bits_per_weight"])
+    assert "QuantLinear" in got["module_backends"]
+
+
+def test_bad_input_is_one_error_line(tiny, tmp_path):  # noqa: F811
+    model, text, _ = tiny
+    r = cli("compress", "gptq-w5-g7", "--model", model, "--out", tmp_path / "x")
+    assert r.returncode == 2 and r.stderr.strip().startswith("error: point 'gptq-w5-g7' is not the label of a point")
+    assert "labels of that method: gptq-" in r.stderr
+    r = cli("compress", '{"method": "rtn", "bits": 11}', "--model", model, "--out", tmp_path / "x")
+    assert r.returncode == 2 and "error: point: bits=11 must be an integer in 1..8" in r.stderr
+    (tmp_path / "exists").mkdir()
+    r = cli("compress", '{"method": "rtn", "bits": 4}', "--model", model, "--out", tmp_path / "exists")
+    assert r.returncode == 2 and "already exists; choose another directory or pass --overwrite" in r.stderr
+    r = cli("eval", tmp_path / "exists", "--text-file", text)
+    assert r.returncode == 2 and "has no manifest.json" in r.stderr
+    assert not (tmp_path / "x").exists()
