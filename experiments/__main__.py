@@ -8,6 +8,7 @@
     python -m experiments promote --run NAME [--quick]          # make a run the reference results/
     python -m experiments compress <point label|spec JSON> [--quick] [--model M] --out DIR   # save one
     python -m experiments eval DIR [--quick] [--decode N]       # evaluate a saved compressed model
+    python -m experiments export DIR --format gguf|compressed-tensors --out PATH
 
 Measuring commands write into a run directory (``runs/<NAME>/``, ignored by git; see
 ``experiments.runs``), never into the committed reference tables under ``results/``.
@@ -179,6 +180,16 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return eval_main(args)
 
 
+def _add_export(p: argparse.ArgumentParser) -> None:
+    from experiments.saved_cli import add_export_arguments
+    add_export_arguments(p)
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from experiments.saved_cli import export_main
+    return export_main(args)
+
+
 COMMANDS: dict[str, tuple[Callable, Callable, str]] = {
     "list": (_add_list, cmd_list, "list the sweeps with their point counts (full and --quick)"),
     "run": (_add_run, cmd_run, "run or resume a sweep; one CSV row per point in the run directory (runs/NAME)"),
@@ -195,6 +206,7 @@ COMMANDS: dict[str, tuple[Callable, Callable, str]] = {
     "compress": (_add_compress, cmd_compress,
                  "compress the model once (a sweep point label or a spec as JSON) and save it to --out DIR"),
     "eval": (_add_eval, cmd_eval, "perplexity (and --decode speed) of a model saved by `compress`, without recompressing"),
+    "export": (_add_export, cmd_export, "write a model saved by `compress` as GGUF (llama.cpp) or compressed-tensors (vLLM)"),
 }
 
 

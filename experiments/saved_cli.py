@@ -174,3 +174,44 @@ def eval_main(args: argparse.Namespace) -> int:
                    device=str(dev))
     print(json.dumps(out, sort_keys=True))
     return 0
+
+
+EXPORT_FORMATS = ("gguf", "compressed-tensors")
+
+
+def add_export_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("dir", help="a directory written by `compress`")
+    p.add_argument("--format", required=True, choices=EXPORT_FORMATS,
+                   help="gguf: one .gguf file (llama.cpp; Q4_0/Q4_1/Q8_0 blocks); compressed-tensors: a Hugging Face "
+                        "directory in the compressed-tensors pack-quantized format (vLLM, llm-compressor)")
+    p.add_argument("--out", required=True, help="the .gguf file or the output directory (must not exist)")
+    p.add_argument("--base", default=None, help="model spec of the base model (default: the one in the manifest)")
+
+
+def export_main(args: argparse.Namespace) -> int:
+    from experiments.saving import load_compressed, read_manifest
+    out = Path(args.out)
+    if out.exists():
+        raise ValueError(f"--out {str(out)!r} already exists; choose another path")
+    manifest = read_manifest(args.dir)
+    model = load_compressed(args.dir, base=args.base)
+    base_spec = args.base or manifest["base_model"].get("spec")
+    if args.format == "gguf":
+        from experiments.export_gguf import export_gguf
+        tok = None
+        if base_spec:
+            from experiments import models
+            if base_spec == "default":
+                tok = models.default_gguf_path()
+            elif str(base_spec).endswith(".gguf"):
+                tok = Path(base_spec)
+        if out.suffix != ".gguf":
+            raise ValueError(f"--out {str(out)!r}: a GGUF export is one file ending in .gguf")
+        report = export_gguf(model, out, name=manifest.get("label"), tokenizer_from=tok)
+        summary = {k: v for k, v in report.items() if k != "tensors"}
+    else:
+        from experiments.export_ct import export_compressed_tensors
+        summary = export_compressed_tensors(model, out)
+    print(json.dumps(summary, sort_keys=True), file=sys.stderr)
+    print(out)
+    return 0

@@ -56,3 +56,29 @@ def test_bad_input_is_one_error_line(tiny, tmp_path):  # noqa: F811
     r = cli("eval", tmp_path / "exists", "--text-file", text)
     assert r.returncode == 2 and "has no manifest.json" in r.stderr
     assert not (tmp_path / "x").exists()
+
+
+def test_export_gguf_and_compressed_tensors(tiny, tmp_path):  # noqa: F811
+    import gguf
+    model, text, _ = tiny
+    saved = tmp_path / "saved"
+    r = cli("compress", '{"method": "rtn", "bits": 4, "group_size": 32, "symmetric": true}', "--model", model,
+            "--out", saved, "--no-progress")
+    assert r.returncode == 0, r.stderr
+    r = cli("export", saved, "--format", "gguf", "--out", tmp_path / "m.gguf")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stderr.strip().splitlines()[-1])["exact"] is True
+    types = {t.tensor_type.name for t in gguf.GGUFReader(str(tmp_path / "m.gguf")).tensors if t.name.startswith("blk.")
+             and not t.name.endswith("norm.weight")}
+    assert types == {"Q4_0"}
+    r = cli("export", saved, "--format", "compressed-tensors", "--out", tmp_path / "ct")
+    assert r.returncode == 0, r.stderr
+    assert json.loads((tmp_path / "ct" / "config.json").read_text())["quantization_config"]["format"] == "pack-quantized"
+    r = cli("export", saved, "--format", "gguf", "--out", tmp_path / "m.gguf")
+    assert r.returncode == 2 and "already exists" in r.stderr
+
+    sparse = tmp_path / "sparse"
+    assert cli("compress", '{"method": "magnitude", "pattern": "2:4"}', "--model", model, "--out", sparse).returncode == 0
+    r = cli("export", sparse, "--format", "gguf", "--out", tmp_path / "s.gguf")
+    assert r.returncode == 2 and "is a SparseLinear: GGUF stores dense" in r.stderr
+    assert not (tmp_path / "s.gguf").exists()
