@@ -39,6 +39,7 @@ than the table's context is recorded as failed (``ContextMismatch``) instead of 
 """
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import json
 import os
@@ -250,6 +251,7 @@ class RayExecutor:
         self.worker_info: list[dict[str, Any]] = []   # one entry per finished point (where it ran)
         self._ray = None
         self._connected = False
+        self._stdout: contextlib.ExitStack | None = None
 
     # -- setup
     def check_device(self, device: str) -> None:
@@ -274,6 +276,11 @@ class RayExecutor:
     def _connect(self) -> None:
         ray = self._ray or import_ray()
         self._ray = ray
+        if self._stdout is None:
+            # Ray's driver thread prints the cluster's messages ("A worker died ...") to sys.stdout, which
+            # carries only a command's product (the tables' paths): they go to stderr until close().
+            self._stdout = contextlib.ExitStack()
+            self._stdout.enter_context(contextlib.redirect_stdout(sys.stderr))
         if self._connected or ray.is_initialized():
             # An instance this process already uses (a notebook, a test): used as is and left running;
             # it should have been started with runtime_env=ray_runtime_env() for the workers to run this code.
@@ -359,9 +366,14 @@ class RayExecutor:
                     pass
 
     def close(self) -> None:
-        if self._connected and self._ray is not None:
-            self._ray.shutdown()
-        self._connected = False
+        try:
+            if self._connected and self._ray is not None:
+                self._ray.shutdown()
+        finally:
+            self._connected = False
+            if self._stdout is not None:
+                self._stdout.close()
+                self._stdout = None
 
 
 def make_executor(name: str, *, ray_address: str | None = None, gpus_per_point: float | None = None,

@@ -32,6 +32,11 @@ text or machine never counts as "already done" and never mixes in. A point's id 
 spec, its settings, the model and the corpus; points whose id is already in the table are skipped,
 so a run killed at any moment (even ``kill -9``) resumes where it stopped, with no duplicate, lost
 or half-written row. Torch's RNG is re-seeded for every point.
+
+Each point is measured by :func:`measure_point` (a fresh copy of the model, compression,
+perplexity, the row), called by an executor (``experiments.executors``): the default runs the points
+one after another in this process; ``--executor ray`` runs them as Ray tasks, locally or on a
+cluster, and hands every row back to this process, which stays the only writer of the table.
 """
 from __future__ import annotations
 

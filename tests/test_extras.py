@@ -34,6 +34,7 @@ OPTIONAL = {
     "httpx": "models' offline probe of the hub (huggingface_hub brings it); without it, a socket probe",
     "IPython": "plots show a figure inline only inside a notebook; ImportError means no display",
     "gemlite": "gpu_check's side-by-side column, only where importable (a blank column otherwise)",
+    "ray": "the ray extra, only for `run --executor ray`: executors.import_ray raises a SetupError naming it",
 }
 
 
