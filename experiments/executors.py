@@ -191,6 +191,28 @@ def ray_runtime_env() -> dict[str, Any]:
             "env_vars": {"TKR_GIT_COMMIT": git_commit()}}
 
 
+# Ray gives a local node a fixed 30 s to register (ray/_private/node.py); on a 2-core machine shared by
+# other jobs (load ~12) that has run out, once in a few starts. A fresh attempt then usually starts.
+LOCAL_START_ATTEMPTS = 3
+
+
+def init_ray(address: str = "local", *, log: Callable[[str], None] = lambda s: print(s, file=sys.stderr),
+             **kwargs: Any) -> None:
+    """``ray.init(address, **kwargs)``; a local instance that timed out while starting is started again
+    (up to :data:`LOCAL_START_ATTEMPTS` times in all)."""
+    ray = import_ray()
+    for attempt in range(1, LOCAL_START_ATTEMPTS + 1):
+        try:
+            ray.init(address=address, **kwargs)
+            return
+        except Exception as e:  # noqa: BLE001 - Ray raises a plain Exception for this
+            if address != "local" or "timed out during startup" not in str(e) or attempt == LOCAL_START_ATTEMPTS:
+                raise
+            log(f"ray: the local instance did not start in time ({_one_line(str(e), 200)}); "
+                f"starting it again ({attempt + 1}/{LOCAL_START_ATTEMPTS})")
+            ray.shutdown()
+
+
 def _probe_task(device: str, threads: int) -> dict[str, str]:
     """Runs on a worker: the provenance of a point's machine (ValueError if the device is not there)."""
     import torch
@@ -286,9 +308,9 @@ class RayExecutor:
             # it should have been started with runtime_env=ray_runtime_env() for the workers to run this code.
             return
         try:
-            ray.init(address=self.address or "local", include_dashboard=False, log_to_driver=False,
+            init_ray(self.address or "local", log=self.log, include_dashboard=False, log_to_driver=False,
                      logging_level="warning", runtime_env=ray_runtime_env())
-        except (ConnectionError, RuntimeError, ValueError) as e:
+        except Exception as e:  # noqa: BLE001 - Ray raises plain Exception too (e.g. a node start timeout)
             where = f"the Ray cluster at {self.address!r}" if self.address else "a local Ray instance"
             raise SetupError(f"--executor ray: could not start or join {where} ({type(e).__name__}: "
                              f"{_one_line(str(e), 300)}); check --ray-address (auto, host:port, ray://host:port) "

@@ -4,7 +4,8 @@ A tiny random Llama (as in test_cli.py) and one local Ray instance with 2 CPUs a
 started once for the module (Ray takes seconds to start). The serial reference runs with one torch
 thread, as each Ray point does with ``--cpus-per-point 1``, so the rows must agree in every column
 but the timings: values, provenance and context alike. Covered: the CLI joining a cluster
-(``--ray-address``) and starting its own local instance (the resume after ``kill -9``); a point that
+(``--ray-address``) and starting its own local instance; Ctrl-C and ``kill -9`` of the driver, each
+losing no finished row, then a resume to the complete table without duplicates; a point that
 raises and a point whose worker dies (retried, then recorded as failed while the others finish, then
 retried by the next run); each worker loading the model once; bad options; the default path never
 importing Ray, and a clear error when it is missing.
@@ -23,7 +24,7 @@ import pytest
 import ray
 import torch
 
-from experiments.executors import PointsFailed, RayExecutor, failed_path, ray_runtime_env
+from experiments.executors import PointsFailed, RayExecutor, failed_path, init_ray, ray_runtime_env
 from experiments.sweep import load_sweep, measure_point, run_sweeps
 
 REPO = Path(__file__).resolve().parent.parent
@@ -43,6 +44,8 @@ points:
   - {method: whitened_svd, ratio: 0.5}
   - {method: combo, steps: [{method: sparsegpt, pattern: "2:4"}, {method: gptq, bits: 4, group_size: 32}]}
 """
+# One xdist worker runs the whole module (make test: -n 2 --dist loadgroup), so one Ray instance serves it.
+pytestmark = pytest.mark.xdist_group("ray")
 N_POINTS = 8
 # Columns that differ between two runs of the same points by nature: how long they took and when.
 TIMING = {"compress_seconds", "eval_seconds", "timestamp"}
@@ -85,8 +88,8 @@ def cpu_backends():
 def ray_address():
     """One local Ray instance for the module (2 CPUs, no dashboard); this process is also a driver."""
     with cpu_backends():   # Ray's processes, and so its workers, inherit this environment
-        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
-                 logging_level="warning", runtime_env=ray_runtime_env())
+        init_ray("local", num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="warning",
+                 runtime_env=ray_runtime_env())
     try:
         yield ray.get_runtime_context().gcs_address
     finally:
@@ -208,25 +211,37 @@ def test_each_worker_loads_the_model_once(tiny, ray_address, tmp_path):
     assert sorted(loads) == sorted(set(pids)), "a worker loaded the model more than once, or not first"
 
 
-def test_sigkill_of_the_driver_then_resume_completes_the_table(tiny, serial_rows, ray_address, tmp_path):
-    table = tmp_path / "sweep_tiny.csv"
-    proc = subprocess.Popen([sys.executable, "-m", "experiments",
-                             *map(str, run_args(tiny, tmp_path, "--executor", "ray", "--ray-address", ray_address))],
-                            cwd=REPO, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+def _stop_after_new_rows(args, table, sig, n_before):
+    """Start ``python -m experiments *args``; send ``sig`` once the table has more than ``n_before`` rows."""
+    proc = subprocess.Popen([sys.executable, "-m", "experiments", *map(str, args)], cwd=REPO, env=_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.time() + 240
         while time.time() < deadline and proc.poll() is None:
-            if table.exists() and len(rows(table)) >= 1:
+            if table.exists() and len(rows(table)) > n_before:
                 break
             time.sleep(0.02)
-        assert proc.poll() is None, "the sweep finished before it could be killed; make it longer"
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=30)
+        assert proc.poll() is None, "the sweep finished before it could be stopped; make it longer"
+        proc.send_signal(sig)
+        out, err = proc.communicate(timeout=120)
     finally:
         if proc.poll() is None:
             proc.kill()
-    n_killed = len(rows(table))
-    assert 1 <= n_killed < N_POINTS
+            proc.wait()
+    return proc.returncode, out, err, len(rows(table))
+
+
+def test_ctrl_c_then_kill_9_of_the_driver_then_resume_completes_the_table(tiny, serial_rows, ray_address, tmp_path):
+    table = tmp_path / "sweep_tiny.csv"
+    join = run_args(tiny, tmp_path, "--executor", "ray", "--ray-address", ray_address)
+    rc, out, err, n_interrupted = _stop_after_new_rows(join, table, signal.SIGINT, 0)
+    assert rc == 130, err
+    assert "interrupted; finished points are saved" in err and out == ""
+    assert 1 <= n_interrupted < N_POINTS
+
+    rc, _, _, n_killed = _stop_after_new_rows(join, table, signal.SIGKILL, n_interrupted)
+    assert rc == -signal.SIGKILL
+    assert n_interrupted < n_killed < N_POINTS
 
     # Resume without --ray-address: the default, a local Ray instance of this command's own.
     r = cli(*run_args(tiny, tmp_path, "--executor", "ray"))
