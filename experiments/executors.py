@@ -259,6 +259,9 @@ class RayExecutor:
                                            not 0 <= gpus_per_point or gpus_per_point != gpus_per_point):
             raise ValueError(f"--gpus-per-point {gpus_per_point!r} must be a number >= 0 (e.g. 1, or 0.5 to share "
                              f"a GPU between two points)")
+        if gpus_per_point is not None and gpus_per_point > 1 and gpus_per_point != int(gpus_per_point):
+            raise ValueError(f"--gpus-per-point {gpus_per_point!r}: Ray takes a fraction of one GPU (<= 1) or a whole "
+                             f"number of GPUs, e.g. 0.5, 1 or 2")
         if isinstance(max_retries, bool) or not isinstance(max_retries, int) or max_retries < 0:
             raise ValueError(f"--max-retries {max_retries!r} must be an integer >= 0")
         self.address = address

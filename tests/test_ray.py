@@ -254,9 +254,10 @@ def test_ctrl_c_then_kill_9_of_the_driver_then_resume_completes_the_table(tiny, 
     (["--cpus-per-point", "2"], r"--cpus-per-point only apply with --executor ray"),
     (["--executor", "ray", "--cpus-per-point", "0"], r"--cpus-per-point 0 must be an integer >= 1"),
     (["--executor", "ray", "--gpus-per-point", "-1"], r"--gpus-per-point -1.0 must be a number >= 0"),
+    (["--executor", "ray", "--gpus-per-point", "1.5"], r"a fraction of one GPU \(<= 1\) or a whole number"),
     (["--executor", "ray", "--device", "cuda", "--gpus-per-point", "0"], r"needs --gpus-per-point > 0"),
     (["--executor", "ray", "--gpus-per-point", "1"], r"reserves GPUs that --device cpu does not use"),
-], ids=["ray-option-without-ray", "cpus", "gpus", "cuda-without-gpus", "gpus-on-cpu"])
+], ids=["ray-option-without-ray", "cpus", "gpus", "gpus-fraction", "cuda-without-gpus", "gpus-on-cpu"])
 def test_bad_executor_options_exit_2_before_anything_runs(tiny, tmp_path, capsys, extra, match):
     from experiments.__main__ import main
     assert main([*map(str, run_args(tiny, tmp_path)), *extra]) == 2
