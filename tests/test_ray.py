@@ -44,8 +44,6 @@ points:
   - {method: whitened_svd, ratio: 0.5}
   - {method: combo, steps: [{method: sparsegpt, pattern: "2:4"}, {method: gptq, bits: 4, group_size: 32}]}
 """
-# One xdist worker runs the whole module (make test: -n 2 --dist loadgroup), so one Ray instance serves it.
-pytestmark = pytest.mark.xdist_group("ray")
 N_POINTS = 8
 # Columns that differ between two runs of the same points by nature: how long they took and when.
 TIMING = {"compress_seconds", "eval_seconds", "timestamp"}
@@ -86,10 +84,13 @@ def cpu_backends():
 
 @pytest.fixture(scope="module")
 def ray_address():
-    """One local Ray instance for the module (2 CPUs, no dashboard); this process is also a driver."""
+    """One local Ray instance for the module (2 CPUs, no dashboard, a small object store); this process is
+    also a driver. Under ``make test`` (``-n 2``) each xdist worker that runs one of these tests starts its
+    own: ``--dist loadgroup`` would keep them on one worker, but it silently does not group on pytest 9.2
+    (pytest-dev/pytest-xdist#1386)."""
     with cpu_backends():   # Ray's processes, and so its workers, inherit this environment
         init_ray("local", num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="warning",
-                 runtime_env=ray_runtime_env())
+                 object_store_memory=200 * 2**20, runtime_env=ray_runtime_env())
     try:
         yield ray.get_runtime_context().gcs_address
     finally:
