@@ -3,6 +3,8 @@
     python -m experiments list
     python -m experiments run <sweep|all|path.yaml> [--quick] [--model default] [--text-file F]
                               [--source austen] [--run NAME | --out-dir DIR] [--device cpu] [--no-progress]
+                              [--executor serial|ray [--ray-address auto|ray://...] [--gpus-per-point G]
+                               [--cpus-per-point N] [--max-retries R]]
     python -m experiments reproduce [--quick] [--run NAME]      # every step, then a diff vs results/
     python -m experiments compare [--quick] [--run NAME]        # a run's numbers vs the reference
     python -m experiments promote --run NAME [--quick]          # make a run the reference results/
@@ -70,14 +72,37 @@ def _add_run(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true",
                    help="no progress bars/lines (on a terminal: tqdm bars; in a redirected log: a plain line "
                         "every TKR_PROGRESS_INTERVAL seconds, default 30)")
+    g = p.add_argument_group("executor", "where the points run (experiments.executors); this process writes the tables")
+    g.add_argument("--executor", default="serial", choices=("serial", "ray"),
+                   help="serial (default): one point after another here; ray: one Ray task per point "
+                        "(pip install -e '.[ray]')")
+    g.add_argument("--ray-address", default=None, metavar="ADDR",
+                   help="join this Ray cluster (auto, host:port, ray://host:port); default: start a local instance")
+    g.add_argument("--gpus-per-point", type=float, default=None, metavar="G",
+                   help="GPUs a point reserves (default 1 with --device cuda, else 0)")
+    g.add_argument("--cpus-per-point", type=int, default=None, metavar="N",
+                   help="CPUs a point reserves; torch uses N threads there (default 1)")
+    g.add_argument("--max-retries", type=int, default=None, metavar="R",
+                   help="retries of a point whose worker dies (killed, out of memory) before it counts as failed "
+                        "(default 2)")
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from experiments.executors import PointsFailed, make_executor
     from experiments.sweep import resolve_sweeps, run_sweeps
     t0 = time.perf_counter()
+    executor = make_executor(args.executor, ray_address=args.ray_address, gpus_per_point=args.gpus_per_point,
+                             cpus_per_point=args.cpus_per_point, max_retries=args.max_retries)
     sweeps = resolve_sweeps(args.sweep)
-    paths = run_sweeps(sweeps, quick=args.quick, model=args.model, text_file=args.text_file, source=args.source,
-                       out_dir=args.out_dir, run=args.run, device=args.device, progress=not args.no_progress)
+    try:
+        paths = run_sweeps(sweeps, quick=args.quick, model=args.model, text_file=args.text_file, source=args.source,
+                           out_dir=args.out_dir, run=args.run, device=args.device, progress=not args.no_progress,
+                           executor=executor)
+    except PointsFailed as e:
+        for p in e.paths:
+            print(p)
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     for p in paths:
         print(p)
     print(f"done in {time.perf_counter() - t0:.1f}s", file=sys.stderr)

@@ -412,6 +412,11 @@ def load_model(spec: str = "default", dtype: torch.dtype = torch.float32, *,
     return copy.deepcopy(template), tokenizer, copy.deepcopy(info)
 
 
+def is_cached(spec: str = "default", dtype: torch.dtype = torch.float32) -> bool:
+    """Whether this process already holds the template of ``spec`` (the next load_model is a copy)."""
+    return (spec, str(dtype)) in _CACHE
+
+
 def clear_model_cache() -> None:
     _CACHE.clear()
     _TOKENIZERS.clear()

@@ -32,6 +32,11 @@ text or machine never counts as "already done" and never mixes in. A point's id 
 spec, its settings, the model and the corpus; points whose id is already in the table are skipped,
 so a run killed at any moment (even ``kill -9``) resumes where it stopped, with no duplicate, lost
 or half-written row. Torch's RNG is re-seeded for every point.
+
+Each point is measured by :func:`measure_point` (a fresh copy of the model, compression,
+perplexity, the row), called by an executor (``experiments.executors``): the default runs the points
+one after another in this process; ``--executor ray`` runs them as Ray tasks, locally or on a
+cluster, and hands every row back to this process, which stays the only writer of the table.
 """
 from __future__ import annotations
 
@@ -50,6 +55,8 @@ import yaml
 from experiments import families
 from experiments.compress import (MethodSpec, aliases_source_grid, check_spec_fits, compress_model,
                                   layer_shapes, module_backends, parse_spec)
+from experiments.executors import (Executor, PointJob, PointsFailed, SerialExecutor, clear_failure, failed_path,
+                                   record_failure)
 
 SWEEPS_DIR = Path(__file__).resolve().parent / "sweeps"
 SETTING_KEYS = ("seqlen", "eval_tokens", "calib_samples", "calib_seqlen", "seed")
@@ -255,25 +262,30 @@ class _Prepared:
     path: Path
     todo: list[tuple[str, MethodSpec]]
     n_done: int
+    n_failed_before: int
     windows: torch.Tensor
     calib: torch.Tensor | None
 
 
 def run_sweeps(sweeps: list[Sweep], *, quick: bool = False, model: str = "default", text_file: str | None = None,
                source: str = "austen", out_dir: str | Path | None = None, run: str | None = None,
-               device: str = "cpu", progress: bool = True,
+               device: str = "cpu", progress: bool = True, executor: Executor | None = None,
                log: Callable[[str], None] = lambda s: print(s, file=sys.stderr)) -> list[Path]:
     """Run (or resume) ``sweeps``; returns the CSV paths. See the module docstring.
 
     ``out_dir``/``run`` choose the run directory (``experiments.runs.run_root``; default
-    ``runs/local`` or ``runs/local-<model>-<text>``).
+    ``runs/local`` or ``runs/local-<model>-<text>``). ``executor`` measures the points
+    (``experiments.executors``: one after another in this process by default, or as Ray tasks);
+    this process stays the only writer of the tables. Points that failed on a fault-tolerant
+    executor are recorded in ``failed/`` beside the table and raise :class:`PointsFailed` once every
+    other point has finished; the next run retries them.
     """
-    from experiments import data, evaluate, models
-    from experiments.provenance import provenance
+    from experiments import data, models
     from experiments.results import append_row, check_context, read_rows
     from experiments.runs import SWEEP_CONTEXT, mode_dir, run_root
 
-    dev = _device_of(device)
+    executor = executor or SerialExecutor()
+    executor.check_device(device)
     out = mode_dir(run_root(out_dir=out_dir, run=run, model=model, text_file=text_file, source=source), quick)
     t0 = time.perf_counter()
     calib_text, eval_text, corpus = data.get_texts(source=source, text_file=text_file)
@@ -300,7 +312,11 @@ def run_sweeps(sweeps: list[Sweep], *, quick: bool = False, model: str = "defaul
     del first
     model_name = str(info.get("name", model)) if isinstance(info, Mapping) else model
     source_grid = info.get("source_grid") if isinstance(info, Mapping) else None
-    prov = provenance(dev)
+    run_ctx = RunContext(model=model, model_name=model_name, corpus=dict(corpus), text_sha=text_sha, quick=quick,
+                         device=device, source_grid=source_grid)
+    # The provenance of the machine the points run on (for Ray: reported by a worker with the
+    # resources of one point), so the context check below compares what the rows will carry.
+    prov = executor.provenance(device)
 
     # Everything else that can fail on bad input happens here, before the first point runs.
     prepared: list[_Prepared] = []
@@ -319,44 +335,97 @@ def run_sweeps(sweeps: list[Sweep], *, quick: bool = False, model: str = "defaul
         path = out / f"sweep_{sw.name}.csv"
         existing = read_rows(path)
         # The context this run writes; a table of another context is an error, never "already done".
-        check_context(path, [_context_row(model_name, corpus, text_sha, quick, st, prov)], SWEEP_CONTEXT,
-                      existing=existing)
+        ctx_row = _context_row(model_name, corpus, text_sha, quick, st, prov)
+        check_context(path, [ctx_row], SWEEP_CONTEXT, existing=existing)
+        failed_before = read_rows(failed_path(path))
+        check_context(failed_path(path), [ctx_row], SWEEP_CONTEXT, existing=failed_before)
         done = {r.get("point_id") for r in existing}
         ids = [(point_id(s, st, model_name, corpus), s) for s in points]
         todo = [(pid, s) for pid, s in ids if pid not in done]
-        prepared.append(_Prepared(sw, st, path, todo, len(ids) - len(todo), token_cache[key], calib))
+        n_failed = len({r.get("point_id") for r in failed_before} & {pid for pid, _ in todo})
+        prepared.append(_Prepared(sw, st, path, todo, len(ids) - len(todo), n_failed, token_cache[key], calib))
 
-    total = sum(len(p.todo) for p in prepared)
-    from experiments.progress import progress_bar
-    bar = progress_bar(total=total, desc="sweep points", unit="point", enabled=progress)
+    jobs = [PointJob(p.sweep.name, pid, spec, p.settings, p.path) for p in prepared for pid, spec in p.todo]
     for p in prepared:
         if p.n_done:
             log(f"sweep {p.sweep.name}: {p.n_done} point(s) already in {p.path}, {len(p.todo)} to run")
-        for pid, spec in p.todo:
-            torch.manual_seed(p.settings["seed"])
-            m = models.load_model(model)[0].to(dev)
-            calib = p.calib.to(dev) if p.calib is not None else None
-            report = compress_model(m, spec, calib, progress=progress)
-            ev = evaluate.perplexity(m, p.windows.to(dev), progress=progress)
-            backends = module_backends(m)
-            del m
-            row = {"sweep": p.sweep.name, "point_id": pid, "point": spec.label(), **method_columns(spec),
-                   "ppl": float(f"{ev['ppl']:.6g}"), "nll": float(f"{ev['nll']:.6g}"),
-                   "eval_tokens": int(ev["n_tokens"]), "seqlen": p.settings["seqlen"],
-                   "eval_token_budget": p.settings["eval_tokens"],
-                   "calib_samples": p.settings["calib_samples"] if spec.needs() else 0,
-                   "calib_seqlen": p.settings["calib_seqlen"] if spec.needs() else 0,
-                   "seed": p.settings["seed"],
-                   **report.summary(),
-                   "eval_seconds": round(float(ev["seconds"]), 2),
-                   "module_backends": backends,
-                   "aliases_source_grid": aliases_source_grid(spec, source_grid),
-                   "source_grid": json.dumps(source_grid, sort_keys=True) if source_grid else "",
-                   **_context_row(model_name, corpus, text_sha, quick, p.settings, prov),
-                   **prov, "timestamp": provenance(dev)["timestamp"]}
-            append_row(p.path, row, context=SWEEP_CONTEXT)
-            log(f"{p.sweep.name}: {spec.label():40s} ppl {row['ppl']:>10.4g}  {row['bits_per_weight']:.3g} bits/w  "
-                f"compress {row['compress_seconds']:.1f}s eval {row['eval_seconds']:.1f}s")
-            bar.update(1)
-    bar.close()
-    return [p.path for p in prepared]
+        if p.n_failed_before:
+            log(f"sweep {p.sweep.name}: {p.n_failed_before} point(s) failed in an earlier run "
+                f"({failed_path(p.path)}); running them again")
+    from experiments.progress import progress_bar
+    bar = progress_bar(total=len(jobs), desc="sweep points", unit="point", enabled=progress)
+    inputs = {p.sweep.name: (p.windows, p.calib) for p in prepared}
+
+    def on_row(job: PointJob, row: Mapping[str, Any]) -> None:
+        # The driver is the only writer: a row is appended atomically once its point has finished,
+        # whichever executor measured it, and an earlier failure of the point is forgotten.
+        append_row(job.table, row, context=SWEEP_CONTEXT)
+        clear_failure(job.table, job.point_id)
+        log(f"{job.sweep}: {job.spec.label():40s} ppl {row['ppl']:>10.4g}  {row['bits_per_weight']:.3g} bits/w  "
+            f"compress {row['compress_seconds']:.1f}s eval {row['eval_seconds']:.1f}s")
+        bar.update(1)
+
+    def on_failure(job: PointJob, error: str, attempts: int) -> None:
+        record_failure(job, error, attempts, executor=executor.name,
+                       context=_context_row(model_name, corpus, text_sha, quick, job.settings, prov), prov=prov)
+        failures.append((job, error))
+        log(f"{job.sweep}: {job.spec.label():40s} FAILED after {attempts} attempt(s): {error}")
+        bar.update(1)
+
+    failures: list[tuple[PointJob, str]] = []
+    try:
+        executor.run(jobs, run_ctx, inputs, on_row=on_row, on_failure=on_failure, progress=progress)
+    finally:
+        bar.close()
+        executor.close()
+    paths = [p.path for p in prepared]
+    if failures:
+        raise PointsFailed(paths, [(j.sweep, j.spec.label(), e) for j, e in failures],
+                           sorted({str(failed_path(j.table)) for j, _ in failures}))
+    return paths
+
+
+@dataclass(frozen=True)
+class RunContext:
+    """What every point of a run shares (picklable: executors ship it to their workers)."""
+    model: str                      # the spec to load (models.load_model)
+    model_name: str                 # the ``model`` column
+    corpus: dict[str, str]
+    text_sha: str
+    quick: bool
+    device: str
+    source_grid: dict | None
+
+
+def measure_point(run: RunContext, sweep: str, pid: str, spec: MethodSpec, settings: Mapping[str, int],
+                  windows: torch.Tensor, calib: torch.Tensor | None, *, progress: bool = True) -> dict[str, Any]:
+    """Measure one sweep point where this runs and return its table row: a fresh copy of the model
+    (``models.load_model`` keeps one template per process, so a worker loads the file once), the
+    compression, the perplexity, and the provenance of this process's machine. Every executor calls
+    this; the row does not depend on which one did."""
+    from experiments import evaluate, models
+    from experiments.provenance import provenance
+
+    dev = _device_of(run.device)
+    prov = provenance(dev)
+    torch.manual_seed(settings["seed"])
+    m = models.load_model(run.model)[0].to(dev)
+    calib = calib.to(dev) if calib is not None else None
+    report = compress_model(m, spec, calib, progress=progress)
+    ev = evaluate.perplexity(m, windows.to(dev), progress=progress)
+    backends = module_backends(m)
+    del m
+    return {"sweep": sweep, "point_id": pid, "point": spec.label(), **method_columns(spec),
+            "ppl": float(f"{ev['ppl']:.6g}"), "nll": float(f"{ev['nll']:.6g}"),
+            "eval_tokens": int(ev["n_tokens"]), "seqlen": settings["seqlen"],
+            "eval_token_budget": settings["eval_tokens"],
+            "calib_samples": settings["calib_samples"] if spec.needs() else 0,
+            "calib_seqlen": settings["calib_seqlen"] if spec.needs() else 0,
+            "seed": settings["seed"],
+            **report.summary(),
+            "eval_seconds": round(float(ev["seconds"]), 2),
+            "module_backends": backends,
+            "aliases_source_grid": aliases_source_grid(spec, run.source_grid),
+            "source_grid": json.dumps(run.source_grid, sort_keys=True) if run.source_grid else "",
+            **_context_row(run.model_name, run.corpus, run.text_sha, run.quick, settings, prov),
+            **prov, "timestamp": provenance(dev)["timestamp"]}

@@ -35,6 +35,7 @@ OPTIONAL = {
     "IPython": "plots show a figure inline only inside a notebook; ImportError means no display",
     "gemlite": "gpu_check's side-by-side column, only where importable (a blank column otherwise)",
     "compressed_tensors": "the export extra: experiments/export_ct.py raises SetupError naming it when missing",
+    "ray": "the ray extra, only for `run --executor ray`: executors.import_ray raises a SetupError naming it",
 }
 
 

@@ -1,0 +1,283 @@
+"""Sweeps on Ray (``--executor ray``, experiments.executors.RayExecutor) give the serial runner's table.
+
+A tiny random Llama (as in test_cli.py) and one local Ray instance with 2 CPUs and no dashboard,
+started once for the module (Ray takes seconds to start). The serial reference runs with one torch
+thread, as each Ray point does with ``--cpus-per-point 1``, so the rows must agree in every column
+but the timings: values, provenance and context alike. Covered: the CLI joining a cluster
+(``--ray-address``) and starting its own local instance; Ctrl-C and ``kill -9`` of the driver, each
+losing no finished row, then a resume to the complete table without duplicates; a point that
+raises and a point whose worker dies (retried, then recorded as failed while the others finish, then
+retried by the next run); each worker loading the model once; bad options; the default path never
+importing Ray, and a clear error when it is missing.
+"""
+import contextlib
+import csv
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import ray
+import torch
+
+from experiments.executors import PointsFailed, RayExecutor, failed_path, init_ray, ray_runtime_env
+from experiments.sweep import load_sweep, measure_point, run_sweeps
+
+REPO = Path(__file__).resolve().parent.parent
+WORDS = ("the a of and to in was her she he it that not be as with had for his you my at but is on "
+         "have all by so which this were very no said from they or been would there an one could much "
+         "more must what will than when who any such only Elinor Emma Darcy Anne").split()
+SWEEP = """\
+name: tiny
+settings: {seqlen: 32, eval_tokens: 1024, calib_samples: 4, calib_seqlen: 32, seed: 0}
+points:
+  - {method: dense}
+  - {method: rtn, bits: 4, group_size: 32}
+  - {method: rtn, bits: 3, group_size: 32}
+  - {method: gptq, bits: 3, group_size: 32}
+  - {method: wanda, pattern: "2:4"}
+  - {method: sparsegpt, pattern: "2:4"}
+  - {method: whitened_svd, ratio: 0.5}
+  - {method: combo, steps: [{method: sparsegpt, pattern: "2:4"}, {method: gptq, bits: 4, group_size: 32}]}
+"""
+N_POINTS = 8
+# Columns that differ between two runs of the same points by nature: how long they took and when.
+TIMING = {"compress_seconds", "eval_seconds", "timestamp"}
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """(model dir, text file, sweep file): a random Llama with a word-level tokenizer."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    root = tmp_path_factory.mktemp("tiny_ray")
+    vocab = {"[UNK]": 0, **{w: i + 1 for i, w in enumerate(dict.fromkeys(WORDS))}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]").save_pretrained(root / "model")
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(vocab), hidden_size=96, intermediate_size=160, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    LlamaForCausalLM(cfg).save_pretrained(root / "model")
+    rng = random.Random(0)
+    (root / "text.txt").write_text("\n".join(" ".join(rng.choice(WORDS) for _ in range(12)) for _ in range(600)))
+    (root / "tiny.yaml").write_text(SWEEP)
+    return root / "model", root / "text.txt", root / "tiny.yaml"
+
+
+@contextlib.contextmanager
+def cpu_backends():
+    """The modules' CPU backends, not the Triton interpreter that conftest switches on for the kernel
+    tests (the backend choice reads TRITON_INTERPRET at call time): what a user on a CPU runs."""
+    old = os.environ.pop("TRITON_INTERPRET", None)
+    try:
+        yield
+    finally:
+        if old is not None:
+            os.environ["TRITON_INTERPRET"] = old
+
+
+@pytest.fixture(scope="module")
+def ray_address():
+    """One local Ray instance for the module (2 CPUs, no dashboard, a small object store); this process is
+    also a driver. Under ``make test`` (``-n 2``) each xdist worker that runs one of these tests starts its
+    own: ``--dist loadgroup`` would keep them on one worker, but it silently does not group on pytest 9.2
+    (pytest-dev/pytest-xdist#1386)."""
+    with cpu_backends():   # Ray's processes, and so its workers, inherit this environment
+        init_ray("local", num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="warning",
+                 object_store_memory=200 * 2**20, runtime_env=ray_runtime_env())
+    try:
+        yield ray.get_runtime_context().gcs_address
+    finally:
+        ray.shutdown()
+
+
+def _sweep_kwargs(tiny, out):
+    model, text, sweep = tiny
+    return dict(sweeps=[load_sweep(sweep)], model=str(model), text_file=str(text), out_dir=out, progress=False,
+                log=lambda s: None)
+
+
+@pytest.fixture(scope="module")
+def serial_rows(tiny, tmp_path_factory):
+    """The serial runner's table, with one torch thread (what a Ray point gets with 1 CPU)."""
+    out = tmp_path_factory.mktemp("serial")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with cpu_backends():
+            [path] = run_sweeps(**_sweep_kwargs(tiny, out))
+    finally:
+        torch.set_num_threads(threads)
+    return rows(path)
+
+
+def rows(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _env():
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TQDM_DISABLE="1")
+    env.pop("TRITON_INTERPRET", None)   # the modules' CPU backends, as a user on a CPU would run
+    return env
+
+
+def cli(*args, timeout=300):
+    return subprocess.run([sys.executable, "-m", "experiments", *map(str, args)], cwd=REPO, env=_env(),
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def run_args(tiny, out, *extra):
+    model, text, sweep = tiny
+    return ["run", sweep, "--model", model, "--text-file", text, "--out-dir", out, "--no-progress", *extra]
+
+
+def assert_same_rows(got, want):
+    """Same points, no duplicates, equal in every column but the timings (order free)."""
+    ids = [r["point_id"] for r in got]
+    assert len(ids) == len(set(ids)), f"duplicate rows: {sorted(ids)}"
+    assert sorted(ids) == sorted(r["point_id"] for r in want)
+    by_id = {r["point_id"]: r for r in want}
+    for r in got:
+        w = by_id[r["point_id"]]
+        assert set(r) == set(w), (r["point"], set(r) ^ set(w))
+        diff = {c: (w[c], r[c]) for c in r if c not in TIMING and r[c] != w[c]}
+        assert not diff, f"{r['point']}: (serial, ray) differ in {diff}"
+
+
+def test_cli_ray_run_equals_serial_run(tiny, serial_rows, ray_address, tmp_path):
+    assert len(serial_rows) == N_POINTS
+    r = cli(*run_args(tiny, tmp_path, "--executor", "ray", "--ray-address", ray_address, "--cpus-per-point", 1))
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == str(tmp_path / "sweep_tiny.csv")   # stdout: only the table written
+    assert_same_rows(rows(tmp_path / "sweep_tiny.csv"), serial_rows)
+    assert not failed_path(tmp_path / "sweep_tiny.csv").exists()
+
+
+# Defined here, shipped to the workers by value (register_pickle_by_value below).
+def _flaky_measure(run, sweep, pid, spec, settings, windows, calib, *, progress=True):
+    if spec.method == "wanda":
+        raise RuntimeError("injected failure of the wanda point")
+    if spec.method == "sparsegpt":
+        os._exit(3)   # the worker dies, as if killed or out of memory
+    return measure_point(run, sweep, pid, spec, settings, windows, calib, progress=progress)
+
+
+def test_failed_points_are_listed_apart_and_retried_by_the_next_run(tiny, serial_rows, ray_address, tmp_path):
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    try:
+        ex = RayExecutor(max_retries=1, measure=_flaky_measure, log=lambda s: None)
+        with pytest.raises(PointsFailed, match=r"2 point\(s\) failed") as e:
+            run_sweeps(**_sweep_kwargs(tiny, tmp_path), executor=ex)
+    finally:
+        ray.cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
+    table = tmp_path / "sweep_tiny.csv"
+    assert e.value.paths == [table]
+    done = rows(table)
+    assert sorted(r["point"] for r in done) == sorted(r["point"] for r in serial_rows
+                                                      if r["method"] not in ("wanda", "sparsegpt"))
+    assert_same_rows(done, [r for r in serial_rows if r["point_id"] in {d["point_id"] for d in done}])
+    failed = {r["point"]: r for r in rows(failed_path(table))}
+    assert set(failed) == {"wanda-2:4", "sparsegpt-2:4"}
+    assert failed["wanda-2:4"]["error"] == "RuntimeError: injected failure of the wanda point"
+    assert failed["wanda-2:4"]["attempts"] == "1"                 # an exception is not retried
+    assert failed["sparsegpt-2:4"]["attempts"] == "2"             # a dead worker is, max_retries times
+    assert "died" in failed["sparsegpt-2:4"]["error"].lower() or "crash" in failed["sparsegpt-2:4"]["error"].lower()
+    assert failed["wanda-2:4"]["model"] == serial_rows[0]["model"]  # the context columns of the table
+
+    # The next run measures exactly the failed points, and the failed list goes away.
+    ex = RayExecutor(log=lambda s: None)
+    run_sweeps(**_sweep_kwargs(tiny, tmp_path), executor=ex)
+    assert len(ex.worker_info) == 2
+    assert_same_rows(rows(table), serial_rows)
+    assert not failed_path(table).exists() and not failed_path(table).parent.exists()
+
+
+def test_each_worker_loads_the_model_once(tiny, ray_address, tmp_path):
+    # Workers outlive a run (they belong to this process's Ray job), so earlier tests' workers hold the
+    # tiny model already: the same model under a path no worker has loaded yet.
+    model, text, sweep = tiny
+    (tmp_path / "model").symlink_to(model, target_is_directory=True)
+    ex = RayExecutor(log=lambda s: None)
+    run_sweeps(**_sweep_kwargs((tmp_path / "model", text, sweep), tmp_path / "out"), executor=ex)
+    pids = [w["pid"] for w in ex.worker_info]
+    assert len(pids) == N_POINTS and len(set(pids)) <= 2, pids   # 2 CPUs: at most 2 workers at a time
+    loads = [w["pid"] for w in ex.worker_info if w["loaded_model"]]
+    assert sorted(loads) == sorted(set(pids)), "a worker loaded the model more than once, or not first"
+
+
+def _stop_after_new_rows(args, table, sig, n_before):
+    """Start ``python -m experiments *args``; send ``sig`` once the table has more than ``n_before`` rows."""
+    proc = subprocess.Popen([sys.executable, "-m", "experiments", *map(str, args)], cwd=REPO, env=_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline and proc.poll() is None:
+            if table.exists() and len(rows(table)) > n_before:
+                break
+            time.sleep(0.02)
+        assert proc.poll() is None, "the sweep finished before it could be stopped; make it longer"
+        proc.send_signal(sig)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    return proc.returncode, out, err, len(rows(table))
+
+
+def test_ctrl_c_then_kill_9_of_the_driver_then_resume_completes_the_table(tiny, serial_rows, ray_address, tmp_path):
+    table = tmp_path / "sweep_tiny.csv"
+    join = run_args(tiny, tmp_path, "--executor", "ray", "--ray-address", ray_address)
+    rc, out, err, n_interrupted = _stop_after_new_rows(join, table, signal.SIGINT, 0)
+    assert rc == 130, err
+    assert "interrupted; finished points are saved" in err and out == ""
+    assert 1 <= n_interrupted < N_POINTS
+
+    rc, _, _, n_killed = _stop_after_new_rows(join, table, signal.SIGKILL, n_interrupted)
+    assert rc == -signal.SIGKILL
+    assert n_interrupted < n_killed < N_POINTS
+
+    # Resume without --ray-address: the default, a local Ray instance of this command's own.
+    r = cli(*run_args(tiny, tmp_path, "--executor", "ray"))
+    assert r.returncode == 0, r.stderr
+    assert f"{n_killed} point(s) already in" in r.stderr
+    assert_same_rows(rows(table), serial_rows)
+
+
+@pytest.mark.parametrize("extra, match", [
+    (["--cpus-per-point", "2"], r"--cpus-per-point only apply with --executor ray"),
+    (["--executor", "ray", "--cpus-per-point", "0"], r"--cpus-per-point 0 must be an integer >= 1"),
+    (["--executor", "ray", "--gpus-per-point", "-1"], r"--gpus-per-point -1.0 must be a number >= 0"),
+    (["--executor", "ray", "--gpus-per-point", "1.5"], r"a fraction of one GPU \(<= 1\) or a whole number"),
+    (["--executor", "ray", "--device", "cuda", "--gpus-per-point", "0"], r"needs --gpus-per-point > 0"),
+    (["--executor", "ray", "--gpus-per-point", "1"], r"reserves GPUs that --device cpu does not use"),
+], ids=["ray-option-without-ray", "cpus", "gpus", "gpus-fraction", "cuda-without-gpus", "gpus-on-cpu"])
+def test_bad_executor_options_exit_2_before_anything_runs(tiny, tmp_path, capsys, extra, match):
+    from experiments.__main__ import main
+    assert main([*map(str, run_args(tiny, tmp_path)), *extra]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and len(err.strip().splitlines()) == 1, err
+    assert __import__("re").search(match, err), err
+    assert not list(tmp_path.iterdir())
+
+
+def test_missing_ray_is_one_setup_error(tiny, tmp_path, capsys, monkeypatch):
+    from experiments.__main__ import main
+    monkeypatch.setitem(sys.modules, "ray", None)   # import ray -> ImportError
+    assert main([*map(str, run_args(tiny, tmp_path)), "--executor", "ray"]) == 1
+    err = capsys.readouterr().err
+    assert "needs Ray" in err and "pip install -e '.[ray]'" in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_the_serial_path_never_imports_ray():
+    code = ("import sys; import experiments.__main__, experiments.sweep, experiments.executors as e; "
+            "e.make_executor('serial').check_device('cpu'); assert 'ray' not in sys.modules, 'ray imported'")
+    r = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=_env(), capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
