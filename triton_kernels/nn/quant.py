@@ -79,7 +79,8 @@ Backends (``backend=`` at construction, the ``backend`` attribute, or ``forward(
   compressed in memory but is not a speed path; bf16 is.
 
 A forced backend that cannot run a given layer/input raises ``ValueError`` saying why and what would.
-``last_backend`` holds the backend the most recent forward actually ran.
+``last_backend`` holds the backend the most recent forward actually ran, ``last_candidates_ms`` what
+``auto`` measured for it (``{backend: ms}``, or ``None``).
 
 Resident memory
 ---------------
@@ -181,6 +182,9 @@ class QuantLinear(nn.Module):
         self.backend = backend
         self.cache_dequantized = bool(cache_dequantized)
         self.last_backend: str | None = None
+        # {candidate: ms} auto measured (on this machine) for the last forward's choice; None when
+        # there was nothing to choose between, measuring is off, or the backend was forced.
+        self.last_candidates_ms: dict[str, float] | None = None
         self._prepacked: dict[tuple, tuple[torch.Tensor, ...]] = {}
 
     # -- construction ------------------------------------------------------------------------
@@ -405,18 +409,21 @@ class QuantLinear(nn.Module):
         x2 = x.reshape(-1, self.in_features)
         if chosen != "triton":
             x2 = cpu_dense_rows(x2)  # torch's CPU kernels can misread column slices (see the helper)
+        measured = None
         if (backend or self.backend) == "auto" and chosen != "triton":
             cands = self._auto_candidates(x2)
             if len(cands) > 1:
                 before = set(self._prepacked)
-                chosen = measured_choice(self._choice_key(x2, cands),
-                                         {c: (lambda c=c: self._run(c, x2)) for c in cands})
+                key = self._choice_key(x2, cands)
+                chosen = measured_choice(key, {c: (lambda c=c: self._run(c, x2)) for c in cands})
+                measured = cached_choices().get(key, (None, None))[1]
                 # Drop what the timing built for the losers (a forced or earlier winner's copy stays).
                 for k in set(self._prepacked) - before:
                     if k[0] != chosen:
                         del self._prepacked[k]
         y = self._run(chosen, x2)
         self.last_backend = chosen
+        self.last_candidates_ms = measured
         return y.reshape(*lead, self.out_features)
 
     def _run(self, backend: str, x2: torch.Tensor) -> torch.Tensor:
