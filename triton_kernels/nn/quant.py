@@ -37,7 +37,8 @@ Backends (``backend=`` at construction, the ``backend`` attribute, or ``forward(
     they are; larger groups (512 ...) are 256-column op groups with the scale repeated; one group per
     row (per-channel, or a group >= K) uses the largest of 256/128/64/32 that divides K rounded up to
     32 (4096 -> 256, 576 -> 64, 1536 -> 256, 11008 -> 256, 100 -> 128), scale repeated. Op group sizes
-    cost the same (4096x4096, M=1, 1 thread: 0.89-0.96 ms for 32..256, measured 2026-11-30).
+    cost about the same (4096x4096, M=1, bf16, 1 thread, AMD EPYC at load ~2, 2026-11-30: 0.94, 0.96,
+    0.89, 0.89 ms for 32, 64, 128, 256), so the largest that needs no extra padding is taken.
   * groups of 16 (or less): each group is zero-padded to 32 columns (weight code 8, x zero there),
     so the op runs over ``32 / g`` times K: exact, at that multiple of the work and memory.
   * K: a partial last group, or K not a multiple of the op group, is padded with zero columns of x
@@ -75,8 +76,9 @@ Backends (``backend=`` at construction, the ``backend`` attribute, or ``forward(
      the caller's back would change the numerics (the harness measures perplexity in fp32 through
      this module). Force a torch op to run it on fp32.
   fp16 note: torch 2.13's weight-only CPU ops take fp16 activations but have no fast fp16 kernel
-  (4096x4096, M=1, 1 thread: int4 31 ms, int8 17 ms vs dense fp16 1.5 ms), so fp16 stays exact and
-  compressed in memory but is not a speed path; bf16 is.
+  (4096x4096, M=1, 1 thread, AMD EPYC at load average ~8, 2026-11-30: int4 31 ms, int8 17 ms vs
+  dense fp16 1.5 ms and int4 with bf16 activations 0.9 ms), so fp16 stays exact and compressed in
+  memory but is not a speed path; bf16 is.
 
 A forced backend that cannot run a given layer/input raises ``ValueError`` saying why and what would.
 ``last_backend`` holds the backend the most recent forward actually ran, ``last_candidates_ms`` what
