@@ -354,17 +354,29 @@ def dense_dtypes(device: torch.device) -> tuple[str, ...]:
 # ---------------------------------------------------------------------------------------------
 
 def _time_layer(kind: str, fmt: dict, N: int, K: int, M: int, act: torch.dtype, device: torch.device,
-                min_run_time: float) -> dict:
+                min_run_time: float, built: dict | None = None) -> dict:
     """Build the layer from random weights, run it once (checks the shape, resolves and prepacks the
-    backend), time it; the row's backend is the one the forward actually ran."""
-    layer = build_layer(kind, N, K, dtype=act, device=device,
-                        backend="triton" if device.type == "cuda" else "auto", tune_m=M, **fmt)
+    backend), time it; the row's backend is the one the forward actually ran.
+
+    ``built``: quantized layers of this shape already built for another M (RTN and packing of a
+    4096x11008 weight take seconds); reused, with only the current backend's prepacked copy kept.
+    Sparse layers are built per M (their CPU backend is chosen at construction for ``tune_m=M``).
+    """
+    key = (kind, json.dumps(fmt, sort_keys=True), str(act))
+    layer = built.get(key) if built is not None else None
+    if layer is None:
+        layer = build_layer(kind, N, K, dtype=act, device=device,
+                            backend="triton" if device.type == "cuda" else "auto", tune_m=M, **fmt)
+        if built is not None and kind == "quant":
+            built[key] = layer
     x = torch.randn(M, K, device=device, dtype=act)
     with torch.inference_mode():
         y = layer(x)
         if y.shape != (M, N):
             raise RuntimeError(f"layer output shape {tuple(y.shape)} != {(M, N)}")
         backend = _module_backend(layer, x)
+        if hasattr(layer, "release_prepacked"):
+            layer.release_prepacked(keep=backend)  # resident_bytes: this M's backend only
         if device.type == "cpu" and backend == "triton":
             raise RuntimeError("the Triton interpreter ran on CPU: its timings are not performance numbers")
         t = _time(lambda: layer(x), device, min_run_time)
@@ -438,6 +450,7 @@ def run_latency(specs: Iterable[dict], shapes: Iterable[tuple[str, int, int]], M
         return (prov["device_type"], prov["device"], _canon(spec), str(N), str(K), str(M))
 
     for layer_name, N, K in shapes:
+        built: dict = {}  # quantized layers of this shape, reused across M (see _time_layer)
         for M in Ms:
             todo = {fk: [s for s in ss if key_of(s, N, K, M) not in done] for fk, ss in formats.items()}
             todo = {fk: ss for fk, ss in todo.items() if ss}
@@ -469,7 +482,7 @@ def run_latency(specs: Iterable[dict], shapes: Iterable[tuple[str, int, int]], M
                        "rank": rank_for(N, K, fmt) if kind == "lowrank" else "", "act_dtype": _DTYPE_NAMES[act]}
                 try:
                     with _no_interpreter(device):
-                        row.update(_time_layer(kind, fmt, N, K, M, act, device, min_run_time))
+                        row.update(_time_layer(kind, fmt, N, K, M, act, device, min_run_time, built))
                     for dname, dms in dense.items():
                         row[f"dense_{dname}_median_ms"] = dms
                         row[f"speedup_vs_dense_{dname}"] = dms / row["median_ms"]

@@ -430,7 +430,12 @@ def test_resident_bytes_counts_prepacked_copies():
     m.prepack("torch_int4", torch.float32)     # shares the int4pack weight, adds fp32 scales/zeros
     assert m.resident_bytes() == stored + int4pack + sz_bf16 + (K // 32) * N * 2 * 4
     assert m.memory_bytes() == N * K // 2 + 2 * (K // 32) * N * 2  # the storage format is unchanged
+    m.release_prepacked(keep="torch_int4")     # keeps that backend's copies (both dtypes)
+    assert m.resident_bytes() == stored + int4pack + sz_bf16 + (K // 32) * N * 2 * 4
     m.to(torch.device("cpu"))                  # a move drops the derived copies
+    assert m.resident_bytes() == stored
+    m.prepack("torch_int4", torch.bfloat16)
+    m.release_prepacked()
     assert m.resident_bytes() == stored
 
 

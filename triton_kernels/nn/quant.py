@@ -392,6 +392,14 @@ class QuantLinear(nn.Module):
             x2 = F.pad(x2, (0, G * g - K))
         return torch.cat([x2, x2], dim=1) if parts == 2 else x2
 
+    def release_prepacked(self, keep: str | None = None) -> None:
+        """Drop the prepacked copies (all, or all but backend ``keep``'s); they are rebuilt on demand.
+
+        E.g. after a forward at another batch size chose another backend, to hold only what the
+        current one reads (``resident_bytes()`` then counts storage + that copy).
+        """
+        self._prepacked = {k: v for k, v in self._prepacked.items() if keep is not None and k[0] == keep}
+
     def _apply(self, fn, *args, **kwargs):
         # Prepacked copies are derived from the buffers; rebuild them after a move/cast.
         self._prepacked = {}
