@@ -12,7 +12,8 @@ for any low-rank spec. Every row says so (``weights="random, same format"``).
 
 - CUDA: the modules' Triton backend, timed by ``experiments.timing`` (``triton.testing.do_bench``),
   against torch fp16 and bf16 ``F.linear``.
-- CPU: the modules' ``auto`` backend (torch's CPU kernels), timed by ``experiments.timing``
+- CPU: the modules' ``auto`` backend (torch's CPU kernels, chosen by measurement on this machine where
+  a module has several: the ``candidates_ms`` column holds what it measured), timed by ``experiments.timing``
   (``torch.utils.benchmark``), against dense fp32 and bf16. Weight-only quantized kernels get bf16
   activations (fp32 activations are 30-125x slower there, PLATFORM.md); sparse and low-rank
   layers get fp32 (torch's CSR/BSR matmuls exist only in fp32). On CPU, ``auto`` keeps N:M and
@@ -27,6 +28,8 @@ figure is never read as a GPU one. Rows are upserted into ``<run>/latency_<devic
 timing into a table measured elsewhere is an error, never a silent merge.
 
     python -m experiments latency --quick                # CPU here, a few shapes, seconds
+    python -m experiments latency --formats cpu-targets --run cpu-targets   # every bit width x group
+                                                         # at 4096x4096 and 4096x11008, M=1/16 (minutes)
     python -m experiments latency --sweep all --device cuda
     python -m experiments latency --decode               # also tokens/s of greedy decoding
 """
