@@ -286,6 +286,7 @@ def test_auto_measures_once_per_key_and_keeps_only_the_winner(monkeypatch):
     assert len(calls) == 2 and other.last_backend == "torch_int4x2"
     m(torch.randn(16, 112, dtype=torch.bfloat16))          # another M bucket: measured again
     assert len(calls) == 4
+    assert m(torch.randn(0, 112, dtype=torch.bfloat16)).shape == (0, 40) and len(calls) == 4  # empty: not timed
     key = next(k for k in _backend.cached_choices() if k[8] == 16)
     assert _backend.cached_choices()[key] == ("torch_int4x2", {"torch_int8": 2.0, "torch_int4x2": 1.0})
 

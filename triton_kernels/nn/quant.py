@@ -422,7 +422,7 @@ class QuantLinear(nn.Module):
         measured = None
         if (backend or self.backend) == "auto" and chosen != "triton":
             cands = self._auto_candidates(x2)
-            if len(cands) > 1:
+            if len(cands) > 1 and x2.shape[0] > 0:  # nothing to time on an empty batch
                 before = set(self._prepacked)
                 key = self._choice_key(x2, cands)
                 chosen = measured_choice(key, {c: (lambda c=c: self._run(c, x2)) for c in cands})
