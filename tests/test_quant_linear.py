@@ -525,3 +525,13 @@ def test_bad_inputs():
     with pytest.raises(ValueError, match="words per row"):
         QuantLinear(torch.zeros(16, 3, dtype=torch.int32), s, s, in_features=32, bits=4, group_size=-1,
                     symmetric=False)
+
+
+def test_measured_choice_keeps_the_static_order_within_the_margin():
+    calls = []
+    _backend.set_timer(lambda name, fn: calls.append(name) or {"a": 1.0, "b": 0.97, "c": 0.5}[name])
+    assert _backend.measured_choice(("k", 1), {"a": None, "b": None}) == "a"   # 3% faster: a near-tie
+    assert _backend.measured_choice(("k", 2), {"a": None, "c": None}) == "c"   # 2x faster: chosen
+    assert _backend.measured_choice(("k", 1), {"a": None, "b": None}) == "a" and len(calls) == 4  # cached
+    with pytest.raises(ValueError, match="at least one candidate"):
+        _backend.measured_choice(("k", 3), {})
