@@ -7,8 +7,8 @@
   weight counted as the codes + scales + zeros the layer holds) and the share of
   the GPU's peak DRAM bandwidth, from a table of named GPUs (an unlisted GPU gets a blank, not a guess).
 - CPU: ``QuantLinear``'s CPU backend (``auto``, bf16 activations: torch's int4/int8 weight-only
-  kernels, or dequantize + ``F.linear`` where they do not apply, e.g. 3-bit) against dense fp32 and
-  bf16 ``F.linear``. CPU numbers are CPU numbers. Weights of 32 MB or less (every quantized 4096x4096
+  kernels for every bit width and group size, ``torch_int4x2`` for 5-8 bits; see
+  ``triton_kernels.nn.quant``) against dense fp32 and bf16 ``F.linear``. CPU numbers are CPU numbers. Weights of 32 MB or less (every quantized 4096x4096
   and 4096x11008 weight here, and the dense bf16 4096x4096 one) stay in this CPU's 32 MiB L3 across
   repeated calls: those are hot-cache timings, not DRAM-bandwidth ones (the ``note`` column says so,
   judged on ``resident_bytes``: storage plus the prepacked copy torch's kernels read).

@@ -12,7 +12,8 @@ for any low-rank spec. Every row says so (``weights="random, same format"``).
 
 - CUDA: the modules' Triton backend, timed by ``experiments.timing`` (``triton.testing.do_bench``),
   against torch fp16 and bf16 ``F.linear``.
-- CPU: the modules' ``auto`` backend (torch's CPU kernels), timed by ``experiments.timing``
+- CPU: the modules' ``auto`` backend (torch's CPU kernels, chosen by measurement on this machine where
+  a module has several: the ``candidates_ms`` column holds what it measured), timed by ``experiments.timing``
   (``torch.utils.benchmark``), against dense fp32 and bf16. Weight-only quantized kernels get bf16
   activations (fp32 activations are 30-125x slower there, PLATFORM.md); sparse and low-rank
   layers get fp32 (torch's CSR/BSR matmuls exist only in fp32). On CPU, ``auto`` keeps N:M and
@@ -27,6 +28,8 @@ figure is never read as a GPU one. Rows are upserted into ``<run>/latency_<devic
 timing into a table measured elsewhere is an error, never a silent merge.
 
     python -m experiments latency --quick                # CPU here, a few shapes, seconds
+    python -m experiments latency --formats cpu-targets --run cpu-targets   # every bit width x group
+                                                         # at 4096x4096 and 4096x11008, M=1/16 (minutes)
     python -m experiments latency --sweep all --device cuda
     python -m experiments latency --decode               # also tokens/s of greedy decoding
 """
@@ -69,6 +72,23 @@ QUICK_SPECS: tuple[dict, ...] = (
     {"method": "svd", "ratio": 0.5},
 )
 
+# --formats PRESET: a fixed list of formats, shapes and M timed in one run (ratios within one run).
+# cpu-targets: the CPU targets of issue 9 — every bit width {2,3,4,5,6,8} x group {32,64,128,
+# per-channel} (RTN, asymmetric) at 4096x4096 and N=4096 x K=11008, M=1 and 16, bf16 activations,
+# against dense fp32 and bf16 F.linear; plus, at group 128, the same formats with the caller's
+# opt-in dense bf16 cache (``cache_dequantized``: auto may then pick the dense copy, the
+# resident_bytes column shows what it costs).
+FORMAT_PRESETS: dict[str, dict] = {
+    "cpu-targets": {
+        "specs": tuple({"method": "rtn", "bits": b, "group_size": g, "symmetric": False}
+                       for b in (2, 3, 4, 5, 6, 8) for g in (32, 64, 128, -1))
+        + tuple({"method": "rtn", "bits": b, "group_size": 128, "symmetric": False, "cache_dequantized": True}
+                for b in (2, 3, 4, 5, 6, 8)),
+        "shapes": (STANDARD_SHAPES[0], STANDARD_SHAPES[2]),
+        "Ms": (1, 16),
+    },
+}
+
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 _DTYPE_NAMES = {v: k for k, v in _DTYPES.items()}
 
@@ -99,8 +119,11 @@ def format_of(spec: dict) -> dict:
     if "bits" in spec:
         # experiments.compress.DEFAULT_GROUP_SIZE fills an omitted group size the same way.
         g = spec.get("group_size", 128)
-        return {"kind": "quant", "bits": int(spec["bits"]), "group_size": -1 if g in (None, 0) else int(g),
-                "symmetric": bool(spec.get("symmetric", False))}
+        fmt = {"kind": "quant", "bits": int(spec["bits"]), "group_size": -1 if g in (None, 0) else int(g),
+               "symmetric": bool(spec.get("symmetric", False))}
+        if spec.get("cache_dequantized"):  # the same format, held with an opt-in dense copy (CPU timing)
+            fmt["cache_dequantized"] = True
+        return fmt
     if "sparsity" in spec or "pattern" in spec:
         pattern = str(spec.get("pattern", "unstructured")).strip().lower()
         if pattern.startswith("block"):
@@ -147,11 +170,13 @@ def _random_linear(N: int, K: int, dtype: torch.dtype, device, generator: torch.
 
 
 def build_layer(kind: str, N: int, K: int, *, dtype: torch.dtype = torch.float32, device="cpu",
-                backend: str = "auto", seed: int = 0, **fmt) -> nn.Module:
+                backend: str = "auto", seed: int = 0, tune_m: int = 1, **fmt) -> nn.Module:
     """A layer ``[N, K]`` (out x in) in ``kind``'s storage format, from random weights of ``dtype``.
 
     Sparse masks are magnitude masks with the format's pattern and sparsity; low-rank factors are
     random ``[N, r]`` and ``[r, K]`` (no SVD: its cost at 11008x4096 buys nothing for timing).
+    ``tune_m``: the batch rows a sparse layer's ``auto`` times its CPU backends with (QuantLinear
+    measures per M bucket at its first forward).
     """
     g = torch.Generator().manual_seed(seed)
     if kind == "dense":
@@ -160,7 +185,8 @@ def build_layer(kind: str, N: int, K: int, *, dtype: torch.dtype = torch.float32
         from triton_kernels.nn.quant import QuantLinear
         lin = _random_linear(N, K, dtype, device, g)
         return QuantLinear.from_linear(lin, bits=fmt["bits"], group_size=fmt["group_size"],
-                                       symmetric=fmt["symmetric"], backend=backend)
+                                       symmetric=fmt["symmetric"], backend=backend,
+                                       cache_dequantized=bool(fmt.get("cache_dequantized", False)))
     if kind == "sparse":
         from triton_kernels.nn.sparse import SparseLinear
         lin = _random_linear(N, K, dtype, device, g)
@@ -173,7 +199,7 @@ def build_layer(kind: str, N: int, K: int, *, dtype: torch.dtype = torch.float32
             kw.update(sparsity=fmt["sparsity"])
             if fmt["pattern"] == "block":
                 kw.update(block=tuple(fmt["block"]))
-        return SparseLinear.from_linear(lin, backend=backend, **kw)
+        return SparseLinear.from_linear(lin, backend=backend, tune_m=tune_m, **kw)
     if kind == "lowrank":
         from triton_kernels.nn.lowrank import LowRankLinear
         r = rank_for(N, K, fmt)
@@ -185,6 +211,8 @@ def build_layer(kind: str, N: int, K: int, *, dtype: torch.dtype = torch.float32
 
 def format_label(fmt: dict, N: int | None = None, K: int | None = None) -> str:
     from experiments.roofline import format_label as _label
+    if fmt.get("cache_dequantized"):
+        return format_label({k: v for k, v in fmt.items() if k != "cache_dequantized"}, N, K) + " +dense cache"
     if fmt["kind"] == "lowrank" and "rank" not in fmt and N is not None:
         fmt = {"kind": "lowrank", "rank": rank_for(N, K, fmt)}
     if fmt["kind"] == "lowrank" and "rank" not in fmt:
@@ -329,25 +357,48 @@ def dense_dtypes(device: torch.device) -> tuple[str, ...]:
 # ---------------------------------------------------------------------------------------------
 
 def _time_layer(kind: str, fmt: dict, N: int, K: int, M: int, act: torch.dtype, device: torch.device,
-                min_run_time: float) -> dict:
+                min_run_time: float, built: dict | None = None) -> dict:
     """Build the layer from random weights, run it once (checks the shape, resolves and prepacks the
-    backend), time it; the row's backend is the one the forward actually ran."""
-    layer = build_layer(kind, N, K, dtype=act, device=device,
-                        backend="triton" if device.type == "cuda" else "auto", **fmt)
+    backend), time it; the row's backend is the one the forward actually ran.
+
+    ``built``: quantized layers of this shape already built for another M (RTN and packing of a
+    4096x11008 weight take seconds); reused, with only the current backend's prepacked copy kept.
+    Sparse layers are built per M (their CPU backend is chosen at construction for ``tune_m=M``).
+    """
+    key = (kind, json.dumps(fmt, sort_keys=True), str(act))
+    layer = built.get(key) if built is not None else None
+    if layer is None:
+        layer = build_layer(kind, N, K, dtype=act, device=device,
+                            backend="triton" if device.type == "cuda" else "auto", tune_m=M, **fmt)
+        if built is not None and kind == "quant":
+            built[key] = layer
     x = torch.randn(M, K, device=device, dtype=act)
     with torch.inference_mode():
         y = layer(x)
         if y.shape != (M, N):
             raise RuntimeError(f"layer output shape {tuple(y.shape)} != {(M, N)}")
         backend = _module_backend(layer, x)
+        if hasattr(layer, "release_prepacked"):
+            layer.release_prepacked(keep=backend)  # resident_bytes: this M's backend only
         if device.type == "cpu" and backend == "triton":
             raise RuntimeError("the Triton interpreter ran on CPU: its timings are not performance numbers")
         t = _time(lambda: layer(x), device, min_run_time)
     # memory_bytes/bits_per_weight: the storage format (16-bit floats), as everywhere in the harness;
     # resident_bytes: what the timed module held in memory (its backend's tensors, actual dtypes).
+    # candidates_ms: what auto measured on this machine before choosing (empty: one candidate, or forced).
+    cand = getattr(layer, "last_candidates_ms", None)
     return {"backend": backend, "memory_bytes": int(layer.memory_bytes()),
             "bits_per_weight": float(layer.bits_per_weight()), "resident_bytes": int(layer.resident_bytes()),
-            "status": "ok", **_timing_cols(t)}
+            "candidates_ms": json.dumps({k: round(v, 4) for k, v in cand.items()}, sort_keys=True) if cand else "",
+            "load_avg_1m": _load_avg(), "status": "ok", **_timing_cols(t)}
+
+
+def _load_avg() -> float | str:
+    """The 1-minute load average when the point was timed (CPU timings depend on it; "" off Linux)."""
+    try:
+        return round(os.getloadavg()[0], 2)
+    except (AttributeError, OSError):
+        return ""
 
 
 def _canon(spec: dict) -> str:
@@ -402,6 +453,7 @@ def run_latency(specs: Iterable[dict], shapes: Iterable[tuple[str, int, int]], M
         return (prov["device_type"], prov["device"], _canon(spec), str(N), str(K), str(M))
 
     for layer_name, N, K in shapes:
+        built: dict = {}  # quantized layers of this shape, reused across M (see _time_layer)
         for M in Ms:
             todo = {fk: [s for s in ss if key_of(s, N, K, M) not in done] for fk, ss in formats.items()}
             todo = {fk: ss for fk, ss in todo.items() if ss}
@@ -423,7 +475,7 @@ def run_latency(specs: Iterable[dict], shapes: Iterable[tuple[str, int, int]], M
                              "kind": "dense", "format": f"dense {dname}", "rank": "",
                              "backend": "torch", "act_dtype": dname, "memory_bytes": N * K * dt.itemsize,
                              "bits_per_weight": 8 * dt.itemsize, "resident_bytes": N * K * dt.itemsize,
-                             "status": "ok", **_timing_cols(t)})
+                             "load_avg_1m": _load_avg(), "status": "ok", **_timing_cols(t)})
                 del lin
             for fk, ss in todo.items():
                 fmt = json.loads(fk)
@@ -433,7 +485,7 @@ def run_latency(specs: Iterable[dict], shapes: Iterable[tuple[str, int, int]], M
                        "rank": rank_for(N, K, fmt) if kind == "lowrank" else "", "act_dtype": _DTYPE_NAMES[act]}
                 try:
                     with _no_interpreter(device):
-                        row.update(_time_layer(kind, fmt, N, K, M, act, device, min_run_time))
+                        row.update(_time_layer(kind, fmt, N, K, M, act, device, min_run_time, built))
                     for dname, dms in dense.items():
                         row[f"dense_{dname}_median_ms"] = dms
                         row[f"speedup_vs_dense_{dname}"] = dms / row["median_ms"]
@@ -607,6 +659,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="a sweep of experiments/sweeps/ (see `list`) or all (default: all; with --quick "
                         "and no --sweep, one fast format per family)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if present, else cpu)")
+    p.add_argument("--formats", default=None, choices=sorted(FORMAT_PRESETS),
+                   help="a preset of formats, shapes and M instead of a sweep's (cpu-targets: bits 2-8 x "
+                        "groups 32/64/128/per-channel at 4096x4096 and 4096x11008, M=1 and 16)")
     p.add_argument("--decode", action="store_true",
                    help="also measure greedy-decode tokens/s of the default model, dense and compressed")
     p.add_argument("--resume", action="store_true", help="skip points already in the CSV")
@@ -633,13 +688,21 @@ def main(args: argparse.Namespace) -> list[dict]:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     quick = getattr(args, "quick", False)
     sweep = getattr(args, "sweep", None)
-    specs = list(QUICK_SPECS) if quick and sweep is None else load_sweep_specs(sweep or "all", quick=quick)
-    model_shapes = default_model_shapes()
-    if quick:  # the smallest and largest of the model's shapes, one standard shape
-        by_size = sorted(model_shapes, key=lambda t: t[1] * t[2])
-        shapes, Ms = [by_size[0], by_size[-1], STANDARD_SHAPES[0]], QUICK_M
+    preset = getattr(args, "formats", None)
+    if preset is not None and (sweep is not None or quick or getattr(args, "decode", False)):
+        raise ValueError(f"--formats {preset} fixes its own formats, shapes and M: give it without "
+                         "--sweep, --quick or --decode")
+    if preset:
+        p = FORMAT_PRESETS[preset]
+        specs, shapes, Ms = list(p["specs"]), list(p["shapes"]), list(p["Ms"])
     else:
-        shapes, Ms = model_shapes + list(STANDARD_SHAPES), STANDARD_M
+        specs = list(QUICK_SPECS) if quick and sweep is None else load_sweep_specs(sweep or "all", quick=quick)
+        model_shapes = default_model_shapes()
+        if quick:  # the smallest and largest of the model's shapes, one standard shape
+            by_size = sorted(model_shapes, key=lambda t: t[1] * t[2])
+            shapes, Ms = [by_size[0], by_size[-1], STANDARD_SHAPES[0]], QUICK_M
+        else:
+            shapes, Ms = model_shapes + list(STANDARD_SHAPES), STANDARD_M
     mrt = args.min_run_time if getattr(args, "min_run_time", None) is not None else (0.05 if quick else 0.2)
     lat_out, dec_out = output_paths(args)
     rows = run_latency(specs, shapes, Ms, device=device, min_run_time=mrt, out=lat_out,

@@ -136,13 +136,14 @@ def test_spy_flags_a_column_slice_given_to_torch():
 # Every CPU backend of every module
 # ---------------------------------------------------------------------------------------------
 
-# (id, N, K, bits, group_size, symmetric, backends): torch_int4/int8 need K a multiple of 16/32,
-# dequant runs on odd K and partial groups.
+# (id, N, K, bits, group_size, symmetric, backends): every CPU backend that applies (torch_int4/
+# torch_int4x2 pad K and N themselves, torch_int8 pads K: the padded copy must be of dense rows too).
 QUANT_LAYERS = [
-    ("4b-g64-asym-37x100", 37, 100, 4, 64, False, ("dequant",)),  # the case that failed
-    ("3b-g32-asym-19x75", 19, 75, 3, 32, False, ("dequant",)),
+    ("4b-g64-asym-37x100", 37, 100, 4, 64, False, ("dequant", "torch_int4")),  # the case that failed
+    ("3b-g32-asym-19x75", 19, 75, 3, 32, False, ("dequant", "torch_int4")),
     ("4b-g32-sym-48x96", 48, 96, 4, 32, True, ("dequant", "torch_int4")),
-    ("8b-pc-asym-40x112", 40, 112, 8, -1, False, ("dequant", "torch_int8")),
+    ("8b-pc-asym-40x112", 40, 112, 8, -1, False, ("dequant", "torch_int8", "torch_int4x2")),
+    ("6b-g128-sym-40x100", 40, 100, 6, 128, True, ("dequant", "torch_int8", "torch_int4x2")),
 ]
 LEADS = {"M24": (24,), "2x17": (2, 17)}
 

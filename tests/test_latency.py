@@ -36,8 +36,10 @@ TINY_LLAMA = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidde
     ({"method": "combo", "steps": [{"method": "sparsegpt", "pattern": "2:4"}, {"method": "gptq", "bits": 4}]},
      {"kind": "sparse", "pattern": "nm", "n": 2, "m": 4}),
     ({"method": "dense"}, {"kind": "dense"}),
+    ({"method": "rtn", "bits": 5, "group_size": 128, "cache_dequantized": True},
+     {"kind": "quant", "bits": 5, "group_size": 128, "symmetric": False, "cache_dequantized": True}),
 ], ids=["rtn4g64", "gptq-same-grid", "rtn8pc-sym", "rtn3-default-group", "wanda2:4", "sparsegpt4:8",
-        "magnitude70", "wanda-block16x32", "svd-ratio", "wsvd-rank", "combo-2:4+gptq", "dense"])
+        "magnitude70", "wanda-block16x32", "svd-ratio", "wsvd-rank", "combo-2:4+gptq", "dense", "rtn5-dense-cache"])
 def test_format_of(spec, expected):
     assert latency.format_of(spec) == expected
 
@@ -85,6 +87,8 @@ TINY_SPECS = [
     {"method": "gptq", "bits": 4, "group_size": 32, "symmetric": False},  # same format as the RTN point
     {"method": "magnitude", "sparsity": 0.5, "pattern": "2:4"},
     {"method": "svd", "rank": 8},
+    # the same quant format with the opt-in dense cache: a separate row, its resident bytes shown
+    {"method": "rtn", "bits": 6, "group_size": 32, "symmetric": False, "cache_dequantized": True},
 ]
 
 
@@ -147,6 +151,17 @@ def test_rows_are_well_formed(tiny_run):
             assert r["act_dtype"] == spec["dtype"] and r["backend"] == "torch"
         elif kind == "quant":
             assert r["act_dtype"] == "bf16"  # weight-only CPU kernels run with bf16 activations
+            N, K = int(r["N"]), int(r["K"])
+            if spec.get("cache_dequantized"):
+                assert r["format"].endswith("+dense cache")
+                if r["backend"] == "dequant":  # auto chose the dense bf16 copy: its bytes are resident
+                    assert int(r["resident_bytes"]) >= 2 * N * K
+            else:  # the compressed paths only: no dense copy resident
+                assert r["backend"] in ("torch_int4", "torch_int4x2", "torch_int8"), r["backend"]
+                assert int(r["resident_bytes"]) < 2 * N * K
+        assert float(r["load_avg_1m"]) >= 0
+        for col in ("cpu_model", "cpu_isa", "torch_cpu_capability"):
+            assert r[col] == prov[col]
     assert {r["act_dtype"] for r in on_disk if r["kind"] == "dense"} == {"fp32", "bf16"}
     # The interpreter was hidden only while timing (conftest sets it for the kernel tests).
     assert os.environ.get("TRITON_INTERPRET") == "1"
@@ -173,8 +188,29 @@ def test_specs_of_one_format_share_one_timing(tiny_run):
     by = {}
     for r in rows:
         if r["method"] in ("rtn", "gptq"):
-            by.setdefault((r["N"], r["M"]), {})[r["method"]] = r["median_ms"]
-    assert by and all(v["rtn"] == v["gptq"] for v in by.values())
+            by.setdefault((r["N"], r["M"], r["format"]), {})[r["method"]] = r["median_ms"]
+    both = [v for v in by.values() if len(v) == 2]
+    assert both and all(v["rtn"] == v["gptq"] for v in both)
+
+
+def test_cpu_targets_preset_times_every_target_format_in_one_run(monkeypatch, tmp_path):
+    """--formats cpu-targets: bits {2,3,4,5,6,8} x groups {32,64,128,-1} (+ dense-cache variants)
+    at 4096x4096 and N=4096 x K=11008, M=1 and 16, in one run_latency call (ratios in one run)."""
+    import argparse
+    p = latency.FORMAT_PRESETS["cpu-targets"]
+    grid = {(s["bits"], s["group_size"]) for s in p["specs"] if not s.get("cache_dequantized")}
+    assert grid == {(b, g) for b in (2, 3, 4, 5, 6, 8) for g in (32, 64, 128, -1)}
+    assert {(n, k) for _, n, k in p["shapes"]} == {(4096, 4096), (4096, 11008)} and tuple(p["Ms"]) == (1, 16)
+    calls = []
+    monkeypatch.setattr(latency, "run_latency", lambda specs, shapes, Ms, **kw: calls.append((specs, shapes, Ms)) or [])
+    monkeypatch.setattr(latency, "default_model_shapes", lambda: pytest.fail("a preset needs no model"))
+    ap = argparse.ArgumentParser()
+    latency.add_arguments(ap)
+    latency.main(ap.parse_args(["--formats", "cpu-targets", "--out", str(tmp_path / "latency_cpu.csv")]))
+    assert calls == [(list(p["specs"]), list(p["shapes"]), list(p["Ms"]))]
+    with pytest.raises(ValueError, match="--formats cpu-targets"):
+        latency.main(ap.parse_args(["--formats", "cpu-targets", "--sweep", "quant",
+                                    "--out", str(tmp_path / "latency_cpu.csv")]))
 
 
 def test_rerun_upserts_instead_of_duplicating(tiny_run):

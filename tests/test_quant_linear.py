@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from triton_kernels import dequant_matmul as dq
-from triton_kernels.nn import quant
+from triton_kernels.nn import _backend, quant
 from triton_kernels.nn.quant import QuantLinear
 
 # Outputs are compared to the float64 reference rounded once to the activation dtype.
@@ -26,18 +26,29 @@ TOL = {
 }
 DTYPE_ID = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
-# (id, N, K, bits, group_size, symmetric): chosen so that each torch CPU op applies to some
-# cases and not to others (odd N/K, partial groups), see QuantLinear.why_not.
+# (id, N, K, bits, group_size, symmetric): odd N/K, partial groups, per-channel, 1..8 bits; which
+# torch op runs which layer is QuantLinear.why_not (the module docstring has the mapping).
 LAYERS = [
-    ("4b-g32-sym-48x96", 48, 96, 4, 32, True),          # torch_int4
+    ("4b-g32-sym-48x96", 48, 96, 4, 32, True),          # torch_int4 as is
     ("4b-g128-asym-32x256", 32, 256, 4, 128, False),    # torch_int4, two full groups
-    ("4b-g64-asym-37x100", 37, 100, 4, 64, False),      # partial group, odd N: dequant only
-    ("8b-pc-asym-40x112", 40, 112, 8, -1, False),       # torch_int8 with the zero correction
-    ("8b-pc-sym-24x48", 24, 48, 8, -1, True),           # torch_int8
-    ("3b-g32-asym-19x75", 19, 75, 3, 32, False),        # codes straddle words: dequant only
-    ("2b-pc-sym-33x70", 33, 70, 2, -1, True),
+    ("4b-g64-asym-37x100", 37, 100, 4, 64, False),      # partial group, odd N: padded K and N
+    ("8b-pc-asym-40x112", 40, 112, 8, -1, False),       # torch_int8 with the zero correction, int4x2
+    ("8b-pc-sym-24x48", 24, 48, 8, -1, True),           # torch_int8, int4x2
+    ("3b-g32-asym-19x75", 19, 75, 3, 32, False),        # codes straddle words; torch_int4
+    ("2b-pc-sym-33x70", 33, 70, 2, -1, True),           # torch_int4 and torch_int8
+    ("6b-g16-asym-40x100", 40, 100, 6, 16, False),      # int4x2 with groups padded to 32
 ]
-CPU_BACKENDS = ("dequant", "torch_int4", "torch_int8")
+CPU_BACKENDS = ("dequant", "torch_int4", "torch_int4x2", "torch_int8")
+
+
+@pytest.fixture(autouse=True)
+def _fresh_choices():
+    """Every test starts and ends without cached backend measurements or an injected timer."""
+    _backend.clear_choices()
+    _backend.set_timer(None)
+    yield
+    _backend.clear_choices()
+    _backend.set_timer(None)
 
 
 def _random_codes_layer(N, K, bits, group_size, symmetric, *, bias=True, seed=0):
@@ -102,9 +113,9 @@ def test_cpu_backends_match_reference_and_each_other(lid, N, K, bits, gs, sym, d
     _assert_close(outs["auto"], want, dtype, f"{lid} auto ({m.last_backend}) vs reference")
     for name, y in outs.items():
         _assert_close(y, outs["dequant"], dtype, f"{lid} {name} vs dequant")
-    if lid in ("4b-g32-sym-48x96", "4b-g128-asym-32x256", "8b-pc-asym-40x112", "8b-pc-sym-24x48"):
-        op = "torch_int4" if bits == 4 else "torch_int8"
-        assert op in outs, f"{lid}: {op} should apply to this layer"
+    # Every layer has a fast path: int4 for <= 4 bits, int4x2 for more, int8 for one group per row.
+    assert ("torch_int4" if bits <= 4 else "torch_int4x2") in outs, lid
+    assert ("torch_int8" in outs) == (gs == -1), lid
 
 
 # The interpreter costs ~2 ms per (program x K-iteration): a handful of small cases, both kernel
@@ -137,19 +148,24 @@ def test_triton_backend_matches_reference(lid, N, K, bits, gs, sym, M, dtype, mo
     ("1", torch.bfloat16, "4b-g32-sym-48x96", "triton"),
     ("1", torch.float32, "3b-g32-asym-19x75", "triton"),
     ("0", torch.bfloat16, "4b-g32-sym-48x96", "torch_int4"),
-    ("0", torch.bfloat16, "8b-pc-asym-40x112", "torch_int8"),
-    ("0", torch.bfloat16, "4b-g64-asym-37x100", "dequant"),   # partial group, odd N
-    ("0", torch.bfloat16, "3b-g32-asym-19x75", "dequant"),
+    ("0", torch.bfloat16, "8b-pc-asym-40x112", "torch_int8"),   # static order: int8 before int4x2
+    ("0", torch.bfloat16, "4b-g64-asym-37x100", "torch_int4"),  # partial group, odd N
+    ("0", torch.bfloat16, "3b-g32-asym-19x75", "torch_int4"),
+    ("0", torch.bfloat16, "6b-g16-asym-40x100", "torch_int4x2"),
+    ("0", torch.float16, "4b-g32-sym-48x96", "torch_int4"),
     ("0", torch.float32, "4b-g32-sym-48x96", "dequant"),      # no silent fp32 -> bf16
     ("0", torch.float32, "8b-pc-sym-24x48", "dequant"),
-    ("0", torch.float16, "4b-g32-sym-48x96", "dequant"),
 ], ids=lambda v: DTYPE_ID.get(v, v) if not isinstance(v, str) else v)
 def test_auto_selection(interpret, dtype, layer, expected, monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", interpret)
+    monkeypatch.setenv("TKR_CPU_AUTOTUNE", "0")  # the static order; measured choice: tests below
     _, N, K, bits, gs, sym = next(c for c in LAYERS if c[0] == layer)
     m = _random_codes_layer(N, K, bits, gs, sym)
     x = torch.randn(1, K).to(dtype)
     assert m.resolve_backend(x) == expected
+    if expected != "triton":
+        m(x)
+        assert m.last_backend == expected
     # Without the environment variable only a CUDA device makes Triton usable.
     monkeypatch.delenv("TRITON_INTERPRET")
     if expected != "triton":
@@ -164,10 +180,10 @@ def test_auto_prefers_triton_on_cuda(monkeypatch):
 
 
 @pytest.mark.parametrize("layer,backend,dtype,match", [
-    ("3b-g32-asym-19x75", "torch_int4", torch.bfloat16, "bits=4"),
-    ("4b-g64-asym-37x100", "torch_int4", torch.bfloat16, "divisible"),
-    ("2b-pc-sym-33x70", "torch_int8", torch.bfloat16, "bits=8"),
-    ("4b-g32-sym-48x96", "torch_int8", torch.bfloat16, "bits=8"),
+    ("8b-pc-sym-24x48", "torch_int4", torch.bfloat16, "bits <= 4"),
+    ("3b-g32-asym-19x75", "torch_int4x2", torch.bfloat16, "bits in 5..8"),
+    ("4b-g32-sym-48x96", "torch_int8", torch.bfloat16, "one group per row"),
+    ("6b-g16-asym-40x100", "torch_int8", torch.bfloat16, "one group per row"),
     ("4b-g32-sym-48x96", "triton", torch.float32, "TRITON_INTERPRET"),
 ])
 def test_forced_backend_that_cannot_apply_raises(layer, backend, dtype, match, monkeypatch):
@@ -183,10 +199,138 @@ def test_forced_backend_that_cannot_apply_raises(layer, backend, dtype, match, m
         m(x)
 
 
-def test_int8_refuses_k_not_multiple_of_16():
-    # torch 2.13's _weight_int8pack_mm gives wrong results or segfaults for such K (measured).
-    m = _random_codes_layer(16, 40, 8, -1, True)
-    assert "divisible by 16" in m.why_not("torch_int8", torch.randn(1, 40, dtype=torch.bfloat16))
+# ---------------------------------------------------------------------------------------------
+# The CPU mapping onto torch's int4/int8 ops: every bit width x group size x shape
+# ---------------------------------------------------------------------------------------------
+
+MAP_SHAPES = [(40, 100), (40, 576), (16, 1536)]   # N not a multiple of 16; K odd / not a group multiple
+MAP_GROUPS = [16, 32, 64, 128, 256, -1]
+MAP_INPUTS = [(1, torch.bfloat16), (3, torch.bfloat16), (17, torch.bfloat16), (3, torch.float16)]
+
+
+@pytest.mark.parametrize("sym", [False, True], ids=["asym", "sym"])
+@pytest.mark.parametrize("bits", range(1, 9), ids=lambda b: f"{b}b")
+def test_torch_op_mapping_every_format(bits, sym, monkeypatch):
+    """torch_int4 (bits <= 4), torch_int4x2 (5..8) and torch_int8 (one group per row) against the
+    dequantized weight (``dequant_matmul.dequantize``, the reference's) for every group size,
+    N=40/16, K=100/576/1536, M=1/3/17, bf16 and fp16 activations (random codes, scales and
+    fractional zeros: the zero mapping is exercised, not just RTN's integer zeros)."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    op = "torch_int4" if bits <= 4 else "torch_int4x2"
+    for (N, K), gs in ((s, g) for s in MAP_SHAPES for g in MAP_GROUPS):
+        m = _random_codes_layer(N, K, bits, gs, sym, seed=bits * 100 + K + gs)
+        w = m.dequantize().double()  # what dequant_matmul_reference multiplies by, once per layer
+        for M, dtype in MAP_INPUTS:
+            x = _sliced_input((M,), K, dtype)
+            want = (x.double() @ w.T + m.bias.double()).to(dtype)
+            for backend in (op, "torch_int8") if gs == -1 else (op,):
+                what = f"{bits}b g{gs} {'sym' if sym else 'asym'} N={N} K={K} M={M} {DTYPE_ID[dtype]} {backend}"
+                _assert_close(m(x, backend=backend), want, dtype, what)
+                assert m.last_backend == backend
+
+
+def test_int4_layout_maps_groups_onto_the_ops_group_sizes():
+    # (K, group_size) -> (op group, padded group, groups): see the module docstring.
+    assert quant.int4_layout(4096, 128) == (128, 128, 32)
+    assert quant.int4_layout(4096, -1) == (256, 4096, 1)
+    assert quant.int4_layout(576, -1) == (64, 576, 1)
+    assert quant.int4_layout(100, -1) == (128, 128, 1)     # K padded to 128
+    assert quant.int4_layout(100, 128) == (128, 128, 1)    # a group >= K is one group per row
+    assert quant.int4_layout(100, 64) == (64, 64, 2)       # partial last group padded
+    assert quant.int4_layout(1000, 512) == (256, 512, 2)   # 256-column op groups, scale repeated
+    assert quant.int4_layout(100, 16) == (32, 32, 7)       # each 16-group padded to 32
+
+
+def test_prepacked_shapes_pad_n_and_k():
+    m = _random_codes_layer(40, 100, 6, 16, False)        # N=40 -> 48, 7 groups of 16 -> 7 x 32, two halves
+    w, sz = m.prepack("torch_int4x2", torch.bfloat16)
+    assert w.shape == (48, 7 * 32 * 2 // 2) and w.dtype == torch.uint8
+    assert sz.shape == (14, 48, 2) and sz.dtype == torch.bfloat16
+    assert bool((sz[:, 40:] == 0).all())                   # padded rows: S = Z = 0
+    m8 = _random_codes_layer(40, 100, 8, -1, False)
+    w8, s8, corr = m8.prepack("torch_int8", torch.bfloat16)
+    assert w8.shape == (40, 112) and bool((w8[:, 100:] == 0).all())   # K padded to a multiple of 16
+
+
+# ---------------------------------------------------------------------------------------------
+# auto by measurement: deterministic through an injected timer
+# ---------------------------------------------------------------------------------------------
+
+def _fake_timer(ms: dict, calls: list):
+    def timer(name, fn):
+        fn()  # run it, as the real timer does (builds the candidate's prepacked copy)
+        calls.append(name)
+        return ms[name]
+    return timer
+
+
+def test_auto_measures_once_per_key_and_keeps_only_the_winner(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.delenv("TKR_CPU_AUTOTUNE", raising=False)
+    calls = []
+    _backend.set_timer(_fake_timer({"torch_int8": 2.0, "torch_int4x2": 1.0}, calls))
+    m = _random_codes_layer(40, 112, 8, -1, False)
+    x = torch.randn(1, 112, dtype=torch.bfloat16)
+    stored = m.resident_bytes()
+    y = m(x)
+    assert m.last_backend == "torch_int4x2" and sorted(calls) == ["torch_int4x2", "torch_int8"]
+    assert m.resolve_backend(x) == "torch_int4x2"
+    # The loser's prepacked copy is gone: resident = storage + the int4x2 copy only.
+    w, sz = m._prepacked[("torch_int4x2", torch.bfloat16)]
+    assert set(m._prepacked) == {("torch_int4x2", torch.bfloat16)}
+    assert m.resident_bytes() == stored + w.numel() + sz.numel() * 2
+    _assert_close(y, _reference(m, x), torch.bfloat16, "measured auto")
+    m(torch.randn(1, 112, dtype=torch.bfloat16))          # same key: no new timing
+    other = _random_codes_layer(40, 112, 8, -1, False, seed=3)
+    other(x)                                               # same format and shape: the cached choice
+    assert len(calls) == 2 and other.last_backend == "torch_int4x2"
+    m(torch.randn(16, 112, dtype=torch.bfloat16))          # another M bucket: measured again
+    assert len(calls) == 4
+    assert m(torch.randn(0, 112, dtype=torch.bfloat16)).shape == (0, 40) and len(calls) == 4  # empty: not timed
+    key = next(k for k in _backend.cached_choices() if k[8] == 16)
+    assert _backend.cached_choices()[key] == ("torch_int4x2", {"torch_int8": 2.0, "torch_int4x2": 1.0})
+
+
+def test_auto_measurement_switches(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    calls = []
+    _backend.set_timer(_fake_timer({"torch_int8": 2.0, "torch_int4x2": 1.0}, calls))
+    m = _random_codes_layer(40, 112, 8, -1, True)
+    x = torch.randn(1, 112, dtype=torch.bfloat16)
+    monkeypatch.setenv("TKR_CPU_AUTOTUNE", "0")
+    m(x)
+    assert m.last_backend == "torch_int8" and calls == []      # static order, nothing cached
+    monkeypatch.setenv("TKR_CPU_AUTOTUNE", "1")
+    monkeypatch.setattr(_backend, "AUTOTUNE", False)
+    m(x)
+    assert m.last_backend == "torch_int8" and calls == []
+    monkeypatch.setattr(_backend, "AUTOTUNE", True)
+    m(x, backend="torch_int8")
+    assert calls == []                                         # a forced backend is never timed
+    m(x)
+    assert m.last_backend == "torch_int4x2" and len(calls) == 2
+
+
+def test_dense_cache_competes_only_when_opted_in(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.delenv("TKR_CPU_AUTOTUNE", raising=False)
+    calls = []
+    _backend.set_timer(_fake_timer({"torch_int4": 3.0, "dequant": 1.0}, calls))
+    m = _random_codes_layer(48, 96, 4, 32, False)
+    x = torch.randn(16, 96, dtype=torch.bfloat16)
+    m(x)
+    assert m.last_backend == "torch_int4" and calls == []      # one candidate: the compressed path
+    m.cache_dequantized = True
+    m(x)
+    assert m.last_backend == "dequant" and sorted(calls) == ["dequant", "torch_int4"]
+    # A fresh layer that opted in keeps only the winner's copy: the dense bf16 weight.
+    fresh = _random_codes_layer(48, 96, 4, 32, False)
+    fresh.cache_dequantized = True
+    stored = fresh.resident_bytes()
+    fresh(x)
+    assert fresh.last_backend == "dequant" and len(calls) == 2  # the cached choice
+    assert set(fresh._prepacked) == {("dequant", torch.bfloat16)}
+    assert fresh.resident_bytes() == stored + 48 * 96 * 2
 
 
 def test_forced_torch_ops_run_fp32_and_prepack_once(monkeypatch):
@@ -287,7 +431,12 @@ def test_resident_bytes_counts_prepacked_copies():
     m.prepack("torch_int4", torch.float32)     # shares the int4pack weight, adds fp32 scales/zeros
     assert m.resident_bytes() == stored + int4pack + sz_bf16 + (K // 32) * N * 2 * 4
     assert m.memory_bytes() == N * K // 2 + 2 * (K // 32) * N * 2  # the storage format is unchanged
+    m.release_prepacked(keep="torch_int4")     # keeps that backend's copies (both dtypes)
+    assert m.resident_bytes() == stored + int4pack + sz_bf16 + (K // 32) * N * 2 * 4
     m.to(torch.device("cpu"))                  # a move drops the derived copies
+    assert m.resident_bytes() == stored
+    m.prepack("torch_int4", torch.bfloat16)
+    m.release_prepacked()
     assert m.resident_bytes() == stored
 
 
@@ -376,3 +525,13 @@ def test_bad_inputs():
     with pytest.raises(ValueError, match="words per row"):
         QuantLinear(torch.zeros(16, 3, dtype=torch.int32), s, s, in_features=32, bits=4, group_size=-1,
                     symmetric=False)
+
+
+def test_measured_choice_keeps_the_static_order_within_the_margin():
+    calls = []
+    _backend.set_timer(lambda name, fn: calls.append(name) or {"a": 1.0, "b": 0.97, "c": 0.5}[name])
+    assert _backend.measured_choice(("k", 1), {"a": None, "b": None}) == "a"   # 3% faster: a near-tie
+    assert _backend.measured_choice(("k", 2), {"a": None, "c": None}) == "c"   # 2x faster: chosen
+    assert _backend.measured_choice(("k", 1), {"a": None, "b": None}) == "a" and len(calls) == 4  # cached
+    with pytest.raises(ValueError, match="at least one candidate"):
+        _backend.measured_choice(("k", 3), {})

@@ -4,7 +4,8 @@ import torch
 from torch import nn
 
 from triton_kernels import sparse_matmul as sm
-from triton_kernels.nn.sparse import BACKENDS, SparseLinear, _auto_cpu_backend
+from triton_kernels.nn import _backend
+from triton_kernels.nn.sparse import BACKENDS, SparseLinear, cpu_candidates
 
 TOL = {torch.float32: (1e-5, 1e-5), torch.float16: (1e-3, 2e-3), torch.bfloat16: (1e-3, 1.6e-2)}
 N, K = 70, 100  # neither a multiple of the blocks nor of 32
@@ -186,14 +187,62 @@ def test_state_dict_round_trip(pattern, backend):
     assert dst.memory_bytes() == src.memory_bytes()
 
 
-def test_auto_cpu_choice_follows_measured_crossovers():
-    assert _auto_cpu_backend("block", torch.float32, 0.1) == "torch_bsr"
-    assert _auto_cpu_backend("block", torch.float32, 0.5) == "dense"
-    assert _auto_cpu_backend("block", torch.bfloat16, 0.1) == "dense"
-    assert _auto_cpu_backend("block", torch.float32, 0.1, square=False) == "dense"
-    assert _auto_cpu_backend("unstructured", torch.float32, 0.1) == "torch_csr"
-    assert _auto_cpu_backend("unstructured", torch.float32, 0.5) == "dense"
-    assert _auto_cpu_backend("nm", torch.float32, 0.5) == "dense"
+def test_cpu_candidates():
+    assert cpu_candidates("block", torch.float32) == ("dense", "torch_bsr")
+    assert cpu_candidates("block", torch.bfloat16) == ("dense",)           # torch BSR is fp32-only
+    assert cpu_candidates("block", torch.float32, (32, 16)) == ("dense",)  # MKL: square blocks only
+    assert cpu_candidates("unstructured", torch.float32) == ("dense", "torch_csr")
+    assert cpu_candidates("unstructured", torch.float16) == ("dense",)
+    assert cpu_candidates("nm", torch.float32) == ("dense",)
+    assert cpu_candidates("activation", torch.bfloat16) == ("dense", "torch_gather")
+
+
+@pytest.fixture
+def cpu_auto(monkeypatch):
+    """auto on CPU (no interpreter) with an injected timer and no cached choices before or after."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.delenv("TKR_CPU_AUTOTUNE", raising=False)
+    _backend.clear_choices()
+    calls = []
+    times = {}
+
+    def timer(name, fn):
+        fn()
+        calls.append(name)
+        return times[name]
+    _backend.set_timer(timer)
+    yield times, calls
+    _backend.set_timer(None)
+    _backend.clear_choices()
+
+
+@pytest.mark.parametrize("pattern,fast", [("block", "torch_bsr"), ("block", "dense"),
+                                          ("unstructured", "torch_csr"), ("activation", "torch_gather")])
+def test_auto_cpu_choice_is_measured(pattern, fast, cpu_auto):
+    times, calls = cpu_auto
+    times.update({c: (1.0 if c == fast else 2.0) for c in cpu_candidates(pattern, torch.float32)})
+    lin = _linear()
+    mod = SparseLinear.from_linear(lin, pattern, **OPTS[pattern])
+    assert mod.backend == fast and sorted(calls) == sorted(times)
+    x = torch.randn(3, K)
+    assert_close(mod(x), _expected(lin, mod, x), torch.float32)
+    # Same key (pattern, shape, density, dtype, M bucket): the cached choice, no timing.
+    again = SparseLinear.from_linear(_linear(), pattern, **OPTS[pattern])
+    assert again.backend == fast and len(calls) == len(times)
+    # Another M bucket is measured on its own.
+    SparseLinear.from_linear(lin, pattern, tune_m=16, **OPTS[pattern])
+    assert len(calls) == 2 * len(times)
+
+
+def test_auto_cpu_without_measuring_and_single_candidates(cpu_auto, monkeypatch):
+    times, calls = cpu_auto
+    mod = SparseLinear.from_linear(_linear(), "nm", **OPTS["nm"])   # one candidate: nothing to time
+    assert mod.backend == "dense" and calls == []
+    monkeypatch.setenv("TKR_CPU_AUTOTUNE", "0")
+    mod = SparseLinear.from_linear(_linear(), "block", **OPTS["block"])
+    assert mod.backend == "dense" and calls == []                   # the static first candidate
+    with pytest.raises(ValueError, match="tune_m"):
+        SparseLinear.from_linear(_linear(), "block", tune_m=0, **OPTS["block"])
 
 
 def test_bad_arguments():

@@ -81,3 +81,108 @@ def tensor_nbytes(*tensors) -> int:
             seen.add(id(t))
             total += t.numel() * t.element_size()
     return total
+
+
+# ---------------------------------------------------------------------------------------------
+# Backend choice by measurement on the machine at hand
+# ---------------------------------------------------------------------------------------------
+# The CPU backends' relative speed depends on the machine (AVX-512 vs AMX, cache sizes, threads):
+# on an AMD EPYC (avx512_bf16, no AMX) torch's weight-only int4 kernel is ~3x faster than dense
+# bf16 at M=1, on an Intel Xeon with AMX dense bf16 beats it 2.4x at M=16 (PLATFORM.md). A crossover
+# measured on one machine is wrong on the other, so ``auto`` times its candidates once per key on
+# the machine it runs on and caches the winner in-process, as Triton's autotuner and cuDNN's
+# benchmark mode do.
+
+#: Module-level switch: ``False`` turns measuring off (``auto`` then takes its static order).
+#: The environment variable ``TKR_CPU_AUTOTUNE=0`` does the same.
+AUTOTUNE = True
+
+_CHOICES: dict[tuple, tuple[str, dict[str, float]]] = {}
+_TIMER = None
+
+
+def autotune_enabled() -> bool:
+    """Whether ``auto`` may time its candidates (``AUTOTUNE`` and ``TKR_CPU_AUTOTUNE`` != "0")."""
+    return AUTOTUNE and os.environ.get("TKR_CPU_AUTOTUNE", "1") != "0"
+
+
+def m_bucket(m: int) -> int:
+    """The M bucket a choice is cached for: 1, 4, 16, 64, 256, then powers of 4 (upper bounds).
+
+    Decode (M=1) and small batches get their own choice; the weight-only ops' cost grows with M
+    while dense GEMMs amortize the weight, so the winner changes with M (PLATFORM.md: M=1 vs 16).
+    """
+    b = 1
+    while b < m:
+        b *= 4
+    return b
+
+
+#: A candidate later in the static order must be this much faster to be chosen: timings on a shared
+#: machine jitter by a few percent, and a near-tie is not worth flipping the default for.
+MARGIN = 0.05
+
+
+def _best_ms(fn, min_seconds: float = 0.02, max_calls: int = 50) -> float:
+    """Fastest wall time of ``fn()`` in ms: one warm-up call (it builds prepacked copies), then
+    at least 3 and at most ``max_calls`` timed calls, stopping once ``min_seconds`` have passed.
+
+    The minimum, as ``timeit`` advises: other processes only ever add time, and on a loaded
+    machine (the 2-core development box at load average 12) whole scheduler slices of 4 ms land in
+    a median of ~1 ms calls, which then says nothing about the kernels."""
+    import time
+    fn()
+    times = []
+    start = time.perf_counter()
+    while len(times) < 3 or (len(times) < max_calls and time.perf_counter() - start < min_seconds):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return 1e3 * min(times)
+
+
+def set_timer(timer) -> None:
+    """Replace the timer of ``measured_choice`` (``timer(name, fn) -> ms``; ``None`` restores the
+    wall-clock median). Tests inject a deterministic one; nothing else should need it."""
+    global _TIMER
+    _TIMER = timer
+
+
+def clear_choices() -> None:
+    """Forget every cached choice (the next ``auto`` forward of each key measures again)."""
+    _CHOICES.clear()
+
+
+def cached_choices() -> dict[tuple, tuple[str, dict[str, float]]]:
+    """``{key: (winner, {candidate: ms})}`` of every choice measured in this process."""
+    return dict(_CHOICES)
+
+
+def measured_choice(key: tuple, candidates: dict, *, log=None) -> str:
+    """The fastest of ``candidates`` (``{name: zero-argument callable}``) for ``key``, by measurement.
+
+    ``key`` must say everything the timing depends on (module kind, format, shape, dtype,
+    ``m_bucket(M)``, device, the candidate names). The first call for a key times each candidate
+    (``_best_ms``, or the injected timer) and caches the winner: the first candidate in the given
+    order within ``MARGIN`` of the fastest. Later calls return it without timing. With one candidate, or measuring disabled (``autotune_enabled()``), the first candidate
+    is returned and nothing is cached (enabling it later measures then).
+    """
+    names = list(candidates)
+    if not names:
+        raise ValueError("measured_choice needs at least one candidate")
+    if len(names) == 1:
+        return names[0]
+    hit = _CHOICES.get(key)
+    if hit is not None:
+        return hit[0]
+    if not autotune_enabled():
+        return names[0]
+    timer = _TIMER or (lambda name, fn: _best_ms(fn))
+    times = {name: float(timer(name, fn)) for name, fn in candidates.items()}
+    fastest = min(times.values())
+    # The first in the static order within MARGIN of the fastest (ties keep the default).
+    best = next(n for n in names if times[n] <= fastest * (1.0 + MARGIN))
+    _CHOICES[key] = (best, times)
+    if log is not None:
+        log(f"measured {key}: " + ", ".join(f"{n} {t:.4g} ms" for n, t in times.items()) + f" -> {best}")
+    return best

@@ -2,7 +2,10 @@
 
 Backends (``backend=``):
     "auto"        Triton (``triton_kernels.lowrank_linear``) where it can run (CUDA, or CPU under
-                  TRITON_INTERPRET=1), else "two_matmul".
+                  TRITON_INTERPRET=1), else "two_matmul". On CPU that is the only backend that keeps
+                  the factored footprint (the product ``U @ V`` would be the dense weight), so there
+                  is nothing to time there; QuantLinear and SparseLinear, which have several CPU
+                  candidates, choose by measurement (``triton_kernels.nn._backend.measured_choice``).
     "triton"      the Triton kernels (fused for r <= 128, two GEMMs above); ValueError where they
                   cannot run.
     "two_matmul"  ``F.linear(F.linear(x, V), U, bias)``: two dense torch matmuls, the fast choice on

@@ -25,42 +25,75 @@ Building one
 Backends (``backend=`` at construction, the ``backend`` attribute, or ``forward(x, backend=...)``)
 -------------------------------------------------------------------------------------------
 - ``"triton"``: ``dequant_matmul`` (CUDA/ROCm, or CPU tensors under ``TRITON_INTERPRET=1``).
-- ``"torch_int4"``: ``torch.ops.aten._weight_int4pack_mm_for_cpu``. CPU only; bits=4, group size
-  32/64/128/256 (or per-channel with K one of those), K a multiple of the group size (no partial
-  group), N a multiple of 16 (all measured on torch 2.13: the op raises otherwise). The op computes
-  ``(q - 8) * scale + zero``; asymmetric ``(q - z) * s`` is mapped exactly by ``zero = (8 - z) * s``.
-  Its scales/zeros must have the activation's dtype, so they are rounded to bf16 for bf16 inputs.
-- ``"torch_int8"``: ``torch._weight_int8pack_mm``. CPU only; bits=8, one group per row, K a multiple
-  of 16 (measured on torch 2.13: other K give wrong results or a segfault, so they are refused).
-  The op computes ``x @ (w_int8 * s)^T`` with ``w_int8 = q - 128``; an asymmetric zero is added
-  back as the rank-1 term ``rowsum(x) * (128 - z) * s`` in fp32.
+- ``"torch_int4"``: ``torch.ops.aten._weight_int4pack_mm_for_cpu`` (CPU; bits <= 4, any group size,
+  any N and K). The op computes ``sum_k x_k * ((c - 8) * S_j + Z_j)`` for 4-bit codes ``c`` with one
+  (S, Z) per op group ``j`` of 32/64/128/256 columns, K a multiple of the op group, N a multiple of
+  16 (torch 2.13 raises otherwise). The mapping, exact up to rounding S and Z to the activation dtype:
+
+  * codes: a b-bit code (b <= 4) is a 4-bit code. Symmetric grids shift it, ``c = q + 8 - 2^(b-1)``
+    (still in [0, 15]), so ``Z = 0`` and ``S = s``; asymmetric grids keep ``c = q``, ``S = s`` and
+    ``Z = (8 - z) * S`` (computed from the rounded ``S``, then rounded once).
+  * groups: one op group never spans two of the layer's groups. Groups of 32..256 are op groups as
+    they are; larger groups (512 ...) are 256-column op groups with the scale repeated; one group per
+    row (per-channel, or a group >= K) uses the largest of 256/128/64/32 that divides K rounded up to
+    32 (4096 -> 256, 576 -> 64, 1536 -> 256, 11008 -> 256, 100 -> 128), scale repeated. Op group sizes
+    cost about the same (4096x4096, M=1, bf16, 1 thread, AMD EPYC at load ~2, 2026-11-30: 0.94, 0.96,
+    0.89, 0.89 ms for 32, 64, 128, 256), so the largest that needs no extra padding is taken.
+  * groups of 16 (or less): each group is zero-padded to 32 columns (weight code 8, x zero there),
+    so the op runs over ``32 / g`` times K: exact, at that multiple of the work and memory.
+  * K: a partial last group, or K not a multiple of the op group, is padded with zero columns of x
+    (a copy of x per call, M rows: cheap at decode sizes) and code 8 in the weight.
+  * N: padded to a multiple of 16 with zero rows (S = Z = 0), sliced off the output.
+- ``"torch_int4x2"``: the same op for bits 5..8: ``q = 16 * hi + lo`` with ``hi, lo`` 4-bit codes, and
+  ``(q - z) s = 16 s (hi - 8) + s (lo - 8) + (136 - z) s``: ONE call on ``[x, x]`` (K doubled) against
+  ``[hi, lo]`` with op scales ``16 S`` (exact: a power of two) and ``S``. Symmetric grids shift
+  ``hi`` by ``8 - 2^(b-5)`` (in [0, 15] for b <= 8) and put ``Z = 8 S`` (exact) on the ``lo`` half;
+  asymmetric grids split the offset ``(136 - z) S`` into its rounding ``Z_hi`` and the rounded
+  remainder ``Z_lo = offset - Z_hi``, so the sum is exact to ~2^-16 relative. Groups, K and N as
+  for ``torch_int4``. Twice the int4 work; resident copy 8 bits per weight.
+- ``"torch_int8"``: ``torch._weight_int8pack_mm`` (CPU; any bits, one group per row, any N and K).
+  The op computes ``x @ (w_int8 * S)^T``. ``w_int8 = q - 2^(b-1)``: exact for symmetric grids;
+  asymmetric ones add ``rowsum(x) * (2^(b-1) - z) * s`` (a rank-1 term, fp32). K is padded to a
+  multiple of 16 with zero columns (torch 2.13 gives wrong results or segfaults for other K, measured).
 - ``"dequant"``: dequantize to fp32, cast to the activation dtype, ``F.linear``. Works everywhere.
   By default it dequantizes on every call and keeps nothing dense resident; that costs a full
   unpack per forward (~1 s for 4096x4096 on the 2-core dev CPU, ~80 ms for 1536x576). With
   ``cache_dequantized=True`` (constructor argument or attribute) the dense weight in the activation
-  dtype is built once and kept: dense speed, dense memory (visible in ``resident_bytes()``). Use
-  it for accuracy runs in fp32 (perplexity), not for memory or latency claims.
+  dtype is built once and kept: dense speed, dense memory (visible in ``resident_bytes()``).
 - ``"auto"`` (default), decided per call:
   1. ``triton`` when ``triton_usable(x.device)`` (CUDA, or ``TRITON_INTERPRET=1`` on CPU);
-  2. on CPU with **bf16** activations: ``torch_int4``, else ``torch_int8``, where they apply;
-  3. otherwise ``dequant``. In particular fp32 (and fp16) activations on CPU go to ``dequant``:
-     the torch weight-only ops are 30-125x slower with fp32 activations, and casting fp32 inputs
-     to bf16 behind the caller's back would change the numerics (the harness measures perplexity
-     in fp32 through this module). Force ``torch_int4``/``torch_int8`` to run them on fp32/fp16.
+  2. on CPU with **bf16 or fp16** activations: the exact fast paths that apply (``torch_int4`` for
+     bits <= 4, ``torch_int4x2`` for 5..8, ``torch_int8`` for one group per row) and, only where the
+     caller opted into the memory with ``cache_dequantized=True``, the cached dense weight
+     (``dequant``). With one candidate it runs; with several, each is timed once on this machine per
+     (layer format, shape, dtype, M bucket) and the fastest is kept (``_backend.measured_choice``,
+     as Triton's autotuner does; ``TKR_CPU_AUTOTUNE=0`` or ``_backend.AUTOTUNE = False`` turns the
+     timing off and takes the first of torch_int4, torch_int8, torch_int4x2, dequant that applies). Prepacked copies of losing candidates are
+     dropped after the timing. Dequantize-per-call is never timed against them: it unpacks the whole
+     weight per call (~1 s at 4096x4096), an O(N*K) pass the weight-only ops do fused.
+  3. otherwise ``dequant``. In particular fp32 activations on CPU go to ``dequant``: the torch
+     weight-only ops are 30-125x slower with fp32 activations, and casting fp32 inputs to bf16 behind
+     the caller's back would change the numerics (the harness measures perplexity in fp32 through
+     this module). Force a torch op to run it on fp32.
+  fp16 note: torch 2.13's weight-only CPU ops take fp16 activations but have no fast fp16 kernel
+  (4096x4096, M=1, 1 thread, AMD EPYC at load average ~8, 2026-11-30: int4 31 ms, int8 17 ms vs
+  dense fp16 1.5 ms and int4 with bf16 activations 0.9 ms), so fp16 stays exact and compressed in
+  memory but is not a speed path; bf16 is.
 
 A forced backend that cannot run a given layer/input raises ``ValueError`` saying why and what would.
-``last_backend`` holds the backend the most recent forward actually ran.
+``last_backend`` holds the backend the most recent forward actually ran, ``last_candidates_ms`` what
+``auto`` measured for it (``{backend: ms}``, or ``None``).
 
 Resident memory
 ---------------
-The torch CPU backends need their own weight formats (int4pack uint8 (N, K/2) + [G, N, 2]
-scales-and-zeros; int8 (N, K) + scales), and ``dequant`` with ``cache_dequantized=True`` a dense
+The torch CPU backends need their own weight formats (int4pack uint8 (Np, Kp/2) + [G, Np, 2]
+scales-and-zeros; int8 (N, Kp) + scales), and ``dequant`` with ``cache_dequantized=True`` a dense
 (N, K) weight. They are built once, on first use (or by ``prepack()`` for the torch ops),
 kept next to the storage format (not instead of it: the storage is the state_dict and the source
 of truth), and dropped on ``.to()``/``load_state_dict``. ``memory_bytes()`` counts the storage
 format only, with scales/zeros at 16 bits (what a checkpoint stores, what the harness reports);
 ``resident_bytes()`` counts every tensor this module currently holds in its actual dtype, prepacked
-copies included.
+copies included (their K/N padding too).
 """
 from __future__ import annotations
 
@@ -71,13 +104,34 @@ import torch.nn.functional as F
 from torch import nn
 
 from triton_kernels import dequant_matmul as dq
-from triton_kernels.nn._backend import (check_backend, check_input, cpu_dense_rows, format_nbytes, tensor_nbytes,
-                                         triton_usable)
+from triton_kernels.nn._backend import (cached_choices, check_backend, check_input, cpu_dense_rows, format_nbytes,
+                                         m_bucket, measured_choice, tensor_nbytes, triton_usable)
 
-BACKENDS = ("auto", "triton", "torch_int4", "torch_int8", "dequant")
+BACKENDS = ("auto", "triton", "torch_int4", "torch_int4x2", "torch_int8", "dequant")
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-# Group sizes _weight_int4pack_mm_for_cpu accepts (torch 2.13 raises for any other).
-_INT4_GROUP_SIZES = (32, 64, 128, 256)
+# Group sizes _weight_int4pack_mm_for_cpu accepts (torch 2.13 raises for any other), largest first.
+_INT4_GROUP_SIZES = (256, 128, 64, 32)
+# The torch weight-only ops, in auto's static order (the order when measuring is off).
+# One pass over the weight before two (torch_int4x2 runs the int4 op over twice the columns).
+_TORCH_OPS = ("torch_int4", "torch_int8", "torch_int4x2")
+
+
+def int4_layout(K: int, group_size: int) -> tuple[int, int, int]:
+    """How a layer's groups map onto the int4 op's: ``(op_group, padded_group, n_groups)``.
+
+    The op runs over ``n_groups * padded_group`` columns in op groups of ``op_group``; the layer's
+    group ``i`` occupies columns ``[i * padded_group, i * padded_group + g)`` of it (zero padding
+    after). ``padded_group == g`` except for groups < 32 (padded to 32 each) and the one group of a
+    per-channel row (K rounded up to a multiple of 32). See the module docstring.
+    """
+    g = K if group_size == -1 or group_size >= K else group_size
+    n_groups = -(-K // g)
+    if n_groups == 1:
+        kp = -(-K // 32) * 32
+        return next(s for s in _INT4_GROUP_SIZES if kp % s == 0), kp, 1
+    if g < 32:
+        return 32, 32, n_groups
+    return min(g, 256), g, n_groups  # power-of-two g >= 32: 256 divides every larger one
 
 
 class QuantLinear(nn.Module):
@@ -130,6 +184,9 @@ class QuantLinear(nn.Module):
         self.backend = backend
         self.cache_dequantized = bool(cache_dequantized)
         self.last_backend: str | None = None
+        # {candidate: ms} auto measured (on this machine) for the last forward's choice; None when
+        # there was nothing to choose between, measuring is off, or the backend was forced.
+        self.last_candidates_ms: dict[str, float] | None = None
         self._prepacked: dict[tuple, tuple[torch.Tensor, ...]] = {}
 
     # -- construction ------------------------------------------------------------------------
@@ -178,13 +235,13 @@ class QuantLinear(nn.Module):
     def backend(self, value: str) -> None:
         self._backend = check_backend(value, BACKENDS)
 
-    def _group(self) -> int:
-        return self.in_features if self.group_size == -1 else self.group_size
+    def _one_group_per_row(self) -> bool:
+        return self.group_size == -1 or self.group_size >= self.in_features
 
     def why_not(self, backend: str, x: torch.Tensor) -> str | None:
         """``None`` when ``backend`` can run this layer on ``x``, else the reason it cannot."""
         check_backend(backend, BACKENDS)
-        N, K, dev = self.out_features, self.in_features, x.device
+        dev = x.device
         if backend in ("auto", "dequant"):
             return None
         if backend == "triton":
@@ -197,29 +254,39 @@ class QuantLinear(nn.Module):
         if x.dtype not in _FLOAT_DTYPES:
             return f"x must be fp32/bf16/fp16, got {x.dtype}"
         if backend == "torch_int4":
-            if self.bits != 4:
-                return f"it needs bits=4, this layer has bits={self.bits}"
-            gs = self._group()
-            if gs not in _INT4_GROUP_SIZES:
-                return f"it needs a group size in {_INT4_GROUP_SIZES}, this layer's group is {gs}"
-            if K % gs:
-                return f"it needs K divisible by the group size (no partial group): K={K}, group {gs}"
-            if N % 16:
-                return f"it needs out_features divisible by 16, got {N}"
+            if self.bits > 4:
+                return f"it needs bits <= 4 (torch_int4x2 runs 5..8), this layer has bits={self.bits}"
+            return None
+        if backend == "torch_int4x2":
+            if self.bits <= 4:
+                return f"it needs bits in 5..8 (torch_int4 runs <= 4), this layer has bits={self.bits}"
             return None
         if backend == "torch_int8":
-            if self.bits != 8:
-                return f"it needs bits=8, this layer has bits={self.bits}"
-            if self.group_size != -1 and self.group_size < K:
-                return f"it needs one group per row (group_size=-1), this layer has group_size={self.group_size}"
-            if K % 16:
-                # Measured on torch 2.13 (AVX-512): other K give garbage or a segfault.
-                return f"it needs in_features divisible by 16, got {K}"
+            if not self._one_group_per_row():
+                return (f"it needs one group per row (group_size=-1 or >= in_features), this layer has "
+                        f"group_size={self.group_size} with in_features={self.in_features}")
             return None
         raise AssertionError(backend)
 
+    def _auto_candidates(self, x: torch.Tensor) -> list[str]:
+        """What ``auto`` chooses among on CPU for ``x`` (empty: it runs ``dequant``)."""
+        if x.device.type != "cpu" or x.dtype not in (torch.bfloat16, torch.float16):
+            return []
+        cands = [b for b in _TORCH_OPS if self.why_not(b, x) is None]
+        if self.cache_dequantized:
+            cands.append("dequant")  # the caller opted into a dense copy: it competes on speed
+        return cands
+
+    def _choice_key(self, x2: torch.Tensor, cands: list[str]) -> tuple:
+        return ("QuantLinear", self.out_features, self.in_features, self.bits, self.group_size, self.symmetric,
+                self.bias is not None, str(x2.dtype), m_bucket(x2.shape[0]), str(x2.device), tuple(cands))
+
     def resolve_backend(self, x: torch.Tensor, backend: str | None = None) -> str:
-        """The backend a forward on ``x`` would run (``auto`` resolved; a forced one validated)."""
+        """The backend a forward on ``x`` would run (``auto`` resolved; a forced one validated).
+
+        With several CPU candidates and no cached measurement for this key, this returns the first
+        candidate in the static order; the forward measures (it has the input to time with).
+        """
         backend = self.backend if backend is None else check_backend(backend, BACKENDS)
         if backend != "auto":
             reason = self.why_not(backend, x)
@@ -230,43 +297,108 @@ class QuantLinear(nn.Module):
             return backend
         if triton_usable(x.device):
             return "triton"
-        if x.device.type == "cpu" and x.dtype == torch.bfloat16:
-            for cand in ("torch_int4", "torch_int8"):
-                if self.why_not(cand, x) is None:
-                    return cand
-        return "dequant"
+        cands = self._auto_candidates(x)
+        if not cands:
+            return "dequant"
+        x2 = x.reshape(-1, self.in_features)
+        hit = cached_choices().get(self._choice_key(x2, cands))
+        return hit[0] if hit is not None else cands[0]
 
     # -- prepacked weights for torch's CPU ops -------------------------------------------------
 
+    def _codes(self) -> torch.Tensor:
+        return dq.unpack(self.packed, self.bits, self.in_features).to(torch.int32)
+
     def prepack(self, backend: str, dtype: torch.dtype = torch.bfloat16) -> tuple[torch.Tensor, ...]:
-        """Build (once) and return the weights ``backend`` needs for activations of ``dtype``."""
+        """Build (once) and return the weights ``backend`` needs for activations of ``dtype``.
+
+        torch_int4/torch_int4x2: (int4pack weight, [G, Np, 2] scales-and-zeros); torch_int8:
+        (int8 weight (N, Kp), scales (N,)[, fp32 zero correction (N,)]). See the module docstring.
+        """
         key = (backend, dtype)
         if key in self._prepacked:
             return self._prepacked[key]
         probe = torch.empty(0, self.in_features, dtype=dtype, device=self.packed.device)
         reason = self.why_not(backend, probe)
-        if backend not in ("torch_int4", "torch_int8") or reason is not None:
+        if backend not in _TORCH_OPS or reason is not None:
             raise ValueError(f"nothing to prepack for backend={backend!r} and dtype {dtype}"
-                             + (f": {reason}" if reason else " (only torch_int4/torch_int8 prepack)"))
-        q = dq.unpack(self.packed, self.bits, self.in_features)
-        s = self.scales.float()
-        if backend == "torch_int4":
-            # The int4pack weight does not depend on the activation dtype; share it across dtypes.
-            w = next((v[0] for k, v in self._prepacked.items() if k[0] == "torch_int4"), None)
-            if w is None:
-                w = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32).contiguous(), 2)
-            zero = torch.zeros_like(s) if self.symmetric else (8.0 - self.zeros.float()) * s
-            sz = torch.stack([s, zero], dim=-1).transpose(0, 1).contiguous().to(dtype)  # [G, N, 2]
-            packed = (w, sz)
+                             + (f": {reason}" if reason else f" (only {'/'.join(_TORCH_OPS)} prepack)"))
+        # The packed weight does not depend on the activation dtype; share it across dtypes.
+        w = next((v[0] for k, v in self._prepacked.items() if k[0] == backend), None)
+        if backend == "torch_int8":
+            packed = self._prepack_int8(w, dtype)
         else:
-            w = next((v[0] for k, v in self._prepacked.items() if k[0] == "torch_int8"), None)
-            if w is None:
-                w = (q.to(torch.int16) - 128).to(torch.int8).contiguous()
-            s1 = s[:, 0]
-            corr = None if self.symmetric else ((128.0 - self.zeros.float()[:, 0]) * s1).contiguous()
-            packed = (w, s1.to(dtype).contiguous()) + ((corr,) if corr is not None else ())
+            packed = self._prepack_int4(backend, w, dtype)
         self._prepacked[key] = packed
         return packed
+
+    def _prepack_int8(self, w, dtype):
+        c = 2 ** (self.bits - 1)  # centre code: q - c fits int8 for every bits <= 8
+        K, kp = self.in_features, -(-self.in_features // 16) * 16
+        if w is None:
+            w = F.pad(self._codes() - c, (0, kp - K)).to(torch.int8).contiguous()
+        s = self.scales.float()[:, 0]
+        parts = (w, s.to(dtype).contiguous())
+        if not self.symmetric:  # (q - z) s = (q - c) s + (c - z) s: the second term is rank-1
+            parts += (((c - self.zeros.float()[:, 0]) * s).contiguous(),)
+        return parts
+
+    def _prepack_int4(self, backend, w, dtype):
+        N, K, b = self.out_features, self.in_features, self.bits
+        op_group, pg, G = int4_layout(K, self.group_size)
+        g = K if self._one_group_per_row() else self.group_size
+        np_ = -(-N // 16) * 16
+        S = self.scales.float().to(dtype).float()  # the op's scales are in x's dtype: round first
+        z = torch.full_like(S, 2.0 ** (b - 1)) if self.symmetric else self.zeros.float()
+        zr = z.round().clamp(0, 2 ** b - 1).to(torch.int32)
+        if backend == "torch_int4":
+            # c = q + t with t = 8 - round(z) where c stays in [0, 15]: (c - 8) S = (q - round(z)) S is
+            # as small as the weight, Z = (8 - t - z) S is 0 for integer zeros (symmetric: always).
+            t = (8 - zr).clamp(0, 16 - 2 ** b)
+            parts = [(t, S, ((8.0 - t - z) * S).to(dtype).float())]
+        else:
+            # torch_int4x2: hi shifted the same way (as far as [0, 15] allows: not for 8 bits), lo as
+            # is; the offset (136 - 16 t - z) S rounded in two steps, Z_hi + Z_lo (see the docstring).
+            t = (8 - (zr >> 4)).clamp(0, 16 - 2 ** (b - 4))
+            offset = (136.0 - 16 * t - z) * S
+            z_hi = offset.to(dtype).float()
+            parts = [(t, 16 * S, z_hi), (torch.zeros_like(t), S, (offset - z_hi).to(dtype).float())]
+        if w is None:
+            q = self._codes()
+            codes = [q] if backend == "torch_int4" else [q >> 4, q & 15]
+            cols = []
+            for (t, _, _), c in zip(parts, codes):
+                c = c + t.repeat_interleave(g, dim=1)[:, :K]
+                c = F.pad(c, (0, G * g - K), value=8).view(N, G, g)
+                cols.append(F.pad(c, (0, pg - g), value=8).reshape(N, G * pg))
+            c = F.pad(torch.cat(cols, dim=1), (0, 0, 0, np_ - N), value=8)
+            w = torch.ops.aten._convert_weight_to_int4pack_for_cpu(c.contiguous(), 2)
+        reps = pg // op_group  # op groups per layer group
+        sz = []
+        for _, scale, zero in parts:
+            sz.append(torch.stack([scale, zero], dim=-1).repeat_interleave(reps, dim=1))  # [N, Gop, 2]
+        sz = F.pad(torch.cat(sz, dim=1), (0, 0, 0, 0, 0, np_ - N))  # padded rows: S = Z = 0
+        return w, sz.transpose(0, 1).to(dtype).contiguous()
+
+    def _int4_input(self, x2: torch.Tensor, parts: int) -> torch.Tensor:
+        """``x`` laid out like the int4 weight's columns (zero padding; twice for torch_int4x2)."""
+        K = self.in_features
+        _, pg, G = int4_layout(K, self.group_size)
+        g = K if self._one_group_per_row() else self.group_size
+        if pg != g:  # groups < 32, or the one group of a per-channel row
+            x2 = F.pad(x2, (0, G * g - K)).view(-1, G, g)
+            x2 = F.pad(x2, (0, pg - g)).reshape(-1, G * pg)
+        elif G * g != K:  # a partial last group
+            x2 = F.pad(x2, (0, G * g - K))
+        return torch.cat([x2, x2], dim=1) if parts == 2 else x2
+
+    def release_prepacked(self, keep: str | None = None) -> None:
+        """Drop the prepacked copies (all, or all but backend ``keep``'s); they are rebuilt on demand.
+
+        E.g. after a forward at another batch size chose another backend, to hold only what the
+        current one reads (``resident_bytes()`` then counts storage + that copy).
+        """
+        self._prepacked = {k: v for k, v in self._prepacked.items() if keep is not None and k[0] == keep}
 
     def _apply(self, fn, *args, **kwargs):
         # Prepacked copies are derived from the buffers; rebuild them after a move/cast.
@@ -287,35 +419,60 @@ class QuantLinear(nn.Module):
         x2 = x.reshape(-1, self.in_features)
         if chosen != "triton":
             x2 = cpu_dense_rows(x2)  # torch's CPU kernels can misread column slices (see the helper)
-        if chosen == "triton":
-            y = dq.dequant_matmul(x2, self.packed, self.scales, self.zeros, bits=self.bits,
-                                  group_size=self.group_size, symmetric=self.symmetric, bias=self.bias)
-        elif chosen == "dequant":
+        measured = None
+        if (backend or self.backend) == "auto" and chosen != "triton":
+            cands = self._auto_candidates(x2)
+            if len(cands) > 1 and x2.shape[0] > 0:  # nothing to time on an empty batch
+                before = set(self._prepacked)
+                key = self._choice_key(x2, cands)
+                chosen = measured_choice(key, {c: (lambda c=c: self._run(c, x2)) for c in cands})
+                measured = cached_choices().get(key, (None, None))[1]
+                # Drop what the timing built for the losers (a forced or earlier winner's copy stays).
+                for k in set(self._prepacked) - before:
+                    if k[0] != chosen:
+                        del self._prepacked[k]
+        y = self._run(chosen, x2)
+        self.last_backend = chosen
+        self.last_candidates_ms = measured
+        return y.reshape(*lead, self.out_features)
+
+    def _run(self, backend: str, x2: torch.Tensor) -> torch.Tensor:
+        """``backend``'s product of the (M, K) rows ``x2`` (already dense rows on CPU), bias included."""
+        N = self.out_features
+        if backend == "triton":
+            return dq.dequant_matmul(x2, self.packed, self.scales, self.zeros, bits=self.bits,
+                                     group_size=self.group_size, symmetric=self.symmetric, bias=self.bias)
+        if backend == "dequant":
             if self.cache_dequantized:
-                key = ("dequant", x.dtype)
+                key = ("dequant", x2.dtype)
                 if key not in self._prepacked:
-                    self._prepacked[key] = (self.dequantize().to(x.dtype),)
+                    self._prepacked[key] = (self.dequantize().to(x2.dtype),)
                 w = self._prepacked[key][0]
             else:
-                w = self.dequantize().to(x.dtype)
-            y = F.linear(x2, w, None if self.bias is None else self.bias.to(x.dtype))
-        elif chosen == "torch_int4":
-            w, sz = self.prepack("torch_int4", x.dtype)
-            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, w, self._group(), sz)
+                w = self.dequantize().to(x2.dtype)
+            return F.linear(x2, w, None if self.bias is None else self.bias.to(x2.dtype))
+        if x2.shape[0] == 0:
+            return x2.new_zeros(0, N)
+        corr = None
+        if backend == "torch_int8":
+            w, s, *rest = self.prepack(backend, x2.dtype)
+            xp = F.pad(x2, (0, w.shape[1] - self.in_features)) if w.shape[1] != self.in_features else x2
+            y = torch._weight_int8pack_mm(xp, w, s)
+            corr = rest[0] if rest else None
+        else:
+            w, sz = self.prepack(backend, x2.dtype)
+            xp = self._int4_input(x2, 2 if backend == "torch_int4x2" else 1)
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(xp, w, int4_layout(self.in_features, self.group_size)[0], sz)
+            if y.shape[1] != N:
+                y = y[:, :N]
+        if corr is not None or self.bias is not None:
+            y = y.float()
+            if corr is not None:
+                y = y + x2.float().sum(dim=1, keepdim=True) * corr
             if self.bias is not None:
-                y = (y.float() + self.bias.float()).to(x.dtype)
-        else:  # torch_int8
-            w, s, *corr = self.prepack("torch_int8", x.dtype)
-            y = torch._weight_int8pack_mm(x2, w, s)
-            if corr or self.bias is not None:
-                y = y.float()
-                if corr:
-                    y = y + x2.float().sum(dim=1, keepdim=True) * corr[0]
-                if self.bias is not None:
-                    y = y + self.bias.float()
-                y = y.to(x.dtype)
-        self.last_backend = chosen
-        return y.reshape(*lead, self.out_features)
+                y = y + self.bias.float()
+            y = y.to(x2.dtype)
+        return y
 
     def dequantize(self) -> torch.Tensor:
         """The fp32 weight (N, K) these codes stand for."""

@@ -22,7 +22,15 @@ Backends (``backend=``; resolved at construction, since each backend keeps its o
   on another dtype raises ValueError.
 - ``"torch_gather"`` (activation): ``x[:, kept] @ W^T[kept]`` in torch.
 - ``"dense"``: the masked weight kept dense, ``F.linear`` (activation: sparsified x, dense weight).
-- ``"auto"``: triton where ``triton_usable``; else see ``_auto_cpu_backend`` (data-driven crossovers).
+- ``"auto"``: triton where ``triton_usable``; on CPU the fastest of ``cpu_candidates(pattern, dtype)``
+  (masked dense, and torch_bsr / torch_csr / torch_gather where they apply) *measured on this
+  machine*: ``from_linear`` builds each candidate, times its forward on a (``tune_m``, K) input
+  (``tune_m=1`` by default: decoding) and keeps the fastest; the choice is cached in-process per
+  (pattern, format, shape, density to 0.01, dtype, M bucket, device) (``_backend.measured_choice``;
+  ``TKR_CPU_AUTOTUNE=0`` or ``_backend.AUTOTUNE = False`` takes "dense" without timing). No
+  crossover constants: the BSR/CSR vs dense break-even differs between machines (AVX-512 vs AMX).
+  Note that backends sum in different orders, so results can differ in the last fp32 bits with the
+  machine's choice.
 
 Sizes: ``memory_bytes()`` is the size of the pattern's sparse *format*, the storage of the Triton
 kernels (block: values + row pointers + block columns; N:M: kept values + packed in-group indices;
@@ -37,8 +45,8 @@ import torch
 from torch import nn
 
 from triton_kernels import sparse_matmul as sm
-from triton_kernels.nn._backend import (check_backend, check_input, cpu_dense_rows, format_nbytes, tensor_nbytes,
-                                         triton_usable)
+from triton_kernels.nn._backend import (check_backend, check_input, cpu_dense_rows, format_nbytes, m_bucket,
+                                         measured_choice, tensor_nbytes, triton_usable)
 
 PATTERNS = ("block", "nm", "unstructured", "activation")
 BACKENDS = {
@@ -57,23 +65,19 @@ _BUFFERS = {
 }
 
 
-def _auto_cpu_backend(pattern: str, dtype: torch.dtype, density: float, square: bool = True) -> str:
-    """CPU choice without Triton, from PLATFORM.md (torch 2.13, 4096^2, 2 threads, fp32 dense 2.66 ms
-    at M=1 and 6.08 ms at M=16).
-
-    BSR 32x32 at 50%/90%: 2.03/0.335 ms (M=1), 8.09/1.62 ms (M=16). Its time is close to linear in
-    the block density: 16.2 ms per unit density at M=16, so it beats dense up to density 6.08/16.2 =
-    0.375 for M <= 16 (at M=1 up to 0.65). We take 0.375 so it wins for decode and small batches.
-    CSR at 50%/90%: 14.8/0.81 ms (M=1), 16.4/1.14 ms (M=16): interpolating linearly between the two
-    points at M=1 it matches dense at density ~0.15, so CSR only below that.
-    Both exist only for float32 (and BSR only for square blocks: MKL refuses others); N:M and activation sparsity have no faster torch CPU kernel measured,
-    so they stay dense.
-    """
-    if dtype == torch.float32 and pattern == "block" and square and density <= 0.375:
-        return "torch_bsr"
-    if dtype == torch.float32 and pattern == "unstructured" and density <= 0.15:
-        return "torch_csr"
-    return "dense"
+def cpu_candidates(pattern: str, dtype: torch.dtype, block=(32, 32)) -> tuple[str, ...]:
+    """The CPU backends ``auto`` chooses among for ``pattern`` and weight ``dtype`` (static order:
+    the first is taken when measuring is off). torch's CSR/BSR matmuls exist only in fp32 (torch 2.13
+    raises for fp16/bf16), BSR only for square blocks (MKL refuses others); N:M has no torch CPU
+    kernel, so it stays a masked dense weight."""
+    cands = ["dense"]
+    if pattern == "block" and dtype == torch.float32 and block[0] == block[1]:
+        cands.append("torch_bsr")
+    if pattern == "unstructured" and dtype == torch.float32:
+        cands.append("torch_csr")
+    if pattern == "activation":
+        cands.append("torch_gather")
+    return tuple(cands)
 
 
 class SparseLinear(nn.Module):
@@ -93,12 +97,26 @@ class SparseLinear(nn.Module):
     # ------------------------------------------------------------------ construction
     @classmethod
     def from_linear(cls, linear: nn.Linear, pattern: str, mask=None, sparsity=None, *, block=(32, 32),
-                    n=2, m=4, tile=(64, 64), threshold=None, backend="auto") -> "SparseLinear":
+                    n=2, m=4, tile=(64, 64), threshold=None, backend="auto", tune_m: int = 1) -> "SparseLinear":
+        """A ``SparseLinear`` holding ``linear``'s weight in ``pattern``'s format (see the module docstring).
+
+        ``backend="auto"`` on CPU times the candidate backends (``cpu_candidates``) on a (``tune_m``, K)
+        input and keeps the fastest (cached per format, shape, density, dtype, M bucket, device);
+        ``tune_m`` is the batch rows the layer will mostly see (1: decoding).
+        """
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
         if pattern not in PATTERNS:
             raise ValueError(f"pattern must be one of {PATTERNS}, got {pattern!r}")
         check_backend(backend, BACKENDS[pattern])
+        if isinstance(tune_m, bool) or not isinstance(tune_m, int) or tune_m < 1:
+            raise ValueError(f"tune_m must be a positive int (rows of the input auto times with), got {tune_m!r}")
+        w = linear.weight
+        if backend == "auto" and not triton_usable(w.device):
+            cands = cpu_candidates(pattern, w.dtype, tuple(block))
+            if len(cands) > 1:
+                kw = dict(mask=mask, sparsity=sparsity, block=block, n=n, m=m, tile=tile, threshold=threshold)
+                return cls._measured(linear, pattern, cands, tune_m, kw)
         w = linear.weight.detach()
         N, K = w.shape
         sm._check_weight(w, "linear.weight")
@@ -174,11 +192,35 @@ class SparseLinear(nn.Module):
         mod._format = mod._format_parts(w_eff, mask)
         return mod
 
+    @classmethod
+    def _measured(cls, linear, pattern, cands, tune_m, kw) -> "SparseLinear":
+        """``auto`` on CPU: build the candidates, time each once per key, keep the fastest."""
+        built = {cands[0]: cls.from_linear(linear, pattern, backend=cands[0], **kw)}
+        first = built[cands[0]]
+        N, K = first.out_features, first.in_features
+        w = linear.weight
+        fmt = {"block": first.block, "nm": (first.n, first.m), "unstructured": first.tile,
+               "activation": (first.threshold, first.activation_sparsity)}[pattern]
+        key = ("SparseLinear", pattern, fmt, N, K, round(1.0 - first.sparsity, 2), str(w.dtype),
+               m_bucket(tune_m), str(w.device), cands)
+        x = torch.randn(tune_m, K, generator=torch.Generator().manual_seed(0)).to(device=w.device, dtype=w.dtype)
+
+        def run(c):
+            if c not in built:
+                built[c] = cls.from_linear(linear, pattern, backend=c, **kw)
+            with torch.no_grad():
+                return built[c](x)
+        choice = measured_choice(key, {c: (lambda c=c: run(c)) for c in cands})
+        return built[choice] if choice in built else cls.from_linear(linear, pattern, backend=choice, **kw)
+
     def _resolve(self, backend: str, device: torch.device, dtype: torch.dtype, density: float) -> str:
         if backend == "auto":
             if triton_usable(device):
                 return "triton"
-            return _auto_cpu_backend(self.pattern, dtype, density, self.block[0] == self.block[1])
+            cands = cpu_candidates(self.pattern, dtype, self.block)
+            if len(cands) > 1:  # from_linear measures these before it gets here
+                raise AssertionError(f"auto on CPU with candidates {cands} must be measured")
+            return cands[0]
         if backend == "triton" and not triton_usable(device):
             raise ValueError(f"backend='triton' needs a CUDA/ROCm device or TRITON_INTERPRET=1, weight is on {device}")
         if backend in ("torch_bsr", "torch_csr"):
