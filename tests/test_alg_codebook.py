@@ -334,3 +334,20 @@ def test_bad_arguments():
         cb.gptq_codebook(W, torch.eye(96), r.codebook, r.scales[:, :2], group_size=32)
     with pytest.raises(ValueError, match="H must be a \\(96, 96\\)"):
         cb.gptq_codebook(W, torch.eye(95), r.codebook, r.scales, group_size=32)
+
+
+def test_round_to_codebook_reproduces_each_method_and_rounds_to_a_changed_table():
+    N, K = 12, 96
+    W, H = weight(N, K, 14), hessian(K, 14)
+    for r in (cb.nf(W, bits=3, group_size=32), cb.squeezellm(W, H.diagonal(), bits=3),
+              cb.piecewise(W, bits=2, group_size=64)):
+        again = cb.round_to_codebook(W, r.codebook, r.scales, group_size=r.group_size)
+        assert torch.equal(again.q, r.q) and again.bits == r.bits
+        # A table rounded to float16 (what a deployment stores): codes are nearest on the new table.
+        t16 = r.codebook.half().float()
+        s16 = None if r.scales is None else r.scales.half().float()
+        h = cb.round_to_codebook(W, t16, s16, group_size=r.group_size)
+        x = W if s16 is None else W / s16.repeat_interleave(r.group_size, 1)[:, :K]
+        tab = t16.expand(N, -1)
+        d = (x - tab.gather(1, h.q.long())).abs()
+        assert torch.equal(d, (x - tab.gather(1, brute_nearest(x, tab))).abs())

@@ -61,6 +61,7 @@ __all__ = [
     "fp4_table",
     "nearest_codes",
     "dequantize_codebook_result",
+    "round_to_codebook",
     "group_absmax",
     "nf",
     "fp4",
@@ -201,6 +202,21 @@ def dequantize_codebook_result(r: CodebookResult) -> torch.Tensor:
     if r.scales is not None:
         W = W * _expand(r.scales.float(), K if r.group_size == -1 else r.group_size, K)
     return W
+
+
+def round_to_codebook(W: torch.Tensor, codebook: torch.Tensor, scales: torch.Tensor | None = None, *,
+                      group_size: int = -1) -> CodebookResult:
+    """Nearest rounding of ``W`` (N, K) onto a given table (1 or N, 2^bits) times group ``scales``
+    (N, G) or None: the codes every method above returns, for a table that was changed afterwards
+    (e.g. rounded to the float16 a deployment stores)."""
+    _check_weight(W)
+    N, K = W.shape
+    _check_table(codebook, N)
+    bits = int(math.log2(codebook.shape[1]))
+    gs = check_quant_args(K, bits=bits, group_size=group_size)
+    _check_scales(scales, N, -(-K // gs))
+    x = W.float() if scales is None else W.float() / _expand(scales.float(), gs, K)
+    return _result(nearest_codes(x, codebook.float()), codebook.float().clone(), scales, bits, group_size)
 
 
 def weighted_error(W: torch.Tensor, W_hat: torch.Tensor, H: torch.Tensor | None = None) -> float:
