@@ -8,6 +8,6 @@ Four families, each one self-contained file that imports only torch and triton:
 - ``triton_kernels.sparse_matmul``: block, N:M, unstructured and activation sparsity.
 - ``triton_kernels.lowrank_linear``: rank-r factored linear (fused for small r).
 
-``triton_kernels.nn`` holds the ``nn.Module`` wrappers (QuantLinear, SparseLinear, LowRankLinear, CodebookLinear)
-that pick the best backend for the device. Importing this package imports nothing heavy.
+``triton_kernels.nn`` holds the ``nn.Module`` wrappers (QuantLinear, SparseLinear, LowRankLinear,
+CodebookLinear) that pick the best backend for the device. Importing this package imports nothing heavy.
 """
