@@ -110,3 +110,32 @@ def test_group_size_larger_than_a_layer_is_refused():
     fam = FAMILIES["codebook"]
     with pytest.raises(ValueError, match="group_size=256 is larger than the layer's in_features K=192"):
         fam.check_fits(parse_spec({"method": "nf", "group_size": 256}), {"a": (64, 192), "b": (64, 576)})
+
+
+@pytest.mark.parametrize("spec, fmt, label", [
+    ({"method": "nf"}, {"kind": "codebook", "bits": 4, "group_size": 64, "table": "shared", "scales": True},
+     "codebook 4-bit g64 shared table"),
+    ({"method": "squeezellm", "bits": 3, "gptq": True},
+     {"kind": "codebook", "bits": 3, "group_size": -1, "table": "per_row", "scales": False},
+     "codebook 3-bit per-channel per-row table"),
+    ({"method": "kmeans", "bits": 2, "group_size": 32},
+     {"kind": "codebook", "bits": 2, "group_size": 32, "table": "per_row", "scales": True},
+     "codebook 2-bit g32 per-row table"),
+])
+def test_latency_times_the_codebook_format(spec, fmt, label):
+    """Latency rows of codebook specs time a CodebookLinear of the same storage (never QuantLinear)."""
+    from experiments import latency, roofline
+    from triton_kernels.nn.codebook import CodebookLinear
+
+    assert latency.format_of(spec) == fmt and latency.format_label(fmt) == label
+    kw = {k: v for k, v in fmt.items() if k != "kind"}
+    N, K = 40, 96
+    layer = latency.build_layer("codebook", N, K, **kw)
+    assert isinstance(layer, CodebookLinear)
+    rows = 1 if fmt["table"] == "shared" else N
+    G = (1 if fmt["group_size"] == -1 else -(-K // fmt["group_size"])) if fmt["scales"] else 0
+    from triton_kernels.dequant_matmul import pack
+    codes = pack(torch.zeros(N, K, dtype=torch.uint8), fmt["bits"]).numel() * 4
+    assert layer.memory_bytes() == codes + 2 * rows * 2 ** fmt["bits"] + 2 * N * G
+    assert roofline.weight_bytes("codebook", N, K, **kw) == layer.memory_bytes()
+    assert roofline.kernel_flops("codebook", N, K, 3) == 2.0 * 3 * N * K

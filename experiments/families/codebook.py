@@ -73,6 +73,20 @@ def codebook_module(res, bias):
                                      group_size=res.group_size, bias=bias)
 
 
+SHARED_TABLE = ("nf", "fp4")
+
+
+def storage_format(spec: Mapping[str, Any]) -> dict[str, Any]:
+    """The ``CodebookLinear`` storage a spec produces, as ``experiments.latency`` times it:
+    ``{"kind": "codebook", "bits", "group_size", "table": "shared" | "per_row", "scales": bool}``
+    (a per-row table without groups has no scales)."""
+    method = spec["method"]
+    opts = FAMILY.parse(method, spec, "method spec")
+    table = "shared" if method in SHARED_TABLE else "per_row"
+    return {"kind": "codebook", "bits": opts["bits"], "group_size": opts["group_size"], "table": table,
+            "scales": table == "shared" or opts["group_size"] != -1}
+
+
 class CodebookFamily(Family):
     name = "codebook"
     methods = {"nf": _OPTS, "fp4": _OPTS, "piecewise": _OPTS | {"segments"}, "kmeans": _OPTS,
