@@ -317,7 +317,7 @@ def nonuniform_figure(df: pd.DataFrame) -> plt.Figure:
 def levels_figure(w: "torch.Tensor", levels: dict, title: str = "") -> plt.Figure:
     """Histogram of one weight row ``w`` with each grid's levels drawn over it as vertical lines
     (``levels``: name -> 1-D tensor of the levels that row can take)."""
-    fig, ax = plt.subplots(figsize=(7.2, 3.6))
+    fig, ax = plt.subplots(figsize=(7.2, 4.2))
     v = w.detach().float().reshape(-1).numpy()
     ax.hist(v, bins=120, color="0.8", edgecolor="none", label=f"weights ({len(v)})")
     top = ax.get_ylim()[1]
@@ -331,7 +331,7 @@ def levels_figure(w: "torch.Tensor", levels: dict, title: str = "") -> plt.Figur
     ax.set_ylabel("count")
     if title:
         ax.set_title(title, fontsize=8)
-    _legend(ax, loc="upper right")
+    _legend(ax, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=3)
     return fig
 
 
