@@ -139,3 +139,11 @@ def test_latency_times_the_codebook_format(spec, fmt, label):
     assert layer.memory_bytes() == codes + 2 * rows * 2 ** fmt["bits"] + 2 * N * G
     assert roofline.weight_bytes("codebook", N, K, **kw) == layer.memory_bytes()
     assert roofline.kernel_flops("codebook", N, K, 3) == 2.0 * 3 * N * K
+
+
+def test_a_group_below_float16_range_keeps_a_positive_scale():
+    w = weight(8, 64, 22) * 0.05
+    w[0, :32] = 1e-9          # absmax underflows float16: the stored scale must not become 0
+    res = FAMILIES["codebook"].compress_layer(parse_spec({"method": "nf", "group_size": 32}), w, None, None)
+    assert bool((res.module.scales.float() > 0).all()) and torch.isfinite(res.w_hat).all()
+    assert res.w_hat[0, :32].abs().max().item() < 1e-7

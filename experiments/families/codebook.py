@@ -23,7 +23,7 @@ import torch
 from experiments.families.base import (Family, LayerResult, damp_suffix, fail, fp16_exact, is_int, parse_damp,
                                        register, stored_bytes)
 
-# Per method: allowed bits, default group size (-1 = per-channel), whether the table is shared.
+# Per method: allowed bits, default group size (-1 = per-channel), default bits.
 _BITS = {"nf": range(2, 9), "fp4": range(4, 5), "piecewise": range(1, 9), "kmeans": range(1, 9),
          "squeezellm": range(1, 9)}
 DEFAULT_GROUP_SIZE = {"nf": 64, "fp4": 32, "piecewise": -1, "kmeans": -1, "squeezellm": -1}
@@ -59,7 +59,12 @@ def quantize(spec, w: torch.Tensor, stats):
     from experiments.algorithms import codebook as alg
     res = table_and_scales(spec, w, stats)
     table = fp16_exact(res.codebook)
-    scales = None if res.scales is None else fp16_exact(res.scales)
+    scales = None
+    if res.scales is not None:
+        # A group whose absmax is below float16's smallest subnormal would store scale 0; keep it
+        # positive (its weights are below that too, so they round to ~0 either way).
+        scales = fp16_exact(res.scales)
+        scales = torch.where(scales > 0, scales, torch.full_like(scales, 2.0 ** -24))
     if spec.gptq:
         return alg.gptq_codebook(w, stats.hessian(), table, scales, group_size=spec.group_size,
                                  act_order=spec.act_order, damp=spec.damp)
