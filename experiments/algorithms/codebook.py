@@ -298,7 +298,8 @@ class _SortedRows:
     """Rows of ``X`` (N, K) float64 sorted once, with prefix sums of the weights ``w``, ``w x`` and
     ``w x^2``, so that for any ascending per-row table the nearest-level clusters (contiguous runs of
     the sorted row), their weight, weighted sum and squared error cost ``O(L log K)`` per row instead of
-    ``O(K log L)``."""
+    ``O(K log L)``. Tables are ``(N, L)`` or ``(N, S, L)`` (``S`` tables per row, e.g. several k-means
+    starts, sharing one sort and one set of prefix sums)."""
 
     def __init__(self, X: torch.Tensor, w: torch.Tensor):
         N, K = X.shape
@@ -310,8 +311,6 @@ class _SortedRows:
         self.cw = torch.cat([zero, ws.cumsum(dim=1)], dim=1)              # (N, K+1)
         self.cwx = torch.cat([zero, (ws * self.xs).cumsum(dim=1)], dim=1)
         self.cwxx = torch.cat([zero, (ws * self.xs ** 2).cumsum(dim=1)], dim=1)
-        self.first = torch.zeros(N, 1, dtype=torch.long)
-        self.last = torch.full((N, 1), K, dtype=torch.long)
 
     def quantiles(self, L: int) -> torch.Tensor:
         """Weighted quantiles ``(i + 1/2) / L`` of every row -> (N, L)."""
@@ -321,30 +320,37 @@ class _SortedRows:
         return self.xs.gather(1, pick)
 
     def bounds(self, table: torch.Tensor) -> torch.Tensor:
-        """Cluster ``i`` of an ascending ``table`` (N, L) = sorted positions ``[b_i, b_{i+1})``; values
-        exactly at a midpoint go to the lower level, as in :func:`nearest_codes`."""
-        mid = (table[:, 1:] + table[:, :-1]) / 2
-        ends = torch.searchsorted(self.xs, mid.contiguous(), right=True)
-        return torch.cat([self.first, ends, self.last], dim=1)
+        """Cluster ``i`` of an ascending ``table`` (N, [S,] L) = sorted positions ``[b_i, b_{i+1})``, as
+        (N, [S,] L + 1); values exactly at a midpoint go to the lower level, as in :func:`nearest_codes`."""
+        N, K, L = self.xs.shape[0], self.xs.shape[1], table.shape[-1]
+        mid = (table[..., 1:] + table[..., :-1]) / 2
+        ends = torch.searchsorted(self.xs, mid.reshape(N, -1).contiguous(), right=True).reshape(mid.shape)
+        first = torch.zeros(*mid.shape[:-1], 1, dtype=torch.long)
+        return torch.cat([first, ends, torch.full_like(first, K)], dim=-1)
 
     def sums(self, b: torch.Tensor):
-        """Weight, weighted sum and weighted sum of squares of every cluster -> three (N, L)."""
-        lo, hi = b[:, :-1], b[:, 1:]
-        return tuple(c.gather(1, hi) - c.gather(1, lo) for c in (self.cw, self.cwx, self.cwxx))
+        """Weight, weighted sum and weighted sum of squares of every cluster -> three (N, [S,] L)."""
+        N = b.shape[0]
+        flat = b.reshape(N, -1)
+        out = []
+        for c in (self.cw, self.cwx, self.cwxx):
+            v = c.gather(1, flat).reshape(b.shape)
+            out.append(v[..., 1:] - v[..., :-1])
+        return tuple(out)
 
     def error(self, table: torch.Tensor) -> torch.Tensor:
-        """Weighted squared error of rounding every row to its nearest entry of ``table`` -> (N,)."""
+        """Weighted squared error of rounding every row to its nearest entry of ``table`` -> (N, [S])."""
         n, sx, sxx = self.sums(self.bounds(table))
-        return (sxx - 2 * table * sx + table ** 2 * n).sum(dim=1).clamp(min=0)
+        return (sxx - 2 * table * sx + table ** 2 * n).sum(dim=-1).clamp(min=0)
 
 
 def _lloyd(rows: _SortedRows, centres: torch.Tensor, iters: int) -> torch.Tensor:
-    """Weighted 1-D k-means (Lloyd) of every row from ascending ``centres`` (N, L) -> centres (N, L)
-    float64, ascending.
+    """Weighted 1-D k-means (Lloyd) of every row from ascending ``centres`` (N, [S,] L) -> centres of
+    the same shape, float64, ascending.
 
     A cluster is a contiguous run of the sorted row and its weighted mean comes from prefix sums; an
-    empty (zero-weight) cluster keeps its centre. Stops when no row's assignment changes (the centres
-    are then exactly the means of their clusters) or after ``iters`` updates.
+    empty (zero-weight) cluster keeps its centre. Stops when no assignment changes (the centres are
+    then exactly the means of their clusters) or after ``iters`` updates.
     """
     prev = None
     for _ in range(iters):
@@ -352,7 +358,7 @@ def _lloyd(rows: _SortedRows, centres: torch.Tensor, iters: int) -> torch.Tensor
         if prev is not None and torch.equal(b, prev):
             break
         n, sx, _ = rows.sums(b)
-        centres = torch.where(n > 0, sx / torch.where(n > 0, n, torch.ones_like(n)), centres).sort(dim=1).values
+        centres = torch.where(n > 0, sx / torch.where(n > 0, n, torch.ones_like(n)), centres).sort(dim=-1).values
         prev = b
     return centres
 
@@ -377,17 +383,16 @@ def kmeans(W: torch.Tensor, *, bits: int, group_size: int = -1, weights: torch.T
     if isinstance(iters, bool) or not isinstance(iters, int) or iters < 1:
         raise ValueError(f"iters must be a positive int, got {iters!r}")
     X, w, s = _normalised(W.float(), -1 if group_size == -1 else gs, weights)
-    L, S = 2 ** bits, len(KMEANS_STARTS)
-    # All starts in one batch of S * N rows (fewer, larger tensor operations).
-    rows = _SortedRows(X.repeat(S, 1), w.repeat(S, 1))
-    quant = rows.quantiles(L)
-    lin = torch.linspace(0, 1, L, dtype=torch.float64)
-    lin = rows.xs[:, :1] + (rows.xs[:, -1:] - rows.xs[:, :1]) * lin
-    mix = torch.tensor(KMEANS_STARTS, dtype=torch.float64).repeat_interleave(N)[:, None]
+    L = 2 ** bits
+    # All starts share one sort and one set of prefix sums: centres (N, S, L).
+    rows = _SortedRows(X, w)
+    quant = rows.quantiles(L)[:, None, :]
+    lin = rows.xs[:, :1, None] + (rows.xs[:, -1:, None] - rows.xs[:, :1, None]) * torch.linspace(
+        0, 1, L, dtype=torch.float64)
+    mix = torch.tensor(KMEANS_STARTS, dtype=torch.float64)[None, :, None]
     centres = _lloyd(rows, (1 - mix) * quant + mix * lin, iters)
-    err = rows.error(centres).reshape(S, N)
-    best = err.argmin(dim=0)                       # first start wins ties
-    table = centres.reshape(S, N, L)[best, torch.arange(N)].float()
+    best = rows.error(centres).argmin(dim=1)           # (N,): the first start wins ties
+    table = centres[torch.arange(N), best].float()
     q = nearest_codes(X.float(), table)
     return _result(q, table, s, bits, group_size)
 
