@@ -147,3 +147,25 @@ def test_a_group_below_float16_range_keeps_a_positive_scale():
     res = FAMILIES["codebook"].compress_layer(parse_spec({"method": "nf", "group_size": 32}), w, None, None)
     assert bool((res.module.scales.float() > 0).all()) and torch.isfinite(res.w_hat).all()
     assert res.w_hat[0, :32].abs().max().item() < 1e-7
+
+
+@pytest.mark.parametrize("spec", [{"method": "squeezellm", "bits": 3}, {"method": "nf", "bits": 4, "group_size": 32,
+                                                                         "gptq": True}],
+                         ids=["squeezellm-sq-stats", "nf-gptq-H-stats"])
+def test_a_model_compresses_end_to_end(spec):
+    """The driver collects the statistics the family asks for, replaces every block linear with a
+    CodebookLinear, and the sweep's backend column names it."""
+    from experiments.compress import compress_model, module_backends
+    from triton_kernels.nn.codebook import CodebookLinear
+    from tests.test_compress import tiny_llama
+
+    model = tiny_llama()
+    calib = torch.randint(0, 128, (2, 32), generator=torch.Generator().manual_seed(0))
+    report = compress_model(model, spec, calib, progress=False)
+    linears = [m for n, m in model.named_modules() if n.startswith("model.layers.") and
+               isinstance(m, (torch.nn.Linear, CodebookLinear))]
+    assert linears and all(isinstance(m, CodebookLinear) for m in linears)
+    assert 0 < report.bytes < report.fp16_bytes
+    with torch.no_grad():
+        model(calib)
+    assert module_backends(model).startswith("CodebookLinear:")
