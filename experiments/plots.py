@@ -285,7 +285,8 @@ def nonuniform_series(df: pd.DataFrame) -> pd.Series:
     gptq = _flag(df["gptq"]) if "gptq" in df else pd.Series(False, index=df.index)
     g = pd.to_numeric(df["group_size"], errors="coerce").fillna(-1).astype(int)
     name = df["method"].where(~gptq, df["method"] + "+gptq")
-    return name + " " + g.map(lambda v: "pc" if v == -1 else f"g{v}")
+    series = name + " " + g.map(lambda v: "pc" if v == -1 else f"g{v}")
+    return series.where(df["method"] != "dense", "dense")
 
 
 def nonuniform_figure(df: pd.DataFrame) -> plt.Figure:
