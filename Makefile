@@ -19,7 +19,8 @@ TRITON_NEWEST ?= 3.9.0
 # The kernels, the nn modules and GGUF import: what depends on the Triton version.
 KERNEL_TESTS := tests/test_dequant_matmul.py tests/test_sparse_matmul.py tests/test_lowrank_linear.py \
                 tests/test_gguf_import.py tests/test_quant_linear.py tests/test_sparse_linear.py \
-                tests/test_cpu_strided_inputs.py tests/test_launch_without_gpu.py tests/test_triton_versions.py
+                tests/test_cpu_strided_inputs.py tests/test_launch_without_gpu.py tests/test_triton_versions.py \
+                tests/test_codebook_matmul.py tests/test_codebook_linear.py
 # Where tests and CI write: ignored paths only (the committed results/ are written by the targets
 # that say so: reproduce, compile-check, bench).
 BUILD  := build

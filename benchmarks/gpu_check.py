@@ -8,7 +8,8 @@ Sections, in order (each writes its CSV as soon as it finishes, so a run cut sho
 1. ``correctness``: every kernel compiled for this GPU (not the interpreter) against its pure-torch
    ``*_reference``: dequant-matmul at every bit width 1-8 x group sizes x sym/asym x fp16/bf16/fp32,
    decode (M <= 16) and prefill paths, odd shapes and real ones (4096x4096, 8192x28672, 28672x8192);
-   block / N:M / unstructured / activation sparsity; low rank fused and two-GEMM. Outputs are
+   block / N:M / unstructured / activation sparsity; low rank fused and two-GEMM; codebook-matmul at
+   every bit width 1-8 (so every lookup: select, gather, load) x shared / per-row tables x scales. Outputs are
    NaN-poisoned buffers; inputs are column slices of NaN-padded buffers. The error bound is the
    rounding bound of a dot product: ``|y - ref| <= atol + rtol * (|x| @ |W|^T + |bias|)`` with
    ``rtol = c * u + K * 2^-24`` (u = the activation dtype's unit roundoff). The cases run in a pool of
@@ -19,6 +20,10 @@ Sections, in order (each writes its CSV as soon as it finishes, so a run cut sho
    of the copy bandwidth measured in this run. GemLite / torchao columns when importable.
 4. ``sparse_lowrank``: block 90%, 2:4, unstructured 50%, activation 50% and low rank r in
    {32, 64, 128, 256} (fused vs two GEMMs vs two cuBLAS matmuls) against dense fp16.
+5. ``codebook``: ``codebook_matmul`` (lookup-table weights: a shared NF4-style table with g128 scales,
+   and per-row SqueezeLLM-style tables with per-channel scales) against ``dequant_matmul`` at the same
+   bits and group size (g128 asym) and against cuBLAS fp16, M in {1, 16, 2048}; the column
+   ``time_vs_uniform`` is the codebook kernel's time over the uniform kernel's (goal: <= 1.1).
 
 Timings: ``triton.testing.do_bench`` (median, p20, p80; it flushes L2 between calls). The whole run
 is time-boxed (``--budget-s``): a section that would start after the budget is skipped and recorded
@@ -50,7 +55,7 @@ import torch.nn.functional as F
 from experiments.provenance import _version, git_commit
 from experiments.results import write_rows as write_csv
 
-SECTIONS = ("correctness", "bandwidth", "dequant", "sparse_lowrank")
+SECTIONS = ("correctness", "bandwidth", "dequant", "sparse_lowrank", "codebook")
 UNIT_ROUNDOFF = {torch.float16: 2.0 ** -11, torch.bfloat16: 2.0 ** -8, torch.float32: 2.0 ** -24}
 DNAME = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 DTYPES = {v: k for k, v in DNAME.items()}
@@ -166,8 +171,40 @@ def lowrank_cases(device_type: str) -> list[dict]:
     return cases
 
 
+def codebook_cases(device_type: str) -> list[dict]:
+    """Every bit width (so every lookup) x shared / per-row tables x scales (none, g32/g128, per-channel)."""
+    small = device_type == "cpu"
+    scalings = [("g", 128), ("pc", -1), ("none", -1), ("g", 32)]  # ("g", 32) and K = 100 + bits: partial groups
+    dts = ["fp16", "bf16", "fp32"]
+    Ms = [1, 5, 16, 33, 300]
+    shape = (45, 100) if small else (300, 1000)
+    cases = []
+    for bits in range(1, 9):
+        if small:  # on CPU (interpreter): one case per bit width, rotating table, scales, M and dtype
+            kind, gs = scalings[bits % 4]
+            cases.append(dict(family="codebook", bits=bits, shared=bits % 2 == 0, scales=kind, group_size=gs,
+                              dtype=dts[bits % 3], M=[1, 5, 17][(bits + 1) % 3], N=shape[0], K=shape[1] + bits,
+                              bias=bits % 3 != 0))
+            continue
+        for j, shared in enumerate((True, False)):
+            kind, gs = scalings[(bits + j) % 4]
+            for i, M in enumerate(Ms):
+                cases.append(dict(family="codebook", bits=bits, shared=shared, scales=kind, group_size=gs,
+                                  dtype=dts[(bits + j + i) % 3], M=M, N=shape[0], K=shape[1] + bits,
+                                  bias=(bits + i) % 2 == 0))
+    if not small:
+        for N, K in [(4096, 4096), (28672, 8192)]:
+            for bits in (2, 3, 4):
+                for shared in (True, False):
+                    for M in (1, 16, 128):
+                        cases.append(dict(family="codebook", bits=bits, shared=shared, scales="g", group_size=128,
+                                          dtype="fp16", M=M, N=N, K=K, bias=False))
+    return cases
+
+
 def all_cases(device_type: str) -> list[dict]:
-    return dequant_cases(device_type) + sparse_cases(device_type) + lowrank_cases(device_type)
+    return (dequant_cases(device_type) + sparse_cases(device_type) + lowrank_cases(device_type)
+            + codebook_cases(device_type))
 
 
 def run_case(case: dict, device_type: str) -> dict:
@@ -240,6 +277,25 @@ def _run_case(case: dict, device: torch.device) -> dict:
         elapsed = time.perf_counter() - t0
         bound = x.double().abs().nan_to_num(0) @ weff.double().abs().T
         c = 2.0
+    elif case["family"] == "codebook":
+        from triton_kernels import codebook_matmul as cbm
+        bits, gs = case["bits"], case["group_size"]
+        q = torch.randint(0, 2 ** bits, (N, K), generator=gen, device=device, dtype=torch.int32)
+        table = (torch.randn(1 if case["shared"] else N, 2 ** bits, generator=gen, device=device) / K ** 0.5).to(dt)
+        scales = None
+        if case["scales"] != "none":
+            G = 1 if gs == -1 else math.ceil(K / gs)
+            scales = (torch.rand(N, G, generator=gen, device=device) + 0.5).to(dt)
+        packed = cbm.pack(q, bits)
+        del q
+        kw = dict(bits=bits, group_size=gs)
+        y = cbm.codebook_matmul(x, packed, table, scales, bias=bias, out=out, **kw)
+        torch.cuda.synchronize() if device.type == "cuda" else None
+        elapsed = time.perf_counter() - t0
+        ref = cbm.codebook_matmul_reference(x, packed, table, scales, bias=bias, **kw)
+        w = cbm.dequantize_codebook(packed, table, scales, K=K, **kw)
+        bound = x.double().abs() @ w.double().abs().T
+        c = 3.0  # + the group scale applied after the per-group sum (M == 1)
     else:
         from triton_kernels.lowrank_linear import lowrank_linear, lowrank_linear_reference
         r = case["rank"]
@@ -260,7 +316,8 @@ def _run_case(case: dict, device: torch.device) -> dict:
 
 
 def _case_name(c: dict) -> str:
-    keys = [k for k in ("family", "pattern", "bits", "group_size", "symmetric", "nm", "block", "sparsity",
+    keys = [k for k in ("family", "pattern", "bits", "shared", "scales", "group_size", "symmetric", "nm", "block",
+                        "sparsity",
                         "rank", "path", "dtype", "M", "N", "K", "bias") if k in c]
     return " ".join(f"{k}={c[k]}" for k in keys)
 
@@ -485,6 +542,81 @@ def run_sparse_lowrank(device, deadline, save) -> list[dict]:
     return rows
 
 
+CODEBOOK_SHAPES = [(28672, 8192), (8192, 8192)]  # (N, K), headline first
+CODEBOOK_BITS = (4, 3, 2)
+CODEBOOK_M = (1, 16, 2048)
+
+
+def run_codebook(device, copy_gbps, deadline, save, *, shapes=CODEBOOK_SHAPES, bits_list=CODEBOOK_BITS, m_values=CODEBOOK_M,
+                 bench=None) -> list[dict]:
+    """codebook_matmul vs dequant_matmul at the same bits (g128) and vs cuBLAS fp16, per M.
+
+    Two table layouts: ``shared_g128`` (one 2^bits table, NF4-style, fp16 group scales) and
+    ``rows_pc`` (one table per output row, SqueezeLLM-style, one fp16 scale per row). Weight bytes
+    count the tables and scales at 16 bits. ``bench`` (tests only) replaces ``_bench``.
+    """
+    from triton_kernels import codebook_matmul as cbm
+    from triton_kernels import dequant_matmul as dq
+    bench = bench or _bench
+    rows = []
+    gen = torch.Generator(device=device).manual_seed(2)
+    for N, K in shapes:
+        w = torch.randn(N, K, generator=gen, device=device) / K ** 0.5
+        dense = w.to(torch.float16)
+        formats = {}
+        for bits in bits_list:
+            q, s, z = dq.quantize_rtn(w, bits=bits, group_size=128, symmetric=False)
+            packed = dq.pack(q, bits)
+            formats[bits] = dict(
+                uniform=(packed, s.to(torch.float16), z.to(torch.float16)),
+                shared_g128=(torch.randn(1, 2 ** bits, generator=gen, device=device).to(torch.float16),
+                             s.to(torch.float16)),
+                rows_pc=(torch.randn(N, 2 ** bits, generator=gen, device=device).to(torch.float16),
+                         s[:, :1].contiguous().to(torch.float16)))
+            del q
+        del w
+        for M in m_values:
+            if time.monotonic() > deadline:
+                rows.append({"shape": f"{N}x{K}", "M": M, "variant": "all", "status": "SKIPPED (time budget)"})
+                continue
+            x = torch.randn(M, K, device=device, dtype=torch.float16)
+            t_dense = bench(lambda: F.linear(x, dense))
+            rows.append(_dq_row(N, K, M, "dense_fp16", "cuBLAS F.linear", t_dense, N * K * 2, x, copy_gbps))
+            for bits, f in formats.items():
+                packed, s, z = f["uniform"]
+                fn = lambda: dq.dequant_matmul(x, packed, s, z, bits=bits, group_size=128, symmetric=False)  # noqa: E731
+                fn()  # autotune outside the timing
+                t_uni = bench(fn)
+                r = _dq_row(N, K, M, f"int{bits}_g128_asym", "triton dequant_matmul", t_uni,
+                            packed.numel() * 4 + 2 * s.numel() * 2, x, copy_gbps)
+                r.update(bits=bits, speedup_vs_fp16=round(t_dense["median_ms"] / t_uni["median_ms"], 3))
+                rows.append(r)
+                for layout in ("shared_g128", "rows_pc"):
+                    table, sc = f[layout]
+                    gs = 128 if layout == "shared_g128" else -1
+                    fn = lambda: cbm.codebook_matmul(x, packed, table, sc, bits=bits, group_size=gs)  # noqa: E731
+                    fn()
+                    t = bench(fn)
+                    r = _dq_row(N, K, M, f"codebook{bits}_{layout}", "triton codebook_matmul", t,
+                                packed.numel() * 4 + table.numel() * 2 + sc.numel() * 2, x, copy_gbps)
+                    r.update(bits=bits, lookup=cbm.lookup_mode(bits), table=layout,
+                             speedup_vs_fp16=round(t_dense["median_ms"] / t["median_ms"], 3),
+                             time_vs_uniform=round(t["median_ms"] / t_uni["median_ms"], 3))
+                    rows.append(r)
+                    print(f"[codebook] {N}x{K} M={M:<5d} {bits}b {layout}: {t['median_ms']:.4f} ms, "
+                          f"x{r['time_vs_uniform']} of uniform int{bits} g128, x{r['speedup_vs_fp16']} vs fp16",
+                          flush=True)
+                save(rows)
+    return rows
+
+
+def _codebook_headline(rows) -> str:
+    want = [r for r in rows if r.get("variant", "").startswith("codebook4") and r.get("M") in (1, 16)
+            and r.get("shape") == f"{CODEBOOK_SHAPES[0][0]}x{CODEBOOK_SHAPES[0][1]}"]
+    return "; ".join(f"4b {r['table']} M={r['M']}: x{r['time_vs_uniform']} of uniform" for r in want) \
+        or f"{len(rows)} rows"
+
+
 # ----------------------------------------------------------------------------------------------
 # Driver
 # ----------------------------------------------------------------------------------------------
@@ -531,7 +663,8 @@ def main(argv=None) -> int:
             continue
         try:
             # Each section gets a share of what is left, so every one of them measures something.
-            share = {"correctness": 0.4, "bandwidth": 1.0, "dequant": 0.6, "sparse_lowrank": 1.0}[section]
+            share = {"correctness": 0.4, "bandwidth": 1.0, "dequant": 0.6, "sparse_lowrank": 0.6,
+                     "codebook": 1.0}[section]
             section_deadline = t0 + share * (deadline - t0)
             if section == "correctness":
                 rows = run_correctness(device, workers, section_deadline)
@@ -544,9 +677,12 @@ def main(argv=None) -> int:
             elif section == "dequant":
                 rows = run_dequant(device, copy_gbps, section_deadline, save)
                 status = _dequant_headline(rows)
-            else:
+            elif section == "sparse_lowrank":
                 rows = run_sparse_lowrank(device, section_deadline, save)
                 status = _sparse_headline(rows)
+            else:
+                rows = run_codebook(device, copy_gbps, section_deadline, save)
+                status = _codebook_headline(rows)
         except Exception as e:  # noqa: BLE001 - record, continue with the next section
             traceback.print_exc()
             rows, status = [], f"ERROR {type(e).__name__}: {e}"[:300]

@@ -320,7 +320,7 @@ def module_backends(model: nn.Module) -> str:
     seen = set()
     for mod in model.modules():
         name = type(mod).__name__
-        if name in ("QuantLinear", "SparseLinear", "LowRankLinear"):
+        if name in ("QuantLinear", "CodebookLinear", "SparseLinear", "LowRankLinear"):
             b = getattr(mod, "last_backend", None) or getattr(mod, "backend", "?")
             if b == "auto" and hasattr(mod, "resolved_backend"):
                 b = mod.resolved_backend(next(mod.buffers()).device)

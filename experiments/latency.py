@@ -116,6 +116,10 @@ def format_of(spec: dict) -> dict:
         if not prune:
             raise ValueError(f"combo spec={spec} has no pruning step to take the format from")
         return format_of(prune[0])
+    from experiments.families import FAMILIES
+    if "codebook" in FAMILIES and spec["method"] in FAMILIES["codebook"].methods:
+        from experiments.families.codebook import storage_format
+        return storage_format(spec)
     if "bits" in spec:
         # experiments.compress.DEFAULT_GROUP_SIZE fills an omitted group size the same way.
         g = spec.get("group_size", 128)
@@ -200,13 +204,27 @@ def build_layer(kind: str, N: int, K: int, *, dtype: torch.dtype = torch.float32
             if fmt["pattern"] == "block":
                 kw.update(block=tuple(fmt["block"]))
         return SparseLinear.from_linear(lin, backend=backend, tune_m=tune_m, **kw)
+    if kind == "codebook":
+        # Random codes, a shared NormalFloat-like table or sorted random per-row tables, random positive
+        # group scales: the storage and lookups of the format (timing does not depend on the values).
+        from triton_kernels.nn.codebook import CodebookLinear
+        bits, gs = fmt["bits"], fmt["group_size"]
+        L = 2 ** bits
+        q = torch.randint(0, L, (N, K), generator=g, dtype=torch.int64).to(torch.uint8)
+        rows = 1 if fmt["table"] == "shared" else N
+        table = torch.randn(rows, L, generator=g).sort(dim=1).values
+        G = 1 if gs == -1 else -(-K // gs)
+        scales = (torch.rand(N, G, generator=g) + 0.5) / math.sqrt(K) if fmt["scales"] else None
+        return CodebookLinear.from_codes(q.to(device), table.to(device=device, dtype=dtype),
+                                         None if scales is None else scales.to(device=device, dtype=dtype),
+                                         bits=bits, group_size=gs, backend=backend)
     if kind == "lowrank":
         from triton_kernels.nn.lowrank import LowRankLinear
         r = rank_for(N, K, fmt)
         U = (torch.randn(N, r, generator=g) / math.sqrt(r)).to(device=device, dtype=dtype)
         V = (torch.randn(r, K, generator=g) / math.sqrt(K)).to(device=device, dtype=dtype)
         return LowRankLinear(U, V, backend=backend)
-    raise ValueError(f"kind={kind!r} must be one of 'dense', 'quant', 'sparse', 'lowrank'")
+    raise ValueError(f"kind={kind!r} must be one of 'dense', 'quant', 'codebook', 'sparse', 'lowrank'")
 
 
 def format_label(fmt: dict, N: int | None = None, K: int | None = None) -> str:
@@ -318,7 +336,7 @@ def act_dtype_for(kind: str, fmt: dict, device: torch.device) -> torch.dtype:
     """
     if device.type == "cuda":
         return torch.float16
-    return torch.bfloat16 if kind == "quant" else torch.float32
+    return torch.bfloat16 if kind in ("quant", "codebook") else torch.float32
 
 
 @contextlib.contextmanager

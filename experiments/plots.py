@@ -271,6 +271,71 @@ def lowrank_figure(df: pd.DataFrame) -> plt.Figure:
     return fig
 
 
+UNIFORM_METHODS = ("rtn", "gptq")
+
+
+def _flag(col: pd.Series) -> pd.Series:
+    """A true/false column as read back from CSV (bools, "True"/"False" strings, or empty)."""
+    return col.astype(str).str.lower() == "true"
+
+
+def nonuniform_series(df: pd.DataFrame) -> pd.Series:
+    """Per row of the nonuniform sweep: the line it belongs to, e.g. ``"squeezellm+gptq pc"``,
+    ``"rtn g64"`` (GPTQ over a codebook is ``<table>+gptq``; uniform GPTQ stays ``gptq``)."""
+    gptq = _flag(df["gptq"]) if "gptq" in df else pd.Series(False, index=df.index)
+    g = pd.to_numeric(df["group_size"], errors="coerce").fillna(-1).astype(int)
+    name = df["method"].where(~gptq, df["method"] + "+gptq")
+    series = name + " " + g.map(lambda v: "pc" if v == -1 else f"g{v}")
+    return series.where(df["method"] != "dense", "dense")
+
+
+def nonuniform_figure(df: pd.DataFrame) -> plt.Figure:
+    """Perplexity against bits per weight (codes + tables + scales), uniform grids (grey/black, dashed)
+    and non-uniform codebooks (colour, solid) on one plot; one line per method x group size."""
+    fig, ax = plt.subplots(figsize=(7.2, 4.6))
+    q = df[df["method"] != "dense"].copy()
+    q["_series"] = nonuniform_series(q)
+    markers = {"pc": "o", "g32": "v", "g64": "s", "g128": "D"}
+    uniform_colours = iter(["0.15", "0.45", "0.65", "0.3", "0.55", "0.75"])
+    for series, sub in q.groupby("_series", sort=True):
+        sub = sub.sort_values("bits_per_weight")
+        method, grp = series.split(" ")
+        uniform = method in UNIFORM_METHODS
+        ax.plot(sub["bits_per_weight"], sub["ppl"], marker=markers.get(grp, "^"), ms=4,
+                ls="--" if uniform else "-", lw=1 if uniform else 1.4,
+                color=next(uniform_colours) if uniform else None,
+                label=f"{method.upper() if uniform else method} {grp}" + (" (uniform)" if uniform else ""))
+    _mark_aliases(ax, q, "bits_per_weight")
+    _baseline(ax, dense_ppl(df))
+    ax.set_yscale("log")
+    ax.set_xlabel("effective bits per weight (codes + tables + scales)")
+    ax.set_ylabel("perplexity (log scale)")
+    ax.set_title(_title(df), fontsize=8)
+    _legend(ax, loc="upper right", ncol=2)
+    return fig
+
+
+def levels_figure(w: "torch.Tensor", levels: dict, title: str = "") -> plt.Figure:
+    """Histogram of one weight row ``w`` with each grid's levels drawn over it as vertical lines
+    (``levels``: name -> 1-D tensor of the levels that row can take)."""
+    fig, ax = plt.subplots(figsize=(7.2, 4.2))
+    v = w.detach().float().reshape(-1).numpy()
+    ax.hist(v, bins=120, color="0.8", edgecolor="none", label=f"weights ({len(v)})")
+    top = ax.get_ylim()[1]
+    styles = [("0.2", "--"), ("tab:red", "-"), ("tab:blue", ":"), ("tab:green", "-."), ("tab:purple", "-")]
+    for i, (name, lv) in enumerate(levels.items()):
+        colour, ls = styles[i % len(styles)]
+        lv = sorted(set(float(x) for x in lv))
+        h = top * (0.95 - 0.08 * i)
+        ax.vlines(lv, 0, h, colors=colour, linestyles=ls, lw=1.1, label=f"{name} ({len(lv)} levels)")
+    ax.set_xlabel("weight value")
+    ax.set_ylabel("count")
+    if title:
+        ax.set_title(title, fontsize=8)
+    _legend(ax, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=3)
+    return fig
+
+
 def model_layer_speedup(lat: pd.DataFrame, M: int = 1, versus: str = "fp32") -> pd.DataFrame:
     """Per machine and spec: summed latency over the model's own layer shapes at ``M`` against dense
     measured on the same machine. Rows of different machines (``MEASURE_CONTEXT``) are never summed

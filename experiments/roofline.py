@@ -45,7 +45,7 @@ GPUS: dict[str, dict[str, float]] = {
 # Substrings of torch.cuda.get_device_name() that identify a GPU of the table (for the measured join).
 _NAME_HINTS = {"H100": "H100 SXM", "A100": "A100 80GB", "4090": "RTX 4090"}
 
-KINDS = ("dense", "quant", "sparse", "lowrank")
+KINDS = ("dense", "quant", "codebook", "sparse", "lowrank")
 
 # The standard LLM shapes (N, K) of the latency sweep, plus the default model's own shapes are
 # added by callers that have the model.
@@ -118,11 +118,11 @@ def weight_bytes(kind: str, N: int, K: int, **fmt) -> int:
 
 
 def kernel_flops(kind: str, N: int, K: int, M: int, **fmt) -> float:
-    """FLOPs the kernel must do: ``2*M*N*K`` for dense/quant, times the kept fraction for sparse
+    """FLOPs the kernel must do: ``2*M*N*K`` for dense/quant/codebook, times the kept fraction for sparse
     (a kernel that skips zeros: 2:4 tensor cores, skipped blocks, compacted nonzeros), and
     ``2*M*r*(N+K)`` for rank ``r``."""
     _check_shape(N, K, M)
-    if kind in ("dense", "quant"):
+    if kind in ("dense", "quant", "codebook"):
         return 2.0 * M * N * K
     if kind == "sparse":
         return 2.0 * M * N * K * (1.0 - sparsity_of(fmt))
@@ -182,6 +182,10 @@ def format_label(fmt: dict) -> str:
         g = fmt.get("group_size")
         grp = "per-channel" if g in (None, 0, -1) else f"g{g}"
         return f"quant int{fmt['bits']} {grp} {'sym' if fmt.get('symmetric') else 'asym'}"
+    if kind == "codebook":
+        g = fmt.get("group_size")
+        grp = "per-channel" if g in (None, 0, -1) else f"g{g}"
+        return f"codebook {fmt['bits']}-bit {grp} {'shared' if fmt.get('table') == 'shared' else 'per-row'} table"
     if kind == "sparse":
         p = fmt["pattern"]
         if p == "nm":

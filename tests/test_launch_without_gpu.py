@@ -20,6 +20,7 @@ SCRIPT = r"""
 import json, os, sys
 import torch
 from triton_kernels import dequant_matmul as dq, lowrank_linear as lr, sparse_matmul as sm
+from triton_kernels import codebook_matmul as cbm
 if sys.argv[1] == "late":
     os.environ["TRITON_INTERPRET"] = "1"  # too late: the kernels are already defined
 torch.manual_seed(0)
@@ -35,6 +36,7 @@ calls = {
     "masked_matmul": lambda: sm.masked_matmul(x, w, mask),
     "activation_sparse_matmul": lambda: sm.activation_sparse_matmul(x, w, threshold=0.5),
     "lowrank_linear": lambda: lr.lowrank_linear(x, torch.randn(N, 8), torch.randn(8, K)),
+    "codebook_matmul": lambda: cbm.codebook_matmul(x, cbm.pack(q, 4), torch.randn(1, 16), s, bits=4, group_size=32),
 }
 out = {}
 for name, call in calls.items():
@@ -55,6 +57,7 @@ EXPECTED = {
     "masked_matmul": ("SparseLinear", "_reference"),
     "activation_sparse_matmul": ("SparseLinear", "_reference"),
     "lowrank_linear": ("LowRankLinear", "lowrank_linear_reference"),
+    "codebook_matmul": ("CodebookLinear", "codebook_matmul_reference"),
 }
 
 

@@ -61,6 +61,7 @@ class Case:
     meta: dict
     weight_args: tuple = ()  # indices (among the leading tensor args) of the packed-weight pointers
     wide_loads: bool = False  # a decode kernel: packed weights must be fetched >= 64 bits at a time
+    targets: tuple = ()  # the targets this case is compiled for (empty: every target asked for)
 
 
 class _FakeDriver:
@@ -172,6 +173,8 @@ def run(targets: list[str], cases: list[Case] | None = None,
     rows = []
     for t_index, t in enumerate(targets):
         for case in cases:
+            if case.targets and t not in case.targets:
+                continue
             rows.append(compile_case(case, t, device_id=1000 + t_index))
             if progress:
                 progress(f"{t} {case.name} {case.config}: {rows[-1]['status']}")

@@ -8,6 +8,8 @@ sweep tables consult the registry only:
 - ``sparse``: ``magnitude`` / ``wanda`` / ``sparsegpt`` pruning -> ``SparseLinear``
 - ``lowrank``: ``svd`` / ``whitened_svd`` -> ``LowRankLinear``
 - ``combo``: a pruning step, then a quantization step of the kept weights
+- ``codebook``: non-uniform quantization onto a table, ``nf`` / ``fp4`` / ``piecewise`` / ``kmeans`` /
+  ``squeezellm`` (optionally with GPTQ over the table) -> ``CodebookLinear``
 
 Adding a family: a module here with a :class:`Family` subclass that calls :func:`register`, and one
 import line below.
@@ -15,6 +17,7 @@ import line below.
 from experiments.families.base import (FAMILIES, Family, LayerResult, all_columns, fail, family_of, methods,
                                        option_names, register)
 from experiments.families import dense, quant, sparse, lowrank, combo  # noqa: E402,F401  (registers them)
+from experiments.families import codebook  # noqa: E402,F401
 
 __all__ = ["FAMILIES", "Family", "LayerResult", "all_columns", "fail", "family_of", "methods", "option_names",
            "register"]
