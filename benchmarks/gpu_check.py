@@ -547,8 +547,8 @@ CODEBOOK_BITS = (4, 3, 2)
 CODEBOOK_M = (1, 16, 2048)
 
 
-def run_codebook(device, copy_gbps, deadline, save, *, shapes=CODEBOOK_SHAPES, bits_list=CODEBOOK_BITS, m_values=CODEBOOK_M,
-                 bench=None) -> list[dict]:
+def run_codebook(device, copy_gbps, deadline, save, *, shapes=CODEBOOK_SHAPES, bits_list=CODEBOOK_BITS,
+                 m_values=CODEBOOK_M, bench=None) -> list[dict]:
     """codebook_matmul vs dequant_matmul at the same bits (g128) and vs cuBLAS fp16, per M.
 
     Two table layouts: ``shared_g128`` (one 2^bits table, NF4-style, fp16 group scales) and
@@ -584,7 +584,8 @@ def run_codebook(device, copy_gbps, deadline, save, *, shapes=CODEBOOK_SHAPES, b
             rows.append(_dq_row(N, K, M, "dense_fp16", "cuBLAS F.linear", t_dense, N * K * 2, x, copy_gbps))
             for bits, f in formats.items():
                 packed, s, z = f["uniform"]
-                fn = lambda: dq.dequant_matmul(x, packed, s, z, bits=bits, group_size=128, symmetric=False)  # noqa: E731
+                kw = dict(bits=bits, group_size=128, symmetric=False)
+                fn = lambda: dq.dequant_matmul(x, packed, s, z, **kw)  # noqa: E731
                 fn()  # autotune outside the timing
                 t_uni = bench(fn)
                 r = _dq_row(N, K, M, f"int{bits}_g128_asym", "triton dequant_matmul", t_uni,

@@ -243,6 +243,7 @@ def test_copied_helpers_are_identical(name):
 
 def test_lookup_modes():
     assert [cb.lookup_mode(b) for b in range(1, 9)] == ["select"] * 2 + ["gather"] * 3 + ["load"] * 3
+    assert [cb.lookup_mode(b, amd=True) for b in range(1, 9)] == ["select"] * 2 + ["load"] * 6
 
 
 # ---------------------------------------------------------------------------------------------

@@ -51,8 +51,16 @@ table size (``lookup_mode(bits)``), all loading the table once per program, befo
   value is a gathered global load from the table, which stays L1-resident (128 rows x 256 x 2 bytes
   = 64 KiB at most per program).
 
-The compile check (``python -m triton_kernels.compile_check --kernel codebook``) records per config
-the packed-weight load widths, local memory and shared memory of each strategy on sm_80/sm_90.
+What they compile to (SASS from the compile check, sm_90, Triton 3.7.1; per thread and K block of
+the M == 1 decode kernel, 64 weights per thread): ``gather`` (3-5 bits) is warp-local: one
+``SHFL.IDX`` per weight, plus a conversion of the codes tile into the gather's layout through shared
+memory (16 ``STS.128`` + 16 ``LDSM.x4``); ``select`` (2 bits) 48 ``SEL`` (the compiler merges the
+tree) and no shuffles; ``load`` (8 bits) 128 ``LDG.E.U16`` from the L1-resident table. Every config
+of the three kernels compiles for sm_80 and sm_90 without spills or local memory, with >= 64-bit
+packed-weight loads on the decode paths (one documented exception, see ``load_configs``), under
+Triton 3.6.0, 3.7.1 and 3.9.0 (``python -m triton_kernels.compile_check --kernel codebook``).
+AMD is not checked: ``tl.gather`` failed to compile for gfx942 in some layouts, so on ROCm the
+launcher takes ``load`` for 3-8 bits (``lookup_mode(bits, amd=True)``), untested on AMD hardware.
 Whether this meets the goal of 1.1x the uniform kernel's time is measured by ``make gpu-check``
 (section ``codebook``); it has not run on a GPU yet.
 
@@ -100,9 +108,14 @@ def planes(bits: int) -> tuple[int, ...]:
     return {1: (1,), 2: (2,), 3: (2, 1), 4: (4,), 5: (4, 1), 6: (4, 2), 7: (4, 2, 1), 8: (8,)}[bits]
 
 
-def lookup_mode(bits: int) -> str:
-    """Where the kernels look the table up (module docstring): select / gather / load."""
-    return "select" if bits <= 2 else ("gather" if bits <= 5 else "load")
+def lookup_mode(bits: int, amd: bool = False) -> str:
+    """Where the kernels look the table up (module docstring): select / gather / load.
+
+    ``amd``: ROCm devices take ``load`` instead of ``gather`` (Triton 3.7.1 failed to compile
+    ``tl.gather`` for gfx942 in some layouts; this path is not compile-checked there)."""
+    if bits <= 2:
+        return "select"
+    return "gather" if bits <= 5 and not amd else "load"
 
 
 def gemv_configs(interpret: bool | None = None, split: bool = False) -> list:
@@ -699,8 +712,9 @@ def codebook_matmul(x, packed, codebook, scales=None, *, bits, group_size=-1, bi
     scales_arg = scales if scales is not None else codebook  # unused when not HAS_SCALES
     sn, sg = (scales.stride(0), scales.stride(1)) if scales is not None else (0, 0)
     bias_arg = bias if bias is not None else codebook  # unused when not HAS_BIAS
+    amd = x.is_cuda and torch.version.hip is not None
     common = dict(BITS=bits, GROUP_SIZE=group_size, HAS_SCALES=scales is not None, SHARED_TABLE=shared,
-                  LOOKUP=lookup_mode(bits), HAS_BIAS=bias is not None,
+                  LOOKUP=lookup_mode(bits, amd), HAS_BIAS=bias is not None,
                   EMULATE_BF16_DOT=_interpreting() and x.dtype == torch.bfloat16, **pa)
     if M <= GEMV_MAX_M or x.dtype == torch.float32:
         # fp32 activations take the decode kernel at every M, 16 rows per program along grid axis 2
