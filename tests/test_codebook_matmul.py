@@ -302,3 +302,23 @@ def test_dequantize_codebook_bad_input():
         dequantize_codebook(packed, table, scales, bits=3, group_size=16, K=50)
     with pytest.raises(ValueError, match="scales"):
         dequantize_codebook(packed, table, scales[:, :1], bits=3, group_size=16, K=40)
+
+
+def test_file_works_copied_alone(tmp_path):
+    """The kernel file is copyable: alone in an empty directory it imports and runs (interpreter)."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+    shutil.copy(cb.__file__, tmp_path / "codebook_matmul.py")
+    script = ("import torch, codebook_matmul as m\n"
+              "q = torch.randint(0, 16, (8, 32)); t = torch.randn(1, 16); x = torch.randn(1, 32)\n"
+              "y = m.codebook_matmul(x, m.pack(q, 4), t, bits=4)\n"
+              "assert torch.allclose(y, x @ t[0][q].T, atol=1e-5), (y, x @ t[0][q].T)\n"
+              "print('ok', m.__file__)\n")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["TRITON_INTERPRET"] = "1"
+    proc = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.startswith("ok") and str(tmp_path) in proc.stdout
