@@ -88,7 +88,7 @@ def _grid():
             cases.append(pytest.param(
                 bits, gs, scaled, shared, act, table_dt, M, bias,
                 id=f"b{bits}-{cb.lookup_mode(bits)}-{'shared' if shared else 'rows'}-"
-                   f"{'g' + str(gs) if scaled else 'noscale'}-{DNAME[act]}-t{DNAME[table_dt]}-M{M}"
+                   f"{('pc' if gs == -1 else 'g' + str(gs)) if scaled else 'noscale'}-{DNAME[act]}-t{DNAME[table_dt]}-M{M}"
                    f"{'-bias' if bias else ''}"))
     return cases
 
