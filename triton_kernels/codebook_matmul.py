@@ -41,12 +41,13 @@ A GPU has no cheap per-thread indexed register read, so the lookup is the design
 table size (``lookup_mode(bits)``), all loading the table once per program, before the K loop:
 
 - ``"select"`` (bits 1-2, 2-4 entries): each entry is a [BLOCK_N, 1] register; the value is a tree
-  of ``tl.where`` on the code's bits (1 or 3 selects per weight, ALU work at 4x the issue rate of a
-  shared-memory load).
+  of ``tl.where`` on the code's bits (1 or 3 selects per weight): integer-ALU work, which leaves
+  the narrower shuffle / shared-memory pipe free.
 - ``"gather"`` (bits 3-5, 8-32 entries): the [BLOCK_N, 2^bits] table tile and ``tl.gather(tile,
   codes, axis=1)`` (Triton >= 3.2, so every supported Triton). Triton lowers it to warp shuffles
-  where the tile is warp-local, else through shared memory (one store of the tile per K block,
-  one shared-memory load per weight): the FLUTE design without its duplication.
+  where the tile is warp-local, else through shared memory. Either way one shuffle-or-shared-memory
+  instruction per weight, as in FLUTE's shared-memory lookups (FLUTE halves that by looking up
+  pairs of 4-bit codes in a 256-entry table of value pairs; not done here).
 - ``"load"`` (bits 6-8, 64-256 entries): a [BLOCK_N, 256] tile would not fit in registers, so the
   value is a gathered global load from the table, which stays L1-resident (128 rows x 256 x 2 bytes
   = 64 KiB at most per program).
