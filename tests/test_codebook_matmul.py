@@ -241,6 +241,18 @@ def test_copied_helpers_are_identical(name):
     assert src(cb) == src(dq)
 
 
+@pytest.mark.parametrize("bits,lookup,M", [(3, "load", 1), (4, "load", 17), (2, "gather", 3), (1, "gather", 1)])
+def test_forced_lookup_gives_the_same_result(bits, lookup, M):
+    """The strategies a benchmark may force are the same computation (fp32: exact against the default)."""
+    _, packed, table, scales = make_weight(40, 100, bits, 32, shared=bits % 2 == 0, scaled=True,
+                                           table_dtype=torch.float32, scale_dtype=torch.float32)
+    x = sliced((M, 100), torch.float32)
+    y = codebook_matmul(x, packed, table, scales, bits=bits, group_size=32, lookup=lookup)
+    assert torch.equal(y, codebook_matmul(x, packed, table, scales, bits=bits, group_size=32))
+    with pytest.raises(ValueError, match="lookup"):
+        codebook_matmul(x, packed, table, scales, bits=bits, group_size=32, lookup="select" if bits > 2 else "lut")
+
+
 def test_lookup_modes():
     assert [cb.lookup_mode(b) for b in range(1, 9)] == ["select"] * 2 + ["gather"] * 3 + ["load"] * 3
     assert [cb.lookup_mode(b, amd=True) for b in range(1, 9)] == ["select"] * 2 + ["load"] * 6

@@ -687,14 +687,19 @@ def plane_args(K: int, bits: int) -> dict:
                 W0=widths[0], W1=widths[1], W2=widths[2], ALIGNED=start1 % 32 == 0 and start2 % 32 == 0)
 
 
-def codebook_matmul(x, packed, codebook, scales=None, *, bits, group_size=-1, bias=None, out=None):
+def codebook_matmul(x, packed, codebook, scales=None, *, bits, group_size=-1, bias=None, out=None, lookup=None):
     """``x @ dequantize_codebook(packed, codebook, scales)^T (+ bias)`` in x's dtype, accumulated in fp32.
 
     x: (..., K) fp16/bf16/fp32; K is x.shape[-1]. M = prod(x.shape[:-1]) <= 16 takes the decode
     kernel, larger M the tiled tensor-core kernel (fp32 x: the decode kernel at every M).
-    ``out``: optional preallocated contiguous (..., N) tensor of x's dtype.
+    ``out``: optional preallocated contiguous (..., N) tensor of x's dtype. ``lookup``: force a
+    lookup strategy ("gather" or "load" at any bits, "select" at bits <= 2) instead of
+    ``lookup_mode(bits)``, for benchmarks that compare them; the result is the same.
     """
     K, N = _check_call(x, packed, codebook, scales, bits, group_size, bias, out)
+    if lookup is not None and (lookup not in ("select", "gather", "load") or (lookup == "select" and bits > 2)):
+        raise ValueError(f"lookup must be None, 'gather', 'load' or (bits <= 2) 'select'; got {lookup!r} at "
+                         f"bits={bits}")
     _check_launchable(x, "codebook_matmul")
     lead = x.shape[:-1]
     x2 = x.reshape(-1, K)  # a view for sliced/offset x whenever reshape can view it
@@ -715,7 +720,7 @@ def codebook_matmul(x, packed, codebook, scales=None, *, bits, group_size=-1, bi
     bias_arg = bias if bias is not None else codebook  # unused when not HAS_BIAS
     amd = x.is_cuda and torch.version.hip is not None
     common = dict(BITS=bits, GROUP_SIZE=group_size, HAS_SCALES=scales is not None, SHARED_TABLE=shared,
-                  LOOKUP=lookup_mode(bits, amd), HAS_BIAS=bias is not None,
+                  LOOKUP=lookup or lookup_mode(bits, amd), HAS_BIAS=bias is not None,
                   EMULATE_BF16_DOT=_interpreting() and x.dtype == torch.bfloat16, **pa)
     if M <= GEMV_MAX_M or x.dtype == torch.float32:
         # fp32 activations take the decode kernel at every M, 16 rows per program along grid axis 2
