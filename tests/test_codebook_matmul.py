@@ -254,7 +254,10 @@ def test_forced_lookup_gives_the_same_result(bits, lookup, M):
 
 
 def test_lookup_modes():
-    assert [cb.lookup_mode(b) for b in range(1, 9)] == ["select"] * 2 + ["gather"] * 3 + ["load"] * 3
+    import triton
+    mid = "gather" if tuple(int(p) for p in triton.__version__.split(".")[:2]) < (3, 8) else "load"
+    assert cb.GATHER_SHUFFLES == (mid == "gather")
+    assert [cb.lookup_mode(b) for b in range(1, 9)] == ["select"] * 2 + [mid] * 3 + ["load"] * 3
     assert [cb.lookup_mode(b, amd=True) for b in range(1, 9)] == ["select"] * 2 + ["load"] * 6
 
 

@@ -43,23 +43,27 @@ table size (``lookup_mode(bits)``), all loading the table once per program, befo
 - ``"select"`` (bits 1-2, 2-4 entries): each entry is a [BLOCK_N, 1] register; the value is a tree
   of ``tl.where`` on the code's bits (1 or 3 selects per weight): integer-ALU work, which leaves
   the narrower shuffle / shared-memory pipe free.
-- ``"gather"`` (bits 3-5, 8-32 entries): the [BLOCK_N, 2^bits] table tile and ``tl.gather(tile,
-  codes, axis=1)`` (Triton >= 3.2, so every supported Triton). Triton lowers it to warp shuffles
-  where the tile is warp-local, else through shared memory. Either way one shuffle-or-shared-memory
-  instruction per weight, as in FLUTE's shared-memory lookups (FLUTE halves that by looking up
-  pairs of 4-bit codes in a 256-entry table of value pairs; not done here).
-- ``"load"`` (bits 6-8, 64-256 entries): a [BLOCK_N, 256] tile would not fit in registers, so the
-  value is a gathered global load from the table, which stays L1-resident (128 rows x 256 x 2 bytes
-  = 64 KiB at most per program).
+- ``"gather"`` (bits 3-5, 8-32 entries, Triton 3.6 and 3.7): the [BLOCK_N, 2^bits] table tile and
+  ``tl.gather(tile, codes, axis=1)``, which those Triton versions lower to one warp shuffle per
+  weight (the table's entries spread over the lanes): one shuffle-pipe instruction per weight, as
+  in FLUTE's shared-memory lookups (FLUTE halves that by looking up pairs of 4-bit codes in a
+  256-entry table of value pairs; not done here). Triton 3.9 lowers the same call to a select chain
+  over every entry (about 5x the instructions), so from Triton 3.8 on 3-5 bits take ``"load"``
+  (``GATHER_SHUFFLES``).
+- ``"load"`` (bits 6-8, and 3-5 where gather does not shuffle): a [BLOCK_N, 256] tile would not fit
+  in registers, so the value is a gathered global load from the table, which stays L1-resident
+  (128 rows x 256 x 2 bytes = 64 KiB at most per program).
 
-What they compile to (SASS from the compile check, sm_90, Triton 3.7.1; per thread and K block of
-the M == 1 decode kernel, 64 weights per thread): ``gather`` (3-5 bits) is warp-local: one
-``SHFL.IDX`` per weight, plus a conversion of the codes tile into the gather's layout through shared
-memory (16 ``STS.128`` + 16 ``LDSM.x4``); ``select`` (2 bits) 48 ``SEL`` (the compiler merges the
-tree) and no shuffles; ``load`` (8 bits) 128 ``LDG.E.U16`` from the L1-resident table. Every config
-of the three kernels compiles for sm_80 and sm_90 without spills or local memory, with >= 64-bit
-packed-weight loads on the decode paths (one documented exception, see ``load_configs``), under
-Triton 3.6.0, 3.7.1 and 3.9.0 (``python -m triton_kernels.compile_check --kernel codebook``).
+What they compile to (SASS of the 16x512 / 4-warp decode tile, M == 1, sm_90, 64 weights per thread
+and K block): ``gather`` (4 bits, Triton 3.7.1): 64 ``SHFL.IDX``, plus a conversion of the codes tile
+into the gather's layout through shared memory (16 ``STS.128`` + 16 ``LDSM.x4``), 800 instructions in
+all against 520 for ``dequant_matmul``'s kernel at the same bits (736 with Triton 3.6.0); ``select``
+(2 bits) 48 ``SEL`` (the compiler merges the tree), no shuffles; ``load`` (4 bits forced, 3.7.1) 128
+``LDG.E.U16`` from the table, 2120 instructions (3.6.0: 69 loads, 992). Static counts, not timings:
+the GPU time is ``make gpu-check``'s. Every config of the three kernels compiles for sm_80 and sm_90
+without spills or local memory, with >= 64-bit packed-weight loads on the decode paths (one
+documented exception, see ``load_configs``), under Triton 3.6.0 and 3.7.1
+(``python -m triton_kernels.compile_check --kernel codebook``; for 3.9.0 see ``GATHER_SHUFFLES``).
 AMD is not checked: ``tl.gather`` failed to compile for gfx942 in some layouts, so on ROCm the
 launcher takes ``load`` for 3-8 bits (``lookup_mode(bits, amd=True)``), untested on AMD hardware.
 Whether this meets the goal of 1.1x the uniform kernel's time is measured by ``make gpu-check``
@@ -109,14 +113,23 @@ def planes(bits: int) -> tuple[int, ...]:
     return {1: (1,), 2: (2,), 3: (2, 1), 4: (4,), 5: (4, 1), 6: (4, 2), 7: (4, 2, 1), 8: (8,)}[bits]
 
 
+# tl.gather of the [BLOCK_N, 2^bits] table tile: Triton 3.6 and 3.7 lower it to one warp shuffle per
+# weight; Triton 3.9 to a per-thread select chain over every entry (sm_90 SASS of the 16x512 decode
+# tile, 4-bit per-row table: 960 FSEL + 962 ISETP for 64 weights, 3864 instructions against 800 with
+# 3.7.1 and 2016 for the "load" lookup with 3.9; 5-bit per-row tables spilled). 3.8 is unchecked.
+_TRITON_VERSION = tuple(int(p) for p in triton.__version__.split(".")[:2])
+GATHER_SHUFFLES = _TRITON_VERSION < (3, 8)
+
+
 def lookup_mode(bits: int, amd: bool = False) -> str:
     """Where the kernels look the table up (module docstring): select / gather / load.
 
-    ``amd``: ROCm devices take ``load`` instead of ``gather`` (Triton 3.7.1 failed to compile
-    ``tl.gather`` for gfx942 in some layouts; this path is not compile-checked there)."""
+    ``gather`` for 3-5 bits only where it compiles to warp shuffles (``GATHER_SHUFFLES``: Triton 3.6,
+    3.7) and not on ROCm (``amd``: Triton 3.7.1 failed to compile ``tl.gather`` for gfx942 in some
+    layouts); ``load`` otherwise."""
     if bits <= 2:
         return "select"
-    return "gather" if bits <= 5 and not amd else "load"
+    return "gather" if bits <= 5 and GATHER_SHUFFLES and not amd else "load"
 
 
 def gemv_configs(interpret: bool | None = None, split: bool = False) -> list:

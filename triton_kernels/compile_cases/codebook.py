@@ -97,18 +97,28 @@ def cases() -> list[Case]:
     out = []
     direct, split = gemv_configs(interpret=False), gemv_configs(interpret=False, split=True)
     mm = matmul_configs(interpret=False)
+    # The decode tiles the pruner runs for this lookup (3-5 bits take "load" where tl.gather does not
+    # lower to shuffles: Triton >= 3.8, see codebook_matmul.GATHER_SHUFFLES).
+    gather = lookup_mode(4) == "gather"
+    if not gather:
+        direct, split = load_configs(), load_configs(split=True)
+    multirow = multirow_configs() if gather else load_configs(multirow=True)
+    multirow_split = multirow_configs(split=True) if gather else load_configs(split=True, multirow=True)
     for bits, gs, shared in [(4, 128, False), (3, 32, True)]:
         for cfg in direct:
             out.append(_gemv_case(cfg, bits, gs, shared, True, 1))
-        for cfg in multirow_configs() + multirow_configs(split=True):
+        for cfg in multirow + multirow_split:
             out.append(_gemv_case(cfg, bits, gs, shared, True, 16))
         for cfg in mm:
             out.append(_matmul_case(cfg, bits, gs, shared, True))
     for cfg in split:
         out.append(_gemv_case(cfg, 4, 128, False, True, 1))
     for bits, gs, shared, has_scales in [(2, -1, False, False), (1, -1, True, True), (5, 64, False, True)]:
-        out.append(_gemv_case(direct[0], bits, gs, shared, has_scales, 1))
-        out.append(_gemv_case(multirow_configs()[0], bits, gs, shared, has_scales, 16))
+        load = lookup_mode(bits) == "load"
+        out.append(_gemv_case((load_configs() if load else gemv_configs(interpret=False))[0],
+                              bits, gs, shared, has_scales, 1))
+        out.append(_gemv_case((load_configs(multirow=True) if load else multirow_configs())[0],
+                              bits, gs, shared, has_scales, 16))
         out.append(_matmul_case(mm[0], bits, gs, shared, has_scales))
     # The "load" lookup (6-8 bits) runs its own decode tiles (load_configs, swapped in by the pruner).
     for bits, gs, shared in [(8, 128, False), (7, 128, False), (6, 32, True)]:
