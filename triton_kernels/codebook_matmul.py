@@ -197,8 +197,8 @@ def load_configs(split: bool = False, multirow: bool = False) -> list:
     spill-free with >= 64-bit packed loads on all three (32x256 / 8 warps and 16x256 load a 7-bit
     code's 1-bit plane 32 bits at a time). 2 <= M <= 16: 128x128 / 8 warps spilled 340-490 bytes
     (2-4 stages, 16 warps too) and 64x256 / 8 warps 680-890 bytes on 7/8-bit per-row tables;
-    64x128 / 8 warps / 4 stages is spill-free on 6 and 8 bits, and loads the 1-bit plane of 7-bit
-    codes 32 bits at a time (recorded as such in the compile check)."""
+    64x128 / 8 warps / 4 stages is spill-free on 6 and 8 bits, and loads the 1-bit plane of 3-, 5-
+    and 7-bit codes 32 bits at a time (recorded as such in the compile check)."""
     sk = 4 if split else 1
     if multirow:
         return [triton.Config({"BLOCK_N": 64, "BLOCK_K": 128, "SPLIT_K": sk}, num_warps=8, num_stages=4)]
@@ -225,10 +225,19 @@ def _prune_gemv(configs, named_args, **kwargs):
     return kept or configs[-1:]
 
 
+def load_matmul_configs() -> list:
+    """Prefill configs for the ``"load"`` lookup: the 8-warp ones of ``matmul_configs`` (compile check,
+    Triton 3.9.0, sm_80: 128x64x64 / 4 warps spilled 96-544 bytes with table loads per weight)."""
+    return [c for c in matmul_configs(interpret=False) if c.num_warps == 8]
+
+
 def _prune_matmul(configs, named_args, **kwargs):
-    """Drop tiles taller than the M bucket (pure padding) or wider than N / K; keep at least one."""
+    """Swap in the load lookup's tiles; drop tiles taller than the M bucket (pure padding) or wider than
+    N / K; keep at least one."""
     args = {**named_args, **kwargs}
     m_bucket, N, K = args["M_BUCKET"], args["N"], args["K"]
+    if args["LOOKUP"] == "load" and not _interpreting():
+        configs = load_matmul_configs()
     kept = [c for c in configs
             if c.kwargs["BLOCK_M"] <= max(32, m_bucket)
             and c.kwargs["BLOCK_N"] <= max(32, triton.next_power_of_2(N))

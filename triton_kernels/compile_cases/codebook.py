@@ -7,14 +7,16 @@ table with g32 scales (``gather`` on 8 entries, two planes, several groups per t
 variants on each kernel's first config cover the other lookups and constexpr branches: 2-bit
 ``select`` per-row without scales, 1-bit ``select`` shared per-channel, 5-bit ``gather`` (32
 entries, two planes); the ``load`` lookup (8-bit per-row g128, 7-bit per-row g128, 6-bit shared
-g32) on its own decode tiles (``load_configs``; the split-K variants for 8-bit) and the first prefill
-config; fp32 activations (4-bit gather, 8-bit load). Compiled for sm_80 and sm_90 only (``TARGETS``).
+g32) on its own decode and prefill tiles (``load_configs``, ``load_matmul_configs``; all of them for
+8-bit); fp32 activations (4-bit, 8-bit). The cases follow the installed Triton: from 3.8 on, 3-5 bits
+take the load lookup and its tiles (``codebook_matmul.GATHER_SHUFFLES``). Compiled for sm_80 and sm_90
+only (``TARGETS``).
 """
 import torch
 
 from triton_kernels.codebook_matmul import (codebook_gemv_kernel, codebook_matmul_kernel, fp32_configs,
-                                            gemv_configs, load_configs, lookup_mode, matmul_configs,
-                                            multirow_configs, plane_args)
+                                            gemv_configs, load_configs, load_matmul_configs, lookup_mode,
+                                            matmul_configs, multirow_configs, plane_args, planes)
 from triton_kernels.compile_check import Case
 
 N = K = 4096
@@ -62,10 +64,14 @@ def _gemv_case(cfg, bits, group_size, shared, has_scales, block_m, act=torch.bfl
     meta.update(BLOCK_M=block_m, **pa, **cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     name = "codebook_gemv_splitk" if cfg.kwargs["SPLIT_K"] > 1 else "codebook_gemv"
     # Decode configs must fetch the packed words >= 64 bits at a time; fp32 activations run their own
-    # small tiles (fp32_configs), a correctness path the rule does not cover.
+    # small tiles (fp32_configs), a correctness path the rule does not cover; so does the load lookup's
+    # 16-row tile for codes with a 1-bit plane (256 words for 256 threads; wider tiles spill, see
+    # load_configs), marked in the config column.
+    one_bit_plane = meta["LOOKUP"] == "load" and block_m > 1 and 1 in planes(bits) and act != torch.float32
+    extra = " (1-bit plane: 32-bit loads, known)" if one_bit_plane else ""
     return Case(codebook_gemv_kernel, name,
-                _describe(cfg, bits, group_size, shared, has_scales, act, f"BLOCK_M={block_m}"), args, meta,
-                weight_args=(1,), wide_loads=act != torch.float32, targets=TARGETS)
+                _describe(cfg, bits, group_size, shared, has_scales, act, f"BLOCK_M={block_m}") + extra, args,
+                meta, weight_args=(1,), wide_loads=act != torch.float32 and not one_bit_plane, targets=TARGETS)
 
 
 def _matmul_case(cfg, bits, group_size, shared, has_scales, act=torch.bfloat16):
@@ -95,15 +101,16 @@ def _describe(cfg, bits, group_size, shared, has_scales, act, extra):
 
 def cases() -> list[Case]:
     out = []
-    direct, split = gemv_configs(interpret=False), gemv_configs(interpret=False, split=True)
-    mm = matmul_configs(interpret=False)
-    # The decode tiles the pruner runs for this lookup (3-5 bits take "load" where tl.gather does not
-    # lower to shuffles: Triton >= 3.8, see codebook_matmul.GATHER_SHUFFLES).
-    gather = lookup_mode(4) == "gather"
-    if not gather:
+    # The tiles the pruners run for the installed Triton's lookup at 3-5 bits ("load" where tl.gather
+    # does not lower to shuffles: Triton >= 3.8, see codebook_matmul.GATHER_SHUFFLES).
+    if lookup_mode(4) == "gather":
+        direct, split = gemv_configs(interpret=False), gemv_configs(interpret=False, split=True)
+        multirow, multirow_split = multirow_configs(), multirow_configs(split=True)
+        mm = matmul_configs(interpret=False)
+    else:
         direct, split = load_configs(), load_configs(split=True)
-    multirow = multirow_configs() if gather else load_configs(multirow=True)
-    multirow_split = multirow_configs(split=True) if gather else load_configs(split=True, multirow=True)
+        multirow, multirow_split = load_configs(multirow=True), load_configs(split=True, multirow=True)
+        mm = load_matmul_configs()
     for bits, gs, shared in [(4, 128, False), (3, 32, True)]:
         for cfg in direct:
             out.append(_gemv_case(cfg, bits, gs, shared, True, 1))
@@ -125,14 +132,9 @@ def cases() -> list[Case]:
         for cfg in load_configs() + (load_configs(split=True) if bits == 8 else []):
             out.append(_gemv_case(cfg, bits, gs, shared, True, 1))
         for cfg in load_configs(multirow=True) + (load_configs(split=True, multirow=True) if bits == 8 else []):
-            case = _gemv_case(cfg, bits, gs, shared, True, 16)
-            if bits == 7:
-                # 64x128 / 8 warps: 256 words of the 1-bit plane for 256 threads, one 32-bit load each
-                # (the tiles that would fetch them wider spill; see load_configs).
-                case.wide_loads = False
-                case.config += " (1-bit plane: 32-bit loads, known)"
-            out.append(case)
-        out.append(_matmul_case(mm[0], bits, gs, shared, True))
+            out.append(_gemv_case(cfg, bits, gs, shared, True, 16))
+        for cfg in load_matmul_configs() if bits == 8 else load_matmul_configs()[:1]:
+            out.append(_matmul_case(cfg, bits, gs, shared, True))
     # fp32 activations (ieee fp32 dot) take only the decode kernel, on the tiles the pruner swaps in for them.
     for cfg in fp32_configs() + fp32_configs(split=True):
         out.append(_gemv_case(cfg, 4, 32, False, True, 16, act=torch.float32))
