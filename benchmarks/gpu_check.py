@@ -23,7 +23,8 @@ Sections, in order (each writes its CSV as soon as it finishes, so a run cut sho
 5. ``codebook``: ``codebook_matmul`` (lookup-table weights: a shared NF4-style table with g128 scales,
    and per-row SqueezeLLM-style tables with per-channel scales) against ``dequant_matmul`` at the same
    bits and group size (g128 asym) and against cuBLAS fp16, M in {1, 16, 2048}; the column
-   ``time_vs_uniform`` is the codebook kernel's time over the uniform kernel's (goal: <= 1.1).
+   ``time_vs_uniform`` is the codebook kernel's time over the uniform kernel's (goal: <= 1.1); at 4 bits
+   also with the ``load`` lookup forced, to choose between lookups by measurement.
 
 Timings: ``triton.testing.do_bench`` (median, p20, p80; it flushes L2 between calls). The whole run
 is time-boxed (``--budget-s``): a section that would start after the budget is skipped and recorded
@@ -547,8 +548,8 @@ CODEBOOK_BITS = (4, 3, 2)
 CODEBOOK_M = (1, 16, 2048)
 
 
-def run_codebook(device, copy_gbps, deadline, save, *, shapes=CODEBOOK_SHAPES, bits_list=CODEBOOK_BITS, m_values=CODEBOOK_M,
-                 bench=None) -> list[dict]:
+def run_codebook(device, copy_gbps, deadline, save, *, shapes=CODEBOOK_SHAPES, bits_list=CODEBOOK_BITS,
+                 m_values=CODEBOOK_M, bench=None) -> list[dict]:
     """codebook_matmul vs dequant_matmul at the same bits (g128) and vs cuBLAS fp16, per M.
 
     Two table layouts: ``shared_g128`` (one 2^bits table, NF4-style, fp16 group scales) and
@@ -584,26 +585,33 @@ def run_codebook(device, copy_gbps, deadline, save, *, shapes=CODEBOOK_SHAPES, b
             rows.append(_dq_row(N, K, M, "dense_fp16", "cuBLAS F.linear", t_dense, N * K * 2, x, copy_gbps))
             for bits, f in formats.items():
                 packed, s, z = f["uniform"]
-                fn = lambda: dq.dequant_matmul(x, packed, s, z, bits=bits, group_size=128, symmetric=False)  # noqa: E731
+                kw = dict(bits=bits, group_size=128, symmetric=False)
+                fn = lambda: dq.dequant_matmul(x, packed, s, z, **kw)  # noqa: E731
                 fn()  # autotune outside the timing
                 t_uni = bench(fn)
                 r = _dq_row(N, K, M, f"int{bits}_g128_asym", "triton dequant_matmul", t_uni,
                             packed.numel() * 4 + 2 * s.numel() * 2, x, copy_gbps)
                 r.update(bits=bits, speedup_vs_fp16=round(t_dense["median_ms"] / t_uni["median_ms"], 3))
                 rows.append(r)
-                for layout in ("shared_g128", "rows_pc"):
+                # At 4 bits also the "load" lookup (L1 table loads) against the default "gather" (shuffles),
+                # so the choice in lookup_mode can be made by measurement.
+                variants = [(lay, None) for lay in ("shared_g128", "rows_pc")]
+                variants += [(lay, "load") for lay in ("shared_g128", "rows_pc") if bits == 4]
+                for layout, lookup in variants:
                     table, sc = f[layout]
                     gs = 128 if layout == "shared_g128" else -1
-                    fn = lambda: cbm.codebook_matmul(x, packed, table, sc, bits=bits, group_size=gs)  # noqa: E731
+                    kw = dict(bits=bits, group_size=gs, lookup=lookup)
+                    fn = lambda: cbm.codebook_matmul(x, packed, table, sc, **kw)  # noqa: E731
                     fn()
                     t = bench(fn)
-                    r = _dq_row(N, K, M, f"codebook{bits}_{layout}", "triton codebook_matmul", t,
+                    name = f"codebook{bits}_{layout}" + (f"_{lookup}" if lookup else "")
+                    r = _dq_row(N, K, M, name, "triton codebook_matmul", t,
                                 packed.numel() * 4 + table.numel() * 2 + sc.numel() * 2, x, copy_gbps)
-                    r.update(bits=bits, lookup=cbm.lookup_mode(bits), table=layout,
+                    r.update(bits=bits, lookup=lookup or cbm.lookup_mode(bits), table=layout,
                              speedup_vs_fp16=round(t_dense["median_ms"] / t["median_ms"], 3),
                              time_vs_uniform=round(t["median_ms"] / t_uni["median_ms"], 3))
                     rows.append(r)
-                    print(f"[codebook] {N}x{K} M={M:<5d} {bits}b {layout}: {t['median_ms']:.4f} ms, "
+                    print(f"[codebook] {N}x{K} M={M:<5d} {bits}b {layout} {r['lookup']}: {t['median_ms']:.4f} ms, "
                           f"x{r['time_vs_uniform']} of uniform int{bits} g128, x{r['speedup_vs_fp16']} vs fp16",
                           flush=True)
                 save(rows)
@@ -611,7 +619,8 @@ def run_codebook(device, copy_gbps, deadline, save, *, shapes=CODEBOOK_SHAPES, b
 
 
 def _codebook_headline(rows) -> str:
-    want = [r for r in rows if r.get("variant", "").startswith("codebook4") and r.get("M") in (1, 16)
+    want = [r for r in rows if r.get("variant", "") in ("codebook4_shared_g128", "codebook4_rows_pc")
+            and r.get("M") in (1, 16)
             and r.get("shape") == f"{CODEBOOK_SHAPES[0][0]}x{CODEBOOK_SHAPES[0][1]}"]
     return "; ".join(f"4b {r['table']} M={r['M']}: x{r['time_vs_uniform']} of uniform" for r in want) \
         or f"{len(rows)} rows"

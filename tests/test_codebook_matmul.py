@@ -88,7 +88,7 @@ def _grid():
             cases.append(pytest.param(
                 bits, gs, scaled, shared, act, table_dt, M, bias,
                 id=f"b{bits}-{cb.lookup_mode(bits)}-{'shared' if shared else 'rows'}-"
-                   f"{'g' + str(gs) if scaled else 'noscale'}-{DNAME[act]}-t{DNAME[table_dt]}-M{M}"
+                   f"{('pc' if gs == -1 else 'g' + str(gs)) if scaled else 'noscale'}-{DNAME[act]}-t{DNAME[table_dt]}-M{M}"
                    f"{'-bias' if bias else ''}"))
     return cases
 
@@ -241,8 +241,24 @@ def test_copied_helpers_are_identical(name):
     assert src(cb) == src(dq)
 
 
+@pytest.mark.parametrize("bits,lookup,M", [(3, "load", 1), (4, "load", 17), (2, "gather", 3), (1, "gather", 1)])
+def test_forced_lookup_gives_the_same_result(bits, lookup, M):
+    """The strategies a benchmark may force are the same computation (fp32: exact against the default)."""
+    _, packed, table, scales = make_weight(40, 100, bits, 32, shared=bits % 2 == 0, scaled=True,
+                                           table_dtype=torch.float32, scale_dtype=torch.float32)
+    x = sliced((M, 100), torch.float32)
+    y = codebook_matmul(x, packed, table, scales, bits=bits, group_size=32, lookup=lookup)
+    assert torch.equal(y, codebook_matmul(x, packed, table, scales, bits=bits, group_size=32))
+    with pytest.raises(ValueError, match="lookup"):
+        codebook_matmul(x, packed, table, scales, bits=bits, group_size=32, lookup="select" if bits > 2 else "lut")
+
+
 def test_lookup_modes():
-    assert [cb.lookup_mode(b) for b in range(1, 9)] == ["select"] * 2 + ["gather"] * 3 + ["load"] * 3
+    import triton
+    mid = "gather" if tuple(int(p) for p in triton.__version__.split(".")[:2]) < (3, 8) else "load"
+    assert cb.GATHER_SHUFFLES == (mid == "gather")
+    assert [cb.lookup_mode(b) for b in range(1, 9)] == ["select"] * 2 + [mid] * 3 + ["load"] * 3
+    assert [cb.lookup_mode(b, amd=True) for b in range(1, 9)] == ["select"] * 2 + ["load"] * 6
 
 
 # ---------------------------------------------------------------------------------------------
@@ -301,3 +317,23 @@ def test_dequantize_codebook_bad_input():
         dequantize_codebook(packed, table, scales, bits=3, group_size=16, K=50)
     with pytest.raises(ValueError, match="scales"):
         dequantize_codebook(packed, table, scales[:, :1], bits=3, group_size=16, K=40)
+
+
+def test_file_works_copied_alone(tmp_path):
+    """The kernel file is copyable: alone in an empty directory it imports and runs (interpreter)."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+    shutil.copy(cb.__file__, tmp_path / "codebook_matmul.py")
+    script = ("import torch, codebook_matmul as m\n"
+              "q = torch.randint(0, 16, (8, 32)); t = torch.randn(1, 16); x = torch.randn(1, 32)\n"
+              "y = m.codebook_matmul(x, m.pack(q, 4), t, bits=4)\n"
+              "assert torch.allclose(y, x @ t[0][q].T, atol=1e-5), (y, x @ t[0][q].T)\n"
+              "print('ok', m.__file__)\n")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["TRITON_INTERPRET"] = "1"
+    proc = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.startswith("ok") and str(tmp_path) in proc.stdout

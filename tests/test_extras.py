@@ -102,7 +102,8 @@ NOTEBOOKS = _closure(PROJECT["dependencies"], ("notebooks",))
 
 
 def test_kernel_files_import_only_torch_and_triton():
-    files = [ROOT / "triton_kernels" / f for f in ("dequant_matmul.py", "sparse_matmul.py", "lowrank_linear.py")]
+    files = [ROOT / "triton_kernels" / f for f in ("dequant_matmul.py", "sparse_matmul.py", "lowrank_linear.py",
+                                                  "codebook_matmul.py")]
     bad = {m: f for m, f in _imports(files).items() if m not in set(sys.stdlib_module_names) | {"torch", "triton"}}
     assert not bad, f"kernel files must stay copyable (torch + triton only): {bad}"
 

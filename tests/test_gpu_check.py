@@ -79,12 +79,15 @@ def test_codebook_benchmark_rows_on_cpu(monkeypatch):
                                   bits_list=(4,), m_values=(1, 17), bench=fake_bench)
     variants = {(r["variant"], r["M"]) for r in rows}
     assert variants == {(v, M) for M in (1, 17) for v in ("dense_fp16", "int4_g128_asym", "codebook4_shared_g128",
-                                                          "codebook4_rows_pc")}
+                                                          "codebook4_rows_pc", "codebook4_shared_g128_load",
+                                                          "codebook4_rows_pc_load")}
     cbr = [r for r in rows if r["variant"].startswith("codebook")]
     assert all(r["time_vs_uniform"] == 1.05 and r["speedup_vs_fp16"] == round(2.0 / 1.05, 3) for r in cbr)
-    assert all(r["lookup"] == "gather" for r in cbr)
+    assert all(r["lookup"] == ("load" if r["variant"].endswith("_load") else "gather") for r in cbr)
     # weight bytes: 4-bit codes + the table + the scales, at 16 bits
     shared = next(r for r in cbr if r["table"] == "shared_g128")
+    headline = gpu_check._codebook_headline(rows + [dict(shared, shape="28672x8192")])
+    assert "4b shared_g128 M=1: x1.05 of uniform" in headline
     assert shared["weight_bytes"] == 40 * 96 // 2 + 16 * 2 + 40 * 1 * 2
     rows_pc = next(r for r in cbr if r["table"] == "rows_pc")
     assert rows_pc["weight_bytes"] == 40 * 96 // 2 + 40 * 16 * 2 + 40 * 2

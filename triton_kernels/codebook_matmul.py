@@ -41,18 +41,31 @@ A GPU has no cheap per-thread indexed register read, so the lookup is the design
 table size (``lookup_mode(bits)``), all loading the table once per program, before the K loop:
 
 - ``"select"`` (bits 1-2, 2-4 entries): each entry is a [BLOCK_N, 1] register; the value is a tree
-  of ``tl.where`` on the code's bits (1 or 3 selects per weight, ALU work at 4x the issue rate of a
-  shared-memory load).
-- ``"gather"`` (bits 3-5, 8-32 entries): the [BLOCK_N, 2^bits] table tile and ``tl.gather(tile,
-  codes, axis=1)`` (Triton >= 3.2, so every supported Triton). Triton lowers it to warp shuffles
-  where the tile is warp-local, else through shared memory (one store of the tile per K block,
-  one shared-memory load per weight): the FLUTE design without its duplication.
-- ``"load"`` (bits 6-8, 64-256 entries): a [BLOCK_N, 256] tile would not fit in registers, so the
-  value is a gathered global load from the table, which stays L1-resident (128 rows x 256 x 2 bytes
-  = 64 KiB at most per program).
+  of ``tl.where`` on the code's bits (1 or 3 selects per weight): integer-ALU work, which leaves
+  the narrower shuffle / shared-memory pipe free.
+- ``"gather"`` (bits 3-5, 8-32 entries, Triton 3.6 and 3.7): the [BLOCK_N, 2^bits] table tile and
+  ``tl.gather(tile, codes, axis=1)``, which those Triton versions lower to one warp shuffle per
+  weight (the table's entries spread over the lanes): one shuffle-pipe instruction per weight, as
+  in FLUTE's shared-memory lookups (FLUTE halves that by looking up pairs of 4-bit codes in a
+  256-entry table of value pairs; not done here). Triton 3.9 lowers the same call to a select chain
+  over every entry (about 5x the instructions), so from Triton 3.8 on 3-5 bits take ``"load"``
+  (``GATHER_SHUFFLES``).
+- ``"load"`` (bits 6-8, and 3-5 where gather does not shuffle): a [BLOCK_N, 256] tile would not fit
+  in registers, so the value is a gathered global load from the table, which stays L1-resident
+  (128 rows x 256 x 2 bytes = 64 KiB at most per program).
 
-The compile check (``python -m triton_kernels.compile_check --kernel codebook``) records per config
-the packed-weight load widths, local memory and shared memory of each strategy on sm_80/sm_90.
+What they compile to (SASS of the 16x512 / 4-warp decode tile, M == 1, sm_90, 64 weights per thread
+and K block): ``gather`` (4 bits, Triton 3.7.1): 64 ``SHFL.IDX``, plus a conversion of the codes tile
+into the gather's layout through shared memory (16 ``STS.128`` + 16 ``LDSM.x4``), 800 instructions in
+all against 520 for ``dequant_matmul``'s kernel at the same bits (736 with Triton 3.6.0); ``select``
+(2 bits) 48 ``SEL`` (the compiler merges the tree), no shuffles; ``load`` (4 bits forced, 3.7.1) 128
+``LDG.E.U16`` from the table, 2120 instructions (3.6.0: 69 loads, 992). Static counts, not timings:
+the GPU time is ``make gpu-check``'s. Every config of the three kernels compiles for sm_80 and sm_90
+without spills or local memory, with >= 64-bit packed-weight loads on the decode paths (one
+documented exception, see ``load_configs``), under Triton 3.6.0 and 3.7.1
+(``python -m triton_kernels.compile_check --kernel codebook``; for 3.9.0 see ``GATHER_SHUFFLES``).
+AMD is not checked: ``tl.gather`` failed to compile for gfx942 in some layouts, so on ROCm the
+launcher takes ``load`` for 3-8 bits (``lookup_mode(bits, amd=True)``), untested on AMD hardware.
 Whether this meets the goal of 1.1x the uniform kernel's time is measured by ``make gpu-check``
 (section ``codebook``); it has not run on a GPU yet.
 
@@ -100,9 +113,23 @@ def planes(bits: int) -> tuple[int, ...]:
     return {1: (1,), 2: (2,), 3: (2, 1), 4: (4,), 5: (4, 1), 6: (4, 2), 7: (4, 2, 1), 8: (8,)}[bits]
 
 
-def lookup_mode(bits: int) -> str:
-    """Where the kernels look the table up (module docstring): select / gather / load."""
-    return "select" if bits <= 2 else ("gather" if bits <= 5 else "load")
+# tl.gather of the [BLOCK_N, 2^bits] table tile: Triton 3.6 and 3.7 lower it to one warp shuffle per
+# weight; Triton 3.9 to a per-thread select chain over every entry (sm_90 SASS of the 16x512 decode
+# tile, 4-bit per-row table: 960 FSEL + 962 ISETP for 64 weights, 3864 instructions against 800 with
+# 3.7.1 and 2016 for the "load" lookup with 3.9; 5-bit per-row tables spilled). 3.8 is unchecked.
+_TRITON_VERSION = tuple(int(p) for p in triton.__version__.split(".")[:2])
+GATHER_SHUFFLES = _TRITON_VERSION < (3, 8)
+
+
+def lookup_mode(bits: int, amd: bool = False) -> str:
+    """Where the kernels look the table up (module docstring): select / gather / load.
+
+    ``gather`` for 3-5 bits only where it compiles to warp shuffles (``GATHER_SHUFFLES``: Triton 3.6,
+    3.7) and not on ROCm (``amd``: Triton 3.7.1 failed to compile ``tl.gather`` for gfx942 in some
+    layouts); ``load`` otherwise."""
+    if bits <= 2:
+        return "select"
+    return "gather" if bits <= 5 and GATHER_SHUFFLES and not amd else "load"
 
 
 def gemv_configs(interpret: bool | None = None, split: bool = False) -> list:
@@ -170,8 +197,8 @@ def load_configs(split: bool = False, multirow: bool = False) -> list:
     spill-free with >= 64-bit packed loads on all three (32x256 / 8 warps and 16x256 load a 7-bit
     code's 1-bit plane 32 bits at a time). 2 <= M <= 16: 128x128 / 8 warps spilled 340-490 bytes
     (2-4 stages, 16 warps too) and 64x256 / 8 warps 680-890 bytes on 7/8-bit per-row tables;
-    64x128 / 8 warps / 4 stages is spill-free on 6 and 8 bits, and loads the 1-bit plane of 7-bit
-    codes 32 bits at a time (recorded as such in the compile check)."""
+    64x128 / 8 warps / 4 stages is spill-free on 6 and 8 bits, and loads the 1-bit plane of 3-, 5-
+    and 7-bit codes 32 bits at a time (recorded as such in the compile check)."""
     sk = 4 if split else 1
     if multirow:
         return [triton.Config({"BLOCK_N": 64, "BLOCK_K": 128, "SPLIT_K": sk}, num_warps=8, num_stages=4)]
@@ -198,10 +225,19 @@ def _prune_gemv(configs, named_args, **kwargs):
     return kept or configs[-1:]
 
 
+def load_matmul_configs() -> list:
+    """Prefill configs for the ``"load"`` lookup: the 8-warp ones of ``matmul_configs`` (compile check,
+    Triton 3.9.0, sm_80: 128x64x64 / 4 warps spilled 96-544 bytes with table loads per weight)."""
+    return [c for c in matmul_configs(interpret=False) if c.num_warps == 8]
+
+
 def _prune_matmul(configs, named_args, **kwargs):
-    """Drop tiles taller than the M bucket (pure padding) or wider than N / K; keep at least one."""
+    """Swap in the load lookup's tiles; drop tiles taller than the M bucket (pure padding) or wider than
+    N / K; keep at least one."""
     args = {**named_args, **kwargs}
     m_bucket, N, K = args["M_BUCKET"], args["N"], args["K"]
+    if args["LOOKUP"] == "load" and not _interpreting():
+        configs = load_matmul_configs()
     kept = [c for c in configs
             if c.kwargs["BLOCK_M"] <= max(32, m_bucket)
             and c.kwargs["BLOCK_N"] <= max(32, triton.next_power_of_2(N))
@@ -673,14 +709,19 @@ def plane_args(K: int, bits: int) -> dict:
                 W0=widths[0], W1=widths[1], W2=widths[2], ALIGNED=start1 % 32 == 0 and start2 % 32 == 0)
 
 
-def codebook_matmul(x, packed, codebook, scales=None, *, bits, group_size=-1, bias=None, out=None):
+def codebook_matmul(x, packed, codebook, scales=None, *, bits, group_size=-1, bias=None, out=None, lookup=None):
     """``x @ dequantize_codebook(packed, codebook, scales)^T (+ bias)`` in x's dtype, accumulated in fp32.
 
     x: (..., K) fp16/bf16/fp32; K is x.shape[-1]. M = prod(x.shape[:-1]) <= 16 takes the decode
     kernel, larger M the tiled tensor-core kernel (fp32 x: the decode kernel at every M).
-    ``out``: optional preallocated contiguous (..., N) tensor of x's dtype.
+    ``out``: optional preallocated contiguous (..., N) tensor of x's dtype. ``lookup``: force a
+    lookup strategy ("gather" or "load" at any bits, "select" at bits <= 2) instead of
+    ``lookup_mode(bits)``, for benchmarks that compare them; the result is the same.
     """
     K, N = _check_call(x, packed, codebook, scales, bits, group_size, bias, out)
+    if lookup is not None and (lookup not in ("select", "gather", "load") or (lookup == "select" and bits > 2)):
+        raise ValueError(f"lookup must be None, 'gather', 'load' or (bits <= 2) 'select'; got {lookup!r} at "
+                         f"bits={bits}")
     _check_launchable(x, "codebook_matmul")
     lead = x.shape[:-1]
     x2 = x.reshape(-1, K)  # a view for sliced/offset x whenever reshape can view it
@@ -699,8 +740,9 @@ def codebook_matmul(x, packed, codebook, scales=None, *, bits, group_size=-1, bi
     scales_arg = scales if scales is not None else codebook  # unused when not HAS_SCALES
     sn, sg = (scales.stride(0), scales.stride(1)) if scales is not None else (0, 0)
     bias_arg = bias if bias is not None else codebook  # unused when not HAS_BIAS
+    amd = x.is_cuda and torch.version.hip is not None
     common = dict(BITS=bits, GROUP_SIZE=group_size, HAS_SCALES=scales is not None, SHARED_TABLE=shared,
-                  LOOKUP=lookup_mode(bits), HAS_BIAS=bias is not None,
+                  LOOKUP=lookup or lookup_mode(bits, amd), HAS_BIAS=bias is not None,
                   EMULATE_BF16_DOT=_interpreting() and x.dtype == torch.bfloat16, **pa)
     if M <= GEMV_MAX_M or x.dtype == torch.float32:
         # fp32 activations take the decode kernel at every M, 16 rows per program along grid axis 2
