@@ -47,6 +47,7 @@ from typing import Any, Callable, Mapping
 import torch
 import yaml
 
+from experiments import families
 from experiments.compress import (MethodSpec, aliases_source_grid, check_spec_fits, compress_model,
                                   layer_shapes, module_backends, parse_spec)
 
@@ -169,38 +170,15 @@ def point_id(spec: MethodSpec, settings: Mapping[str, Any], model: str, corpus: 
 
 
 def method_columns(spec: MethodSpec) -> dict[str, Any]:
-    """Flat method columns; a combo fills the pruning columns from its first step, quant from its second."""
-    p, q = spec.prune_step, spec.quant_step
-    lr = spec if spec.family == "lowrank" else None
-    return {
-        "method": spec.method,
-        "prune_method": p.method if p else "",
-        "quant_method": q.method if q else "",
-        "bits": q.bits if q else "",
-        "group_size": q.group_size if q else "",
-        "symmetric": q.symmetric if q else "",
-        "act_order": q.act_order if q and q.act_order is not None else "",
-        "pattern": p.pattern if p else "",
-        "sparsity": round(p.sparsity, 6) if p else "",
-        # Tables written before these columns existed lack them: there, scope is "row" for every
-        # magnitude/wanda unstructured row and damp is in the spec column (see experiments.compress).
-        "scope": p.prune_scope if p else "",
-        "damp": _damps(spec),
-        "ratio": lr.ratio if lr and lr.ratio is not None else "",
-        "rank": lr.rank if lr and lr.rank is not None else "",
-        "energy": lr.energy if lr and lr.energy is not None else "",
-        "spec": json.dumps(spec.to_dict(), sort_keys=True),
-    }
+    """Flat method columns: every registered family's columns, filled by the spec's family, others "".
 
-
-def _damps(spec: MethodSpec) -> str | float:
-    """The damping of the spec's damped step(s): one value, or ``method=value`` pairs if they differ."""
-    steps = [s for s in (spec.steps or (spec,)) if s.damp is not None]
-    if not steps:
-        return ""
-    if len({s.damp for s in steps}) == 1:
-        return steps[0].damp
-    return "; ".join(f"{s.method}={s.damp:g}" for s in steps)
+    A combo fills the pruning columns from its first step and the quantization columns from its
+    second (:mod:`experiments.families.combo`). Tables written before the scope/damp columns existed
+    lack them (see :mod:`experiments.families.sparse`).
+    """
+    filled = families.family_of(spec.method).method_columns(spec)
+    return {"method": spec.method, **{c: filled.get(c, "") for c in families.all_columns()},
+            "spec": json.dumps(spec.to_dict(), sort_keys=True)}
 
 
 def _device_of(name: str) -> torch.device:

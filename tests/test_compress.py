@@ -129,13 +129,15 @@ def test_committed_rows_keep_their_meaning():
     canonical spec, is unchanged) with the same label: new options (scope, the whitened-SVD damping
     default) never relabel an existing number."""
     import json
+
+    from experiments.families.sparse import prune_scope
     n = 0
     for path, r in _committed_sweep_rows():
         spec = parse_spec(json.loads(r["spec"]))
         assert json.dumps(spec.to_dict(), sort_keys=True) == r["spec"], (path, r["point"])
         assert spec.label() == r["point"], (path, r["spec"])
         if spec.method == "magnitude" and spec.pattern == "unstructured":
-            assert spec.prune_scope == "row" and r.get("scope", "row") == "row", (path, r["point"])
+            assert prune_scope(spec) == "row" and r.get("scope", "row") == "row", (path, r["point"])
         n += 1
     assert n > 0
 
@@ -333,7 +335,7 @@ def test_sequential_calibration_sees_compressed_upstream(model_and_data):
     dense block 0's outputs: compress_model's result must be (much) closer to the former.
     """
     from experiments.algorithms.quant import gptq
-    from experiments.compress import _quant_module
+    from experiments.families.quant import quant_module as _quant_module
     from experiments.models import block_prefix_forward, find_blocks, run_block
     base, calib, _ = model_and_data
     model, report = compressed(model_and_data, SPECS[1])

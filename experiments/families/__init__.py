@@ -1,0 +1,20 @@
+"""Compression families and their registry (see :mod:`experiments.families.base`).
+
+One module per family; importing it registers it. The driver (:mod:`experiments.compress`) and the
+sweep tables consult the registry only:
+
+- ``dense``: the uncompressed baseline (model level)
+- ``quant``: uniform weight-only quantization, ``rtn`` / ``gptq`` -> ``QuantLinear``
+- ``sparse``: ``magnitude`` / ``wanda`` / ``sparsegpt`` pruning -> ``SparseLinear``
+- ``lowrank``: ``svd`` / ``whitened_svd`` -> ``LowRankLinear``
+- ``combo``: a pruning step, then a quantization step of the kept weights
+
+Adding a family: a module here with a :class:`Family` subclass that calls :func:`register`, and one
+import line below.
+"""
+from experiments.families.base import (FAMILIES, Family, LayerResult, all_columns, fail, family_of, methods,
+                                       option_names, register)
+from experiments.families import dense, quant, sparse, lowrank, combo  # noqa: E402,F401  (registers them)
+
+__all__ = ["FAMILIES", "Family", "LayerResult", "all_columns", "fail", "family_of", "methods", "option_names",
+           "register"]
