@@ -356,14 +356,19 @@ def _canon(spec: dict) -> str:
 
 def load_sweep_specs(name: str, *, quick: bool = False) -> list[dict]:
     """Method specs (canonical dicts) of the sweep ``name`` (or ``all``), as ``experiments.sweep``
-    expands them; its quick subset with ``quick``. The dense point is dropped (it is timed anyway)."""
+    expands them; its quick subset with ``quick``. The dense point is dropped (it is timed anyway), and
+    so are model-level families (structured pruning): they change the model's shapes rather than a
+    layer's format, and their sweep rows carry their own decode speed measured against dense."""
+    from experiments.families import family_of
     from experiments.sweep import resolve_sweeps
 
     specs: list[dict] = []
     for sw in resolve_sweeps(name):
         for p in sw.points(quick):
             d = p.to_dict()
-            if d["method"] != "dense" and all(_canon(d) != _canon(s) for s in specs):
+            if family_of(p.method).level == "model":
+                continue
+            if all(_canon(d) != _canon(s) for s in specs):
                 specs.append(d)
     return specs
 

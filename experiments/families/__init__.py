@@ -8,13 +8,15 @@ sweep tables consult the registry only:
 - ``sparse``: ``magnitude`` / ``wanda`` / ``sparsegpt`` pruning -> ``SparseLinear``
 - ``lowrank``: ``svd`` / ``whitened_svd`` -> ``LowRankLinear``
 - ``combo``: a pruning step, then a quantization step of the kept weights
+- ``structured``: ``channels`` / ``heads`` / ``channels_heads`` / ``layers`` structured pruning (model level):
+  a physically smaller dense model
 
 Adding a family: a module here with a :class:`Family` subclass that calls :func:`register`, and one
 import line below.
 """
 from experiments.families.base import (FAMILIES, Family, LayerResult, all_columns, fail, family_of, methods,
                                        option_names, register)
-from experiments.families import dense, quant, sparse, lowrank, combo  # noqa: E402,F401  (registers them)
+from experiments.families import dense, quant, sparse, lowrank, combo, structured  # noqa: E402,F401  (registers them)
 
 __all__ = ["FAMILIES", "Family", "LayerResult", "all_columns", "fail", "family_of", "methods", "option_names",
            "register"]

@@ -231,13 +231,13 @@ class StructuredFamily(Family):
                 report.layers.append(LayerRecord(name, (n, k), "removed", 0, fp16_bytes(n, k), w2, w2, nnz=0))
                 continue
             new_name = f"block{new_index[old]}.{lin}"
-            layer = now[new_name]
-            w_new = linear_weight(layer)
-            nn_, kk = (qrecs[new_name].shape if new_name in qrecs else tuple(w_new.shape))
             if new_name in qrecs:  # quantized after pruning: its format bytes and its error on the kept part
                 rec = qrecs[new_name]
+                nn_, kk = rec.shape
                 b, err, mod = rec.bytes, (w2 - kept_sq[new_name]) + rec.weight_sq_error, rec.module
             else:
+                layer = now[new_name]
+                nn_, kk = linear_weight(layer).shape
                 b, err, mod = fp16_bytes(nn_, kk), w2 - kept_sq[new_name], type(layer).__name__
             report.layers.append(LayerRecord(name, (n, k), mod, b, fp16_bytes(n, k), max(err, 0.0), w2,
                                              nnz=nn_ * kk))
