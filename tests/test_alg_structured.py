@@ -415,3 +415,22 @@ def test_remove_middle_blocks_renumbers_the_cache():
             out = model(input_ids=ids[:, t:t + 1], use_cache=True, **{kw: out.past_key_values})
             steps.append(out.logits[:, -1])
     _close(torch.stack(steps, 1), full[:, 19:], "logits through the KV cache")
+
+
+def test_global_scope_follows_importance_across_layers():
+    """Global scope compares units across layers: a layer whose MLP weights are 4x larger loses fewer
+    channels than the others (uniform scope removes the same count everywhere), and with 2 query
+    slots per layer (a per-layer z-score would be +-0.71 everywhere) a layer with 4x larger q/o
+    weights keeps all its query heads."""
+    model = _tiny("llama", layers=4)
+    with torch.no_grad():
+        for n in S.MLP:
+            getattr(model.model.layers[2].mlp, n).weight.mul_(4)
+        for n in ("q_proj", "o_proj"):
+            getattr(model.model.layers[1].self_attn, n).weight.mul_(4)
+    res = S.prune_model(copy.deepcopy(model), method="channels_heads", criterion="magnitude", ratio=0.3,
+                        scope="global", head_unit="query")
+    assert res.channels[2] == max(res.channels) and res.channels[2] > sorted(res.channels)[-2], res.channels
+    assert res.q_heads[1] == 8 and min(res.q_heads) < 8, res.q_heads
+    uni = S.prune_model(copy.deepcopy(model), method="channels", criterion="magnitude", ratio=0.3)
+    assert len(set(uni.channels)) == 1

@@ -146,7 +146,7 @@ def test_sweep_file_expands():
     from experiments.sweep import resolve_sweeps
     (sw,) = resolve_sweeps("structured")
     full = sw.points(False)
-    assert len(full) == 1 + 2 + 16 + 32 + 8
+    assert len(full) == 1 + 4 + 16 + 32 + 8
     assert {p.method for p in full} == {"dense", "channels", "heads", "channels_heads", "layers"}
     assert any(p.steps for p in full)
     assert 2 <= len(sw.points(True)) <= 6

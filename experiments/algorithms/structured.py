@@ -41,8 +41,9 @@ Ratios
     ``ratio`` is the fraction of the parameters of the pruned structures that is removed: of the MLP
     linears for ``channels``, of the attention linears for ``heads``, of both for ``channels_heads``.
     ``scope="uniform"``: every layer removes the number of units closest to ``ratio`` of its own
-    parameters. ``scope="global"``: scores are standardized per layer and structure (z-scores, as
-    FLAP's global "AL-AM" setting does, so channels and heads compare), then units are removed from
+    parameters. ``scope="global"``: scores are standardized per structure kind across all layers
+    (z-scores, so channels and heads compare; FLAP's global "AL-AM" setting standardizes within each
+    layer, which carries no information with 2-3 head units per layer), then units are removed from
     the least important up across all layers until ``ratio`` of the parameters is removed. Both keep
     at least ``max(1, ceil(floor * units))`` units of each kind in every layer, so no layer is emptied.
     Head units are coarse (a KV group of a 3-group model is a third of the attention): the
@@ -477,10 +478,18 @@ def _select(kinds: list[_Kind], ratio: float, scope: str) -> dict[tuple[int, str
         return removed
     total = sum(k.total_params for k in kinds)
     target = ratio * total
+    # One mean and standard deviation per structure kind over all layers (FLAP standardizes within
+    # each layer instead; with 3 k/v groups or 2 query slots per layer, as on the default model, a
+    # per-layer z-score is fixed by the count alone and says nothing about importance).
+    norm = {}
+    for kind in {k.kind for k in kinds}:
+        allv = torch.cat([k.scores for k in kinds if k.kind == kind])
+        sd = float(allv.std()) if allv.numel() > 1 else 0.0
+        norm[kind] = (float(allv.mean()), sd if sd > 0 else 1.0)
     entries = []
     for ki, k in enumerate(kinds):
         s = k.scores
-        z = (s - s.mean()) / s.std() if s.numel() > 1 and float(s.std()) > 0 else torch.zeros_like(s)
+        z = (s - norm[k.kind][0]) / norm[k.kind][1]
         order = range(s.numel()) if k.ordered else s.argsort(stable=True).tolist()
         # rank within the kind: a unit can only go after the lower-ranked ones of its kind
         for rank, idx in enumerate(order):
