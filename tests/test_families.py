@@ -61,7 +61,9 @@ def toy_family():
 def test_the_builtin_families_own_every_method_once():
     owners = {m: families.family_of(m).name for m in families.methods()}
     assert owners == {"dense": "dense", "rtn": "quant", "gptq": "quant", "magnitude": "sparse", "wanda": "sparse",
-                      "sparsegpt": "sparse", "svd": "lowrank", "whitened_svd": "lowrank", "combo": "combo"}
+                      "sparsegpt": "sparse", "svd": "lowrank", "whitened_svd": "lowrank", "combo": "combo",
+                      "channels": "structured", "heads": "structured", "channels_heads": "structured",
+                      "layers": "structured"}
 
 
 def test_unknown_method_and_option_errors_name_what_fits():

@@ -8,6 +8,8 @@ Pure torch and model-agnostic: the sweep code (``experiments/compress.py``) coll
 - :mod:`.prune`: :func:`magnitude`, :func:`wanda`, :func:`sparsegpt` with patterns parsed by
   :func:`parse_pattern` ("unstructured", "2:4", "block:32x32").
 - :mod:`.lowrank`: :func:`svd`, :func:`whitened_svd`, :func:`rank_for_ratio`, :func:`rank_for_energy`.
+- :mod:`.structured`: model-level structured pruning (MLP channels, attention heads, whole blocks) on
+  Llama-family transformers models: :func:`~.structured.prune_model` (imported on its own).
 """
 from .lowrank import rank_for_energy, rank_for_ratio, svd, whitened_svd
 from .prune import Pattern, magnitude, parse_pattern, sparsegpt, wanda
