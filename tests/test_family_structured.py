@@ -98,7 +98,7 @@ def test_channels_report_sizes_against_the_original():
     assert s["params_dense"] - s["params"] == 4 * 24 * 3 * 64
     assert s["structure_removed"] == pytest.approx(0.25)
     assert s["decode_tokens_per_s"] > 0 and s["dense_decode_tokens_per_s"] > 0
-    assert s["decode_speedup"] == pytest.approx(s["decode_tokens_per_s"] / s["dense_decode_tokens_per_s"], rel=1e-3)
+    assert s["decode_speedup"] > 0 and "interleaved" in s["decode_timer"] and s["decode_new_tokens"] == 4
     assert s["compress_seconds"] <= report.seconds
     assert json.loads(s["layer_widths"])["channels"] == [72] * 4
 

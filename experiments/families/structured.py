@@ -21,15 +21,17 @@ with the dense model. A removed block's linears keep their records with 0 stored
 ``steps=[<rtn|gptq spec>]`` quantizes the pruned model's linears afterwards (block by block with
 calibration, as the quant family does): structured + GPTQ.
 
-Speed: with ``decode_tokens`` > 0 (default 32) the family measures greedy-decode tokens/s of the
-model before and after pruning, back to back in the same process on the same device
-(:func:`experiments.latency.decode_tokens_per_second`, fixed 16-token prompt, median of 3 after a
-warm-up), and the sweep row carries both and their ratio. ``compress_seconds`` excludes that timing.
+Speed: with ``decode_tokens`` > 0 (default 32) the family keeps a copy of the dense model and times
+greedy decoding of the dense and the pruned model interleaved, in the same process on the same device
+(:func:`decode_pair`: fixed 16-token prompt, 5 alternating pairs after a warm-up each, speedup = the
+median of the pair ratios), and the sweep row carries both speeds and the speedup. ``compress_seconds``
+excludes that timing.
 """
 from __future__ import annotations
 
+import copy
 import json
-import math
+import statistics
 import time
 from dataclasses import dataclass, field
 from typing import Any, Mapping
@@ -78,7 +80,7 @@ def _report_cls():
                     "layer_widths": json.dumps(self.widths, sort_keys=True),
                     "decode_tokens_per_s": round(tps, 3) if tps else "",
                     "dense_decode_tokens_per_s": round(dense_tps, 3) if dense_tps else "",
-                    "decode_speedup": round(tps / dense_tps, 4) if tps and dense_tps else "",
+                    "decode_speedup": round(self.decode["speedup"], 4) if "speedup" in self.decode else "",
                     "decode_new_tokens": self.decode.get("new_tokens", ""),
                     "decode_timer": self.decode.get("timer", ""),
                 })
@@ -91,13 +93,48 @@ def _report_cls():
 _REPORT = None
 
 
-def decode_speed(model, new_tokens: int, *, progress: bool = False) -> dict:
-    """Greedy-decode tokens/s of ``model`` on its device from a fixed 16-token prompt (token ids
-    1..16: the speed does not depend on the text, and no tokenizer is needed)."""
-    from experiments.latency import decode_tokens_per_second
-    device = next(model.parameters()).device
+def decode_pair(dense, pruned, new_tokens: int, *, repeats: int = 5, progress: bool = False) -> dict:
+    """Greedy-decode speed of ``dense`` and ``pruned`` timed *interleaved* on the same device: one
+    warm-up each, then ``repeats`` pairs of ``generate`` calls in alternating order. The speedup is the
+    median of the per-pair time ratios, so a change of machine load during the measurement (the
+    development machine is shared) shifts both sides of a pair alike. Fixed 16-token prompt (token ids
+    1..16: the speed does not depend on the text, and no tokenizer is needed); ``min_new_tokens`` pins
+    the length, as :func:`experiments.latency.decode_tokens_per_second` does."""
+    from experiments.progress import progress_bar
+    device = next(pruned.parameters()).device
     ids = torch.arange(1, DECODE_PROMPT_TOKENS + 1, device=device).unsqueeze(0)
-    return decode_tokens_per_second(model, None, input_ids=ids, new_tokens=new_tokens, progress=progress)
+    pad = pruned.generation_config.pad_token_id
+    pad = pruned.generation_config.eos_token_id if pad is None else pad
+    pad = pad[0] if isinstance(pad, (list, tuple)) else pad
+    kw = dict(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=new_tokens,
+              min_new_tokens=new_tokens, pad_token_id=pad)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+    def once(m) -> float:
+        sync()
+        t0 = time.perf_counter()
+        out = m.generate(**kw)
+        sync()
+        if out.shape[1] - ids.shape[1] != new_tokens:
+            raise RuntimeError(f"generate produced {out.shape[1] - ids.shape[1]} tokens, expected {new_tokens}")
+        return time.perf_counter() - t0
+
+    td, tp = [], []
+    bar = progress_bar(total=2 + 2 * repeats, desc="decode dense vs pruned", unit="generate call", enabled=progress)
+    with torch.inference_mode():
+        for m in (dense, pruned):  # warm-up: caches, allocator
+            once(m)
+            bar.update(1)
+        for r in range(repeats):
+            order = ((dense, td), (pruned, tp)) if r % 2 == 0 else ((pruned, tp), (dense, td))
+            for m, acc in order:
+                acc.append(once(m))
+                bar.update(1)
+    bar.close()
+    return {"tokens_per_s": new_tokens / statistics.median(tp), "dense_tokens_per_s": new_tokens / statistics.median(td),
+            "speedup": statistics.median(d / p for d, p in zip(td, tp)), "new_tokens": new_tokens, "repeats": repeats,
+            "timer": f"time.perf_counter around model.generate (greedy, {DECODE_PROMPT_TOKENS}-token prompt), "
+                     f"dense and pruned interleaved, {repeats} pairs; speedup = median pair ratio"}
 
 
 class StructuredFamily(Family):
@@ -201,11 +238,11 @@ class StructuredFamily(Family):
         t0 = time.perf_counter()
         timing = 0.0
         decode: dict[str, Any] = {}
-        if spec.decode_tokens:
+        dense_copy = None
+        if spec.decode_tokens:  # the dense model, kept to time it interleaved with the pruned one
             t = time.perf_counter()
-            dense = decode_speed(model, spec.decode_tokens, progress=progress)
+            dense_copy = copy.deepcopy(model)
             timing += time.perf_counter() - t
-            decode["dense_tokens_per_s"] = dense["tokens_per_s"]
         # Original weights by (block, linear), to report sizes and errors against the dense model.
         orig = {name: linear_weight(layer).detach().clone() for name, layer in linear_layers(model)}
         res = S.prune_model(model, method=spec.method, criterion=spec.criterion, ratio=spec.sparsity,
@@ -242,12 +279,11 @@ class StructuredFamily(Family):
             report.layers.append(LayerRecord(name, (n, k), mod, b, fp16_bytes(n, k), max(err, 0.0), w2,
                                              nnz=nn_ * kk))
         report.size_is_modelled = bool(qreport.size_is_modelled) if qreport is not None else False
-        if spec.decode_tokens:
+        if dense_copy is not None:
             t = time.perf_counter()
-            pruned = decode_speed(model, spec.decode_tokens, progress=progress)
+            decode = decode_pair(dense_copy, model, spec.decode_tokens, progress=progress)
+            del dense_copy
             timing += time.perf_counter() - t
-            decode.update(tokens_per_s=pruned["tokens_per_s"], new_tokens=pruned["new_tokens"],
-                          timer=pruned["timer"])
         report.params_dense, report.params = res.params_before, res.params_after
         report.removed_fraction = res.removed_fraction
         report.kept_blocks = res.kept_blocks
