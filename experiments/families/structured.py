@@ -226,7 +226,7 @@ class StructuredFamily(Family):
             fail(f"method={spec.method!r}", f"structured pruning needs Llama-family blocks ({', '.join(sorted(need))}); "
                                             f"this model's block linears are {sorted(names)}")
         if spec.method == "layers" and spec.blocks >= len(blocks):
-            fail(f"method='layers'", f"blocks={spec.blocks} must be smaller than the model's {len(blocks)} blocks")
+            fail("method='layers'", f"blocks={spec.blocks} must be smaller than the model's {len(blocks)} blocks")
         for q in spec.steps:
             from experiments.families import family_of
             family_of(q.method).check_fits(q, shapes)
