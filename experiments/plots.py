@@ -274,10 +274,9 @@ def structured_figure(df: pd.DataFrame) -> plt.Figure:
         _baseline(ax, dense_ppl(df))
         ax.set_yscale("log")
         ax.set_ylabel("perplexity (log scale)")
-    a.set_xlabel("parameters kept (% of the dense model, embeddings included)")
+    a.set_xlabel("parameters kept (% of dense, embeddings included)")
     b.axvline(1.0, color="grey", lw=0.8)
-    dev = df["device"].iloc[0] if "device" in df and len(df) else ""
-    b.set_xlabel(f"decode speedup vs dense (greedy tokens/s, fp32, {dev})")
+    b.set_xlabel("decode speedup vs dense (greedy, fp32, timed interleaved)")
     _legend(a, fontsize=6, ncol=2)
     fig.suptitle(_title(df), fontsize=8)
     return fig
