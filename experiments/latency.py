@@ -425,14 +425,19 @@ def _canon(spec: dict) -> str:
 
 def load_sweep_specs(name: str, *, quick: bool = False) -> list[dict]:
     """Method specs (canonical dicts) of the sweep ``name`` (or ``all``), as ``experiments.sweep``
-    expands them; its quick subset with ``quick``. The dense point is dropped (it is timed anyway)."""
+    expands them; its quick subset with ``quick``. The dense point is dropped (it is timed anyway), and
+    so are model-level families (structured pruning): they change the model's shapes rather than a
+    layer's format, and their sweep rows carry their own decode speed measured against dense."""
+    from experiments.families import family_of
     from experiments.sweep import resolve_sweeps
 
     specs: list[dict] = []
     for sw in resolve_sweeps(name):
         for p in sw.points(quick):
             d = p.to_dict()
-            if d["method"] != "dense" and all(_canon(d) != _canon(s) for s in specs):
+            if family_of(p.method).level == "model":
+                continue
+            if all(_canon(d) != _canon(s) for s in specs):
                 specs.append(d)
     return specs
 
@@ -535,20 +540,31 @@ def default_decode_out(device: torch.device | str) -> Path:
 
 
 def decode_tokens_per_second(model, tokenizer, *, prompt: str = DEFAULT_PROMPT, new_tokens: int = 32,
-                             repeats: int = 3, label: str = "decode", progress: bool = True) -> dict:
+                             repeats: int = 3, label: str = "decode", progress: bool = True,
+                             input_ids: torch.Tensor | None = None) -> dict:
     """Greedy-decoding speed: ``new_tokens`` generated tokens / wall seconds (median of ``repeats``
     timed runs after one warm-up), prompt prefill included, on the model's own device.
 
     ``min_new_tokens`` pins the length so an early end-of-sequence cannot shorten a run.
+    ``input_ids`` ((1, n) LongTensor) replaces ``prompt`` and then ``tokenizer`` may be None.
     """
     if not isinstance(new_tokens, int) or new_tokens < 1:
         raise ValueError(f"new_tokens={new_tokens!r} must be a positive int")
     if not isinstance(repeats, int) or repeats < 1:
         raise ValueError(f"repeats={repeats!r} must be a positive int")
     device = next(model.parameters()).device
-    enc = tokenizer(prompt, return_tensors="pt").to(device)
-    kw = dict(do_sample=False, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-              pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id)
+    if input_ids is not None:
+        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.shape[0] != 1:
+            raise ValueError(f"input_ids must be a (1, n) LongTensor, got {getattr(input_ids, 'shape', input_ids)!r}")
+        enc = {"input_ids": input_ids.to(device), "attention_mask": torch.ones_like(input_ids, device=device)}
+        prompt = f"<{input_ids.shape[1]} token ids>"
+        pad = model.generation_config.pad_token_id
+        pad = pad if pad is not None else model.generation_config.eos_token_id
+        pad = pad[0] if isinstance(pad, (list, tuple)) else pad
+    else:
+        enc = tokenizer(prompt, return_tensors="pt").to(device)
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    kw = dict(do_sample=False, max_new_tokens=new_tokens, min_new_tokens=new_tokens, pad_token_id=pad)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     seconds, generated = [], 0
     # One generate call of a dequantize-per-call model takes ~15 s on the 2-core CPU: show progress.

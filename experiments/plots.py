@@ -251,6 +251,37 @@ def sparsity_figure(df: pd.DataFrame) -> plt.Figure:
     return fig
 
 
+def structured_figure(df: pd.DataFrame) -> plt.Figure:
+    """Structured pruning. Left: perplexity against the fraction of the model's parameters kept, one line
+    per structure x criterion (blocks removed for layers). Right: perplexity against the measured decode
+    speedup over the dense model (both timed back to back in the same run, ``decode_speedup``)."""
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
+    s = df[df["method"] != "dense"].copy()
+    if "steps" not in s:
+        s["steps"] = ""
+    s["_quant"] = s["quant_method"].fillna("").astype(str) if "quant_method" in s else ""
+    markers = {"magnitude": "o", "wanda": "s", "flap": "^", "taylor": "D", "bi": "v", "last": "x"}
+    styles = {"channels": "-", "heads": "--", "channels_heads": "-.", "layers": ":"}
+    for (method, crit, quant), sub in s.groupby(["method", "criterion", "_quant"]):
+        sub = sub.sort_values("params_kept")
+        label = f"{method} / {crit}" + (f" + {quant} w{int(sub['bits'].iloc[0])}" if quant else "")
+        kw = dict(marker=markers.get(crit, "o"), ls=styles.get(method, "-") if not quant else "none", label=label)
+        a.plot(100 * sub["params_kept"].astype(float), sub["ppl"], **kw)
+        if "decode_speedup" in sub:
+            sp = pd.to_numeric(sub["decode_speedup"], errors="coerce")
+            b.plot(sp[sp.notna()], sub["ppl"][sp.notna()], marker=kw["marker"], ls="none", label=label)
+    for ax in (a, b):
+        _baseline(ax, dense_ppl(df))
+        ax.set_yscale("log")
+        ax.set_ylabel("perplexity (log scale)")
+    a.set_xlabel("parameters kept (% of dense, embeddings included)")
+    b.axvline(1.0, color="grey", lw=0.8)
+    b.set_xlabel("decode speedup vs dense (greedy, fp32, timed interleaved)")
+    _legend(a, fontsize=6, ncol=2)
+    fig.suptitle(_title(df), fontsize=8)
+    return fig
+
+
 def lowrank_figure(df: pd.DataFrame) -> plt.Figure:
     """Perplexity against the fraction of parameters kept, plain vs activation-aware (whitened) SVD."""
     fig, ax = plt.subplots(figsize=(5.5, 3.8))

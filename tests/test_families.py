@@ -63,7 +63,9 @@ def test_the_builtin_families_own_every_method_once():
     assert owners == {"dense": "dense", "rtn": "quant", "gptq": "quant", "magnitude": "sparse", "wanda": "sparse",
                       "sparsegpt": "sparse", "svd": "lowrank", "whitened_svd": "lowrank", "combo": "combo",
                       "nf": "codebook", "fp4": "codebook", "piecewise": "codebook", "kmeans": "codebook",
-                      "squeezellm": "codebook"}
+                      "squeezellm": "codebook",
+                      "channels": "structured", "heads": "structured", "channels_heads": "structured",
+                      "layers": "structured"}
 
 
 def test_unknown_method_and_option_errors_name_what_fits():

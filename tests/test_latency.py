@@ -270,6 +270,23 @@ def test_decode_tokens_per_second_on_a_tiny_llama(tmp_path):
     assert float(rows[0]["speedup_vs_dense"]) == pytest.approx(row["tokens_per_s"] / 100.0)
 
 
+def test_decode_from_token_ids_without_a_tokenizer():
+    model, _ = _tiny_llama()
+    model.generation_config.eos_token_id = 2
+    ids = torch.arange(3, 9).unsqueeze(0)
+    r = latency.decode_tokens_per_second(model, None, input_ids=ids, new_tokens=5, repeats=1, progress=False)
+    assert r["new_tokens"] == 5 and r["prompt_tokens"] == 6 and r["prompt"] == "<6 token ids>"
+    with pytest.raises(ValueError, match="input_ids must be a \\(1, n\\) LongTensor"):
+        latency.decode_tokens_per_second(model, None, input_ids=torch.ones(2, 3, dtype=torch.long), new_tokens=2)
+
+
+def test_sweep_specs_leave_out_model_level_families():
+    """Structured pruning changes the model's shapes, not a layer's format: no layer timing rows for it."""
+    specs = latency.load_sweep_specs("structured", quick=False)
+    assert specs == []
+    assert latency.load_sweep_specs("sparsity", quick=True)
+
+
 @pytest.mark.parametrize("kw, words", [({"new_tokens": 0}, "new_tokens"), ({"repeats": 0}, "repeats")],
                          ids=["zero-tokens", "zero-repeats"])
 def test_decode_rejects_bad_arguments(kw, words):

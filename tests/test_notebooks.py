@@ -15,7 +15,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.py"))
-EXPECTED = {"00_kernels_tour", "01_quantization", "02_sparsity", "03_low_rank", "04_pareto", "05_nonuniform"}
+EXPECTED = {"00_kernels_tour", "01_quantization", "02_sparsity", "03_low_rank", "04_pareto", "05_nonuniform", "06_structured"}
 
 
 def _cells(nb):

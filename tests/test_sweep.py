@@ -10,7 +10,7 @@ from experiments.compress import parse_spec
 from experiments.sweep import (SWEEPS_DIR, available_sweeps, load_sweep, method_columns, point_id,
                                resolve_sweeps)
 
-SHIPPED = ("quant", "sparsity", "lowrank", "combo", "nonuniform")
+SHIPPED = ("quant", "sparsity", "lowrank", "combo", "nonuniform", "structured")
 SETTINGS = {"seqlen": 512, "eval_tokens": 8192, "calib_samples": 16, "calib_seqlen": 512, "seed": 0}
 CORPUS = {"corpus": "austen", "calibration": "a", "evaluation": "b"}
 

@@ -10,14 +10,15 @@ sweep tables consult the registry only:
 - ``combo``: a pruning step, then a quantization step of the kept weights
 - ``codebook``: non-uniform quantization onto a table, ``nf`` / ``fp4`` / ``piecewise`` / ``kmeans`` /
   ``squeezellm`` (optionally with GPTQ over the table) -> ``CodebookLinear``
+- ``structured``: ``channels`` / ``heads`` / ``channels_heads`` / ``layers`` structured pruning (model level):
+  a physically smaller dense model
 
 Adding a family: a module here with a :class:`Family` subclass that calls :func:`register`, and one
 import line below.
 """
 from experiments.families.base import (FAMILIES, Family, LayerResult, all_columns, fail, family_of, methods,
                                        option_names, register)
-from experiments.families import dense, quant, sparse, lowrank, combo  # noqa: E402,F401  (registers them)
-from experiments.families import codebook  # noqa: E402,F401
+from experiments.families import dense, quant, sparse, lowrank, combo, codebook, structured  # noqa: E402,F401  (registers them)
 
 __all__ = ["FAMILIES", "Family", "LayerResult", "all_columns", "fail", "family_of", "methods", "option_names",
            "register"]
