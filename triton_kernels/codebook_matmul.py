@@ -62,8 +62,8 @@ all against 520 for ``dequant_matmul``'s kernel at the same bits (736 with Trito
 ``LDG.E.U16`` from the table, 2120 instructions (3.6.0: 69 loads, 992). Static counts, not timings:
 the GPU time is ``make gpu-check``'s. Every config of the three kernels compiles for sm_80 and sm_90
 without spills or local memory, with >= 64-bit packed-weight loads on the decode paths (one
-documented exception, see ``load_configs``), under Triton 3.6.0 and 3.7.1
-(``python -m triton_kernels.compile_check --kernel codebook``; for 3.9.0 see ``GATHER_SHUFFLES``).
+documented exception, see ``load_configs``), under Triton 3.6.0, 3.7.1 and 3.9.0 (there with the
+load lookup at 3-5 bits; ``python -m triton_kernels.compile_check --kernel codebook``, 2026-11-30).
 AMD is not checked: ``tl.gather`` failed to compile for gfx942 in some layouts, so on ROCm the
 launcher takes ``load`` for 3-8 bits (``lookup_mode(bits, amd=True)``), untested on AMD hardware.
 Whether this meets the goal of 1.1x the uniform kernel's time is measured by ``make gpu-check``
