@@ -152,9 +152,12 @@ def test_a_group_below_float16_range_keeps_a_positive_scale():
 @pytest.mark.parametrize("spec", [{"method": "squeezellm", "bits": 3}, {"method": "nf", "bits": 4, "group_size": 32,
                                                                          "gptq": True}],
                          ids=["squeezellm-sq-stats", "nf-gptq-H-stats"])
-def test_a_model_compresses_end_to_end(spec):
+def test_a_model_compresses_end_to_end(spec, monkeypatch):
     """The driver collects the statistics the family asks for, replaces every block linear with a
     CodebookLinear, and the sweep's backend column names it."""
+    # The modules choose their backend at call time: without the interpreter, the CPU path (the
+    # Triton interpreter made the calibration forwards through compressed blocks take minutes).
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
     from experiments.compress import compress_model, module_backends
     from triton_kernels.nn.codebook import CodebookLinear
     from tests.test_compress import tiny_llama
