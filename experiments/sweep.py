@@ -402,18 +402,26 @@ def measure_point(run: RunContext, sweep: str, pid: str, spec: MethodSpec, setti
     """Measure one sweep point where this runs and return its table row: a fresh copy of the model
     (``models.load_model`` keeps one template per process, so a worker loads the file once), the
     compression, the perplexity, and the provenance of this process's machine. Every executor calls
-    this; the row does not depend on which one did."""
+    this; the row does not depend on which one did.
+
+    The modules' CPU backend choice by timing (``triton_kernels.nn._backend``) is off here: a
+    perplexity is an accuracy number, and a choice that depends on the machine's load would make
+    its last digits depend on it too. ``auto`` then takes each module's static order (the dense
+    weight for SparseLinear, dequantize for fp32 QuantLinear); the ``module_backends`` column says
+    what ran."""
     from experiments import evaluate, models
     from experiments.provenance import provenance
+    from triton_kernels.nn._backend import autotune
 
     dev = _device_of(run.device)
     prov = provenance(dev)
     torch.manual_seed(settings["seed"])
     m = models.load_model(run.model)[0].to(dev)
     calib = calib.to(dev) if calib is not None else None
-    report = compress_model(m, spec, calib, progress=progress)
-    ev = evaluate.perplexity(m, windows.to(dev), progress=progress)
-    backends = module_backends(m)
+    with autotune(False):
+        report = compress_model(m, spec, calib, progress=progress)
+        ev = evaluate.perplexity(m, windows.to(dev), progress=progress)
+        backends = module_backends(m)
     del m
     return {"sweep": sweep, "point_id": pid, "point": spec.label(), **method_columns(spec),
             "ppl": float(f"{ev['ppl']:.6g}"), "nll": float(f"{ev['nll']:.6g}"),

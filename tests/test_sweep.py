@@ -95,3 +95,21 @@ def test_grid_expands_cartesian_product_and_dedups(tmp_path):
     sw = load_sweep(f)
     assert [p.label() for p in sw.full_points] == [
         "rtn-w4-g32-asym", "rtn-w3-g32-asym", "gptq-w3-g32-asym", "gptq-w4-g32-asym"]
+
+
+def test_accuracy_runs_turn_backend_timing_off_and_restore_it():
+    """measure_point runs compress + perplexity under autotune(False): a timed backend choice would let a
+    perplexity's last digits depend on the machine's load. The switch is restored, also after an error."""
+    import inspect
+
+    from experiments import sweep
+    from triton_kernels.nn import _backend
+    assert _backend.autotune_enabled()
+    with pytest.raises(RuntimeError):
+        with _backend.autotune(False):
+            assert not _backend.autotune_enabled()
+            assert _backend.measured_choice(("k",), {"a": lambda: None, "b": lambda: None}) == "a"
+            raise RuntimeError
+    assert _backend.autotune_enabled() and ("k",) not in _backend.cached_choices()
+    src = inspect.getsource(sweep.measure_point)
+    assert "with autotune(False):" in src and src.index("with autotune(False):") < src.index("compress_model(")

@@ -1,4 +1,5 @@
 """Backend choice, input checks and size accounting shared by the modules in ``triton_kernels.nn``."""
+import contextlib
 import os
 
 import torch
@@ -99,6 +100,21 @@ AUTOTUNE = True
 
 _CHOICES: dict[tuple, tuple[str, dict[str, float]]] = {}
 _TIMER = None
+
+
+@contextlib.contextmanager
+def autotune(enabled: bool):
+    """``with autotune(False):`` turns measuring off inside the block (``AUTOTUNE``), restoring it after.
+
+    Accuracy runs use it: which backend wins a timing race depends on the machine's load, and two
+    exact backends (dense vs CSR/BSR in fp32) still sum in different orders, so a measured choice
+    would let the last digits of a perplexity depend on what else ran at the time."""
+    global AUTOTUNE
+    old, AUTOTUNE = AUTOTUNE, bool(enabled)
+    try:
+        yield
+    finally:
+        AUTOTUNE = old
 
 
 def autotune_enabled() -> bool:
