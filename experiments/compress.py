@@ -85,6 +85,10 @@ class MethodSpec:
     def __setattr__(self, name: str, value: Any) -> None:
         raise AttributeError("MethodSpec is immutable; build a new one with parse_spec")
 
+    def __reduce__(self):
+        # Pickling (Ray, multiprocessing) must go through __init__: the default protocol would setattr.
+        return (_make_spec, (self.method, self.steps, self._options))
+
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, MethodSpec):
             return NotImplemented
@@ -132,6 +136,10 @@ class MethodSpec:
     def label(self) -> str:
         """Short human-readable label, e.g. ``gptq-w3-g64-asym-act`` or ``sparsegpt-2:4+gptq-w4-g64-asym``."""
         return families.family_of(self.method).label(self)
+
+
+def _make_spec(method: str, steps: tuple, options: tuple) -> MethodSpec:
+    return MethodSpec(method, steps, **dict(options))
 
 
 def parse_spec(spec: Mapping[str, Any] | MethodSpec, *, where: str = "method spec") -> MethodSpec:

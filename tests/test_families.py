@@ -105,3 +105,13 @@ def test_a_new_family_works_end_to_end_without_touching_the_driver(toy_family):
     assert torch.equal(model.model.layers[0].mlp.down_proj.w, w0 * 2)
     assert report.bytes * 2 == report.fp16_bytes  # the family's own byte count reached the report
     assert report.weight_rel_error == pytest.approx(1.0)  # ||2W - W|| / ||W||
+
+
+def test_a_spec_survives_pickling():
+    """Executors (Ray, multiprocessing) pickle specs; an immutable spec must rebuild through __init__."""
+    import copy
+    import pickle
+    spec = parse_spec({"method": "combo", "steps": [{"method": "sparsegpt", "pattern": "2:4"},
+                                                    {"method": "gptq", "bits": 4, "group_size": 64}]})
+    for back in (pickle.loads(pickle.dumps(spec)), copy.deepcopy(spec)):
+        assert back == spec and back.label() == spec.label() and back.to_dict() == spec.to_dict()

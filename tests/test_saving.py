@@ -25,9 +25,9 @@ SPECS = [
     {"method": "rtn", "bits": 3, "group_size": -1, "symmetric": True},
     {"method": "gptq", "bits": 4, "group_size": 32, "symmetric": True},
     {"method": "magnitude", "sparsity": 0.5, "pattern": "unstructured"},
-    {"method": "magnitude", "sparsity": 0.9, "pattern": "unstructured"},  # CSR backend on CPU (density <= 0.15)
+    {"method": "magnitude", "sparsity": 0.9, "pattern": "unstructured"},  # CSR backend on CPU (_PREFER)
     {"method": "wanda", "pattern": "2:4"},
-    {"method": "magnitude", "sparsity": 0.75, "pattern": "block:16x16"},  # BSR backend on CPU
+    {"method": "magnitude", "sparsity": 0.75, "pattern": "block:16x16"},  # BSR backend on CPU (_PREFER)
     {"method": "svd", "ratio": 0.5},
     {"method": "combo", "steps": [{"method": "sparsegpt", "pattern": "2:4"}, {"method": "rtn", "bits": 4, "group_size": 32}]},
 ]
@@ -49,17 +49,29 @@ def data():
 _CACHE: dict = {}
 
 
+# SparseLinear's CPU backend is chosen by timing (triton_kernels.nn._backend.measured_choice); a
+# deterministic timer pins it so every CPU storage layout is covered on any machine: these specs take
+# their sparse CPU kernel's layout, every other spec the dense one.
+_PREFER = {"magnitude-unstructured-0.9": "torch_csr", "magnitude-block:16x16-0.75": "torch_bsr"}
+
+
 def _compressed(spec, calib, triton=False):
+    from triton_kernels.nn import _backend
     spec = parse_spec(spec)
     key = (spec.label(), triton)
     if key not in _CACHE:
         model = tiny_llama()
         old = os.environ.get("TRITON_INTERPRET")
         os.environ["TRITON_INTERPRET"] = "1" if triton else "0"
+        prefer = _PREFER.get(spec.label(), "dense")
+        _backend.clear_choices()
+        _backend.set_timer(lambda name, fn: 0.0 if name == prefer else 1.0)
         try:
             report = compress_model(model, spec, calib, progress=False)
         finally:
             os.environ["TRITON_INTERPRET"] = old
+            _backend.set_timer(None)
+            _backend.clear_choices()
         _CACHE[key] = model, report
     return _CACHE[key]
 
