@@ -49,6 +49,15 @@ def damp_suffix(spec: "MethodSpec") -> str:
     return f"-damp{spec.damp:g}" if spec.damp is not None and spec.damp != DEFAULT_DAMP else ""
 
 
+def check_group_fits(group_size: int, shapes: Mapping[str, tuple[int, int]]) -> None:
+    """A group (of weights sharing a scale) must not be larger than the smallest K of the layers."""
+    ks = sorted({k for _, k in shapes.values()})
+    if group_size != -1 and group_size > ks[0]:
+        fail("group_size", f"group_size={group_size} is larger than the layer's in_features K={ks[0]} "
+                           f"(layers have K in {ks}); use a group size <= {ks[0]} (a partial last group is fine) "
+                           f"or -1 for one group per output channel")
+
+
 def fp16_exact(t: torch.Tensor) -> torch.Tensor:
     """Round to fp16 and back: the values a deployment stores, kept in fp32 for the fp32 evaluation."""
     return t.to(torch.float16).float()

@@ -20,8 +20,8 @@ from typing import Any, Mapping
 
 import torch
 
-from experiments.families.base import (Family, LayerResult, damp_suffix, fail, fp16_exact, is_int, parse_damp,
-                                       register, stored_bytes)
+from experiments.families.base import (Family, LayerResult, check_group_fits, damp_suffix, fail, fp16_exact,
+                                       is_int, parse_damp, register, stored_bytes)
 
 # Per method: allowed bits, default group size (-1 = per-channel), default bits.
 _BITS = {"nf": range(2, 9), "fp4": range(4, 5), "piecewise": range(1, 9), "kmeans": range(1, 9),
@@ -144,11 +144,7 @@ class CodebookFamily(Family):
         return {"sq"} if spec.method == "squeezellm" else set()
 
     def check_fits(self, spec, shapes) -> None:
-        ks = sorted({k for _, k in shapes.values()})
-        if spec.group_size != -1 and spec.group_size > ks[0]:
-            fail("group_size", f"group_size={spec.group_size} is larger than the layer's in_features K={ks[0]} "
-                               f"(layers have K in {ks}); use a group size <= {ks[0]} (a partial last group is fine) "
-                               f"or -1 for one group per output channel")
+        check_group_fits(spec.group_size, shapes)
 
     def compress_layer(self, spec, w, bias, stats) -> LayerResult:
         mod = codebook_module(quantize(spec, w, stats), bias)

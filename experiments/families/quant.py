@@ -12,8 +12,8 @@ from typing import Any, Mapping
 
 import torch
 
-from experiments.families.base import (Family, LayerResult, damp_suffix, fail, is_int, parse_damp, register,
-                                       stored_bytes)
+from experiments.families.base import (Family, LayerResult, check_group_fits, damp_suffix, fail, is_int,
+                                       parse_damp, register, stored_bytes)
 
 # GPTQ's usual default; a partial last group is part of the kernel format, so 128 is fine for K=576.
 DEFAULT_GROUP_SIZE = 128
@@ -85,11 +85,7 @@ class QuantFamily(Family):
         return {"H"} if spec.method == "gptq" else set()
 
     def check_fits(self, spec, shapes) -> None:
-        ks = sorted({k for _, k in shapes.values()})
-        if spec.group_size != -1 and spec.group_size > ks[0]:
-            fail("group_size", f"group_size={spec.group_size} is larger than the layer's in_features K={ks[0]} "
-                               f"(layers have K in {ks}); use a group size <= {ks[0]} (a partial last group is fine) "
-                               f"or -1 for one group per output channel")
+        check_group_fits(spec.group_size, shapes)
 
     def compress_layer(self, spec, w, bias, stats) -> LayerResult:
         mod = quant_module(quantize(spec, w, stats), bias)
