@@ -25,14 +25,19 @@ Sections, in order (each writes its CSV as soon as it finishes, so a run cut sho
    bits and group size (g128 asym) and against cuBLAS fp16, M in {1, 16, 2048}; the column
    ``time_vs_uniform`` is the codebook kernel's time over the uniform kernel's (goal: <= 1.1); at 4 bits
    also with the ``load`` lookup forced, to choose between lookups by measurement.
+6. ``compile``: ``torch.compile(fullgraph=True)`` (Inductor) of a stack of QuantLinear (3 and 4 bits),
+   CodebookLinear, SparseLinear (block, 2:4) and LowRankLinear layers on the GPU, through the kernels'
+   custom operators (``triton_kernels.nn._ops``): compiled output equal to eager, number of graphs,
+   and eager vs compiled (and CUDA-graph ``reduce-overhead``) time per forward at M=1.
 
 Timings: ``triton.testing.do_bench`` (median, p20, p80; it flushes L2 between calls). The whole run
 is time-boxed (``--budget-s``): a section that would start after the budget is skipped and recorded
 as skipped in ``summary.csv``, never silently. Results: ``<out-dir>/*.csv`` with provenance columns
 (GPU name, driver, torch, triton, CUDA, commit). The last thing printed is a short summary table.
 
-On a CPU (no GPU) ``--device cpu`` runs only the correctness part under ``TRITON_INTERPRET=1`` at
-small shapes: that is how the plumbing is tested; it measures nothing.
+On a CPU (no GPU) ``--device cpu`` runs only the correctness and compile parts under
+``TRITON_INTERPRET=1`` at small shapes (compile with the ``aot_eager`` backend): that is how the
+plumbing is tested; it measures nothing.
 """
 from __future__ import annotations
 
@@ -56,7 +61,7 @@ import torch.nn.functional as F
 from experiments.provenance import _version, git_commit
 from experiments.results import write_rows as write_csv
 
-SECTIONS = ("correctness", "bandwidth", "dequant", "sparse_lowrank", "codebook")
+SECTIONS = ("correctness", "bandwidth", "dequant", "sparse_lowrank", "codebook", "compile")
 UNIT_ROUNDOFF = {torch.float16: 2.0 ** -11, torch.bfloat16: 2.0 ** -8, torch.float32: 2.0 ** -24}
 DNAME = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 DTYPES = {v: k for k, v in DNAME.items()}
@@ -629,6 +634,67 @@ def _codebook_headline(rows) -> str:
 # ----------------------------------------------------------------------------------------------
 # Driver
 # ----------------------------------------------------------------------------------------------
+def compile_stack(device: torch.device, N: int, K: int, dtype: torch.dtype) -> torch.nn.Module:
+    """A stack of every compressed layer (Triton backends on ``device``), K -> ... -> N features."""
+    from torch import nn
+
+    from triton_kernels.nn import CodebookLinear, LowRankLinear, QuantLinear, SparseLinear
+    gen = torch.Generator().manual_seed(5)
+
+    def lin(n, k):
+        layer = nn.Linear(k, n)
+        with torch.no_grad():
+            layer.weight.copy_(torch.randn(n, k, generator=gen) / k ** 0.5)
+            layer.bias.copy_(torch.randn(n, generator=gen) * 0.01)
+        return layer.to(device=device, dtype=dtype)
+    return nn.Sequential(
+        QuantLinear.from_linear(lin(K, K), bits=4, group_size=128, backend="triton"),
+        QuantLinear.from_linear(lin(K, K), bits=3, group_size=64, backend="triton"),
+        CodebookLinear.from_linear(lin(K, K), bits=4, group_size=64, backend="triton"),
+        SparseLinear.from_linear(lin(K, K), "block", block=(32, 32), sparsity=0.5, backend="triton"),
+        SparseLinear.from_linear(lin(K, K), "nm", n=2, m=4, sparsity=0.5, backend="triton"),
+        LowRankLinear.from_linear(lin(N, K), rank=32, backend="triton"),
+    )
+
+
+def run_compile(device: torch.device) -> list[dict]:
+    """torch.compile(fullgraph=True) of every layer's Triton path: equal to eager, graphs, time at M=1."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+    cpu = device.type == "cpu"
+    N, K = (48, 96) if cpu else (4096, 4096)
+    rows = []
+    for dt in (torch.float16, torch.bfloat16):
+        model = compile_stack(device, N, K, dt)
+        x = torch.randn(1, K, generator=torch.Generator().manual_seed(2)).to(device=device, dtype=dt)
+        row = {"family": "compile", "case": f"stack {K}->{N} {DNAME[dt]} M=1", "dtype": DNAME[dt],
+               "backend": "aot_eager" if cpu else "inductor"}
+        torch._dynamo.reset()
+        try:
+            with torch.no_grad():
+                ref = model(x)
+                cnt = CompileCounterWithBackend(row["backend"])
+                f = torch.compile(model, fullgraph=True, backend=cnt)
+                y = f(x)
+                y = f(x)
+            row["graphs"] = cnt.frame_count
+            row["max_abs_diff"] = float((y.float() - ref.float()).abs().max())
+            # The layers are opaque operators: the compiled graph runs the same kernels as eager.
+            row["status"] = "ok" if torch.equal(y, ref) else "FAIL"
+            if not cpu:
+                row["eager_ms"] = _bench(lambda: model(x))["median_ms"]
+                row["compiled_ms"] = _bench(lambda: f(x))["median_ms"]
+                torch._dynamo.reset()
+                g = torch.compile(model, fullgraph=True, mode="reduce-overhead")
+                for _ in range(3):
+                    g(x)
+                row["cudagraph_ms"] = _bench(lambda: g(x))["median_ms"]
+        except Exception as e:  # noqa: BLE001 - a row per failure, the section goes on
+            traceback.print_exc()
+            row["status"] = f"ERROR {type(e).__name__}: {e}"[:300]
+        rows.append(row)
+    return rows
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out-dir", default="results/gpu", help="where the CSVs go (default results/gpu)")
@@ -650,7 +716,7 @@ def main(argv=None) -> int:
     if device.type == "cpu":
         if os.environ.get("TRITON_INTERPRET") != "1":
             p.error("--device cpu runs the kernels under the interpreter: set TRITON_INTERPRET=1")
-        only = [s for s in only if s == "correctness"]
+        only = [s for s in only if s in ("correctness", "compile")]
     workers = args.workers or (min(12, os.cpu_count() or 1) if device.type == "cuda" else 1)
     start = time.monotonic()
     deadline = start + args.budget_s
@@ -673,7 +739,7 @@ def main(argv=None) -> int:
         try:
             # Each section gets a share of what is left, so every one of them measures something.
             share = {"correctness": 0.4, "bandwidth": 1.0, "dequant": 0.6, "sparse_lowrank": 0.6,
-                     "codebook": 1.0}[section]
+                     "codebook": 0.8, "compile": 1.0}[section]
             section_deadline = t0 + share * (deadline - t0)
             if section == "correctness":
                 rows = run_correctness(device, workers, section_deadline)
@@ -689,9 +755,13 @@ def main(argv=None) -> int:
             elif section == "sparse_lowrank":
                 rows = run_sparse_lowrank(device, section_deadline, save)
                 status = _sparse_headline(rows)
-            else:
+            elif section == "codebook":
                 rows = run_codebook(device, copy_gbps, section_deadline, save)
                 status = _codebook_headline(rows)
+            else:
+                rows = run_compile(device)
+                n_ok = sum(r["status"] == "ok" for r in rows)
+                status = f"{n_ok}/{len(rows)} ok"
         except Exception as e:  # noqa: BLE001 - record, continue with the next section
             traceback.print_exc()
             rows, status = [], f"ERROR {type(e).__name__}: {e}"[:300]

@@ -541,12 +541,18 @@ def default_decode_out(device: torch.device | str) -> Path:
 
 def decode_tokens_per_second(model, tokenizer, *, prompt: str = DEFAULT_PROMPT, new_tokens: int = 32,
                              repeats: int = 3, label: str = "decode", progress: bool = True,
-                             input_ids: torch.Tensor | None = None) -> dict:
+                             input_ids: torch.Tensor | None = None, compile: bool = False) -> dict:
     """Greedy-decoding speed: ``new_tokens`` generated tokens / wall seconds (median of ``repeats``
     timed runs after one warm-up), prompt prefill included, on the model's own device.
 
     ``min_new_tokens`` pins the length so an early end-of-sequence cannot shorten a run.
     ``input_ids`` ((1, n) LongTensor) replaces ``prompt`` and then ``tokenizer`` may be None.
+
+    ``compile=True``: a static KV cache (fixed shapes: one graph for the prefill, one for the
+    one-token steps) and ``model.forward`` compiled with ``torch.compile(fullgraph=True)`` (Inductor).
+    An eager generate runs first (it settles the layers' measured backends and builds their
+    prepacked CPU weights, see ``triton_kernels.nn._ops``); the compiled warm-up that follows is
+    timed separately (``compile_seconds``, not part of tokens/s). The model's forward is restored after.
     """
     if not isinstance(new_tokens, int) or new_tokens < 1:
         raise ValueError(f"new_tokens={new_tokens!r} must be a positive int")
@@ -565,26 +571,48 @@ def decode_tokens_per_second(model, tokenizer, *, prompt: str = DEFAULT_PROMPT, 
         enc = tokenizer(prompt, return_tensors="pt").to(device)
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     kw = dict(do_sample=False, max_new_tokens=new_tokens, min_new_tokens=new_tokens, pad_token_id=pad)
+    if compile:
+        kw["cache_implementation"] = "static"
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    seconds, generated = [], 0
+    seconds, generated, compile_s = [], 0, None
     # One generate call of a dequantize-per-call model takes ~15 s on the 2-core CPU: show progress.
-    bar = progress_bar(total=1 + repeats, desc=label, unit="generate call", enabled=progress)
-    with torch.inference_mode():
-        model.generate(**enc, **kw)  # warm-up: caches, lazy packing, allocator
-        bar.update(1)
-        for _ in range(repeats):
-            sync()
-            t0 = time.perf_counter()
-            out = model.generate(**enc, **kw)
-            sync()
-            seconds.append(time.perf_counter() - t0)
-            generated = out.shape[1] - enc["input_ids"].shape[1]
+    bar = progress_bar(total=1 + int(compile) + repeats, desc=label, unit="generate call", enabled=progress)
+    eager_forward = model.__dict__.get("forward")
+    try:
+        # Not inference_mode under compile: its tensors cannot be traced as graph inputs later.
+        with (torch.no_grad() if compile else torch.inference_mode()):
+            model.generate(**enc, **kw)  # warm-up: caches, lazy packing, allocator, backend choices
             bar.update(1)
+            if compile:
+                model.forward = torch.compile(model.forward, fullgraph=True)
+                sync()
+                t0 = time.perf_counter()
+                model.generate(**enc, **kw)  # compiles the prefill and the one-token step
+                sync()
+                compile_s = time.perf_counter() - t0
+                bar.update(1)
+            for _ in range(repeats):
+                sync()
+                t0 = time.perf_counter()
+                out = model.generate(**enc, **kw)
+                sync()
+                seconds.append(time.perf_counter() - t0)
+                generated = out.shape[1] - enc["input_ids"].shape[1]
+                bar.update(1)
+    finally:
+        if compile:
+            if eager_forward is None:
+                model.__dict__.pop("forward", None)
+            else:
+                model.forward = eager_forward
     bar.close()
     med = statistics.median(seconds)
+    timer = "time.perf_counter around model.generate (greedy)"
+    if compile:
+        timer += "; static cache, model.forward = torch.compile(fullgraph=True)"
     return {"tokens_per_s": generated / med, "seconds_median": med, "seconds_min": min(seconds),
             "new_tokens": generated, "prompt_tokens": int(enc["input_ids"].shape[1]), "repeats": repeats,
-            "prompt": prompt, "timer": "time.perf_counter around model.generate (greedy)"}
+            "prompt": prompt, "timer": timer, "compiled": bool(compile), "compile_seconds": compile_s}
 
 
 def record_decode(model, tokenizer, *, label: str, spec: dict | None = None, dense_tokens_per_s: float | None = None,
@@ -606,7 +634,7 @@ def record_decode(model, tokenizer, *, label: str, spec: dict | None = None, den
 
 def run_decode(specs: Iterable[dict], *, device: torch.device, new_tokens: int = 32,
                dtypes: Iterable[torch.dtype] = (torch.float32, torch.bfloat16), out: str | Path | None = None,
-               resume: bool = False, log: Callable[[str], None] = status) -> list[dict]:
+               resume: bool = False, log: Callable[[str], None] = status, compile: bool = False) -> list[dict]:
     """Decode tokens/s of the default model, dense and compressed by each spec that needs no
     calibration data (RTN, magnitude, plain SVD: the decode speed depends on the format only, so the
     calibrated methods of the same format are left to the sweep runner). One row per model and dtype.
@@ -618,6 +646,10 @@ def run_decode(specs: Iterable[dict], *, device: torch.device, new_tokens: int =
     With ``resume`` the rows already in ``out`` for this machine (same label, spec, dtype, token count
     and prompt) are kept and not measured again; a model is loaded only when something is left to do,
     and a compressed row's speedup uses the dense row of the table (same machine, checked).
+
+    ``compile=True`` measures the models under ``torch.compile`` instead (static cache, fullgraph;
+    see :func:`decode_tokens_per_second`): rows labelled ``"... compiled"``, each compressed one
+    against the compiled dense model.
     """
     from experiments.compress import compress_model, parse_spec
     from experiments.models import load_model
@@ -629,6 +661,8 @@ def run_decode(specs: Iterable[dict], *, device: torch.device, new_tokens: int =
     existing = results.read_rows(out)
     results.check_context(out, [prov], MEASURE_CONTEXT, existing=existing)  # before any timing
     have = {tuple(r.get(k, "") for k in DECODE_KEY): r for r in existing} if resume else {}
+
+    sfx = " compiled" if compile else ""
 
     def done_row(label: str, spec: dict, dtype: torch.dtype) -> dict | None:
         key = (prov["device_type"], prov["device"], label, _canon(spec), _DTYPE_NAMES[dtype], str(new_tokens),
@@ -648,7 +682,7 @@ def run_decode(specs: Iterable[dict], *, device: torch.device, new_tokens: int =
     rows = []
     dense: dict[torch.dtype, dict] = {}
     for dt in dtypes:
-        r = done_row(f"dense {_DTYPE_NAMES[dt]}", {"method": "dense"}, dt)
+        r = done_row(f"dense {_DTYPE_NAMES[dt]}{sfx}", {"method": "dense"}, dt)
         if r is not None:
             dense[dt] = {**r, "tokens_per_s": float(r["tokens_per_s"])}
     if len(dense) < len(dtypes):
@@ -659,12 +693,13 @@ def run_decode(specs: Iterable[dict], *, device: torch.device, new_tokens: int =
                 continue
             model.to(device=device, dtype=dt)
             name = _DTYPE_NAMES[dt]
-            dense[dt] = record_decode(model, tok, label=f"dense {name}", new_tokens=new_tokens, out=out)
-            log(f"[decode {device.type}] dense {name}: {dense[dt]['tokens_per_s']:.1f} tok/s")
+            dense[dt] = record_decode(model, tok, label=f"dense {name}{sfx}", new_tokens=new_tokens, out=out,
+                                     compile=compile)
+            log(f"[decode {device.type}] dense {name}{sfx}: {dense[dt]['tokens_per_s']:.1f} tok/s")
             rows.append(dense[dt])
         del model
     for parsed in todo_specs:
-        left = [dt for dt in dtypes if done_row(f"{parsed.label()} {_DTYPE_NAMES[dt]}", parsed.to_dict(), dt) is None]
+        left = [dt for dt in dtypes if done_row(f"{parsed.label()} {_DTYPE_NAMES[dt]}{sfx}", parsed.to_dict(), dt) is None]
         if not left:
             log(f"[decode {device.type}] {parsed.label()}: already in {out}")
             continue
@@ -674,10 +709,11 @@ def run_decode(specs: Iterable[dict], *, device: torch.device, new_tokens: int =
         for dt in left:
             m.to(device=device, dtype=dt)
             name = _DTYPE_NAMES[dt]
-            row = record_decode(m, tok, label=f"{parsed.label()} {name}", spec=parsed.to_dict(),
-                                new_tokens=new_tokens, dense_tokens_per_s=dense[dt]["tokens_per_s"], out=out)
-            log(f"[decode {device.type}] {parsed.label()} {name}: {row['tokens_per_s']:.1f} tok/s "
-                f"(x{row['speedup_vs_dense']:.2f} vs dense {name})")
+            row = record_decode(m, tok, label=f"{parsed.label()} {name}{sfx}", spec=parsed.to_dict(),
+                                new_tokens=new_tokens, dense_tokens_per_s=dense[dt]["tokens_per_s"], out=out,
+                                compile=compile)
+            log(f"[decode {device.type}] {parsed.label()} {name}{sfx}: {row['tokens_per_s']:.1f} tok/s "
+                f"(x{row['speedup_vs_dense']:.2f} vs dense {name}{sfx})")
             rows.append(row)
         del m
     return rows
@@ -698,6 +734,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "groups 32/64/128/per-channel at 4096x4096 and 4096x11008, M=1 and 16)")
     p.add_argument("--decode", action="store_true",
                    help="also measure greedy-decode tokens/s of the default model, dense and compressed")
+    p.add_argument("--compile", action="store_true",
+                   help="with --decode: also decode under torch.compile (fullgraph, static cache; bf16 rows "
+                        "labelled 'compiled', each against the compiled dense model)")
     p.add_argument("--resume", action="store_true", help="skip points already in the CSV")
     p.add_argument("--min-run-time", type=float, default=None, help="seconds per timing (default 0.2, quick 0.05)")
     p.add_argument("--run", default=None, metavar="NAME",
@@ -726,6 +765,8 @@ def main(args: argparse.Namespace) -> list[dict]:
     if preset is not None and (sweep is not None or quick or getattr(args, "decode", False)):
         raise ValueError(f"--formats {preset} fixes its own formats, shapes and M: give it without "
                          "--sweep, --quick or --decode")
+    if getattr(args, "compile", False) and not getattr(args, "decode", False):
+        raise ValueError("--compile measures decoding under torch.compile: give it with --decode")
     if preset:
         p = FORMAT_PRESETS[preset]
         specs, shapes, Ms = list(p["specs"]), list(p["shapes"]), list(p["Ms"])
@@ -744,6 +785,9 @@ def main(args: argparse.Namespace) -> list[dict]:
     if getattr(args, "decode", False):
         run_decode(specs, device=device, new_tokens=16 if quick else 32, out=dec_out,
                    resume=getattr(args, "resume", False))
+        if getattr(args, "compile", False):
+            run_decode(specs, device=device, new_tokens=16 if quick else 32, out=dec_out, dtypes=(torch.bfloat16,),
+                       resume=getattr(args, "resume", False), compile=True)
     return rows
 
 

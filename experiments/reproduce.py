@@ -109,11 +109,20 @@ def main(args: argparse.Namespace) -> int:
 
     if not args.no_decode:
         specs = latency.load_sweep_specs("all", quick=True) if args.quick else list(DECODE_SPECS)
+        # Every uniform-quantization format of the quant sweep in bf16 (the CPU's fast activations;
+        # fp32 would be the dequantize-per-call fallback, ~1.5 min per model): each must decode at
+        # least as fast as the dense bf16 model (the CPU issue's target).
+        bf16_specs = [] if args.quick else latency.load_sweep_specs("quant", quick=False)
         new_tokens = 8 if args.quick else 32
         dec_csv = out / f"decode_{device.type}.csv"
-        _run_step(steps, f"end-to-end decode on {device.type}", digest(specs, new_tokens, str(device)), [dec_csv],
-                  lambda: latency.run_decode(specs, device=device, new_tokens=new_tokens, out=dec_csv, resume=True),
-                  timings)
+
+        def decode():
+            latency.run_decode(specs, device=device, new_tokens=new_tokens, out=dec_csv, resume=True)
+            if bf16_specs:
+                latency.run_decode(bf16_specs, device=device, new_tokens=new_tokens, out=dec_csv, resume=True,
+                                   dtypes=(torch.bfloat16,))
+        _run_step(steps, f"end-to-end decode on {device.type}", digest(specs, bf16_specs, new_tokens, str(device)),
+                  [dec_csv], decode, timings)
 
     roof_csv = out / roofline.OUT_NAME
     _run_step(steps, "roofline model", digest(roofline.GPUS, roofline.DEFAULT_FORMATS, REPO / "experiments" / "roofline.py"),

@@ -24,7 +24,10 @@ def test_cpu_correctness_plumbing_writes_all_ok(tmp_path):
     assert all(r["status"] == "ok" for r in rows), [r["case"] for r in rows if r["status"] != "ok"]
     assert all(r["git_commit"] and r["torch"] for r in rows)
     summary = list(csv.DictReader(open(tmp_path / "summary.csv")))
-    assert [s["section"] for s in summary] == ["correctness"]
+    assert [s["section"] for s in summary] == ["correctness", "compile"]
+    compiled = list(csv.DictReader(open(tmp_path / "compile.csv")))
+    assert {r["dtype"] for r in compiled} == {"fp16", "bf16"}
+    assert all(r["status"] == "ok" and r["graphs"] == "1" for r in compiled), compiled
 
 
 def test_gpu_case_grid_covers_every_bit_width_group_and_dtype():

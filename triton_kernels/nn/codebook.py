@@ -51,6 +51,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from triton_kernels import codebook_matmul as cb
+from triton_kernels.nn import _ops
 from triton_kernels.nn._backend import (check_backend, check_input, cpu_dense_rows, format_nbytes, tensor_nbytes,
                                          triton_usable)
 
@@ -213,7 +214,10 @@ class CodebookLinear(nn.Module):
         chosen = self.resolve_backend(x, backend)
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
-        if chosen == "triton":
+        if chosen == "triton" and _ops.compiling():  # an opaque operator under torch.compile
+            y = _ops.codebook_linear(x2, self.packed, self.codebook, self.scales, self.bias, self.bits,
+                                     self.group_size)
+        elif chosen == "triton":
             y = cb.codebook_matmul(x2, self.packed, self.codebook, self.scales, bits=self.bits,
                                    group_size=self.group_size, bias=self.bias)
         else:

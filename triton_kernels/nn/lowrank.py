@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from triton_kernels.lowrank_linear import lowrank_linear, svd_factors
+from triton_kernels.nn import _ops
 from triton_kernels.nn._backend import (check_backend, check_input, cpu_dense_rows, format_nbytes, tensor_nbytes,
                                          triton_usable)
 
@@ -120,6 +121,9 @@ class LowRankLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_input(x, in_features=self.in_features, device=self.U.device, dtype=self.U.dtype)
         if self.resolved_backend(x.device) == "triton":
+            if _ops.compiling():  # one opaque operator under torch.compile (triton_kernels.nn._ops)
+                y = _ops.lowrank_linear(x.reshape(-1, self.in_features), self.U, self.V, self.bias)
+                return y.reshape(*x.shape[:-1], self.out_features)
             return lowrank_linear(x, self.U, self.V, self.bias)
         x = cpu_dense_rows(x)  # torch's CPU kernels can misread column slices (see the helper)
         return F.linear(F.linear(x, self.V), self.U, self.bias)

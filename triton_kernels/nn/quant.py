@@ -104,6 +104,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from triton_kernels import dequant_matmul as dq
+from triton_kernels.nn import _ops
 from triton_kernels.nn._backend import (cached_choices, check_backend, check_input, cpu_dense_rows, format_nbytes,
                                          m_bucket, measured_choice, tensor_nbytes, triton_usable)
 
@@ -420,7 +421,9 @@ class QuantLinear(nn.Module):
         if chosen != "triton":
             x2 = cpu_dense_rows(x2)  # torch's CPU kernels can misread column slices (see the helper)
         measured = None
-        if (backend or self.backend) == "auto" and chosen != "triton":
+        # Under torch.compile nothing is timed: the choice measured by an eager call (cached per key),
+        # else auto's static order (see the module docstring and ``triton_kernels.nn._ops``).
+        if (backend or self.backend) == "auto" and chosen != "triton" and not _ops.compiling():
             cands = self._auto_candidates(x2)
             if len(cands) > 1 and x2.shape[0] > 0:  # nothing to time on an empty batch
                 before = set(self._prepacked)
@@ -440,6 +443,9 @@ class QuantLinear(nn.Module):
         """``backend``'s product of the (M, K) rows ``x2`` (already dense rows on CPU), bias included."""
         N = self.out_features
         if backend == "triton":
+            if _ops.compiling():
+                return _ops.dequant_linear(x2, self.packed, self.scales, self.zeros, self.bias, self.bits,
+                                           self.group_size, self.symmetric)
             return dq.dequant_matmul(x2, self.packed, self.scales, self.zeros, bits=self.bits,
                                      group_size=self.group_size, symmetric=self.symmetric, bias=self.bias)
         if backend == "dequant":

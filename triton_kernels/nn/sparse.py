@@ -45,6 +45,7 @@ import torch
 from torch import nn
 
 from triton_kernels import sparse_matmul as sm
+from triton_kernels.nn import _ops
 from triton_kernels.nn._backend import (check_backend, check_input, cpu_dense_rows, format_nbytes, m_bucket,
                                          measured_choice, tensor_nbytes, triton_usable)
 
@@ -183,9 +184,11 @@ class SparseLinear(nn.Module):
                     mod.register_buffer(name, getattr(mw, name))
             elif mod.backend == "torch_csr":
                 csr = w_eff.to_sparse_csr()
-                mod.register_buffer("crow", csr.crow_indices())
-                mod.register_buffer("col", csr.col_indices())
-                mod.register_buffer("values", csr.values())
+                # Own copies: the accessors return views into the sparse tensor, which torch.compile
+                # would then have to trace (it cannot fake a CSR base).
+                mod.register_buffer("crow", csr.crow_indices().clone())
+                mod.register_buffer("col", csr.col_indices().clone())
+                mod.register_buffer("values", csr.values().clone())
             else:
                 mod.register_buffer("weight", w_eff.contiguous())
         mod.register_buffer("bias", bias)
@@ -290,18 +293,24 @@ class SparseLinear(nn.Module):
         if p == "activation":
             amask = self._activation_mask(x)
             if be == "triton":
+                if _ops.compiling():
+                    y = _ops.activation_sparse_linear(x.reshape(-1, self.in_features), self.weight_t,
+                                                      amask.reshape(-1, self.in_features), b)
+                    return y.reshape(*x.shape[:-1], self.out_features)
                 return sm.activation_sparse_matmul(x, self.weight_t.t(), mask=amask, bias=b)
             xs = torch.where(amask, x, torch.zeros((), dtype=x.dtype, device=x.device))
             if be == "torch_gather":
                 K = self.in_features
-                kept = amask.reshape(-1, K).any(0).nonzero().squeeze(1)
-                y = xs.reshape(-1, K)[:, kept] @ self.weight_t[kept]
-                y = y.reshape(*x.shape[:-1], self.out_features)
-                return y if b is None else y + b
+                # the gather's shape depends on the data: one opaque operator under torch.compile
+                gather = _ops.gather_linear if _ops.compiling() else _ops.gather_linear_impl
+                y = gather(xs.reshape(-1, K), amask.reshape(-1, K), self.weight_t, b)
+                return y.reshape(*x.shape[:-1], self.out_features)
             return nn.functional.linear(xs, self.weight_t.t(), b)
         if be == "dense":
             return nn.functional.linear(x, self.weight, b)
         if be == "triton":
+            if _ops.compiling():
+                return self._compiled_triton_forward(x)
             if p == "block":
                 return sm.block_sparse_matmul(x, self._bsw(), b)
             if p == "nm":
@@ -309,19 +318,30 @@ class SparseLinear(nn.Module):
             return sm.packed_masked_matmul(x, self._mw(), b)
         return self._torch_sparse_forward(x)
 
+    def _compiled_triton_forward(self, x):
+        """The Triton kernels through their custom operators (``triton_kernels.nn._ops``)."""
+        N, K, b = self.out_features, self.in_features, self.bias
+        x2 = x.reshape(-1, K)
+        if self.pattern == "block":
+            y = _ops.block_sparse_linear(x2, self.values, self.row_ptr, self.col_idx, b, N, K, *self.block)
+        elif self.pattern == "nm":
+            y = _ops.nm_linear(x2, self.values, self.meta, b, N, K, self.n, self.m)
+        else:
+            y = _ops.masked_linear(x2, self.weight, self.bits, self.tile_ptr, self.tile_k, b, *self.tile)
+        return y.reshape(*x.shape[:-1], N)
+
     def _torch_sparse_forward(self, x):
+        """torch's BSR/CSR CPU matmuls (custom operators under torch.compile: sparse tensors cannot
+        be built inside a graph)."""
         N, K = self.out_features, self.in_features
         x2 = x.reshape(-1, K)
+        c = _ops.compiling()
         if self.backend == "torch_bsr":
-            bn, bk = self.block
-            Np, Kp = -(-N // bn) * bn, -(-K // bk) * bk  # torch BSR needs whole blocks: pad, then slice
-            w = torch.sparse_bsr_tensor(self.row_ptr, self.col_idx, self.values, (Np, Kp), check_invariants=False)
-            y = (w @ nn.functional.pad(x2, (0, Kp - K)).t()).t()[:, :N]
+            bsr = _ops.bsr_linear if c else _ops.bsr_linear_impl
+            y = bsr(x2, self.row_ptr, self.col_idx, self.values, self.bias, N, K, *self.block)
         else:
-            w = torch.sparse_csr_tensor(self.crow, self.col, self.values, (N, K), check_invariants=False)
-            y = (w @ x2.t()).t()
-        if self.bias is not None:
-            y = y + self.bias
+            csr = _ops.csr_linear if c else _ops.csr_linear_impl
+            y = csr(x2, self.crow, self.col, self.values, self.bias, N, K)
         return y.reshape(*x.shape[:-1], N)
 
     # ------------------------------------------------------------------ accounting
