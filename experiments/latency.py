@@ -584,6 +584,9 @@ def decode_tokens_per_second(model, tokenizer, *, prompt: str = DEFAULT_PROMPT, 
             model.generate(**enc, **kw)  # warm-up: caches, lazy packing, allocator, backend choices
             bar.update(1)
             if compile:
+                # Graphs of an earlier model are guarded on that model: they would count against
+                # Dynamo's recompile limit (8 per code object) for no use. Start clean.
+                torch._dynamo.reset()
                 model.forward = torch.compile(model.forward, fullgraph=True)
                 sync()
                 t0 = time.perf_counter()
@@ -601,6 +604,7 @@ def decode_tokens_per_second(model, tokenizer, *, prompt: str = DEFAULT_PROMPT, 
                 bar.update(1)
     finally:
         if compile:
+            torch._dynamo.reset()
             if eager_forward is None:
                 model.__dict__.pop("forward", None)
             else:
