@@ -72,6 +72,9 @@ def _add_run(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true",
                    help="no progress bars/lines (on a terminal: tqdm bars; in a redirected log: a plain line "
                         "every TKR_PROGRESS_INTERVAL seconds, default 30)")
+    p.add_argument("--saved-dir", default=None, metavar="DIR",
+                   help="reuse saved compressed points (DIR/<point_id>, experiments.saving) instead of "
+                        "recompressing; points not there are compressed and saved there")
     g = p.add_argument_group("executor", "where the points run (experiments.executors); this process writes the tables")
     g.add_argument("--executor", default="serial", choices=("serial", "ray"),
                    help="serial (default): one point after another here; ray: one Ray task per point "
@@ -97,7 +100,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     try:
         paths = run_sweeps(sweeps, quick=args.quick, model=args.model, text_file=args.text_file, source=args.source,
                            out_dir=args.out_dir, run=args.run, device=args.device, progress=not args.no_progress,
-                           executor=executor)
+                           executor=executor, saved_dir=args.saved_dir)
     except PointsFailed as e:
         for p in e.paths:
             print(p)

@@ -123,6 +123,16 @@ def _lowrank_from(t: dict, c: dict):
     return LowRankLinear(t["U"], t["V"], t.get("bias"), backend=c["backend"])
 
 
+def _codebook_to(m) -> tuple[dict, dict]:
+    return ({"packed": m.packed, "codebook": m.codebook, "scales": m.scales, "bias": m.bias},
+            {"in_features": m.in_features, "bits": m.bits, "group_size": m.group_size, "backend": m.backend})
+
+
+def _codebook_from(t: dict, c: dict):
+    from triton_kernels.nn.codebook import CodebookLinear
+    return CodebookLinear(t["packed"], t["codebook"], t.get("scales"), bias=t.get("bias"), **c)
+
+
 def _linear_to(m: nn.Linear) -> tuple[dict, dict]:
     return ({"weight": m.weight.detach(), "bias": None if m.bias is None else m.bias.detach()},
             {"in_features": m.in_features, "out_features": m.out_features})
@@ -140,6 +150,7 @@ def _linear_from(t: dict, c: dict) -> nn.Linear:
 register_serializer("QuantLinear", _quant_to, _quant_from)
 register_serializer("SparseLinear", _sparse_to, _sparse_from)
 register_serializer("LowRankLinear", _lowrank_to, _lowrank_from)
+register_serializer("CodebookLinear", _codebook_to, _codebook_from)
 register_serializer("Linear", _linear_to, _linear_from)
 
 

@@ -270,6 +270,7 @@ class _Prepared:
 def run_sweeps(sweeps: list[Sweep], *, quick: bool = False, model: str = "default", text_file: str | None = None,
                source: str = "austen", out_dir: str | Path | None = None, run: str | None = None,
                device: str = "cpu", progress: bool = True, executor: Executor | None = None,
+               saved_dir: str | Path | None = None,
                log: Callable[[str], None] = lambda s: print(s, file=sys.stderr)) -> list[Path]:
     """Run (or resume) ``sweeps``; returns the CSV paths. See the module docstring.
 
@@ -279,6 +280,13 @@ def run_sweeps(sweeps: list[Sweep], *, quick: bool = False, model: str = "defaul
     this process stays the only writer of the tables. Points that failed on a fault-tolerant
     executor are recorded in ``failed/`` beside the table and raise :class:`PointsFailed` once every
     other point has finished; the next run retries them.
+
+    ``saved_dir``: a directory of saved compressed models, one per point (``<saved_dir>/<point_id>``,
+    written by ``experiments.saving.save_compressed``). A point found there is loaded instead of
+    compressed again (its manifest's spec must be the point's); a point not found is compressed and
+    saved there, so the next sweep over the same points (another evaluation text, say, with the same
+    calibration) reuses it. The row is the same either way (``compress_seconds`` is the saved
+    compression's).
     """
     from experiments import data, models
     from experiments.results import append_row, check_context, read_rows
@@ -313,7 +321,8 @@ def run_sweeps(sweeps: list[Sweep], *, quick: bool = False, model: str = "defaul
     model_name = str(info.get("name", model)) if isinstance(info, Mapping) else model
     source_grid = info.get("source_grid") if isinstance(info, Mapping) else None
     run_ctx = RunContext(model=model, model_name=model_name, corpus=dict(corpus), text_sha=text_sha, quick=quick,
-                         device=device, source_grid=source_grid)
+                         device=device, source_grid=source_grid,
+                         saved_dir=str(Path(saved_dir).expanduser().resolve()) if saved_dir else None)
     # The provenance of the machine the points run on (for Ray: reported by a worker with the
     # resources of one point), so the context check below compares what the rows will carry.
     prov = executor.provenance(device)
@@ -395,6 +404,30 @@ class RunContext:
     quick: bool
     device: str
     source_grid: dict | None
+    saved_dir: str | None = None    # saved compressed points to reuse / fill (see run_sweeps)
+
+
+def _compressed_point(run: RunContext, pid: str, spec: MethodSpec, settings: Mapping[str, int], m, calib,
+                      dev: torch.device, progress: bool):
+    """(model compressed by ``spec``, the compression report's summary): compressed here, or loaded
+    from ``run.saved_dir/<pid>`` when that holds this point (and saved there when it does not)."""
+    from experiments import saving
+    where = Path(run.saved_dir) / pid if run.saved_dir else None
+    if where is not None and (where / saving.MANIFEST).exists():
+        m = saving.load_compressed(where, base=m).to(dev)
+        man = m.compressed_manifest
+        if man.get("spec") != spec.to_dict() or not man.get("report"):
+            raise saving.CompressedFormatError(
+                f"{where}: saved for spec {man.get('spec')} (report {'present' if man.get('report') else 'missing'}), "
+                f"but point {pid} is {spec.to_dict()}; remove that directory or use another --saved-dir")
+        print(f"[sweep] {spec.label()}: loaded from {where} (not recompressed)", file=sys.stderr)
+        return m, dict(man["report"])
+    report = compress_model(m, spec, calib, progress=progress)
+    if where is not None:
+        calibration = ({"calib_samples": settings["calib_samples"], "calib_seqlen": settings["calib_seqlen"],
+                        "seed": settings["seed"]} if spec.needs() else None)
+        saving.save_compressed(m, report, where, base_model=run.model, calibration=calibration)
+    return m, report.summary()
 
 
 def measure_point(run: RunContext, sweep: str, pid: str, spec: MethodSpec, settings: Mapping[str, int],
@@ -419,7 +452,7 @@ def measure_point(run: RunContext, sweep: str, pid: str, spec: MethodSpec, setti
     m = models.load_model(run.model)[0].to(dev)
     calib = calib.to(dev) if calib is not None else None
     with autotune(False):
-        report = compress_model(m, spec, calib, progress=progress)
+        m, summary = _compressed_point(run, pid, spec, settings, m, calib, dev, progress)
         ev = evaluate.perplexity(m, windows.to(dev), progress=progress)
         backends = module_backends(m)
     del m
@@ -430,7 +463,7 @@ def measure_point(run: RunContext, sweep: str, pid: str, spec: MethodSpec, setti
             "calib_samples": settings["calib_samples"] if spec.needs() else 0,
             "calib_seqlen": settings["calib_seqlen"] if spec.needs() else 0,
             "seed": settings["seed"],
-            **report.summary(),
+            **summary,
             "eval_seconds": round(float(ev["seconds"]), 2),
             "module_backends": backends,
             "aliases_source_grid": aliases_source_grid(spec, run.source_grid),

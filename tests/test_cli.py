@@ -6,7 +6,6 @@ mid-sweep (no duplicate, lost or half-written row; the final table equals an uni
 """
 import csv
 import os
-import random
 import signal
 import subprocess
 import sys
@@ -14,9 +13,11 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
+
+from tests.tiny_model import build_tiny
 
 REPO = Path(__file__).resolve().parent.parent
+# The word list of this file's runs (with "would" twice: it weights the generated text).
 WORDS = ("the a of and to in was her she he it that not be as with had for his you my at but is on "
          "have all by so which this were very no said from they or been would would there an one "
          "could much more must what will than when who any such only Elinor Emma Darcy Anne").split()
@@ -43,23 +44,7 @@ quick:
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """(model dir, text file, sweep file): a random Llama with a word-level tokenizer saved with save_pretrained."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    root = tmp_path_factory.mktemp("tiny")
-    vocab = {"[UNK]": 0, **{w: i + 1 for i, w in enumerate(dict.fromkeys(WORDS))}}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]").save_pretrained(root / "model")
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(vocab), hidden_size=96, intermediate_size=160, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-    LlamaForCausalLM(cfg).save_pretrained(root / "model")
-    rng = random.Random(0)
-    lines = [" ".join(rng.choice(WORDS) for _ in range(12)) for _ in range(600)]
-    (root / "text.txt").write_text("\n".join(lines) + "\n")
-    (root / "tiny.yaml").write_text(TINY_SWEEP)
-    return root / "model", root / "text.txt", root / "tiny.yaml"
+    return build_tiny(tmp_path_factory.mktemp("tiny"), TINY_SWEEP, words=WORDS, trailing_newline=True)
 
 
 def _env():

@@ -270,6 +270,27 @@ def test_decode_tokens_per_second_on_a_tiny_llama(tmp_path):
     assert float(rows[0]["speedup_vs_dense"]) == pytest.approx(row["tokens_per_s"] / 100.0)
 
 
+def test_decode_under_torch_compile_gives_the_eager_tokens(monkeypatch):
+    """``compile=True``: static cache + fullgraph-compiled forward of a quantized tiny Llama (CPU
+    backends); the tokens equal eager greedy decoding and the model's forward is restored after."""
+    from experiments.compress import compress_model, parse_spec
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # the CPU weight-only ops, not the interpreter
+    model, _ = _tiny_llama()
+    model.generation_config.eos_token_id = 2
+    compress_model(model, parse_spec({"method": "rtn", "bits": 4, "group_size": 32}), None, progress=False)
+    model.to(torch.bfloat16)
+    ids = torch.arange(3, 9).unsqueeze(0)
+    kw = dict(do_sample=False, max_new_tokens=4, min_new_tokens=4, pad_token_id=1, attention_mask=torch.ones_like(ids))
+    with torch.no_grad():
+        eager = model.generate(ids, **kw)
+    r = latency.decode_tokens_per_second(model, None, input_ids=ids, new_tokens=4, repeats=1, progress=False,
+                                         compile=True)
+    assert r["compiled"] and r["compile_seconds"] > 0 and r["new_tokens"] == 4 and "torch.compile" in r["timer"]
+    assert "forward" not in model.__dict__  # the compiled forward was removed again
+    with torch.no_grad():
+        assert torch.equal(model.generate(ids, **kw, cache_implementation="static"), eager)
+
+
 def test_decode_from_token_ids_without_a_tokenizer():
     model, _ = _tiny_llama()
     model.generation_config.eos_token_id = 2

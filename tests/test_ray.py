@@ -13,7 +13,6 @@ importing Ray, and a clear error when it is missing.
 import contextlib
 import csv
 import os
-import random
 import signal
 import subprocess
 import sys
@@ -26,11 +25,9 @@ import torch
 
 from experiments.executors import PointsFailed, RayExecutor, failed_path, init_ray, ray_runtime_env
 from experiments.sweep import load_sweep, measure_point, run_sweeps
+from tests.tiny_model import build_tiny
 
 REPO = Path(__file__).resolve().parent.parent
-WORDS = ("the a of and to in was her she he it that not be as with had for his you my at but is on "
-         "have all by so which this were very no said from they or been would there an one could much "
-         "more must what will than when who any such only Elinor Emma Darcy Anne").split()
 SWEEP = """\
 name: tiny
 settings: {seqlen: 32, eval_tokens: 1024, calib_samples: 4, calib_seqlen: 32, seed: 0}
@@ -52,22 +49,7 @@ TIMING = {"compress_seconds", "eval_seconds", "timestamp"}
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """(model dir, text file, sweep file): a random Llama with a word-level tokenizer."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    root = tmp_path_factory.mktemp("tiny_ray")
-    vocab = {"[UNK]": 0, **{w: i + 1 for i, w in enumerate(dict.fromkeys(WORDS))}}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]").save_pretrained(root / "model")
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(vocab), hidden_size=96, intermediate_size=160, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-    LlamaForCausalLM(cfg).save_pretrained(root / "model")
-    rng = random.Random(0)
-    (root / "text.txt").write_text("\n".join(" ".join(rng.choice(WORDS) for _ in range(12)) for _ in range(600)))
-    (root / "tiny.yaml").write_text(SWEEP)
-    return root / "model", root / "text.txt", root / "tiny.yaml"
+    return build_tiny(tmp_path_factory.mktemp("tiny_ray"), SWEEP)
 
 
 @contextlib.contextmanager

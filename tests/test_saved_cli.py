@@ -82,3 +82,44 @@ def test_export_gguf_and_compressed_tensors(tiny, tmp_path):  # noqa: F811
     r = cli("export", sparse, "--format", "gguf", "--out", tmp_path / "s.gguf")
     assert r.returncode == 2 and "is a SparseLinear: GGUF stores dense" in r.stderr
     assert not (tmp_path / "s.gguf").exists()
+
+
+TWO_POINTS = """\
+name: two
+description: a calibrated point and a plain one
+settings: {seqlen: 32, eval_tokens: 128, calib_samples: 2, calib_seqlen: 32, seed: 0}
+points:
+  - {method: gptq, bits: 3, group_size: 32}
+  - {method: rtn, bits: 4, group_size: 32}
+"""
+
+
+def test_sweep_reuses_saved_points(tiny, tmp_path):  # noqa: F811
+    """``run --saved-dir``: the first run compresses and saves each point, a second run (another
+    run directory) loads them instead of compressing, and writes the same rows."""
+    model, text, _ = tiny
+    sweep = tmp_path / "two.yaml"
+    sweep.write_text(TWO_POINTS)
+    saved = tmp_path / "saved"
+    runs = []
+    for name in ("first", "second"):
+        r = cli("run", sweep, "--model", model, "--text-file", text, "--out-dir", tmp_path / name,
+                "--saved-dir", saved, "--no-progress")
+        assert r.returncode == 0, r.stderr
+        runs.append((r.stderr, rows(tmp_path / name / "sweep_two.csv")))
+    (err1, rows1), (err2, rows2) = runs
+    assert "not recompressed" not in err1 and err2.count("not recompressed") == 2
+    assert sorted(p.name for p in saved.iterdir()) == sorted(r["point_id"] for r in rows1)
+    for a, b in zip(rows1, rows2):
+        for col in ("point", "ppl", "nll", "bits_per_weight", "bytes", "weight_rel_error", "compress_seconds"):
+            assert a[col] == b[col], col
+
+    # A saved directory that holds another point is refused by name, not silently evaluated.
+    pid = rows1[0]["point_id"]
+    other = json.loads((saved / rows1[1]["point_id"] / "manifest.json").read_text())["spec"]
+    m = json.loads((saved / pid / "manifest.json").read_text())
+    m["spec"] = other
+    (saved / pid / "manifest.json").write_text(json.dumps(m))
+    r = cli("run", sweep, "--model", model, "--text-file", text, "--out-dir", tmp_path / "third",
+            "--saved-dir", saved, "--no-progress")
+    assert r.returncode != 0 and "saved for spec" in r.stderr

@@ -112,4 +112,5 @@ def test_accuracy_runs_turn_backend_timing_off_and_restore_it():
             raise RuntimeError
     assert _backend.autotune_enabled() and ("k",) not in _backend.cached_choices()
     src = inspect.getsource(sweep.measure_point)
-    assert "with autotune(False):" in src and src.index("with autotune(False):") < src.index("compress_model(")
+    assert "with autotune(False):" in src and src.index("with autotune(False):") < src.index("_compressed_point(")
+    assert "compress_model(" in inspect.getsource(sweep._compressed_point)
