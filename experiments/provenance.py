@@ -6,7 +6,6 @@ import functools
 import importlib.metadata
 import os
 import platform
-import subprocess
 from pathlib import Path
 
 import torch
@@ -21,34 +20,8 @@ def _version(pkg: str) -> str:
         return "not installed"
 
 
-@functools.lru_cache(maxsize=1)
-def git_commit() -> str:
-    """Short commit of the working tree, with '+dirty' when uncommitted changes exist.
-
-    A copy of the tree without ``.git`` (e.g. what a remote GPU machine receives) reports the commit
-    its caller passes in ``TKR_GIT_COMMIT``, else "unknown".
-    """
-    if not (REPO / ".git").exists() and os.environ.get("TKR_GIT_COMMIT"):
-        return os.environ["TKR_GIT_COMMIT"]
-    try:
-        sha = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=REPO, check=True,
-                             capture_output=True, text=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
-                               capture_output=True, text=True).stdout.strip()
-        return sha + ("+dirty" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
-@functools.lru_cache(maxsize=1)
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+# One implementation with the kernels' tooling (the kernels never import the harness).
+from triton_kernels._provenance import cpu_name, git_commit  # noqa: E402,F401
 
 
 # The instruction-set extensions that decide which of torch's CPU kernels run and how fast: AVX-512

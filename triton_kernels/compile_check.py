@@ -39,6 +39,8 @@ import torch  # noqa: E402
 import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 
+from triton_kernels._provenance import cpu_name, git_commit  # noqa: E402
+
 # Per-block shared-memory limits in bytes (opt-in maximum), see PLATFORM.md.
 TARGETS: dict[str, tuple[GPUTarget, int]] = {
     "sm_80": (GPUTarget("cuda", 80, 32), 166912),
@@ -190,29 +192,6 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def _git_commit() -> str:
-    """Short commit of this checkout, '+dirty' with uncommitted changes; 'unknown' outside git."""
-    repo = Path(__file__).resolve().parent
-    try:
-        sha = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=repo, check=True,
-                             capture_output=True, text=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=repo,
-                               capture_output=True, text=True).stdout.strip()
-        return sha + ("+dirty" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def provenance(argv: list[str] | None = None) -> dict[str, str]:
     """Columns every row of the report carries: where and with what it was compiled, and how.
 
@@ -222,11 +201,11 @@ def provenance(argv: list[str] | None = None) -> dict[str, str]:
     args = sys.argv[1:] if argv is None else argv
     return {
         "device_type": "cpu",
-        "device": f"compiled ahead of time on CPU {_cpu_name()} ({torch.get_num_threads()} threads) (no GPU)",
+        "device": f"compiled ahead of time on CPU {cpu_name()} ({torch.get_num_threads()} threads) (no GPU)",
         "torch": torch.__version__,
         "triton": triton.__version__,
         "python": platform.python_version(),
-        "git_commit": _git_commit(),
+        "git_commit": git_commit(),
         "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "host_threads": str(os.cpu_count()),
         "command": shlex.join(["python", "-m", "triton_kernels.compile_check", *args]),
