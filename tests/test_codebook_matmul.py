@@ -18,6 +18,8 @@ from hypothesis import strategies as st
 from triton_kernels import codebook_matmul as cb
 from triton_kernels import dequant_matmul as dq
 from triton_kernels.codebook_matmul import codebook_matmul, codebook_matmul_reference, dequantize_codebook, pack
+from tests import matmul_checks
+from tests.matmul_checks import sliced  # noqa: F401  (used by the tests below)
 
 ACT_DTYPES = [torch.float16, torch.bfloat16, torch.float32]
 DNAME = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
@@ -46,29 +48,8 @@ def make_weight(N, K, bits, group_size, *, shared, scaled, table_dtype=torch.flo
     return q, pack(q, bits), table, scales
 
 
-def sliced(shape, dtype, offset=5, extra=11):
-    """x as a non-contiguous view at an offset into a wider NaN-padded buffer (catches missing masks)."""
-    *lead, K = shape
-    buf = torch.full((*lead, K + offset + extra), float("nan"), dtype=dtype)
-    x = buf[..., offset:offset + K]
-    x.copy_(torch.randn(*lead, K).to(dtype))
-    return x
-
-
 def assert_matmul_close(y, ref, x, w, bias, dtype):
-    atol, rtol = TOL[dtype]
-    bound = x.double().abs().reshape(-1, x.shape[-1]) @ w.double().abs().T
-    if bias is not None:
-        bound = bound + bias.double().abs()
-    bound = bound.reshape(ref.shape)
-    y64, r64 = y.double(), ref.double()
-    assert not torch.isnan(y64).any(), f"{int(torch.isnan(y64).sum())} NaN outputs (missed store or mask)"
-    err = (y64 - r64).abs()
-    rel = (err / r64.abs().clamp_min(1e-12)).max().item()
-    ok = err <= atol + rtol * bound
-    assert ok.all(), (f"{int((~ok).sum())}/{ok.numel()} outside tolerance: max abs err {err.max().item():.3e}, "
-                      f"max rel err {rel:.3e}, worst err/bound {(err / bound.clamp_min(1e-30)).max().item():.3e} "
-                      f"(rtol {rtol:.2e})")
+    matmul_checks.assert_matmul_close(y, ref, x, w, bias, *TOL[dtype])
 
 
 def _grid():
