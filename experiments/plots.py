@@ -452,6 +452,105 @@ def pareto_figure(tables: dict[str, pd.DataFrame], latency: pd.DataFrame | None 
     return fig
 
 
+def family_of_row(sweep: str, row: pd.Series) -> str:
+    """The comparison group a sweep row belongs to in :func:`families_figure`."""
+    method = str(row.get("method", ""))
+    if sweep == "structured":
+        return "structured (channels/heads/blocks)"
+    if sweep == "lowrank":
+        return "low rank"
+    if sweep == "combo":
+        return "prune + quantize"
+    if sweep == "sparsity":
+        pattern = str(row.get("pattern") or "")
+        if pattern.startswith("block"):
+            return "block sparsity"
+        return "N:M sparsity" if ":" in pattern else "unstructured sparsity"
+    if sweep in ("quant", "nonuniform"):
+        return "uniform quantization" if method in UNIFORM_METHODS else "codebook quantization"
+    return sweep
+
+
+def decode_speedup_by_format(decode: pd.DataFrame) -> pd.DataFrame:
+    """One row per (storage format, dtype) of a decode table (``latency.run_decode``): its measured
+    eager decode speedup over the dense model in the same dtype. Compiled rows are left out (their
+    dense baseline is the compiled dense model); a table of several machines is refused."""
+    from experiments.latency import _canon, format_of
+    import json
+
+    check_single_context(decode.to_dict("records"), MEASURE_CONTEXT, "the decode table")
+    d = decode[~decode["label"].astype(str).str.endswith(" compiled")]
+    d = d[pd.to_numeric(d["speedup_vs_dense"], errors="coerce").notna()]
+    rows = [{"format": _canon(format_of(json.loads(r["spec"]))), "dtype": r["dtype"],
+             "decode_speedup": float(r["speedup_vs_dense"]), "decode_device": r["device"]} for _, r in d.iterrows()]
+    return pd.DataFrame(rows, columns=["format", "dtype", "decode_speedup", "decode_device"]).drop_duplicates(
+        ["format", "dtype"])
+
+
+def families_figure(tables: dict[str, pd.DataFrame], decode: pd.DataFrame | None = None,
+                    dtype: str = "bf16") -> plt.Figure:
+    """What each family buys: every sweep point on two axes, coloured by family.
+
+    Left: perplexity against the size of the compressed transformer-block weights (effective bits per
+    weight of the original weight count: quantization and sparsity formats by their storage, structured
+    pruning and low rank by the parameters they keep, all at 16-bit floats). Right: perplexity against the
+    *measured* end-to-end decode speedup over the dense model: structured points carry their own (timed
+    back to back with dense in the sweep, fp32); the other families take the decode table's row of their
+    storage format in ``dtype`` (``latency --decode``: a format's speed does not depend on the algorithm
+    that chose its values), points without one are left out of that panel. Contexts are checked as in
+    :func:`pareto_figure`."""
+    import json
+
+    from experiments.latency import _canon, format_of
+    frames = [t.assign(sweep=name) for name, t in tables.items() if t is not None and len(t)]
+    if not frames:
+        raise NoResults("families_figure: no sweep table given")
+    df = pd.concat(frames, ignore_index=True)
+    check_single_context(df.to_dict("records"), ("model", "corpus", "evaluation_text", "device", "quick"),
+                         "the sweep tables of the families figure")
+    comp = df[df["method"] != "dense"].copy()
+    comp["family"] = [family_of_row(r["sweep"], r) for _, r in comp.iterrows()]
+    comp["speedup"] = pd.to_numeric(comp.get("decode_speedup"), errors="coerce") if "decode_speedup" in comp else float("nan")
+    comp["speedup_dtype"] = ["fp32" if pd.notna(v) else "" for v in comp["speedup"]]
+    dev = ""
+    if decode is not None and len(decode):
+        by_fmt = decode_speedup_by_format(decode)
+        by_fmt = by_fmt[by_fmt["dtype"] == dtype].set_index("format")
+        dev = by_fmt["decode_device"].iloc[0] if len(by_fmt) else ""
+        for i, r in comp.iterrows():
+            if pd.notna(r["speedup"]) or r["sweep"] == "structured":
+                continue
+            fmt = _canon(format_of(json.loads(r["spec"])))
+            if fmt in by_fmt.index:
+                comp.at[i, "speedup"] = by_fmt.at[fmt, "decode_speedup"]
+                comp.at[i, "speedup_dtype"] = dtype
+    fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.4))
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for k, (fam, sub) in enumerate(comp.groupby("family")):  # one colour per family on both panels
+        c = colours[k % len(colours)]
+        a.scatter(sub["bits_per_weight"], sub["ppl"], s=16, alpha=0.8, label=fam, color=c)
+        has = sub[sub["speedup"].notna()]
+        if len(has):
+            b.scatter(has["speedup"], has["ppl"], s=16, alpha=0.8, color=c,
+                      label=f"{fam} ({'/'.join(sorted(set(has['speedup_dtype'])))})")
+    for ax in (a, b):
+        _baseline(ax, dense_ppl(df))
+        ax.set_yscale("log")
+        ax.set_ylabel("perplexity (log scale)")
+    a.set_xscale("log", base=2)
+    a.set_xlabel("effective bits per weight of the block weights (log2; dense fp16 = 16)")
+    a.set_title("accuracy vs size", fontsize=9)
+    b.axvline(1.0, color="k", ls=":", lw=1, label="dense speed")
+    b.set_xlabel("measured decode speedup over the dense model (same dtype)")
+    sdev = comp.loc[comp["sweep"] == "structured", "device"]
+    where = ", ".join(sorted({str(x) for x in [dev, *sdev.unique()] if x}))
+    b.set_title(f"accuracy vs decode speed — measured on {where or 'no machine'}", fontsize=8)
+    _legend(a, fontsize=6)
+    _legend(b, fontsize=6)
+    fig.suptitle(_title(df), fontsize=8)
+    return fig
+
+
 def latency_figure(lat: pd.DataFrame, layer: str = "std_4096x4096", versus: str = "fp32") -> plt.Figure:
     """Speedup over dense of every format at one shape, grouped by M (from one latency run)."""
     ok = lat[(lat["status"] == "ok") & (lat["layer"] == layer) & (lat["method"] != "dense")].copy()

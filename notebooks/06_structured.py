@@ -82,3 +82,25 @@ depth = s[s["method"] == "layers"].pivot_table(index="blocks", columns="criterio
 if {"bi", "last"} <= set(depth.columns):
     depth["last_over_bi"] = depth["last"] / depth["bi"]
 depth
+
+# %% [markdown]
+# ## What each family buys: structured vs unstructured vs N:M vs low rank vs quantization
+# Every sweep of the same mode (full or quick) on two axes. Left: perplexity against the size of the
+# compressed block weights. Right: perplexity against the *measured* end-to-end decode speedup over the
+# dense model on this machine: structured points carry their own (fp32, timed back to back with dense in
+# the sweep); the other families take the decode table's row of their storage format in bf16 (the CPU's
+# fast activations; `python -m experiments latency --decode`). On a CPU, the structured points and the
+# low-bit quantization formats are the ones right of the dotted line; unstructured and 2:4 sparsity run
+# as masked dense weights here and buy no speed.
+
+# %%
+tables = {}
+for name in ("quant", "nonuniform", "sparsity", "lowrank", "combo", "structured"):
+    try:
+        tables[name] = plots.sweep_table(name, quick=quick, model=model, root=root)
+    except plots.NoResults as e:
+        print(f"{name}: left out ({e})")
+decode = plots.optional_table(plots.results_dir(quick, root) / f"decode_{device}.csv")
+fig = plots.families_figure(tables, decode)
+plots.save(fig, "families", figures_dir)
+plots.show(fig)

@@ -59,3 +59,34 @@ def test_nonuniform_figures_draw_without_warnings(recwarn):
     assert len(fig.axes[0].collections) == 2
     plots.show(fig)
     assert not [str(w.message) for w in recwarn], [str(w.message) for w in recwarn]
+
+
+def test_families_figure_joins_each_format_to_its_measured_decode_speed(caplog):
+    """Every family of the quick reference tables on one chart; uniform quantization takes the decode
+    table's bf16 speedup of its storage format, structured points their own; quick and full tables are
+    never mixed."""
+    import pandas as pd
+
+    root = REPO / "results"
+    names = ("quant", "nonuniform", "sparsity", "lowrank", "combo", "structured")
+    tables = {n: plots.sweep_table(n, quick=True, root=root) for n in names}
+    decode = pd.read_csv(root / "decode_cpu.csv")
+    with warnings.catch_warnings(record=True) as caught, caplog.at_level(logging.WARNING):
+        warnings.simplefilter("always")
+        fig = plots.families_figure(tables, decode)
+        fig.canvas.draw()
+    assert not caught, [str(w.message) for w in caught]
+    left, right = fig.axes
+    fams = set(left.get_legend_handles_labels()[1])
+    assert {"uniform quantization", "codebook quantization", "structured (channels/heads/blocks)", "low rank",
+            "N:M sparsity", "prune + quantize"} <= fams
+    speed = set(right.get_legend_handles_labels()[1])
+    assert "uniform quantization (bf16)" in speed and "structured (channels/heads/blocks) (fp32)" in speed
+    # rtn-w4-g64's point sits at the decode table's measured bf16 speedup of its format
+    rtn = decode[(decode["label"] == "rtn-w4-g64-asym bf16")]["speedup_vs_dense"].astype(float).iloc[0]
+    xs = {round(float(x), 6) for c in right.collections for x, _ in c.get_offsets()}
+    assert round(rtn, 6) in xs
+    plots.plt.close(fig)
+    full = dict(tables, quant=plots.sweep_table("quant", quick=False, root=root))
+    with pytest.raises(plots.ContextMismatch):
+        plots.families_figure(full, decode)
