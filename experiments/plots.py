@@ -403,11 +403,19 @@ def _pareto(points: pd.DataFrame, x: str, y: str, lower_x_better: bool = True) -
     return pd.DataFrame(front)
 
 
-def pareto_figure(tables: dict[str, pd.DataFrame], latency: pd.DataFrame | None = None) -> plt.Figure:
-    """All methods on one accuracy-memory(-latency) frontier, combinations included.
+def pareto_figure(tables: dict[str, pd.DataFrame], latency: pd.DataFrame | None = None,
+                  decode: pd.DataFrame | None = None, decode_dtype: str = "bf16") -> plt.Figure:
+    """All methods on one accuracy-memory(-speed) frontier, combinations included.
+
+    Speed panel: with ``decode`` (a ``latency --decode`` table), the measured end-to-end decode
+    speedup of each point's storage format over the dense model in ``decode_dtype`` (what a format
+    buys when the whole model's weights stream from memory); else, with ``latency``, the summed
+    layer latency at the model's own shapes against dense fp32 (single layers whose weights stay in
+    the CPU's cache between timings: a format's fixed per-call cost dominates there).
 
     The sweep tables must share one context apart from their settings (one model, corpus and machine),
-    and ``latency`` must come from one machine: otherwise ``ContextMismatch``, never a merged figure.
+    and ``latency``/``decode`` must each come from one machine: otherwise ``ContextMismatch``, never a
+    merged figure.
     """
     frames = [t.assign(sweep=name) for name, t in tables.items() if t is not None and len(t)]
     check_single_context(pd.concat(frames, ignore_index=True).to_dict("records"),
@@ -416,7 +424,8 @@ def pareto_figure(tables: dict[str, pd.DataFrame], latency: pd.DataFrame | None 
         check_single_context(latency.to_dict("records"), MEASURE_CONTEXT, "the latency table of the Pareto figure")
     df = pd.concat(frames, ignore_index=True)
     comp = df[df["method"] != "dense"]
-    ncols = 2 if latency is not None and len(latency) else 1
+    use_decode = decode is not None and len(decode) > 0
+    ncols = 2 if use_decode or (latency is not None and len(latency)) else 1
     fig, axes = plt.subplots(1, ncols, figsize=(6 * ncols, 4.2), squeeze=False)
     ax = axes[0, 0]
     for sweep, sub in comp.groupby("sweep"):
@@ -431,7 +440,24 @@ def pareto_figure(tables: dict[str, pd.DataFrame], latency: pd.DataFrame | None 
     ax.set_ylabel("perplexity (log scale)")
     ax.set_title("accuracy vs memory", fontsize=9)
     _legend(ax, loc="upper right")
-    if ncols == 2:
+    if ncols == 2 and use_decode:
+        ax = axes[0, 1]
+        joined, dev = with_decode_speedup(comp, decode, decode_dtype)
+        joined = joined[joined["speedup"].notna()]
+        for sweep, sub in joined.groupby("sweep"):
+            ax.scatter(sub["speedup"], sub["ppl"], s=18, label=sweep, alpha=0.8)
+        if len(joined):
+            front = _pareto(joined, "speedup", "ppl", lower_x_better=False)
+            ax.plot(front["speedup"], front["ppl"], "k-", lw=0.8, label="Pareto frontier")
+        ax.axvline(1.0, color="k", ls=":", lw=1, label=f"dense {decode_dtype} speed")
+        _baseline(ax, dense_ppl(df))
+        ax.set_yscale("log")
+        ax.set_xlabel(f"measured greedy-decode speedup over the dense model ({decode_dtype}; "
+                      f"by storage format)")
+        ax.set_ylabel("perplexity (log scale)")
+        ax.set_title(f"accuracy vs decode speed — measured on {dev}", fontsize=8)
+        _legend(ax, loc="upper right")
+    elif ncols == 2:
         ax = axes[0, 1]
         sp = model_layer_speedup(latency)
         joined = comp.merge(sp, on="spec", how="inner")
@@ -487,6 +513,32 @@ def decode_speedup_by_format(decode: pd.DataFrame) -> pd.DataFrame:
         ["format", "dtype"])
 
 
+def with_decode_speedup(points: pd.DataFrame, decode: pd.DataFrame | None, dtype: str = "bf16"
+                        ) -> tuple[pd.DataFrame, str]:
+    """``points`` (sweep rows) with ``speedup`` / ``speedup_dtype``: a row's own measured
+    ``decode_speedup`` (structured pruning, fp32), else the decode table's speedup of its storage
+    format in ``dtype``, else NaN; and the decode table's machine ("" without one)."""
+    import json
+
+    from experiments.latency import _canon, format_of
+    out = points.copy()
+    own = pd.to_numeric(out["decode_speedup"], errors="coerce") if "decode_speedup" in out else None
+    out["speedup"] = own if own is not None else float("nan")
+    out["speedup_dtype"] = ["fp32" if pd.notna(v) else "" for v in out["speedup"]]
+    if decode is None or not len(decode):
+        return out, ""
+    by_fmt = decode_speedup_by_format(decode)
+    by_fmt = by_fmt[by_fmt["dtype"] == dtype].set_index("format")
+    for i, r in out.iterrows():
+        if pd.notna(r["speedup"]) or r.get("sweep") == "structured":
+            continue
+        fmt = _canon(format_of(json.loads(r["spec"])))
+        if fmt in by_fmt.index:
+            out.at[i, "speedup"] = by_fmt.at[fmt, "decode_speedup"]
+            out.at[i, "speedup_dtype"] = dtype
+    return out, (by_fmt["decode_device"].iloc[0] if len(by_fmt) else "")
+
+
 def families_figure(tables: dict[str, pd.DataFrame], decode: pd.DataFrame | None = None,
                     dtype: str = "bf16") -> plt.Figure:
     """What each family buys: every sweep point on two axes, coloured by family.
@@ -499,9 +551,6 @@ def families_figure(tables: dict[str, pd.DataFrame], decode: pd.DataFrame | None
     storage format in ``dtype`` (``latency --decode``: a format's speed does not depend on the algorithm
     that chose its values), points without one are left out of that panel. Contexts are checked as in
     :func:`pareto_figure`."""
-    import json
-
-    from experiments.latency import _canon, format_of
     frames = [t.assign(sweep=name) for name, t in tables.items() if t is not None and len(t)]
     if not frames:
         raise NoResults("families_figure: no sweep table given")
@@ -510,20 +559,7 @@ def families_figure(tables: dict[str, pd.DataFrame], decode: pd.DataFrame | None
                          "the sweep tables of the families figure")
     comp = df[df["method"] != "dense"].copy()
     comp["family"] = [family_of_row(r["sweep"], r) for _, r in comp.iterrows()]
-    comp["speedup"] = pd.to_numeric(comp.get("decode_speedup"), errors="coerce") if "decode_speedup" in comp else float("nan")
-    comp["speedup_dtype"] = ["fp32" if pd.notna(v) else "" for v in comp["speedup"]]
-    dev = ""
-    if decode is not None and len(decode):
-        by_fmt = decode_speedup_by_format(decode)
-        by_fmt = by_fmt[by_fmt["dtype"] == dtype].set_index("format")
-        dev = by_fmt["decode_device"].iloc[0] if len(by_fmt) else ""
-        for i, r in comp.iterrows():
-            if pd.notna(r["speedup"]) or r["sweep"] == "structured":
-                continue
-            fmt = _canon(format_of(json.loads(r["spec"])))
-            if fmt in by_fmt.index:
-                comp.at[i, "speedup"] = by_fmt.at[fmt, "decode_speedup"]
-                comp.at[i, "speedup_dtype"] = dtype
+    comp, dev = with_decode_speedup(comp, decode, dtype)
     fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.4))
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for k, (fam, sub) in enumerate(comp.groupby("family")):  # one colour per family on both panels

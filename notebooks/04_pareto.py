@@ -69,7 +69,10 @@ all_points[["sweep", "point", "bits_per_weight", "compression_vs_fp16", "ppl", "
 # ## The frontier
 
 # %%
-fig = plots.pareto_figure(tables, latency_table)
+# The speed half: measured end-to-end decode speedups by storage format (bf16, `latency --decode`)
+# where the run has them, else the layer latencies summed over the model's shapes.
+decode_table = plots.measurement_table(plots.results_dir(quick, root) / f"decode_{device_type}.csv")
+fig = plots.pareto_figure(tables, latency_table, decode=decode_table)
 plots.save(fig, "pareto", figures_dir)
 plots.show(fig)
 

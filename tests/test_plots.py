@@ -33,6 +33,11 @@ def test_figures_from_the_reference_tables_draw_without_warnings(quick, caplog):
     assert device in figs[3].axes[1].get_title()  # the latency half says which machine measured it
     for f in figs:
         plots.plt.close(f)
+    decode = plots.measurement_table(plots.results_dir(quick, REPO / "results") / "decode_cpu.csv")
+    fig = plots.pareto_figure(tables, lat, decode=decode)  # the speed half from measured decode speedups
+    assert "decode speed" in fig.axes[1].get_title() and decode["device"].iloc[0] in fig.axes[1].get_title()
+    assert any(len(c.get_offsets()) for c in fig.axes[1].collections)
+    plots.plt.close(fig)
 
 
 def test_nonuniform_figures_draw_without_warnings(recwarn):
