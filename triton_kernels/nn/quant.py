@@ -80,6 +80,11 @@ Backends (``backend=`` at construction, the ``backend`` attribute, or ``forward(
   dense fp16 1.5 ms and int4 with bf16 activations 0.9 ms), so fp16 stays exact and compressed in
   memory but is not a speed path; bf16 is.
 
+Under ``torch.compile`` (``fullgraph=True`` works): nothing is timed; ``auto`` takes the choice an eager
+call measured for the same key, else the static order above. The torch ops are traced as they are,
+the Triton kernel through its custom operator (``triton_kernels.nn._ops``); a prepacked copy that does
+not exist yet is built inside the first compiled call and stored, after which Dynamo recompiles once.
+
 A forced backend that cannot run a given layer/input raises ``ValueError`` saying why and what would.
 ``last_backend`` holds the backend the most recent forward actually ran, ``last_candidates_ms`` what
 ``auto`` measured for it (``{backend: ms}``, or ``None``).
