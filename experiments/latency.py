@@ -98,133 +98,43 @@ _DTYPE_NAMES = {v: k for k, v in _DTYPES.items()}
 # ---------------------------------------------------------------------------------------------
 
 def format_of(spec: dict) -> dict:
-    """The storage format a method spec produces, as ``{"kind": ..., **format}``.
-
-    Decided by the spec's keys, not the algorithm name (a new algorithm on an existing format needs
-    no change here): ``bits`` -> quant; ``sparsity``/``pattern`` -> sparse; ``rank``/``ratio`` ->
-    lowrank; ``method == "dense"`` -> dense. A prune-then-quantize ``combo`` runs through a
-    ``SparseLinear`` over the dequantized kept values (``experiments.compress``), so it is timed as
-    its pruning step's sparse format.
+    """The storage format a method spec produces, as ``{"kind": ..., **format}``: its family's
+    :meth:`~experiments.families.base.Family.storage_format` (a new algorithm on an existing format, or
+    a new family with its own format, needs no change here). A prune-then-quantize ``combo`` is timed
+    as its pruning step's sparse format (it runs through a ``SparseLinear``).
     """
+    from experiments.families import FAMILIES, methods
+
     if not isinstance(spec, dict) or "method" not in spec:
         raise TypeError(f"spec={spec!r} must be a dict with a 'method' key, e.g. {{'method': 'rtn', 'bits': 4, 'group_size': 64}}")
-    if spec["method"] == "dense":
-        return {"kind": "dense"}
-    if spec["method"] == "combo":
-        steps = spec.get("steps") or []
-        prune = [s for s in steps if "sparsity" in s or "pattern" in s]
-        if not prune:
-            raise ValueError(f"combo spec={spec} has no pruning step to take the format from")
-        return format_of(prune[0])
-    from experiments.families import FAMILIES
-    if "codebook" in FAMILIES and spec["method"] in FAMILIES["codebook"].methods:
-        from experiments.families.codebook import storage_format
-        return storage_format(spec)
-    if "bits" in spec:
-        # experiments.compress.DEFAULT_GROUP_SIZE fills an omitted group size the same way.
-        g = spec.get("group_size", 128)
-        fmt = {"kind": "quant", "bits": int(spec["bits"]), "group_size": -1 if g in (None, 0) else int(g),
-               "symmetric": bool(spec.get("symmetric", False))}
-        if spec.get("cache_dequantized"):  # the same format, held with an opt-in dense copy (CPU timing)
-            fmt["cache_dequantized"] = True
-        return fmt
-    if "sparsity" in spec or "pattern" in spec:
-        pattern = str(spec.get("pattern", "unstructured")).strip().lower()
-        if pattern.startswith("block"):
-            # "block:32x32" (experiments.compress) or "block" with block=(bn, bk)
-            block = tuple(int(v) for v in pattern.split(":", 1)[1].split("x")) if ":" in pattern \
-                else tuple(spec.get("block", (32, 32)))
-            return {"kind": "sparse", "pattern": "block", "sparsity": float(spec["sparsity"]), "block": block}
-        if ":" in pattern:
-            n, m = (int(x) for x in pattern.split(":"))
-            return {"kind": "sparse", "pattern": "nm", "n": n, "m": m}
-        if pattern in ("unstructured", "activation"):
-            return {"kind": "sparse", "pattern": pattern, "sparsity": float(spec.get("sparsity", 0.0))}
-        raise ValueError(f"spec pattern={pattern!r} is not one of 'unstructured', 'N:M' (e.g. '2:4'), "
-                         "'block:BNxBK' (e.g. 'block:32x32'), 'activation'")
-    if "rank" in spec or "ratio" in spec:
-        return {"kind": "lowrank", **({"rank": int(spec["rank"])} if "rank" in spec else
-                                      {"ratio": float(spec["ratio"])})}
-    if "energy" in spec:
-        raise ValueError(f"spec={spec} keeps a fraction of spectral energy: its rank depends on the real "
-                         "weights' spectrum, so random weights cannot reproduce its format; give rank= or ratio=")
-    raise ValueError(f"spec={spec} names no known format: expected bits=, sparsity=/pattern=, rank=/ratio=")
+    fam = next((f for f in FAMILIES.values() if spec["method"] in f.methods), None)
+    if fam is None:
+        raise ValueError(f"spec={spec} names no known format: unknown method {spec['method']!r} "
+                         f"(one of {', '.join(methods())})")
+    fmt = fam.storage_format(spec)
+    if fmt is None:
+        raise ValueError(f"spec={spec}: family {fam.name!r} has no per-layer storage format (it rebuilds the "
+                         f"whole model); its speed is measured end to end (decode), not per layer")
+    return fmt
 
 
-def rank_for(N: int, K: int, fmt: dict) -> int:
-    """Rank of a low-rank format at shape ``[N, K]``.
-
-    ``ratio`` is the fraction of the dense parameter count kept, ``r*(N+K) = ratio*N*K`` (the
-    convention of ``experiments.algorithms.lowrank`` when it defines ``rank_for_ratio``, used then).
-    """
-    if "rank" in fmt:
-        return max(1, min(int(fmt["rank"]), N, K))
-    try:
-        from experiments.algorithms.lowrank import rank_for_ratio  # the algorithm's own convention
-    except ImportError:
-        return max(1, min(N, K, int(fmt["ratio"] * N * K / (N + K))))
-    return int(rank_for_ratio(N, K, fmt["ratio"]))
-
-
-def _random_linear(N: int, K: int, dtype: torch.dtype, device, generator: torch.Generator) -> nn.Linear:
-    lin = nn.Linear(K, N, bias=False)
-    w = torch.randn(N, K, generator=generator) * (1.0 / math.sqrt(K))
-    lin.weight.data = w.to(device=device, dtype=dtype)
-    return lin
+# The low-rank family's convention (rank capped by the shape; ratio of the dense parameters kept).
+from experiments.families.lowrank import rank_for  # noqa: E402
 
 
 def build_layer(kind: str, N: int, K: int, *, dtype: torch.dtype = torch.float32, device="cpu",
                 backend: str = "auto", seed: int = 0, tune_m: int = 1, **fmt) -> nn.Module:
-    """A layer ``[N, K]`` (out x in) in ``kind``'s storage format, from random weights of ``dtype``.
+    """A layer ``[N, K]`` (out x in) in storage format ``kind`` (``experiments.families.base.FORMATS``:
+    dense, quant, codebook, sparse, lowrank, ...), from random weights of ``dtype``.
 
     Sparse masks are magnitude masks with the format's pattern and sparsity; low-rank factors are
-    random ``[N, r]`` and ``[r, K]`` (no SVD: its cost at 11008x4096 buys nothing for timing).
-    ``tune_m``: the batch rows a sparse layer's ``auto`` times its CPU backends with (QuantLinear
-    measures per M bucket at its first forward).
+    random; codebook codes and tables random. ``tune_m``: the batch rows a sparse layer's ``auto``
+    times its CPU backends with (QuantLinear measures per M bucket at its first forward).
     """
-    g = torch.Generator().manual_seed(seed)
-    if kind == "dense":
-        return _random_linear(N, K, dtype, device, g)
-    if kind == "quant":
-        from triton_kernels.nn.quant import QuantLinear
-        lin = _random_linear(N, K, dtype, device, g)
-        return QuantLinear.from_linear(lin, bits=fmt["bits"], group_size=fmt["group_size"],
-                                       symmetric=fmt["symmetric"], backend=backend,
-                                       cache_dequantized=bool(fmt.get("cache_dequantized", False)))
-    if kind == "sparse":
-        from triton_kernels.nn.sparse import SparseLinear
-        lin = _random_linear(N, K, dtype, device, g)
-        kw = {"pattern": fmt["pattern"]}
-        if fmt["pattern"] == "nm":
-            kw.update(n=fmt["n"], m=fmt["m"], sparsity=1 - fmt["n"] / fmt["m"])  # magnitude N:M mask
-        elif fmt["pattern"] == "activation":
-            kw.update(sparsity=fmt.get("sparsity", 0.0))
-        else:
-            kw.update(sparsity=fmt["sparsity"])
-            if fmt["pattern"] == "block":
-                kw.update(block=tuple(fmt["block"]))
-        return SparseLinear.from_linear(lin, backend=backend, tune_m=tune_m, **kw)
-    if kind == "codebook":
-        # Random codes, a shared NormalFloat-like table or sorted random per-row tables, random positive
-        # group scales: the storage and lookups of the format (timing does not depend on the values).
-        from triton_kernels.nn.codebook import CodebookLinear
-        bits, gs = fmt["bits"], fmt["group_size"]
-        L = 2 ** bits
-        q = torch.randint(0, L, (N, K), generator=g, dtype=torch.int64).to(torch.uint8)
-        rows = 1 if fmt["table"] == "shared" else N
-        table = torch.randn(rows, L, generator=g).sort(dim=1).values
-        G = 1 if gs == -1 else -(-K // gs)
-        scales = (torch.rand(N, G, generator=g) + 0.5) / math.sqrt(K) if fmt["scales"] else None
-        return CodebookLinear.from_codes(q.to(device), table.to(device=device, dtype=dtype),
-                                         None if scales is None else scales.to(device=device, dtype=dtype),
-                                         bits=bits, group_size=gs, backend=backend)
-    if kind == "lowrank":
-        from triton_kernels.nn.lowrank import LowRankLinear
-        r = rank_for(N, K, fmt)
-        U = (torch.randn(N, r, generator=g) / math.sqrt(r)).to(device=device, dtype=dtype)
-        V = (torch.randn(r, K, generator=g) / math.sqrt(K)).to(device=device, dtype=dtype)
-        return LowRankLinear(U, V, backend=backend)
-    raise ValueError(f"kind={kind!r} must be one of 'dense', 'quant', 'codebook', 'sparse', 'lowrank'")
+    from experiments.families.base import FORMATS
+    if kind not in FORMATS:
+        raise ValueError(f"kind={kind!r} must be one of {', '.join(repr(k) for k in FORMATS)}")
+    return FORMATS[kind](N, K, dtype=dtype, device=device, backend=backend, seed=seed, tune_m=tune_m, **fmt)
 
 
 def format_label(fmt: dict, N: int | None = None, K: int | None = None) -> str:

@@ -14,7 +14,9 @@ sweep tables consult the registry only:
   a physically smaller dense model
 
 Adding a family: a module here with a :class:`Family` subclass that calls :func:`register`, and one
-import line below.
+import line below. A family whose layers have a storage format of their own also says it
+(``Family.storage_format``) and registers a builder of such a layer from random weights
+(:func:`~experiments.families.base.register_format`): that is all ``experiments.latency`` needs to time it.
 """
 from experiments.families.base import (FAMILIES, Family, LayerResult, all_columns, fail, family_of, methods,
                                        option_names, register)

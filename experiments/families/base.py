@@ -4,14 +4,16 @@ A *family* is everything the harness knows about one kind of compression: which 
 it answers to and which options each accepts, how it validates a spec and fills its defaults, its
 labels, the calibration statistics it needs, whether a setting fits a model's layers, how it
 compresses (one linear layer at a time, or the whole model at once), how many bytes the result
-stores, and the flat columns it fills in a sweep table. :mod:`experiments.compress` (the driver)
+stores, the flat columns it fills in a sweep table, and the per-layer storage format its specs
+produce (with :func:`register_format`, how ``experiments.latency`` builds such a layer to time it). :mod:`experiments.compress` (the driver)
 asks the registry and never names a family; adding one is adding a module that subclasses
 :class:`Family` and calls :func:`register` (imported from :mod:`experiments.families`).
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 import torch
 from torch import nn
@@ -134,9 +136,35 @@ class Family:
         """Values for (a subset of) :attr:`columns`; the driver leaves the others empty."""
         return {}
 
+    def storage_format(self, spec: Mapping[str, Any]) -> dict[str, Any] | None:
+        """The per-layer storage format a spec dict produces, ``{"kind": <a registered format>, ...}``
+        (what ``experiments.latency`` times with random weights: a format's speed does not depend on the
+        algorithm that chose its values). ``None``: no per-layer format (a model-level family whose
+        result is an ordinary, smaller model)."""
+        return None
+
 
 FAMILIES: dict[str, Family] = {}
 _BY_METHOD: dict[str, Family] = {}
+# storage-format kind -> builder(N, K, *, dtype, device, backend, seed, tune_m, **format) of a layer in
+# that format from random weights (see register_format)
+FORMATS: dict[str, Callable[..., nn.Module]] = {}
+
+
+def register_format(kind: str, build: Callable[..., nn.Module]) -> None:
+    """Teach ``experiments.latency`` to build a layer of storage-format ``kind`` from random weights:
+    ``build(N, K, *, dtype, device, backend, seed, tune_m, **format_options) -> nn.Module``."""
+    if kind in FORMATS:
+        raise ValueError(f"a storage format named {kind!r} is already registered")
+    FORMATS[kind] = build
+
+
+def random_linear(N: int, K: int, dtype: torch.dtype, device, generator: torch.Generator) -> nn.Linear:
+    """An ``nn.Linear(K, N)`` without bias, weights ~ N(0, 1/K) from ``generator`` (the format builders' input)."""
+    lin = nn.Linear(K, N, bias=False)
+    w = torch.randn(N, K, generator=generator) * (1.0 / math.sqrt(K))
+    lin.weight.data = w.to(device=device, dtype=dtype)
+    return lin
 
 
 def register(family: Family) -> Family:

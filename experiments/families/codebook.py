@@ -21,7 +21,7 @@ from typing import Any, Mapping
 import torch
 
 from experiments.families.base import (Family, LayerResult, check_group_fits, damp_suffix, fail, fp16_exact,
-                                       is_int, parse_damp, register, stored_bytes)
+                                       is_int, parse_damp, register, register_format, stored_bytes)
 
 # Per method: allowed bits, default group size (-1 = per-channel), default bits.
 _BITS = {"nf": range(2, 9), "fp4": range(4, 5), "piecewise": range(1, 9), "kmeans": range(1, 9),
@@ -156,5 +156,29 @@ class CodebookFamily(Family):
                 "damp": "" if spec.damp is None else spec.damp,
                 "segments": "" if spec.segments is None else spec.segments}
 
+    def storage_format(self, spec: Mapping[str, Any]) -> dict[str, Any]:
+        return storage_format(spec)
+
 
 FAMILY = register(CodebookFamily())
+
+
+def _build(N, K, *, dtype, device, backend, seed, tune_m, bits, group_size, table, scales):
+    """Random codes, a sorted random table (shared or one per row), random positive group scales: the
+    storage and lookups of the format (timing does not depend on the values)."""
+    import math
+
+    from triton_kernels.nn.codebook import CodebookLinear
+    g = torch.Generator().manual_seed(seed)
+    L = 2 ** bits
+    q = torch.randint(0, L, (N, K), generator=g, dtype=torch.int64).to(torch.uint8)
+    rows = 1 if table == "shared" else N
+    tab = torch.randn(rows, L, generator=g).sort(dim=1).values
+    G = 1 if group_size == -1 else -(-K // group_size)
+    s = (torch.rand(N, G, generator=g) + 0.5) / math.sqrt(K) if scales else None
+    return CodebookLinear.from_codes(q.to(device), tab.to(device=device, dtype=dtype),
+                                     None if s is None else s.to(device=device, dtype=dtype),
+                                     bits=bits, group_size=group_size, backend=backend)
+
+
+register_format("codebook", _build)

@@ -89,5 +89,13 @@ class ComboFamily(Family):
         cols["damp"] = _damps(spec.steps)
         return cols
 
+    def storage_format(self, spec: Mapping[str, Any]) -> dict[str, Any]:
+        """A prune-then-quantize layer runs through a ``SparseLinear`` over the dequantized kept values,
+        so it is timed as its pruning step's sparse format."""
+        prune = [s for s in spec.get("steps") or [] if "sparsity" in s or "pattern" in s]
+        if not prune:
+            raise ValueError(f"combo spec={dict(spec)} has no pruning step to take the format from")
+        return family_of(prune[0]["method"]).storage_format(prune[0])
+
 
 FAMILY = register(ComboFamily())

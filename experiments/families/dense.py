@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
-from experiments.families.base import Family, register
+from experiments.families.base import Family, random_linear, register, register_format
 
 
 class DenseFamily(Family):
@@ -27,5 +27,16 @@ class DenseFamily(Family):
                                              float(w.double().square().sum())))
         return report
 
+    def storage_format(self, spec: Mapping[str, Any]) -> dict[str, Any]:
+        return {"kind": "dense"}
+
 
 FAMILY = register(DenseFamily())
+
+
+def _build(N, K, *, dtype, device, backend, seed, tune_m):
+    import torch
+    return random_linear(N, K, dtype, device, torch.Generator().manual_seed(seed))
+
+
+register_format("dense", _build)

@@ -13,7 +13,7 @@ from __future__ import annotations
 from typing import Any, Mapping
 
 from experiments.families.base import (Family, LayerResult, damp_suffix, fail, fp16_exact, is_int, is_number,
-                                       parse_damp, register, stored_bytes)
+                                       parse_damp, register, register_format, stored_bytes)
 
 # Whitened SVD: SVD-LLM whitens without damping; a little keeps S invertible (dead or collinear
 # inputs). Chosen from `python -m experiments.damping` (results/damping_whitened_svd.csv): 49 real
@@ -98,5 +98,40 @@ class LowRankFamily(Family):
         return {"ratio": "" if spec.ratio is None else spec.ratio, "rank": "" if spec.rank is None else spec.rank,
                 "energy": "" if spec.energy is None else spec.energy, "damp": "" if spec.damp is None else spec.damp}
 
+    def storage_format(self, spec: Mapping[str, Any]) -> dict[str, Any]:
+        """``LowRankLinear`` with a fixed ``rank`` or a parameter ``ratio`` (the rank then depends on the
+        shape: :func:`rank_for`). An ``energy`` spec has no format without the real weights' spectrum."""
+        if "rank" in spec or "ratio" in spec:
+            return {"kind": "lowrank", **({"rank": int(spec["rank"])} if "rank" in spec else
+                                          {"ratio": float(spec["ratio"])})}
+        raise ValueError(f"spec={dict(spec)} keeps a fraction of spectral energy: its rank depends on the real "
+                         "weights' spectrum, so random weights cannot reproduce its format; give rank= or ratio=")
+
 
 FAMILY = register(LowRankFamily())
+
+
+def rank_for(N: int, K: int, fmt: Mapping[str, Any]) -> int:
+    """Rank of a low-rank format at shape ``[N, K]``: ``rank`` capped by the shape, or for ``ratio`` (the
+    fraction of the dense parameter count kept, ``r*(N+K) = ratio*N*K``) the algorithms' own
+    ``rank_for_ratio``."""
+    if "rank" in fmt:
+        return max(1, min(int(fmt["rank"]), N, K))
+    from experiments.algorithms.lowrank import rank_for_ratio
+    return int(rank_for_ratio(N, K, fmt["ratio"]))
+
+
+def _build(N, K, *, dtype, device, backend, seed, tune_m, rank=None, ratio=None):
+    """Random ``[N, r]`` and ``[r, K]`` factors (no SVD: its cost at 11008x4096 buys nothing for timing)."""
+    import math
+
+    import torch
+    from triton_kernels.nn.lowrank import LowRankLinear
+    g = torch.Generator().manual_seed(seed)
+    r = rank_for(N, K, {"rank": rank} if rank is not None else {"ratio": ratio})
+    U = (torch.randn(N, r, generator=g) / math.sqrt(r)).to(device=device, dtype=dtype)
+    V = (torch.randn(r, K, generator=g) / math.sqrt(K)).to(device=device, dtype=dtype)
+    return LowRankLinear(U, V, backend=backend)
+
+
+register_format("lowrank", _build)

@@ -13,7 +13,7 @@ from typing import Any, Mapping
 import torch
 
 from experiments.families.base import (Family, LayerResult, check_group_fits, damp_suffix, fail, is_int,
-                                       parse_damp, register, stored_bytes)
+                                       parse_damp, random_linear, register, register_format, stored_bytes)
 
 # GPTQ's usual default; a partial last group is part of the kernel format, so 128 is fine for K=576.
 DEFAULT_GROUP_SIZE = 128
@@ -96,5 +96,25 @@ class QuantFamily(Family):
                 "symmetric": spec.symmetric, "act_order": "" if spec.act_order is None else spec.act_order,
                 "damp": "" if spec.damp is None else spec.damp}
 
+    def storage_format(self, spec: Mapping[str, Any]) -> dict[str, Any]:
+        """``QuantLinear``'s storage: bits, group size (default 128 as in the driver), sym/asym; with
+        ``cache_dequantized`` the same format held with an opt-in dense copy (CPU timing)."""
+        g = spec.get("group_size", 128)
+        fmt = {"kind": "quant", "bits": int(spec["bits"]), "group_size": -1 if g in (None, 0) else int(g),
+               "symmetric": bool(spec.get("symmetric", False))}
+        if spec.get("cache_dequantized"):
+            fmt["cache_dequantized"] = True
+        return fmt
+
 
 FAMILY = register(QuantFamily())
+
+
+def _build(N, K, *, dtype, device, backend, seed, tune_m, bits, group_size, symmetric, cache_dequantized=False):
+    from triton_kernels.nn.quant import QuantLinear
+    lin = random_linear(N, K, dtype, device, torch.Generator().manual_seed(seed))
+    return QuantLinear.from_linear(lin, bits=bits, group_size=group_size, symmetric=symmetric, backend=backend,
+                                   cache_dequantized=bool(cache_dequantized))
+
+
+register_format("quant", _build)

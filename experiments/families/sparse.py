@@ -22,7 +22,8 @@ from typing import Any, Mapping
 import torch
 
 from experiments.families.base import (Family, LayerResult, damp_suffix, dense_linear, fail, fp16_exact,
-                                       is_number, parse_damp, register, stored_bytes)
+                                       is_number, parse_damp, random_linear, register, register_format,
+                                       stored_bytes)
 
 SCOPES = ("row", "layer")
 
@@ -128,5 +129,38 @@ class SparseFamily(Family):
         return {"prune_method": spec.method, "pattern": spec.pattern, "sparsity": round(spec.sparsity, 6),
                 "scope": prune_scope(spec), "damp": "" if spec.damp is None else spec.damp}
 
+    def storage_format(self, spec: Mapping[str, Any]) -> dict[str, Any]:
+        """``SparseLinear``'s pattern: ``block`` (``"block:32x32"`` or ``block=(bn, bk)``) with its sparsity,
+        ``nm`` with n and m, ``unstructured`` / ``activation`` with the sparsity."""
+        pattern = str(spec.get("pattern", "unstructured")).strip().lower()
+        if pattern.startswith("block"):
+            block = tuple(int(v) for v in pattern.split(":", 1)[1].split("x")) if ":" in pattern \
+                else tuple(spec.get("block", (32, 32)))
+            return {"kind": "sparse", "pattern": "block", "sparsity": float(spec["sparsity"]), "block": block}
+        if ":" in pattern:
+            n, m = (int(x) for x in pattern.split(":"))
+            return {"kind": "sparse", "pattern": "nm", "n": n, "m": m}
+        if pattern in ("unstructured", "activation"):
+            return {"kind": "sparse", "pattern": pattern, "sparsity": float(spec.get("sparsity", 0.0))}
+        raise ValueError(f"spec pattern={pattern!r} is not one of 'unstructured', 'N:M' (e.g. '2:4'), "
+                         "'block:BNxBK' (e.g. 'block:32x32'), 'activation'")
+
 
 FAMILY = register(SparseFamily())
+
+
+def _build(N, K, *, dtype, device, backend, seed, tune_m, pattern, sparsity=0.0, n=2, m=4, block=(32, 32)):
+    """A magnitude mask with the format's pattern and sparsity over random weights."""
+    from triton_kernels.nn.sparse import SparseLinear
+    lin = random_linear(N, K, dtype, device, torch.Generator().manual_seed(seed))
+    kw = {"pattern": pattern}
+    if pattern == "nm":
+        kw.update(n=n, m=m, sparsity=1 - n / m)  # magnitude N:M mask
+    else:
+        kw.update(sparsity=sparsity)
+        if pattern == "block":
+            kw.update(block=tuple(block))
+    return SparseLinear.from_linear(lin, backend=backend, tune_m=tune_m, **kw)
+
+
+register_format("sparse", _build)
