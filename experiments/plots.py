@@ -26,7 +26,7 @@ from experiments.runs import MEASURE_CONTEXT, REFERENCE, REPO, SWEEP_CONTEXT, de
     runs_root
 
 RESULTS = REFERENCE
-SWEEPS = ("quant", "sparsity", "lowrank", "combo")
+SWEEPS = ("quant", "sparsity", "lowrank", "combo", "nonuniform")
 SOURCE_GRID_NOTE = "aliases the Q4_1 source grid (reproduces the stored weights; not a real 4-bit result)"
 
 plt.rcParams.update({"figure.dpi": 110, "savefig.dpi": 150, "axes.grid": True, "grid.alpha": 0.3,
