@@ -38,7 +38,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import math
 import os
 import statistics
 import time
@@ -51,6 +50,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from experiments import results
+# rank_for: the low-rank family's convention (rank capped by the shape; ratio of the dense parameters kept)
+from experiments.families import family_of
+from experiments.families.lowrank import rank_for  # noqa: F401  (re-exported: latency.rank_for)
 from experiments.progress import progress_bar, status
 from experiments.provenance import provenance
 from experiments.runs import MEASURE_CONTEXT, mode_dir, refuse_reference, run_root
@@ -103,23 +105,17 @@ def format_of(spec: dict) -> dict:
     a new family with its own format, needs no change here). A prune-then-quantize ``combo`` is timed
     as its pruning step's sparse format (it runs through a ``SparseLinear``).
     """
-    from experiments.families import FAMILIES, methods
-
     if not isinstance(spec, dict) or "method" not in spec:
         raise TypeError(f"spec={spec!r} must be a dict with a 'method' key, e.g. {{'method': 'rtn', 'bits': 4, 'group_size': 64}}")
-    fam = next((f for f in FAMILIES.values() if spec["method"] in f.methods), None)
-    if fam is None:
-        raise ValueError(f"spec={spec} names no known format: unknown method {spec['method']!r} "
-                         f"(one of {', '.join(methods())})")
+    try:
+        fam = family_of(spec["method"])
+    except ValueError as e:
+        raise ValueError(f"spec={spec} names no known format: {e}") from None
     fmt = fam.storage_format(spec)
     if fmt is None:
         raise ValueError(f"spec={spec}: family {fam.name!r} has no per-layer storage format (it rebuilds the "
                          f"whole model); its speed is measured end to end (decode), not per layer")
     return fmt
-
-
-# The low-rank family's convention (rank capped by the shape; ratio of the dense parameters kept).
-from experiments.families.lowrank import rank_for  # noqa: E402
 
 
 def build_layer(kind: str, N: int, K: int, *, dtype: torch.dtype = torch.float32, device="cpu",
