@@ -497,17 +497,22 @@ def family_of_row(sweep: str, row: pd.Series) -> str:
     return sweep
 
 
+def _format_key(spec_json: str) -> str:
+    """The canonical storage-format key of a row's ``spec`` (JSON), as the decode tables name it."""
+    import json
+
+    from experiments.latency import _canon, format_of
+    return _canon(format_of(json.loads(spec_json)))
+
+
 def decode_speedup_by_format(decode: pd.DataFrame) -> pd.DataFrame:
     """One row per (storage format, dtype) of a decode table (``latency.run_decode``): its measured
     eager decode speedup over the dense model in the same dtype. Compiled rows are left out (their
     dense baseline is the compiled dense model); a table of several machines is refused."""
-    from experiments.latency import _canon, format_of
-    import json
-
     check_single_context(decode.to_dict("records"), MEASURE_CONTEXT, "the decode table")
     d = decode[~decode["label"].astype(str).str.endswith(" compiled")]
     d = d[pd.to_numeric(d["speedup_vs_dense"], errors="coerce").notna()]
-    rows = [{"format": _canon(format_of(json.loads(r["spec"]))), "dtype": r["dtype"],
+    rows = [{"format": _format_key(r["spec"]), "dtype": r["dtype"],
              "decode_speedup": float(r["speedup_vs_dense"]), "decode_device": r["device"]} for _, r in d.iterrows()]
     return pd.DataFrame(rows, columns=["format", "dtype", "decode_speedup", "decode_device"]).drop_duplicates(
         ["format", "dtype"])
@@ -516,15 +521,14 @@ def decode_speedup_by_format(decode: pd.DataFrame) -> pd.DataFrame:
 def with_decode_speedup(points: pd.DataFrame, decode: pd.DataFrame | None, dtype: str = "bf16"
                         ) -> tuple[pd.DataFrame, str]:
     """``points`` (sweep rows) with ``speedup`` / ``speedup_dtype``: a row's own measured
-    ``decode_speedup`` (structured pruning, fp32), else the decode table's speedup of its storage
-    format in ``dtype``, else NaN; and the decode table's machine ("" without one)."""
-    import json
-
-    from experiments.latency import _canon, format_of
+    ``decode_speedup`` (structured pruning, in its ``decode_dtype``; tables older than that column
+    timed in fp32), else the decode table's speedup of its storage format in ``dtype``, else NaN; and
+    the decode table's machine ("" without one)."""
     out = points.copy()
     own = pd.to_numeric(out["decode_speedup"], errors="coerce") if "decode_speedup" in out else None
     out["speedup"] = own if own is not None else float("nan")
-    out["speedup_dtype"] = ["fp32" if pd.notna(v) else "" for v in out["speedup"]]
+    own_dtype = out["decode_dtype"].fillna("") if "decode_dtype" in out else pd.Series("", index=out.index)
+    out["speedup_dtype"] = [(d or "fp32") if pd.notna(v) else "" for v, d in zip(out["speedup"], own_dtype)]
     if decode is None or not len(decode):
         return out, ""
     by_fmt = decode_speedup_by_format(decode)
@@ -532,7 +536,7 @@ def with_decode_speedup(points: pd.DataFrame, decode: pd.DataFrame | None, dtype
     for i, r in out.iterrows():
         if pd.notna(r["speedup"]) or r.get("sweep") == "structured":
             continue
-        fmt = _canon(format_of(json.loads(r["spec"])))
+        fmt = _format_key(r["spec"])
         if fmt in by_fmt.index:
             out.at[i, "speedup"] = by_fmt.at[fmt, "decode_speedup"]
             out.at[i, "speedup_dtype"] = dtype

@@ -99,6 +99,10 @@ def test_channels_report_sizes_against_the_original():
     assert s["structure_removed"] == pytest.approx(0.25)
     assert s["decode_tokens_per_s"] > 0 and s["dense_decode_tokens_per_s"] > 0
     assert s["decode_speedup"] > 0 and "interleaved" in s["decode_timer"] and s["decode_new_tokens"] == 4
+    # timed as bf16 copies; the model the sweep evaluates keeps its dtype
+    assert s["decode_dtype"] == "bf16" and next(model.parameters()).dtype == torch.float32
+    assert s["linears_m1_ms"] > 0 and s["dense_linears_m1_ms"] > 0
+    assert s["linears_m1_speedup"] == pytest.approx(s["dense_linears_m1_ms"] / s["linears_m1_ms"], rel=1e-2)
     assert s["compress_seconds"] <= report.seconds
     assert json.loads(s["layer_widths"])["channels"] == [72] * 4
 
@@ -149,3 +153,24 @@ def test_sweep_file_expands():
     assert {p.method for p in full} == {"dense", "channels", "heads", "channels_heads", "layers"}
     assert any(p.steps for p in full)
     assert 2 <= len(sw.points(True)) <= 6
+
+
+def test_linear_latency_times_each_distinct_shape_once_and_sums_over_the_model(monkeypatch):
+    import experiments.timing as timing
+    from experiments.algorithms.structured import prune_model
+    from experiments.families.structured import linear_latency
+    model = tiny(layers=3)
+    prune_model(model, method="channels", criterion="magnitude", ratio=0.25, scope="global", floor=0.1)
+    calls = []
+
+    def fake_time_fn(fn, device, *, min_run_time=None):
+        out = fn()  # the module really runs on an input of its shape
+        calls.append(tuple(out.shape))
+        return {"median_ms": float(out.shape[-1])}
+
+    monkeypatch.setattr(timing, "time_fn", fake_time_fn)
+    from experiments.compress import linear_layers
+    from experiments.models import linear_weight
+    shapes = [tuple(linear_weight(l).shape) for _, l in linear_layers(model)]
+    assert linear_latency(model) == sum(n for n, _ in shapes)  # every linear counted, at its own shape
+    assert len(calls) == len(set(shapes)) < len(shapes)  # each distinct shape timed once

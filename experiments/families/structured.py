@@ -21,11 +21,20 @@ with the dense model. A removed block's linears keep their records with 0 stored
 ``steps=[<rtn|gptq spec>]`` quantizes the pruned model's linears afterwards (block by block with
 calibration, as the quant family does): structured + GPTQ.
 
-Speed: with ``decode_tokens`` > 0 (default 32) the family keeps a copy of the dense model and times
-greedy decoding of the dense and the pruned model interleaved, in the same process on the same device
-(:func:`decode_pair`: fixed 16-token prompt, 5 alternating pairs after a warm-up each, speedup = the
-median of the pair ratios), and the sweep row carries both speeds and the speedup. ``compress_seconds``
-excludes that timing.
+Speed: with ``decode_tokens`` > 0 (default 32) the family keeps a copy of the dense model and, on
+bf16 copies of both (``decode_dtype``: the dtype every decode comparison of this project uses, so that
+structured + GPTQ runs the quantized CPU kernels and not the fp32 dequantize fallback), measures in the
+same process on the same device:
+
+- greedy decoding of the dense and the pruned model interleaved (:func:`decode_pair`: fixed 16-token
+  prompt, 5 alternating pairs after a warm-up each, speedup = the median of the pair ratios):
+  ``decode_tokens_per_s``, ``dense_decode_tokens_per_s``, ``decode_speedup``;
+- the layer latency at the model's new shapes (:func:`linear_latency`): every block linear of each
+  model timed alone at M=1 (one decode token), summed over the model: ``linears_m1_ms``,
+  ``dense_linears_m1_ms``, ``linears_m1_speedup``. On CPU these small layers stay in the L3 cache
+  across calls, so this is a hot-cache latency.
+
+``compress_seconds`` excludes these timings.
 """
 from __future__ import annotations
 
@@ -43,6 +52,7 @@ from experiments.families.base import Family, fail, is_int, is_number, register
 WIDTH_METHODS = ("channels", "heads", "channels_heads")
 DEFAULT_DECODE_TOKENS = 32
 DECODE_PROMPT_TOKENS = 16
+DECODE_DTYPE = torch.bfloat16
 _COMMON = frozenset({"criterion", "decode_tokens", "steps"})
 
 
@@ -83,6 +93,10 @@ def _report_cls():
                     "decode_speedup": round(self.decode["speedup"], 4) if "speedup" in self.decode else "",
                     "decode_new_tokens": self.decode.get("new_tokens", ""),
                     "decode_timer": self.decode.get("timer", ""),
+                    "decode_dtype": self.decode.get("dtype", ""),
+                    "linears_m1_ms": _r(self.decode.get("linears_ms")),
+                    "dense_linears_m1_ms": _r(self.decode.get("dense_linears_ms")),
+                    "linears_m1_speedup": _r(self.decode.get("linears_speedup")),
                 })
                 return s
 
@@ -91,6 +105,33 @@ def _report_cls():
 
 
 _REPORT = None
+
+
+def _r(v, nd: int = 4):
+    return "" if v is None else round(v, nd)
+
+
+def linear_latency(model, *, m: int = 1, min_run_time: float = 0.05) -> float:
+    """Milliseconds of every block linear of ``model`` run alone on an ``(m, in_features)`` input of
+    the model's dtype, summed over the model (``experiments.timing.time_fn`` per module, median).
+    Modules of the same class, shape and bias are timed once and counted as often as they occur, so a
+    uniformly pruned model costs a handful of timings and a globally pruned one one per distinct
+    shape."""
+    from experiments.compress import linear_layers
+    from experiments.models import linear_weight
+    from experiments.timing import time_fn
+    p = next(model.parameters())
+    seen: dict[tuple, float] = {}
+    total = 0.0
+    with torch.inference_mode():
+        for _, layer in linear_layers(model):
+            n, k = linear_weight(layer).shape
+            key = (type(layer).__name__, n, k, getattr(layer, "bias", None) is not None)
+            if key not in seen:
+                x = torch.randn(m, k, device=p.device, dtype=p.dtype)
+                seen[key] = time_fn(lambda: layer(x), p.device, min_run_time=min_run_time)["median_ms"]
+            total += seen[key]
+    return total
 
 
 def decode_pair(dense, pruned, new_tokens: int, *, repeats: int = 5, progress: bool = False) -> dict:
@@ -135,6 +176,23 @@ def decode_pair(dense, pruned, new_tokens: int, *, repeats: int = 5, progress: b
             "speedup": statistics.median(d / p for d, p in zip(td, tp)), "new_tokens": new_tokens, "repeats": repeats,
             "timer": f"time.perf_counter around model.generate (greedy, {DECODE_PROMPT_TOKENS}-token prompt), "
                      f"dense and pruned interleaved, {repeats} pairs; speedup = median pair ratio"}
+
+
+def measure_speed(dense, pruned, new_tokens: int, *, dtype: torch.dtype = DECODE_DTYPE,
+                  progress: bool = False) -> dict:
+    """:func:`decode_pair` and :func:`linear_latency` of ``dense`` and ``pruned``, both run as ``dtype``
+    copies (``dense`` is cast in place: pass a copy; ``pruned`` is copied, so the model the sweep
+    evaluates keeps its dtype). Returns the decode dict with ``dtype``, ``linears_ms``,
+    ``dense_linears_ms`` and ``linears_speedup`` added."""
+    dense = dense.to(dtype)
+    fast = copy.deepcopy(pruned).to(dtype)
+    out = decode_pair(dense, fast, new_tokens, progress=progress)
+    from experiments.latency import _DTYPE_NAMES
+    out["dtype"] = _DTYPE_NAMES[dtype]
+    out["linears_ms"] = linear_latency(fast)
+    out["dense_linears_ms"] = linear_latency(dense)
+    out["linears_speedup"] = out["dense_linears_ms"] / out["linears_ms"]
+    return out
 
 
 class StructuredFamily(Family):
@@ -281,7 +339,7 @@ class StructuredFamily(Family):
         report.size_is_modelled = bool(qreport.size_is_modelled) if qreport is not None else False
         if dense_copy is not None:
             t = time.perf_counter()
-            decode = decode_pair(dense_copy, model, spec.decode_tokens, progress=progress)
+            decode = measure_speed(dense_copy, model, spec.decode_tokens, progress=progress)
             del dense_copy
             timing += time.perf_counter() - t
         report.params_dense, report.params = res.params_before, res.params_after
