@@ -121,17 +121,22 @@ def test_layers_report_removed_blocks_with_zero_bytes():
 
 def test_structured_then_quantized():
     model = tiny()
-    spec = {"method": "heads", "criterion": "magnitude", "sparsity": 0.5, "decode_tokens": 0,
+    spec = {"method": "heads", "criterion": "magnitude", "sparsity": 0.5, "decode_tokens": 2,
             "steps": [{"method": "rtn", "bits": 4, "group_size": 32}]}
     report = compress_model(model, spec, calib(), progress=False)
     from triton_kernels.nn import QuantLinear
     mods = [m for m in model.modules() if isinstance(m, QuantLinear)]
     assert len(mods) == 4 * 7
+    # speed measured on a bf16 copy, the QuantLinears included; the evaluated model keeps fp32 scales
+    s = report.summary()
+    assert s["decode_dtype"] == "bf16" and s["decode_tokens_per_s"] > 0 and s["linears_m1_ms"] > 0
+    assert next(model.parameters()).dtype == torch.float32 and all(m.scales.dtype != torch.bfloat16 for m in mods)
     q = [r for r in report.layers if r.name.endswith("q_proj")]
     # 4-bit codes + an fp16 scale and zero per group of 32: 5 bits per kept weight
     assert all(r.module == "QuantLinear" and r.nnz == 32 * 64 and r.bytes == r.nnz * 5 // 8 for r in q)
     # pruned away + quantization error on the kept part: more than either alone
-    plain = compress_model(tiny(), {k: v for k, v in spec.items() if k != "steps"}, calib(), progress=False)
+    plain = compress_model(tiny(), {k: v for k, v in spec.items() if k != "steps"} | {"decode_tokens": 0}, calib(),
+                           progress=False)
     assert report.weight_rel_error > plain.weight_rel_error > 0
     with torch.no_grad():
         out = model(input_ids=calib()[:1]).logits
@@ -171,6 +176,6 @@ def test_linear_latency_times_each_distinct_shape_once_and_sums_over_the_model(m
     monkeypatch.setattr(timing, "time_fn", fake_time_fn)
     from experiments.compress import linear_layers
     from experiments.models import linear_weight
-    shapes = [tuple(linear_weight(l).shape) for _, l in linear_layers(model)]
+    shapes = [tuple(linear_weight(lin).shape) for _, lin in linear_layers(model)]
     assert linear_latency(model) == sum(n for n, _ in shapes)  # every linear counted, at its own shape
     assert len(calls) == len(set(shapes)) < len(shapes)  # each distinct shape timed once

@@ -112,25 +112,32 @@ def _r(v, nd: int = 4):
 
 
 def linear_latency(model, *, m: int = 1, min_run_time: float = 0.05) -> float:
-    """Milliseconds of every block linear of ``model`` run alone on an ``(m, in_features)`` input of
-    the model's dtype, summed over the model (``experiments.timing.time_fn`` per module, median).
-    Modules of the same class, shape and bias are timed once and counted as often as they occur, so a
-    uniformly pruned model costs a handful of timings and a globally pruned one one per distinct
-    shape."""
-    from experiments.compress import linear_layers
-    from experiments.models import linear_weight
+    """Milliseconds of every linear layer inside the transformer blocks of ``model`` (``nn.Linear`` or a
+    compressed module of this project: anything with ``in_features``/``out_features``) run alone on an
+    ``(m, in_features)`` input of the model's dtype, summed over the model (``experiments.timing.time_fn``
+    per module, median). Modules of the same class and configuration (``extra_repr``: shape, bias, bits,
+    backend...) are timed once and counted as often as they occur, so a uniformly pruned model costs a
+    handful of timings and a globally pruned one one per distinct shape."""
+    from experiments.models import find_blocks
     from experiments.timing import time_fn
     p = next(model.parameters())
     seen: dict[tuple, float] = {}
-    total = 0.0
+    total, count = 0.0, 0
     with torch.inference_mode():
-        for _, layer in linear_layers(model):
-            n, k = linear_weight(layer).shape
-            key = (type(layer).__name__, n, k, getattr(layer, "bias", None) is not None)
-            if key not in seen:
-                x = torch.randn(m, k, device=p.device, dtype=p.dtype)
-                seen[key] = time_fn(lambda: layer(x), p.device, min_run_time=min_run_time)["median_ms"]
-            total += seen[key]
+        for block in find_blocks(model):
+            for layer in block.modules():
+                k, n = getattr(layer, "in_features", None), getattr(layer, "out_features", None)
+                if not isinstance(k, int) or not isinstance(n, int):
+                    continue
+                key = (type(layer).__name__, layer.extra_repr())
+                if key not in seen:
+                    x = torch.randn(m, k, device=p.device, dtype=p.dtype)
+                    seen[key] = time_fn(lambda: layer(x), p.device, min_run_time=min_run_time)["median_ms"]
+                total += seen[key]
+                count += 1
+    if not count:
+        raise ValueError(f"linear_latency found no layer with in_features/out_features in the blocks of "
+                         f"{type(model).__name__}")
     return total
 
 
