@@ -25,8 +25,10 @@
 # (1 − cos(block input, block output)) against dropping the last blocks.
 #
 # `sparsity` is the fraction of the pruned structures' parameters removed; `params_kept` the fraction of
-# the whole model (embeddings included) that remains. Every point carries the greedy-decode tokens/s of
-# the pruned and the dense model, measured back to back in the same run on the same machine.
+# the whole model (embeddings included) that remains. Every point carries the speed of bf16 copies of the
+# pruned and the dense model, measured back to back in the same run on the same machine: greedy-decode
+# tokens/s, and the layer latency at the new shapes (every block linear alone at M=1, summed:
+# `linears_m1_speedup`).
 #
 # Sweep definition: `experiments/sweeps/structured.yaml`; algorithms: `experiments/algorithms/structured.py`.
 
@@ -50,7 +52,7 @@ df = plots.sweep_table("structured", quick=quick, run_missing=run_missing, model
 print(f"{len(df)} points of {df['model'].iloc[0]} from {plots.results_dir(quick, root) / 'sweep_structured.csv'}; "
       f"dense perplexity {plots.dense_ppl(df) or float('nan'):.4g}, measured on {df['device'].iloc[0]}")
 cols = ["point", "method", "criterion", "sparsity", "blocks", "params_kept", "ppl", "decode_tokens_per_s",
-        "dense_decode_tokens_per_s", "decode_speedup"]
+        "dense_decode_tokens_per_s", "decode_speedup", "linears_m1_speedup", "decode_dtype"]
 df[[c for c in cols if c in df]].sort_values(["method", "criterion", "params_kept"])
 
 # %% [markdown]
@@ -87,8 +89,8 @@ depth
 # ## What each family buys: structured vs unstructured vs N:M vs low rank vs quantization
 # Every sweep of the same mode (full or quick) on two axes. Left: perplexity against the size of the
 # compressed block weights. Right: perplexity against the *measured* end-to-end decode speedup over the
-# dense model on this machine: structured points carry their own (fp32, timed back to back with dense in
-# the sweep); the other families take the decode table's row of their storage format in bf16 (the CPU's
+# dense model on this machine: structured points carry their own (bf16, timed back to back with dense in
+# the sweep; tables from before the `decode_dtype` column timed fp32); the other families take the decode table's row of their storage format in bf16 (the CPU's
 # fast activations; `python -m experiments latency --decode`). On a CPU, the structured points and the
 # low-bit quantization formats are the ones right of the dotted line; unstructured and 2:4 sparsity run
 # as masked dense weights here and buy no speed.
