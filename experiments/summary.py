@@ -51,14 +51,17 @@ def _rel(path: Path, root: Path) -> str:
 def sweep_summary(quick: bool, root: Path = RESULTS) -> str:
     sections: dict[tuple, list[tuple[str, pd.DataFrame]]] = {}
     notes = []
-    for name in SWEEPS:
-        path = results_dir(quick, root) / f"sweep_{name}.csv"
-        if not path.exists():
-            continue
-        parts = split_contexts(pd.read_csv(path), SWEEP_CONTEXT)
+    tables = {name: (path, pd.read_csv(path)) for name in SWEEPS
+              if (path := results_dir(quick, root) / f"sweep_{name}.csv").exists()}
+    # Sections by the context columns every table has: a table written before a context column existed
+    # (text_sha256) joins the section of the tables that agree with it on all the others. Within a table
+    # every context column it has must agree.
+    shared = [c for c in SWEEP_CONTEXT if all(c in df.columns for _, df in tables.values())]
+    for name, (path, table) in tables.items():
+        parts = split_contexts(table, SWEEP_CONTEXT)
         if len(parts) > 1:
             notes.append(_mixed_note(path, parts))
-        for ctx, df in parts:
+        for ctx, df in split_contexts(table, shared):
             sections.setdefault(tuple(sorted(ctx.items())), []).append((name, df))
     if not sections:
         return "(no sweep tables yet)"

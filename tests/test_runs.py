@@ -183,6 +183,20 @@ def test_summary_separates_and_flags_mixed_tables(tmp_path):
     assert text.count("evaluation text Pride and Prejudice") == 1 and text.count("evaluation text remaining 90%") == 1
 
 
+def test_sweep_summary_joins_a_table_older_than_a_context_column(tmp_path):
+    """A table written before text_sha256 existed shares the section of the tables that agree with it on
+    every other context column; one that differs in a shared column (the machine) gets its own."""
+    (tmp_path / "quick").mkdir()
+    q = _read(REF_QUICK / "sweep_quant.csv")
+    _write(tmp_path / "quick" / "sweep_quant.csv", [{**r, "text_sha256": "ab12"} for r in q])
+    sp = [{k: v for k, v in r.items() if k != "text_sha256"} for r in _read(REF_QUICK / "sweep_sparsity.csv")]
+    _write(tmp_path / "quick" / "sweep_sparsity.csv", sp)
+    text = summary.sweep_summary(True, root=tmp_path)
+    assert "different contexts" not in text and "| quant |" in text and "| sparsity |" in text
+    _write(tmp_path / "quick" / "sweep_sparsity.csv", [{**r, "device": INTEL} for r in sp])
+    assert "2 different contexts" in summary.sweep_summary(True, root=tmp_path)
+
+
 def test_sweep_table_of_another_model_is_refused(tmp_path):
     with pytest.raises(plots.NoResults, match=r"holds results for model 'SmolLM2-135M.*', not '/x/tiny'"):
         plots.sweep_table("quant", quick=True, model="/x/tiny", root=REPO / "results")
