@@ -26,7 +26,7 @@ from experiments.runs import MEASURE_CONTEXT, REFERENCE, REPO, SWEEP_CONTEXT, de
     runs_root
 
 RESULTS = REFERENCE
-SWEEPS = ("quant", "sparsity", "lowrank", "combo", "nonuniform")
+SWEEPS = ("quant", "sparsity", "lowrank", "combo", "nonuniform", "structured")
 SOURCE_GRID_NOTE = "aliases the Q4_1 source grid (reproduces the stored weights; not a real 4-bit result)"
 
 plt.rcParams.update({"figure.dpi": 110, "savefig.dpi": 150, "axes.grid": True, "grid.alpha": 0.3,
@@ -452,8 +452,9 @@ def pareto_figure(tables: dict[str, pd.DataFrame], latency: pd.DataFrame | None 
         ax.axvline(1.0, color="k", ls=":", lw=1, label=f"dense {decode_dtype} speed")
         _baseline(ax, dense_ppl(df))
         ax.set_yscale("log")
-        ax.set_xlabel(f"measured greedy-decode speedup over the dense model ({decode_dtype}; "
-                      f"by storage format)")
+        own = sorted(set(joined.loc[joined["sweep"] == "structured", "speedup_dtype"]))
+        ax.set_xlabel(f"measured greedy-decode speedup over the dense model ({decode_dtype}, by storage format"
+                      + (f"; structured: own, {'/'.join(own)}" if own else "") + ")", fontsize=8)
         ax.set_ylabel("perplexity (log scale)")
         ax.set_title(f"accuracy vs decode speed — measured on {dev}", fontsize=8)
         _legend(ax, loc="upper right")

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from experiments.plots import RESULTS, SWEEPS, model_layer_speedup, results_dir
+from experiments.plots import RESULTS, SWEEPS, model_layer_speedup, results_dir, with_decode_speedup
 from experiments.runs import MEASURE_CONTEXT, SWEEP_CONTEXT, check_run_name, runs_root
 
 
@@ -69,18 +69,30 @@ def sweep_summary(quick: bool, root: Path = RESULTS) -> str:
     if len(sections) > 1:
         out.append(f"**The sweep tables hold {len(sections)} different contexts (model, text, settings or "
                    f"machine); one section each.**\n")
+    decode_path = results_dir(quick, root) / "decode_cpu.csv"
+    decode = pd.read_csv(decode_path) if decode_path.exists() else None
     for tables in sections.values():
         meta = tables[0][1].iloc[0]
-        lines = ["| sweep | point | bits/weight | x smaller than fp16 | perplexity | aliases source grid |",
-                 "|---|---|---|---|---|---|"]
+        lines = ["| sweep | point | bits/weight | x smaller than fp16 | perplexity | decode x vs dense | "
+                 "aliases source grid |", "|---|---|---|---|---|---|---|"]
+        dev = ""
         for name, df in tables:
+            df, d = with_decode_speedup(df.assign(sweep=name), decode)
+            dev = dev or d
             for _, r in df.sort_values(["method", "bits_per_weight"]).iterrows():
+                sp = f"{_fmt(r['speedup'])} ({r['speedup_dtype']})" if pd.notna(r["speedup"]) else ""
                 lines.append(f"| {name} | {r['point']} | {_fmt(r['bits_per_weight'])} | {_fmt(r['compression_vs_fp16'])} "
-                             f"| {_fmt(r['ppl'], 4)} | {'yes' if str(r['aliases_source_grid']).lower() == 'true' else ''} |")
+                             f"| {_fmt(r['ppl'], 4)} | {sp} "
+                             f"| {'yes' if str(r['aliases_source_grid']).lower() == 'true' else ''} |")
+        speed = ("\n\n*decode x vs dense*: measured greedy-decode speedup over the dense model in the same dtype: "
+                 "structured points their own (timed back to back with dense in the sweep), the other points "
+                 f"that of their storage format in `{_rel(decode_path, root)}`"
+                 + (f" ({dev})" if dev else "") + "; empty where no decode row exists.")
         out.append(f"Model {meta['model']}, evaluation text {meta['evaluation_text']} ({int(meta['eval_tokens'])} tokens, "
                    f"seqlen {int(meta['seqlen'])}), calibration {meta['calibration_text']}; device {meta['device']}; "
                    f"commit {meta['git_commit']}; {meta['timestamp'][:10]}; "
-                   f"command: `python -m experiments run all{' --quick' if quick else ''}`.\n\n" + "\n".join(lines))
+                   f"command: `python -m experiments run all{' --quick' if quick else ''}`.{speed}\n\n"
+                   + "\n".join(lines))
     return "\n\n".join(out)
 
 
