@@ -154,6 +154,20 @@ def test_masked_matches_reference(shape, dtype):
     assert_close(out, sm.masked_matmul_reference(x, w, mask, b), dtype)
 
 
+@pytest.mark.parametrize("tile", [(16, 16), (16, 32), (32, 64)], ids=_id)
+def test_masked_tiles_narrower_and_wider_than_a_mask_word(tile):
+    """16- and 32-wide tiles read one mask word per row (a 16-wide tile may start mid-word), 64-wide
+    tiles two: every tile width against the reference, K not a multiple of the tile or of 32."""
+    M, N, K = 3, 45, 77
+    x, w, b = _data(M, N, K, torch.float32)
+    mask = torch.rand(N, K, generator=torch.Generator().manual_seed(1)) < 0.4
+    mask[:, 16:32] = False  # an empty 16-wide tile column in the middle of the first word
+    w[~mask] = float("nan")
+    mw = sm.to_masked(w, mask, tile=tile)
+    out = sm.packed_masked_matmul(x, mw, b, out=_poisoned(M, N, torch.float32))
+    assert_close(out, sm.masked_matmul_reference(x, w, mask, b), torch.float32)
+
+
 @pytest.mark.parametrize("density", ["empty", "full"])
 def test_masked_all_zero_and_all_dense(density):
     M, N, K = 17, 45, 77

@@ -19,12 +19,15 @@ Patterns, storage and what each kernel skips:
   ``log2(m)``-bit indices (2 bits for m=4, 3 bits for m=8), packed little-end-first into int32 words,
   ``32 // bits`` per word (16 or 10), ``(N, ceil(Kp*n/m / per_word))``. K not divisible by m is padded
   with zeros up to ``Kp = ceil(K/m)*m`` (the padding is stored, never read from ``x``). The kernel
-  rebuilds the dense tile in registers and multiplies it on the tensor cores.
+  rebuilds the dense tile in registers and multiplies it on the tensor cores. For m = 4 a tile's indices
+  are whole words, each loaded once and unpacked in registers; for m = 8 (ten indices per word, which
+  no power-of-two tile covers) each index is gathered from its word.
 - **Unstructured** (:func:`masked_matmul`, or :func:`to_masked` + :func:`packed_masked_matmul` to pack
   once): :class:`MaskedWeight` keeps the dense weight, the mask packed 1 bit per weight (int32 words along
   K, ``(N, ceil(K/32))``) and a list of the ``(tile_n x tile_k)`` tiles that hold any kept weight (BSR-like
-  ``tile_ptr``/``tile_k``). Tiles whose mask is all zero are never loaded; inside a tile the bits zero the
-  dropped weights, so the result is exact for any mask (also for garbage in dropped weights).
+  ``tile_ptr``/``tile_k``). Tiles whose mask is all zero are never loaded; inside a tile the bits (each
+  word loaded once per row and unpacked in registers) zero the dropped weights, so the result is exact
+  for any mask (also for garbage in dropped weights).
 - **Activation sparsity** for decode, as in TEAL (:func:`activation_sparse_matmul`): features whose
   ``|x| < threshold`` (or where a given boolean ``mask`` is False) are zeroed per row; the kernel loads
   the weight columns of the union of the kept features over all rows only. The kept-feature list is
@@ -195,6 +198,7 @@ def nm_matmul_kernel(
     stride_om, stride_on,
     # meta: NN of every MM kept, IDX_BITS-bit indices, IDX_PER_WORD per int32 word
     NN: tl.constexpr, MM: tl.constexpr, IDX_BITS: tl.constexpr, IDX_PER_WORD: tl.constexpr,
+    WHOLE_WORDS: tl.constexpr,
     HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
@@ -213,9 +217,20 @@ def nm_matmul_kernel(
         mask_v = mask_n[:, None] & (j[None, :] < KC)
         v = tl.load(values_ptr + offs_n[:, None] * stride_vn + j[None, :] * stride_vk,
                     mask=mask_v, other=0.0)  # [BN, BKC]
-        word = tl.load(meta_ptr + offs_n[:, None] * stride_metan + (j // IDX_PER_WORD)[None, :],
-                       mask=mask_v, other=0)
-        idx = (word >> ((j % IDX_PER_WORD) * IDX_BITS)[None, :]) & ((1 << IDX_BITS) - 1)
+        if WHOLE_WORDS:
+            # m = 4: 16 two-bit indices fill a word and a tile's BLOCK_KC indices are whole words (the
+            # tile starts at a multiple of 16 kept values): load each word once, unpack in registers.
+            WORDS: tl.constexpr = BLOCK_KC // IDX_PER_WORD
+            wj = (k0 // MM) * NN // IDX_PER_WORD + tl.arange(0, WORDS)
+            words = tl.load(meta_ptr + offs_n[:, None] * stride_metan + wj[None, :],
+                            mask=mask_n[:, None] & (wj[None, :] * IDX_PER_WORD < KC), other=0)  # [BN, WORDS]
+            shifts = tl.reshape(tl.arange(0, IDX_PER_WORD) * IDX_BITS, (1, 1, IDX_PER_WORD))
+            idx = tl.reshape((words[:, :, None] >> shifts) & ((1 << IDX_BITS) - 1), (BLOCK_N, BLOCK_KC))
+        else:
+            # m = 8: ten 3-bit indices per word do not tile a power-of-two block; one gather per index.
+            word = tl.load(meta_ptr + offs_n[:, None] * stride_metan + (j // IDX_PER_WORD)[None, :],
+                           mask=mask_v, other=0)
+            idx = (word >> ((j % IDX_PER_WORD) * IDX_BITS)[None, :]) & ((1 << IDX_BITS) - 1)
         # Scatter each kept value to its position in its group: compare against 0..MM-1 and sum over
         # the NN kept slots (at most one matches), which stays in registers.
         v4 = tl.reshape(v, (BLOCK_N, GROUPS, NN, 1))
@@ -266,8 +281,18 @@ def masked_matmul_kernel(
         mask_w = mask_n[:, None] & mask_k[None, :]
         w = tl.load(w_ptr + offs_n[:, None] * stride_wn + k[None, :] * stride_wk,
                     mask=mask_w, other=0.0)  # [BN, BK]
-        word = tl.load(bits_ptr + offs_n[:, None] * stride_bitsn + (k // 32)[None, :], mask=mask_w, other=0)
-        keep = ((word >> (k % 32)[None, :]) & 1) != 0
+        # the tile's mask bits: each int32 word loaded once per row, unpacked in registers
+        if BLOCK_K > 32:
+            WORDS: tl.constexpr = BLOCK_K // 32
+            wk = tl.load(tile_k_ptr + p) * WORDS + tl.arange(0, WORDS)
+            words = tl.load(bits_ptr + offs_n[:, None] * stride_bitsn + wk[None, :],
+                            mask=mask_n[:, None] & (wk[None, :] * 32 < K), other=0)  # [BN, WORDS]
+            bit = (words[:, :, None] >> tl.reshape(tl.arange(0, 32), (1, 1, 32))) & 1
+            keep = tl.reshape(bit, (BLOCK_N, BLOCK_K)) != 0
+        else:  # a 16- or 32-wide tile lies inside one word
+            word = tl.load(bits_ptr + offs_n * stride_bitsn + (tl.load(tile_k_ptr + p) * BLOCK_K) // 32,
+                           mask=mask_n, other=0)  # [BN]
+            keep = ((word[:, None] >> (k % 32)[None, :]) & 1) != 0
         w = tl.where(keep, w, 0.0)
         acc = _dot(x, tl.trans(w), acc, DOT_PRECISION, UPCAST_DOT)
     if HAS_BIAS:
@@ -392,6 +417,16 @@ def block_sparse_matmul(x, bsw, bias=None, *, out=None):
     return out2.view(*lead, N) if out is None else out
 
 
+def _nm_whole_words(n: int, m: int) -> bool:
+    """Whether every N:M config's tile of indices is whole int32 words (``nm_matmul_kernel``'s word
+    path): the indices fill the word exactly (2 bits, m = 4) and every BLOCK_K keeps a multiple of
+    ``32 // bits`` values."""
+    bits = _idx_bits(m)
+    per_word = 32 // bits
+    return per_word * bits == 32 and all(c.kwargs["BLOCK_K"] * n // m % per_word == 0
+                                         for c in nm_configs(False) + nm_configs(True))
+
+
 def nm_matmul(x, nmw, bias=None, *, out=None):
     """``x @ nmw.to_dense()^T (+ bias)`` decompressing N:M weights in the kernel. Returns (..., N)."""
     if not isinstance(nmw, NMWeight):
@@ -407,7 +442,7 @@ def nm_matmul(x, nmw, bias=None, *, out=None):
         M, N, K, nmw.values.shape[1],
         x2.stride(0), x2.stride(1), nmw.values.stride(0), nmw.values.stride(1), nmw.meta.stride(0),
         out2.stride(0), out2.stride(1),
-        NN=nmw.n, MM=nmw.m, IDX_BITS=bits, IDX_PER_WORD=32 // bits,
+        NN=nmw.n, MM=nmw.m, IDX_BITS=bits, IDX_PER_WORD=32 // bits, WHOLE_WORDS=_nm_whole_words(nmw.n, nmw.m),
         HAS_BIAS=bias is not None, **_dot_meta(x.dtype))
     return out2.view(*lead, N) if out is None else out
 

@@ -3,7 +3,10 @@
 Representative problem: a 4096 x 4096 layer in bfloat16 (fp16 compiles the same tiles), M = 128 rows
 for the tiled kernels (prefill) and M = 1 (GEMV path) and M = 16 (tl.dot path) for activation sparsity.
 Block sparsity is compiled for 32 x 32 and 64 x 64 blocks, N:M for 2:4 (2-bit indices) and 4:8 (3-bit),
-the masked kernel for its default 64 x 64 tiles. Configs are filtered by the same shared-memory pruning
+the masked kernel for its default 64 x 64 tiles. The sparse kernels are not held to the decode kernels'
+wide-load rule: their values come in 128-bit loads, but a tile's index or mask words are few (2 words per
+row of a 64-wide tile: one 32-bit word per thread), so each word is loaded once, 32 bits wide (2:4 and
+masked; 4:8's ten 3-bit indices per word are gathered one per index). Configs are filtered by the same shared-memory pruning
 the launcher applies, so every config that can run on a GPU is compiled. fp32 is not compiled: its
 tiles are twice as large and the launch-time pruning drops the ones that would not fit.
 """
@@ -54,7 +57,8 @@ def cases() -> list[Case]:
             args = (x, values, meta, bias, y, M, N, K, kc, x.stride(0), x.stride(1), values.stride(0),
                     values.stride(1), meta.stride(0), y.stride(0), y.stride(1))
             out.append(Case(sm.nm_matmul_kernel.fn, f"sparse_nm_{n}of{m}", _name(cfg), args,
-                            _meta(cfg, NN=n, MM=m, IDX_BITS=bits, IDX_PER_WORD=32 // bits), weight_args=(1, 2)))
+                            _meta(cfg, NN=n, MM=m, IDX_BITS=bits, IDX_PER_WORD=32 // bits,
+                                  WHOLE_WORDS=sm._nm_whole_words(n, m)), weight_args=(1, 2)))
 
     tn, tk = 64, 64
     w = torch.empty(N, K, dtype=DTYPE)
