@@ -276,7 +276,8 @@ def structured_figure(df: pd.DataFrame) -> plt.Figure:
         ax.set_ylabel("perplexity (log scale)")
     a.set_xlabel("parameters kept (% of dense, embeddings included)")
     b.axvline(1.0, color="grey", lw=0.8)
-    b.set_xlabel("decode speedup vs dense (greedy, fp32, timed interleaved)")
+    dt = sorted(set(s["decode_dtype"].dropna().astype(str))) if "decode_dtype" in s else []
+    b.set_xlabel(f"decode speedup vs dense (greedy, {'/'.join(dt) or 'fp32'}, timed interleaved)")
     _legend(a, fontsize=6, ncol=2)
     fig.suptitle(_title(df), fontsize=8)
     return fig
