@@ -48,6 +48,16 @@ def _rel(path: Path, root: Path) -> str:
         return str(path)
 
 
+def _origins(tables: list[tuple[str, pd.DataFrame]]) -> str:
+    """Which commit and day produced each table of a section: ``quant: commit abc, 2026-11-24; ...``."""
+    parts = []
+    for name, df in tables:
+        commits = ", ".join(dict.fromkeys(df["git_commit"].astype(str)))
+        days = sorted({str(t)[:10] for t in df["timestamp"]})
+        parts.append(f"{name}: commit {commits}, {days[0]}" + (f" to {days[-1]}" if len(days) > 1 else ""))
+    return "; ".join(parts)
+
+
 def sweep_summary(quick: bool, root: Path = RESULTS) -> str:
     sections: dict[tuple, list[tuple[str, pd.DataFrame]]] = {}
     notes = []
@@ -90,7 +100,7 @@ def sweep_summary(quick: bool, root: Path = RESULTS) -> str:
                  + (f" ({dev})" if dev else "") + "; empty where no decode row exists.")
         out.append(f"Model {meta['model']}, evaluation text {meta['evaluation_text']} ({int(meta['eval_tokens'])} tokens, "
                    f"seqlen {int(meta['seqlen'])}), calibration {meta['calibration_text']}; device {meta['device']}; "
-                   f"commit {meta['git_commit']}; {meta['timestamp'][:10]}; "
+                   f"{_origins(tables)}; "
                    f"command: `python -m experiments run all{' --quick' if quick else ''}`.{speed}\n\n"
                    + "\n".join(lines))
     return "\n\n".join(out)
