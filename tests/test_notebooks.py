@@ -100,7 +100,7 @@ def test_defaults_show_the_full_reference_tables(py, tmp_path):
     _check_outputs(nb, py, tmp_path / "figures")
     text = _text(nb)
     sweep = {"01_quantization": "quant", "02_sparsity": "sparsity", "03_low_rank": "lowrank",
-             "05_nonuniform": "nonuniform"}.get(py.stem)
+             "05_nonuniform": "nonuniform", "06_structured": "structured"}.get(py.stem)
     if sweep:
         n = len(pd.read_csv(ROOT / "results" / f"sweep_{sweep}.csv"))
         assert f"{n} points of SmolLM2-135M" in text and str(ROOT / "results" / f"sweep_{sweep}.csv") in text
