@@ -86,11 +86,15 @@ def test_families_figure_joins_each_format_to_its_measured_decode_speed(caplog):
     assert {"uniform quantization", "codebook quantization", "structured (channels/heads/blocks)", "low rank",
             "N:M sparsity", "prune + quantize"} <= fams
     speed = set(right.get_legend_handles_labels()[1])
-    assert "uniform quantization (bf16)" in speed and "structured (channels/heads/blocks) (fp32)" in speed
+    # structured points in the dtype their own rows were timed in (decode_dtype; fp32 before that column)
+    own = set(tables["structured"].get("decode_dtype", pd.Series(dtype=str)).dropna()) or {"fp32"}
+    assert "uniform quantization (bf16)" in speed and f"structured (channels/heads/blocks) ({own.pop()})" in speed
     # rtn-w4-g64's point sits at the decode table's measured bf16 speedup of its format
     rtn = decode[(decode["label"] == "rtn-w4-g64-asym bf16")]["speedup_vs_dense"].astype(float).iloc[0]
     xs = {round(float(x), 6) for c in right.collections for x, _ in c.get_offsets()}
     assert round(rtn, 6) in xs
+    # and a structured point at its own measured speedup
+    assert round(float(tables["structured"]["decode_speedup"].dropna().iloc[0]), 6) in xs
     plots.plt.close(fig)
     full = dict(tables, quant=plots.sweep_table("quant", quick=False, root=root))
     with pytest.raises(plots.ContextMismatch):
