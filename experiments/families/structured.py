@@ -191,10 +191,10 @@ def measure_speed(dense, pruned, new_tokens: int, *, dtype: torch.dtype = DECODE
     copies (``dense`` is cast in place: pass a copy; ``pruned`` is copied, so the model the sweep
     evaluates keeps its dtype). Returns the decode dict with ``dtype``, ``linears_ms``,
     ``dense_linears_ms`` and ``linears_speedup`` added."""
+    from experiments.latency import _DTYPE_NAMES
     dense = dense.to(dtype)
     fast = copy.deepcopy(pruned).to(dtype)
     out = decode_pair(dense, fast, new_tokens, progress=progress)
-    from experiments.latency import _DTYPE_NAMES
     out["dtype"] = _DTYPE_NAMES[dtype]
     out["linears_ms"] = linear_latency(fast)
     out["dense_linears_ms"] = linear_latency(dense)
