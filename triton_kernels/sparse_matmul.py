@@ -43,6 +43,7 @@ one under ``TRITON_INTERPRET=1`` (the interpreter cannot benchmark). Configs who
 exceed 64 KiB (AMD gfx942's per-block limit, the smallest target we check) are pruned at launch.
 """
 import dataclasses
+import functools
 import os
 
 import torch
@@ -274,7 +275,8 @@ def masked_matmul_kernel(
     end = tl.load(tile_ptr_ptr + pid_n + 1)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for p in range(start, end):
-        k = tl.load(tile_k_ptr + p) * BLOCK_K + tl.arange(0, BLOCK_K)
+        kt = tl.load(tile_k_ptr + p)  # the tile's column number
+        k = kt * BLOCK_K + tl.arange(0, BLOCK_K)
         mask_k = k < K
         x = tl.load(x_ptr + offs_m[:, None] * stride_xm + k[None, :] * stride_xk,
                     mask=mask_m[:, None] & mask_k[None, :], other=0.0)  # [BM, BK]
@@ -284,13 +286,13 @@ def masked_matmul_kernel(
         # the tile's mask bits: each int32 word loaded once per row, unpacked in registers
         if BLOCK_K > 32:
             WORDS: tl.constexpr = BLOCK_K // 32
-            wk = tl.load(tile_k_ptr + p) * WORDS + tl.arange(0, WORDS)
+            wk = kt * WORDS + tl.arange(0, WORDS)
             words = tl.load(bits_ptr + offs_n[:, None] * stride_bitsn + wk[None, :],
                             mask=mask_n[:, None] & (wk[None, :] * 32 < K), other=0)  # [BN, WORDS]
             bit = (words[:, :, None] >> tl.reshape(tl.arange(0, 32), (1, 1, 32))) & 1
             keep = tl.reshape(bit, (BLOCK_N, BLOCK_K)) != 0
         else:  # a 16- or 32-wide tile lies inside one word
-            word = tl.load(bits_ptr + offs_n * stride_bitsn + (tl.load(tile_k_ptr + p) * BLOCK_K) // 32,
+            word = tl.load(bits_ptr + offs_n * stride_bitsn + (kt * BLOCK_K) // 32,
                            mask=mask_n, other=0)  # [BN]
             keep = ((word[:, None] >> (k % 32)[None, :]) & 1) != 0
         w = tl.where(keep, w, 0.0)
@@ -417,10 +419,11 @@ def block_sparse_matmul(x, bsw, bias=None, *, out=None):
     return out2.view(*lead, N) if out is None else out
 
 
+@functools.lru_cache(maxsize=None)
 def _nm_whole_words(n: int, m: int) -> bool:
     """Whether every N:M config's tile of indices is whole int32 words (``nm_matmul_kernel``'s word
     path): the indices fill the word exactly (2 bits, m = 4) and every BLOCK_K keeps a multiple of
-    ``32 // bits`` values."""
+    ``32 // bits`` values. Cached: the launcher asks on every call."""
     bits = _idx_bits(m)
     per_word = 32 // bits
     return per_word * bits == 32 and all(c.kwargs["BLOCK_K"] * n // m % per_word == 0
