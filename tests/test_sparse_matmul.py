@@ -128,6 +128,59 @@ def test_nm_padding_of_last_group():
     assert_close(sm.nm_matmul(x, nmw), x @ w.t(), torch.float32)
 
 
+def _misaligned(words: torch.Tensor) -> torch.Tensor:
+    """The same int32 words starting 4 bytes past an 8-byte boundary (the kernels then read 32-bit words)."""
+    buf = torch.zeros(words.numel() + 1, dtype=torch.int32)
+    out = buf[1:].view(words.shape)
+    out.copy_(words)
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=_id)
+@pytest.mark.parametrize("K", [250, 64, 1000], ids=lambda k: f"K{k}")
+def test_nm_64bit_index_words(K, dtype):
+    """2:4 rows with an even number of index words are read as 64-bit pairs: partial last word (K=250:
+    126 kept, 8 words), one pair per row (K=64), many tiles (K=1000); the same words 4 bytes off an
+    8-byte boundary take the 32-bit path and give the same result."""
+    M, N = 3, 37
+    x, w, b = _data(M, N, K, dtype)
+    pruned = w * sm.nm_prune(w, 2, 4)
+    nmw = sm.nm_compress(pruned, 2, 4)
+    assert nmw.meta.shape[1] % 2 == 0 and sm._words64(nmw.meta)
+    out = sm.nm_matmul(x, nmw, b, out=_poisoned(M, N, dtype))
+    ref = sm.nm_matmul_reference(x, nmw, b)
+    assert_close(out, ref, dtype)
+    odd = sm.NMWeight(nmw.values, _misaligned(nmw.meta), nmw.shape, 2, 4)
+    assert not sm._words64(odd.meta)
+    assert torch.equal(sm.nm_matmul(x, odd, b), out)
+
+
+@pytest.mark.parametrize("K", [250, 128, 77], ids=lambda k: f"K{k}")
+def test_masked_64bit_mask_words(K):
+    """64-wide tiles read a row's mask bits as one 64-bit word when rows hold an even number of int32
+    words (K=250: 8 words, the last partial; K=128), else two 32-bit words (K=77: 3 words)."""
+    M, N = 3, 45
+    x, w, b = _data(M, N, K, torch.float32)
+    mask = torch.rand(N, K, generator=torch.Generator().manual_seed(2)) < 0.4
+    mask[:, 64:128] = False  # an empty 64-wide tile column
+    w[~mask] = float("nan")
+    mw = sm.to_masked(w, mask, tile=(16, 64))
+    assert sm._words64(mw.bits) == (-(-K // 32) % 2 == 0)
+    out = sm.packed_masked_matmul(x, mw, b, out=_poisoned(M, N, torch.float32))
+    assert_close(out, sm.masked_matmul_reference(x, w, mask, b), torch.float32)
+    off = sm.MaskedWeight(mw.weight, _misaligned(mw.bits), mw.tile_ptr, mw.tile_k, mw.shape, mw.tile)
+    assert not sm._words64(off.bits)
+    assert torch.equal(sm.packed_masked_matmul(x, off, b), out)
+
+
+def test_words64_needs_aligned_rows_of_even_length():
+    w = torch.zeros(4, 6, dtype=torch.int32)
+    assert sm._words64(w)
+    assert not sm._words64(torch.zeros(4, 5, dtype=torch.int32))  # odd words per row
+    assert not sm._words64(_misaligned(w))  # 4 bytes off
+    assert not sm._words64(torch.zeros(4, 12, dtype=torch.int32)[:, ::2])  # strided words
+
+
 @settings(max_examples=30, deadline=None)
 @given(N=st.integers(1, 20), K=st.integers(1, 40), nm=st.sampled_from(sorted(sm._NM_PATTERNS)),
        seed=st.integers(0, 2**16))
@@ -280,3 +333,16 @@ def test_prune_helpers_keep_the_requested_amount():
     assert (torch.nn.functional.pad(m, (0, 2)).reshape(50, -1, 4).sum(-1) <= 2).all()
     keep = sm.magnitude_prune(w, 0.5)
     assert w.abs()[keep].min() >= w.abs()[~keep].max()
+
+
+@pytest.mark.parametrize("M", [1, 16, 17, 128])
+def test_decode_keeps_only_the_block_m_16_configs(M):
+    """At M <= 16 the launchers autotune only the BLOCK_M = 16 tiles (the configs the compile check
+    holds to the wide-load rule); above, every tile that fits shared memory."""
+    x = torch.empty(M, 4096, dtype=torch.bfloat16)
+    for configs, prune, extra in ((sm.block_sparse_configs(False), sm._prune_tiled, {"BLOCK_N": 32, "BLOCK_K": 32}),
+                                  (sm.masked_configs(False), sm._prune_tiled, {"BLOCK_N": 64, "BLOCK_K": 64}),
+                                  (sm.nm_configs(False), sm._prune_nm, {})):
+        kept = prune(configs, {"x_ptr": x, "M": M}, **extra)
+        sizes = {c.kwargs["BLOCK_M"] for c in kept}
+        assert sizes == {16} if M <= 16 else len(sizes) > 1, (M, sizes)

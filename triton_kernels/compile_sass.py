@@ -3,7 +3,8 @@
 Used by ``python -m triton_kernels.compile_check`` on NVIDIA targets. Two sources:
 
 - the PTX, for *which* loads fetch the packed weights: every ``ld.global`` whose address depends
-  (through the register def-use chains) on the kernel parameter that holds the weight pointer;
+  (through the register def-use chains, and through shared memory: a value stored there with some
+  width reaches every shared load of that width) on the kernel parameter that holds the weight pointer;
   its vector width (``.v4.b32`` = 128 bits, ...) is the width ptxas keeps in the SASS;
 - the SASS (the bundled ``cuobjdump -sass`` on the cubin), for what the GPU executes: local-memory
   instructions (``LDL``/``STL``: spills or stack arrays), tensor-core instructions (``HMMA`` on
@@ -47,6 +48,17 @@ def ptx_weight_loads(ptx: str, weight_params: tuple[int, ...]) -> list[int]:
             if m:
                 loads.append((m.group(1), 8 * int(m.group(2), 0)))
             continue
+        if op.startswith(("st.shared", "ld.shared")):
+            # Layout conversions pass values (gathered weight addresses too) through shared memory:
+            # whatever is stored with one width flows to every load of that width (conservative).
+            m = re.search(r"\.[bfsu](\d+)$", op.split(" ")[0])
+            slot = f"%smem{m.group(1) if m else ''}"
+            if op.startswith("st.") and regs:
+                deps.setdefault(slot, set()).update(("reg", r) for r in regs[1:])
+            else:
+                for d in regs[:-1] or regs:  # every destination (vector loads), not the address
+                    deps.setdefault(d, set()).add(("reg", slot))
+            continue
         if op.startswith(("st.", "red.", "atom.", "bar", "ret", "bra", "cp.", "mbarrier", "fence")):
             continue
         if op.startswith("ld.global"):
@@ -54,9 +66,9 @@ def ptx_weight_loads(ptx: str, weight_params: tuple[int, ...]) -> list[int]:
             m = _VEC.match(op)
             if addr and m:
                 loads.append((addr.group(1), int(m.group(1) or 1) * int(m.group(2))))
-            # a loaded value used as an index keeps its address's provenance
-            for d in regs[:-1] if addr else regs[:1]:
-                deps.setdefault(d, set()).add(("reg", addr.group(1) if addr else ""))
+            # A value loaded from global memory is data, not an address: a load indexed by it (a table
+            # lookup by decoded codes, a gather by a loaded index list) counts for the parameter its own
+            # address is computed from, not for the one the index came from.
             continue
         if regs:
             dst, srcs = regs[0], regs[1:]

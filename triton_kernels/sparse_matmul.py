@@ -20,14 +20,16 @@ Patterns, storage and what each kernel skips:
   ``32 // bits`` per word (16 or 10), ``(N, ceil(Kp*n/m / per_word))``. K not divisible by m is padded
   with zeros up to ``Kp = ceil(K/m)*m`` (the padding is stored, never read from ``x``). The kernel
   rebuilds the dense tile in registers and multiplies it on the tensor cores. For m = 4 a tile's indices
-  are whole words, each loaded once and unpacked in registers; for m = 8 (ten indices per word, which
-  no power-of-two tile covers) each index is gathered from its word.
+  are whole words, each loaded once and unpacked in registers, two words per 64-bit load where a row
+  holds an even number of words (8-byte aligned rows: every K that is a multiple of 64 for 2:4); for
+  m = 8 (ten indices per word, which no power-of-two tile covers) each index is gathered from its word.
 - **Unstructured** (:func:`masked_matmul`, or :func:`to_masked` + :func:`packed_masked_matmul` to pack
   once): :class:`MaskedWeight` keeps the dense weight, the mask packed 1 bit per weight (int32 words along
   K, ``(N, ceil(K/32))``) and a list of the ``(tile_n x tile_k)`` tiles that hold any kept weight (BSR-like
   ``tile_ptr``/``tile_k``). Tiles whose mask is all zero are never loaded; inside a tile the bits (each
-  word loaded once per row and unpacked in registers) zero the dropped weights, so the result is exact
-  for any mask (also for garbage in dropped weights).
+  word loaded once per row, as 64-bit pairs where rows hold an even number of words, and unpacked in
+  registers) zero the dropped weights, so the result is exact for any mask (also for garbage in
+  dropped weights).
 - **Activation sparsity** for decode, as in TEAL (:func:`activation_sparse_matmul`): features whose
   ``|x| < threshold`` (or where a given boolean ``mask`` is False) are zeroed per row; the kernel loads
   the weight columns of the union of the kept features over all rows only. The kept-feature list is
@@ -40,7 +42,8 @@ return boolean masks (True = kept) chosen by magnitude; apply them with ``weight
 
 Autotuning: the config factories return every config (what the AOT compile check compiles) and exactly
 one under ``TRITON_INTERPRET=1`` (the interpreter cannot benchmark). Configs whose shared memory would
-exceed 64 KiB (AMD gfx942's per-block limit, the smallest target we check) are pruned at launch.
+exceed 64 KiB (AMD gfx942's per-block limit, the smallest target we check) are pruned at launch, and
+at decode (M <= 16) the tiled kernels keep only their BLOCK_M = 16 configs.
 """
 import dataclasses
 import functools
@@ -106,13 +109,18 @@ def _smem_bytes(bm: int, bn: int, bk: int, stages: int, elt: int) -> int:
 
 
 def _prune_tiled(configs, named_args, **kwargs):
-    """Drop configs whose pipelined x/W tiles would not fit into 64 KiB of shared memory."""
+    """Drop configs whose pipelined x/W tiles would not fit into 64 KiB of shared memory, and at
+    decode (M <= 16) every config but the BLOCK_M = 16 ones: a taller tile only multiplies rows that
+    do not exist. The BLOCK_M = 16 configs are the decode configs the compile check holds to the
+    wide-load rule."""
     elt = named_args["x_ptr"].element_size()
     kept = []
     for c in configs:
         meta = {**kwargs, **c.kwargs}
         if _smem_bytes(meta["BLOCK_M"], meta["BLOCK_N"], meta["BLOCK_K"], c.num_stages, elt) <= _SMEM_BUDGET:
             kept.append(c)
+    if named_args.get("M", 17) <= 16:
+        kept = [c for c in kept if c.kwargs["BLOCK_M"] == 16] or kept
     return kept or configs[:1]
 
 
@@ -199,7 +207,7 @@ def nm_matmul_kernel(
     stride_om, stride_on,
     # meta: NN of every MM kept, IDX_BITS-bit indices, IDX_PER_WORD per int32 word
     NN: tl.constexpr, MM: tl.constexpr, IDX_BITS: tl.constexpr, IDX_PER_WORD: tl.constexpr,
-    WHOLE_WORDS: tl.constexpr,
+    WHOLE_WORDS: tl.constexpr, WORDS64: tl.constexpr,
     HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
@@ -218,7 +226,18 @@ def nm_matmul_kernel(
         mask_v = mask_n[:, None] & (j[None, :] < KC)
         v = tl.load(values_ptr + offs_n[:, None] * stride_vn + j[None, :] * stride_vk,
                     mask=mask_v, other=0.0)  # [BN, BKC]
-        if WHOLE_WORDS:
+        if WHOLE_WORDS and WORDS64 and BLOCK_KC % (2 * IDX_PER_WORD) == 0:
+            # m = 4 with 8-byte aligned rows (an even number of words per row): the tile's indices are
+            # whole pairs of words; load each pair as one 64-bit word and unpack it in registers.
+            PER64: tl.constexpr = 2 * IDX_PER_WORD
+            WORDS: tl.constexpr = BLOCK_KC // PER64
+            wj = (k0 // MM) * NN // PER64 + tl.arange(0, WORDS)
+            words = tl.load(meta_ptr.to(tl.pointer_type(tl.int64)) + offs_n[:, None] * (stride_metan // 2)
+                            + wj[None, :], mask=mask_n[:, None] & (wj[None, :] * PER64 < KC), other=0)
+            shifts = tl.reshape(tl.arange(0, PER64).to(tl.int64) * IDX_BITS, (1, 1, PER64))
+            idx = tl.reshape(((words[:, :, None] >> shifts) & ((1 << IDX_BITS) - 1)).to(tl.int32),
+                             (BLOCK_N, BLOCK_KC))
+        elif WHOLE_WORDS:
             # m = 4: 16 two-bit indices fill a word and a tile's BLOCK_KC indices are whole words (the
             # tile starts at a multiple of 16 kept values): load each word once, unpack in registers.
             WORDS: tl.constexpr = BLOCK_KC // IDX_PER_WORD
@@ -261,7 +280,8 @@ def masked_matmul_kernel(
     stride_wn, stride_wk,
     stride_bitsn,
     stride_om, stride_on,
-    # meta: BLOCK_N x BLOCK_K is the tile of the tile list
+    # meta: BLOCK_N x BLOCK_K is the tile of the tile list; WORDS64: rows of bits are 8-byte aligned
+    WORDS64: tl.constexpr,
     HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
@@ -283,8 +303,15 @@ def masked_matmul_kernel(
         mask_w = mask_n[:, None] & mask_k[None, :]
         w = tl.load(w_ptr + offs_n[:, None] * stride_wn + k[None, :] * stride_wk,
                     mask=mask_w, other=0.0)  # [BN, BK]
-        # the tile's mask bits: each int32 word loaded once per row, unpacked in registers
-        if BLOCK_K > 32:
+        # the tile's mask bits: each word loaded once per row, unpacked in registers
+        if BLOCK_K >= 64 and WORDS64:  # whole 64-bit words (rows hold an even number of int32 words)
+            W64: tl.constexpr = BLOCK_K // 64
+            wk = kt * W64 + tl.arange(0, W64)
+            words = tl.load(bits_ptr.to(tl.pointer_type(tl.int64)) + offs_n[:, None] * (stride_bitsn // 2)
+                            + wk[None, :], mask=mask_n[:, None] & (wk[None, :] * 64 < K), other=0)  # [BN, W64]
+            bit = (words[:, :, None] >> tl.reshape(tl.arange(0, 64).to(tl.int64), (1, 1, 64))) & 1
+            keep = tl.reshape(bit, (BLOCK_N, BLOCK_K)) != 0
+        elif BLOCK_K > 32:
             WORDS: tl.constexpr = BLOCK_K // 32
             wk = kt * WORDS + tl.arange(0, WORDS)
             words = tl.load(bits_ptr + offs_n[:, None] * stride_bitsn + wk[None, :],
@@ -419,6 +446,13 @@ def block_sparse_matmul(x, bsw, bias=None, *, out=None):
     return out2.view(*lead, N) if out is None else out
 
 
+def _words64(words: torch.Tensor) -> bool:
+    """Whether int32 words (rows, n) can be read as 64-bit pairs: every row starts 8-byte aligned
+    and holds an even number of words (so a pair never straddles two rows)."""
+    return (words.dim() == 2 and words.shape[1] % 2 == 0 and words.stride(1) == 1
+            and (words.shape[0] <= 1 or words.stride(0) % 2 == 0) and words.data_ptr() % 8 == 0)
+
+
 @functools.lru_cache(maxsize=None)
 def _nm_whole_words(n: int, m: int) -> bool:
     """Whether every N:M config's tile of indices is whole int32 words (``nm_matmul_kernel``'s word
@@ -446,6 +480,7 @@ def nm_matmul(x, nmw, bias=None, *, out=None):
         x2.stride(0), x2.stride(1), nmw.values.stride(0), nmw.values.stride(1), nmw.meta.stride(0),
         out2.stride(0), out2.stride(1),
         NN=nmw.n, MM=nmw.m, IDX_BITS=bits, IDX_PER_WORD=32 // bits, WHOLE_WORDS=_nm_whole_words(nmw.n, nmw.m),
+        WORDS64=_words64(nmw.meta),
         HAS_BIAS=bias is not None, **_dot_meta(x.dtype))
     return out2.view(*lead, N) if out is None else out
 
@@ -463,7 +498,7 @@ def packed_masked_matmul(x, mw, bias=None, *, out=None):
     masked_matmul_kernel[grid](
         x2, mw.weight, mw.bits, mw.tile_ptr, mw.tile_k, bias if bias is not None else x2, out2,
         M, N, K, x2.stride(0), x2.stride(1), mw.weight.stride(0), mw.weight.stride(1), mw.bits.stride(0),
-        out2.stride(0), out2.stride(1),
+        out2.stride(0), out2.stride(1), WORDS64=_words64(mw.bits),
         HAS_BIAS=bias is not None, **_dot_meta(x.dtype), BLOCK_N=tn, BLOCK_K=tk)
     return out2.view(*lead, N) if out is None else out
 

@@ -3,12 +3,16 @@
 Representative problem: a 4096 x 4096 layer in bfloat16 (fp16 compiles the same tiles), M = 128 rows
 for the tiled kernels (prefill) and M = 1 (GEMV path) and M = 16 (tl.dot path) for activation sparsity.
 Block sparsity is compiled for 32 x 32 and 64 x 64 blocks, N:M for 2:4 (2-bit indices) and 4:8 (3-bit),
-the masked kernel for its default 64 x 64 tiles. The sparse kernels are not held to the decode kernels'
-wide-load rule: their values come in 128-bit loads, but a tile's index or mask words are few (2 words per
-row of a 64-wide tile: one 32-bit word per thread), so each word is loaded once, 32 bits wide (2:4 and
-masked; 4:8's ten 3-bit indices per word are gathered one per index). Configs are filtered by the same shared-memory pruning
+the masked kernel for its default 64 x 64 tiles. Configs are filtered by the same shared-memory pruning
 the launcher applies, so every config that can run on a GPU is compiled. fp32 is not compiled: its
 tiles are twice as large and the launch-time pruning drops the ones that would not fit.
+
+The wide-load rule (packed weights fetched >= 64 bits at a time) holds for the decode configs: the
+BLOCK_M = 16 tiles, which the launchers' pruning keeps as the only candidates at M <= 16, and both
+activation-sparsity paths. There the values come in 128-bit loads, 2:4 index words and mask words as
+64-bit pairs (rows with an even number of int32 words, as every K that is a multiple of 64 gives).
+Exempt, and said so in the config name: 4:8, whose ten 3-bit indices per int32 word tile no power-of-two
+block, so each index is gathered from its word (32-bit loads).
 """
 import torch
 
@@ -21,6 +25,11 @@ DTYPE = torch.bfloat16
 
 def _name(cfg) -> str:
     return "_".join(f"{k}{v}" for k, v in cfg.kwargs.items()) + f"_w{cfg.num_warps}_s{cfg.num_stages}"
+
+
+def _decode(cfg) -> bool:
+    """A config the launchers keep at M <= 16 (see ``sparse_matmul._prune_tiled``)."""
+    return cfg.kwargs["BLOCK_M"] == 16
 
 
 def _meta(cfg, **extra) -> dict:
@@ -46,7 +55,7 @@ def cases() -> list[Case]:
         for cfg in _pruned(sm.block_sparse_configs(interpret=False), x, BLOCK_N=bn, BLOCK_K=bk):
             args = (x, values, row_ptr, col_idx, bias, y, M, N, K, x.stride(0), x.stride(1), y.stride(0), y.stride(1))
             out.append(Case(sm.block_sparse_matmul_kernel.fn, f"sparse_block_{bn}x{bk}", _name(cfg), args,
-                            _meta(cfg, BLOCK_N=bn, BLOCK_K=bk), weight_args=(1,)))
+                            _meta(cfg, BLOCK_N=bn, BLOCK_K=bk), weight_args=(1,), wide_loads=_decode(cfg)))
 
     for n, m in ((2, 4), (4, 8)):
         bits = sm._idx_bits(m)
@@ -56,9 +65,13 @@ def cases() -> list[Case]:
         for cfg in sm._prune_nm(sm.nm_configs(interpret=False), {"x_ptr": x}):
             args = (x, values, meta, bias, y, M, N, K, kc, x.stride(0), x.stride(1), values.stride(0),
                     values.stride(1), meta.stride(0), y.stride(0), y.stride(1))
-            out.append(Case(sm.nm_matmul_kernel.fn, f"sparse_nm_{n}of{m}", _name(cfg), args,
+            gathered = not sm._nm_whole_words(n, m)
+            out.append(Case(sm.nm_matmul_kernel.fn, f"sparse_nm_{n}of{m}",
+                            _name(cfg) + (" (3-bit indices gathered: 32-bit loads, known)"
+                                          if gathered and _decode(cfg) else ""), args,
                             _meta(cfg, NN=n, MM=m, IDX_BITS=bits, IDX_PER_WORD=32 // bits,
-                                  WHOLE_WORDS=sm._nm_whole_words(n, m)), weight_args=(1, 2)))
+                                  WHOLE_WORDS=not gathered, WORDS64=sm._words64(meta)),
+                            weight_args=(1, 2), wide_loads=_decode(cfg) and not gathered))
 
     tn, tk = 64, 64
     w = torch.empty(N, K, dtype=DTYPE)
@@ -69,7 +82,8 @@ def cases() -> list[Case]:
         args = (x, w, bitsw, tile_ptr, tile_k, bias, y, M, N, K, x.stride(0), x.stride(1), w.stride(0),
                 w.stride(1), bitsw.stride(0), y.stride(0), y.stride(1))
         out.append(Case(sm.masked_matmul_kernel.fn, "sparse_masked_64x64", _name(cfg), args,
-                        _meta(cfg, BLOCK_N=tn, BLOCK_K=tk), weight_args=(1, 2)))
+                        _meta(cfg, BLOCK_N=tn, BLOCK_K=tk, WORDS64=sm._words64(bitsw)), weight_args=(1, 2),
+                        wide_loads=_decode(cfg)))
 
     wt = torch.empty(K, N, dtype=DTYPE).t()  # (N, K) view of a contiguous (K, N) weight, as the layer stores it
     idx = torch.empty(K, dtype=torch.int32)
@@ -81,5 +95,5 @@ def cases() -> list[Case]:
             args = (xs, wt, idx, count, bias, ys, rows, N, xs.stride(0), xs.stride(1), wt.stride(1),
                     wt.stride(0), ys.stride(0), ys.stride(1))
             out.append(Case(sm.activation_sparse_matmul_kernel.fn, f"sparse_activation_M{rows}", _name(cfg),
-                            args, _meta(cfg, BLOCK_M=block_m), weight_args=(1,)))
+                            args, _meta(cfg, BLOCK_M=block_m), weight_args=(1,), wide_loads=True))
     return out
