@@ -12,7 +12,8 @@ BLOCK_M = 16 tiles, which the launchers' pruning keeps as the only candidates at
 activation-sparsity paths. There the values come in 128-bit loads, 2:4 index words and mask words as
 64-bit pairs (rows with an even number of int32 words, as every K that is a multiple of 64 gives).
 Exempt, and said so in the config name: 4:8, whose ten 3-bit indices per int32 word tile no power-of-two
-block, so each index is gathered from its word (32-bit loads).
+block, so each index is gathered from its word (32-bit loads). Not compiled here: 1:4 (16 indices per
+64-wide tile row: one 32-bit word) and 1:8/2:8 (gathered like 4:8).
 """
 import torch
 
