@@ -88,6 +88,7 @@ FORMAT_PRESETS: dict[str, dict] = {
                 for b in (2, 3, 4, 5, 6, 8)),
         "shapes": (STANDARD_SHAPES[0], STANDARD_SHAPES[2]),
         "Ms": (1, 16),
+        "interleave": 7,  # rounds: each point's ratios from 7 rounds interleaved with dense fp32/bf16
     },
 }
 
@@ -281,9 +282,14 @@ def dense_dtypes(device: torch.device) -> tuple[str, ...]:
 # ---------------------------------------------------------------------------------------------
 
 def _time_layer(kind: str, fmt: dict, N: int, K: int, M: int, act: torch.dtype, device: torch.device,
-                min_run_time: float, built: dict | None = None) -> dict:
+                min_run_time: float, built: dict | None = None, baselines: dict | None = None,
+                rounds: int = 0) -> dict:
     """Build the layer from random weights, run it once (checks the shape, resolves and prepacks the
     backend), time it; the row's backend is the one the forward actually ran.
+
+    ``baselines`` (``{dtype name: fn}``, the dense layers) with ``rounds > 0``: the layer and the
+    baselines are timed in ``rounds`` interleaved rounds (``experiments.timing.time_interleaved``) and
+    the row gets ``dense_<d>_median_ms`` and ``speedup_vs_dense_<d>`` (median of the per-round ratios).
 
     ``built``: quantized layers of this shape already built for another M (RTN and packing of a
     4096x11008 weight take seconds); reused, with only the current backend's prepacked copy kept.
@@ -306,7 +312,18 @@ def _time_layer(kind: str, fmt: dict, N: int, K: int, M: int, act: torch.dtype, 
             layer.release_prepacked(keep=backend)  # resident_bytes: this M's backend only
         if device.type == "cpu" and backend == "triton":
             raise RuntimeError("the Triton interpreter ran on CPU: its timings are not performance numbers")
-        t = _time(lambda: layer(x), device, min_run_time)
+        extra = {}
+        if baselines and rounds > 0:
+            from experiments.timing import ratio_of, time_interleaved
+            ts = time_interleaved({**{f"dense_{d}": fn for d, fn in baselines.items()}, "format": lambda: layer(x)},
+                                  device, rounds=rounds, min_run_time=min_run_time * rounds)
+            t = {k: v for k, v in ts["format"].items() if k != "rounds_ms"}
+            for d in baselines:
+                extra[f"dense_{d}_median_ms"] = ts[f"dense_{d}"]["median_ms"]
+                extra[f"speedup_vs_dense_{d}"] = ratio_of(ts, f"dense_{d}", "format")
+            extra["ratio_method"] = f"interleaved: median over {rounds} rounds of dense/format"
+        else:
+            t = _time(lambda: layer(x), device, min_run_time)
     # memory_bytes/bits_per_weight: the storage format (16-bit floats), as everywhere in the harness;
     # resident_bytes: what the timed module held in memory (its backend's tensors, actual dtypes).
     # candidates_ms: what auto measured on this machine before choosing (empty: one candidate, or forced).
@@ -314,7 +331,7 @@ def _time_layer(kind: str, fmt: dict, N: int, K: int, M: int, act: torch.dtype, 
     return {"backend": backend, "memory_bytes": int(layer.memory_bytes()),
             "bits_per_weight": float(layer.bits_per_weight()), "resident_bytes": int(layer.resident_bytes()),
             "candidates_ms": json.dumps({k: round(v, 4) for k, v in cand.items()}, sort_keys=True) if cand else "",
-            "load_avg_1m": _load_avg(), "status": "ok", **_timing_cols(t)}
+            "load_avg_1m": _load_avg(), "status": "ok", **_timing_cols(t), **extra}
 
 
 def _load_avg() -> float | str:
@@ -350,7 +367,7 @@ def load_sweep_specs(name: str, *, quick: bool = False) -> list[dict]:
 
 def run_latency(specs: Iterable[dict], shapes: Iterable[tuple[str, int, int]], Ms: Iterable[int], *,
                 device: str | torch.device = "cpu", min_run_time: float = 0.2,
-                out: str | Path | None = None, resume: bool = False,
+                out: str | Path | None = None, resume: bool = False, interleave: int = 0,
                 log: Callable[[str], None] = status) -> list[dict]:
     """Time every (spec, shape, M) against dense in the same run and upsert the rows into ``out``.
 
@@ -359,7 +376,16 @@ def run_latency(specs: Iterable[dict], shapes: Iterable[tuple[str, int, int]], M
     ``speedup_vs_dense_<dtype> = dense median / compressed median`` (> 1 is faster than dense).
     With ``resume=True`` points already in ``out`` are skipped (their dense rows are retimed only when
     a point at that shape and M still needs them).
+
+    ``interleave=R`` (R > 0): each compressed point is timed in R rounds interleaved with the dense
+    layers (each round: every dense dtype, then the point, ``min_run_time`` seconds each), and its
+    speedups are the medians of the per-round ratios: drift of a shared machine over the minutes a
+    shape's points take then cancels instead of biasing the later points. Otherwise (default) every
+    point of a shape and M is divided by the one dense timing taken before them. The
+    ``ratio_method`` column says which.
     """
+    if interleave < 0:
+        raise ValueError(f"interleave must be >= 0 rounds, got {interleave}")
     device = torch.device(device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("device='cuda' but torch sees no CUDA device; use device='cpu'")
@@ -391,6 +417,7 @@ def run_latency(specs: Iterable[dict], shapes: Iterable[tuple[str, int, int]], M
             base = {**prov, "run_id": run_id, "layer": layer_name, "N": N, "K": K, "M": M,
                     "weights": WEIGHTS_NOTE}
             dense = {}
+            baselines = {}  # dtype name -> the dense layer's call, for interleaved timing
             rows = []
             for dname in dense_dtypes(device):
                 dt = _DTYPES[dname]
@@ -399,6 +426,9 @@ def run_latency(specs: Iterable[dict], shapes: Iterable[tuple[str, int, int]], M
                 with torch.inference_mode():
                     F.linear(x, lin.weight)  # warm-up: oneDNN/cuBLAS pick and cache their kernel on the first call
                     t = _time(lambda: F.linear(x, lin.weight), device, min_run_time)
+                if interleave:
+                    w_d = lin.weight.detach()
+                    baselines[dname] = lambda x=x, w=w_d: F.linear(x, w)
                 dense[dname] = t["median_ms"]
                 rows.append({**base, "spec": _canon({"method": "dense", "dtype": dname}), "method": "dense",
                              "kind": "dense", "format": f"dense {dname}", "rank": "",
@@ -414,10 +444,13 @@ def run_latency(specs: Iterable[dict], shapes: Iterable[tuple[str, int, int]], M
                        "rank": rank_for(N, K, fmt) if kind == "lowrank" else "", "act_dtype": _DTYPE_NAMES[act]}
                 try:
                     with _no_interpreter(device):
-                        row.update(_time_layer(kind, fmt, N, K, M, act, device, min_run_time, built))
-                    for dname, dms in dense.items():
-                        row[f"dense_{dname}_median_ms"] = dms
-                        row[f"speedup_vs_dense_{dname}"] = dms / row["median_ms"]
+                        row.update(_time_layer(kind, fmt, N, K, M, act, device, min_run_time, built,
+                                               baselines=baselines, rounds=interleave))
+                    if "ratio_method" not in row:
+                        row["ratio_method"] = "one dense timing per shape and M"
+                        for dname, dms in dense.items():
+                            row[f"dense_{dname}_median_ms"] = dms
+                            row[f"speedup_vs_dense_{dname}"] = dms / row["median_ms"]
                 except Exception as e:  # a failed point is a row too, so the table shows the gap
                     row.update(backend="", status=f"failed: {type(e).__name__}: {e}"[:300])
                 for s in ss:
@@ -649,6 +682,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "labelled 'compiled', each against the compiled dense model)")
     p.add_argument("--resume", action="store_true", help="skip points already in the CSV")
     p.add_argument("--min-run-time", type=float, default=None, help="seconds per timing (default 0.2, quick 0.05)")
+    p.add_argument("--interleave", type=int, default=None, metavar="ROUNDS",
+                   help="time each point in ROUNDS rounds interleaved with the dense layers and take its "
+                        "speedups as the median of the per-round ratios (default: 7 for --formats presets, "
+                        "else 0: one dense timing per shape and M)")
     p.add_argument("--run", default=None, metavar="NAME",
                    help="run directory runs/NAME (default: local); tables go to runs/NAME[/quick]/")
     p.add_argument("--out", default=None,
@@ -677,9 +714,11 @@ def main(args: argparse.Namespace) -> list[dict]:
                          "--sweep, --quick or --decode")
     if getattr(args, "compile", False) and not getattr(args, "decode", False):
         raise ValueError("--compile measures decoding under torch.compile: give it with --decode")
+    interleave = getattr(args, "interleave", None)
     if preset:
         p = FORMAT_PRESETS[preset]
         specs, shapes, Ms = list(p["specs"]), list(p["shapes"]), list(p["Ms"])
+        interleave = p.get("interleave", 0) if interleave is None else interleave
     else:
         specs = list(QUICK_SPECS) if quick and sweep is None else load_sweep_specs(sweep or "all", quick=quick)
         model_shapes = default_model_shapes()
@@ -691,7 +730,7 @@ def main(args: argparse.Namespace) -> list[dict]:
     mrt = args.min_run_time if getattr(args, "min_run_time", None) is not None else (0.05 if quick else 0.2)
     lat_out, dec_out = output_paths(args)
     rows = run_latency(specs, shapes, Ms, device=device, min_run_time=mrt, out=lat_out,
-                       resume=getattr(args, "resume", False))
+                       resume=getattr(args, "resume", False), interleave=interleave or 0)
     if getattr(args, "decode", False):
         run_decode(specs, device=device, new_tokens=16 if quick else 32, out=dec_out,
                    resume=getattr(args, "resume", False))

@@ -1,6 +1,8 @@
 """Timing helpers shared by the benchmarks and ``experiments.latency``.
 
     time_fn(fn, device)   -> {"median_ms", "iqr_ms", "p20_ms", "p80_ms", "n", "runs", "timer"}
+    time_interleaved({name: fn}, device, rounds=R, min_run_time=T) + ratio_of(...): ratios that
+                             cancel the machine's drift (each round times every function once)
 
 - CPU: ``torch.utils.benchmark.Timer(...).blocked_autorange`` (it handles warm-up, thread settings
   and picks the number of calls per measurement). CPU numbers are CPU numbers: they say nothing
@@ -75,6 +77,42 @@ def time_cuda(fn: Callable[[], object], *, warmup: int = 25, rep: int = 100) -> 
         "n": None,
         "timer": "triton.testing.do_bench",
     }
+
+
+def time_interleaved(fns: dict[str, Callable[[], object]], device: torch.device | str, *, rounds: int,
+                     min_run_time: float) -> dict[str, dict]:
+    """Time several functions in ``rounds`` interleaved rounds (each round times every function once,
+    for ``min_run_time / rounds`` seconds), so that slow drift of the machine (another tenant's memory
+    traffic, clock changes) hits them alike and cancels in their ratios.
+
+    Returns, per name, ``median_ms``/``p20_ms``/``p80_ms``/``iqr_ms`` over the round medians, ``runs``
+    (all calls), ``rounds_ms`` (the round medians, in order) and ``timer``. Ratios between two functions
+    should be taken per round (``ratio_of``), not from the two medians.
+    """
+    if rounds < 1:
+        raise ValueError(f"rounds must be >= 1, got {rounds}")
+    per = {name: [] for name in fns}
+    runs = {name: 0 for name in fns}
+    timer = ""
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            t = time_fn(fn, device, min_run_time=min_run_time / rounds)
+            per[name].append(t["median_ms"])
+            runs[name] += t.get("runs") or 0
+            timer = t["timer"]
+    out = {}
+    for name, vals in per.items():
+        v = sorted(vals)
+        out[name] = {"median_ms": _quantile(v, 0.5), "p20_ms": _quantile(v, 0.2), "p80_ms": _quantile(v, 0.8),
+                     "iqr_ms": _quantile(v, 0.75) - _quantile(v, 0.25), "runs": runs[name], "rounds_ms": vals,
+                     "timer": f"{timer}, {rounds} interleaved rounds (median of round medians)"}
+    return out
+
+
+def ratio_of(timings: dict[str, dict], num: str, den: str) -> float:
+    """Median over the rounds of ``num``'s time / ``den``'s time, from :func:`time_interleaved`."""
+    r = sorted(a / b for a, b in zip(timings[num]["rounds_ms"], timings[den]["rounds_ms"]))
+    return _quantile(r, 0.5)
 
 
 def time_fn(fn: Callable[[], object], device: torch.device | str, *,

@@ -182,6 +182,51 @@ def test_speedup_is_the_ratio_to_dense_of_the_same_run(tiny_run):
             assert float(r[f"speedup_vs_dense_{dt}"]) == pytest.approx(d / float(r["median_ms"]), rel=1e-9)
 
 
+def test_interleaved_ratios_are_medians_of_per_round_ratios(tmp_path, monkeypatch):
+    """interleave=R: each point and the dense layers are timed in R alternating rounds; the speedup is
+    the median of the per-round ratios (not a ratio of medians), and the rows say so."""
+    from experiments import timing
+    specs = _available_specs()[:1]
+    seen = []
+    real = timing.time_interleaved
+
+    def spy(fns, device, *, rounds, min_run_time):
+        out = real(fns, device, rounds=rounds, min_run_time=min_run_time)
+        seen.append((list(fns), out))
+        return out
+    monkeypatch.setattr(timing, "time_interleaved", spy)
+    out = tmp_path / "latency_cpu.csv"
+    rows = latency.run_latency(specs, TINY_SHAPES[:1], TINY_M[:1], device="cpu", min_run_time=0.001, out=out,
+                               interleave=3, log=lambda s: None)
+    compressed = [r for r in rows if r["kind"] != "dense"]
+    assert compressed and len(seen) == len(compressed)
+    for r, (names, ts) in zip(compressed, seen):
+        assert names == ["dense_fp32", "dense_bf16", "format"]
+        assert r["ratio_method"] == "interleaved: median over 3 rounds of dense/format"
+        assert all(len(t["rounds_ms"]) == 3 for t in ts.values())
+        assert r["median_ms"] == ts["format"]["median_ms"]
+        for dt in ("fp32", "bf16"):
+            per_round = sorted(d / f for d, f in zip(ts[f"dense_{dt}"]["rounds_ms"], ts["format"]["rounds_ms"]))
+            assert r[f"speedup_vs_dense_{dt}"] == pytest.approx(per_round[1], rel=1e-12)
+            assert r[f"dense_{dt}_median_ms"] == ts[f"dense_{dt}"]["median_ms"]
+    with pytest.raises(ValueError, match="interleave"):
+        latency.run_latency(specs, TINY_SHAPES[:1], TINY_M[:1], device="cpu", out=out, interleave=-1)
+
+
+def test_time_interleaved_alternates_and_checks_rounds():
+    from experiments import timing
+    order = []
+    out = timing.time_interleaved({"a": lambda: order.append("a"), "b": lambda: order.append("b")}, "cpu",
+                                  rounds=2, min_run_time=0.002)
+    assert set(out) == {"a", "b"} and all(len(v["rounds_ms"]) == 2 for v in out.values())
+    # round 1 times a then b, round 2 again: the calls of b come between two blocks of a
+    first_b = order.index("b")
+    assert "a" in order[first_b:]
+    assert "2 interleaved rounds" in out["a"]["timer"]
+    with pytest.raises(ValueError, match="rounds"):
+        timing.time_interleaved({"a": lambda: None}, "cpu", rounds=0, min_run_time=0.01)
+
+
 def test_specs_of_one_format_share_one_timing(tiny_run):
     out, _, _ = tiny_run
     rows = results.read_rows(out)
@@ -202,12 +247,17 @@ def test_cpu_targets_preset_times_every_target_format_in_one_run(monkeypatch, tm
     assert grid == {(b, g) for b in (2, 3, 4, 5, 6, 8) for g in (32, 64, 128, -1)}
     assert {(n, k) for _, n, k in p["shapes"]} == {(4096, 4096), (4096, 11008)} and tuple(p["Ms"]) == (1, 16)
     calls = []
-    monkeypatch.setattr(latency, "run_latency", lambda specs, shapes, Ms, **kw: calls.append((specs, shapes, Ms)) or [])
+    monkeypatch.setattr(latency, "run_latency",
+                        lambda specs, shapes, Ms, **kw: calls.append((specs, shapes, Ms, kw["interleave"])) or [])
     monkeypatch.setattr(latency, "default_model_shapes", lambda: pytest.fail("a preset needs no model"))
     ap = argparse.ArgumentParser()
     latency.add_arguments(ap)
     latency.main(ap.parse_args(["--formats", "cpu-targets", "--out", str(tmp_path / "latency_cpu.csv")]))
-    assert calls == [(list(p["specs"]), list(p["shapes"]), list(p["Ms"]))]
+    # its ratios come from rounds interleaved with the dense layers; --interleave overrides
+    assert calls == [(list(p["specs"]), list(p["shapes"]), list(p["Ms"]), p["interleave"])] and p["interleave"] > 1
+    latency.main(ap.parse_args(["--formats", "cpu-targets", "--interleave", "0",
+                                "--out", str(tmp_path / "latency_cpu.csv")]))
+    assert calls[-1][3] == 0
     with pytest.raises(ValueError, match="--formats cpu-targets"):
         latency.main(ap.parse_args(["--formats", "cpu-targets", "--sweep", "quant",
                                     "--out", str(tmp_path / "latency_cpu.csv")]))
