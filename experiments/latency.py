@@ -677,6 +677,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "groups 32/64/128/per-channel at 4096x4096 and 4096x11008, M=1 and 16)")
     p.add_argument("--decode", action="store_true",
                    help="also measure greedy-decode tokens/s of the default model, dense and compressed")
+    p.add_argument("--decode-only", action="store_true",
+                   help="with --decode: skip the layer table, measure only the decode speed")
+    p.add_argument("--decode-dtypes", default="fp32,bf16", metavar="LIST",
+                   help="with --decode: the model dtypes to decode in, each against dense in the same dtype "
+                        "(default fp32,bf16; fp32 quantized models dequantize per call on CPU: slow)")
     p.add_argument("--compile", action="store_true",
                    help="with --decode: also decode under torch.compile (fullgraph, static cache; bf16 rows "
                         "labelled 'compiled', each against the compiled dense model)")
@@ -714,6 +719,14 @@ def main(args: argparse.Namespace) -> list[dict]:
                          "--sweep, --quick or --decode")
     if getattr(args, "compile", False) and not getattr(args, "decode", False):
         raise ValueError("--compile measures decoding under torch.compile: give it with --decode")
+    if getattr(args, "decode_only", False) and not getattr(args, "decode", False):
+        raise ValueError("--decode-only skips the layer table of a decode run: give it with --decode")
+    names = [d.strip() for d in str(getattr(args, "decode_dtypes", "fp32,bf16")).split(",") if d.strip()]
+    bad = [d for d in names if d not in _DTYPES]
+    if bad or not names:
+        raise ValueError(f"--decode-dtypes {getattr(args, 'decode_dtypes', '')!r}: give a comma-separated list of "
+                         f"{', '.join(_DTYPES)}")
+    decode_dtypes = tuple(_DTYPES[d] for d in names)
     interleave = getattr(args, "interleave", None)
     if preset:
         p = FORMAT_PRESETS[preset]
@@ -729,10 +742,11 @@ def main(args: argparse.Namespace) -> list[dict]:
             shapes, Ms = model_shapes + list(STANDARD_SHAPES), STANDARD_M
     mrt = args.min_run_time if getattr(args, "min_run_time", None) is not None else (0.05 if quick else 0.2)
     lat_out, dec_out = output_paths(args)
-    rows = run_latency(specs, shapes, Ms, device=device, min_run_time=mrt, out=lat_out,
-                       resume=getattr(args, "resume", False), interleave=interleave or 0)
+    rows = [] if getattr(args, "decode_only", False) else run_latency(
+        specs, shapes, Ms, device=device, min_run_time=mrt, out=lat_out, resume=getattr(args, "resume", False),
+        interleave=interleave or 0)
     if getattr(args, "decode", False):
-        run_decode(specs, device=device, new_tokens=16 if quick else 32, out=dec_out,
+        run_decode(specs, device=device, new_tokens=16 if quick else 32, out=dec_out, dtypes=decode_dtypes,
                    resume=getattr(args, "resume", False))
         if getattr(args, "compile", False):
             run_decode(specs, device=device, new_tokens=16 if quick else 32, out=dec_out, dtypes=(torch.bfloat16,),

@@ -425,3 +425,26 @@ def test_decode_reports_progress_on_stderr(capsys, monkeypatch):
     assert err[0] == "[decode tiny fp32] 0/3 generate call"
     assert err[1].startswith("[decode tiny fp32] 1/3 generate call")
     assert err[-1].startswith("[decode tiny fp32] done: 3/3 generate call")
+
+
+def test_decode_only_and_decode_dtypes(monkeypatch, tmp_path):
+    """--decode --decode-only skips the layer table; --decode-dtypes picks the decode dtypes; both are
+    checked before anything runs."""
+    import argparse
+    calls = []
+    monkeypatch.setattr(latency, "run_latency", lambda *a, **k: calls.append("layers") or [])
+    monkeypatch.setattr(latency, "run_decode", lambda specs, **k: calls.append(("decode", k["dtypes"])))
+    monkeypatch.setattr(latency, "default_model_shapes", lambda: [("tiny", 8, 8)])
+    ap = argparse.ArgumentParser()
+    latency.add_arguments(ap)
+    out = str(tmp_path / "latency_cpu.csv")
+    latency.main(ap.parse_args(["--sweep", "quant", "--decode", "--decode-only", "--decode-dtypes", "bf16",
+                                "--out", out]))
+    assert calls == [("decode", (torch.bfloat16,))]
+    latency.main(ap.parse_args(["--sweep", "quant", "--decode", "--out", out]))
+    assert calls[1:] == ["layers", ("decode", (torch.float32, torch.bfloat16))]
+    for argv, words in ((["--decode-only"], "--decode-only"), (["--decode", "--decode-dtypes", "int8"], "--decode-dtypes"),
+                        (["--decode", "--decode-dtypes", ","], "--decode-dtypes")):
+        with pytest.raises(ValueError, match=words):
+            latency.main(ap.parse_args(["--sweep", "quant", *argv, "--out", out]))
+    assert len(calls) == 3

@@ -311,6 +311,57 @@ def test_auto_measurement_switches(monkeypatch):
     assert m.last_backend == "torch_int4x2" and len(calls) == 2
 
 
+def test_repeated_forwards_reuse_the_plan_and_forget_it_when_they_must(monkeypatch):
+    """A forward remembers its checked input and final choice per (backend, dtype, device, M bucket):
+    later forwards skip both (same result, same last_backend); a new backend, clear_choices(), .to(), a
+    bad input or measuring being off do not reuse a stale plan."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.delenv("TKR_CPU_AUTOTUNE", raising=False)
+    calls = []
+    _backend.set_timer(_fake_timer({"torch_int8": 2.0, "torch_int4x2": 1.0}, calls))
+    m = _random_codes_layer(40, 112, 8, -1, True)
+    x = torch.randn(3, 112, dtype=torch.bfloat16)
+    y = m(x)
+    assert m.last_backend == "torch_int4x2" and len(calls) == 2 and len(m._plans) == 1
+    monkeypatch.setattr(m, "resolve_backend", lambda *a, **k: pytest.fail("a planned forward chose again"))
+    assert torch.equal(m(x), y) and m.last_backend == "torch_int4x2"
+    assert m.last_candidates_ms == {"torch_int8": 2.0, "torch_int4x2": 1.0}
+    assert torch.equal(m(x[:, None, :]).squeeze(1), y)  # other leading dims, same bucket
+    monkeypatch.undo()
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    # bad inputs still get the module's errors, planned or not
+    with pytest.raises(ValueError, match="in_features"):
+        m(torch.randn(3, 111, dtype=torch.bfloat16))
+    with pytest.raises(TypeError, match="float32/bfloat16/float16"):
+        m(torch.zeros(3, 112, dtype=torch.int32))
+    _backend.set_timer(_fake_timer({"torch_int8": 1.0, "torch_int4x2": 2.0}, calls))
+    _backend.clear_choices()  # forgetting the measurements forgets the plans made from them
+    m(x)
+    assert m.last_backend == "torch_int8" and len(calls) == 4
+    m.backend = "torch_int4x2"  # a new requested backend: planned afresh
+    m(x)
+    assert m.last_backend == "torch_int4x2" and m.last_candidates_ms is None
+    m.backend = "auto"
+    m(x)
+    assert m.last_backend == "torch_int8" and len(calls) == 4
+    m.to(torch.float32)  # buffers moved or cast: plans dropped with the prepacked copies
+    assert m._plans == {}
+    # measuring off with several candidates: the static order, not planned (measured once it is on)
+    _backend.clear_choices()
+    monkeypatch.setenv("TKR_CPU_AUTOTUNE", "0")
+    m(x)
+    assert m.last_backend == "torch_int8" and not m._plans and len(calls) == 4
+    monkeypatch.setenv("TKR_CPU_AUTOTUNE", "1")
+    m(x)
+    assert len(calls) == 6 and len(m._plans) == 1
+    # an empty batch is not timed and not planned: the first real batch of its bucket measures
+    _backend.clear_choices()
+    m(torch.randn(0, 112, dtype=torch.bfloat16))
+    assert len(calls) == 6
+    m(torch.randn(1, 112, dtype=torch.bfloat16))
+    assert len(calls) == 8
+
+
 def test_dense_cache_competes_only_when_opted_in(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     monkeypatch.delenv("TKR_CPU_AUTOTUNE", raising=False)

@@ -100,6 +100,9 @@ AUTOTUNE = True
 
 _CHOICES: dict[tuple, tuple[str, dict[str, float]]] = {}
 _TIMER = None
+# Bumped by clear_choices(): modules that remember a resolved choice (QuantLinear's per-input plans)
+# key it by this, so forgetting the measurements also forgets what was derived from them.
+_GENERATION = 0
 
 
 @contextlib.contextmanager
@@ -166,7 +169,20 @@ def set_timer(timer) -> None:
 
 def clear_choices() -> None:
     """Forget every cached choice (the next ``auto`` forward of each key measures again)."""
+    global _GENERATION
     _CHOICES.clear()
+    _GENERATION += 1
+
+
+def choices_generation() -> int:
+    """A counter that changes whenever the cached choices are forgotten (``clear_choices``)."""
+    return _GENERATION
+
+
+def choice_entry(key: tuple) -> tuple[str, dict[str, float]] | None:
+    """``(winner, {candidate: ms})`` measured for ``key`` in this process, or ``None`` (no copy of the
+    whole cache, unlike ``cached_choices``: forwards ask this on every call)."""
+    return _CHOICES.get(key)
 
 
 def cached_choices() -> dict[tuple, tuple[str, dict[str, float]]]:
