@@ -136,6 +136,39 @@ def _misaligned(words: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def test_nm_m8_bit_plane_layout():
+    """m = 8 indices are bit planes in chunks of 64: plane p of chunk c is the 64-bit word 3c + p
+    (int32 words 6c + 2p, low half, and 6c + 2p + 1), its bit i = bit p of index 64c + i; exactly
+    3 bits per index, the last chunk zero-padded."""
+    N, K = 3, 8 * 100  # 4:8: KC = 400 kept per row, 7 chunks (the last holds 16)
+    w = torch.randn(N, K)
+    nmw = sm.nm_compress(w * sm.nm_prune(w, 4, 8), 4, 8)
+    assert nmw.meta.shape == (N, 6 * 7) and nmw.meta.dtype == torch.int32
+    idx = nmw.indices()
+    words = nmw.meta.long() & 0xFFFFFFFF
+    for j in (0, 31, 32, 63, 64, 200, 399):
+        for p in range(3):
+            word = words[:, 6 * (j // 64) + 2 * p + (j % 64) // 32]
+            assert torch.equal((word >> (j % 32)) & 1, (idx[:, j] >> p) & 1), (j, p)
+    assert int((words[:, 6 * 6:] >> 16).sum()) == 0  # padding of the last chunk (indices 400..447)
+    assert nmw.memory_bytes() == N * 400 * 4 + N * 6 * 7 * 4
+    # K a multiple of 128: exactly 3 bits per kept value (4:8 at K=4096: 768 bytes of planes per row)
+    big = sm.nm_compress(torch.zeros(2, 4096), 4, 8)
+    assert big.meta.shape == (2, 192) and big.meta.numel() * 32 == 2 * 2048 * 3
+
+
+@pytest.mark.parametrize("nm", [(4, 8), (2, 8), (1, 8)], ids=lambda v: f"{v[0]}of{v[1]}")
+def test_nm_m8_misaligned_planes_are_copied(nm):
+    """The plane words are read 64 bits wide: a meta view 4 bytes off an 8-byte boundary is copied."""
+    M, N, K = 2, 21, 300
+    x, w, b = _data(M, N, K, torch.float32)
+    nmw = sm.nm_compress(w * sm.nm_prune(w, *nm), *nm)
+    ref = sm.nm_matmul_reference(x, nmw, b)
+    odd = sm.NMWeight(nmw.values, _misaligned(nmw.meta), nmw.shape, *nm)
+    assert not sm._words64(odd.meta)
+    assert_close(sm.nm_matmul(x, odd, b), ref, torch.float32)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=_id)
 @pytest.mark.parametrize("K", [250, 64, 1000], ids=lambda k: f"K{k}")
 def test_nm_64bit_index_words(K, dtype):

@@ -15,14 +15,21 @@ Patterns, storage and what each kernel skips:
   ``BLOCK_M x bn`` outputs and loops over the nonzero blocks of its block row only.
 - **N:M semi-structured** (:func:`nm_compress`, :func:`nm_matmul`): n of every m consecutive input
   features per output row are kept, (n, m) with n in {1, 2, 4}, m in {4, 8}, n < m (2:4, 1:4, 4:8, ...).
-  :class:`NMWeight` stores the kept values ``(N, Kp*n/m)`` and their positions inside the group as
-  ``log2(m)``-bit indices (2 bits for m=4, 3 bits for m=8), packed little-end-first into int32 words,
-  ``32 // bits`` per word (16 or 10), ``(N, ceil(Kp*n/m / per_word))``. K not divisible by m is padded
-  with zeros up to ``Kp = ceil(K/m)*m`` (the padding is stored, never read from ``x``). The kernel
-  rebuilds the dense tile in registers and multiplies it on the tensor cores. For m = 4 a tile's indices
-  are whole words, each loaded once and unpacked in registers, two words per 64-bit load where a row
-  holds an even number of words (8-byte aligned rows: every K that is a multiple of 64 for 2:4); for
-  m = 8 (ten indices per word, which no power-of-two tile covers) each index is gathered from its word.
+  :class:`NMWeight` stores the kept values ``(N, KC)``, ``KC = Kp*n/m``, and their positions inside the
+  group as ``log2(m)``-bit indices in int32 words (``meta``). K not divisible by m is padded with zeros
+  up to ``Kp = ceil(K/m)*m`` (the padding is stored, never read from ``x``).
+
+  * m = 4: 2-bit indices, sixteen per word, little-end first: index j is bits ``2*(j % 16)`` of word
+    ``j // 16``; ``(N, ceil(KC/16))``.
+  * m = 8: 3-bit indices as bit planes, in chunks of 64 indices: chunk c is three 64-bit words, plane
+    p (bit p of each index) in word ``3c + p``, its bit i = bit p of index ``64c + i``; stored as int32
+    pairs (low half first), ``(N, 6*ceil(KC/64))``. Exactly 3 bits per index when KC is a multiple of
+    64 (the last chunk zero-padded otherwise), every word aligned and 64 bits wide.
+
+  The kernel rebuilds the dense tile in registers and multiplies it on the tensor cores. It loads each
+  index word once per row and unpacks it in registers: for m = 4 two words per 64-bit load where a row
+  holds an even number of words (8-byte aligned rows: every K that is a multiple of 64 for 2:4), for
+  m = 8 the three plane words of the tile's chunk (64-bit loads; a tile uses 32 bits of each).
 - **Unstructured** (:func:`masked_matmul`, or :func:`to_masked` + :func:`packed_masked_matmul` to pack
   once): :class:`MaskedWeight` keeps the dense weight, the mask packed 1 bit per weight (int32 words along
   K, ``(N, ceil(K/32))``) and a list of the ``(tile_n x tile_k)`` tiles that hold any kept weight (BSR-like
@@ -79,10 +86,12 @@ def nm_configs(interpret: bool | None = None) -> list:
     """Configs for :func:`nm_matmul_kernel` (BLOCK_K counts dense input features)."""
     if _interpreting() if interpret is None else interpret:
         return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 64}, num_warps=4, num_stages=1)]
-    # Spill-free for 2:4 and 4:8 on sm_80, sm_90 and gfx942 with Triton 3.7.1, 3.8 and 3.9 (compile check).
-    # With 4 warps, (16|32|64, 64, 64) spilled 3-22 bytes on gfx942 (4:8, Triton 3.7-3.9) or sm_90 (3.8).
+    # Spill-free for 2:4 and 4:8 on sm_80, sm_90 and gfx942 with Triton 3.6.0 (sm_80/sm_90), 3.7.1 and 3.9.0
+    # (compile check, 2026-11-30). With 4 warps, (16|32|64, 64, 64) spilled 3-22 bytes on gfx942 (4:8, Triton
+    # 3.7-3.9) or sm_90 (3.8), with the gathered 3-bit indices of that time. The decode tile runs 2 stages:
+    # with 3 or 4 the 4:8 bit-plane unpacking spilled 16 bytes on sm_90 (3.7.1).
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
-            for bm, bn, bk, w, s in ((16, 64, 64, 8, 4), (32, 64, 64, 8, 3), (64, 64, 32, 8, 3),
+            for bm, bn, bk, w, s in ((16, 64, 64, 8, 2), (32, 64, 64, 8, 3), (64, 64, 32, 8, 3),
                                      (128, 128, 32, 8, 3))]
 
 
@@ -205,7 +214,7 @@ def nm_matmul_kernel(
     stride_vn, stride_vk,
     stride_metan,
     stride_om, stride_on,
-    # meta: NN of every MM kept, IDX_BITS-bit indices, IDX_PER_WORD per int32 word
+    # meta: NN of every MM kept, IDX_BITS-bit indices, IDX_PER_WORD per int32 word (m = 4; m = 8: planes)
     NN: tl.constexpr, MM: tl.constexpr, IDX_BITS: tl.constexpr, IDX_PER_WORD: tl.constexpr,
     WHOLE_WORDS: tl.constexpr, WORDS64: tl.constexpr,
     HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
@@ -246,11 +255,26 @@ def nm_matmul_kernel(
                             mask=mask_n[:, None] & (wj[None, :] * IDX_PER_WORD < KC), other=0)  # [BN, WORDS]
             shifts = tl.reshape(tl.arange(0, IDX_PER_WORD) * IDX_BITS, (1, 1, IDX_PER_WORD))
             idx = tl.reshape((words[:, :, None] >> shifts) & ((1 << IDX_BITS) - 1), (BLOCK_N, BLOCK_KC))
-        else:
-            # m = 8: ten 3-bit indices per word do not tile a power-of-two block; one gather per index.
+        elif MM == 4:
+            # 1:4 with BLOCK_K = 32: eight 2-bit indices, part of one word; read from its word.
             word = tl.load(meta_ptr + offs_n[:, None] * stride_metan + (j // IDX_PER_WORD)[None, :],
                            mask=mask_v, other=0)
             idx = (word >> ((j % IDX_PER_WORD) * IDX_BITS)[None, :]) & ((1 << IDX_BITS) - 1)
+        else:
+            # m = 8: 3-bit indices as bit planes, 64 indices per chunk of three 64-bit words (plane p =
+            # bit p of each index). The tile's BLOCK_KC <= 32 indices lie in one 32-bit half of its
+            # chunk: each row loads the chunk's three words once (64-bit loads; the neighbouring tile
+            # reads the other half, from cache) and unpacks its half in registers.
+            tl.static_assert(BLOCK_KC <= 32, "an m = 8 tile keeps at most 32 values (half a plane chunk)")
+            j0 = (k0 // MM) * NN
+            chunk = meta_ptr.to(tl.pointer_type(tl.int64)) + offs_n * (stride_metan // 2) + (j0 // 64) * 3
+            half = (j0 % 64) // 32 * 32
+            p0 = (tl.load(chunk, mask=mask_n, other=0) >> half).to(tl.int32)  # [BN]
+            p1 = (tl.load(chunk + 1, mask=mask_n, other=0) >> half).to(tl.int32)
+            p2 = (tl.load(chunk + 2, mask=mask_n, other=0) >> half).to(tl.int32)
+            t = (j0 % 32 + tl.arange(0, BLOCK_KC))[None, :]
+            idx = (((p0[:, None] >> t) & 1) | (((p1[:, None] >> t) & 1) << 1)
+                   | (((p2[:, None] >> t) & 1) << 2))
         # Scatter each kept value to its position in its group: compare against 0..MM-1 and sum over
         # the NN kept slots (at most one matches), which stays in registers.
         v4 = tl.reshape(v, (BLOCK_N, GROUPS, NN, 1))
@@ -473,14 +497,17 @@ def nm_matmul(x, nmw, bias=None, *, out=None):
     _check_launchable(x, "nm_matmul")
     M = x2.shape[0]
     bits = _idx_bits(nmw.m)
+    meta = nmw.meta
+    if nmw.m == 8 and not _words64(meta):
+        meta = meta.clone()  # the plane words are read 64 bits wide: a fresh, 8-byte aligned copy
     grid = lambda META: (triton.cdiv(N, META["BLOCK_N"]), triton.cdiv(M, META["BLOCK_M"]))  # noqa: E731
     nm_matmul_kernel[grid](
-        x2, nmw.values, nmw.meta, bias if bias is not None else x2, out2,
+        x2, nmw.values, meta, bias if bias is not None else x2, out2,
         M, N, K, nmw.values.shape[1],
-        x2.stride(0), x2.stride(1), nmw.values.stride(0), nmw.values.stride(1), nmw.meta.stride(0),
+        x2.stride(0), x2.stride(1), nmw.values.stride(0), nmw.values.stride(1), meta.stride(0),
         out2.stride(0), out2.stride(1),
         NN=nmw.n, MM=nmw.m, IDX_BITS=bits, IDX_PER_WORD=32 // bits, WHOLE_WORDS=_nm_whole_words(nmw.n, nmw.m),
-        WORDS64=_words64(nmw.meta),
+        WORDS64=_words64(meta),
         HAS_BIAS=bias is not None, **_dot_meta(x.dtype))
     return out2.view(*lead, N) if out is None else out
 
@@ -667,7 +694,7 @@ def _check_nm(n, m):
 class NMWeight:
     """N:M compressed (N, K) weight; see the module docstring for the layout."""
     values: torch.Tensor  # (N, Kp*n/m) kept values, weight dtype
-    meta: torch.Tensor    # (N, ceil(Kp*n/m / (32 // bits))) int32, packed in-group positions
+    meta: torch.Tensor    # int32 in-group positions: m=4 (N, ceil(KC/16)); m=8 bit planes (N, 6*ceil(KC/64))
     shape: tuple          # (N, K), K before padding to a multiple of m
     n: int
     m: int
@@ -678,11 +705,13 @@ class NMWeight:
 
     def indices(self) -> torch.Tensor:
         """The unpacked in-group positions, (N, Kp*n/m) int64."""
-        bits = _idx_bits(self.m)
-        per_word = 32 // bits
-        j = torch.arange(self.values.shape[1], device=self.meta.device)
-        words = self.meta.long()[:, j // per_word] & 0xFFFFFFFF
-        return (words >> ((j % per_word) * bits)) & ((1 << bits) - 1)
+        KC = self.values.shape[1]
+        j = torch.arange(KC, device=self.meta.device)
+        words = self.meta.long() & 0xFFFFFFFF
+        if self.m == 8:  # bit planes: int32 word 6c + 2p (+1 for indices 32..63 of the chunk) holds bit p
+            word = (j // 64) * 6 + (j % 64) // 32
+            return sum(((words[:, word + 2 * p] >> (j % 32)) & 1) << p for p in range(3))
+        return (words[:, j // 16] >> ((j % 16) * 2)) & 3
 
     def to_dense(self) -> torch.Tensor:
         N, K = self.shape
@@ -714,16 +743,26 @@ def nm_compress(weight, n=2, m=4) -> NMWeight:
     order = torch.argsort((~nz).to(torch.int64) * m + pos, dim=-1)[..., :n]
     idx = order.sort(dim=-1).values
     values = torch.gather(g, 2, idx).reshape(N, -1).contiguous()
-    bits = _idx_bits(m)
-    per_word = 32 // bits
-    flat = idx.reshape(N, -1)
-    KC = flat.shape[1]
-    words = -(-KC // per_word)
-    flat = torch.nn.functional.pad(flat, (0, words * per_word - KC)).reshape(N, words, per_word)
-    shifts = torch.arange(per_word, device=weight.device) * bits
-    packed = (flat << shifts).sum(-1)  # int64, < 2**32
-    packed = torch.where(packed >= 2**31, packed - 2**32, packed).to(torch.int32)
-    return NMWeight(values, packed.contiguous(), (N, K), n, m)
+    return NMWeight(values, _pack_nm_indices(idx.reshape(N, -1), m), (N, K), n, m)
+
+
+def _words32(fields: torch.Tensor, width: int) -> torch.Tensor:
+    """int64 fields (N, W, 32 // width), each < 2**width -> int32 words (N, W), field i at bit i * width."""
+    packed = (fields << (torch.arange(fields.shape[-1], device=fields.device) * width)).sum(-1)  # < 2**32
+    return torch.where(packed >= 2**31, packed - 2**32, packed).to(torch.int32)
+
+
+def _pack_nm_indices(flat: torch.Tensor, m: int) -> torch.Tensor:
+    """In-group positions (N, KC) -> the int32 index words of :class:`NMWeight` (module docstring)."""
+    N, KC = flat.shape
+    if m == 4:  # sixteen 2-bit fields per word
+        words = -(-KC // 16)
+        return _words32(torch.nn.functional.pad(flat, (0, words * 16 - KC)).reshape(N, words, 16), 2).contiguous()
+    # m = 8: chunks of 64 indices, each three 64-bit plane words stored as int32 (low, high) pairs
+    chunks = -(-KC // 64)
+    f = torch.nn.functional.pad(flat, (0, chunks * 64 - KC)).reshape(N, chunks, 1, 2, 32)
+    planes = (f >> torch.arange(3, device=flat.device).reshape(1, 1, 3, 1, 1)) & 1  # [N, chunks, 3, 2, 32]
+    return _words32(planes, 1).reshape(N, chunks * 6).contiguous()
 
 
 @dataclasses.dataclass

@@ -10,10 +10,9 @@ tiles are twice as large and the launch-time pruning drops the ones that would n
 The wide-load rule (packed weights fetched >= 64 bits at a time) holds for the decode configs: the
 BLOCK_M = 16 tiles, which the launchers' pruning keeps as the only candidates at M <= 16, and both
 activation-sparsity paths. There the values come in 128-bit loads, 2:4 index words and mask words as
-64-bit pairs (rows with an even number of int32 words, as every K that is a multiple of 64 gives).
-Exempt, and said so in the config name: 4:8, whose ten 3-bit indices per int32 word tile no power-of-two
-block, so each index is gathered from its word (32-bit loads). Not compiled here: 1:4 (16 indices per
-64-wide tile row: one 32-bit word) and 1:8/2:8 (gathered like 4:8).
+64-bit pairs (rows with an even number of int32 words, as every K that is a multiple of 64 gives), and
+4:8's bit-plane words as 64-bit words. Not compiled here: 1:4 (16 indices per 64-wide tile row: one
+32-bit word; its BLOCK_K = 32 tiles read half a word) and 1:8/2:8 (the same plane path as 4:8).
 """
 import torch
 
@@ -62,17 +61,14 @@ def cases() -> list[Case]:
         bits = sm._idx_bits(m)
         kc = K * n // m
         values = torch.empty(N, kc, dtype=DTYPE)
-        meta = torch.empty(N, -(-kc // (32 // bits)), dtype=torch.int32)
+        meta = torch.empty(N, -(-kc // 16) if m == 4 else 6 * -(-kc // 64), dtype=torch.int32)
         for cfg in sm._prune_nm(sm.nm_configs(interpret=False), {"x_ptr": x}):
             args = (x, values, meta, bias, y, M, N, K, kc, x.stride(0), x.stride(1), values.stride(0),
                     values.stride(1), meta.stride(0), y.stride(0), y.stride(1))
-            gathered = not sm._nm_whole_words(n, m)
-            out.append(Case(sm.nm_matmul_kernel.fn, f"sparse_nm_{n}of{m}",
-                            _name(cfg) + (" (3-bit indices gathered: 32-bit loads, known)"
-                                          if gathered and _decode(cfg) else ""), args,
+            out.append(Case(sm.nm_matmul_kernel.fn, f"sparse_nm_{n}of{m}", _name(cfg), args,
                             _meta(cfg, NN=n, MM=m, IDX_BITS=bits, IDX_PER_WORD=32 // bits,
-                                  WHOLE_WORDS=not gathered, WORDS64=sm._words64(meta)),
-                            weight_args=(1, 2), wide_loads=_decode(cfg) and not gathered))
+                                  WHOLE_WORDS=sm._nm_whole_words(n, m), WORDS64=sm._words64(meta)),
+                            weight_args=(1, 2), wide_loads=_decode(cfg)))
 
     tn, tk = 64, 64
     w = torch.empty(N, K, dtype=DTYPE)

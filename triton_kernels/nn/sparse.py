@@ -358,8 +358,8 @@ class SparseLinear(nn.Module):
         if self.pattern == "nm":
             Kp = -(-K // self.m) * self.m
             kept = Kp * self.n // self.m
-            per_word = 32 // sm._idx_bits(self.m)
-            return N * kept, N * (-(-kept // per_word)) * 4
+            words = -(-kept // 16) if self.m == 4 else 6 * -(-kept // 64)  # sparse_matmul.NMWeight.meta
+            return N * kept, N * words * 4
         if self.pattern == "block":
             bn, bk = self.block
             nbr, nbc = -(-N // bn), -(-K // bk)
