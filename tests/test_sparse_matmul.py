@@ -170,20 +170,22 @@ def test_nm_m8_misaligned_planes_are_copied(nm):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=_id)
-@pytest.mark.parametrize("K", [250, 64, 1000], ids=lambda k: f"K{k}")
-def test_nm_64bit_index_words(K, dtype):
-    """2:4 rows with an even number of index words are read as 64-bit pairs: partial last word (K=250:
-    126 kept, 8 words), one pair per row (K=64), many tiles (K=1000); the same words 4 bytes off an
-    8-byte boundary take the 32-bit path and give the same result."""
+@pytest.mark.parametrize("nm, K", [((2, 4), 250), ((2, 4), 64), ((2, 4), 1000), ((1, 4), 500), ((1, 4), 128)],
+                         ids=["2of4-K250", "2of4-K64", "2of4-K1000", "1of4-K500", "1of4-K128"])
+def test_nm_64bit_index_words(nm, K, dtype):
+    """m = 4 rows with an even number of index words are read 64 bits at a time: 2:4 tiles take whole
+    word pairs (partial last word at K=250: 126 kept, 8 words; one pair per row at K=64; many tiles at
+    K=1000), 1:4 tiles (16 indices) half a pair each (K=500: 125 kept, 8 words). The same words 4 bytes
+    off an 8-byte boundary take the 32-bit paths and give the same result."""
     M, N = 3, 37
     x, w, b = _data(M, N, K, dtype)
-    pruned = w * sm.nm_prune(w, 2, 4)
-    nmw = sm.nm_compress(pruned, 2, 4)
+    pruned = w * sm.nm_prune(w, *nm)
+    nmw = sm.nm_compress(pruned, *nm)
     assert nmw.meta.shape[1] % 2 == 0 and sm._words64(nmw.meta)
     out = sm.nm_matmul(x, nmw, b, out=_poisoned(M, N, dtype))
     ref = sm.nm_matmul_reference(x, nmw, b)
     assert_close(out, ref, dtype)
-    odd = sm.NMWeight(nmw.values, _misaligned(nmw.meta), nmw.shape, 2, 4)
+    odd = sm.NMWeight(nmw.values, _misaligned(nmw.meta), nmw.shape, *nm)
     assert not sm._words64(odd.meta)
     assert torch.equal(sm.nm_matmul(x, odd, b), out)
 

@@ -28,7 +28,8 @@ Patterns, storage and what each kernel skips:
 
   The kernel rebuilds the dense tile in registers and multiplies it on the tensor cores. It loads each
   index word once per row and unpacks it in registers: for m = 4 two words per 64-bit load where a row
-  holds an even number of words (8-byte aligned rows: every K that is a multiple of 64 for 2:4), for
+  holds an even number of words (8-byte aligned rows: every K that is a multiple of 64 for 2:4, of 128
+  for 1:4; a tile of fewer than 32 indices uses its part of the pair), 32-bit words otherwise; for
   m = 8 the three plane words of the tile's chunk (64-bit loads; a tile uses 32 bits of each).
 - **Unstructured** (:func:`masked_matmul`, or :func:`to_masked` + :func:`packed_masked_matmul` to pack
   once): :class:`MaskedWeight` keeps the dense weight, the mask packed 1 bit per weight (int32 words along
@@ -235,7 +236,7 @@ def nm_matmul_kernel(
         mask_v = mask_n[:, None] & (j[None, :] < KC)
         v = tl.load(values_ptr + offs_n[:, None] * stride_vn + j[None, :] * stride_vk,
                     mask=mask_v, other=0.0)  # [BN, BKC]
-        if WHOLE_WORDS and WORDS64 and BLOCK_KC % (2 * IDX_PER_WORD) == 0:
+        if MM == 4 and WORDS64 and BLOCK_KC % (2 * IDX_PER_WORD) == 0:
             # m = 4 with 8-byte aligned rows (an even number of words per row): the tile's indices are
             # whole pairs of words; load each pair as one 64-bit word and unpack it in registers.
             PER64: tl.constexpr = 2 * IDX_PER_WORD
@@ -246,6 +247,16 @@ def nm_matmul_kernel(
             shifts = tl.reshape(tl.arange(0, PER64).to(tl.int64) * IDX_BITS, (1, 1, PER64))
             idx = tl.reshape(((words[:, :, None] >> shifts) & ((1 << IDX_BITS) - 1)).to(tl.int32),
                              (BLOCK_N, BLOCK_KC))
+        elif MM == 4 and WORDS64:
+            # m = 4, fewer than 32 indices per tile (1:4, or 2:4 with BLOCK_K = 32): the tile's indices lie
+            # in one 64-bit word pair; load it (64 bits: the neighbouring tile's half comes from cache)
+            # and unpack the tile's part in registers.
+            PER64: tl.constexpr = 2 * IDX_PER_WORD
+            j0 = (k0 // MM) * NN
+            w64 = tl.load(meta_ptr.to(tl.pointer_type(tl.int64)) + offs_n * (stride_metan // 2) + j0 // PER64,
+                          mask=mask_n, other=0)  # [BN]
+            part = (w64 >> ((j0 % PER64) * IDX_BITS)).to(tl.int32)  # the tile's BLOCK_KC fields, low bits first
+            idx = (part[:, None] >> (tl.arange(0, BLOCK_KC) * IDX_BITS)[None, :]) & ((1 << IDX_BITS) - 1)
         elif WHOLE_WORDS:
             # m = 4: 16 two-bit indices fill a word and a tile's BLOCK_KC indices are whole words (the
             # tile starts at a multiple of 16 kept values): load each word once, unpack in registers.

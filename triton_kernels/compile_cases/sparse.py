@@ -2,7 +2,7 @@
 
 Representative problem: a 4096 x 4096 layer in bfloat16 (fp16 compiles the same tiles), M = 128 rows
 for the tiled kernels (prefill) and M = 1 (GEMV path) and M = 16 (tl.dot path) for activation sparsity.
-Block sparsity is compiled for 32 x 32 and 64 x 64 blocks, N:M for 2:4 (2-bit indices) and 4:8 (3-bit),
+Block sparsity is compiled for 32 x 32 and 64 x 64 blocks, N:M for 2:4 and 1:4 (2-bit indices) and 4:8 (3-bit),
 the masked kernel for its default 64 x 64 tiles. Configs are filtered by the same shared-memory pruning
 the launcher applies, so every config that can run on a GPU is compiled. fp32 is not compiled: its
 tiles are twice as large and the launch-time pruning drops the ones that would not fit.
@@ -10,9 +10,9 @@ tiles are twice as large and the launch-time pruning drops the ones that would n
 The wide-load rule (packed weights fetched >= 64 bits at a time) holds for the decode configs: the
 BLOCK_M = 16 tiles, which the launchers' pruning keeps as the only candidates at M <= 16, and both
 activation-sparsity paths. There the values come in 128-bit loads, 2:4 index words and mask words as
-64-bit pairs (rows with an even number of int32 words, as every K that is a multiple of 64 gives), and
-4:8's bit-plane words as 64-bit words. Not compiled here: 1:4 (16 indices per 64-wide tile row: one
-32-bit word; its BLOCK_K = 32 tiles read half a word) and 1:8/2:8 (the same plane path as 4:8).
+64-bit pairs (rows with an even number of int32 words, as every K that is a multiple of 64 gives; 1:4's
+16 indices per tile as half of such a pair), and 4:8's bit-plane words as 64-bit words. Not compiled
+here: 1:8/2:8 (the same plane path as 4:8).
 """
 import torch
 
@@ -57,7 +57,7 @@ def cases() -> list[Case]:
             out.append(Case(sm.block_sparse_matmul_kernel.fn, f"sparse_block_{bn}x{bk}", _name(cfg), args,
                             _meta(cfg, BLOCK_N=bn, BLOCK_K=bk), weight_args=(1,), wide_loads=_decode(cfg)))
 
-    for n, m in ((2, 4), (4, 8)):
+    for n, m in ((2, 4), (1, 4), (4, 8)):
         bits = sm._idx_bits(m)
         kc = K * n // m
         values = torch.empty(N, kc, dtype=DTYPE)
