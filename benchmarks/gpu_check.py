@@ -29,6 +29,13 @@ Sections, in order (each writes its CSV as soon as it finishes, so a run cut sho
    CodebookLinear, SparseLinear (block, 2:4) and LowRankLinear layers on the GPU, through the kernels'
    custom operators (``triton_kernels.nn._ops``): compiled output equal to eager, number of graphs,
    and eager vs compiled (and CUDA-graph ``reduce-overhead``) time per forward at M=1.
+7. ``decode``: end-to-end greedy decoding (``experiments.latency.decode_tokens_per_second``, 32 new
+   tokens) of a model with the default model's architecture (SmolLM2-135M: 30 Llama blocks, 576 wide;
+   random weights, since the GGUF cannot be carried to the GPU machine and decode speed depends on the
+   shapes only), fp16, dense vs RTN 4-bit g128, 3-bit g128 and magnitude 2:4 through the Triton
+   backends: eager for each, then ``torch.compile`` (static KV cache, Inductor) of dense and 4-bit while
+   the budget lasts. A 135M model is launch-bound on a large GPU: the eager rows show the per-layer
+   launch cost, the compiled ones what is left once it is fused away.
 
 Timings: ``triton.testing.do_bench`` (median, p20, p80; it flushes L2 between calls). The whole run
 is time-boxed (``--budget-s``): a section that would start after the budget is skipped and recorded
@@ -61,7 +68,7 @@ import torch.nn.functional as F
 from experiments.provenance import _version, git_commit
 from experiments.results import write_rows as write_csv
 
-SECTIONS = ("correctness", "bandwidth", "dequant", "sparse_lowrank", "codebook", "compile")
+SECTIONS = ("correctness", "bandwidth", "dequant", "sparse_lowrank", "codebook", "compile", "decode")
 UNIT_ROUNDOFF = {torch.float16: 2.0 ** -11, torch.bfloat16: 2.0 ** -8, torch.float32: 2.0 ** -24}
 DNAME = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 DTYPES = {v: k for k, v in DNAME.items()}
@@ -695,6 +702,73 @@ def run_compile(device: torch.device) -> list[dict]:
     return rows
 
 
+# The default model's architecture (SmolLM2-135M-Instruct), for the decode section's random model.
+DECODE_CONFIG = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                     num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=2048,
+                     rope_theta=100000.0, tie_word_embeddings=True)
+# On CPU (plumbing only): two blocks, a few tokens.
+DECODE_CONFIG_CPU = dict(DECODE_CONFIG, vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2)
+DECODE_SPECS = (None, {"method": "rtn", "bits": 4, "group_size": 128, "symmetric": False},
+                {"method": "rtn", "bits": 3, "group_size": 128, "symmetric": False},
+                {"method": "magnitude", "pattern": "2:4", "sparsity": 0.5})
+
+
+def run_decode(device: torch.device, deadline: float) -> list[dict]:
+    """Greedy-decode tokens/s of the default model's architecture, dense vs compressed (see the module
+    docstring). Each compressed row carries ``speedup_vs_dense``: over the dense model in the same mode."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from experiments.compress import compress_model, parse_spec
+    from experiments.latency import decode_tokens_per_second
+    cpu = device.type == "cpu"
+    cfg = LlamaConfig(**(DECODE_CONFIG_CPU if cpu else DECODE_CONFIG))
+    dt = torch.bfloat16 if cpu else torch.float16
+    new_tokens, repeats = (2, 1) if cpu else (32, 3)
+    ids = torch.randint(0, cfg.vocab_size, (1, 16), generator=torch.Generator().manual_seed(0))
+    rows, dense = [], {}
+    modes = [False] if cpu else [False, True]
+    # the tiny CPU model's layers are 64 wide: groups of 32 there
+    specs = [s if s is None or not cpu or "group_size" not in s else {**s, "group_size": 32} for s in DECODE_SPECS]
+    for compiled in modes:
+        for spec in specs if not compiled else specs[:2]:
+            label = "dense" if spec is None else parse_spec(spec).label()
+            row = {"model": "SmolLM2-135M architecture, random weights" if not cpu else "tiny Llama (plumbing)",
+                   "label": label, "dtype": DNAME[dt], "compiled": compiled, "new_tokens": new_tokens}
+            if time.monotonic() > deadline:
+                rows.append({**row, "status": "SKIPPED (time budget)"})
+                continue
+            try:
+                torch.manual_seed(0)
+                model = LlamaForCausalLM(cfg).eval()
+                if spec is not None:
+                    compress_model(model, parse_spec(spec), None, progress=False)
+                model.to(device=device, dtype=dt)
+                model.generation_config.pad_token_id = 0
+                r = decode_tokens_per_second(model, None, input_ids=ids, new_tokens=new_tokens, repeats=repeats,
+                                             label=f"decode {label}", progress=False, compile=compiled)
+                row.update(tokens_per_s=round(r["tokens_per_s"], 2), status="ok",
+                           compile_seconds=r.get("compile_seconds"))
+                backends = sorted({type(m).__name__ + ":" + str(getattr(m, "last_backend", None) or
+                                   getattr(m, "backend", "")) for m in model.modules()
+                                   if type(m).__name__ in ("QuantLinear", "SparseLinear")})
+                row["module_backends"] = " ".join(backends)
+                if spec is None:
+                    dense[compiled] = row["tokens_per_s"]
+                elif dense.get(compiled):
+                    row["speedup_vs_dense"] = round(row["tokens_per_s"] / dense[compiled], 3)
+                del model
+            except Exception as e:  # noqa: BLE001 - a row per failure, the section goes on
+                traceback.print_exc()
+                row["status"] = f"ERROR {type(e).__name__}: {e}"[:300]
+            rows.append(row)
+            print(f"[decode] {label}{' compiled' if compiled else ''}: "
+                  + (f"{row['tokens_per_s']} tok/s" + (f", x{row['speedup_vs_dense']} vs dense"
+                                                       if "speedup_vs_dense" in row else "")
+                     if row["status"] == "ok" else row["status"]), flush=True)
+    return rows
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out-dir", default="results/gpu", help="where the CSVs go (default results/gpu)")
@@ -716,7 +790,7 @@ def main(argv=None) -> int:
     if device.type == "cpu":
         if os.environ.get("TRITON_INTERPRET") != "1":
             p.error("--device cpu runs the kernels under the interpreter: set TRITON_INTERPRET=1")
-        only = [s for s in only if s in ("correctness", "compile")]
+        only = [s for s in only if s in ("correctness", "compile", "decode")]
     workers = args.workers or (min(12, os.cpu_count() or 1) if device.type == "cuda" else 1)
     start = time.monotonic()
     deadline = start + args.budget_s
@@ -739,7 +813,7 @@ def main(argv=None) -> int:
         try:
             # Each section gets a share of what is left, so every one of them measures something.
             share = {"correctness": 0.4, "bandwidth": 1.0, "dequant": 0.6, "sparse_lowrank": 0.6,
-                     "codebook": 0.8, "compile": 1.0}[section]
+                     "codebook": 0.8, "compile": 0.5, "decode": 1.0}[section]
             section_deadline = t0 + share * (deadline - t0)
             if section == "correctness":
                 rows = run_correctness(device, workers, section_deadline)
@@ -758,10 +832,13 @@ def main(argv=None) -> int:
             elif section == "codebook":
                 rows = run_codebook(device, copy_gbps, section_deadline, save)
                 status = _codebook_headline(rows)
-            else:
+            elif section == "compile":
                 rows = run_compile(device)
                 n_ok = sum(r["status"] == "ok" for r in rows)
                 status = f"{n_ok}/{len(rows)} ok"
+            else:
+                rows = run_decode(device, section_deadline)
+                status = _decode_headline(rows)
         except Exception as e:  # noqa: BLE001 - record, continue with the next section
             traceback.print_exc()
             rows, status = [], f"ERROR {type(e).__name__}: {e}"[:300]
@@ -783,6 +860,15 @@ def _dequant_headline(rows) -> str:
             and r.get("M") in (1, 16)]
     return "; ".join(f"int4 g128 28672x8192 M={r['M']}: x{r['speedup_vs_fp16']} vs fp16, {r['pct_copy_bw']}% BW"
                      for r in want) or f"{len(rows)} rows"
+
+
+def _decode_headline(rows) -> str:
+    bad = [r for r in rows if r["status"].startswith("ERROR")]
+    ok = [r for r in rows if r["status"] == "ok"]
+    # no "/" here: main() reads "a/b ok" statuses as pass counts
+    head = "; ".join(f"{r['label']}{' compiled' if r['compiled'] else ''} {r['tokens_per_s']} tok per s"
+                     + (f" (x{r['speedup_vs_dense']})" if "speedup_vs_dense" in r else "") for r in ok)
+    return (f"ERROR in {len(bad)} of {len(rows)}: " if bad else "") + (head or f"{len(rows)} rows")
 
 
 def _sparse_headline(rows) -> str:

@@ -24,10 +24,16 @@ def test_cpu_correctness_plumbing_writes_all_ok(tmp_path):
     assert all(r["status"] == "ok" for r in rows), [r["case"] for r in rows if r["status"] != "ok"]
     assert all(r["git_commit"] and r["torch"] for r in rows)
     summary = list(csv.DictReader(open(tmp_path / "summary.csv")))
-    assert [s["section"] for s in summary] == ["correctness", "compile"]
+    assert [s["section"] for s in summary] == ["correctness", "compile", "decode"]
     compiled = list(csv.DictReader(open(tmp_path / "compile.csv")))
     assert {r["dtype"] for r in compiled} == {"fp16", "bf16"}
     assert all(r["status"] == "ok" and r["graphs"] == "1" for r in compiled), compiled
+    # end-to-end decode of a tiny Llama: dense and each compressed format through the Triton backends
+    decode = list(csv.DictReader(open(tmp_path / "decode.csv")))
+    assert [r["label"] for r in decode] == ["dense", "rtn-w4-g32-asym", "rtn-w3-g32-asym", "magnitude-2:4"]
+    assert all(r["status"] == "ok" and float(r["tokens_per_s"]) > 0 for r in decode), decode
+    for r in decode[1:]:
+        assert float(r["speedup_vs_dense"]) > 0 and "triton" in r["module_backends"], r
 
 
 def test_gpu_case_grid_covers_every_bit_width_group_and_dtype():

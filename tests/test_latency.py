@@ -443,7 +443,8 @@ def test_decode_only_and_decode_dtypes(monkeypatch, tmp_path):
     assert calls == [("decode", (torch.bfloat16,))]
     latency.main(ap.parse_args(["--sweep", "quant", "--decode", "--out", out]))
     assert calls[1:] == ["layers", ("decode", (torch.float32, torch.bfloat16))]
-    for argv, words in ((["--decode-only"], "--decode-only"), (["--decode", "--decode-dtypes", "int8"], "--decode-dtypes"),
+    for argv, words in ((["--decode-only"], "--decode-only"),
+                        (["--decode", "--decode-dtypes", "int8"], "--decode-dtypes"),
                         (["--decode", "--decode-dtypes", ","], "--decode-dtypes")):
         with pytest.raises(ValueError, match=words):
             latency.main(ap.parse_args(["--sweep", "quant", *argv, "--out", out]))
