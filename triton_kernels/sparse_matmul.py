@@ -763,14 +763,19 @@ def _words32(fields: torch.Tensor, width: int) -> torch.Tensor:
     return torch.where(packed >= 2**31, packed - 2**32, packed).to(torch.int32)
 
 
+def nm_meta_words(kept: int, m: int) -> int:
+    """int32 index words per row of :class:`NMWeight` for ``kept`` values per row (module docstring)."""
+    return -(-kept // 16) if m == 4 else 6 * -(-kept // 64)
+
+
 def _pack_nm_indices(flat: torch.Tensor, m: int) -> torch.Tensor:
     """In-group positions (N, KC) -> the int32 index words of :class:`NMWeight` (module docstring)."""
     N, KC = flat.shape
+    words = nm_meta_words(KC, m)
     if m == 4:  # sixteen 2-bit fields per word
-        words = -(-KC // 16)
         return _words32(torch.nn.functional.pad(flat, (0, words * 16 - KC)).reshape(N, words, 16), 2).contiguous()
     # m = 8: chunks of 64 indices, each three 64-bit plane words stored as int32 (low, high) pairs
-    chunks = -(-KC // 64)
+    chunks = words // 6
     f = torch.nn.functional.pad(flat, (0, chunks * 64 - KC)).reshape(N, chunks, 1, 2, 32)
     planes = (f >> torch.arange(3, device=flat.device).reshape(1, 1, 3, 1, 1)) & 1  # [N, chunks, 3, 2, 32]
     return _words32(planes, 1).reshape(N, chunks * 6).contiguous()
@@ -804,8 +809,7 @@ def pack_mask_bits(mask) -> torch.Tensor:
     N, K = mask.shape
     words = -(-K // 32)
     b = torch.nn.functional.pad(mask.to(torch.int64), (0, words * 32 - K)).reshape(N, words, 32)
-    packed = (b << torch.arange(32, device=mask.device)).sum(-1)
-    return torch.where(packed >= 2**31, packed - 2**32, packed).to(torch.int32).contiguous()
+    return _words32(b, 1).contiguous()
 
 
 def to_masked(weight, mask, tile=(64, 64)) -> MaskedWeight:

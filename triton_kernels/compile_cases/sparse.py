@@ -61,7 +61,7 @@ def cases() -> list[Case]:
         bits = sm._idx_bits(m)
         kc = K * n // m
         values = torch.empty(N, kc, dtype=DTYPE)
-        meta = torch.empty(N, -(-kc // 16) if m == 4 else 6 * -(-kc // 64), dtype=torch.int32)
+        meta = torch.empty(N, sm.nm_meta_words(kc, m), dtype=torch.int32)
         for cfg in sm._prune_nm(sm.nm_configs(interpret=False), {"x_ptr": x}):
             args = (x, values, meta, bias, y, M, N, K, kc, x.stride(0), x.stride(1), values.stride(0),
                     values.stride(1), meta.stride(0), y.stride(0), y.stride(1))

@@ -358,8 +358,7 @@ class SparseLinear(nn.Module):
         if self.pattern == "nm":
             Kp = -(-K // self.m) * self.m
             kept = Kp * self.n // self.m
-            words = -(-kept // 16) if self.m == 4 else 6 * -(-kept // 64)  # sparse_matmul.NMWeight.meta
-            return N * kept, N * words * 4
+            return N * kept, N * sm.nm_meta_words(kept, self.m) * 4
         if self.pattern == "block":
             bn, bk = self.block
             nbr, nbc = -(-N // bn), -(-K // bk)
