@@ -9,7 +9,7 @@ when the spec is the same and the reference table has the same comparable contex
 the point of the comparison. Latency and decode speed are compared only as information: another
 machine gives other timings.
 
-What to expect (README, "Reproducing the results"): on the machine that produced the reference, every
+What to expect (docs/reproduce.md, "What to expect on another machine"): on the machine that produced the reference, every
 number is identical; on another CPU the uncalibrated points (RTN, magnitude, plain SVD) come out
 identical or nearly so, calibrated points (GPTQ, Wanda, SparseGPT, activation-aware SVD) differ by a few
 percent (0.5-3.4% seen between an AMD EPYC and an Intel Xeon), and sizes are always identical.

@@ -36,7 +36,7 @@ DEFAULT_RUN = "local"
 
 # Columns that make up one sweep table's context: what was compressed and evaluated, with which
 # settings, on which machine. Perplexity of calibrated points moves by ~0.5-3.4% between CPU kinds
-# (README), so the machine is part of it. Not settings that vary per point (calib_samples is 0 for
+# (docs/reproduce.md), so the machine is part of it. Not settings that vary per point (calib_samples is 0 for
 # uncalibrated points).
 SWEEP_CONTEXT = ("model", "corpus", "calibration_text", "evaluation_text", "text_sha256", "quick", "seqlen",
                  "eval_token_budget", "seed", "device_type", "device", "torch")
