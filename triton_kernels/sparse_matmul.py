@@ -118,7 +118,7 @@ def _smem_bytes(bm: int, bn: int, bk: int, stages: int, elt: int) -> int:
     return max(stages, 1) * (bm * bk + bn * bk) * elt
 
 
-def _prune_tiled(configs, named_args, **kwargs):
+def prune_tiled_configs(configs, named_args, **kwargs):
     """Drop configs whose pipelined x/W tiles would not fit into 64 KiB of shared memory, and at
     decode (M <= 16) every config but the BLOCK_M = 16 ones: a taller tile only multiplies rows that
     do not exist. The BLOCK_M = 16 configs are the decode configs the compile check holds to the
@@ -140,8 +140,8 @@ def _prune_tiled(configs, named_args, **kwargs):
 _TRITON_3_6 = tuple(int(p) for p in triton.__version__.split(".")[:2]) < (3, 7)
 
 
-def _prune_nm(configs, named_args, **kwargs):
-    kept = _prune_tiled(configs, named_args, **kwargs)
+def prune_nm_configs(configs, named_args, **kwargs):
+    kept = prune_tiled_configs(configs, named_args, **kwargs)
     if _TRITON_3_6:
         kept = [c for c in kept if c.kwargs["BLOCK_M"] <= 32] or kept[:1]
     return kept
@@ -161,7 +161,7 @@ def _dot(a, b, acc, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr):
     return out
 
 @triton.autotune(configs=block_sparse_configs(), key=["M", "N", "K"],
-                 prune_configs_by={"early_config_prune": _prune_tiled})
+                 prune_configs_by={"early_config_prune": prune_tiled_configs})
 @triton.jit
 def block_sparse_matmul_kernel(
     # pointers: activations, BSR values/row_ptr/col_idx, bias, output
@@ -203,7 +203,7 @@ def block_sparse_matmul_kernel(
 
 
 @triton.autotune(configs=nm_configs(), key=["M", "N", "K"],
-                 prune_configs_by={"early_config_prune": _prune_nm})
+                 prune_configs_by={"early_config_prune": prune_nm_configs})
 @triton.jit
 def nm_matmul_kernel(
     # pointers: activations, kept values, packed indices, bias, output
@@ -303,7 +303,7 @@ def nm_matmul_kernel(
 
 
 @triton.autotune(configs=masked_configs(), key=["M", "N", "K"],
-                 prune_configs_by={"early_config_prune": _prune_tiled})
+                 prune_configs_by={"early_config_prune": prune_tiled_configs})
 @triton.jit
 def masked_matmul_kernel(
     # pointers: activations, dense weight, packed mask bits, tile list, bias, output
@@ -481,7 +481,7 @@ def block_sparse_matmul(x, bsw, bias=None, *, out=None):
     return out2.view(*lead, N) if out is None else out
 
 
-def _words64(words: torch.Tensor) -> bool:
+def words64(words: torch.Tensor) -> bool:
     """Whether int32 words (rows, n) can be read as 64-bit pairs: every row starts 8-byte aligned
     and holds an even number of words (so a pair never straddles two rows)."""
     return (words.dim() == 2 and words.shape[1] % 2 == 0 and words.stride(1) == 1
@@ -489,11 +489,11 @@ def _words64(words: torch.Tensor) -> bool:
 
 
 @functools.lru_cache(maxsize=None)
-def _nm_whole_words(n: int, m: int) -> bool:
+def nm_whole_words(n: int, m: int) -> bool:
     """Whether every N:M config's tile of indices is whole int32 words (``nm_matmul_kernel``'s word
     path): the indices fill the word exactly (2 bits, m = 4) and every BLOCK_K keeps a multiple of
     ``32 // bits`` values. Cached: the launcher asks on every call."""
-    bits = _idx_bits(m)
+    bits = nm_index_bits(m)
     per_word = 32 // bits
     return per_word * bits == 32 and all(c.kwargs["BLOCK_K"] * n // m % per_word == 0
                                          for c in nm_configs(False) + nm_configs(True))
@@ -507,9 +507,9 @@ def nm_matmul(x, nmw, bias=None, *, out=None):
     x2, out2, lead = _check_inputs(x, K, N, nmw.values.dtype, nmw.values.device, bias, out, "nmw")
     _check_launchable(x, "nm_matmul")
     M = x2.shape[0]
-    bits = _idx_bits(nmw.m)
+    bits = nm_index_bits(nmw.m)
     meta = nmw.meta
-    if nmw.m == 8 and not _words64(meta):
+    if nmw.m == 8 and not words64(meta):
         meta = meta.clone()  # the plane words are read 64 bits wide: a fresh, 8-byte aligned copy
     grid = lambda META: (triton.cdiv(N, META["BLOCK_N"]), triton.cdiv(M, META["BLOCK_M"]))  # noqa: E731
     nm_matmul_kernel[grid](
@@ -517,8 +517,8 @@ def nm_matmul(x, nmw, bias=None, *, out=None):
         M, N, K, nmw.values.shape[1],
         x2.stride(0), x2.stride(1), nmw.values.stride(0), nmw.values.stride(1), meta.stride(0),
         out2.stride(0), out2.stride(1),
-        NN=nmw.n, MM=nmw.m, IDX_BITS=bits, IDX_PER_WORD=32 // bits, WHOLE_WORDS=_nm_whole_words(nmw.n, nmw.m),
-        WORDS64=_words64(meta),
+        NN=nmw.n, MM=nmw.m, IDX_BITS=bits, IDX_PER_WORD=32 // bits, WHOLE_WORDS=nm_whole_words(nmw.n, nmw.m),
+        WORDS64=words64(meta),
         HAS_BIAS=bias is not None, **_dot_meta(x.dtype))
     return out2.view(*lead, N) if out is None else out
 
@@ -536,7 +536,7 @@ def packed_masked_matmul(x, mw, bias=None, *, out=None):
     masked_matmul_kernel[grid](
         x2, mw.weight, mw.bits, mw.tile_ptr, mw.tile_k, bias if bias is not None else x2, out2,
         M, N, K, x2.stride(0), x2.stride(1), mw.weight.stride(0), mw.weight.stride(1), mw.bits.stride(0),
-        out2.stride(0), out2.stride(1), WORDS64=_words64(mw.bits),
+        out2.stride(0), out2.stride(1), WORDS64=words64(mw.bits),
         HAS_BIAS=bias is not None, **_dot_meta(x.dtype), BLOCK_N=tn, BLOCK_K=tk)
     return out2.view(*lead, N) if out is None else out
 
@@ -692,7 +692,8 @@ def to_block_sparse(weight, block=(32, 32)) -> BlockSparseWeight:
     return BlockSparseWeight(values, row_ptr, col_idx, (N, K), (bn, bk))
 
 
-def _idx_bits(m: int) -> int:
+def nm_index_bits(m: int) -> int:
+    """Bits per stored N:M index: 2 for m = 4, 3 for m = 8."""
     return 2 if m == 4 else 3
 
 
