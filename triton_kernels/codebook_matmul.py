@@ -31,8 +31,8 @@ into power-of-two bit planes, low bits first (3 = 2+1, 5 = 4+1, 6 = 4+2, 7 = 4+2
 plane, rows padded to a whole int32 word, so a weight costs exactly ``bits`` bits. This file carries
 its own copy of the packing helpers (``pack``, ``unpack``, ``planes``) and of the in-register
 unpacking (``_unpack_words``, ``_plane_codes``, ``_codes_tile``) so that it can be copied alone;
-``tests/test_codebook_matmul.py`` checks that the copies are identical to ``dequant_matmul``'s
-(the jit helpers' source text, and ``pack`` on random codes), so the two layouts cannot drift apart.
+``tests/test_kernel_copies.py`` checks that the copies are identical to ``dequant_matmul``'s
+(the AST of each definition), so the two layouts cannot drift apart.
 
 Where the table lives (the lookup, ``LOOKUP``)
 ----------------------------------------------
@@ -249,7 +249,7 @@ def _prune_matmul(configs, named_args, **kwargs):
 # Kernels
 # ----------------------------------------------------------------------------------------------
 # _unpack_words, _plane_codes, _codes_tile, _per_weight, _round_to_bf16 and _dot_acc are copies of
-# dequant_matmul's (the test suite checks the source text is identical).
+# dequant_matmul's (tests/test_kernel_copies.py checks they are identical).
 @triton.jit
 def _unpack_words(v, W: tl.constexpr):
     """uint32 words [R, C] of W-bit codes (LSB first) -> codes [R, C * 32 // W] in stream order.
@@ -574,6 +574,9 @@ _matmul_autotuned = triton.autotune(
 # True when the kernels above were defined under TRITON_INTERPRET=1 (Triton reads it when each
 # ``@triton.jit`` runs, so setting it after this module is imported changes nothing).
 _INTERPRETED = not isinstance(codebook_gemv_kernel, triton.runtime.JITFunction)
+# What a CPU caller can use instead (named in _check_launchable's error).
+_CPU_ALTERNATIVES = ("CodebookLinear (triton_kernels.nn), "
+                     "or codebook_matmul_reference (pure torch)")
 
 
 def _check_launchable(x: torch.Tensor, fn: str) -> None:
@@ -585,8 +588,7 @@ def _check_launchable(x: torch.Tensor, fn: str) -> None:
     raise RuntimeError(
         f"{fn}: x is a CPU tensor, and the Triton kernels need a CUDA/ROCm GPU. Move the tensors to "
         f"the GPU, or set TRITON_INTERPRET=1 before this module is imported to run the kernels in "
-        f"Triton's interpreter on CPU (slow: for tests){late}. For CPU inference use CodebookLinear "
-        f"(triton_kernels.nn), or codebook_matmul_reference (pure torch).")
+        f"Triton's interpreter on CPU (slow: for tests){late}. For CPU inference use {_CPU_ALTERNATIVES}.")
 
 
 def _num_words(K: int, bits: int) -> int:
@@ -815,7 +817,7 @@ def _stream_words(codes, width: int):
 
 
 def pack(q, bits):
-    """Codes (N, K) in [0, 2^bits) -> int32 (N, ceil(K*bits/32)) bit planes (``dequant_matmul.pack``)."""
+    """Codes (N, K) in [0, 2^bits) -> int32 (N, ceil(K*bits/32)) bit planes (see the module docstring)."""
     _check_bits(bits)
     if not isinstance(q, torch.Tensor):
         raise TypeError(f"q must be an integer torch.Tensor of shape (N, K), got {type(q).__name__}")
@@ -828,6 +830,8 @@ def pack(q, bits):
     if q.numel() and (int(q.min()) < 0 or int(q.max()) >= 2 ** bits):
         raise ValueError(f"q has codes in [{int(q.min())}, {int(q.max())}], outside [0, {2 ** bits - 1}] "
                          f"for bits={bits}")
+    # One bit stream per row: plane 0's K codes, then plane 1's, ... Each plane is packed into whole
+    # words (codes never straddle inside it) and shifted to its start bit K * (lower widths).
     total = _num_words(K, bits)
     words = torch.zeros((N, total + 1), dtype=torch.int64, device=q.device)
     lo = 0
@@ -861,12 +865,16 @@ def unpack(packed, bits, K):
     words = torch.zeros((N, packed.shape[1] + 1), dtype=torch.int64, device=packed.device)
     words[:, :-1] = packed.to(torch.int64) & 0xFFFFFFFF
     q = torch.zeros((N, K), dtype=torch.int64, device=packed.device)
-    k = torch.arange(K, device=packed.device, dtype=torch.int64)
     lo = 0
     for width in planes(bits):
-        bit = K * lo + k * width  # stream bit of each code's plane field
-        w, sh = bit // 32, bit % 32
-        v = (words[:, w] >> sh) | (words[:, w + 1] << (32 - sh))  # fields may straddle when unaligned
-        q |= (v & ((1 << width) - 1)) << lo
+        # The plane is whole words starting at stream bit K * lo (see pack): realign them with two
+        # shifted slices, then split each word into its 32 / width fields (no gather per code).
+        per = 32 // width
+        n = (K * width + 31) // 32
+        w0, sh = divmod(K * lo, 32)
+        pw = ((words[:, w0:w0 + n] >> sh) | (words[:, w0 + 1:w0 + 1 + n] << (32 - sh))) & 0xFFFFFFFF
+        shifts = torch.arange(per, device=packed.device, dtype=torch.int64) * width
+        fields = (pw.unsqueeze(-1) >> shifts) & ((1 << width) - 1)  # (N, n, per)
+        q |= fields.reshape(N, n * per)[:, :K] << lo
         lo += width
     return q.to(torch.uint8).contiguous()

@@ -493,6 +493,9 @@ _matmul_autotuned = triton.autotune(
 # True when the kernels above were defined under TRITON_INTERPRET=1 (Triton reads it when each
 # ``@triton.jit`` runs, so setting it after this module is imported changes nothing).
 _INTERPRETED = not isinstance(dequant_gemv_kernel, triton.runtime.JITFunction)
+# What a CPU caller can use instead (named in _check_launchable's error).
+_CPU_ALTERNATIVES = ("QuantLinear (triton_kernels.nn; its CPU backends run torch's kernels), "
+                     "or dequant_matmul_reference (pure torch)")
 
 
 def _check_launchable(x: torch.Tensor, fn: str) -> None:
@@ -504,8 +507,7 @@ def _check_launchable(x: torch.Tensor, fn: str) -> None:
     raise RuntimeError(
         f"{fn}: x is a CPU tensor, and the Triton kernels need a CUDA/ROCm GPU. Move the tensors to "
         f"the GPU, or set TRITON_INTERPRET=1 before this module is imported to run the kernels in "
-        f"Triton's interpreter on CPU (slow: for tests){late}. For CPU inference use QuantLinear "
-        f"(triton_kernels.nn; its CPU backends run torch's kernels), or dequant_matmul_reference (pure torch).")
+        f"Triton's interpreter on CPU (slow: for tests){late}. For CPU inference use {_CPU_ALTERNATIVES}.")
 
 
 def _num_words(K: int, bits: int) -> int:
@@ -778,8 +780,7 @@ def unpack(packed, bits, K):
     lo = 0
     for width in planes(bits):
         # The plane is whole words starting at stream bit K * lo (see pack): realign them with two
-        # shifted slices, then split each word into its 32 / width fields (no per-code gather: ~10x
-        # faster than indexing each code's word at 4096x11008).
+        # shifted slices, then split each word into its 32 / width fields (no gather per code).
         per = 32 // width
         n = (K * width + 31) // 32
         w0, sh = divmod(K * lo, 32)

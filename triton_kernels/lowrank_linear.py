@@ -252,6 +252,9 @@ def lowrank_matmul_kernel(
 # True when the kernels above were defined under TRITON_INTERPRET=1 (Triton reads it when each
 # ``@triton.jit`` runs, so setting it after this module is imported changes nothing).
 _INTERPRETED = not isinstance(lowrank_fused_kernel.fn, triton.runtime.JITFunction)  # .fn: under autotune
+# What a CPU caller can use instead (named in _check_launchable's error).
+_CPU_ALTERNATIVES = ("LowRankLinear (triton_kernels.nn; its CPU backends run torch's kernels), "
+                     "or lowrank_linear_reference (pure torch)")
 
 
 def _check_launchable(x: torch.Tensor, fn: str) -> None:
@@ -263,8 +266,7 @@ def _check_launchable(x: torch.Tensor, fn: str) -> None:
     raise RuntimeError(
         f"{fn}: x is a CPU tensor, and the Triton kernels need a CUDA/ROCm GPU. Move the tensors to "
         f"the GPU, or set TRITON_INTERPRET=1 before this module is imported to run the kernels in "
-        f"Triton's interpreter on CPU (slow: for tests){late}. For CPU inference use LowRankLinear "
-        f"(triton_kernels.nn; its CPU backends run torch's kernels), or lowrank_linear_reference (pure torch).")
+        f"Triton's interpreter on CPU (slow: for tests){late}. For CPU inference use {_CPU_ALTERNATIVES}.")
 
 
 def _check_inputs(x, U, V, bias):
