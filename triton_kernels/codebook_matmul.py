@@ -287,11 +287,11 @@ def _plane_codes(row_ptrs, mask_n, WPR, word0, SHIFT, W: tl.constexpr, BLOCK_K: 
 
 
 @triton.jit
-def _codes_tile(packed_ptr, offs_n, mask_n, stride_pn, WPR, kb, P1_WORD0, P1_SHIFT, P2_WORD0, P2_SHIFT,
+def _codes_tile(packed_ptr, offs_n, mask_n, stride_packed_n, WPR, kb, P1_WORD0, P1_SHIFT, P2_WORD0, P2_SHIFT,
                 W0: tl.constexpr, W1: tl.constexpr, W2: tl.constexpr, BLOCK_K: tl.constexpr,
                 ALIGNED: tl.constexpr):
     """uint32 codes [BN, BLOCK_K] of K block ``kb``: the planes' codes, shifted into place and OR-ed."""
-    row_ptrs = packed_ptr + offs_n * stride_pn
+    row_ptrs = packed_ptr + offs_n * stride_packed_n
     q = _plane_codes(row_ptrs, mask_n, WPR, kb * (BLOCK_K * W0 // 32), 0, W0, BLOCK_K, True)
     if W1 > 0:
         q1 = _plane_codes(row_ptrs, mask_n, WPR, P1_WORD0 + kb * (BLOCK_K * W1 // 32), P1_SHIFT, W1,
@@ -334,7 +334,7 @@ def _dot_acc(x, w, acc, EMULATE_BF16_DOT: tl.constexpr):
 
 
 @triton.jit
-def _load_table(codebook_ptr, offs_n, mask_n, stride_cn, stride_ct, BITS: tl.constexpr,
+def _load_table(codebook_ptr, offs_n, mask_n, stride_codebook_n, stride_codebook_entry, BITS: tl.constexpr,
                 SHARED_TABLE: tl.constexpr, LOOKUP: tl.constexpr, BLOCK_N: tl.constexpr):
     """The table as the lookup needs it, loaded once per program (before the K loop), fp32.
 
@@ -347,10 +347,10 @@ def _load_table(codebook_ptr, offs_n, mask_n, stride_cn, stride_ct, BITS: tl.con
         T: tl.constexpr = 1 << BITS
         offs_t = tl.arange(0, T)
         if SHARED_TABLE:
-            t = tl.load(codebook_ptr + offs_t * stride_ct).to(tl.float32)  # [T], one table for all rows
+            t = tl.load(codebook_ptr + offs_t * stride_codebook_entry).to(tl.float32)  # [T], one table for all rows
             tbl = tl.broadcast_to(t[None, :], [BLOCK_N, T])
         else:
-            tbl = tl.load(codebook_ptr + offs_n[:, None] * stride_cn + offs_t[None, :] * stride_ct,
+            tbl = tl.load(codebook_ptr + offs_n[:, None] * stride_codebook_n + offs_t[None, :] * stride_codebook_entry,
                           mask=mask_n[:, None], other=0.0).to(tl.float32)  # [BN, T]
     return tbl
 
@@ -367,7 +367,7 @@ def _table_entry(tbl, c: tl.constexpr, BITS: tl.constexpr, LOOKUP: tl.constexpr)
 
 
 @triton.jit
-def _lookup(q, tbl, t0, t1, t2, t3, codebook_ptr, offs_n, stride_cn, stride_ct, mask_n,
+def _lookup(q, tbl, t0, t1, t2, t3, codebook_ptr, offs_n, stride_codebook_n, stride_codebook_entry, mask_n,
             BITS: tl.constexpr, SHARED_TABLE: tl.constexpr, LOOKUP: tl.constexpr):
     """fp32 table values [BN, BK] of the codes q [BN, BK] (uint32, each < 2^bits)."""
     if LOOKUP == "select":
@@ -377,17 +377,17 @@ def _lookup(q, tbl, t0, t1, t2, t3, codebook_ptr, offs_n, stride_cn, stride_ct, 
     elif LOOKUP == "gather":
         v = tl.gather(tbl, q.to(tl.int32), axis=1)
     else:
-        idx = q.to(tl.int32) * stride_ct
+        idx = q.to(tl.int32) * stride_codebook_entry
         if SHARED_TABLE:
             v = tl.load(codebook_ptr + idx)
         else:
-            v = tl.load(codebook_ptr + offs_n[:, None] * stride_cn + idx, mask=mask_n[:, None], other=0.0)
+            v = tl.load(codebook_ptr + offs_n[:, None] * stride_codebook_n + idx, mask=mask_n[:, None], other=0.0)
         v = v.to(tl.float32)
     return v
 
 
 @triton.jit
-def _group_scales(scales_ptr, offs_n, mask_n, kb, K, stride_sn, stride_sg,
+def _group_scales(scales_ptr, offs_n, mask_n, kb, K, stride_scales_n, stride_scales_g,
                   GROUP_SIZE: tl.constexpr, BLOCK_K: tl.constexpr):
     """fp32 scales [BN, NG] of the NG groups K block kb touches (NG = 1 per-channel or groups >= BLOCK_K)."""
     if GROUP_SIZE == -1:
@@ -397,17 +397,18 @@ def _group_scales(scales_ptr, offs_n, mask_n, kb, K, stride_sn, stride_sg,
     else:
         offs_g = kb * (BLOCK_K // GROUP_SIZE) + tl.arange(0, BLOCK_K // GROUP_SIZE)
     mask = mask_n[:, None] & (offs_g * GROUP_SIZE < K)[None, :]
-    s = tl.load(scales_ptr + offs_n[:, None] * stride_sn + offs_g[None, :] * stride_sg, mask=mask, other=0.0)
+    s = tl.load(scales_ptr + offs_n[:, None] * stride_scales_n + offs_g[None, :] * stride_scales_g,
+                mask=mask, other=0.0)
     return s.to(tl.float32)
 
 
 @triton.jit
-def _dequant_tile(v, scales_ptr, offs_n, offs_k, mask_n, K, kb, stride_sn, stride_sg,
+def _dequant_tile(v, scales_ptr, offs_n, offs_k, mask_n, K, kb, stride_scales_n, stride_scales_g,
                   GROUP_SIZE: tl.constexpr, HAS_SCALES: tl.constexpr, BLOCK_N: tl.constexpr,
                   BLOCK_K: tl.constexpr):
     """fp32 weights [BN, BK] = T[q] * s (the documented formula, one rounding); exactly 0 outside (N, K)."""
     if HAS_SCALES:
-        s = _group_scales(scales_ptr, offs_n, mask_n, kb, K, stride_sn, stride_sg, GROUP_SIZE, BLOCK_K)
+        s = _group_scales(scales_ptr, offs_n, mask_n, kb, K, stride_scales_n, stride_scales_g, GROUP_SIZE, BLOCK_K)
         v = v * _per_weight(s, BLOCK_N, BLOCK_K)
     # Outside (N, K) the tile must be exactly 0 even if a table entry or scale is inf/NaN.
     return tl.where(mask_n[:, None] & (offs_k < K)[None, :], v, 0.0)
@@ -420,7 +421,8 @@ def codebook_gemv_kernel(
     # sizes: WPR = words per packed row; plane 1 / 2 start at bit 32 * P*_WORD0 + P*_SHIFT of a row
     M, N, K, WPR, P1_WORD0, P1_SHIFT, P2_WORD0, P2_SHIFT,
     # strides: x (M, K); packed (N, words); codebook (N or 1, 2^bits); scales (N, groups); out and ws (M, N)
-    stride_xm, stride_xk, stride_pn, stride_cn, stride_ct, stride_sn, stride_sg, stride_om, stride_wm,
+    stride_xm, stride_xk, stride_packed_n, stride_codebook_n, stride_codebook_entry, stride_scales_n, stride_scales_g,
+    stride_om, stride_ws_m,
     # meta-parameters: BITS = W0 + W1 + W2 (plane widths), ALIGNED = every plane starts on a word
     BITS: tl.constexpr, W0: tl.constexpr, W1: tl.constexpr, W2: tl.constexpr, ALIGNED: tl.constexpr,
     GROUP_SIZE: tl.constexpr, HAS_SCALES: tl.constexpr, SHARED_TABLE: tl.constexpr, LOOKUP: tl.constexpr,
@@ -436,7 +438,8 @@ def codebook_gemv_kernel(
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     mask_n = offs_n < N
     mask_m = offs_m < M
-    tbl = _load_table(codebook_ptr, offs_n, mask_n, stride_cn, stride_ct, BITS, SHARED_TABLE, LOOKUP, BLOCK_N)
+    tbl = _load_table(codebook_ptr, offs_n, mask_n, stride_codebook_n, stride_codebook_entry, BITS, SHARED_TABLE,
+                      LOOKUP, BLOCK_N)
     t0 = _table_entry(tbl, 0, BITS, LOOKUP)
     t1 = _table_entry(tbl, 1, BITS, LOOKUP)
     t2 = _table_entry(tbl, 2, BITS, LOOKUP)
@@ -449,15 +452,15 @@ def codebook_gemv_kernel(
     for kb in range(pid_k, num_kb, SPLIT_K):
         offs_k = kb * BLOCK_K + tl.arange(0, BLOCK_K)
         mask_k = offs_k < K
-        q = _codes_tile(packed_ptr, offs_n, mask_n, stride_pn, WPR, kb, P1_WORD0, P1_SHIFT, P2_WORD0,
+        q = _codes_tile(packed_ptr, offs_n, mask_n, stride_packed_n, WPR, kb, P1_WORD0, P1_SHIFT, P2_WORD0,
                         P2_SHIFT, W0, W1, W2, BLOCK_K, ALIGNED)  # [BN, BK] uint32
-        v = _lookup(q, tbl, t0, t1, t2, t3, codebook_ptr, offs_n, stride_cn, stride_ct, mask_n,
+        v = _lookup(q, tbl, t0, t1, t2, t3, codebook_ptr, offs_n, stride_codebook_n, stride_codebook_entry, mask_n,
                     BITS, SHARED_TABLE, LOOKUP)  # [BN, BK] fp32 table values
         if BLOCK_M == 1:
             # M == 1: a register reduction, the group scale applied once per group (not per weight).
             x = tl.load(x_ptr + offs_k * stride_xk, mask=mask_k, other=0.0).to(tl.float32)  # [BK]
             if HAS_SCALES and GROUP_SIZE != -1:
-                s = _group_scales(scales_ptr, offs_n, mask_n, kb, K, stride_sn, stride_sg,
+                s = _group_scales(scales_ptr, offs_n, mask_n, kb, K, stride_scales_n, stride_scales_g,
                                   GROUP_SIZE, BLOCK_K)  # [BN, NG]
                 NG: tl.constexpr = s.shape[1]
                 part = tl.sum(tl.reshape(v * x[None, :], [BLOCK_N, NG, BLOCK_K // NG]), axis=2)  # [BN, NG]
@@ -467,11 +470,12 @@ def codebook_gemv_kernel(
         else:
             x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
                         mask=mask_m[:, None] & mask_k[None, :], other=0.0)  # [BM, BK]
-            w = _dequant_tile(v, scales_ptr, offs_n, offs_k, mask_n, K, kb, stride_sn, stride_sg,
+            w = _dequant_tile(v, scales_ptr, offs_n, offs_k, mask_n, K, kb, stride_scales_n, stride_scales_g,
                               GROUP_SIZE, HAS_SCALES, BLOCK_N, BLOCK_K)  # [BN, BK]
             acc = _dot_acc(x, w, acc, EMULATE_BF16_DOT)
     if BLOCK_M == 1 and HAS_SCALES and GROUP_SIZE == -1:
-        s = _group_scales(scales_ptr, offs_n, mask_n, 0, K, stride_sn, stride_sg, GROUP_SIZE, BLOCK_K)  # [BN, 1]
+        s = _group_scales(scales_ptr, offs_n, mask_n, 0, K, stride_scales_n, stride_scales_g,
+                          GROUP_SIZE, BLOCK_K)  # [BN, 1]
         acc = acc * tl.reshape(s, [BLOCK_N])
     if HAS_BIAS:
         first_split = tl.full([BLOCK_N], pid_k, tl.int32) == 0  # only split 0 adds the bias
@@ -493,7 +497,7 @@ def codebook_gemv_kernel(
         if BLOCK_M == 1:
             tl.atomic_add(ws_ptr + offs_n, acc, mask=mask_n)
         else:
-            tl.atomic_add(ws_ptr + offs_m[:, None] * stride_wm + offs_n[None, :], acc,
+            tl.atomic_add(ws_ptr + offs_m[:, None] * stride_ws_m + offs_n[None, :], acc,
                           mask=mask_m[:, None] & mask_n[None, :])
 
 
@@ -504,7 +508,8 @@ def codebook_matmul_kernel(
     # sizes (M_BUCKET is only an autotune key: next power of two of M); planes as in the decode kernel
     M, N, K, M_BUCKET, WPR, P1_WORD0, P1_SHIFT, P2_WORD0, P2_SHIFT,
     # strides: x (M, K); packed (N, words); codebook (N or 1, 2^bits); scales (N, groups); out (M, N)
-    stride_xm, stride_xk, stride_pn, stride_cn, stride_ct, stride_sn, stride_sg, stride_om, stride_on,
+    stride_xm, stride_xk, stride_packed_n, stride_codebook_n, stride_codebook_entry, stride_scales_n, stride_scales_g,
+    stride_om, stride_on,
     # meta-parameters
     BITS: tl.constexpr, W0: tl.constexpr, W1: tl.constexpr, W2: tl.constexpr, ALIGNED: tl.constexpr,
     GROUP_SIZE: tl.constexpr, HAS_SCALES: tl.constexpr, SHARED_TABLE: tl.constexpr, LOOKUP: tl.constexpr,
@@ -528,7 +533,8 @@ def codebook_matmul_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_m = offs_m < M
     mask_n = offs_n < N
-    tbl = _load_table(codebook_ptr, offs_n, mask_n, stride_cn, stride_ct, BITS, SHARED_TABLE, LOOKUP, BLOCK_N)
+    tbl = _load_table(codebook_ptr, offs_n, mask_n, stride_codebook_n, stride_codebook_entry, BITS, SHARED_TABLE,
+                      LOOKUP, BLOCK_N)
     t0 = _table_entry(tbl, 0, BITS, LOOKUP)
     t1 = _table_entry(tbl, 1, BITS, LOOKUP)
     t2 = _table_entry(tbl, 2, BITS, LOOKUP)
@@ -538,11 +544,11 @@ def codebook_matmul_kernel(
         offs_k = kb * BLOCK_K + tl.arange(0, BLOCK_K)
         x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
                     mask=mask_m[:, None] & (offs_k < K)[None, :], other=0.0)  # [BM, BK]
-        q = _codes_tile(packed_ptr, offs_n, mask_n, stride_pn, WPR, kb, P1_WORD0, P1_SHIFT, P2_WORD0,
+        q = _codes_tile(packed_ptr, offs_n, mask_n, stride_packed_n, WPR, kb, P1_WORD0, P1_SHIFT, P2_WORD0,
                         P2_SHIFT, W0, W1, W2, BLOCK_K, ALIGNED)  # [BN, BK] uint32
-        v = _lookup(q, tbl, t0, t1, t2, t3, codebook_ptr, offs_n, stride_cn, stride_ct, mask_n,
+        v = _lookup(q, tbl, t0, t1, t2, t3, codebook_ptr, offs_n, stride_codebook_n, stride_codebook_entry, mask_n,
                     BITS, SHARED_TABLE, LOOKUP)
-        w = _dequant_tile(v, scales_ptr, offs_n, offs_k, mask_n, K, kb, stride_sn, stride_sg,
+        w = _dequant_tile(v, scales_ptr, offs_n, offs_k, mask_n, K, kb, stride_scales_n, stride_scales_g,
                           GROUP_SIZE, HAS_SCALES, BLOCK_N, BLOCK_K)  # [BN, BK]
         acc = _dot_acc(x, w, acc, EMULATE_BF16_DOT)  # [BM, BN]
     if HAS_BIAS:
@@ -735,17 +741,17 @@ def codebook_matmul(x, packed, codebook, scales=None, *, bits, group_size=-1, bi
         return out
     if packed.stride(1) != 1:
         packed = packed.contiguous()
-    pa = plane_args(K, bits)
-    sizes = {k: pa.pop(k) for k in ("WPR", "P1_WORD0", "P1_SHIFT", "P2_WORD0", "P2_SHIFT")}
+    plane_meta = plane_args(K, bits)  # the plane sizes (runtime ints) come out, the constexprs stay
+    plane_sizes = [plane_meta.pop(k) for k in ("WPR", "P1_WORD0", "P1_SHIFT", "P2_WORD0", "P2_SHIFT")]
     shared = codebook.shape[0] == 1
-    stride_cn = 0 if shared else codebook.stride(0)
     scales_arg = scales if scales is not None else codebook  # unused when not HAS_SCALES
-    sn, sg = (scales.stride(0), scales.stride(1)) if scales is not None else (0, 0)
     bias_arg = bias if bias is not None else codebook  # unused when not HAS_BIAS
+    param_strides = (0 if shared else codebook.stride(0), codebook.stride(1),  # one shared table: stride 0
+                     *((scales.stride(0), scales.stride(1)) if scales is not None else (0, 0)))
     amd = x.is_cuda and torch.version.hip is not None
     common = dict(BITS=bits, GROUP_SIZE=group_size, HAS_SCALES=scales is not None, SHARED_TABLE=shared,
                   LOOKUP=lookup or lookup_mode(bits, amd), HAS_BIAS=bias is not None,
-                  EMULATE_BF16_DOT=_interpreting() and x.dtype == torch.bfloat16, **pa)
+                  EMULATE_BF16_DOT=_interpreting() and x.dtype == torch.bfloat16, **plane_meta)
     if M <= GEMV_MAX_M or x.dtype == torch.float32:
         # fp32 activations take the decode kernel at every M, 16 rows per program along grid axis 2
         # (as dequant_matmul: no ieee fp32 tl.dot tile big enough for prefill compiles without spills).
@@ -757,9 +763,9 @@ def codebook_matmul(x, packed, codebook, scales=None, *, bits, group_size=-1, bi
         grid = lambda META: (triton.cdiv(N, META["BLOCK_N"]), META["SPLIT_K"], triton.cdiv(M, block_m))  # noqa: E731
         kernel[grid](
             x2, packed, codebook, scales_arg, bias_arg, out2, ws,
-            M, N, K, *sizes.values(),
-            x2.stride(0), x2.stride(1), packed.stride(0), stride_cn, codebook.stride(1), sn, sg,
-            out2.stride(0), ws.stride(0), BLOCK_M=block_m, **common)
+            M, N, K, *plane_sizes,
+            x2.stride(0), x2.stride(1), packed.stride(0), *param_strides, out2.stride(0), ws.stride(0),
+            BLOCK_M=block_m, **common)
         if split:
             out2.copy_(ws)  # the cast to the activation dtype, after all K splits have landed
     else:
@@ -767,9 +773,9 @@ def codebook_matmul(x, packed, codebook, scales=None, *, bits, group_size=-1, bi
         grid = lambda META: (triton.cdiv(M, META["BLOCK_M"]) * triton.cdiv(N, META["BLOCK_N"]),)  # noqa: E731
         _matmul_autotuned[grid](
             x2, packed, codebook, scales_arg, bias_arg, out2,
-            M, N, K, m_bucket, *sizes.values(),
-            x2.stride(0), x2.stride(1), packed.stride(0), stride_cn, codebook.stride(1), sn, sg,
-            out2.stride(0), out2.stride(1), **common)
+            M, N, K, m_bucket, *plane_sizes,
+            x2.stride(0), x2.stride(1), packed.stride(0), *param_strides, out2.stride(0), out2.stride(1),
+            **common)
     return out
 
 

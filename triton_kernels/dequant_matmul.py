@@ -224,11 +224,11 @@ def _plane_codes(row_ptrs, mask_n, WPR, word0, SHIFT, W: tl.constexpr, BLOCK_K: 
 
 
 @triton.jit
-def _codes_tile(packed_ptr, offs_n, mask_n, stride_pn, WPR, kb, P1_WORD0, P1_SHIFT, P2_WORD0, P2_SHIFT,
+def _codes_tile(packed_ptr, offs_n, mask_n, stride_packed_n, WPR, kb, P1_WORD0, P1_SHIFT, P2_WORD0, P2_SHIFT,
                 W0: tl.constexpr, W1: tl.constexpr, W2: tl.constexpr, BLOCK_K: tl.constexpr,
                 ALIGNED: tl.constexpr):
     """uint32 codes [BN, BLOCK_K] of K block ``kb``: the planes' codes, shifted into place and OR-ed."""
-    row_ptrs = packed_ptr + offs_n * stride_pn
+    row_ptrs = packed_ptr + offs_n * stride_packed_n
     q = _plane_codes(row_ptrs, mask_n, WPR, kb * (BLOCK_K * W0 // 32), 0, W0, BLOCK_K, True)
     if W1 > 0:
         q1 = _plane_codes(row_ptrs, mask_n, WPR, P1_WORD0 + kb * (BLOCK_K * W1 // 32), P1_SHIFT, W1,
@@ -242,8 +242,9 @@ def _codes_tile(packed_ptr, offs_n, mask_n, stride_pn, WPR, kb, P1_WORD0, P1_SHI
 
 
 @triton.jit
-def _tile_params(scales_ptr, zeros_ptr, offs_n, mask_n, kb, K, stride_sn, stride_sg, stride_zn, stride_zg,
-                 BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, SYMMETRIC: tl.constexpr, BLOCK_K: tl.constexpr):
+def _group_params(scales_ptr, zeros_ptr, stride_scales_n, stride_scales_g, stride_zeros_n, stride_zeros_g,
+                  offs_n, mask_n, kb, K,
+                  BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, SYMMETRIC: tl.constexpr, BLOCK_K: tl.constexpr):
     """fp32 scales and zero points [BN, NG] of the NG groups that K block kb touches (NG = 1 for
     per-channel or groups >= BLOCK_K); the zero is 2^(bits-1) when symmetric."""
     if GROUP_SIZE == -1:
@@ -253,12 +254,14 @@ def _tile_params(scales_ptr, zeros_ptr, offs_n, mask_n, kb, K, stride_sn, stride
     else:
         offs_g = kb * (BLOCK_K // GROUP_SIZE) + tl.arange(0, BLOCK_K // GROUP_SIZE)
     mask = mask_n[:, None] & (offs_g * GROUP_SIZE < K)[None, :]
-    s = tl.load(scales_ptr + offs_n[:, None] * stride_sn + offs_g[None, :] * stride_sg, mask=mask, other=0.0)
+    s = tl.load(scales_ptr + offs_n[:, None] * stride_scales_n + offs_g[None, :] * stride_scales_g,
+                mask=mask, other=0.0)
     s = s.to(tl.float32)
     if SYMMETRIC:
         z = tl.full(s.shape, 1 << (BITS - 1), tl.float32)
     else:
-        z = tl.load(zeros_ptr + offs_n[:, None] * stride_zn + offs_g[None, :] * stride_zg, mask=mask, other=0.0)
+        z = tl.load(zeros_ptr + offs_n[:, None] * stride_zeros_n + offs_g[None, :] * stride_zeros_g,
+                    mask=mask, other=0.0)
         z = z.to(tl.float32)
     return s, z
 
@@ -271,15 +274,9 @@ def _per_weight(p, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
 
 
 @triton.jit
-def _dequant_elementwise(q, scales_ptr, zeros_ptr, offs_n, offs_k, mask_n, K, kb, stride_sn, stride_sg,
-                         stride_zn, stride_zg, BITS: tl.constexpr, GROUP_SIZE: tl.constexpr,
-                         SYMMETRIC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """fp32 weights [BN, BK] = (q - z) * s, the documented formula (two roundings, no FMA).
-
-    The tile's scales and zeros are loaded once per group and broadcast over the group's columns.
-    """
-    s, z = _tile_params(scales_ptr, zeros_ptr, offs_n, mask_n, kb, K, stride_sn, stride_sg, stride_zn,
-                        stride_zg, BITS, GROUP_SIZE, SYMMETRIC, BLOCK_K)
+def _dequant_elementwise(q, s, z, offs_k, mask_n, K, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """fp32 weights [BN, BK] = (q - z) * s, the documented formula (two roundings, no FMA), from the
+    tile's per-group scales and zeros s, z [BN, NG] (``_group_params``), broadcast over each group."""
     w = (q.to(tl.float32) - _per_weight(z, BLOCK_N, BLOCK_K)) * _per_weight(s, BLOCK_N, BLOCK_K)
     # Outside (N, K) the tile must be exactly 0 even if a scale is inf/NaN (0 * inf = NaN).
     return tl.where(mask_n[:, None] & (offs_k < K)[None, :], w, 0.0)
@@ -308,16 +305,19 @@ def _dot_acc(x, w, acc, EMULATE_BF16_DOT: tl.constexpr):
 
 
 @triton.jit
-def _k_block(acc, accq, xsum, x, q, scales_ptr, zeros_ptr, offs_n, offs_k, mask_n, K, kb,
-             stride_sn, stride_sg, stride_zn, stride_zg,
-             BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, SYMMETRIC: tl.constexpr, BLOCK_M: tl.constexpr,
-             BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EMULATE_BF16_DOT: tl.constexpr):
+def _k_block(
+    acc, accq, xsum,  # running sums: the result; per-channel only: sum_k x q and sum_k x
+    x, q, s, z,  # this K block: activations [BK] or [BM, BK], codes [BN, BK], group scales / zeros [BN, NG]
+    offs_k, mask_n, K,
+    GROUP_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    EMULATE_BF16_DOT: tl.constexpr,
+):
     """One K block of the decode kernel: sum_k x[m, k] * (q[n, k] - z) * s.
 
     M == 1, factored per group: the codes are multiplied as they are (small exact integers) and each
-    group's zero and scale applied once: s * (sum_k x q - z * sum_k x). Per-channel sums (accq, xsum)
-    are carried to the end. M > 1: one tl.dot per tile on the codes where the tile lies inside one
-    group (the same factoring), else on the dequantized tile.
+    group's zero and scale applied once: s * (sum_k x q - z * sum_k x). Per-channel (s, z unused here)
+    the sums accq, xsum are carried to the end. M > 1: one tl.dot per tile on the codes where the tile
+    lies inside one group (the same factoring), else on the dequantized tile.
     """
     if GROUP_SIZE == -1:
         if BLOCK_M == 1:
@@ -327,21 +327,16 @@ def _k_block(acc, accq, xsum, x, q, scales_ptr, zeros_ptr, offs_n, offs_k, mask_
             accq = _dot_acc(x, q.to(tl.float32), accq, EMULATE_BF16_DOT)  # [BM, BN]
             xsum += tl.sum(x.to(tl.float32), axis=1)[:, None]  # [BM, 1]
     elif BLOCK_M == 1:
-        s, z = _tile_params(scales_ptr, zeros_ptr, offs_n, mask_n, kb, K, stride_sn, stride_sg, stride_zn,
-                            stride_zg, BITS, GROUP_SIZE, SYMMETRIC, BLOCK_K)  # [BN, NG]
         NG: tl.constexpr = s.shape[1]
         part = tl.sum(tl.reshape(q.to(tl.float32) * x[None, :], [BLOCK_N, NG, BLOCK_K // NG]), axis=2)
         xs = tl.sum(tl.reshape(x, [NG, BLOCK_K // NG]), axis=1)  # [NG]
         acc += tl.sum((part - z * xs[None, :]) * s, axis=1)
-    elif GROUP_SIZE >= BLOCK_K:
-        s, z = _tile_params(scales_ptr, zeros_ptr, offs_n, mask_n, kb, K, stride_sn, stride_sg, stride_zn,
-                            stride_zg, BITS, GROUP_SIZE, SYMMETRIC, BLOCK_K)  # [BN, 1]
+    elif GROUP_SIZE >= BLOCK_K:  # s, z: [BN, 1]
         part = _dot_acc(x, q.to(tl.float32), tl.zeros(acc.shape, tl.float32), EMULATE_BF16_DOT)  # [BM, BN]
         xs = tl.sum(x.to(tl.float32), axis=1)[:, None]  # [BM, 1]
         acc += (part - xs * tl.reshape(z, [1, BLOCK_N])) * tl.reshape(s, [1, BLOCK_N])
     else:
-        w = _dequant_elementwise(q, scales_ptr, zeros_ptr, offs_n, offs_k, mask_n, K, kb, stride_sn, stride_sg,
-                                 stride_zn, stride_zg, BITS, GROUP_SIZE, SYMMETRIC, BLOCK_N, BLOCK_K)
+        w = _dequant_elementwise(q, s, z, offs_k, mask_n, K, BLOCK_N, BLOCK_K)
         acc = _dot_acc(x, w, acc, EMULATE_BF16_DOT)
     return acc, accq, xsum
 
@@ -353,7 +348,8 @@ def dequant_gemv_kernel(
     # sizes: WPR = words per packed row; plane 1 / 2 start at bit 32 * P*_WORD0 + P*_SHIFT of a row
     M, N, K, WPR, P1_WORD0, P1_SHIFT, P2_WORD0, P2_SHIFT,
     # strides: x (M, K); packed (N, words); scales, zeros (N, groups); out and ws (M, N)
-    stride_xm, stride_xk, stride_pn, stride_sn, stride_sg, stride_zn, stride_zg, stride_om, stride_wm,
+    stride_xm, stride_xk, stride_packed_n, stride_scales_n, stride_scales_g, stride_zeros_n, stride_zeros_g,
+    stride_om, stride_ws_m,
     # meta-parameters: BITS = W0 + W1 + W2 (plane widths), ALIGNED = every plane starts on a word
     BITS: tl.constexpr, W0: tl.constexpr, W1: tl.constexpr, W2: tl.constexpr, ALIGNED: tl.constexpr,
     GROUP_SIZE: tl.constexpr, SYMMETRIC: tl.constexpr, HAS_BIAS: tl.constexpr,
@@ -379,7 +375,7 @@ def dequant_gemv_kernel(
     for kb in range(pid_k, num_kb, SPLIT_K):
         offs_k = kb * BLOCK_K + tl.arange(0, BLOCK_K)
         mask_k = offs_k < K
-        q = _codes_tile(packed_ptr, offs_n, mask_n, stride_pn, WPR, kb, P1_WORD0, P1_SHIFT, P2_WORD0,
+        q = _codes_tile(packed_ptr, offs_n, mask_n, stride_packed_n, WPR, kb, P1_WORD0, P1_SHIFT, P2_WORD0,
                         P2_SHIFT, W0, W1, W2, BLOCK_K, ALIGNED)  # [BN, BK] uint32
         if BLOCK_M == 1:
             # M == 1: a register reduction; padding to a 16-row MMA would waste 15/16 of it.
@@ -387,12 +383,19 @@ def dequant_gemv_kernel(
         else:
             x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
                         mask=mask_m[:, None] & mask_k[None, :], other=0.0)  # [BM, BK]
-        acc, accq, xsum = _k_block(acc, accq, xsum, x, q, scales_ptr, zeros_ptr, offs_n, offs_k, mask_n, K, kb,
-                                   stride_sn, stride_sg, stride_zn, stride_zg, BITS, GROUP_SIZE, SYMMETRIC,
-                                   BLOCK_M, BLOCK_N, BLOCK_K, EMULATE_BF16_DOT)
+        if GROUP_SIZE == -1:
+            s = 0.0  # per-channel: the row's scale and zero are applied once, after the loop
+            z = 0.0
+        else:
+            s, z = _group_params(scales_ptr, zeros_ptr, stride_scales_n, stride_scales_g, stride_zeros_n,
+                                 stride_zeros_g, offs_n, mask_n, kb, K, BITS, GROUP_SIZE, SYMMETRIC, BLOCK_K)
+        acc, accq, xsum = _k_block(acc=acc, accq=accq, xsum=xsum, x=x, q=q, s=s, z=z,
+                                   offs_k=offs_k, mask_n=mask_n, K=K,
+                                   GROUP_SIZE=GROUP_SIZE, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
+                                   EMULATE_BF16_DOT=EMULATE_BF16_DOT)
     if GROUP_SIZE == -1:
-        s, z = _tile_params(scales_ptr, zeros_ptr, offs_n, mask_n, 0, K, stride_sn, stride_sg, stride_zn,
-                            stride_zg, BITS, GROUP_SIZE, SYMMETRIC, BLOCK_K)  # [BN, 1]
+        s, z = _group_params(scales_ptr, zeros_ptr, stride_scales_n, stride_scales_g, stride_zeros_n, stride_zeros_g,
+                             offs_n, mask_n, 0, K, BITS, GROUP_SIZE, SYMMETRIC, BLOCK_K)  # [BN, 1]
         if BLOCK_M == 1:
             acc = (accq - tl.reshape(z, [BLOCK_N]) * xsum) * tl.reshape(s, [BLOCK_N])
         else:
@@ -417,7 +420,7 @@ def dequant_gemv_kernel(
         if BLOCK_M == 1:
             tl.atomic_add(ws_ptr + offs_n, acc, mask=mask_n)
         else:
-            tl.atomic_add(ws_ptr + offs_m[:, None] * stride_wm + offs_n[None, :], acc,
+            tl.atomic_add(ws_ptr + offs_m[:, None] * stride_ws_m + offs_n[None, :], acc,
                           mask=mask_m[:, None] & mask_n[None, :])
 
 
@@ -428,7 +431,8 @@ def dequant_matmul_kernel(
     # sizes (M_BUCKET is only an autotune key: next power of two of M); planes as in the decode kernel
     M, N, K, M_BUCKET, WPR, P1_WORD0, P1_SHIFT, P2_WORD0, P2_SHIFT,
     # strides: x (M, K); packed (N, words); scales, zeros (N, groups); out (M, N)
-    stride_xm, stride_xk, stride_pn, stride_sn, stride_sg, stride_zn, stride_zg, stride_om, stride_on,
+    stride_xm, stride_xk, stride_packed_n, stride_scales_n, stride_scales_g, stride_zeros_n, stride_zeros_g,
+    stride_om, stride_on,
     # meta-parameters
     BITS: tl.constexpr, W0: tl.constexpr, W1: tl.constexpr, W2: tl.constexpr, ALIGNED: tl.constexpr,
     GROUP_SIZE: tl.constexpr, SYMMETRIC: tl.constexpr, HAS_BIAS: tl.constexpr,
@@ -456,13 +460,14 @@ def dequant_matmul_kernel(
         offs_k = kb * BLOCK_K + tl.arange(0, BLOCK_K)
         x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
                     mask=mask_m[:, None] & (offs_k < K)[None, :], other=0.0)  # [BM, BK]
-        q = _codes_tile(packed_ptr, offs_n, mask_n, stride_pn, WPR, kb, P1_WORD0, P1_SHIFT, P2_WORD0,
+        q = _codes_tile(packed_ptr, offs_n, mask_n, stride_packed_n, WPR, kb, P1_WORD0, P1_SHIFT, P2_WORD0,
                         P2_SHIFT, W0, W1, W2, BLOCK_K, ALIGNED)  # [BN, BK] uint32
         # Dequantized once per tile and shared by BLOCK_M rows, so the per-weight formula costs little
         # here; the factored form of the decode kernel would need a second [BM, BN] accumulator
         # (the compile check: 128x128 tiles spilled 600 bytes with it).
-        w = _dequant_elementwise(q, scales_ptr, zeros_ptr, offs_n, offs_k, mask_n, K, kb, stride_sn, stride_sg,
-                                 stride_zn, stride_zg, BITS, GROUP_SIZE, SYMMETRIC, BLOCK_N, BLOCK_K)  # [BN, BK]
+        s, z = _group_params(scales_ptr, zeros_ptr, stride_scales_n, stride_scales_g, stride_zeros_n, stride_zeros_g,
+                             offs_n, mask_n, kb, K, BITS, GROUP_SIZE, SYMMETRIC, BLOCK_K)  # [BN, NG]
+        w = _dequant_elementwise(q, s, z, offs_k, mask_n, K, BLOCK_N, BLOCK_K)  # [BN, BK]
         acc = _dot_acc(x, w, acc, EMULATE_BF16_DOT)  # [BM, BN]
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
@@ -648,14 +653,13 @@ def dequant_matmul(x, packed, scales, zeros, *, bits, group_size, symmetric, bia
         return out
     if packed.stride(1) != 1:
         packed = packed.contiguous()
-    pa = plane_args(K, bits)
-    sizes = {k: pa.pop(k) for k in ("WPR", "P1_WORD0", "P1_SHIFT", "P2_WORD0", "P2_SHIFT")}
+    plane_meta = plane_args(K, bits)  # the plane sizes (runtime ints) come out, the constexprs stay
+    plane_sizes = [plane_meta.pop(k) for k in ("WPR", "P1_WORD0", "P1_SHIFT", "P2_WORD0", "P2_SHIFT")]
     zeros_arg = scales if (symmetric or zeros is None) else zeros  # unused when SYMMETRIC
     bias_arg = bias if bias is not None else scales  # unused when not HAS_BIAS
-    sg = scales.stride(1)
-    zn, zg = zeros_arg.stride(0), zeros_arg.stride(1)
+    param_strides = (scales.stride(0), scales.stride(1), zeros_arg.stride(0), zeros_arg.stride(1))
     common = dict(BITS=bits, GROUP_SIZE=group_size, SYMMETRIC=symmetric, HAS_BIAS=bias is not None,
-                  EMULATE_BF16_DOT=_interpreting() and x.dtype == torch.bfloat16, **pa)
+                  EMULATE_BF16_DOT=_interpreting() and x.dtype == torch.bfloat16, **plane_meta)
     if M <= GEMV_MAX_M or x.dtype == torch.float32:
         # fp32 activations take the decode kernel at every M, 16 rows per program along grid axis 2:
         # no ieee fp32 tl.dot tile big enough for the prefill kernel compiles without spills.
@@ -668,9 +672,9 @@ def dequant_matmul(x, packed, scales, zeros, *, bits, group_size, symmetric, bia
         grid = lambda META: (triton.cdiv(N, META["BLOCK_N"]), META["SPLIT_K"], triton.cdiv(M, block_m))  # noqa: E731
         kernel[grid](
             x2, packed, scales, zeros_arg, bias_arg, out2, ws,
-            M, N, K, *sizes.values(),
-            x2.stride(0), x2.stride(1), packed.stride(0), scales.stride(0), sg, zn, zg, out2.stride(0),
-            ws.stride(0), BLOCK_M=block_m, **common)
+            M, N, K, *plane_sizes,
+            x2.stride(0), x2.stride(1), packed.stride(0), *param_strides, out2.stride(0), ws.stride(0),
+            BLOCK_M=block_m, **common)
         if split:
             out2.copy_(ws)  # the cast to the activation dtype, after all K splits have landed
     else:
@@ -678,9 +682,8 @@ def dequant_matmul(x, packed, scales, zeros, *, bits, group_size, symmetric, bia
         grid = lambda META: (triton.cdiv(M, META["BLOCK_M"]) * triton.cdiv(N, META["BLOCK_N"]),)  # noqa: E731
         _matmul_autotuned[grid](
             x2, packed, scales, zeros_arg, bias_arg, out2,
-            M, N, K, m_bucket, *sizes.values(),
-            x2.stride(0), x2.stride(1), packed.stride(0), scales.stride(0), sg, zn, zg,
-            out2.stride(0), out2.stride(1),
+            M, N, K, m_bucket, *plane_sizes,
+            x2.stride(0), x2.stride(1), packed.stride(0), *param_strides, out2.stride(0), out2.stride(1),
             **common)
     return out
 
