@@ -1,94 +1,28 @@
 """Codebook (non-uniform, lookup-table) quantized linear: ``y = x @ W^T (+ bias)``, 1-8-bit codes.
 
-What it computes
-----------------
-``W`` has shape (N, K) and is stored as integer codes ``q`` in [0, 2^bits) that index a table of
-2^bits values, times an optional scale per group of ``group_size`` consecutive weights of a row::
+Math: ``W`` (N, K) is stored as codes ``q`` in [0, 2^bits) that index a table of 2^bits values, times an
+optional scale per group of ``group_size`` consecutive weights of a row; in fp32, as
+``dequantize_codebook`` computes it and bit for bit as both kernels do (one rounding)::
 
-    W[n, k] = codebook[r, q[n, k]].float() * scales[n, k // group_size].float()     (fp32, one rounding)
+    W[n, k] = codebook[r, q[n, k]].float() * scales[n, k // group_size].float()
 
-with ``r = n`` for a per-row table (SqueezeLLM, k-means: ``codebook`` of shape (N, 2^bits)) or
-``r = 0`` for one shared table (NF4, FP4 / E2M1: shape (1, 2^bits)); ``scales=None`` means 1
-(``W = codebook[r, q]`` exactly). ``dequantize_codebook`` computes exactly this, and both kernels
-compute it bit for bit before the weight enters the dot product (rounded there to the activation
-dtype for fp16/bf16 tensor-core dots).
+with r = n for a per-row table (SqueezeLLM, k-means: codebook (N, 2^bits)) or r = 0 for one shared
+table (NF4, FP4: (1, 2^bits)); ``scales=None`` means 1.
 
-Shapes and dtypes
------------------
-- ``x``: (..., K), fp16 / bf16 / fp32, any leading batch shape that ``reshape`` can view; fp32
-  accumulation, output (..., N) in x's dtype. fp32 activations use ``input_precision="ieee"`` and
-  always take the decode kernel (16 rows per program), as in ``dequant_matmul``.
-- ``packed``: int32 (N, ceil(K * bits / 32)), the bit-plane layout of ``dequant_matmul.pack``.
-- ``codebook``: (N, 2^bits) or (1, 2^bits), fp16 / bf16 / fp32.
-- ``scales``: None, or (N, ceil(K / group_size)) fp16 / bf16 / fp32; ``group_size`` -1 (one scale per
-  row) or a power of two; K need not be a multiple of it (the last group is partial).
-- ``bias``: (N,), any float dtype, added in fp32.
+Shapes and dtypes:
+- ``x`` (..., K) fp16 / bf16 / fp32 -> (..., N) in x's dtype, fp32 accumulation; fp32 x uses ieee dots.
+- ``packed`` int32 (N, ceil(K * bits / 32)): ``dequant_matmul``'s bit-plane layout; this file carries its
+  own copy of the packing helpers so it can be copied alone (``tests/test_kernel_copies.py``).
+- ``codebook`` (N or 1, 2^bits) and ``scales`` (N, ceil(K / group_size)) fp16 / bf16 / fp32; ``bias`` (N,).
 
-Storage layout of ``packed``
-----------------------------
-Exactly ``dequant_matmul``'s (see its docstring): each row one LSB-first bit stream; a code is split
-into power-of-two bit planes, low bits first (3 = 2+1, 5 = 4+1, 6 = 4+2, 7 = 4+2+1), plane after
-plane, rows padded to a whole int32 word, so a weight costs exactly ``bits`` bits. This file carries
-its own copy of the packing helpers (``pack``, ``unpack``, ``planes``) and of the in-register
-unpacking (``_unpack_words``, ``_plane_codes``, ``_codes_tile``) so that it can be copied alone;
-``tests/test_kernel_copies.py`` checks that the copies are identical to ``dequant_matmul``'s
-(the AST of each definition), so the two layouts cannot drift apart.
-
-Where the table lives (the lookup, ``LOOKUP``)
-----------------------------------------------
-A GPU has no cheap per-thread indexed register read, so the lookup is the design question
-(FLUTE keeps tables in shared memory, duplicated against bank conflicts). Three strategies, chosen by
-table size (``lookup_mode(bits)``), all loading the table once per program, before the K loop:
-
-- ``"select"`` (bits 1-2, 2-4 entries): each entry is a [BLOCK_N, 1] register; the value is a tree
-  of ``tl.where`` on the code's bits (1 or 3 selects per weight): integer-ALU work, which leaves
-  the narrower shuffle / shared-memory pipe free.
-- ``"gather"`` (bits 3-5, 8-32 entries, Triton 3.6 and 3.7): the [BLOCK_N, 2^bits] table tile and
-  ``tl.gather(tile, codes, axis=1)``, which those Triton versions lower to one warp shuffle per
-  weight (the table's entries spread over the lanes): one shuffle-pipe instruction per weight, as
-  in FLUTE's shared-memory lookups (FLUTE halves that by looking up pairs of 4-bit codes in a
-  256-entry table of value pairs; not done here). Triton 3.9 lowers the same call to a select chain
-  over every entry (about 5x the instructions), so from Triton 3.8 on 3-5 bits take ``"load"``
-  (``GATHER_SHUFFLES``).
-- ``"load"`` (bits 6-8, and 3-5 where gather does not shuffle): a [BLOCK_N, 256] tile would not fit
-  in registers, so the value is a gathered global load from the table, which stays L1-resident
-  (128 rows x 256 x 2 bytes = 64 KiB at most per program).
-
-What they compile to (SASS of the 16x512 / 4-warp decode tile, M == 1, sm_90, 64 weights per thread
-and K block): ``gather`` (4 bits, Triton 3.7.1): 64 ``SHFL.IDX``, plus a conversion of the codes tile
-into the gather's layout through shared memory (16 ``STS.128`` + 16 ``LDSM.x4``), 800 instructions in
-all against 520 for ``dequant_matmul``'s kernel at the same bits (736 with Triton 3.6.0); ``select``
-(2 bits) 48 ``SEL`` (the compiler merges the tree), no shuffles; ``load`` (4 bits forced, 3.7.1) 128
-``LDG.E.U16`` from the table, 2120 instructions (3.6.0: 69 loads, 992). Static counts, not timings:
-the GPU time is ``make gpu-check``'s. Every config of the three kernels compiles for sm_80 and sm_90
-without spills or local memory, with >= 64-bit packed-weight loads on the decode paths (one
-documented exception, see ``load_configs``), under Triton 3.6.0, 3.7.1 and 3.9.0 (there with the
-load lookup at 3-5 bits; ``python -m triton_kernels.compile_check --kernel codebook``, 2026-11-30).
-AMD is not checked: ``tl.gather`` failed to compile for gfx942 in some layouts, so on ROCm the
-launcher takes ``load`` for 3-8 bits (``lookup_mode(bits, amd=True)``), untested on AMD hardware.
-Whether this meets the goal of 1.1x the uniform kernel's time is measured by ``make gpu-check``
-(section ``codebook``); it has not run on a GPU yet.
-
-Two kernel paths (as ``dequant_matmul``)
-----------------------------------------
-- ``codebook_gemv_kernel`` (decode, M <= 16): wide packed loads and in-register unpacking as in the
-  uniform kernel. M == 1: ``tl.sum`` with the group scale factored out per group,
-  ``s * sum_k x T[q]``; 2 <= M <= 16 (and fp32 activations at any M): the tile is dequantized
-  (``T[q] * s``) and fed to one 16-row ``tl.dot``. Split-K (fp32 atomics into a workspace) where the
-  rows alone give too few programs, else a direct store.
-- ``codebook_matmul_kernel`` (prefill, M > 16): tiled ``tl.dot`` with grouped program order; the
-  weight tile is dequantized once per tile and shared by BLOCK_M rows.
-
-Under the interpreter with bf16 activations the kernels emulate the bf16 ``tl.dot`` in fp32
-(``EMULATE_BF16_DOT``), as ``dequant_matmul`` does (Triton 3.6-3.9's interpreter multiplies bf16's
-uint16 storage as integers and truncates fp32 -> bf16 casts).
-
-Contract notes: the table should be finite (a code-0 entry of inf times a zero activation beyond K
-would give NaN in the M == 1 path, whose K padding is not masked per weight for speed). K is inferred
-from x and checked against ``packed`` and ``scales``.
+Kernels: as ``dequant_matmul`` (decode for M <= 16 and fp32 x, tiled prefill), with a table lookup
+in place of the zero point: ``lookup_mode(bits)`` picks ``select`` (1-2 bits), ``gather`` (3-5 bits,
+where ``tl.gather`` lowers to warp shuffles) or ``load`` (a global load per weight). Why these and what
+they compile to: docs/kernels.md. Limits: the table should be finite (the M == 1 path does not mask
+its K padding per weight); K is taken from x; AMD GPUs take the ``load`` lookup, untested on hardware.
 
 Public API: ``codebook_matmul``, ``codebook_matmul_reference``, ``dequantize_codebook``, ``pack``,
-``unpack``, ``planes``, ``lookup_mode``. Imports only torch and triton (copy the file alone).
+``unpack``, ``planes``, ``lookup_mode``. Imports only torch and triton: copy the file alone.
 """
 import os
 
@@ -114,9 +48,8 @@ def planes(bits: int) -> tuple[int, ...]:
 
 
 # tl.gather of the [BLOCK_N, 2^bits] table tile: Triton 3.6 and 3.7 lower it to one warp shuffle per
-# weight; Triton 3.9 to a per-thread select chain over every entry (sm_90 SASS of the 16x512 decode
-# tile, 4-bit per-row table: 960 FSEL + 962 ISETP for 64 weights, 3864 instructions against 800 with
-# 3.7.1 and 2016 for the "load" lookup with 3.9; 5-bit per-row tables spilled). 3.8 is unchecked.
+# weight, Triton 3.9 to a per-thread select chain over every entry, several times the instructions
+# (docs/kernels.md, "codebook_matmul"). 3.8 is unchecked.
 _TRITON_VERSION = tuple(int(p) for p in triton.__version__.split(".")[:2])
 GATHER_SHUFFLES = _TRITON_VERSION < (3, 8)
 
@@ -135,10 +68,8 @@ def lookup_mode(bits: int, amd: bool = False) -> str:
 def gemv_configs(interpret: bool | None = None, split: bool = False) -> list:
     """Autotune configs of the decode kernel (``split``: the split-K variant); one under the interpreter.
 
-    The uniform kernel's tiles (``dequant_matmul.gemv_configs``): BLOCK_N * BLOCK_K / 32 >= 2 x threads
-    so every thread loads >= 2 consecutive packed words (64/128-bit loads, checked by the compile check),
-    less 64x256 / 4 warps, which spilled 12 bytes on sm_80 with the 8-entry gather table (3-bit shared
-    table, g32; compile check, Triton 3.7.1).
+    The uniform kernel's tiles (``dequant_matmul.gemv_configs``: every thread loads >= 2 consecutive
+    packed words) less one that spills with a gather table (docs/kernels.md, "Tile choices").
     """
     if interpret is None:
         interpret = _interpreting()
@@ -156,8 +87,7 @@ def gemv_configs(interpret: bool | None = None, split: bool = False) -> list:
 def matmul_configs(interpret: bool | None = None) -> list:
     """Autotune configs of the prefill (tiled tl.dot) kernel; one small config under the interpreter.
 
-    The uniform kernel's, less 64x128x64 / 4 warps, which spilled 36 bytes on sm_80 with a per-row
-    16-entry gather table (compile check, Triton 3.7.1)."""
+    The uniform kernel's, less one that spills with a per-row gather table (docs/kernels.md)."""
     if interpret is None:
         interpret = _interpreting()
     if interpret:
@@ -176,8 +106,7 @@ def matmul_configs(interpret: bool | None = None) -> list:
 
 def fp32_configs(split: bool = False) -> list:
     """Decode configs for fp32 activations with BLOCK_M=16 (swapped in by the pruner): the uniform
-    kernel's (an ieee fp32 dot is register-hungry; 16x64 with 8 warps is its spill-free tile).
-    A correctness path, not a speed one."""
+    kernel's (an ieee fp32 dot is register-hungry). A correctness path, not a speed one."""
     return [triton.Config({"BLOCK_N": 16, "BLOCK_K": 64, "SPLIT_K": 4 if split else 1}, num_warps=8,
                           num_stages=2)]
 
@@ -190,15 +119,10 @@ def multirow_configs(split: bool = False) -> list:
 
 
 def load_configs(split: bool = False, multirow: bool = False) -> list:
-    """Decode configs for the ``"load"`` lookup (6-8 bits; swapped in by the pruner): a gathered
-    global load per weight holds a 64-bit address per element, so the uniform tiles run out of
-    registers. Compile check (sm_80/sm_90, Triton 3.7.1, 8-bit per-row g128 / 7-bit per-row / 6-bit
-    shared): M == 1: 64x128 / 4 warps spilled 416 bytes (8-bit); 16x512 and 32x256 with 4 warps are
-    spill-free with >= 64-bit packed loads on all three (32x256 / 8 warps and 16x256 load a 7-bit
-    code's 1-bit plane 32 bits at a time). 2 <= M <= 16: 128x128 / 8 warps spilled 340-490 bytes
-    (2-4 stages, 16 warps too) and 64x256 / 8 warps 680-890 bytes on 7/8-bit per-row tables;
-    64x128 / 8 warps / 4 stages is spill-free on 6 and 8 bits, and loads the 1-bit plane of 3-, 5-
-    and 7-bit codes 32 bits at a time (recorded as such in the compile check)."""
+    """Decode configs for the ``"load"`` lookup (swapped in by the pruner): a gathered global load per
+    weight holds a 64-bit address per element, so the uniform tiles run out of registers. These are
+    the spill-free ones (docs/kernels.md, "Tile choices"); the 16-row tile loads the 1-bit plane of
+    3-, 5- and 7-bit codes 32 bits at a time (marked so in results/compile_check.csv's config column)."""
     sk = 4 if split else 1
     if multirow:
         return [triton.Config({"BLOCK_N": 64, "BLOCK_K": 128, "SPLIT_K": sk}, num_warps=8, num_stages=4)]
@@ -226,8 +150,8 @@ def _prune_gemv(configs, named_args, **kwargs):
 
 
 def load_matmul_configs() -> list:
-    """Prefill configs for the ``"load"`` lookup: the 8-warp ones of ``matmul_configs`` (compile check,
-    Triton 3.9.0, sm_80: 128x64x64 / 4 warps spilled 96-544 bytes with table loads per weight)."""
+    """Prefill configs for the ``"load"`` lookup: the 8-warp ones of ``matmul_configs`` (the 4-warp one
+    spills with table loads per weight; docs/kernels.md)."""
     return [c for c in matmul_configs(interpret=False) if c.num_warps == 8]
 
 

@@ -1,76 +1,28 @@
 """Weight-only quantized linear: ``y = x @ dequant(W)^T (+ bias)`` with 1-8-bit packed weights.
 
-What it computes
-----------------
-``W`` has shape (N, K) and is stored as integer codes ``q`` in [0, 2^bits) with one scale ``s`` and
-(for asymmetric grids) one zero point ``z`` per group of ``group_size`` consecutive weights of a row
-(``group_size=-1``: one group per row, i.e. per-channel). Dequantization is defined in fp32, exactly
-as ``dequantize`` computes it and bit-for-bit what both kernels compute::
+Math: ``W`` (N, K) is stored as codes ``q`` in [0, 2^bits) with a scale ``s`` and, asymmetric, a zero
+point ``z`` per group of ``group_size`` consecutive weights of a row (-1: one group per row). In fp32,
+exactly as ``dequantize`` computes it and bit for bit as both kernels do (two roundings, no FMA)::
 
-    asymmetric:  w = (q.float() - z.float()) * s.float()           # z may be any float (GGUF Q4_1)
-    symmetric:   w = (q.float() - 2**(bits-1)) * s.float()         # zeros ignored (may be None)
+    asymmetric:  w = (q.float() - z.float()) * s.float()      # z may be any float (GGUF Q4_1)
+    symmetric:   w = (q.float() - 2**(bits-1)) * s.float()    # zeros ignored (may be None)
 
-(a subtraction then a multiplication, two IEEE roundings, which no compiler may contract into an FMA).
+Shapes and dtypes:
+- ``x`` (..., K) fp16 / bf16 / fp32 -> (..., N) in x's dtype, fp32 accumulation; fp32 x uses ieee dots.
+- ``packed`` int32 (N, ceil(K * bits / 32)) from ``pack``; ``scales`` / ``zeros`` (N, ceil(K / group_size))
+  fp16 / bf16 / fp32; ``bias`` (N,), added in fp32. ``group_size`` -1 or a power of two (K need not be a multiple).
+- Layout of ``packed`` (QuantLinear and ``from_gguf`` build on it): each row is one LSB-first bit stream;
+  a code is split into power-of-two bit planes, low bits first (``planes``: 3 = 2+1, 5 = 4+1, 6 = 4+2,
+  7 = 4+2+1), stored plane after plane, so a weight costs exactly ``bits`` bits. At 1/2/4/8 bits this is
+  the usual layout (4 bits: code k at bit 4*(k % 8) of word k // 8). Worked example: docs/kernels.md.
 
-Shapes and dtypes
------------------
-- ``x``: (..., K), fp16 / bf16 / fp32, any strides in the leading dims' flattening that ``reshape``
-  can view; accumulation is fp32, the output (..., N) has x's dtype. fp32 activations use
-  ``input_precision="ieee"`` (no tf32), so fp32 results stay fp32-accurate; they always take the
-  split-K kernel (16 rows per program), since ieee fp32 dot tiles large enough for prefill spill.
-- ``packed``: int32 (N, ceil(K * bits / 32)); ``scales``/``zeros``: (N, ceil(K / group_size)),
-  fp16 / bf16 / fp32 (each may differ); ``bias``: (N,), any float dtype, added in fp32.
-- ``group_size``: -1 or a power of two (16 ... 256 are the tuned ones); K need not be a multiple of it
-  (the last group is partial) nor of any block size.
+Kernels: ``dequant_gemv_kernel`` (M <= 16, and fp32 x at any M) unpacks whole packed words in registers
+and splits K where the rows alone give too few programs; ``dequant_matmul_kernel`` (M > 16) is a tiled
+``tl.dot`` kernel. Limits: K is taken from x and only checked against the word and group counts, so pass
+the K the weight was packed with. ``TRITON_INTERPRET=1``: one small config, bf16 dots emulated in fp32.
 
-Storage layout of ``packed`` (binding: QuantLinear and ``from_gguf`` build on it)
--------------------------------------------------------------------------------
-A code is split into power-of-two bit planes, low bits first: 1, 2, 4, 8 bits are one plane;
-3 = 2 + 1, 5 = 4 + 1, 6 = 4 + 2, 7 = 4 + 2 + 1 (``planes(bits)``). Each row of ``packed`` is one
-LSB-first bit stream (stream bit i is bit i % 32 of int32 word i // 32) holding plane 0's field of
-all K codes, then plane 1's, then plane 2's: the field of code k in the plane of width w that
-starts at code bit lo occupies stream bits [K*lo + k*w, K*lo + (k+1)*w). Rows are padded with zero
-bits up to a whole word, so a weight still costs exactly ``bits`` bits: (N, ceil(K * bits / 32)).
-Inside a plane no field straddles a word (w divides 32), so a kernel loads whole words and unpacks
-them with shifts; a plane starts on a word whenever K * lo is a multiple of 32 (every K that is a
-multiple of 32), else the kernels funnel-shift word pairs. Example, bits=3, K=64: words 0-3 hold
-the low 2 bits of codes 0..63 (16 per word, code k at shift 2*(k % 16)), words 4-5 their bit 2
-(32 per word). For 1/2/4/8 bits this is the familiar layout (4 bits: 8 codes per word, code k at
-shift 4*(k % 8)); ``from_gguf``'s 4- and 8-bit codes use it unchanged.
-
-Two kernel paths
-----------------
-- ``dequant_gemv_kernel`` (decode, M <= 16): each program owns BLOCK_N rows; it loads each plane's
-  BLOCK_K * w / 32 contiguous words per row as one tile (BLOCK_N * BLOCK_K is large enough that a
-  thread gets >= 2 consecutive words: 64/128-bit loads, checked in the SASS by the compile check),
-  unpacks them in registers by halving (``_unpack_words``: log2(32 / w) shift/mask/interleave
-  steps) and ORs the planes together. M == 1 reduces with ``tl.sum`` in factored form per group,
-  ``s * (sum_k x q - z * sum_k x)`` (the codes are small exact integers, so the per-weight work is a
-  convert and an FMA); 2 <= M <= 16 uses one 16-row ``tl.dot`` on the codes where the tile lies in
-  one group, else on the dequantized tile. Where the rows alone give fewer than two 64-row tiles per
-  SM it splits K (fp32 atomics into a workspace, then a cast); otherwise it stores directly in the
-  activation dtype (one launch, no workspace). The bias is added once.
-- ``dequant_matmul_kernel`` (prefill, M > 16): a tiled ``tl.dot`` kernel with grouped program order,
-  full K loop per program, the same wide loads and unpacking, the tile dequantized with the documented
-  formula (scales loaded once per group and broadcast), fused bias, output stored directly.
-
-Under the interpreter with bf16 activations the kernels emulate the bf16 ``tl.dot`` in fp32
-(``EMULATE_BF16_DOT``): Triton's interpreter (3.6-3.9) multiplies bf16's uint16 storage as integers and
-truncates fp32 -> bf16 casts. The emulation rounds to bf16 exactly as the GPU does, so it tests
-the same arithmetic; compiled kernels never take that branch.
-
-K is inferred from x in ``dequant_matmul`` and checked against packed/scales/zeros; two K that
-need the same number of words and groups (e.g. 40 and 41 at 3 bits, group 16) cannot be told apart
-from the shapes, so pass the K the weight was packed with.
-
-Each kernel is autotuned over configs from a factory (``gemv_configs`` / ``matmul_configs``); the key
-covers the M bucket, N, K, bits, group size, symmetry and (added by Triton) the tensor dtypes. Under
-``TRITON_INTERPRET=1`` the factories return one small config (the interpreter cannot benchmark).
-GPU status (results/gpu/): the previous decode kernel (one gather per code) was measured on an H200
-at 0.07-0.29x cuBLAS fp16; this design's target is ~3x at 4 bits and M = 1, not yet measured on a GPU.
-
-Public API: ``pack``, ``unpack``, ``planes``, ``dequantize``, ``dequant_matmul``,
-``dequant_matmul_reference``, ``quantize_rtn``, ``from_gguf``. Imports only torch and triton (copy the file alone).
+Public API: ``pack``, ``unpack``, ``planes``, ``dequantize``, ``dequant_matmul``, ``dequant_matmul_reference``,
+``quantize_rtn``, ``from_gguf``. Imports only torch and triton: copy the file alone.
 """
 import os
 
@@ -99,10 +51,9 @@ def gemv_configs(interpret: bool | None = None, split: bool = False) -> list:
     """Autotune configs of the decode kernel (``split``: the split-K variant); one under the interpreter.
 
     Every config loads whole packed words: a row's BLOCK_K * width / 32 words of each plane are
-    contiguous, and BLOCK_N * BLOCK_K is large enough that every thread of the block gets at least
-    two consecutive words of even a 1-bit plane (BLOCK_N * BLOCK_K / 32 >= 2 x threads), so the
-    loads are 64- or 128-bit vectors. The compile check verifies this in the SASS: 16x64 and 32x32
-    tiles with 4 warps fetched 4-bit weights with 32-bit loads.
+    contiguous, and BLOCK_N * BLOCK_K / 32 >= 2 x threads gives every thread at least two consecutive
+    words of even a 1-bit plane, so the loads are 64- or 128-bit vectors (``weight_load_bits`` of the
+    ``dequant_gemv`` rows in results/compile_check.csv).
     """
     if interpret is None:
         interpret = _interpreting()
@@ -137,23 +88,20 @@ def matmul_configs(interpret: bool | None = None) -> list:
 
 
 def fp32_configs(split: bool = False) -> list:
-    """The decode configs for fp32 activations with BLOCK_M=16 (the pruner swaps them in): an ieee
-    fp32 tl.dot has no tensor-core path and is register-hungry; the compile check (sm_90, 3-bit g32)
-    spilled 16x256, 32x128, 32x64 and 16x128 tiles; 16x64 with 4 warps used local memory in the SASS
-    (18 LDL/STL), with 8 warps none. A correctness path, not a speed one: such small tiles load
-    packed words 32 bits at a time."""
+    """The decode configs for fp32 activations with BLOCK_M=16 (the pruner swaps them in): an ieee fp32
+    tl.dot has no tensor-core path and is register-hungry, so the tile is the largest that neither spills
+    nor uses local memory (docs/kernels.md, "Tile choices"). A correctness path, not a speed one: such
+    small tiles load packed words 32 bits at a time."""
     return [triton.Config({"BLOCK_N": 16, "BLOCK_K": 64, "SPLIT_K": 4 if split else 1}, num_warps=8,
                           num_stages=2)]
 
 
 def multirow_configs(split: bool = False) -> list:
     """The decode configs for 2 <= M <= 16 with fp16/bf16 activations (the pruner swaps them in): a
-    16-row tl.dot tile holds the unpacked codes, the dequantized tile and the dot operands at once.
-    Compile check, 2026-11-30: 16x512 and 32x256 tiles spilled 4-12 bytes on gfx942, 64x128 / 4 warps
-    24 bytes on sm_90 (8-bit), 64x128 / 8 warps loads a 1-bit plane 32 bits at a time; 128x128 /
-    8 warps spilled 1-20 bytes with 1, 2 or 3 stages on some variant under Triton 3.7.1 or 3.9
-    (gfx942 mostly); with 4 stages it is clean on sm_80/sm_90/gfx942 under 3.6.0, 3.7.1 and 3.9.0,
-    with >= 64-bit weight loads on every variant checked (1/3/4/7/8 bits, groups 16..128, -1)."""
+    16-row tl.dot tile holds the unpacked codes, the dequantized tile and the dot operands at once; this
+    is the one tile that is spill-free with >= 64-bit weight loads on every target and variant checked
+    (the ``dequant_gemv`` ``BLOCK_M=16`` rows of results/compile_check.csv; the tiles that were not:
+    docs/kernels.md, "Tile choices")."""
     return [triton.Config({"BLOCK_N": 128, "BLOCK_K": 128, "SPLIT_K": 4 if split else 1}, num_warps=8,
                           num_stages=4)]
 
@@ -463,8 +411,8 @@ def dequant_matmul_kernel(
         q = _codes_tile(packed_ptr, offs_n, mask_n, stride_packed_n, WPR, kb, P1_WORD0, P1_SHIFT, P2_WORD0,
                         P2_SHIFT, W0, W1, W2, BLOCK_K, ALIGNED)  # [BN, BK] uint32
         # Dequantized once per tile and shared by BLOCK_M rows, so the per-weight formula costs little
-        # here; the factored form of the decode kernel would need a second [BM, BN] accumulator
-        # (the compile check: 128x128 tiles spilled 600 bytes with it).
+        # here; the decode kernel's factored form would need a second [BM, BN] accumulator, which
+        # spills at these tiles (docs/kernels.md, "Tile choices").
         s, z = _group_params(scales_ptr, zeros_ptr, stride_scales_n, stride_scales_g, stride_zeros_n, stride_zeros_g,
                              offs_n, mask_n, kb, K, BITS, GROUP_SIZE, SYMMETRIC, BLOCK_K)  # [BN, NG]
         w = _dequant_elementwise(q, s, z, offs_k, mask_n, K, BLOCK_N, BLOCK_K)  # [BN, BK]
