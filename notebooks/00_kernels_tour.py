@@ -92,6 +92,7 @@ report("dequant_matmul (3-bit)", y, dq.dequant_matmul_reference(x, *args, bits=3
 # For one row of K = 64 codes: words 0–3 hold the low 2 bits (16 codes per word, code k at shift
 # 2·(k % 16)), words 4–5 the high bit (32 per word). 1, 2, 4 and 8 bits are a single plane: the
 # familiar layout (4 bits: code k at shift 4·(k % 8) of word k // 8).
+# The words print most significant bit first, so code 0's field is the rightmost.
 
 # %%
 codes = torch.arange(64).remainder(8).reshape(1, 64)  # one row: 0, 1, ..., 7, 0, 1, ...
