@@ -16,17 +16,22 @@
 # %% [markdown]
 # # 00 — A tour of the kernels
 #
-# Three kernel families, each one file in `triton_kernels/` that imports only `torch` and `triton`:
+# Four kernel families, each one file in `triton_kernels/` that imports only `torch` and `triton`:
 #
 # | file | computes | storage |
 # |---|---|---|
-# | `dequant_matmul.py` | `y = x @ dequant(W)^T` | 1–8-bit codes as a bit stream, group-wise scales/zeros |
+# | `dequant_matmul.py` | `y = x @ dequant(W)^T` | 1–8-bit codes as bit planes, group-wise scales/zeros |
+# | `codebook_matmul.py` | `y = x @ (T[q] * s)^T` | the same bit planes, indices into a lookup table |
 # | `sparse_matmul.py` | `y = x @ (W ⊙ mask)^T` | block (BSR-like), N:M, 1-bit masks, activation sparsity |
 # | `lowrank_linear.py` | `y = (x @ V^T) @ U^T` | two factors; fused kernel for small rank |
 #
-# Every kernel has a pure-torch `*_reference` with the same signature beside it. This notebook
-# calls each kernel, checks it against its reference, shows how to copy one into your own project,
-# and renders the GPU-readiness report.
+# Each file reads top to bottom like a Triton tutorial: a docstring with the contract (math, shapes,
+# dtypes, layout, limits), the autotune configs and their pruning, the `@triton.jit` kernels, the
+# launchers, a pure-torch `*_reference` with the same signature, and the packing helpers. The layouts
+# in full, the design reasons and the tiles that were tried and dropped are in `docs/kernels.md`;
+# measurements are in tables under `results/`, never in the code. This notebook calls each kernel,
+# checks it against its reference, looks inside a packed weight, shows how to copy a file into your own
+# project, and renders the GPU-readiness report.
 #
 # **No GPU is needed to run this notebook.** On a machine without one, the kernels run through
 # Triton's interpreter (`TRITON_INTERPRET=1`, set below before the kernels are imported), which
@@ -63,8 +68,9 @@ def report(name, y, ref):
 
 # %% [markdown]
 # ## Dequant-matmul: 3-bit weights, groups of 64, bf16 activations
-# `pack` turns integer codes into a bit stream (exactly 3 bits per weight, codes straddle 32-bit
-# words); `quantize_rtn` is round-to-nearest. The kernel dequantizes bit-exactly like `dequantize`.
+# `quantize_rtn` is round-to-nearest; `pack` turns the integer codes into bit planes (exactly 3 bits
+# per weight, see below). The kernel dequantizes bit-exactly like `dequantize`:
+# `w = (q - z) * s` per group of `group_size` weights of a row, in fp32.
 
 # %%
 N, K, M = 96, 200, 3
@@ -76,6 +82,41 @@ x = torch.randn(M, K, dtype=torch.bfloat16, device=device)
 args = (packed.to(device), scales.to(device), zeros.to(device))
 y = dq.dequant_matmul(x, *args, bits=3, group_size=64, symmetric=False)
 report("dequant_matmul (3-bit)", y, dq.dequant_matmul_reference(x, *args, bits=3, group_size=64, symmetric=False))
+
+# %% [markdown]
+# ## Inside a packed weight: bit planes
+# A `bits`-bit code is split into power-of-two planes, low bits first (3 = 2 + 1, 5 = 4 + 1,
+# 6 = 4 + 2, 7 = 4 + 2 + 1). Each row of `packed` is one LSB-first bit stream: the 2-bit field of all
+# K codes, then the 1-bit field of all K codes, so inside a plane no code straddles a 32-bit word and a
+# kernel loads whole words and unpacks them with shifts, and a weight still costs exactly 3 bits.
+# For one row of K = 64 codes: words 0–3 hold the low 2 bits (16 codes per word, code k at shift
+# 2·(k % 16)), words 4–5 the high bit (32 per word). 1, 2, 4 and 8 bits are a single plane: the
+# familiar layout (4 bits: code k at shift 4·(k % 8) of word k // 8).
+# The words print most significant bit first, so code 0's field is the rightmost.
+
+# %%
+codes = torch.arange(64).remainder(8).reshape(1, 64)  # one row: 0, 1, ..., 7, 0, 1, ...
+row = dq.pack(codes, 3)[0]
+print("planes(3) =", dq.planes(3), f"-> {row.numel()} words for 64 codes")
+for i, word in enumerate(row.tolist()):
+    plane = "low 2 bits" if i < 4 else "bit 2"
+    print(f"word {i} ({plane:>10}): {word & 0xFFFFFFFF:032b}")
+assert torch.equal(dq.unpack(dq.pack(codes, 3), 3, 64), codes.to(torch.uint8))
+
+# %% [markdown]
+# ## Codebook: 4-bit codes into a shared table (NF4-like)
+# The same bit planes, but a code indexes a table of 2^bits values (one shared table, or one per row),
+# times an optional group scale: `W[n, k] = T[q[n, k]] * s`. How the kernels look the table up
+# (register selects, warp shuffles or loads, by table size) is in `docs/kernels.md`.
+
+# %%
+from triton_kernels import codebook_matmul as cb
+
+table = torch.linspace(-1, 1, 16).reshape(1, 16)
+cq = torch.randint(0, 16, (N, K))
+cb_args = (cb.pack(cq, 4).to(device), table.to(device), scales.to(device))
+y = cb.codebook_matmul(x, *cb_args, bits=4, group_size=64)
+report("codebook_matmul (4-bit)", y, cb.codebook_matmul_reference(x, *cb_args, bits=4, group_size=64))
 
 # %% [markdown]
 # ## Sparse: 2:4, 32×32 blocks, and activation sparsity
@@ -116,7 +157,7 @@ for mod in (QuantLinear.from_linear(lin, 4, 32, False), SparseLinear.from_linear
 # Each family file imports only `torch`, `triton` and `triton.language`: copy
 # `triton_kernels/dequant_matmul.py` (for example) next to your code and `import dequant_matmul`.
 # The cell below proves it by importing the file in a fresh interpreter with only its own directory
-# on the path.
+# on the path (`tests/test_kernel_copies.py` does the same, refusing the project's own packages).
 
 # %%
 import shutil
@@ -128,7 +169,7 @@ from pathlib import Path
 import triton_kernels
 
 with tempfile.TemporaryDirectory() as d:
-    for fam in ("dequant_matmul", "sparse_matmul", "lowrank_linear"):
+    for fam in ("dequant_matmul", "codebook_matmul", "sparse_matmul", "lowrank_linear"):
         shutil.copy(Path(triton_kernels.__file__).parent / f"{fam}.py", d)
         out = subprocess.run([sys.executable, "-c", f"import {fam}; print({fam}.__name__, 'imports alone')"],
                              cwd=d, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": d})
@@ -138,7 +179,10 @@ with tempfile.TemporaryDirectory() as d:
 # ## GPU readiness without a GPU
 # `python -m triton_kernels.compile_check` compiles every autotune config of every kernel for sm_80,
 # sm_90 and gfx942 the way the JIT would specialize it at launch, reads registers and spills (ptxas /
-# AMDGCN metadata) and shared memory, and fails on any spill or shared memory above the limit.
+# AMDGCN metadata) and shared memory, and fails on any spill or shared memory above the limit. Its
+# table is where the kernels' static facts live (one row per kernel, config and target); the files'
+# comments point to its rows instead of repeating numbers. Timings on a GPU are in `results/gpu/`
+# (`make gpu-check`); each row's `git_commit` says which version of a kernel it measured.
 
 # %%
 import pandas as pd

@@ -165,7 +165,7 @@ def test_nm_m8_misaligned_planes_are_copied(nm):
     nmw = sm.nm_compress(w * sm.nm_prune(w, *nm), *nm)
     ref = sm.nm_matmul_reference(x, nmw, b)
     odd = sm.NMWeight(nmw.values, _misaligned(nmw.meta), nmw.shape, *nm)
-    assert not sm._words64(odd.meta)
+    assert not sm.words64(odd.meta)
     assert_close(sm.nm_matmul(x, odd, b), ref, torch.float32)
 
 
@@ -181,12 +181,12 @@ def test_nm_64bit_index_words(nm, K, dtype):
     x, w, b = _data(M, N, K, dtype)
     pruned = w * sm.nm_prune(w, *nm)
     nmw = sm.nm_compress(pruned, *nm)
-    assert nmw.meta.shape[1] % 2 == 0 and sm._words64(nmw.meta)
+    assert nmw.meta.shape[1] % 2 == 0 and sm.words64(nmw.meta)
     out = sm.nm_matmul(x, nmw, b, out=_poisoned(M, N, dtype))
     ref = sm.nm_matmul_reference(x, nmw, b)
     assert_close(out, ref, dtype)
     odd = sm.NMWeight(nmw.values, _misaligned(nmw.meta), nmw.shape, *nm)
-    assert not sm._words64(odd.meta)
+    assert not sm.words64(odd.meta)
     assert torch.equal(sm.nm_matmul(x, odd, b), out)
 
 
@@ -200,20 +200,20 @@ def test_masked_64bit_mask_words(K):
     mask[:, 64:128] = False  # an empty 64-wide tile column
     w[~mask] = float("nan")
     mw = sm.to_masked(w, mask, tile=(16, 64))
-    assert sm._words64(mw.bits) == (-(-K // 32) % 2 == 0)
+    assert sm.words64(mw.bits) == (-(-K // 32) % 2 == 0)
     out = sm.packed_masked_matmul(x, mw, b, out=_poisoned(M, N, torch.float32))
     assert_close(out, sm.masked_matmul_reference(x, w, mask, b), torch.float32)
     off = sm.MaskedWeight(mw.weight, _misaligned(mw.bits), mw.tile_ptr, mw.tile_k, mw.shape, mw.tile)
-    assert not sm._words64(off.bits)
+    assert not sm.words64(off.bits)
     assert torch.equal(sm.packed_masked_matmul(x, off, b), out)
 
 
 def test_words64_needs_aligned_rows_of_even_length():
     w = torch.zeros(4, 6, dtype=torch.int32)
-    assert sm._words64(w)
-    assert not sm._words64(torch.zeros(4, 5, dtype=torch.int32))  # odd words per row
-    assert not sm._words64(_misaligned(w))  # 4 bytes off
-    assert not sm._words64(torch.zeros(4, 12, dtype=torch.int32)[:, ::2])  # strided words
+    assert sm.words64(w)
+    assert not sm.words64(torch.zeros(4, 5, dtype=torch.int32))  # odd words per row
+    assert not sm.words64(_misaligned(w))  # 4 bytes off
+    assert not sm.words64(torch.zeros(4, 12, dtype=torch.int32)[:, ::2])  # strided words
 
 
 @settings(max_examples=30, deadline=None)
@@ -375,9 +375,10 @@ def test_decode_keeps_only_the_block_m_16_configs(M):
     """At M <= 16 the launchers autotune only the BLOCK_M = 16 tiles (the configs the compile check
     holds to the wide-load rule); above, every tile that fits shared memory."""
     x = torch.empty(M, 4096, dtype=torch.bfloat16)
-    for configs, prune, extra in ((sm.block_sparse_configs(False), sm._prune_tiled, {"BLOCK_N": 32, "BLOCK_K": 32}),
-                                  (sm.masked_configs(False), sm._prune_tiled, {"BLOCK_N": 64, "BLOCK_K": 64}),
-                                  (sm.nm_configs(False), sm._prune_nm, {})):
+    for configs, prune, extra in ((sm.block_sparse_configs(False), sm.prune_tiled_configs,
+                                   {"BLOCK_N": 32, "BLOCK_K": 32}),
+                                  (sm.masked_configs(False), sm.prune_tiled_configs, {"BLOCK_N": 64, "BLOCK_K": 64}),
+                                  (sm.nm_configs(False), sm.prune_nm_configs, {})):
         kept = prune(configs, {"x_ptr": x, "M": M}, **extra)
         sizes = {c.kwargs["BLOCK_M"] for c in kept}
         assert sizes == {16} if M <= 16 else len(sizes) > 1, (M, sizes)

@@ -15,7 +15,7 @@ def test_nm_keeps_only_small_tiles_on_triton_3_6(triton_3_6, monkeypatch):
     # Triton 3.6 cannot compile BLOCK_M >= 64 N:M tiles for sm_90, and its autotuner would raise.
     monkeypatch.setattr(sm, "_TRITON_3_6", triton_3_6)
     x = torch.empty(128, 4096, dtype=torch.bfloat16)
-    kept = sm._prune_nm(sm.nm_configs(interpret=False), {"x_ptr": x})
+    kept = sm.prune_nm_configs(sm.nm_configs(interpret=False), {"x_ptr": x})
     block_m = {c.kwargs["BLOCK_M"] for c in kept}
     assert block_m == ({16, 32} if triton_3_6 else {16, 32, 64, 128}), block_m
 

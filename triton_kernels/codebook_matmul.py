@@ -1,94 +1,28 @@
 """Codebook (non-uniform, lookup-table) quantized linear: ``y = x @ W^T (+ bias)``, 1-8-bit codes.
 
-What it computes
-----------------
-``W`` has shape (N, K) and is stored as integer codes ``q`` in [0, 2^bits) that index a table of
-2^bits values, times an optional scale per group of ``group_size`` consecutive weights of a row::
+Math: ``W`` (N, K) is stored as codes ``q`` in [0, 2^bits) that index a table of 2^bits values, times an
+optional scale per group of ``group_size`` consecutive weights of a row; in fp32, as
+``dequantize_codebook`` computes it and bit for bit as both kernels do (one rounding)::
 
-    W[n, k] = codebook[r, q[n, k]].float() * scales[n, k // group_size].float()     (fp32, one rounding)
+    W[n, k] = codebook[r, q[n, k]].float() * scales[n, k // group_size].float()
 
-with ``r = n`` for a per-row table (SqueezeLLM, k-means: ``codebook`` of shape (N, 2^bits)) or
-``r = 0`` for one shared table (NF4, FP4 / E2M1: shape (1, 2^bits)); ``scales=None`` means 1
-(``W = codebook[r, q]`` exactly). ``dequantize_codebook`` computes exactly this, and both kernels
-compute it bit for bit before the weight enters the dot product (rounded there to the activation
-dtype for fp16/bf16 tensor-core dots).
+with r = n for a per-row table (SqueezeLLM, k-means: codebook (N, 2^bits)) or r = 0 for one shared
+table (NF4, FP4: (1, 2^bits)); ``scales=None`` means 1.
 
-Shapes and dtypes
------------------
-- ``x``: (..., K), fp16 / bf16 / fp32, any leading batch shape that ``reshape`` can view; fp32
-  accumulation, output (..., N) in x's dtype. fp32 activations use ``input_precision="ieee"`` and
-  always take the decode kernel (16 rows per program), as in ``dequant_matmul``.
-- ``packed``: int32 (N, ceil(K * bits / 32)), the bit-plane layout of ``dequant_matmul.pack``.
-- ``codebook``: (N, 2^bits) or (1, 2^bits), fp16 / bf16 / fp32.
-- ``scales``: None, or (N, ceil(K / group_size)) fp16 / bf16 / fp32; ``group_size`` -1 (one scale per
-  row) or a power of two; K need not be a multiple of it (the last group is partial).
-- ``bias``: (N,), any float dtype, added in fp32.
+Shapes and dtypes:
+- ``x`` (..., K) fp16 / bf16 / fp32 -> (..., N) in x's dtype, fp32 accumulation; fp32 x uses ieee dots.
+- ``packed`` int32 (N, ceil(K * bits / 32)): ``dequant_matmul``'s bit-plane layout; this file carries its
+  own copy of the packing helpers so it can be copied alone (``tests/test_kernel_copies.py``).
+- ``codebook`` (N or 1, 2^bits) and ``scales`` (N, ceil(K / group_size)) fp16 / bf16 / fp32; ``bias`` (N,).
 
-Storage layout of ``packed``
-----------------------------
-Exactly ``dequant_matmul``'s (see its docstring): each row one LSB-first bit stream; a code is split
-into power-of-two bit planes, low bits first (3 = 2+1, 5 = 4+1, 6 = 4+2, 7 = 4+2+1), plane after
-plane, rows padded to a whole int32 word, so a weight costs exactly ``bits`` bits. This file carries
-its own copy of the packing helpers (``pack``, ``unpack``, ``planes``) and of the in-register
-unpacking (``_unpack_words``, ``_plane_codes``, ``_codes_tile``) so that it can be copied alone;
-``tests/test_codebook_matmul.py`` checks that the copies are identical to ``dequant_matmul``'s
-(the jit helpers' source text, and ``pack`` on random codes), so the two layouts cannot drift apart.
-
-Where the table lives (the lookup, ``LOOKUP``)
-----------------------------------------------
-A GPU has no cheap per-thread indexed register read, so the lookup is the design question
-(FLUTE keeps tables in shared memory, duplicated against bank conflicts). Three strategies, chosen by
-table size (``lookup_mode(bits)``), all loading the table once per program, before the K loop:
-
-- ``"select"`` (bits 1-2, 2-4 entries): each entry is a [BLOCK_N, 1] register; the value is a tree
-  of ``tl.where`` on the code's bits (1 or 3 selects per weight): integer-ALU work, which leaves
-  the narrower shuffle / shared-memory pipe free.
-- ``"gather"`` (bits 3-5, 8-32 entries, Triton 3.6 and 3.7): the [BLOCK_N, 2^bits] table tile and
-  ``tl.gather(tile, codes, axis=1)``, which those Triton versions lower to one warp shuffle per
-  weight (the table's entries spread over the lanes): one shuffle-pipe instruction per weight, as
-  in FLUTE's shared-memory lookups (FLUTE halves that by looking up pairs of 4-bit codes in a
-  256-entry table of value pairs; not done here). Triton 3.9 lowers the same call to a select chain
-  over every entry (about 5x the instructions), so from Triton 3.8 on 3-5 bits take ``"load"``
-  (``GATHER_SHUFFLES``).
-- ``"load"`` (bits 6-8, and 3-5 where gather does not shuffle): a [BLOCK_N, 256] tile would not fit
-  in registers, so the value is a gathered global load from the table, which stays L1-resident
-  (128 rows x 256 x 2 bytes = 64 KiB at most per program).
-
-What they compile to (SASS of the 16x512 / 4-warp decode tile, M == 1, sm_90, 64 weights per thread
-and K block): ``gather`` (4 bits, Triton 3.7.1): 64 ``SHFL.IDX``, plus a conversion of the codes tile
-into the gather's layout through shared memory (16 ``STS.128`` + 16 ``LDSM.x4``), 800 instructions in
-all against 520 for ``dequant_matmul``'s kernel at the same bits (736 with Triton 3.6.0); ``select``
-(2 bits) 48 ``SEL`` (the compiler merges the tree), no shuffles; ``load`` (4 bits forced, 3.7.1) 128
-``LDG.E.U16`` from the table, 2120 instructions (3.6.0: 69 loads, 992). Static counts, not timings:
-the GPU time is ``make gpu-check``'s. Every config of the three kernels compiles for sm_80 and sm_90
-without spills or local memory, with >= 64-bit packed-weight loads on the decode paths (one
-documented exception, see ``load_configs``), under Triton 3.6.0, 3.7.1 and 3.9.0 (there with the
-load lookup at 3-5 bits; ``python -m triton_kernels.compile_check --kernel codebook``, 2026-11-30).
-AMD is not checked: ``tl.gather`` failed to compile for gfx942 in some layouts, so on ROCm the
-launcher takes ``load`` for 3-8 bits (``lookup_mode(bits, amd=True)``), untested on AMD hardware.
-Whether this meets the goal of 1.1x the uniform kernel's time is measured by ``make gpu-check``
-(section ``codebook``); it has not run on a GPU yet.
-
-Two kernel paths (as ``dequant_matmul``)
-----------------------------------------
-- ``codebook_gemv_kernel`` (decode, M <= 16): wide packed loads and in-register unpacking as in the
-  uniform kernel. M == 1: ``tl.sum`` with the group scale factored out per group,
-  ``s * sum_k x T[q]``; 2 <= M <= 16 (and fp32 activations at any M): the tile is dequantized
-  (``T[q] * s``) and fed to one 16-row ``tl.dot``. Split-K (fp32 atomics into a workspace) where the
-  rows alone give too few programs, else a direct store.
-- ``codebook_matmul_kernel`` (prefill, M > 16): tiled ``tl.dot`` with grouped program order; the
-  weight tile is dequantized once per tile and shared by BLOCK_M rows.
-
-Under the interpreter with bf16 activations the kernels emulate the bf16 ``tl.dot`` in fp32
-(``EMULATE_BF16_DOT``), as ``dequant_matmul`` does (Triton 3.6-3.9's interpreter multiplies bf16's
-uint16 storage as integers and truncates fp32 -> bf16 casts).
-
-Contract notes: the table should be finite (a code-0 entry of inf times a zero activation beyond K
-would give NaN in the M == 1 path, whose K padding is not masked per weight for speed). K is inferred
-from x and checked against ``packed`` and ``scales``.
+Kernels: as ``dequant_matmul`` (decode for M <= 16 and fp32 x, tiled prefill), with a table lookup
+in place of the zero point: ``lookup_mode(bits)`` picks ``select`` (1-2 bits), ``gather`` (3-5 bits,
+where ``tl.gather`` lowers to warp shuffles) or ``load`` (a global load per weight). Why these and what
+they compile to: docs/kernels.md. Limits: the table should be finite (the M == 1 path does not mask
+its K padding per weight); K is taken from x; AMD GPUs take the ``load`` lookup, untested on hardware.
 
 Public API: ``codebook_matmul``, ``codebook_matmul_reference``, ``dequantize_codebook``, ``pack``,
-``unpack``, ``planes``, ``lookup_mode``. Imports only torch and triton (copy the file alone).
+``unpack``, ``planes``, ``lookup_mode``. Imports only torch and triton: copy the file alone.
 """
 import os
 
@@ -114,9 +48,8 @@ def planes(bits: int) -> tuple[int, ...]:
 
 
 # tl.gather of the [BLOCK_N, 2^bits] table tile: Triton 3.6 and 3.7 lower it to one warp shuffle per
-# weight; Triton 3.9 to a per-thread select chain over every entry (sm_90 SASS of the 16x512 decode
-# tile, 4-bit per-row table: 960 FSEL + 962 ISETP for 64 weights, 3864 instructions against 800 with
-# 3.7.1 and 2016 for the "load" lookup with 3.9; 5-bit per-row tables spilled). 3.8 is unchecked.
+# weight, Triton 3.9 to a per-thread select chain over every entry, several times the instructions
+# (docs/kernels.md, "codebook_matmul"). 3.8 is unchecked.
 _TRITON_VERSION = tuple(int(p) for p in triton.__version__.split(".")[:2])
 GATHER_SHUFFLES = _TRITON_VERSION < (3, 8)
 
@@ -135,10 +68,8 @@ def lookup_mode(bits: int, amd: bool = False) -> str:
 def gemv_configs(interpret: bool | None = None, split: bool = False) -> list:
     """Autotune configs of the decode kernel (``split``: the split-K variant); one under the interpreter.
 
-    The uniform kernel's tiles (``dequant_matmul.gemv_configs``): BLOCK_N * BLOCK_K / 32 >= 2 x threads
-    so every thread loads >= 2 consecutive packed words (64/128-bit loads, checked by the compile check),
-    less 64x256 / 4 warps, which spilled 12 bytes on sm_80 with the 8-entry gather table (3-bit shared
-    table, g32; compile check, Triton 3.7.1).
+    The uniform kernel's tiles (``dequant_matmul.gemv_configs``: every thread loads >= 2 consecutive
+    packed words) less one that spills with a gather table (docs/kernels.md, "Tile choices").
     """
     if interpret is None:
         interpret = _interpreting()
@@ -156,8 +87,7 @@ def gemv_configs(interpret: bool | None = None, split: bool = False) -> list:
 def matmul_configs(interpret: bool | None = None) -> list:
     """Autotune configs of the prefill (tiled tl.dot) kernel; one small config under the interpreter.
 
-    The uniform kernel's, less 64x128x64 / 4 warps, which spilled 36 bytes on sm_80 with a per-row
-    16-entry gather table (compile check, Triton 3.7.1)."""
+    The uniform kernel's, less one that spills with a per-row gather table (docs/kernels.md)."""
     if interpret is None:
         interpret = _interpreting()
     if interpret:
@@ -176,8 +106,7 @@ def matmul_configs(interpret: bool | None = None) -> list:
 
 def fp32_configs(split: bool = False) -> list:
     """Decode configs for fp32 activations with BLOCK_M=16 (swapped in by the pruner): the uniform
-    kernel's (an ieee fp32 dot is register-hungry; 16x64 with 8 warps is its spill-free tile).
-    A correctness path, not a speed one."""
+    kernel's (an ieee fp32 dot is register-hungry). A correctness path, not a speed one."""
     return [triton.Config({"BLOCK_N": 16, "BLOCK_K": 64, "SPLIT_K": 4 if split else 1}, num_warps=8,
                           num_stages=2)]
 
@@ -190,15 +119,10 @@ def multirow_configs(split: bool = False) -> list:
 
 
 def load_configs(split: bool = False, multirow: bool = False) -> list:
-    """Decode configs for the ``"load"`` lookup (6-8 bits; swapped in by the pruner): a gathered
-    global load per weight holds a 64-bit address per element, so the uniform tiles run out of
-    registers. Compile check (sm_80/sm_90, Triton 3.7.1, 8-bit per-row g128 / 7-bit per-row / 6-bit
-    shared): M == 1: 64x128 / 4 warps spilled 416 bytes (8-bit); 16x512 and 32x256 with 4 warps are
-    spill-free with >= 64-bit packed loads on all three (32x256 / 8 warps and 16x256 load a 7-bit
-    code's 1-bit plane 32 bits at a time). 2 <= M <= 16: 128x128 / 8 warps spilled 340-490 bytes
-    (2-4 stages, 16 warps too) and 64x256 / 8 warps 680-890 bytes on 7/8-bit per-row tables;
-    64x128 / 8 warps / 4 stages is spill-free on 6 and 8 bits, and loads the 1-bit plane of 3-, 5-
-    and 7-bit codes 32 bits at a time (recorded as such in the compile check)."""
+    """Decode configs for the ``"load"`` lookup (swapped in by the pruner): a gathered global load per
+    weight holds a 64-bit address per element, so the uniform tiles run out of registers. These are
+    the spill-free ones (docs/kernels.md, "Tile choices"); the 16-row tile loads the 1-bit plane of
+    3-, 5- and 7-bit codes 32 bits at a time (marked so in results/compile_check.csv's config column)."""
     sk = 4 if split else 1
     if multirow:
         return [triton.Config({"BLOCK_N": 64, "BLOCK_K": 128, "SPLIT_K": sk}, num_warps=8, num_stages=4)]
@@ -226,8 +150,8 @@ def _prune_gemv(configs, named_args, **kwargs):
 
 
 def load_matmul_configs() -> list:
-    """Prefill configs for the ``"load"`` lookup: the 8-warp ones of ``matmul_configs`` (compile check,
-    Triton 3.9.0, sm_80: 128x64x64 / 4 warps spilled 96-544 bytes with table loads per weight)."""
+    """Prefill configs for the ``"load"`` lookup: the 8-warp ones of ``matmul_configs`` (the 4-warp one
+    spills with table loads per weight; docs/kernels.md)."""
     return [c for c in matmul_configs(interpret=False) if c.num_warps == 8]
 
 
@@ -249,7 +173,7 @@ def _prune_matmul(configs, named_args, **kwargs):
 # Kernels
 # ----------------------------------------------------------------------------------------------
 # _unpack_words, _plane_codes, _codes_tile, _per_weight, _round_to_bf16 and _dot_acc are copies of
-# dequant_matmul's (the test suite checks the source text is identical).
+# dequant_matmul's (tests/test_kernel_copies.py checks they are identical).
 @triton.jit
 def _unpack_words(v, W: tl.constexpr):
     """uint32 words [R, C] of W-bit codes (LSB first) -> codes [R, C * 32 // W] in stream order.
@@ -287,11 +211,11 @@ def _plane_codes(row_ptrs, mask_n, WPR, word0, SHIFT, W: tl.constexpr, BLOCK_K: 
 
 
 @triton.jit
-def _codes_tile(packed_ptr, offs_n, mask_n, stride_pn, WPR, kb, P1_WORD0, P1_SHIFT, P2_WORD0, P2_SHIFT,
+def _codes_tile(packed_ptr, offs_n, mask_n, stride_packed_n, WPR, kb, P1_WORD0, P1_SHIFT, P2_WORD0, P2_SHIFT,
                 W0: tl.constexpr, W1: tl.constexpr, W2: tl.constexpr, BLOCK_K: tl.constexpr,
                 ALIGNED: tl.constexpr):
     """uint32 codes [BN, BLOCK_K] of K block ``kb``: the planes' codes, shifted into place and OR-ed."""
-    row_ptrs = packed_ptr + offs_n * stride_pn
+    row_ptrs = packed_ptr + offs_n * stride_packed_n
     q = _plane_codes(row_ptrs, mask_n, WPR, kb * (BLOCK_K * W0 // 32), 0, W0, BLOCK_K, True)
     if W1 > 0:
         q1 = _plane_codes(row_ptrs, mask_n, WPR, P1_WORD0 + kb * (BLOCK_K * W1 // 32), P1_SHIFT, W1,
@@ -334,7 +258,7 @@ def _dot_acc(x, w, acc, EMULATE_BF16_DOT: tl.constexpr):
 
 
 @triton.jit
-def _load_table(codebook_ptr, offs_n, mask_n, stride_cn, stride_ct, BITS: tl.constexpr,
+def _load_table(codebook_ptr, offs_n, mask_n, stride_codebook_n, stride_codebook_entry, BITS: tl.constexpr,
                 SHARED_TABLE: tl.constexpr, LOOKUP: tl.constexpr, BLOCK_N: tl.constexpr):
     """The table as the lookup needs it, loaded once per program (before the K loop), fp32.
 
@@ -347,10 +271,10 @@ def _load_table(codebook_ptr, offs_n, mask_n, stride_cn, stride_ct, BITS: tl.con
         T: tl.constexpr = 1 << BITS
         offs_t = tl.arange(0, T)
         if SHARED_TABLE:
-            t = tl.load(codebook_ptr + offs_t * stride_ct).to(tl.float32)  # [T], one table for all rows
+            t = tl.load(codebook_ptr + offs_t * stride_codebook_entry).to(tl.float32)  # [T], one table for all rows
             tbl = tl.broadcast_to(t[None, :], [BLOCK_N, T])
         else:
-            tbl = tl.load(codebook_ptr + offs_n[:, None] * stride_cn + offs_t[None, :] * stride_ct,
+            tbl = tl.load(codebook_ptr + offs_n[:, None] * stride_codebook_n + offs_t[None, :] * stride_codebook_entry,
                           mask=mask_n[:, None], other=0.0).to(tl.float32)  # [BN, T]
     return tbl
 
@@ -367,7 +291,7 @@ def _table_entry(tbl, c: tl.constexpr, BITS: tl.constexpr, LOOKUP: tl.constexpr)
 
 
 @triton.jit
-def _lookup(q, tbl, t0, t1, t2, t3, codebook_ptr, offs_n, stride_cn, stride_ct, mask_n,
+def _lookup(q, tbl, t0, t1, t2, t3, codebook_ptr, offs_n, stride_codebook_n, stride_codebook_entry, mask_n,
             BITS: tl.constexpr, SHARED_TABLE: tl.constexpr, LOOKUP: tl.constexpr):
     """fp32 table values [BN, BK] of the codes q [BN, BK] (uint32, each < 2^bits)."""
     if LOOKUP == "select":
@@ -377,17 +301,17 @@ def _lookup(q, tbl, t0, t1, t2, t3, codebook_ptr, offs_n, stride_cn, stride_ct, 
     elif LOOKUP == "gather":
         v = tl.gather(tbl, q.to(tl.int32), axis=1)
     else:
-        idx = q.to(tl.int32) * stride_ct
+        idx = q.to(tl.int32) * stride_codebook_entry
         if SHARED_TABLE:
             v = tl.load(codebook_ptr + idx)
         else:
-            v = tl.load(codebook_ptr + offs_n[:, None] * stride_cn + idx, mask=mask_n[:, None], other=0.0)
+            v = tl.load(codebook_ptr + offs_n[:, None] * stride_codebook_n + idx, mask=mask_n[:, None], other=0.0)
         v = v.to(tl.float32)
     return v
 
 
 @triton.jit
-def _group_scales(scales_ptr, offs_n, mask_n, kb, K, stride_sn, stride_sg,
+def _group_scales(scales_ptr, offs_n, mask_n, kb, K, stride_scales_n, stride_scales_g,
                   GROUP_SIZE: tl.constexpr, BLOCK_K: tl.constexpr):
     """fp32 scales [BN, NG] of the NG groups K block kb touches (NG = 1 per-channel or groups >= BLOCK_K)."""
     if GROUP_SIZE == -1:
@@ -397,17 +321,18 @@ def _group_scales(scales_ptr, offs_n, mask_n, kb, K, stride_sn, stride_sg,
     else:
         offs_g = kb * (BLOCK_K // GROUP_SIZE) + tl.arange(0, BLOCK_K // GROUP_SIZE)
     mask = mask_n[:, None] & (offs_g * GROUP_SIZE < K)[None, :]
-    s = tl.load(scales_ptr + offs_n[:, None] * stride_sn + offs_g[None, :] * stride_sg, mask=mask, other=0.0)
+    s = tl.load(scales_ptr + offs_n[:, None] * stride_scales_n + offs_g[None, :] * stride_scales_g,
+                mask=mask, other=0.0)
     return s.to(tl.float32)
 
 
 @triton.jit
-def _dequant_tile(v, scales_ptr, offs_n, offs_k, mask_n, K, kb, stride_sn, stride_sg,
+def _dequant_tile(v, scales_ptr, offs_n, offs_k, mask_n, K, kb, stride_scales_n, stride_scales_g,
                   GROUP_SIZE: tl.constexpr, HAS_SCALES: tl.constexpr, BLOCK_N: tl.constexpr,
                   BLOCK_K: tl.constexpr):
     """fp32 weights [BN, BK] = T[q] * s (the documented formula, one rounding); exactly 0 outside (N, K)."""
     if HAS_SCALES:
-        s = _group_scales(scales_ptr, offs_n, mask_n, kb, K, stride_sn, stride_sg, GROUP_SIZE, BLOCK_K)
+        s = _group_scales(scales_ptr, offs_n, mask_n, kb, K, stride_scales_n, stride_scales_g, GROUP_SIZE, BLOCK_K)
         v = v * _per_weight(s, BLOCK_N, BLOCK_K)
     # Outside (N, K) the tile must be exactly 0 even if a table entry or scale is inf/NaN.
     return tl.where(mask_n[:, None] & (offs_k < K)[None, :], v, 0.0)
@@ -420,7 +345,8 @@ def codebook_gemv_kernel(
     # sizes: WPR = words per packed row; plane 1 / 2 start at bit 32 * P*_WORD0 + P*_SHIFT of a row
     M, N, K, WPR, P1_WORD0, P1_SHIFT, P2_WORD0, P2_SHIFT,
     # strides: x (M, K); packed (N, words); codebook (N or 1, 2^bits); scales (N, groups); out and ws (M, N)
-    stride_xm, stride_xk, stride_pn, stride_cn, stride_ct, stride_sn, stride_sg, stride_om, stride_wm,
+    stride_xm, stride_xk, stride_packed_n, stride_codebook_n, stride_codebook_entry, stride_scales_n, stride_scales_g,
+    stride_om, stride_ws_m,
     # meta-parameters: BITS = W0 + W1 + W2 (plane widths), ALIGNED = every plane starts on a word
     BITS: tl.constexpr, W0: tl.constexpr, W1: tl.constexpr, W2: tl.constexpr, ALIGNED: tl.constexpr,
     GROUP_SIZE: tl.constexpr, HAS_SCALES: tl.constexpr, SHARED_TABLE: tl.constexpr, LOOKUP: tl.constexpr,
@@ -436,7 +362,8 @@ def codebook_gemv_kernel(
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     mask_n = offs_n < N
     mask_m = offs_m < M
-    tbl = _load_table(codebook_ptr, offs_n, mask_n, stride_cn, stride_ct, BITS, SHARED_TABLE, LOOKUP, BLOCK_N)
+    tbl = _load_table(codebook_ptr, offs_n, mask_n, stride_codebook_n, stride_codebook_entry, BITS, SHARED_TABLE,
+                      LOOKUP, BLOCK_N)
     t0 = _table_entry(tbl, 0, BITS, LOOKUP)
     t1 = _table_entry(tbl, 1, BITS, LOOKUP)
     t2 = _table_entry(tbl, 2, BITS, LOOKUP)
@@ -449,15 +376,15 @@ def codebook_gemv_kernel(
     for kb in range(pid_k, num_kb, SPLIT_K):
         offs_k = kb * BLOCK_K + tl.arange(0, BLOCK_K)
         mask_k = offs_k < K
-        q = _codes_tile(packed_ptr, offs_n, mask_n, stride_pn, WPR, kb, P1_WORD0, P1_SHIFT, P2_WORD0,
+        q = _codes_tile(packed_ptr, offs_n, mask_n, stride_packed_n, WPR, kb, P1_WORD0, P1_SHIFT, P2_WORD0,
                         P2_SHIFT, W0, W1, W2, BLOCK_K, ALIGNED)  # [BN, BK] uint32
-        v = _lookup(q, tbl, t0, t1, t2, t3, codebook_ptr, offs_n, stride_cn, stride_ct, mask_n,
+        v = _lookup(q, tbl, t0, t1, t2, t3, codebook_ptr, offs_n, stride_codebook_n, stride_codebook_entry, mask_n,
                     BITS, SHARED_TABLE, LOOKUP)  # [BN, BK] fp32 table values
         if BLOCK_M == 1:
             # M == 1: a register reduction, the group scale applied once per group (not per weight).
             x = tl.load(x_ptr + offs_k * stride_xk, mask=mask_k, other=0.0).to(tl.float32)  # [BK]
             if HAS_SCALES and GROUP_SIZE != -1:
-                s = _group_scales(scales_ptr, offs_n, mask_n, kb, K, stride_sn, stride_sg,
+                s = _group_scales(scales_ptr, offs_n, mask_n, kb, K, stride_scales_n, stride_scales_g,
                                   GROUP_SIZE, BLOCK_K)  # [BN, NG]
                 NG: tl.constexpr = s.shape[1]
                 part = tl.sum(tl.reshape(v * x[None, :], [BLOCK_N, NG, BLOCK_K // NG]), axis=2)  # [BN, NG]
@@ -467,11 +394,12 @@ def codebook_gemv_kernel(
         else:
             x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
                         mask=mask_m[:, None] & mask_k[None, :], other=0.0)  # [BM, BK]
-            w = _dequant_tile(v, scales_ptr, offs_n, offs_k, mask_n, K, kb, stride_sn, stride_sg,
+            w = _dequant_tile(v, scales_ptr, offs_n, offs_k, mask_n, K, kb, stride_scales_n, stride_scales_g,
                               GROUP_SIZE, HAS_SCALES, BLOCK_N, BLOCK_K)  # [BN, BK]
             acc = _dot_acc(x, w, acc, EMULATE_BF16_DOT)
     if BLOCK_M == 1 and HAS_SCALES and GROUP_SIZE == -1:
-        s = _group_scales(scales_ptr, offs_n, mask_n, 0, K, stride_sn, stride_sg, GROUP_SIZE, BLOCK_K)  # [BN, 1]
+        s = _group_scales(scales_ptr, offs_n, mask_n, 0, K, stride_scales_n, stride_scales_g,
+                          GROUP_SIZE, BLOCK_K)  # [BN, 1]
         acc = acc * tl.reshape(s, [BLOCK_N])
     if HAS_BIAS:
         first_split = tl.full([BLOCK_N], pid_k, tl.int32) == 0  # only split 0 adds the bias
@@ -493,7 +421,7 @@ def codebook_gemv_kernel(
         if BLOCK_M == 1:
             tl.atomic_add(ws_ptr + offs_n, acc, mask=mask_n)
         else:
-            tl.atomic_add(ws_ptr + offs_m[:, None] * stride_wm + offs_n[None, :], acc,
+            tl.atomic_add(ws_ptr + offs_m[:, None] * stride_ws_m + offs_n[None, :], acc,
                           mask=mask_m[:, None] & mask_n[None, :])
 
 
@@ -504,7 +432,8 @@ def codebook_matmul_kernel(
     # sizes (M_BUCKET is only an autotune key: next power of two of M); planes as in the decode kernel
     M, N, K, M_BUCKET, WPR, P1_WORD0, P1_SHIFT, P2_WORD0, P2_SHIFT,
     # strides: x (M, K); packed (N, words); codebook (N or 1, 2^bits); scales (N, groups); out (M, N)
-    stride_xm, stride_xk, stride_pn, stride_cn, stride_ct, stride_sn, stride_sg, stride_om, stride_on,
+    stride_xm, stride_xk, stride_packed_n, stride_codebook_n, stride_codebook_entry, stride_scales_n, stride_scales_g,
+    stride_om, stride_on,
     # meta-parameters
     BITS: tl.constexpr, W0: tl.constexpr, W1: tl.constexpr, W2: tl.constexpr, ALIGNED: tl.constexpr,
     GROUP_SIZE: tl.constexpr, HAS_SCALES: tl.constexpr, SHARED_TABLE: tl.constexpr, LOOKUP: tl.constexpr,
@@ -528,7 +457,8 @@ def codebook_matmul_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_m = offs_m < M
     mask_n = offs_n < N
-    tbl = _load_table(codebook_ptr, offs_n, mask_n, stride_cn, stride_ct, BITS, SHARED_TABLE, LOOKUP, BLOCK_N)
+    tbl = _load_table(codebook_ptr, offs_n, mask_n, stride_codebook_n, stride_codebook_entry, BITS, SHARED_TABLE,
+                      LOOKUP, BLOCK_N)
     t0 = _table_entry(tbl, 0, BITS, LOOKUP)
     t1 = _table_entry(tbl, 1, BITS, LOOKUP)
     t2 = _table_entry(tbl, 2, BITS, LOOKUP)
@@ -538,11 +468,11 @@ def codebook_matmul_kernel(
         offs_k = kb * BLOCK_K + tl.arange(0, BLOCK_K)
         x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
                     mask=mask_m[:, None] & (offs_k < K)[None, :], other=0.0)  # [BM, BK]
-        q = _codes_tile(packed_ptr, offs_n, mask_n, stride_pn, WPR, kb, P1_WORD0, P1_SHIFT, P2_WORD0,
+        q = _codes_tile(packed_ptr, offs_n, mask_n, stride_packed_n, WPR, kb, P1_WORD0, P1_SHIFT, P2_WORD0,
                         P2_SHIFT, W0, W1, W2, BLOCK_K, ALIGNED)  # [BN, BK] uint32
-        v = _lookup(q, tbl, t0, t1, t2, t3, codebook_ptr, offs_n, stride_cn, stride_ct, mask_n,
+        v = _lookup(q, tbl, t0, t1, t2, t3, codebook_ptr, offs_n, stride_codebook_n, stride_codebook_entry, mask_n,
                     BITS, SHARED_TABLE, LOOKUP)
-        w = _dequant_tile(v, scales_ptr, offs_n, offs_k, mask_n, K, kb, stride_sn, stride_sg,
+        w = _dequant_tile(v, scales_ptr, offs_n, offs_k, mask_n, K, kb, stride_scales_n, stride_scales_g,
                           GROUP_SIZE, HAS_SCALES, BLOCK_N, BLOCK_K)  # [BN, BK]
         acc = _dot_acc(x, w, acc, EMULATE_BF16_DOT)  # [BM, BN]
     if HAS_BIAS:
@@ -574,6 +504,9 @@ _matmul_autotuned = triton.autotune(
 # True when the kernels above were defined under TRITON_INTERPRET=1 (Triton reads it when each
 # ``@triton.jit`` runs, so setting it after this module is imported changes nothing).
 _INTERPRETED = not isinstance(codebook_gemv_kernel, triton.runtime.JITFunction)
+# What a CPU caller can use instead (named in _check_launchable's error).
+_CPU_ALTERNATIVES = ("CodebookLinear (triton_kernels.nn), "
+                     "or codebook_matmul_reference (pure torch)")
 
 
 def _check_launchable(x: torch.Tensor, fn: str) -> None:
@@ -585,8 +518,7 @@ def _check_launchable(x: torch.Tensor, fn: str) -> None:
     raise RuntimeError(
         f"{fn}: x is a CPU tensor, and the Triton kernels need a CUDA/ROCm GPU. Move the tensors to "
         f"the GPU, or set TRITON_INTERPRET=1 before this module is imported to run the kernels in "
-        f"Triton's interpreter on CPU (slow: for tests){late}. For CPU inference use CodebookLinear "
-        f"(triton_kernels.nn), or codebook_matmul_reference (pure torch).")
+        f"Triton's interpreter on CPU (slow: for tests){late}. For CPU inference use {_CPU_ALTERNATIVES}.")
 
 
 def _num_words(K: int, bits: int) -> int:
@@ -733,17 +665,17 @@ def codebook_matmul(x, packed, codebook, scales=None, *, bits, group_size=-1, bi
         return out
     if packed.stride(1) != 1:
         packed = packed.contiguous()
-    pa = plane_args(K, bits)
-    sizes = {k: pa.pop(k) for k in ("WPR", "P1_WORD0", "P1_SHIFT", "P2_WORD0", "P2_SHIFT")}
+    plane_meta = plane_args(K, bits)  # the plane sizes (runtime ints) come out, the constexprs stay
+    plane_sizes = [plane_meta.pop(k) for k in ("WPR", "P1_WORD0", "P1_SHIFT", "P2_WORD0", "P2_SHIFT")]
     shared = codebook.shape[0] == 1
-    stride_cn = 0 if shared else codebook.stride(0)
     scales_arg = scales if scales is not None else codebook  # unused when not HAS_SCALES
-    sn, sg = (scales.stride(0), scales.stride(1)) if scales is not None else (0, 0)
     bias_arg = bias if bias is not None else codebook  # unused when not HAS_BIAS
+    param_strides = (0 if shared else codebook.stride(0), codebook.stride(1),  # one shared table: stride 0
+                     *((scales.stride(0), scales.stride(1)) if scales is not None else (0, 0)))
     amd = x.is_cuda and torch.version.hip is not None
     common = dict(BITS=bits, GROUP_SIZE=group_size, HAS_SCALES=scales is not None, SHARED_TABLE=shared,
                   LOOKUP=lookup or lookup_mode(bits, amd), HAS_BIAS=bias is not None,
-                  EMULATE_BF16_DOT=_interpreting() and x.dtype == torch.bfloat16, **pa)
+                  EMULATE_BF16_DOT=_interpreting() and x.dtype == torch.bfloat16, **plane_meta)
     if M <= GEMV_MAX_M or x.dtype == torch.float32:
         # fp32 activations take the decode kernel at every M, 16 rows per program along grid axis 2
         # (as dequant_matmul: no ieee fp32 tl.dot tile big enough for prefill compiles without spills).
@@ -755,9 +687,9 @@ def codebook_matmul(x, packed, codebook, scales=None, *, bits, group_size=-1, bi
         grid = lambda META: (triton.cdiv(N, META["BLOCK_N"]), META["SPLIT_K"], triton.cdiv(M, block_m))  # noqa: E731
         kernel[grid](
             x2, packed, codebook, scales_arg, bias_arg, out2, ws,
-            M, N, K, *sizes.values(),
-            x2.stride(0), x2.stride(1), packed.stride(0), stride_cn, codebook.stride(1), sn, sg,
-            out2.stride(0), ws.stride(0), BLOCK_M=block_m, **common)
+            M, N, K, *plane_sizes,
+            x2.stride(0), x2.stride(1), packed.stride(0), *param_strides, out2.stride(0), ws.stride(0),
+            BLOCK_M=block_m, **common)
         if split:
             out2.copy_(ws)  # the cast to the activation dtype, after all K splits have landed
     else:
@@ -765,9 +697,9 @@ def codebook_matmul(x, packed, codebook, scales=None, *, bits, group_size=-1, bi
         grid = lambda META: (triton.cdiv(M, META["BLOCK_M"]) * triton.cdiv(N, META["BLOCK_N"]),)  # noqa: E731
         _matmul_autotuned[grid](
             x2, packed, codebook, scales_arg, bias_arg, out2,
-            M, N, K, m_bucket, *sizes.values(),
-            x2.stride(0), x2.stride(1), packed.stride(0), stride_cn, codebook.stride(1), sn, sg,
-            out2.stride(0), out2.stride(1), **common)
+            M, N, K, m_bucket, *plane_sizes,
+            x2.stride(0), x2.stride(1), packed.stride(0), *param_strides, out2.stride(0), out2.stride(1),
+            **common)
     return out
 
 
@@ -815,7 +747,7 @@ def _stream_words(codes, width: int):
 
 
 def pack(q, bits):
-    """Codes (N, K) in [0, 2^bits) -> int32 (N, ceil(K*bits/32)) bit planes (``dequant_matmul.pack``)."""
+    """Codes (N, K) in [0, 2^bits) -> int32 (N, ceil(K*bits/32)) bit planes (see the module docstring)."""
     _check_bits(bits)
     if not isinstance(q, torch.Tensor):
         raise TypeError(f"q must be an integer torch.Tensor of shape (N, K), got {type(q).__name__}")
@@ -828,6 +760,8 @@ def pack(q, bits):
     if q.numel() and (int(q.min()) < 0 or int(q.max()) >= 2 ** bits):
         raise ValueError(f"q has codes in [{int(q.min())}, {int(q.max())}], outside [0, {2 ** bits - 1}] "
                          f"for bits={bits}")
+    # One bit stream per row: plane 0's K codes, then plane 1's, ... Each plane is packed into whole
+    # words (codes never straddle inside it) and shifted to its start bit K * (lower widths).
     total = _num_words(K, bits)
     words = torch.zeros((N, total + 1), dtype=torch.int64, device=q.device)
     lo = 0
@@ -861,12 +795,16 @@ def unpack(packed, bits, K):
     words = torch.zeros((N, packed.shape[1] + 1), dtype=torch.int64, device=packed.device)
     words[:, :-1] = packed.to(torch.int64) & 0xFFFFFFFF
     q = torch.zeros((N, K), dtype=torch.int64, device=packed.device)
-    k = torch.arange(K, device=packed.device, dtype=torch.int64)
     lo = 0
     for width in planes(bits):
-        bit = K * lo + k * width  # stream bit of each code's plane field
-        w, sh = bit // 32, bit % 32
-        v = (words[:, w] >> sh) | (words[:, w + 1] << (32 - sh))  # fields may straddle when unaligned
-        q |= (v & ((1 << width) - 1)) << lo
+        # The plane is whole words starting at stream bit K * lo (see pack): realign them with two
+        # shifted slices, then split each word into its 32 / width fields (no gather per code).
+        per = 32 // width
+        n = (K * width + 31) // 32
+        w0, sh = divmod(K * lo, 32)
+        pw = ((words[:, w0:w0 + n] >> sh) | (words[:, w0 + 1:w0 + 1 + n] << (32 - sh))) & 0xFFFFFFFF
+        shifts = torch.arange(per, device=packed.device, dtype=torch.int64) * width
+        fields = (pw.unsqueeze(-1) >> shifts) & ((1 << width) - 1)  # (N, n, per)
+        q |= fields.reshape(N, n * per)[:, :K] << lo
         lo += width
     return q.to(torch.uint8).contiguous()

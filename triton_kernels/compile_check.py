@@ -5,10 +5,11 @@
 ``make compile-check`` refreshes the committed ``results/compile_check.csv``; ``make test`` writes its
 report to ``build/compile_check.csv`` (ignored), so tests and CI leave the tracked tables alone.
 
-For each kernel family a ``cases()`` function (in ``triton_kernels/compile_cases.py``) yields one
-:class:`Case` per (kernel, autotune config, representative problem). Each case is compiled through
-the kernel's own ``warmup`` with a minimal fake driver installed, so the JIT specializes exactly as it
-would at launch (16-byte-aligned pointers, ints divisible by 16, ints equal to 1 as constants).
+For each kernel family a ``cases()`` function (in ``triton_kernels/compile_cases/``) yields one
+:class:`~triton_kernels.compile_cases.case.Case` per (kernel, autotune config, representative problem).
+Each case is compiled through the kernel's own ``warmup`` with a minimal fake driver installed, so the JIT
+specializes exactly as it would at launch (16-byte-aligned pointers, ints divisible by 16, ints equal to
+1 as constants). Imports point one way: this module imports the cases, the cases never import it.
 
 Registers and spills come from the bundled ``ptxas -v`` on NVIDIA and from the AMDGCN metadata on AMD;
 shared memory from the compiled metadata. The command fails (exit 1) on any register spill, any shared
@@ -18,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import dataclasses
 import datetime
 import os
 import platform
@@ -30,7 +30,9 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
-# The check compiles real GPU code; the interpreter would replace the kernels with Python.
+# The check compiles real GPU code; the interpreter would replace the kernels with Python. Triton reads
+# TRITON_INTERPRET when it defines its own jit functions (at ``import triton``) and the kernel files' ones
+# (when the cases import them), so this comes before both.
 if os.environ.get("TRITON_INTERPRET") == "1":
     os.environ["TRITON_INTERPRET"] = "0"
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton 3.9's default, stated to silence its warning
@@ -39,7 +41,9 @@ import torch  # noqa: E402
 import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 
+from triton_kernels import compile_sass  # noqa: E402
 from triton_kernels._provenance import cpu_name, git_commit  # noqa: E402
+from triton_kernels.compile_cases import BUILDERS, Case  # noqa: E402
 
 # Per-block shared-memory limits in bytes (opt-in maximum), see PLATFORM.md.
 TARGETS: dict[str, tuple[GPUTarget, int]] = {
@@ -48,22 +52,7 @@ TARGETS: dict[str, tuple[GPUTarget, int]] = {
     "gfx942": (GPUTarget("hip", "gfx942", 64), 65536),
 }
 
-
-@dataclasses.dataclass
-class Case:
-    """One compile: ``kernel.warmup(*args, grid=(1,), **meta)``.
-
-    ``args`` are CPU tensors (only dtype and alignment matter) and ints in the kernel's argument order;
-    ``meta`` holds the constexpr meta-parameters plus ``num_warps``/``num_stages``.
-    """
-    kernel: Any
-    name: str
-    config: str
-    args: tuple
-    meta: dict
-    weight_args: tuple = ()  # indices (among the leading tensor args) of the packed-weight pointers
-    wide_loads: bool = False  # a decode kernel: packed weights must be fetched >= 64 bits at a time
-    targets: tuple = ()  # the targets this case is compiled for (empty: every target asked for)
+__all__ = ["Case", "TARGETS", "all_cases", "compile_case", "main", "run"]
 
 
 class _FakeDriver:
@@ -155,16 +144,14 @@ def compile_case(case: Case, target_name: str, device_id: int) -> dict[str, Any]
 
 def _sass_row(case: Case, compiled) -> dict[str, Any]:
     """Load widths of the packed weights (PTX def-use), local memory and MMA instructions (SASS)."""
-    from triton_kernels import compile_sass
     widths = compile_sass.ptx_weight_loads(compiled.asm["ptx"], case.weight_args) if case.weight_args else []
     counts = compile_sass.sass_counts(compiled.asm["cubin"], _nvidia_bin("cuobjdump"))
     return {**compile_sass.weight_load_facts(widths), **compile_sass.sass_facts(counts)}
 
 
 def all_cases() -> list[Case]:
-    from triton_kernels import compile_cases
     cases: list[Case] = []
-    for build in compile_cases.BUILDERS:
+    for build in BUILDERS:
         cases.extend(build())
     return cases
 

@@ -1,76 +1,28 @@
 """Weight-only quantized linear: ``y = x @ dequant(W)^T (+ bias)`` with 1-8-bit packed weights.
 
-What it computes
-----------------
-``W`` has shape (N, K) and is stored as integer codes ``q`` in [0, 2^bits) with one scale ``s`` and
-(for asymmetric grids) one zero point ``z`` per group of ``group_size`` consecutive weights of a row
-(``group_size=-1``: one group per row, i.e. per-channel). Dequantization is defined in fp32, exactly
-as ``dequantize`` computes it and bit-for-bit what both kernels compute::
+Math: ``W`` (N, K) is stored as codes ``q`` in [0, 2^bits) with a scale ``s`` and, asymmetric, a zero
+point ``z`` per group of ``group_size`` consecutive weights of a row (-1: one group per row). In fp32,
+exactly as ``dequantize`` computes it and bit for bit as both kernels do (two roundings, no FMA)::
 
-    asymmetric:  w = (q.float() - z.float()) * s.float()           # z may be any float (GGUF Q4_1)
-    symmetric:   w = (q.float() - 2**(bits-1)) * s.float()         # zeros ignored (may be None)
+    asymmetric:  w = (q.float() - z.float()) * s.float()      # z may be any float (GGUF Q4_1)
+    symmetric:   w = (q.float() - 2**(bits-1)) * s.float()    # zeros ignored (may be None)
 
-(a subtraction then a multiplication, two IEEE roundings, which no compiler may contract into an FMA).
+Shapes and dtypes:
+- ``x`` (..., K) fp16 / bf16 / fp32 -> (..., N) in x's dtype, fp32 accumulation; fp32 x uses ieee dots.
+- ``packed`` int32 (N, ceil(K * bits / 32)) from ``pack``; ``scales`` / ``zeros`` (N, ceil(K / group_size))
+  fp16 / bf16 / fp32; ``bias`` (N,), added in fp32. ``group_size`` -1 or a power of two (K need not be a multiple).
+- Layout of ``packed`` (QuantLinear and ``from_gguf`` build on it): each row is one LSB-first bit stream;
+  a code is split into power-of-two bit planes, low bits first (``planes``: 3 = 2+1, 5 = 4+1, 6 = 4+2,
+  7 = 4+2+1), stored plane after plane, so a weight costs exactly ``bits`` bits. At 1/2/4/8 bits this is
+  the usual layout (4 bits: code k at bit 4*(k % 8) of word k // 8). Worked example: docs/kernels.md.
 
-Shapes and dtypes
------------------
-- ``x``: (..., K), fp16 / bf16 / fp32, any strides in the leading dims' flattening that ``reshape``
-  can view; accumulation is fp32, the output (..., N) has x's dtype. fp32 activations use
-  ``input_precision="ieee"`` (no tf32), so fp32 results stay fp32-accurate; they always take the
-  split-K kernel (16 rows per program), since ieee fp32 dot tiles large enough for prefill spill.
-- ``packed``: int32 (N, ceil(K * bits / 32)); ``scales``/``zeros``: (N, ceil(K / group_size)),
-  fp16 / bf16 / fp32 (each may differ); ``bias``: (N,), any float dtype, added in fp32.
-- ``group_size``: -1 or a power of two (16 ... 256 are the tuned ones); K need not be a multiple of it
-  (the last group is partial) nor of any block size.
+Kernels: ``dequant_gemv_kernel`` (M <= 16, and fp32 x at any M) unpacks whole packed words in registers
+and splits K where the rows alone give too few programs; ``dequant_matmul_kernel`` (M > 16) is a tiled
+``tl.dot`` kernel. Limits: K is taken from x and only checked against the word and group counts, so pass
+the K the weight was packed with. ``TRITON_INTERPRET=1``: one small config, bf16 dots emulated in fp32.
 
-Storage layout of ``packed`` (binding: QuantLinear and ``from_gguf`` build on it)
--------------------------------------------------------------------------------
-A code is split into power-of-two bit planes, low bits first: 1, 2, 4, 8 bits are one plane;
-3 = 2 + 1, 5 = 4 + 1, 6 = 4 + 2, 7 = 4 + 2 + 1 (``planes(bits)``). Each row of ``packed`` is one
-LSB-first bit stream (stream bit i is bit i % 32 of int32 word i // 32) holding plane 0's field of
-all K codes, then plane 1's, then plane 2's: the field of code k in the plane of width w that
-starts at code bit lo occupies stream bits [K*lo + k*w, K*lo + (k+1)*w). Rows are padded with zero
-bits up to a whole word, so a weight still costs exactly ``bits`` bits: (N, ceil(K * bits / 32)).
-Inside a plane no field straddles a word (w divides 32), so a kernel loads whole words and unpacks
-them with shifts; a plane starts on a word whenever K * lo is a multiple of 32 (every K that is a
-multiple of 32), else the kernels funnel-shift word pairs. Example, bits=3, K=64: words 0-3 hold
-the low 2 bits of codes 0..63 (16 per word, code k at shift 2*(k % 16)), words 4-5 their bit 2
-(32 per word). For 1/2/4/8 bits this is the familiar layout (4 bits: 8 codes per word, code k at
-shift 4*(k % 8)); ``from_gguf``'s 4- and 8-bit codes use it unchanged.
-
-Two kernel paths
-----------------
-- ``dequant_gemv_kernel`` (decode, M <= 16): each program owns BLOCK_N rows; it loads each plane's
-  BLOCK_K * w / 32 contiguous words per row as one tile (BLOCK_N * BLOCK_K is large enough that a
-  thread gets >= 2 consecutive words: 64/128-bit loads, checked in the SASS by the compile check),
-  unpacks them in registers by halving (``_unpack_words``: log2(32 / w) shift/mask/interleave
-  steps) and ORs the planes together. M == 1 reduces with ``tl.sum`` in factored form per group,
-  ``s * (sum_k x q - z * sum_k x)`` (the codes are small exact integers, so the per-weight work is a
-  convert and an FMA); 2 <= M <= 16 uses one 16-row ``tl.dot`` on the codes where the tile lies in
-  one group, else on the dequantized tile. Where the rows alone give fewer than two 64-row tiles per
-  SM it splits K (fp32 atomics into a workspace, then a cast); otherwise it stores directly in the
-  activation dtype (one launch, no workspace). The bias is added once.
-- ``dequant_matmul_kernel`` (prefill, M > 16): a tiled ``tl.dot`` kernel with grouped program order,
-  full K loop per program, the same wide loads and unpacking, the tile dequantized with the documented
-  formula (scales loaded once per group and broadcast), fused bias, output stored directly.
-
-Under the interpreter with bf16 activations the kernels emulate the bf16 ``tl.dot`` in fp32
-(``EMULATE_BF16_DOT``): Triton's interpreter (3.6-3.9) multiplies bf16's uint16 storage as integers and
-truncates fp32 -> bf16 casts. The emulation rounds to bf16 exactly as the GPU does, so it tests
-the same arithmetic; compiled kernels never take that branch.
-
-K is inferred from x in ``dequant_matmul`` and checked against packed/scales/zeros; two K that
-need the same number of words and groups (e.g. 40 and 41 at 3 bits, group 16) cannot be told apart
-from the shapes, so pass the K the weight was packed with.
-
-Each kernel is autotuned over configs from a factory (``gemv_configs`` / ``matmul_configs``); the key
-covers the M bucket, N, K, bits, group size, symmetry and (added by Triton) the tensor dtypes. Under
-``TRITON_INTERPRET=1`` the factories return one small config (the interpreter cannot benchmark).
-GPU status (results/gpu/): the previous decode kernel (one gather per code) was measured on an H200
-at 0.07-0.29x cuBLAS fp16; this design's target is ~3x at 4 bits and M = 1, not yet measured on a GPU.
-
-Public API: ``pack``, ``unpack``, ``planes``, ``dequantize``, ``dequant_matmul``,
-``dequant_matmul_reference``, ``quantize_rtn``, ``from_gguf``. Imports only torch and triton (copy the file alone).
+Public API: ``pack``, ``unpack``, ``planes``, ``dequantize``, ``dequant_matmul``, ``dequant_matmul_reference``,
+``quantize_rtn``, ``from_gguf``. Imports only torch and triton: copy the file alone.
 """
 import os
 
@@ -99,10 +51,9 @@ def gemv_configs(interpret: bool | None = None, split: bool = False) -> list:
     """Autotune configs of the decode kernel (``split``: the split-K variant); one under the interpreter.
 
     Every config loads whole packed words: a row's BLOCK_K * width / 32 words of each plane are
-    contiguous, and BLOCK_N * BLOCK_K is large enough that every thread of the block gets at least
-    two consecutive words of even a 1-bit plane (BLOCK_N * BLOCK_K / 32 >= 2 x threads), so the
-    loads are 64- or 128-bit vectors. The compile check verifies this in the SASS: 16x64 and 32x32
-    tiles with 4 warps fetched 4-bit weights with 32-bit loads.
+    contiguous, and BLOCK_N * BLOCK_K / 32 >= 2 x threads gives every thread at least two consecutive
+    words of even a 1-bit plane, so the loads are 64- or 128-bit vectors (``weight_load_bits`` of the
+    ``dequant_gemv`` rows in results/compile_check.csv).
     """
     if interpret is None:
         interpret = _interpreting()
@@ -137,23 +88,20 @@ def matmul_configs(interpret: bool | None = None) -> list:
 
 
 def fp32_configs(split: bool = False) -> list:
-    """The decode configs for fp32 activations with BLOCK_M=16 (the pruner swaps them in): an ieee
-    fp32 tl.dot has no tensor-core path and is register-hungry; the compile check (sm_90, 3-bit g32)
-    spilled 16x256, 32x128, 32x64 and 16x128 tiles; 16x64 with 4 warps used local memory in the SASS
-    (18 LDL/STL), with 8 warps none. A correctness path, not a speed one: such small tiles load
-    packed words 32 bits at a time."""
+    """The decode configs for fp32 activations with BLOCK_M=16 (the pruner swaps them in): an ieee fp32
+    tl.dot has no tensor-core path and is register-hungry, so the tile is the largest that neither spills
+    nor uses local memory (docs/kernels.md, "Tile choices"). A correctness path, not a speed one: such
+    small tiles load packed words 32 bits at a time."""
     return [triton.Config({"BLOCK_N": 16, "BLOCK_K": 64, "SPLIT_K": 4 if split else 1}, num_warps=8,
                           num_stages=2)]
 
 
 def multirow_configs(split: bool = False) -> list:
     """The decode configs for 2 <= M <= 16 with fp16/bf16 activations (the pruner swaps them in): a
-    16-row tl.dot tile holds the unpacked codes, the dequantized tile and the dot operands at once.
-    Compile check, 2026-11-30: 16x512 and 32x256 tiles spilled 4-12 bytes on gfx942, 64x128 / 4 warps
-    24 bytes on sm_90 (8-bit), 64x128 / 8 warps loads a 1-bit plane 32 bits at a time; 128x128 /
-    8 warps spilled 1-20 bytes with 1, 2 or 3 stages on some variant under Triton 3.7.1 or 3.9
-    (gfx942 mostly); with 4 stages it is clean on sm_80/sm_90/gfx942 under 3.6.0, 3.7.1 and 3.9.0,
-    with >= 64-bit weight loads on every variant checked (1/3/4/7/8 bits, groups 16..128, -1)."""
+    16-row tl.dot tile holds the unpacked codes, the dequantized tile and the dot operands at once; this
+    is the one tile that is spill-free with >= 64-bit weight loads on every target and variant checked
+    (the ``dequant_gemv`` ``BLOCK_M=16`` rows of results/compile_check.csv; the tiles that were not:
+    docs/kernels.md, "Tile choices")."""
     return [triton.Config({"BLOCK_N": 128, "BLOCK_K": 128, "SPLIT_K": 4 if split else 1}, num_warps=8,
                           num_stages=4)]
 
@@ -224,11 +172,11 @@ def _plane_codes(row_ptrs, mask_n, WPR, word0, SHIFT, W: tl.constexpr, BLOCK_K: 
 
 
 @triton.jit
-def _codes_tile(packed_ptr, offs_n, mask_n, stride_pn, WPR, kb, P1_WORD0, P1_SHIFT, P2_WORD0, P2_SHIFT,
+def _codes_tile(packed_ptr, offs_n, mask_n, stride_packed_n, WPR, kb, P1_WORD0, P1_SHIFT, P2_WORD0, P2_SHIFT,
                 W0: tl.constexpr, W1: tl.constexpr, W2: tl.constexpr, BLOCK_K: tl.constexpr,
                 ALIGNED: tl.constexpr):
     """uint32 codes [BN, BLOCK_K] of K block ``kb``: the planes' codes, shifted into place and OR-ed."""
-    row_ptrs = packed_ptr + offs_n * stride_pn
+    row_ptrs = packed_ptr + offs_n * stride_packed_n
     q = _plane_codes(row_ptrs, mask_n, WPR, kb * (BLOCK_K * W0 // 32), 0, W0, BLOCK_K, True)
     if W1 > 0:
         q1 = _plane_codes(row_ptrs, mask_n, WPR, P1_WORD0 + kb * (BLOCK_K * W1 // 32), P1_SHIFT, W1,
@@ -242,8 +190,9 @@ def _codes_tile(packed_ptr, offs_n, mask_n, stride_pn, WPR, kb, P1_WORD0, P1_SHI
 
 
 @triton.jit
-def _tile_params(scales_ptr, zeros_ptr, offs_n, mask_n, kb, K, stride_sn, stride_sg, stride_zn, stride_zg,
-                 BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, SYMMETRIC: tl.constexpr, BLOCK_K: tl.constexpr):
+def _group_params(scales_ptr, zeros_ptr, stride_scales_n, stride_scales_g, stride_zeros_n, stride_zeros_g,
+                  offs_n, mask_n, kb, K,
+                  BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, SYMMETRIC: tl.constexpr, BLOCK_K: tl.constexpr):
     """fp32 scales and zero points [BN, NG] of the NG groups that K block kb touches (NG = 1 for
     per-channel or groups >= BLOCK_K); the zero is 2^(bits-1) when symmetric."""
     if GROUP_SIZE == -1:
@@ -253,12 +202,14 @@ def _tile_params(scales_ptr, zeros_ptr, offs_n, mask_n, kb, K, stride_sn, stride
     else:
         offs_g = kb * (BLOCK_K // GROUP_SIZE) + tl.arange(0, BLOCK_K // GROUP_SIZE)
     mask = mask_n[:, None] & (offs_g * GROUP_SIZE < K)[None, :]
-    s = tl.load(scales_ptr + offs_n[:, None] * stride_sn + offs_g[None, :] * stride_sg, mask=mask, other=0.0)
+    s = tl.load(scales_ptr + offs_n[:, None] * stride_scales_n + offs_g[None, :] * stride_scales_g,
+                mask=mask, other=0.0)
     s = s.to(tl.float32)
     if SYMMETRIC:
         z = tl.full(s.shape, 1 << (BITS - 1), tl.float32)
     else:
-        z = tl.load(zeros_ptr + offs_n[:, None] * stride_zn + offs_g[None, :] * stride_zg, mask=mask, other=0.0)
+        z = tl.load(zeros_ptr + offs_n[:, None] * stride_zeros_n + offs_g[None, :] * stride_zeros_g,
+                    mask=mask, other=0.0)
         z = z.to(tl.float32)
     return s, z
 
@@ -271,15 +222,9 @@ def _per_weight(p, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
 
 
 @triton.jit
-def _dequant_elementwise(q, scales_ptr, zeros_ptr, offs_n, offs_k, mask_n, K, kb, stride_sn, stride_sg,
-                         stride_zn, stride_zg, BITS: tl.constexpr, GROUP_SIZE: tl.constexpr,
-                         SYMMETRIC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """fp32 weights [BN, BK] = (q - z) * s, the documented formula (two roundings, no FMA).
-
-    The tile's scales and zeros are loaded once per group and broadcast over the group's columns.
-    """
-    s, z = _tile_params(scales_ptr, zeros_ptr, offs_n, mask_n, kb, K, stride_sn, stride_sg, stride_zn,
-                        stride_zg, BITS, GROUP_SIZE, SYMMETRIC, BLOCK_K)
+def _dequant_elementwise(q, s, z, offs_k, mask_n, K, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """fp32 weights [BN, BK] = (q - z) * s, the documented formula (two roundings, no FMA), from the
+    tile's per-group scales and zeros s, z [BN, NG] (``_group_params``), broadcast over each group."""
     w = (q.to(tl.float32) - _per_weight(z, BLOCK_N, BLOCK_K)) * _per_weight(s, BLOCK_N, BLOCK_K)
     # Outside (N, K) the tile must be exactly 0 even if a scale is inf/NaN (0 * inf = NaN).
     return tl.where(mask_n[:, None] & (offs_k < K)[None, :], w, 0.0)
@@ -308,16 +253,19 @@ def _dot_acc(x, w, acc, EMULATE_BF16_DOT: tl.constexpr):
 
 
 @triton.jit
-def _k_block(acc, accq, xsum, x, q, scales_ptr, zeros_ptr, offs_n, offs_k, mask_n, K, kb,
-             stride_sn, stride_sg, stride_zn, stride_zg,
-             BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, SYMMETRIC: tl.constexpr, BLOCK_M: tl.constexpr,
-             BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EMULATE_BF16_DOT: tl.constexpr):
+def _k_block(
+    acc, accq, xsum,  # running sums: the result; per-channel only: sum_k x q and sum_k x
+    x, q, s, z,  # this K block: activations [BK] or [BM, BK], codes [BN, BK], group scales / zeros [BN, NG]
+    offs_k, mask_n, K,
+    GROUP_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    EMULATE_BF16_DOT: tl.constexpr,
+):
     """One K block of the decode kernel: sum_k x[m, k] * (q[n, k] - z) * s.
 
     M == 1, factored per group: the codes are multiplied as they are (small exact integers) and each
-    group's zero and scale applied once: s * (sum_k x q - z * sum_k x). Per-channel sums (accq, xsum)
-    are carried to the end. M > 1: one tl.dot per tile on the codes where the tile lies inside one
-    group (the same factoring), else on the dequantized tile.
+    group's zero and scale applied once: s * (sum_k x q - z * sum_k x). Per-channel (s, z unused here)
+    the sums accq, xsum are carried to the end. M > 1: one tl.dot per tile on the codes where the tile
+    lies inside one group (the same factoring), else on the dequantized tile.
     """
     if GROUP_SIZE == -1:
         if BLOCK_M == 1:
@@ -327,21 +275,16 @@ def _k_block(acc, accq, xsum, x, q, scales_ptr, zeros_ptr, offs_n, offs_k, mask_
             accq = _dot_acc(x, q.to(tl.float32), accq, EMULATE_BF16_DOT)  # [BM, BN]
             xsum += tl.sum(x.to(tl.float32), axis=1)[:, None]  # [BM, 1]
     elif BLOCK_M == 1:
-        s, z = _tile_params(scales_ptr, zeros_ptr, offs_n, mask_n, kb, K, stride_sn, stride_sg, stride_zn,
-                            stride_zg, BITS, GROUP_SIZE, SYMMETRIC, BLOCK_K)  # [BN, NG]
         NG: tl.constexpr = s.shape[1]
         part = tl.sum(tl.reshape(q.to(tl.float32) * x[None, :], [BLOCK_N, NG, BLOCK_K // NG]), axis=2)
         xs = tl.sum(tl.reshape(x, [NG, BLOCK_K // NG]), axis=1)  # [NG]
         acc += tl.sum((part - z * xs[None, :]) * s, axis=1)
-    elif GROUP_SIZE >= BLOCK_K:
-        s, z = _tile_params(scales_ptr, zeros_ptr, offs_n, mask_n, kb, K, stride_sn, stride_sg, stride_zn,
-                            stride_zg, BITS, GROUP_SIZE, SYMMETRIC, BLOCK_K)  # [BN, 1]
+    elif GROUP_SIZE >= BLOCK_K:  # s, z: [BN, 1]
         part = _dot_acc(x, q.to(tl.float32), tl.zeros(acc.shape, tl.float32), EMULATE_BF16_DOT)  # [BM, BN]
         xs = tl.sum(x.to(tl.float32), axis=1)[:, None]  # [BM, 1]
         acc += (part - xs * tl.reshape(z, [1, BLOCK_N])) * tl.reshape(s, [1, BLOCK_N])
     else:
-        w = _dequant_elementwise(q, scales_ptr, zeros_ptr, offs_n, offs_k, mask_n, K, kb, stride_sn, stride_sg,
-                                 stride_zn, stride_zg, BITS, GROUP_SIZE, SYMMETRIC, BLOCK_N, BLOCK_K)
+        w = _dequant_elementwise(q, s, z, offs_k, mask_n, K, BLOCK_N, BLOCK_K)
         acc = _dot_acc(x, w, acc, EMULATE_BF16_DOT)
     return acc, accq, xsum
 
@@ -353,7 +296,8 @@ def dequant_gemv_kernel(
     # sizes: WPR = words per packed row; plane 1 / 2 start at bit 32 * P*_WORD0 + P*_SHIFT of a row
     M, N, K, WPR, P1_WORD0, P1_SHIFT, P2_WORD0, P2_SHIFT,
     # strides: x (M, K); packed (N, words); scales, zeros (N, groups); out and ws (M, N)
-    stride_xm, stride_xk, stride_pn, stride_sn, stride_sg, stride_zn, stride_zg, stride_om, stride_wm,
+    stride_xm, stride_xk, stride_packed_n, stride_scales_n, stride_scales_g, stride_zeros_n, stride_zeros_g,
+    stride_om, stride_ws_m,
     # meta-parameters: BITS = W0 + W1 + W2 (plane widths), ALIGNED = every plane starts on a word
     BITS: tl.constexpr, W0: tl.constexpr, W1: tl.constexpr, W2: tl.constexpr, ALIGNED: tl.constexpr,
     GROUP_SIZE: tl.constexpr, SYMMETRIC: tl.constexpr, HAS_BIAS: tl.constexpr,
@@ -379,7 +323,7 @@ def dequant_gemv_kernel(
     for kb in range(pid_k, num_kb, SPLIT_K):
         offs_k = kb * BLOCK_K + tl.arange(0, BLOCK_K)
         mask_k = offs_k < K
-        q = _codes_tile(packed_ptr, offs_n, mask_n, stride_pn, WPR, kb, P1_WORD0, P1_SHIFT, P2_WORD0,
+        q = _codes_tile(packed_ptr, offs_n, mask_n, stride_packed_n, WPR, kb, P1_WORD0, P1_SHIFT, P2_WORD0,
                         P2_SHIFT, W0, W1, W2, BLOCK_K, ALIGNED)  # [BN, BK] uint32
         if BLOCK_M == 1:
             # M == 1: a register reduction; padding to a 16-row MMA would waste 15/16 of it.
@@ -387,12 +331,19 @@ def dequant_gemv_kernel(
         else:
             x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
                         mask=mask_m[:, None] & mask_k[None, :], other=0.0)  # [BM, BK]
-        acc, accq, xsum = _k_block(acc, accq, xsum, x, q, scales_ptr, zeros_ptr, offs_n, offs_k, mask_n, K, kb,
-                                   stride_sn, stride_sg, stride_zn, stride_zg, BITS, GROUP_SIZE, SYMMETRIC,
-                                   BLOCK_M, BLOCK_N, BLOCK_K, EMULATE_BF16_DOT)
+        if GROUP_SIZE == -1:
+            s = 0.0  # per-channel: the row's scale and zero are applied once, after the loop
+            z = 0.0
+        else:
+            s, z = _group_params(scales_ptr, zeros_ptr, stride_scales_n, stride_scales_g, stride_zeros_n,
+                                 stride_zeros_g, offs_n, mask_n, kb, K, BITS, GROUP_SIZE, SYMMETRIC, BLOCK_K)
+        acc, accq, xsum = _k_block(acc=acc, accq=accq, xsum=xsum, x=x, q=q, s=s, z=z,
+                                   offs_k=offs_k, mask_n=mask_n, K=K,
+                                   GROUP_SIZE=GROUP_SIZE, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
+                                   EMULATE_BF16_DOT=EMULATE_BF16_DOT)
     if GROUP_SIZE == -1:
-        s, z = _tile_params(scales_ptr, zeros_ptr, offs_n, mask_n, 0, K, stride_sn, stride_sg, stride_zn,
-                            stride_zg, BITS, GROUP_SIZE, SYMMETRIC, BLOCK_K)  # [BN, 1]
+        s, z = _group_params(scales_ptr, zeros_ptr, stride_scales_n, stride_scales_g, stride_zeros_n, stride_zeros_g,
+                             offs_n, mask_n, 0, K, BITS, GROUP_SIZE, SYMMETRIC, BLOCK_K)  # [BN, 1]
         if BLOCK_M == 1:
             acc = (accq - tl.reshape(z, [BLOCK_N]) * xsum) * tl.reshape(s, [BLOCK_N])
         else:
@@ -417,7 +368,7 @@ def dequant_gemv_kernel(
         if BLOCK_M == 1:
             tl.atomic_add(ws_ptr + offs_n, acc, mask=mask_n)
         else:
-            tl.atomic_add(ws_ptr + offs_m[:, None] * stride_wm + offs_n[None, :], acc,
+            tl.atomic_add(ws_ptr + offs_m[:, None] * stride_ws_m + offs_n[None, :], acc,
                           mask=mask_m[:, None] & mask_n[None, :])
 
 
@@ -428,7 +379,8 @@ def dequant_matmul_kernel(
     # sizes (M_BUCKET is only an autotune key: next power of two of M); planes as in the decode kernel
     M, N, K, M_BUCKET, WPR, P1_WORD0, P1_SHIFT, P2_WORD0, P2_SHIFT,
     # strides: x (M, K); packed (N, words); scales, zeros (N, groups); out (M, N)
-    stride_xm, stride_xk, stride_pn, stride_sn, stride_sg, stride_zn, stride_zg, stride_om, stride_on,
+    stride_xm, stride_xk, stride_packed_n, stride_scales_n, stride_scales_g, stride_zeros_n, stride_zeros_g,
+    stride_om, stride_on,
     # meta-parameters
     BITS: tl.constexpr, W0: tl.constexpr, W1: tl.constexpr, W2: tl.constexpr, ALIGNED: tl.constexpr,
     GROUP_SIZE: tl.constexpr, SYMMETRIC: tl.constexpr, HAS_BIAS: tl.constexpr,
@@ -456,13 +408,14 @@ def dequant_matmul_kernel(
         offs_k = kb * BLOCK_K + tl.arange(0, BLOCK_K)
         x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
                     mask=mask_m[:, None] & (offs_k < K)[None, :], other=0.0)  # [BM, BK]
-        q = _codes_tile(packed_ptr, offs_n, mask_n, stride_pn, WPR, kb, P1_WORD0, P1_SHIFT, P2_WORD0,
+        q = _codes_tile(packed_ptr, offs_n, mask_n, stride_packed_n, WPR, kb, P1_WORD0, P1_SHIFT, P2_WORD0,
                         P2_SHIFT, W0, W1, W2, BLOCK_K, ALIGNED)  # [BN, BK] uint32
         # Dequantized once per tile and shared by BLOCK_M rows, so the per-weight formula costs little
-        # here; the factored form of the decode kernel would need a second [BM, BN] accumulator
-        # (the compile check: 128x128 tiles spilled 600 bytes with it).
-        w = _dequant_elementwise(q, scales_ptr, zeros_ptr, offs_n, offs_k, mask_n, K, kb, stride_sn, stride_sg,
-                                 stride_zn, stride_zg, BITS, GROUP_SIZE, SYMMETRIC, BLOCK_N, BLOCK_K)  # [BN, BK]
+        # here; the decode kernel's factored form would need a second [BM, BN] accumulator, which
+        # spills at these tiles (docs/kernels.md, "Tile choices").
+        s, z = _group_params(scales_ptr, zeros_ptr, stride_scales_n, stride_scales_g, stride_zeros_n, stride_zeros_g,
+                             offs_n, mask_n, kb, K, BITS, GROUP_SIZE, SYMMETRIC, BLOCK_K)  # [BN, NG]
+        w = _dequant_elementwise(q, s, z, offs_k, mask_n, K, BLOCK_N, BLOCK_K)  # [BN, BK]
         acc = _dot_acc(x, w, acc, EMULATE_BF16_DOT)  # [BM, BN]
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
@@ -493,6 +446,9 @@ _matmul_autotuned = triton.autotune(
 # True when the kernels above were defined under TRITON_INTERPRET=1 (Triton reads it when each
 # ``@triton.jit`` runs, so setting it after this module is imported changes nothing).
 _INTERPRETED = not isinstance(dequant_gemv_kernel, triton.runtime.JITFunction)
+# What a CPU caller can use instead (named in _check_launchable's error).
+_CPU_ALTERNATIVES = ("QuantLinear (triton_kernels.nn; its CPU backends run torch's kernels), "
+                     "or dequant_matmul_reference (pure torch)")
 
 
 def _check_launchable(x: torch.Tensor, fn: str) -> None:
@@ -504,8 +460,7 @@ def _check_launchable(x: torch.Tensor, fn: str) -> None:
     raise RuntimeError(
         f"{fn}: x is a CPU tensor, and the Triton kernels need a CUDA/ROCm GPU. Move the tensors to "
         f"the GPU, or set TRITON_INTERPRET=1 before this module is imported to run the kernels in "
-        f"Triton's interpreter on CPU (slow: for tests){late}. For CPU inference use QuantLinear "
-        f"(triton_kernels.nn; its CPU backends run torch's kernels), or dequant_matmul_reference (pure torch).")
+        f"Triton's interpreter on CPU (slow: for tests){late}. For CPU inference use {_CPU_ALTERNATIVES}.")
 
 
 def _num_words(K: int, bits: int) -> int:
@@ -646,14 +601,13 @@ def dequant_matmul(x, packed, scales, zeros, *, bits, group_size, symmetric, bia
         return out
     if packed.stride(1) != 1:
         packed = packed.contiguous()
-    pa = plane_args(K, bits)
-    sizes = {k: pa.pop(k) for k in ("WPR", "P1_WORD0", "P1_SHIFT", "P2_WORD0", "P2_SHIFT")}
+    plane_meta = plane_args(K, bits)  # the plane sizes (runtime ints) come out, the constexprs stay
+    plane_sizes = [plane_meta.pop(k) for k in ("WPR", "P1_WORD0", "P1_SHIFT", "P2_WORD0", "P2_SHIFT")]
     zeros_arg = scales if (symmetric or zeros is None) else zeros  # unused when SYMMETRIC
     bias_arg = bias if bias is not None else scales  # unused when not HAS_BIAS
-    sg = scales.stride(1)
-    zn, zg = zeros_arg.stride(0), zeros_arg.stride(1)
+    param_strides = (scales.stride(0), scales.stride(1), zeros_arg.stride(0), zeros_arg.stride(1))
     common = dict(BITS=bits, GROUP_SIZE=group_size, SYMMETRIC=symmetric, HAS_BIAS=bias is not None,
-                  EMULATE_BF16_DOT=_interpreting() and x.dtype == torch.bfloat16, **pa)
+                  EMULATE_BF16_DOT=_interpreting() and x.dtype == torch.bfloat16, **plane_meta)
     if M <= GEMV_MAX_M or x.dtype == torch.float32:
         # fp32 activations take the decode kernel at every M, 16 rows per program along grid axis 2:
         # no ieee fp32 tl.dot tile big enough for the prefill kernel compiles without spills.
@@ -666,9 +620,9 @@ def dequant_matmul(x, packed, scales, zeros, *, bits, group_size, symmetric, bia
         grid = lambda META: (triton.cdiv(N, META["BLOCK_N"]), META["SPLIT_K"], triton.cdiv(M, block_m))  # noqa: E731
         kernel[grid](
             x2, packed, scales, zeros_arg, bias_arg, out2, ws,
-            M, N, K, *sizes.values(),
-            x2.stride(0), x2.stride(1), packed.stride(0), scales.stride(0), sg, zn, zg, out2.stride(0),
-            ws.stride(0), BLOCK_M=block_m, **common)
+            M, N, K, *plane_sizes,
+            x2.stride(0), x2.stride(1), packed.stride(0), *param_strides, out2.stride(0), ws.stride(0),
+            BLOCK_M=block_m, **common)
         if split:
             out2.copy_(ws)  # the cast to the activation dtype, after all K splits have landed
     else:
@@ -676,9 +630,8 @@ def dequant_matmul(x, packed, scales, zeros, *, bits, group_size, symmetric, bia
         grid = lambda META: (triton.cdiv(M, META["BLOCK_M"]) * triton.cdiv(N, META["BLOCK_N"]),)  # noqa: E731
         _matmul_autotuned[grid](
             x2, packed, scales, zeros_arg, bias_arg, out2,
-            M, N, K, m_bucket, *sizes.values(),
-            x2.stride(0), x2.stride(1), packed.stride(0), scales.stride(0), sg, zn, zg,
-            out2.stride(0), out2.stride(1),
+            M, N, K, m_bucket, *plane_sizes,
+            x2.stride(0), x2.stride(1), packed.stride(0), *param_strides, out2.stride(0), out2.stride(1),
             **common)
     return out
 
@@ -778,8 +731,7 @@ def unpack(packed, bits, K):
     lo = 0
     for width in planes(bits):
         # The plane is whole words starting at stream bit K * lo (see pack): realign them with two
-        # shifted slices, then split each word into its 32 / width fields (no per-code gather: ~10x
-        # faster than indexing each code's word at 4096x11008).
+        # shifted slices, then split each word into its 32 / width fields (no gather per code).
         per = 32 // width
         n = (K * width + 31) // 32
         w0, sh = divmod(K * lo, 32)

@@ -1,48 +1,25 @@
 """Rank-r factored linear layer: ``y = (x @ V^T) @ U^T (+ bias)``.
 
-Shapes
-    x: (..., K) activations, any number of leading batch dims (flattened to M rows).
-    U: (N, r), V: (r, K) -- the factors of a weight W ~= U @ V of shape (N, K).
-    bias: optional (N,). y: (..., N), same dtype as x.
+Shapes: x (..., K), any leading batch dims (flattened to M rows); U (N, r) and V (r, K), the factors of
+a weight W ~= U @ V of shape (N, K); bias optional (N,); y (..., N) in x's dtype.
 
-Dtypes
-    x, U, V (and bias) share one dtype: float16, bfloat16 or float32. Products accumulate in fp32.
-    The (M x r) intermediate ``t = x @ V^T`` is ROUNDED TO THE ACTIVATION DTYPE before the second
-    product, in both paths. That is what ``F.linear(F.linear(x, V), U)`` does in torch, it lets the
-    second product run on fp16/bf16 tensor cores, and it makes the fused and two-GEMM paths agree
-    bit-for-bit up to accumulation order. ``lowrank_linear_reference`` models exactly this rounding.
-    fp32 inputs use ``input_precision="ieee"`` (no tf32), matching torch's default matmul.
+Dtypes: x, U, V (and bias) share one dtype, fp16 / bf16 / fp32; products accumulate in fp32, and fp32
+uses ``input_precision="ieee"`` (no tf32), as torch's default matmul. The (M x r) intermediate
+``t = x @ V^T`` is rounded to the activation dtype before the second product, in both paths, as
+``F.linear(F.linear(x, V), U)`` does; ``lowrank_linear_reference`` models exactly this rounding.
 
-Two paths, chosen by rank (``path="auto"``):
-    fused (r <= FUSED_AUTO_MAX_RANK = 128; may be forced up to FUSED_MAX_RANK = 256)
-        One launch. Program (pid_m, pid_n) computes t = x[BLOCK_M rows] @ V^T over all of K, with r
-        padded to a power of two R_PAD (>= 16, the tl.dot minimum) held as one block in registers,
-        then reuses that t for every output tile pid_n, pid_n + n_split, pid_n + 2 n_split, ... of
-        its row block. t never goes to global memory.
-        Why this split and not "one program per output tile": recomputing t per output tile costs
-        (N / BLOCK_N) x the first GEMM's FLOPs and V reads (32x at N=4096, BLOCK_N=128), which
-        would eat the whole gain. Why not "one program per row block, all of N": at M <= 4096 that
-        is 1 to 64 programs on a 132-SM H100, most of the GPU idle. So the launcher picks
-        n_split = ceil(num_SMs / row_blocks) (clamped to [1, n_tiles]): about one wave of programs,
-        and t is recomputed only n_split times (once when M is large enough to fill the GPU).
-        Known limit: at decode sizes (M <= 16) each program streams all of V (r*K elements) through
-        one SM; a split-K variant for t would help there and is not written yet.
-    two_gemm (r > 128)
-        Two launches of one autotuned ``tl.dot`` GEMM (t = x @ V^T, then y = t @ U^T + bias), with
-        t round-tripping through global memory in the activation dtype. Above r = 128 the fp32 t
-        accumulator (BLOCK_M x R_PAD) plus the output accumulator no longer fit in registers at a
-        useful BLOCK_M (>= 64 KiB per program at BLOCK_M=64, R_PAD=256), and recomputing t costs
-        K*r per row block and n_split, while the round trip it saves is only 2*M*r elements, small
-        next to the two GEMMs' M*r*(N+K) FLOPs. The threshold is a design estimate from those
-        sizes; it has not been timed on a GPU (none on the development machines).
+Two paths, chosen by rank (``path="auto"``; why these, in full: docs/kernels.md):
+- fused (r <= FUSED_AUTO_MAX_RANK = 128, forced up to FUSED_MAX_RANK = 256): one launch; a program
+  computes t for BLOCK_M rows over all of K, r padded to R_PAD (a power of two >= 16) in registers, and
+  reuses it for every n_split-th output tile of its row block (n_split: about one wave of programs).
+- two_gemm (r > 128): two launches of one autotuned ``tl.dot`` GEMM, t through global memory.
 
-Constraints
-    Arbitrary M, N, K, r >= 1 (masked tails); any strides for x (rows), U, V, y is contiguous.
-    Offsets are int32: each operand must have fewer than 2**31 elements.
+Limits: any M, N, K, r >= 1 (masked tails); any strides for x (rows), U, V; y is contiguous. Offsets
+are int32: each operand must have fewer than 2**31 elements. Under ``TRITON_INTERPRET=1`` every config
+list collapses to one config (the autotuner cannot benchmark); ``fused_configs`` / ``matmul_configs``
+with ``interpret=False`` return the full lists (what the compile check compiles).
 
-Interpreter (TRITON_INTERPRET=1): every autotune config list collapses to one config, because
-``@triton.autotune`` with more than one config needs a GPU to benchmark. ``fused_configs`` /
-``matmul_configs`` with ``interpret=False`` return the full lists (the compile check uses those).
+Imports only torch and triton: copy the file alone.
 """
 import os
 
@@ -62,18 +39,14 @@ def _interpreting() -> bool:
 # ----------------------------------------------------------------------------------------------
 # Config factories and pruning
 # ----------------------------------------------------------------------------------------------
-# Every config below compiles without spills within each target's shared-memory limit for bf16
-# (python -m triton_kernels.compile_check --kernel lowrank: sm_80, sm_90, gfx942; Triton 3.6-3.9).
-# The largest is the fused R_PAD=128 (64, 128, 32) tile at 96 KiB on sm_80/sm_90 (64 KiB on gfx942).
+# Every config below compiles without spills within each target's shared-memory limit for bf16: the
+# lowrank_* rows of results/compile_check.csv; the tiles left out and why: docs/kernels.md, "Tile choices".
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) per R_PAD bucket: the larger R_PAD, the larger
 # the fp32 t accumulator (BLOCK_M x R_PAD), so BLOCK_M and BLOCK_K shrink as R_PAD grows.
 _FUSED = {
-    # BLOCK_M=32 with 3 stages spilled 1-3 bytes on gfx942 with Triton 3.6-3.8 (both buckets); 2 do not.
     64: [(16, 64, 128, 4, 3), (32, 64, 128, 4, 2), (64, 128, 64, 4, 3), (128, 128, 64, 8, 3)],
     128: [(16, 64, 64, 4, 3), (32, 64, 64, 4, 2), (64, 64, 32, 4, 3), (64, 128, 32, 8, 3)],
-    # (32, 64, 32, 8 warps, 3 stages) spilled 122 bytes on gfx942 (8 wave64 warps cap a thread at
-    # 256 VGPRs); with 4 warps it fits in 373 registers.
     256: [(16, 64, 32, 4, 3), (32, 64, 32, 4, 2), (64, 64, 32, 8, 2)],
 }
 # Small blocks under the interpreter: its cost is per (program x loop iteration), and the tests use
@@ -111,9 +84,8 @@ _MATMUL = [
     (128, 64, 32, 4, 4),
     (64, 128, 32, 4, 4),
     (64, 64, 64, 4, 3),
-    # BLOCK_K=32: (32, 64, 64, 4 warps, 4 stages) spilled 8 bytes on sm_90 (compile check).
     (32, 64, 32, 4, 4),
-    # Small M (decode): wide N tiles. With 4 warps this spilled 8 bytes on sm_80/sm_90; 8 do not.
+    # Small M (decode): wide N tiles.
     (16, 128, 64, 8, 3),
     (16, 64, 64, 4, 4),
 ]
@@ -252,6 +224,9 @@ def lowrank_matmul_kernel(
 # True when the kernels above were defined under TRITON_INTERPRET=1 (Triton reads it when each
 # ``@triton.jit`` runs, so setting it after this module is imported changes nothing).
 _INTERPRETED = not isinstance(lowrank_fused_kernel.fn, triton.runtime.JITFunction)  # .fn: under autotune
+# What a CPU caller can use instead (named in _check_launchable's error).
+_CPU_ALTERNATIVES = ("LowRankLinear (triton_kernels.nn; its CPU backends run torch's kernels), "
+                     "or lowrank_linear_reference (pure torch)")
 
 
 def _check_launchable(x: torch.Tensor, fn: str) -> None:
@@ -263,8 +238,7 @@ def _check_launchable(x: torch.Tensor, fn: str) -> None:
     raise RuntimeError(
         f"{fn}: x is a CPU tensor, and the Triton kernels need a CUDA/ROCm GPU. Move the tensors to "
         f"the GPU, or set TRITON_INTERPRET=1 before this module is imported to run the kernels in "
-        f"Triton's interpreter on CPU (slow: for tests){late}. For CPU inference use LowRankLinear "
-        f"(triton_kernels.nn; its CPU backends run torch's kernels), or lowrank_linear_reference (pure torch).")
+        f"Triton's interpreter on CPU (slow: for tests){late}. For CPU inference use {_CPU_ALTERNATIVES}.")
 
 
 def _check_inputs(x, U, V, bias):
@@ -293,7 +267,7 @@ def _check_inputs(x, U, V, bias):
 
 def _dot_upcast(dtype: torch.dtype) -> bool:
     # Triton's interpreter (3.6-3.9) returns garbage (errors ~1e10) from tl.dot on bfloat16 operands
-    # (measured with 16x16 randn tiles). bf16 x bf16 products are exact in fp32 (8+8 significant
+    # (it multiplies their uint16 storage). bf16 x bf16 products are exact in fp32 (8+8 significant
     # bits < 24), so an fp32 "ieee" dot of the upcast tiles gives what a bf16 tensor-core dot with
     # fp32 accumulation gives. Compiled GPU code never takes this branch.
     return dtype == torch.bfloat16 and _interpreting()

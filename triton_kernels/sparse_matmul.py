@@ -1,57 +1,26 @@
 """Sparse linear layers: ``y = x @ (W * mask)^T (+ bias)`` for four sparsity patterns.
 
-Shapes follow ``nn.Linear``: weight and mask are ``(N, K)`` (N output features, K input features),
-``x`` is ``(..., K)`` with any leading batch dims, the output is ``(..., N)``. Activations and weights
-are float16, bfloat16 or float32 (the same dtype for both); products accumulate in float32 and the
-output has the activation dtype. ``bias`` is optional, ``(N,)``, in the activation dtype.
+Shapes and dtypes follow ``nn.Linear``: weight and mask (N, K), x (..., K) with any leading batch dims,
+output (..., N). Activations and weights share one dtype, fp16 / bf16 / fp32; products accumulate in
+fp32 and the output has the activation dtype; ``bias`` is optional, (N,), in the activation dtype.
 
-Patterns, storage and what each kernel skips:
+Patterns (storage layouts in full, with the reasons: docs/kernels.md):
+- Block sparsity (``to_block_sparse``, ``block_sparse_matmul``): ``BlockSparseWeight`` holds only the
+  (bn x bk) blocks with a nonzero, bn and bk in {16, 32, 64}, plus BSR indices (``row_ptr``, ``col_idx``).
+- N:M (``nm_compress``, ``nm_matmul``): n of every m consecutive inputs kept, (n, m) in {1:4, 2:4, 1:8,
+  2:8, 4:8}; ``NMWeight`` holds the kept values (N, Kp*n/m) and log2(m)-bit indices in int32 words.
+- Unstructured (``masked_matmul``, or ``to_masked`` + ``packed_masked_matmul``): ``MaskedWeight`` holds
+  the dense weight, the mask as 1 bit per weight and the tiles with any kept weight; exact for any mask.
+- Activation sparsity for decode, as in TEAL (``activation_sparse_matmul``): features with
+  |x| < threshold (or outside a boolean mask) are zeroed and only the weight columns of the kept ones
+  are loaded; pass the weight as ``w_t.t()`` of a contiguous (K, N) ``w_t`` for coalesced loads.
 
-- **Block sparsity** (:func:`to_block_sparse`, :func:`block_sparse_matmul`). A block is ``bn`` output
-  rows by ``bk`` input columns, each 16, 32 or 64. :class:`BlockSparseWeight` stores only the blocks that
-  hold a nonzero (``values``: ``(nnz_blocks, bn, bk)``, contiguous) plus BSR indices per block row
-  (``row_ptr``: ``(ceil(N/bn)+1,)`` int32, ``col_idx``: ``(nnz_blocks,)`` int32 block-column numbers).
-  N and K need not be multiples of the block: edge blocks are zero-padded. One program computes
-  ``BLOCK_M x bn`` outputs and loops over the nonzero blocks of its block row only.
-- **N:M semi-structured** (:func:`nm_compress`, :func:`nm_matmul`): n of every m consecutive input
-  features per output row are kept, (n, m) with n in {1, 2, 4}, m in {4, 8}, n < m (2:4, 1:4, 4:8, ...).
-  :class:`NMWeight` stores the kept values ``(N, KC)``, ``KC = Kp*n/m``, and their positions inside the
-  group as ``log2(m)``-bit indices in int32 words (``meta``). K not divisible by m is padded with zeros
-  up to ``Kp = ceil(K/m)*m`` (the padding is stored, never read from ``x``).
+Limits: N and K need not be multiples of any block (tails are padded or masked). Every kernel has a
+``*_reference`` twin in plain torch with the same signature; the ``*_prune`` helpers return boolean
+masks (True = kept) chosen by magnitude. Configs whose shared memory would exceed 64 KiB (gfx942's
+per-block limit) are pruned at launch; under ``TRITON_INTERPRET=1`` each factory returns one config.
 
-  * m = 4: 2-bit indices, sixteen per word, little-end first: index j is bits ``2*(j % 16)`` of word
-    ``j // 16``; ``(N, ceil(KC/16))``.
-  * m = 8: 3-bit indices as bit planes, in chunks of 64 indices: chunk c is three 64-bit words, plane
-    p (bit p of each index) in word ``3c + p``, its bit i = bit p of index ``64c + i``; stored as int32
-    pairs (low half first), ``(N, 6*ceil(KC/64))``. Exactly 3 bits per index when KC is a multiple of
-    64 (the last chunk zero-padded otherwise), every word aligned and 64 bits wide.
-
-  The kernel rebuilds the dense tile in registers and multiplies it on the tensor cores. It loads each
-  index word once per row and unpacks it in registers: for m = 4 two words per 64-bit load where a row
-  holds an even number of words (8-byte aligned rows: every K that is a multiple of 64 for 2:4, of 128
-  for 1:4; a tile of fewer than 32 indices uses its part of the pair), 32-bit words otherwise; for
-  m = 8 the three plane words of the tile's chunk (64-bit loads; a tile uses 32 bits of each).
-- **Unstructured** (:func:`masked_matmul`, or :func:`to_masked` + :func:`packed_masked_matmul` to pack
-  once): :class:`MaskedWeight` keeps the dense weight, the mask packed 1 bit per weight (int32 words along
-  K, ``(N, ceil(K/32))``) and a list of the ``(tile_n x tile_k)`` tiles that hold any kept weight (BSR-like
-  ``tile_ptr``/``tile_k``). Tiles whose mask is all zero are never loaded; inside a tile the bits (each
-  word loaded once per row, as 64-bit pairs where rows hold an even number of words, and unpacked in
-  registers) zero the dropped weights, so the result is exact for any mask (also for garbage in
-  dropped weights).
-- **Activation sparsity** for decode, as in TEAL (:func:`activation_sparse_matmul`): features whose
-  ``|x| < threshold`` (or where a given boolean ``mask`` is False) are zeroed per row; the kernel loads
-  the weight columns of the union of the kept features over all rows only. The kept-feature list is
-  built on the device without a host sync (stable argsort + count). Pass the weight as ``w_t.t()`` where
-  ``w_t`` is a contiguous ``(K, N)`` tensor (:func:`activation_sparse_weight` makes one) so that a
-  gathered feature is one contiguous row and loads coalesce; any strides work, only slower.
-
-Every kernel has a ``*_reference`` twin in plain torch with the same signature. The ``*_prune`` helpers
-return boolean masks (True = kept) chosen by magnitude; apply them with ``weight * mask``.
-
-Autotuning: the config factories return every config (what the AOT compile check compiles) and exactly
-one under ``TRITON_INTERPRET=1`` (the interpreter cannot benchmark). Configs whose shared memory would
-exceed 64 KiB (AMD gfx942's per-block limit, the smallest target we check) are pruned at launch, and
-at decode (M <= 16) the tiled kernels keep only their BLOCK_M = 16 configs.
+Imports only torch and triton: copy the file alone.
 """
 import dataclasses
 import functools
@@ -87,10 +56,8 @@ def nm_configs(interpret: bool | None = None) -> list:
     """Configs for :func:`nm_matmul_kernel` (BLOCK_K counts dense input features)."""
     if _interpreting() if interpret is None else interpret:
         return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 64}, num_warps=4, num_stages=1)]
-    # Spill-free for 2:4 and 4:8 on sm_80, sm_90 and gfx942 with Triton 3.6.0 (sm_80/sm_90), 3.7.1 and 3.9.0
-    # (compile check, 2026-11-30). With 4 warps, (16|32|64, 64, 64) spilled 3-22 bytes on gfx942 (4:8, Triton
-    # 3.7-3.9) or sm_90 (3.8), with the gathered 3-bit indices of that time. The decode tile runs 2 stages:
-    # with 3 or 4 the 4:8 bit-plane unpacking spilled 16 bytes on sm_90 (3.7.1).
+    # 8 warps, and 2 stages for the decode tile: with 4 warps or more stages some tiles spill on some
+    # target (docs/kernels.md, "Tile choices"; the tiles in use: sparse_nm_* rows of results/compile_check.csv).
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
             for bm, bn, bk, w, s in ((16, 64, 64, 8, 2), (32, 64, 64, 8, 3), (64, 64, 32, 8, 3),
                                      (128, 128, 32, 8, 3))]
@@ -118,7 +85,7 @@ def _smem_bytes(bm: int, bn: int, bk: int, stages: int, elt: int) -> int:
     return max(stages, 1) * (bm * bk + bn * bk) * elt
 
 
-def _prune_tiled(configs, named_args, **kwargs):
+def prune_tiled_configs(configs, named_args, **kwargs):
     """Drop configs whose pipelined x/W tiles would not fit into 64 KiB of shared memory, and at
     decode (M <= 16) every config but the BLOCK_M = 16 ones: a taller tile only multiplies rows that
     do not exist. The BLOCK_M = 16 configs are the decode configs the compile check holds to the
@@ -136,12 +103,13 @@ def _prune_tiled(configs, named_args, **kwargs):
 
 # Triton 3.6 fails to compile the N:M kernel's BLOCK_M >= 64 tiles for sm_90 (2:4, bf16: "LLVM ERROR:
 # Illegal shared layout" in TritonGPUOptimizeDotOperands), and its autotuner does not skip a config
-# that fails that way; 3.7-3.9 compile them (compile check). So 3.6 keeps the BLOCK_M <= 32 tiles.
+# that fails that way; 3.7-3.9 compile them. So 3.6 keeps the BLOCK_M <= 32 tiles.
 _TRITON_3_6 = tuple(int(p) for p in triton.__version__.split(".")[:2]) < (3, 7)
 
 
-def _prune_nm(configs, named_args, **kwargs):
-    kept = _prune_tiled(configs, named_args, **kwargs)
+def prune_nm_configs(configs, named_args, **kwargs):
+    """``prune_tiled_configs``, and under Triton 3.6 only the BLOCK_M <= 32 tiles (see above)."""
+    kept = prune_tiled_configs(configs, named_args, **kwargs)
     if _TRITON_3_6:
         kept = [c for c in kept if c.kwargs["BLOCK_M"] <= 32] or kept[:1]
     return kept
@@ -161,7 +129,7 @@ def _dot(a, b, acc, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr):
     return out
 
 @triton.autotune(configs=block_sparse_configs(), key=["M", "N", "K"],
-                 prune_configs_by={"early_config_prune": _prune_tiled})
+                 prune_configs_by={"early_config_prune": prune_tiled_configs})
 @triton.jit
 def block_sparse_matmul_kernel(
     # pointers: activations, BSR values/row_ptr/col_idx, bias, output
@@ -203,7 +171,7 @@ def block_sparse_matmul_kernel(
 
 
 @triton.autotune(configs=nm_configs(), key=["M", "N", "K"],
-                 prune_configs_by={"early_config_prune": _prune_nm})
+                 prune_configs_by={"early_config_prune": prune_nm_configs})
 @triton.jit
 def nm_matmul_kernel(
     # pointers: activations, kept values, packed indices, bias, output
@@ -303,7 +271,7 @@ def nm_matmul_kernel(
 
 
 @triton.autotune(configs=masked_configs(), key=["M", "N", "K"],
-                 prune_configs_by={"early_config_prune": _prune_tiled})
+                 prune_configs_by={"early_config_prune": prune_tiled_configs})
 @triton.jit
 def masked_matmul_kernel(
     # pointers: activations, dense weight, packed mask bits, tile list, bias, output
@@ -413,6 +381,9 @@ def activation_sparse_matmul_kernel(
 # True when the kernels above were defined under TRITON_INTERPRET=1 (Triton reads it when each
 # ``@triton.jit`` runs, so setting it after this module is imported changes nothing).
 _INTERPRETED = not isinstance(block_sparse_matmul_kernel.fn, triton.runtime.JITFunction)  # .fn: under autotune
+# What a CPU caller can use instead (named in _check_launchable's error).
+_CPU_ALTERNATIVES = ("SparseLinear (triton_kernels.nn; its CPU backends run torch's kernels), "
+                     "or the matching *_reference (pure torch)")
 
 
 def _check_launchable(x: torch.Tensor, fn: str) -> None:
@@ -424,8 +395,7 @@ def _check_launchable(x: torch.Tensor, fn: str) -> None:
     raise RuntimeError(
         f"{fn}: x is a CPU tensor, and the Triton kernels need a CUDA/ROCm GPU. Move the tensors to "
         f"the GPU, or set TRITON_INTERPRET=1 before this module is imported to run the kernels in "
-        f"Triton's interpreter on CPU (slow: for tests){late}. For CPU inference use SparseLinear "
-        f"(triton_kernels.nn; its CPU backends run torch's kernels), or the matching *_reference (pure torch).")
+        f"Triton's interpreter on CPU (slow: for tests){late}. For CPU inference use {_CPU_ALTERNATIVES}.")
 
 
 def _dot_meta(dtype: torch.dtype) -> dict:
@@ -481,7 +451,7 @@ def block_sparse_matmul(x, bsw, bias=None, *, out=None):
     return out2.view(*lead, N) if out is None else out
 
 
-def _words64(words: torch.Tensor) -> bool:
+def words64(words: torch.Tensor) -> bool:
     """Whether int32 words (rows, n) can be read as 64-bit pairs: every row starts 8-byte aligned
     and holds an even number of words (so a pair never straddles two rows)."""
     return (words.dim() == 2 and words.shape[1] % 2 == 0 and words.stride(1) == 1
@@ -489,11 +459,11 @@ def _words64(words: torch.Tensor) -> bool:
 
 
 @functools.lru_cache(maxsize=None)
-def _nm_whole_words(n: int, m: int) -> bool:
+def nm_whole_words(n: int, m: int) -> bool:
     """Whether every N:M config's tile of indices is whole int32 words (``nm_matmul_kernel``'s word
     path): the indices fill the word exactly (2 bits, m = 4) and every BLOCK_K keeps a multiple of
     ``32 // bits`` values. Cached: the launcher asks on every call."""
-    bits = _idx_bits(m)
+    bits = nm_index_bits(m)
     per_word = 32 // bits
     return per_word * bits == 32 and all(c.kwargs["BLOCK_K"] * n // m % per_word == 0
                                          for c in nm_configs(False) + nm_configs(True))
@@ -507,9 +477,9 @@ def nm_matmul(x, nmw, bias=None, *, out=None):
     x2, out2, lead = _check_inputs(x, K, N, nmw.values.dtype, nmw.values.device, bias, out, "nmw")
     _check_launchable(x, "nm_matmul")
     M = x2.shape[0]
-    bits = _idx_bits(nmw.m)
+    bits = nm_index_bits(nmw.m)
     meta = nmw.meta
-    if nmw.m == 8 and not _words64(meta):
+    if nmw.m == 8 and not words64(meta):
         meta = meta.clone()  # the plane words are read 64 bits wide: a fresh, 8-byte aligned copy
     grid = lambda META: (triton.cdiv(N, META["BLOCK_N"]), triton.cdiv(M, META["BLOCK_M"]))  # noqa: E731
     nm_matmul_kernel[grid](
@@ -517,8 +487,8 @@ def nm_matmul(x, nmw, bias=None, *, out=None):
         M, N, K, nmw.values.shape[1],
         x2.stride(0), x2.stride(1), nmw.values.stride(0), nmw.values.stride(1), meta.stride(0),
         out2.stride(0), out2.stride(1),
-        NN=nmw.n, MM=nmw.m, IDX_BITS=bits, IDX_PER_WORD=32 // bits, WHOLE_WORDS=_nm_whole_words(nmw.n, nmw.m),
-        WORDS64=_words64(meta),
+        NN=nmw.n, MM=nmw.m, IDX_BITS=bits, IDX_PER_WORD=32 // bits, WHOLE_WORDS=nm_whole_words(nmw.n, nmw.m),
+        WORDS64=words64(meta),
         HAS_BIAS=bias is not None, **_dot_meta(x.dtype))
     return out2.view(*lead, N) if out is None else out
 
@@ -536,7 +506,7 @@ def packed_masked_matmul(x, mw, bias=None, *, out=None):
     masked_matmul_kernel[grid](
         x2, mw.weight, mw.bits, mw.tile_ptr, mw.tile_k, bias if bias is not None else x2, out2,
         M, N, K, x2.stride(0), x2.stride(1), mw.weight.stride(0), mw.weight.stride(1), mw.bits.stride(0),
-        out2.stride(0), out2.stride(1), WORDS64=_words64(mw.bits),
+        out2.stride(0), out2.stride(1), WORDS64=words64(mw.bits),
         HAS_BIAS=bias is not None, **_dot_meta(x.dtype), BLOCK_N=tn, BLOCK_K=tk)
     return out2.view(*lead, N) if out is None else out
 
@@ -692,7 +662,8 @@ def to_block_sparse(weight, block=(32, 32)) -> BlockSparseWeight:
     return BlockSparseWeight(values, row_ptr, col_idx, (N, K), (bn, bk))
 
 
-def _idx_bits(m: int) -> int:
+def nm_index_bits(m: int) -> int:
+    """Bits per stored N:M index: 2 for m = 4, 3 for m = 8."""
     return 2 if m == 4 else 3
 
 

@@ -17,7 +17,7 @@ import torch
 from triton_kernels.codebook_matmul import (codebook_gemv_kernel, codebook_matmul_kernel, fp32_configs,
                                             gemv_configs, load_configs, load_matmul_configs, lookup_mode,
                                             matmul_configs, multirow_configs, plane_args, planes)
-from triton_kernels.compile_check import Case
+from triton_kernels.compile_cases.case import Case, split_plane_args
 
 N = K = 4096
 # NVIDIA only: on gfx942 (Triton 3.7.1) tl.gather failed to compile for some layouts ("PassManager::run
@@ -35,19 +35,13 @@ def _weight(bits: int, group_size: int, shared: bool, has_scales: bool):
     return packed, codebook, scales
 
 
-def _planes(bits):
-    pa = plane_args(K, bits)
-    sizes = tuple(pa.pop(k) for k in ("WPR", "P1_WORD0", "P1_SHIFT", "P2_WORD0", "P2_SHIFT"))
-    return sizes, pa
-
-
 def _common(bits, group_size, shared, has_scales, codebook, scales):
     """The launcher's table/scale arguments: (args after the out pointers' strides, constexprs)."""
-    stride_cn = 0 if shared else codebook.stride(0)
-    sn, sg = (scales.stride(0), scales.stride(1)) if scales is not None else (0, 0)
+    stride_codebook_n = 0 if shared else codebook.stride(0)
+    stride_scales_n, stride_scales_g = (scales.stride(0), scales.stride(1)) if scales is not None else (0, 0)
     meta = dict(BITS=bits, GROUP_SIZE=group_size, HAS_SCALES=has_scales, SHARED_TABLE=shared,
                 LOOKUP=lookup_mode(bits), HAS_BIAS=True)
-    return (stride_cn, codebook.stride(1), sn, sg), meta
+    return (stride_codebook_n, codebook.stride(1), stride_scales_n, stride_scales_g), meta
 
 
 def _gemv_case(cfg, bits, group_size, shared, has_scales, block_m, act=torch.bfloat16):
@@ -57,11 +51,11 @@ def _gemv_case(cfg, bits, group_size, shared, has_scales, block_m, act=torch.bfl
     bias = torch.zeros((N,), dtype=act)
     out = torch.zeros((M, N), dtype=act)
     ws = torch.zeros((M, N), dtype=torch.float32)
-    sizes, pa = _planes(bits)
+    plane_sizes, plane_meta = split_plane_args(plane_args(K, bits))
     strides, meta = _common(bits, group_size, shared, has_scales, codebook, scales)
-    args = (x, packed, codebook, scales if scales is not None else codebook, bias, out, ws, M, N, K, *sizes,
+    args = (x, packed, codebook, scales if scales is not None else codebook, bias, out, ws, M, N, K, *plane_sizes,
             x.stride(0), x.stride(1), packed.stride(0), *strides, out.stride(0), ws.stride(0))
-    meta.update(BLOCK_M=block_m, **pa, **cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    meta.update(BLOCK_M=block_m, **plane_meta, **cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     name = "codebook_gemv_splitk" if cfg.kwargs["SPLIT_K"] > 1 else "codebook_gemv"
     # Decode configs must fetch the packed words >= 64 bits at a time; fp32 activations run their own
     # small tiles (fp32_configs), a correctness path the rule does not cover; so does the load lookup's
@@ -80,11 +74,11 @@ def _matmul_case(cfg, bits, group_size, shared, has_scales, act=torch.bfloat16):
     packed, codebook, scales = _weight(bits, group_size, shared, has_scales)
     bias = torch.zeros((N,), dtype=act)
     out = torch.zeros((M, N), dtype=act)
-    sizes, pa = _planes(bits)
+    plane_sizes, plane_meta = split_plane_args(plane_args(K, bits))
     strides, meta = _common(bits, group_size, shared, has_scales, codebook, scales)
-    args = (x, packed, codebook, scales if scales is not None else codebook, bias, out, M, N, K, M, *sizes,
+    args = (x, packed, codebook, scales if scales is not None else codebook, bias, out, M, N, K, M, *plane_sizes,
             x.stride(0), x.stride(1), packed.stride(0), *strides, out.stride(0), out.stride(1))
-    meta.update(**pa, **cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    meta.update(**plane_meta, **cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return Case(codebook_matmul_kernel, "codebook_matmul",
                 _describe(cfg, bits, group_size, shared, has_scales, act, ""), args, meta, weight_args=(1,),
                 targets=TARGETS)

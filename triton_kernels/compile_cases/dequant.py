@@ -8,7 +8,7 @@ planes), 8-bit symmetric, per-channel 2-bit, 1-bit groups of 16, fp32 activation
 """
 import torch
 
-from triton_kernels.compile_check import Case
+from triton_kernels.compile_cases.case import Case, split_plane_args
 from triton_kernels.dequant_matmul import (dequant_gemv_kernel, dequant_matmul_kernel, fp32_configs, gemv_configs,
                                            matmul_configs, multirow_configs, plane_args)
 
@@ -24,12 +24,6 @@ def _weight(bits: int, group_size: int):
     return packed, scales, zeros
 
 
-def _planes(bits):
-    pa = plane_args(K, bits)
-    sizes = tuple(pa.pop(k) for k in ("WPR", "P1_WORD0", "P1_SHIFT", "P2_WORD0", "P2_SHIFT"))
-    return sizes, pa
-
-
 def _gemv_case(cfg, bits, group_size, symmetric, block_m, act=torch.bfloat16):
     M = block_m
     x = torch.zeros((M, K), dtype=act)
@@ -37,11 +31,11 @@ def _gemv_case(cfg, bits, group_size, symmetric, block_m, act=torch.bfloat16):
     bias = torch.zeros((N,), dtype=act)
     out = torch.zeros((M, N), dtype=act)
     ws = torch.zeros((M, N), dtype=torch.float32)
-    sizes, pa = _planes(bits)
-    args = (x, packed, scales, zeros, bias, out, ws, M, N, K, *sizes,
+    plane_sizes, plane_meta = split_plane_args(plane_args(K, bits))
+    args = (x, packed, scales, zeros, bias, out, ws, M, N, K, *plane_sizes,
             x.stride(0), x.stride(1), packed.stride(0), scales.stride(0), scales.stride(1),
             zeros.stride(0), zeros.stride(1), out.stride(0), ws.stride(0))
-    meta = dict(BITS=bits, GROUP_SIZE=group_size, SYMMETRIC=symmetric, HAS_BIAS=True, BLOCK_M=block_m, **pa,
+    meta = dict(BITS=bits, GROUP_SIZE=group_size, SYMMETRIC=symmetric, HAS_BIAS=True, BLOCK_M=block_m, **plane_meta,
                 **cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     name = "dequant_gemv_splitk" if cfg.kwargs["SPLIT_K"] > 1 else "dequant_gemv"
     # Decode configs must fetch the packed words >= 64 bits at a time; fp32 activations run their own
@@ -57,11 +51,11 @@ def _matmul_case(cfg, bits, group_size, symmetric, act=torch.bfloat16):
     packed, scales, zeros = _weight(bits, group_size)
     bias = torch.zeros((N,), dtype=act)
     out = torch.zeros((M, N), dtype=act)
-    sizes, pa = _planes(bits)
-    args = (x, packed, scales, zeros, bias, out, M, N, K, M, *sizes,
+    plane_sizes, plane_meta = split_plane_args(plane_args(K, bits))
+    args = (x, packed, scales, zeros, bias, out, M, N, K, M, *plane_sizes,
             x.stride(0), x.stride(1), packed.stride(0), scales.stride(0), scales.stride(1),
             zeros.stride(0), zeros.stride(1), out.stride(0), out.stride(1))
-    meta = dict(BITS=bits, GROUP_SIZE=group_size, SYMMETRIC=symmetric, HAS_BIAS=True, **pa,
+    meta = dict(BITS=bits, GROUP_SIZE=group_size, SYMMETRIC=symmetric, HAS_BIAS=True, **plane_meta,
                 **cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return Case(dequant_matmul_kernel, "dequant_matmul",
                 _describe(cfg, bits, group_size, symmetric, act, ""), args, meta, weight_args=(1,))

@@ -9,7 +9,7 @@ the autotuner skips configs that fail to load on a GPU).
 """
 import torch
 
-from triton_kernels.compile_check import Case
+from triton_kernels.compile_cases.case import Case
 from triton_kernels.lowrank_linear import (fused_configs, lowrank_fused_kernel, lowrank_matmul_kernel,
                                            matmul_configs)
 

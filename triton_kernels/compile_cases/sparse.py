@@ -17,7 +17,7 @@ here: 1:8/2:8 (the same plane path as 4:8).
 import torch
 
 from triton_kernels import sparse_matmul as sm
-from triton_kernels.compile_check import Case
+from triton_kernels.compile_cases.case import Case
 
 M, N, K = 128, 4096, 4096
 DTYPE = torch.bfloat16
@@ -28,7 +28,7 @@ def _name(cfg) -> str:
 
 
 def _decode(cfg) -> bool:
-    """A config the launchers keep at M <= 16 (see ``sparse_matmul._prune_tiled``)."""
+    """A config the launchers keep at M <= 16 (see ``sparse_matmul.prune_tiled_configs``)."""
     return cfg.kwargs["BLOCK_M"] == 16
 
 
@@ -38,7 +38,7 @@ def _meta(cfg, **extra) -> dict:
 
 
 def _pruned(configs, x, **meta):
-    return sm._prune_tiled(configs, {"x_ptr": x}, **meta)
+    return sm.prune_tiled_configs(configs, {"x_ptr": x}, **meta)
 
 
 def cases() -> list[Case]:
@@ -58,16 +58,16 @@ def cases() -> list[Case]:
                             _meta(cfg, BLOCK_N=bn, BLOCK_K=bk), weight_args=(1,), wide_loads=_decode(cfg)))
 
     for n, m in ((2, 4), (1, 4), (4, 8)):
-        bits = sm._idx_bits(m)
+        bits = sm.nm_index_bits(m)
         kc = K * n // m
         values = torch.empty(N, kc, dtype=DTYPE)
         meta = torch.empty(N, sm.nm_meta_words(kc, m), dtype=torch.int32)
-        for cfg in sm._prune_nm(sm.nm_configs(interpret=False), {"x_ptr": x}):
+        for cfg in sm.prune_nm_configs(sm.nm_configs(interpret=False), {"x_ptr": x}):
             args = (x, values, meta, bias, y, M, N, K, kc, x.stride(0), x.stride(1), values.stride(0),
                     values.stride(1), meta.stride(0), y.stride(0), y.stride(1))
             out.append(Case(sm.nm_matmul_kernel.fn, f"sparse_nm_{n}of{m}", _name(cfg), args,
                             _meta(cfg, NN=n, MM=m, IDX_BITS=bits, IDX_PER_WORD=32 // bits,
-                                  WHOLE_WORDS=sm._nm_whole_words(n, m), WORDS64=sm._words64(meta)),
+                                  WHOLE_WORDS=sm.nm_whole_words(n, m), WORDS64=sm.words64(meta)),
                             weight_args=(1, 2), wide_loads=_decode(cfg)))
 
     tn, tk = 64, 64
@@ -79,7 +79,7 @@ def cases() -> list[Case]:
         args = (x, w, bitsw, tile_ptr, tile_k, bias, y, M, N, K, x.stride(0), x.stride(1), w.stride(0),
                 w.stride(1), bitsw.stride(0), y.stride(0), y.stride(1))
         out.append(Case(sm.masked_matmul_kernel.fn, "sparse_masked_64x64", _name(cfg), args,
-                        _meta(cfg, BLOCK_N=tn, BLOCK_K=tk, WORDS64=sm._words64(bitsw)), weight_args=(1, 2),
+                        _meta(cfg, BLOCK_N=tn, BLOCK_K=tk, WORDS64=sm.words64(bitsw)), weight_args=(1, 2),
                         wide_loads=_decode(cfg)))
 
     wt = torch.empty(K, N, dtype=DTYPE).t()  # (N, K) view of a contiguous (K, N) weight, as the layer stores it
