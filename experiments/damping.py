@@ -150,6 +150,13 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     from experiments import results
     from experiments.provenance import provenance
+    from experiments.runs import refuse_reference
+
+    if args.out:
+        try:
+            refuse_reference(args.out, "--out")
+        except ValueError as e:
+            ap.error(str(e))
 
     prov = provenance("cpu")  # at the start: the commit whose code runs
     rows = study(args.blocks)

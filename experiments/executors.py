@@ -79,6 +79,7 @@ class PointsFailed(RuntimeError):
 
 OnRow = Callable[[PointJob, Mapping[str, Any]], None]
 OnFailure = Callable[[PointJob, str, int], None]
+IsDone = Callable[[PointJob], bool]
 
 
 class Executor(Protocol):
@@ -91,9 +92,11 @@ class Executor(Protocol):
         """The provenance columns of the machine the points will run on."""
 
     def run(self, jobs: list[PointJob], run: Any, inputs: Mapping[str, tuple[Any, Any]], *,
-            on_row: OnRow, on_failure: OnFailure, progress: bool) -> None:
+            on_row: OnRow, on_failure: OnFailure, progress: bool, is_done: IsDone | None = None) -> None:
         """Measure ``jobs``; call ``on_row`` (in this process) for each finished point, ``on_failure``
-        for each point given up on. ``inputs`` maps a sweep name to its (eval windows, calib windows)."""
+        for each point given up on. ``inputs`` maps a sweep name to its (eval windows, calib windows).
+        ``is_done`` (in this process, as late as the executor can: right before a point is measured, or
+        before it is submitted) says a point is already in its table: it is then not measured."""
 
     def close(self) -> None:
         """Release what the executor started (idempotent)."""
@@ -127,9 +130,9 @@ def record_failure(job: PointJob, error: str, attempts: int, *, executor: str, c
 
 def clear_failure(table: str | os.PathLike, point_id: str) -> None:
     """Forget an earlier failure of ``point_id`` (it has just been measured); removes an empty list."""
-    from experiments.results import read_rows, write_rows
+    from experiments.results import rows_for_rewrite, write_rows
     path = failed_path(table)
-    rows = read_rows(path)
+    rows = rows_for_rewrite(path)
     kept = [r for r in rows if r.get("point_id") != point_id]
     if len(kept) == len(rows):
         return
@@ -158,9 +161,11 @@ class SerialExecutor:
         from experiments.provenance import provenance
         return provenance(device)
 
-    def run(self, jobs, run, inputs, *, on_row, on_failure, progress):
+    def run(self, jobs, run, inputs, *, on_row, on_failure, progress, is_done=None):
         from experiments.sweep import measure_point
         for job in jobs:
+            if is_done is not None and is_done(job):
+                continue
             windows, calib = inputs[job.sweep]
             on_row(job, measure_point(run, job.sweep, job.point_id, job.spec, job.settings, windows, calib,
                                       progress=progress))
@@ -346,8 +351,10 @@ class RayExecutor:
             raise SetupError(f"--executor ray: a worker could not start ({_describe(e)})") from None
 
     # -- run
-    def run(self, jobs, run, inputs, *, on_row, on_failure, progress):
+    def run(self, jobs, run, inputs, *, on_row, on_failure, progress, is_done=None):
         from experiments.results import ContextMismatch
+        if is_done is not None:  # every task is submitted at once: checked then (on_row checks again)
+            jobs = [job for job in jobs if not is_done(job)]
         if not jobs:
             return
         self._connect()

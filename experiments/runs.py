@@ -21,13 +21,16 @@ tables that mix several.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import re
+import socket
+import sys
 import time
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 REPO = Path(__file__).resolve().parent.parent
 REFERENCE = REPO / "results"
@@ -40,6 +43,11 @@ DEFAULT_RUN = "local"
 # uncalibrated points).
 SWEEP_CONTEXT = ("model", "corpus", "calibration_text", "evaluation_text", "text_sha256", "quick", "seqlen",
                  "eval_token_budget", "seed", "device_type", "device", "torch")
+# Columns of a sweep table that every measured row holds as a number: a row where one is empty or not a
+# number (a line cut by a copy or an editor, a junk row written back) is damaged, never "finished"
+# (experiments.results.read_table).
+SWEEP_NUMERIC = ("ppl", "nll", "eval_tokens", "seqlen", "eval_token_budget", "seed", "bytes", "bits_per_weight",
+                 "compress_seconds", "eval_seconds")
 # What must agree between a run and the reference for their perplexities to be comparable.
 COMPARABLE_CONTEXT = ("model", "corpus", "calibration_text", "evaluation_text", "quick", "seqlen",
                       "eval_token_budget", "seed")
@@ -74,9 +82,19 @@ def default_run_name(model: str = "default", text_file: str | os.PathLike | None
     return "-".join(parts)
 
 
+PLAIN_NAME_RULE = "letters, digits, '.', '_', '-'; no path separator, no '..'"
+
+
+def is_plain_name(name: object) -> bool:
+    """A name that is safe as one path component: starts with a letter or digit, then letters, digits,
+    ``.``, ``_``, ``-``; no ``..`` (so never ``/``, ``\\``, ``.``, ``..``, a hidden name or an empty one)."""
+    return (isinstance(name, str) and re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name) is not None
+            and ".." not in name)
+
+
 def check_run_name(name: str) -> str:
-    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
-        raise ValueError(f"--run {name!r} must be a plain directory name (letters, digits, '.', '_', '-'), "
+    if not is_plain_name(name):
+        raise ValueError(f"--run {name!r} must be a plain directory name ({PLAIN_NAME_RULE}), "
                          f"e.g. --run intel-test; it becomes {runs_root()}/<NAME>")
     return name
 
@@ -104,12 +122,25 @@ def run_root(*, out_dir: str | os.PathLike | None = None, run: str | None = None
     return root
 
 
+def _reference_message(option: str, path: str | os.PathLike) -> str:
+    return (f"{option} {str(path)!r} is in the committed reference results directory {REFERENCE}: only "
+            f"`python -m experiments promote` writes there; measurements go to a run directory (default "
+            f"{runs_root()}/{DEFAULT_RUN}) and replace the reference only through "
+            f"`python -m experiments promote --run NAME`")
+
+
 def refuse_reference(path: str | os.PathLike, option: str = "--out") -> Path:
     """``path`` (a table a command is about to write) unless it lies in the reference ``results/``."""
     if is_reference(Path(path).expanduser().resolve().parent):
-        raise ValueError(f"{option} {str(path)!r} is in the committed reference results directory {REFERENCE}: "
-                         f"measurements go to a run directory (default {runs_root()}/{DEFAULT_RUN}) and replace the "
-                         f"reference only through `python -m experiments promote --run NAME`")
+        raise ValueError(_reference_message(option, path))
+    return Path(path)
+
+
+def refuse_reference_dir(path: str | os.PathLike, option: str = "--out") -> Path:
+    """``path`` (a directory or file a command is about to create) unless it is the reference ``results/``
+    or lies in it: nothing but ``promote`` writes there."""
+    if is_reference(path):
+        raise ValueError(_reference_message(option, path))
     return Path(path)
 
 
@@ -120,6 +151,85 @@ def mode_dir(root: str | os.PathLike, quick: bool) -> Path:
 
 def reference_dir(quick: bool) -> Path:
     return mode_dir(REFERENCE, quick)
+
+
+# ------------------------------------------------------------------------------------------- lock
+
+LOCK_NAME = ".run.lock"
+LOCK_INFO = ".run.lock.info"
+
+
+class RunInUse(ValueError):
+    """Another process holds the run directory (exit status 2, one ``error:`` line, like bad input)."""
+
+
+def _lock_owner(directory: Path) -> str:
+    """``pid N on HOST, since T: COMMAND`` from the holder's info file (best effort: it may not be written yet)."""
+    for _ in range(20):  # the holder writes its info right after taking the lock
+        try:
+            info = json.loads((directory / LOCK_INFO).read_text())
+            command = str(info.get("command", ""))
+            command = command if len(command) <= 200 else command[:197] + "..."
+            return f"pid {info.get('pid')} on {info.get('host')}, since {info.get('started')}: {command}"
+        except (OSError, ValueError, AttributeError):
+            time.sleep(0.05)
+    return f"its pid and host are not recorded in {directory / LOCK_INFO}"
+
+
+def check_run_dir_free(directory: str | os.PathLike) -> None:
+    """:class:`RunInUse` when another process holds ``directory`` now (creates nothing): lets a run fail
+    at its start instead of after loading its model. :func:`run_dir_lock` decides; this only tells early."""
+    from filelock import FileLock, Timeout
+    directory = Path(directory)
+    if not (directory / LOCK_NAME).is_file():
+        return
+    lock = FileLock(str(directory / LOCK_NAME), timeout=0)
+    try:
+        lock.acquire()
+    except Timeout:
+        raise RunInUse(_in_use(directory)) from None
+    lock.release()
+
+
+def _in_use(directory: Path) -> str:
+    return (f"run directory {directory} is in use by another run ({_lock_owner(directory)}); wait for it to "
+            f"finish, or write this run elsewhere with --run NAME or --out-dir DIR")
+
+
+@contextlib.contextmanager
+def run_dir_lock(directory: str | os.PathLike) -> Iterator[Path]:
+    """Hold ``directory`` (a run directory, or its ``quick/``) for one writer, for the whole block.
+
+    A ``filelock.FileLock`` on ``<directory>/.run.lock``, taken without waiting: a second process
+    gets :class:`RunInUse` naming the directory and the holder (pid, host, start time and command,
+    which the holder writes to ``<directory>/.run.lock.info``). The operating system releases the lock
+    when the holder ends in any way, ``kill -9`` included, so a killed run never blocks the next one; the
+    lock file stays behind (empty), the info file is removed on a normal exit and rewritten by the next
+    holder otherwise.
+    """
+    from filelock import FileLock, Timeout
+
+    from experiments.results import _umask
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(directory / LOCK_NAME), timeout=0)
+    try:
+        lock.acquire()
+    except Timeout:
+        raise RunInUse(_in_use(directory)) from None
+    info = directory / LOCK_INFO
+    try:
+        tmp = info.with_name(f"{info.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                                   "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                                   "command": " ".join(sys.argv)}) + "\n")
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, info)
+        yield directory
+    finally:
+        info.unlink(missing_ok=True)
+        lock.release()
 
 
 # ------------------------------------------------------------------------------------------ steps

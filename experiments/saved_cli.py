@@ -21,6 +21,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from experiments.runs import refuse_reference_dir
+
 
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quick", action="store_true", help="the quick settings (small calibration/evaluation budgets)")
@@ -104,7 +106,7 @@ def compress_main(args: argparse.Namespace) -> int:
     from experiments.saving import save_compressed
     from experiments.sweep import _device_of, text_digest
 
-    out = Path(args.out)
+    out = refuse_reference_dir(Path(args.out), "--out")
     if out.exists() and not args.overwrite:
         raise ValueError(f"--out {str(out)!r} already exists; choose another directory or pass --overwrite")
     spec, sw = resolve_point(args.point, args.sweep)
@@ -190,7 +192,7 @@ def add_export_arguments(p: argparse.ArgumentParser) -> None:
 
 def export_main(args: argparse.Namespace) -> int:
     from experiments.saving import load_compressed, read_manifest
-    out = Path(args.out)
+    out = refuse_reference_dir(Path(args.out), "--out")
     if out.exists():
         raise ValueError(f"--out {str(out)!r} already exists; choose another path")
     manifest = read_manifest(args.dir)

@@ -245,7 +245,8 @@ def save_compressed(model: nn.Module, report_or_spec: Any, out_dir: str | os.Pat
     from experiments.compress import CompressionReport, MethodSpec, parse_spec
     from experiments.provenance import provenance
 
-    out = Path(out_dir)
+    from experiments.runs import refuse_reference_dir
+    out = refuse_reference_dir(Path(out_dir), "out_dir")
     if out.exists() and not overwrite:
         raise FileExistsError(f"out_dir {str(out)!r} already exists; choose another directory or pass "
                               f"overwrite=True (--overwrite)")
