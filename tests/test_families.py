@@ -5,10 +5,10 @@ import pytest
 import torch
 from torch import nn
 
-from experiments import families
-from experiments.compress import MethodSpec, compress_model, parse_spec
-from experiments.families import base
-from experiments.sweep import method_columns
+from experiments.methods import families
+from experiments.methods.compress import MethodSpec, compress_model, parse_spec
+from experiments.methods.families import base
+from experiments.run.sweep import method_columns
 
 
 class _Identity(nn.Module):

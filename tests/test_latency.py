@@ -1,4 +1,4 @@
-"""experiments.latency: spec -> format, layer shapes from the model, well-formed upserted rows, decode speed.
+"""experiments.measure.latency: spec -> format, layer shapes from the model, well-formed upserted rows, decode speed.
 
 Nothing here asserts on speed (timed tests flake on a shared machine): only on the rows' structure,
 the ratio arithmetic within one run, and the device/backend bookkeeping.
@@ -10,8 +10,9 @@ import os
 import pytest
 import torch
 
-from experiments import latency, results
-from experiments.provenance import provenance
+from experiments.measure import latency
+from experiments.core import results
+from experiments.core.provenance import provenance
 
 TINY_LLAMA = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
@@ -99,7 +100,7 @@ _MODULE_OF = {"quant": "triton_kernels.nn.quant", "sparse": "triton_kernels.nn.s
 def _available_specs():
     """The tiny specs whose module has landed (the modules are written in parallel with this file)."""
     import importlib.util
-    pytest.importorskip("experiments.timing")
+    pytest.importorskip("experiments.core.timing")
     specs = [s for s in TINY_SPECS
              if importlib.util.find_spec(_MODULE_OF[latency.format_of(s)["kind"]]) is not None]
     if not specs:
@@ -185,7 +186,7 @@ def test_speedup_is_the_ratio_to_dense_of_the_same_run(tiny_run):
 def test_interleaved_ratios_are_medians_of_per_round_ratios(tmp_path, monkeypatch):
     """interleave=R: each point and the dense layers are timed in R alternating rounds; the speedup is
     the median of the per-round ratios (not a ratio of medians), and the rows say so."""
-    from experiments import timing
+    from experiments.core import timing
     specs = _available_specs()[:1]
     seen = []
     real = timing.time_interleaved
@@ -214,7 +215,7 @@ def test_interleaved_ratios_are_medians_of_per_round_ratios(tmp_path, monkeypatc
 
 
 def test_time_interleaved_alternates_and_checks_rounds():
-    from experiments import timing
+    from experiments.core import timing
     order = []
     out = timing.time_interleaved({"a": lambda: order.append("a"), "b": lambda: order.append("b")}, "cpu",
                                   rounds=2, min_run_time=0.002)
@@ -323,7 +324,7 @@ def test_decode_tokens_per_second_on_a_tiny_llama(tmp_path):
 def test_decode_under_torch_compile_gives_the_eager_tokens(monkeypatch):
     """``compile=True``: static cache + fullgraph-compiled forward of a quantized tiny Llama (CPU
     backends); the tokens equal eager greedy decoding and the model's forward is restored after."""
-    from experiments.compress import compress_model, parse_spec
+    from experiments.methods.compress import compress_model, parse_spec
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # the CPU weight-only ops, not the interpreter
     model, _ = _tiny_llama()
     model.generation_config.eos_token_id = 2
@@ -383,8 +384,8 @@ def test_latency_into_a_table_of_another_machine_is_refused_before_timing(tiny_r
 
 def test_decode_resume_skips_finished_rows_without_loading_the_model(tmp_path, monkeypatch):
     """A rerun of reproduce's decode step with every row present measures nothing and loads no model."""
-    from experiments import models
-    from experiments.compress import parse_spec
+    from experiments.lm import models
+    from experiments.methods.compress import parse_spec
 
     def no_load(*a, **k):
         raise AssertionError("the model was loaded although every decode row was done")
@@ -413,7 +414,7 @@ def test_decode_resume_skips_finished_rows_without_loading_the_model(tmp_path, m
 
 def test_decode_reports_progress_on_stderr(capsys, monkeypatch):
     """Issue 8: decode timing was silent for ~60 s per model; it now prints a line per generate call
-    (in a redirected log: plain lines, see experiments.progress)."""
+    (in a redirected log: plain lines, see experiments.core.progress)."""
     monkeypatch.setenv("TKR_PROGRESS_INTERVAL", "0")
     monkeypatch.delenv("TQDM_DISABLE", raising=False)
     model, _ = _tiny_llama()

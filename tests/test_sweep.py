@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from experiments.compress import parse_spec
-from experiments.sweep import (SWEEPS_DIR, available_sweeps, load_sweep, method_columns, point_id,
+from experiments.methods.compress import parse_spec
+from experiments.run.sweep import (SWEEPS_DIR, available_sweeps, load_sweep, method_columns, point_id,
                                resolve_sweeps)
 
 SHIPPED = ("quant", "sparsity", "lowrank", "combo", "nonuniform", "structured")
@@ -102,7 +102,7 @@ def test_accuracy_runs_turn_backend_timing_off_and_restore_it():
     perplexity's last digits depend on the machine's load. The switch is restored, also after an error."""
     import inspect
 
-    from experiments import sweep
+    from experiments.run import sweep
     from triton_kernels.nn import _backend
     assert _backend.autotune_enabled()
     with pytest.raises(RuntimeError):
