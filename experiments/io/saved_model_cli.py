@@ -100,7 +100,8 @@ def compress_main(args: argparse.Namespace) -> int:
     import torch
 
     from experiments.lm import data, models
-    from experiments.methods.compress import check_spec_fits, compress_model, layer_shapes
+    from experiments.lm.models import layer_shapes
+    from experiments.methods.compress import check_spec_fits, compress_model
     from experiments.run.saving import save_compressed
     from experiments.run.sweep import _device_of, text_digest
 

@@ -473,6 +473,22 @@ def linear_weight(layer: nn.Module) -> torch.Tensor:
     raise TypeError(f"linear_weight expects nn.Linear or transformers Conv1D, got {type(layer).__name__}")
 
 
+def linear_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """``(qualified name, layer)`` of every linear the harness compresses, in execution order: the linears
+    of the transformer blocks, named ``block<i>.<name within the block>`` (the names of the compression
+    report's layers)."""
+    out = []
+    for i, block in enumerate(find_blocks(model)):
+        for name, layer in find_linears(block).items():
+            out.append((f"block{i}.{name}", layer))
+    return out
+
+
+def layer_shapes(model: nn.Module) -> dict[str, tuple[int, int]]:
+    """``{name: (N, K)}`` of :func:`linear_layers`: what a spec is checked against before any work."""
+    return {name: tuple(linear_weight(layer).shape) for name, layer in linear_layers(model)}
+
+
 # --------------------------------------------------------------------------------------------
 # Block-by-block execution
 # --------------------------------------------------------------------------------------------

@@ -102,7 +102,7 @@ _DTYPE_NAMES = {v: k for k, v in _DTYPES.items()}
 
 def format_of(spec: dict) -> dict:
     """The storage format a method spec produces, as ``{"kind": ..., **format}``: its family's
-    :meth:`~experiments.methods.families.base.Family.storage_format` (a new algorithm on an existing format, or
+    :meth:`~experiments.methods.spec.Family.storage_format` (a new algorithm on an existing format, or
     a new family with its own format, needs no change here). A prune-then-quantize ``combo`` is timed
     as its pruning step's sparse format (it runs through a ``SparseLinear``).
     """
@@ -121,14 +121,14 @@ def format_of(spec: dict) -> dict:
 
 def build_layer(kind: str, N: int, K: int, *, dtype: torch.dtype = torch.float32, device="cpu",
                 backend: str = "auto", seed: int = 0, tune_m: int = 1, **fmt) -> nn.Module:
-    """A layer ``[N, K]`` (out x in) in storage format ``kind`` (``experiments.methods.families.base.FORMATS``:
+    """A layer ``[N, K]`` (out x in) in storage format ``kind`` (``experiments.methods.spec.FORMATS``:
     dense, quant, codebook, sparse, lowrank, ...), from random weights of ``dtype``.
 
     Sparse masks are magnitude masks with the format's pattern and sparsity; low-rank factors are
     random; codebook codes and tables random. ``tune_m``: the batch rows a sparse layer's ``auto``
     times its CPU backends with (QuantLinear measures per M bucket at its first forward).
     """
-    from experiments.methods.families.base import FORMATS
+    from experiments.methods.spec import FORMATS
     if kind not in FORMATS:
         raise ValueError(f"kind={kind!r} must be one of {', '.join(repr(k) for k in FORMATS)}")
     return FORMATS[kind](N, K, dtype=dtype, device=device, backend=backend, seed=seed, tune_m=tune_m, **fmt)

@@ -1,6 +1,7 @@
 """Method specs and sequential layer-wise compression of a causal language model (the driver).
 
-A *method spec* is plain data (a dict from a sweep YAML, or a :class:`MethodSpec`)::
+A *method spec* is plain data (a dict from a sweep YAML, or a :class:`MethodSpec`; it, :func:`parse_spec`
+and the report types live in :mod:`experiments.methods.spec`, and are imported here)::
 
     {"method": "dense"}                                                   # baseline
     {"method": "rtn", "bits": 4, "group_size": 64, "symmetric": False}
@@ -42,149 +43,27 @@ Each layer is replaced by a real compressed module (``QuantLinear``, ``SparseLin
 """
 from __future__ import annotations
 
-import math
 import time
-from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 import torch
 from torch import nn
 
-from experiments.methods import families
+from experiments.lm import models  # transformers only inside its functions: spec parsing and `list` work without it
+from experiments.methods import families  # noqa: F401  (registers the built-in families)
 from experiments.methods.families.base import DEFAULT_DAMP  # noqa: F401  (re-exported)
 from experiments.methods.families.lowrank import DEFAULT_WHITENING_DAMP  # noqa: F401  (re-exported)
 from experiments.methods.families.quant import DEFAULT_GROUP_SIZE  # noqa: F401  (re-exported)
-
-
-class MethodSpec:
-    """One compression setting: a method, its options, and (``combo``) its steps. Immutable.
-
-    Build it with :func:`parse_spec` (which validates and fills defaults). Every option a registered
-    family knows is readable as an attribute (``spec.bits``, ``spec.pattern`` ...), ``None`` when
-    this spec does not set it.
-    """
-
-    __slots__ = ("method", "steps", "_options")
-
-    def __init__(self, method: str, steps: tuple["MethodSpec", ...] = (), **options: Any):
-        object.__setattr__(self, "method", method)
-        object.__setattr__(self, "steps", tuple(steps))
-        object.__setattr__(self, "_options", tuple(sorted((k, v) for k, v in options.items() if v is not None)))
-
-    def __getattr__(self, name: str) -> Any:
-        if name.startswith("_"):
-            raise AttributeError(name)
-        for k, v in self._options:
-            if k == name:
-                return v
-        if name in families.option_names():
-            return None
-        raise AttributeError(f"MethodSpec has no option {name!r}; the registered methods accept "
-                             f"{sorted(families.option_names())}")
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        raise AttributeError("MethodSpec is immutable; build a new one with parse_spec")
-
-    def __reduce__(self):
-        # Pickling (Ray, multiprocessing) must go through __init__: the default protocol would setattr.
-        return (_make_spec, (self.method, self.steps, self._options))
-
-    def __eq__(self, other: object) -> bool:
-        if not isinstance(other, MethodSpec):
-            return NotImplemented
-        return (self.method, self.steps, self._options) == (other.method, other.steps, other._options)
-
-    def __hash__(self) -> int:
-        return hash((self.method, self.steps, self._options))
-
-    def __repr__(self) -> str:
-        opts = "".join(f", {k}={v!r}" for k, v in self._options)
-        steps = f", steps={self.steps!r}" if self.steps else ""
-        return f"MethodSpec({self.method!r}{opts}{steps})"
-
-    @property
-    def family(self) -> str:
-        """The name of the family the method belongs to (``"quant"``, ``"sparse"`` ...)."""
-        return families.family_of(self.method).name
-
-    def _step_of(self, family: str) -> "MethodSpec | None":
-        if self.family == family:
-            return self
-        return next((s for s in self.steps if s.family == family), None)
-
-    @property
-    def prune_step(self) -> "MethodSpec | None":
-        """The spec itself, or its step, that prunes to a sparse format (``None`` if none does)."""
-        return self._step_of("sparse")
-
-    @property
-    def quant_step(self) -> "MethodSpec | None":
-        """The spec itself, or its step, that quantizes onto the uniform grid (``None`` if none does)."""
-        return self._step_of("quant")
-
-    def needs(self) -> set[str]:
-        """Calibration statistics the method needs: "H" (X^T X / n) and/or "sq" (sum of x^2)."""
-        return families.family_of(self.method).needs(self)
-
-    def to_dict(self) -> dict[str, Any]:
-        """Canonical plain-data form (only the options that are set): stable across runs."""
-        d: dict[str, Any] = {"method": self.method, **dict(self._options)}
-        if self.steps:
-            d["steps"] = [s.to_dict() for s in self.steps]
-        return d
-
-    def label(self) -> str:
-        """Short human-readable label, e.g. ``gptq-w3-g64-asym-act`` or ``sparsegpt-2:4+gptq-w4-g64-asym``."""
-        return families.family_of(self.method).label(self)
-
-
-def _make_spec(method: str, steps: tuple, options: tuple) -> MethodSpec:
-    return MethodSpec(method, steps, **dict(options))
-
-
-def parse_spec(spec: Mapping[str, Any] | MethodSpec, *, where: str = "method spec") -> MethodSpec:
-    """Validate a plain-data spec and fill defaults; ``ValueError`` names the bad option."""
-    if isinstance(spec, MethodSpec):
-        spec = spec.to_dict()
-    if not isinstance(spec, Mapping):
-        raise ValueError(f"{where}: expected a mapping like {{'method': 'rtn', 'bits': 4}}, got {type(spec).__name__}")
-    method = spec.get("method")
-    fam = families.family_of(method, where)
-    accepted = fam.methods[method]
-    unknown = set(spec) - accepted - {"method"}
-    if unknown:
-        families.fail(where, f"unknown option(s) {sorted(unknown)} for method={method!r}; "
-                             f"it accepts {sorted(accepted) or 'no options'}")
-    return MethodSpec(method, **fam.parse(method, spec, where))
+from experiments.methods.spec import (CompressionReport, LayerRecord, MethodSpec, family_of, fp16_bytes,
+                                      parse_spec)
 
 
 # ----------------------------------------------------------------------------- model structure
 
-def _models():
-    # Imported lazily: spec parsing and the CLI's `list` must work without transformers.
-    from experiments.lm import models
-    return models
-
-
-def linear_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """``(qualified name, layer)`` of every linear the harness compresses, in execution order."""
-    m = _models()
-    out = []
-    for i, block in enumerate(m.find_blocks(model)):
-        for name, layer in m.find_linears(block).items():
-            out.append((f"block{i}.{name}", layer))
-    return out
-
-
-def layer_shapes(model: nn.Module) -> dict[str, tuple[int, int]]:
-    m = _models()
-    return {name: tuple(m.linear_weight(layer).shape) for name, layer in linear_layers(model)}
-
-
 def check_spec_fits(spec: MethodSpec, shapes: Mapping[str, tuple[int, int]]) -> None:
     """Raise ``ValueError`` if ``spec`` cannot be applied to a layer of shape (N, K) in ``shapes``."""
     if shapes:
-        families.family_of(spec.method).check_fits(spec, shapes)
+        family_of(spec.method).check_fits(spec, shapes)
 
 
 # ----------------------------------------------------------------------------- source grid
@@ -203,78 +82,9 @@ def aliases_source_grid(spec: MethodSpec, source_grid: Mapping[str, Any] | None)
     q = spec.quant_step
     if q is None or not source_grid:
         return False
-    return bool(_models().aliases_source_grid(dict(source_grid), bits=q.bits, group_size=q.group_size,
-                                              symmetric=bool(q.symmetric), integer_zero=True))
+    return bool(models.aliases_source_grid(dict(source_grid), bits=q.bits, group_size=q.group_size,
+                                           symmetric=bool(q.symmetric), integer_zero=True))
 
-
-# ----------------------------------------------------------------------------- report
-
-@dataclass
-class LayerRecord:
-    name: str
-    shape: tuple[int, int]  # (out_features N, in_features K)
-    module: str  # class name of the module that replaced the layer
-    bytes: int
-    fp16_bytes: int
-    weight_sq_error: float  # ||W - W_hat||_F^2
-    weight_sq_norm: float  # ||W||_F^2
-    rank: int | None = None
-    nnz: int | None = None
-
-
-@dataclass
-class CompressionReport:
-    spec: MethodSpec
-    layers: list[LayerRecord] = field(default_factory=list)
-    seconds: float = 0.0
-    size_is_modelled: bool = False
-    # Optional (``keep_weights=True``): the dense W_hat of every compressed layer, for tests.
-    weights: dict[str, torch.Tensor] | None = None
-
-    @property
-    def n_weights(self) -> int:
-        return sum(r.shape[0] * r.shape[1] for r in self.layers)
-
-    @property
-    def bytes(self) -> int:
-        return sum(r.bytes for r in self.layers)
-
-    @property
-    def fp16_bytes(self) -> int:
-        return sum(r.fp16_bytes for r in self.layers)
-
-    @property
-    def bits_per_weight(self) -> float:
-        return 8 * self.bytes / self.n_weights if self.layers else float("nan")
-
-    @property
-    def compression_vs_fp16(self) -> float:
-        return self.fp16_bytes / self.bytes if self.bytes else float("nan")
-
-    @property
-    def weight_rel_error(self) -> float:
-        """sqrt(sum ||W - W_hat||^2 / sum ||W||^2) over the compressed layers (0 for dense)."""
-        num = sum(r.weight_sq_error for r in self.layers)
-        den = sum(r.weight_sq_norm for r in self.layers)
-        return math.sqrt(num / den) if den else float("nan")
-
-    def summary(self) -> dict[str, Any]:
-        return {
-            "n_layers": len(self.layers),
-            "n_weights": self.n_weights,
-            "bytes": self.bytes,
-            "fp16_bytes": self.fp16_bytes,
-            "bits_per_weight": round(self.bits_per_weight, 4),
-            "compression_vs_fp16": round(self.compression_vs_fp16, 4),
-            "weight_rel_error": float(f"{self.weight_rel_error:.6g}"),
-            "compress_seconds": round(self.seconds, 2),
-            "size_is_modelled": self.size_is_modelled,
-        }
-
-
-def fp16_bytes(n: int, k: int) -> int:
-    """The dense fp16 size of an (N, K) weight; the bias is excluded, as in the modules' ``memory_bytes()``."""
-    return 2 * n * k
 
 
 # ----------------------------------------------------------------------------- calibration
@@ -296,7 +106,7 @@ class _Stats:
 
 def _capture(model: nn.Module, calib_ids: torch.Tensor) -> tuple[torch.Tensor, list[dict[str, Any]]]:
     """Hidden states entering block 0 and the kwargs each block is called with (one dict per block)."""
-    got = _models().block_prefix_forward(model, calib_ids)
+    got = models.block_prefix_forward(model, calib_ids)
     return got.hidden, got.kwargs
 
 
@@ -309,9 +119,9 @@ def _bias(layer: nn.Module) -> torch.Tensor | None:
 
 def compress_layer(layer: nn.Module, spec: MethodSpec, stats: _Stats | None, *, name: str = ""):
     """Compress one linear layer; returns ``(new_module, LayerRecord, W_hat, size_is_modelled)``."""
-    w = _models().linear_weight(layer).detach().float().clone()
+    w = models.linear_weight(layer).detach().float().clone()
     n, k = w.shape
-    fam = families.family_of(spec.method)
+    fam = family_of(spec.method)
     if fam.level != "layer":
         raise ValueError(f"method={spec.method!r} (family {fam.name!r}) does not compress single layers; "
                          f"it works on the whole model: use compress_model")
@@ -354,16 +164,15 @@ def compress_model(model: nn.Module, spec: Mapping[str, Any] | MethodSpec, calib
     and svd skip the capture entirely. Blocks run on ``chunk`` calibration samples at a time.
     """
     spec = parse_spec(spec)
-    m = _models()
-    blocks = m.find_blocks(model)
-    per_block = [m.find_linears(b) for b in blocks]
-    shapes = {f"block{i}.{n}": tuple(m.linear_weight(l).shape)
+    blocks = models.find_blocks(model)
+    per_block = [models.find_linears(b) for b in blocks]
+    shapes = {f"block{i}.{n}": tuple(models.linear_weight(l).shape)
               for i, ls in enumerate(per_block) for n, l in ls.items()}
     check_spec_fits(spec, shapes)
-    fam = families.family_of(spec.method)
+    fam = family_of(spec.method)
     t0 = time.perf_counter()
     if fam.level == "model":
-        report = fam.compress_model(model, spec, calib_ids, progress=progress)
+        report = fam.compress_model(model, spec, calib_ids, driver=compress_model, progress=progress)
         report.seconds = time.perf_counter() - t0
         if keep_weights and report.weights is None:
             report.weights = {}
@@ -384,11 +193,11 @@ def compress_model(model: nn.Module, spec: Mapping[str, Any] | MethodSpec, calib
             handles = []
             shared: dict[str, Any] = {"x": None, "owner": None}
             for name, layer in linears.items():
-                k = m.linear_weight(layer).shape[1]
+                k = models.linear_weight(layer).shape[1]
                 st = stats[name] = _Stats(k, needs)
                 handles.append(layer.register_forward_pre_hook(_make_hook(st, shared)))
             try:
-                m.run_block(block, hidden, kwargs[i], batch_size=chunk)
+                models.run_block(block, hidden, kwargs[i], batch_size=chunk)
             finally:
                 for h in handles:
                     h.remove()
@@ -401,7 +210,7 @@ def compress_model(model: nn.Module, spec: Mapping[str, Any] | MethodSpec, calib
                 report.weights[rec.name] = w_hat
         stats.clear()
         if needs:
-            hidden = m.run_block(block, hidden, kwargs[i], batch_size=chunk)
+            hidden = models.run_block(block, hidden, kwargs[i], batch_size=chunk)
     report.seconds = time.perf_counter() - t0
     return report
 

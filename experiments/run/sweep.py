@@ -53,8 +53,9 @@ import torch
 import yaml
 
 from experiments.methods import families
+from experiments.lm.models import layer_shapes
 from experiments.methods.compress import (MethodSpec, aliases_source_grid, check_spec_fits, compress_model,
-                                  layer_shapes, module_backends, parse_spec)
+                                          module_backends, parse_spec)
 from experiments.run.executors import (Executor, PointJob, PointsFailed, SerialExecutor, clear_failure, failed_path,
                                    record_failure)
 

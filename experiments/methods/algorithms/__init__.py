@@ -11,6 +11,8 @@ Pure torch and model-agnostic: the sweep code (``experiments/methods/compress.py
   :func:`gptq_codebook` -> :class:`CodebookResult` on the grid of ``triton_kernels/codebook_matmul.py``
   (a per-row or shared table times group scales); :func:`dequantize_codebook_result`.
 - :mod:`.lowrank`: :func:`svd`, :func:`whitened_svd`, :func:`rank_for_ratio`, :func:`rank_for_energy`.
+- :mod:`.hessian`: the calibration Hessian ``H`` as GPTQ, SparseGPT, GPTQ-codebook and whitened SVD use
+  it (checks, dead inputs, the damped inverse's Cholesky factor).
 - :mod:`.structured`: model-level structured pruning (MLP channels, attention heads, whole blocks) on
   Llama-family transformers models: :func:`~.structured.prune_model` (imported on its own).
 """

@@ -51,7 +51,8 @@ import math
 
 import torch
 
-from .quant import _check_hessian, _check_weight, _damped_hinv_chol, _prepare_hessian, check_quant_args
+from .hessian import check_hessian, check_weight, damped_hinv_chol, prepare_hessian
+from .quant import check_quant_args
 
 __all__ = [
     "CodebookResult",
@@ -209,7 +210,7 @@ def round_to_codebook(W: torch.Tensor, codebook: torch.Tensor, scales: torch.Ten
     """Nearest rounding of ``W`` (N, K) onto a given table (1 or N, 2^bits) times group ``scales``
     (N, G) or None: the codes every method above returns, for a table that was changed afterwards
     (e.g. rounded to the float16 a deployment stores)."""
-    _check_weight(W)
+    check_weight(W)
     N, K = W.shape
     _check_table(codebook, N)
     bits = int(math.log2(codebook.shape[1]))
@@ -274,14 +275,14 @@ def _scaled_table(W: torch.Tensor, table: torch.Tensor, *, bits: int, group_size
 
 def nf(W: torch.Tensor, *, bits: int = 4, group_size: int = 64) -> CodebookResult:
     """NormalFloat quantization: the shared :func:`nf_table` times each group's absmax."""
-    _check_weight(W)
+    check_weight(W)
     table = nf_table(bits)
     return _scaled_table(W, table, bits=bits, group_size=group_size, divisor=1.0)
 
 
 def fp4(W: torch.Tensor, *, group_size: int = 32) -> CodebookResult:
     """FP4 E2M1 quantization: the shared :func:`fp4_table` times ``absmax / 6`` per group."""
-    _check_weight(W)
+    check_weight(W)
     return _scaled_table(W, fp4_table(), bits=4, group_size=group_size, divisor=6.0)
 
 
@@ -376,7 +377,7 @@ def kmeans(W: torch.Tensor, *, bits: int, group_size: int = -1, weights: torch.T
     ``weights``: None (plain k-means), a ``(K,)`` per-input or an ``(N, K)`` per-weight importance.
     ``group_size > 0`` adds group absmax scales (the table is fitted to ``W / s``, weights times ``s^2``).
     """
-    _check_weight(W)
+    check_weight(W)
     _check_bits(bits)
     N, K = W.shape
     gs = check_quant_args(K, bits=bits, group_size=group_size)
@@ -402,7 +403,7 @@ def squeezellm(W: torch.Tensor, hdiag: torch.Tensor, *, bits: int, group_size: i
     """SqueezeLLM's sensitivity-weighted k-means: weight ``w_nk`` counts ``hdiag[k]``, the diagonal of
     the layer Hessian ``X^T X / n`` (any positive multiple, e.g. the sum of squared inputs, gives the
     same table)."""
-    _check_weight(W)
+    check_weight(W)
     K = W.shape[1]
     if not isinstance(hdiag, torch.Tensor) or tuple(hdiag.shape) != (K,):
         raise ValueError(f"hdiag must be a ({K},) tensor (diag of X^T X / n), got {getattr(hdiag, 'shape', type(hdiag))}")
@@ -440,7 +441,7 @@ def piecewise(W: torch.Tensor, *, bits: int, group_size: int = -1, segments: int
     grow. Each accepted step can only lower the error, so the final grid is monotone and never worse
     than the uniform one it started from.
     """
-    _check_weight(W)
+    check_weight(W)
     _check_bits(bits)
     N, K = W.shape
     gs = check_quant_args(K, bits=bits, group_size=group_size)
@@ -504,9 +505,9 @@ def gptq_codebook(W: torch.Tensor, H: torch.Tensor, codebook: torch.Tensor, scal
     :func:`nf`, :func:`fp4`, :func:`kmeans`, :func:`squeezellm`, :func:`piecewise`). Dead inputs
     (``H_kk == 0``) get the code nearest to 0.
     """
-    _check_weight(W)
+    check_weight(W)
     N, K = W.shape
-    _check_hessian(H, K)
+    check_hessian(H, K)
     _check_table(codebook, N)
     L = codebook.shape[1]
     bits = int(math.log2(L))
@@ -518,12 +519,12 @@ def gptq_codebook(W: torch.Tensor, H: torch.Tensor, codebook: torch.Tensor, scal
     table = codebook.float().expand(N, -1).contiguous()
     vals, order = table.sort(dim=1)
     mid = ((vals[:, 1:] + vals[:, :-1]) / 2).contiguous()
-    W, H, _ = _prepare_hessian(W, H, damp)
+    W, H, _ = prepare_hessian(W, H, damp)
     s_full = torch.ones(N, K) if scales is None else _expand(scales.float(), gs, K)
     perm = torch.argsort(H.diagonal(), descending=True, stable=True) if act_order else None
     if perm is not None:
         W, H, s_full = W[:, perm], H[perm][:, perm], s_full[:, perm]
-    Hinv = _damped_hinv_chol(H, damp).to(torch.float32)
+    Hinv = damped_hinv_chol(H, damp).to(torch.float32)
 
     Q = torch.empty(N, K, dtype=torch.long)
     for i1 in range(0, K, block_size):

@@ -17,7 +17,7 @@ import math
 
 import torch
 
-from .quant import _check_hessian, _check_weight
+from .hessian import check_hessian, check_weight
 
 __all__ = ["rank_for_ratio", "rank_for_energy", "svd", "whitened_svd"]
 
@@ -64,7 +64,7 @@ def _check_rank(rank, N: int, K: int) -> None:
 
 def svd(W: torch.Tensor, *, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Truncated SVD: ``U = P_r Sigma_r`` (N, r), ``V = Q_r^T`` (r, K)."""
-    _check_weight(W)
+    check_weight(W)
     N, K = W.shape
     _check_rank(rank, N, K)
     P, sig, Qt = torch.linalg.svd(W.double(), full_matrices=False)
@@ -79,9 +79,9 @@ def whitened_svd(W: torch.Tensor, H: torch.Tensor, *, rank: int, damp: float = 1
     away from the calibration optimum. 1e-3 (the default) measured as good as undamped on held-out
     data on the default model's layers, where GPTQ's 0.01 cost up to 25% (``experiments/measure/damping.py``).
     """
-    _check_weight(W)
+    check_weight(W)
     N, K = W.shape
-    _check_hessian(H, K)
+    check_hessian(H, K)
     _check_rank(rank, N, K)
     if isinstance(damp, bool) or not isinstance(damp, (int, float)) or not damp >= 0:
         raise ValueError(f"damp must be a non-negative float (relative to mean(diag(H))), got {damp!r}")

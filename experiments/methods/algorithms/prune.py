@@ -30,7 +30,7 @@ import re
 
 import torch
 
-from .quant import _check_hessian, _check_weight, _damped_hinv_chol, _prepare_hessian
+from .hessian import check_hessian, check_weight, damped_hinv_chol, prepare_hessian
 
 __all__ = ["Pattern", "parse_pattern", "magnitude", "wanda", "sparsegpt"]
 
@@ -99,7 +99,7 @@ def parse_pattern(pattern: "str | Pattern") -> Pattern:
 
 
 def _resolve(W: torch.Tensor, sparsity, pattern) -> tuple[Pattern, float]:
-    _check_weight(W)
+    check_weight(W)
     p = parse_pattern(pattern)
     p.check_fits(*W.shape)
     if p.kind == "nm":
@@ -191,13 +191,13 @@ def sparsegpt(W: torch.Tensor, H: torch.Tensor, *, sparsity: float | None, patte
     """
     p, sparsity = _resolve(W, sparsity, pattern)
     N, K = W.shape
-    _check_hessian(H, K)
+    check_hessian(H, K)
     if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
         raise ValueError(f"block_size must be a positive int, got {block_size!r}")
     unit = p.m if p.kind == "nm" else p.bk if p.kind == "block" else 1
     bs = max(unit, block_size // unit * unit)
-    W, H, _ = _prepare_hessian(W, H, damp)
-    Hinv = _damped_hinv_chol(H, damp).to(torch.float32)
+    W, H, _ = prepare_hessian(W, H, damp)
+    Hinv = damped_hinv_chol(H, damp).to(torch.float32)
     d_all = Hinv.diagonal()
     keep = torch.ones(N, K, dtype=torch.bool)
     for i1 in range(0, K, bs):

@@ -35,9 +35,10 @@ and updates are applied lazily in blocks of ``block_size`` columns.
 from __future__ import annotations
 
 import dataclasses
-import warnings
 
 import torch
+
+from .hessian import check_hessian, check_weight, damped_hinv_chol, prepare_hessian
 
 __all__ = [
     "QuantResult",
@@ -88,24 +89,6 @@ def check_quant_args(K: int, *, bits, group_size) -> int:
             f"group_size={group_size} does not fit a layer with K={K} input features; "
             f"use a group_size <= {K} or -1 (per-channel)")
     return group_size
-
-
-def _check_weight(W: torch.Tensor, name: str = "W") -> None:
-    if not isinstance(W, torch.Tensor) or W.dim() != 2:
-        raise ValueError(f"{name} must be a 2-D tensor (out_features, in_features), got "
-                         f"{getattr(W, 'shape', type(W))}")
-    if not W.is_floating_point():
-        raise TypeError(f"{name} must be a floating-point tensor, got {W.dtype}")
-    if not torch.isfinite(W).all():
-        raise ValueError(f"{name} contains NaN or Inf")
-
-
-def _check_hessian(H: torch.Tensor, K: int) -> None:
-    if not isinstance(H, torch.Tensor) or tuple(H.shape) != (K, K):
-        raise ValueError(f"H must be a ({K}, {K}) tensor (X^T X / n over the layer inputs), got "
-                         f"{getattr(H, 'shape', type(H))}")
-    if not torch.isfinite(H).all():
-        raise ValueError("H contains NaN or Inf")
 
 
 def find_params(w: torch.Tensor, *, bits: int, symmetric: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -179,7 +162,7 @@ def rtn(W: torch.Tensor, *, bits: int, group_size: int, symmetric: bool) -> Quan
     so the harness and the kernels share one grid (the tests check it equals :func:`find_params`)."""
     from triton_kernels.dequant_matmul import quantize_rtn  # lazy: imports triton
 
-    _check_weight(W)
+    check_weight(W)
     check_quant_args(W.shape[1], bits=bits, group_size=group_size)
     q, scales, zeros = quantize_rtn(W.float(), bits, group_size, symmetric)
     return QuantResult(q=q.to(torch.uint8), scales=scales.float(),
@@ -199,47 +182,6 @@ def dequantize_result(r: QuantResult) -> torch.Tensor:
     return dequantize_with_params(r.q.float(), s, z)
 
 
-def _damped_hinv_chol(H: torch.Tensor, damp: float) -> torch.Tensor:
-    """Upper Cholesky factor of ``(H + damp * mean(diag H) * I)^-1``, float64.
-
-    If the damped matrix is still not positive definite (rank-deficient calibration data in float
-    arithmetic), the damping is raised tenfold up to three times, with a warning, rather than failing.
-    """
-    K = H.shape[0]
-    mean_diag = H.diagonal().mean()
-    for attempt in range(4):
-        Hd = H.clone()
-        Hd.diagonal().add_(damp * 10 ** attempt * mean_diag)
-        L, info = torch.linalg.cholesky_ex(Hd)
-        if info == 0:
-            Hinv = torch.cholesky_inverse(L)
-            U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
-            if info == 0:
-                if attempt:
-                    warnings.warn(f"H was not positive definite with damp={damp}; used damp={damp * 10 ** attempt}")
-                return U
-    raise ValueError(f"H is not positive definite even with damp={damp * 1000} (K={K}); "
-                     "check the calibration statistics or raise damp")
-
-
-def _prepare_hessian(W: torch.Tensor, H: torch.Tensor, damp: float):
-    """Float64 H with dead inputs (diag 0) made harmless, and the weight with those columns zeroed.
-
-    A dead input never reaches the output, so its weights are free: zeroing them costs nothing and
-    keeps them out of the grid ranges; setting ``H_jj = 1`` keeps H invertible.
-    """
-    if not isinstance(damp, (int, float)) or not damp >= 0:
-        raise ValueError(f"damp must be a non-negative float (relative to mean(diag(H))), got {damp!r}")
-    H = H.to(torch.float64).clone()
-    dead = H.diagonal() == 0
-    if bool(dead.all()):
-        raise ValueError("H is all zero on its diagonal: the layer received no calibration input")
-    H[dead, dead] = 1.0
-    W = W.float().clone()
-    W[:, dead] = 0.0
-    return W, H, dead
-
-
 def gptq(W: torch.Tensor, H: torch.Tensor, *, bits: int, group_size: int, symmetric: bool,
          act_order: bool = False, damp: float = 0.01, block_size: int = 128,
          mask: torch.Tensor | None = None) -> QuantResult:
@@ -255,9 +197,9 @@ def gptq(W: torch.Tensor, H: torch.Tensor, *, bits: int, group_size: int, symmet
       a weight that earlier updates moved away from zero costs nothing extra.
     - Dead inputs (``H_jj == 0``) get zero weights.
     """
-    _check_weight(W)
+    check_weight(W)
     N, K = W.shape
-    _check_hessian(H, K)
+    check_hessian(H, K)
     gs = check_quant_args(K, bits=bits, group_size=group_size)
     if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
         raise ValueError(f"block_size must be a positive int, got {block_size!r}")
@@ -265,7 +207,7 @@ def gptq(W: torch.Tensor, H: torch.Tensor, *, bits: int, group_size: int, symmet
         if not isinstance(mask, torch.Tensor) or tuple(mask.shape) != (N, K) or mask.dtype != torch.bool:
             raise ValueError(f"mask must be a bool tensor of shape ({N}, {K}) (True = kept), got "
                              f"{getattr(mask, 'dtype', type(mask))} {tuple(getattr(mask, 'shape', ()))}")
-    W, H, _ = _prepare_hessian(W, H, damp)
+    W, H, _ = prepare_hessian(W, H, damp)
     keep = torch.ones(N, K, dtype=torch.bool) if mask is None else mask.clone()
     W = torch.where(keep, W, torch.zeros((), dtype=W.dtype))
 
@@ -278,7 +220,7 @@ def gptq(W: torch.Tensor, H: torch.Tensor, *, bits: int, group_size: int, symmet
         static = _group_params(W, bits=bits, gs=gs, symmetric=symmetric)
     if perm is not None:
         W, H, keep = W[:, perm], H[perm][:, perm], keep[:, perm]
-    Hinv = _damped_hinv_chol(H, damp).to(torch.float32)
+    Hinv = damped_hinv_chol(H, damp).to(torch.float32)
 
     G = -(-K // gs)
     scales = torch.empty(N, G)

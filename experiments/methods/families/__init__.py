@@ -1,4 +1,4 @@
-"""Compression families and their registry (see :mod:`experiments.methods.families.base`).
+"""Compression families, one module per family (the interface and the registry: :mod:`experiments.methods.spec`).
 
 One module per family; importing it registers it. The driver (:mod:`experiments.methods.compress`) and the
 sweep tables consult the registry only:
@@ -14,12 +14,13 @@ sweep tables consult the registry only:
   a physically smaller dense model
 
 Adding a family: a module here with a :class:`Family` subclass that calls :func:`register`, and one
-import line below. A family whose layers have a storage format of their own also says it
-(``Family.storage_format``) and registers a builder of such a layer from random weights
-(:func:`~experiments.methods.families.base.register_format`): that is all ``experiments.measure.latency`` needs to time it.
+import line below (:mod:`.base` holds the helpers the family modules share). A family whose layers have
+a storage format of their own also says it (``Family.storage_format``) and registers a builder of such a
+layer from random weights (:func:`~experiments.methods.spec.register_format`): that is all
+``experiments.measure`` needs to time it.
 """
-from experiments.methods.families.base import (FAMILIES, Family, LayerResult, all_columns, fail, family_of, methods,
-                                       option_names, register)
+from experiments.methods.spec import (FAMILIES, Family, LayerResult, all_columns, fail, family_of, methods,
+                                      option_names, register)
 from experiments.methods.families import dense, quant, sparse, lowrank, combo, codebook, structured  # noqa: E402,F401  (registers them)
 
 __all__ = ["FAMILIES", "Family", "LayerResult", "all_columns", "fail", "family_of", "methods", "option_names",

@@ -1,34 +1,20 @@
-"""The compression-family interface and its registry.
-
-A *family* is everything the harness knows about one kind of compression: which ``method`` names
-it answers to and which options each accepts, how it validates a spec and fills its defaults, its
-labels, the calibration statistics it needs, whether a setting fits a model's layers, how it
-compresses (one linear layer at a time, or the whole model at once), how many bytes the result
-stores, the flat columns it fills in a sweep table, and the per-layer storage format its specs
-produce (with :func:`register_format`, how ``experiments.measure.latency`` builds such a layer to time it). :mod:`experiments.methods.compress` (the driver)
-asks the registry and never names a family; adding one is adding a module that subclasses
-:class:`Family` and calls :func:`register` (imported from :mod:`experiments.methods.families`).
+"""Helpers the family modules share: spec checks (numbers, damping, group sizes), fp16 rounding, the
+dense and random layers, the stored-byte count. The family interface and the registry are
+:mod:`experiments.methods.spec`.
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Mapping
+from typing import Any, Mapping
 
 import torch
 from torch import nn
 
-if TYPE_CHECKING:  # pragma: no cover
-    from experiments.methods.compress import CompressionReport, MethodSpec
+from experiments.methods.spec import MethodSpec, fail
 
 # GPTQ's and SparseGPT's damping (relative to mean(diag H)), as in their reference code; labels
 # name a damping only when it differs from this value (the former default of every method).
 DEFAULT_DAMP = 0.01
-
-
-def fail(where: str, msg: str) -> None:
-    """Raise the ``ValueError`` every spec check raises: ``"<where>: <what is wrong, what would fit>"``."""
-    raise ValueError(f"{where}: {msg}")
 
 
 def is_int(v: Any) -> bool:
@@ -86,79 +72,6 @@ def stored_bytes(mod: nn.Module) -> int:
     return int(mod.memory_bytes())
 
 
-@dataclass
-class LayerResult:
-    """What a layer-level family returns for one linear layer."""
-
-    module: nn.Module  # the real compressed module that replaces the layer (never a dense copy)
-    w_hat: torch.Tensor  # fp32 (N, K): the dense weight the module computes with
-    bytes: int  # the module's format size (stored_bytes), bias excluded
-    rank: int | None = None
-    nnz: int | None = None
-    modelled: bool = False  # True when ``bytes`` is a size model rather than a real module's format
-
-
-class Family:
-    """One compression family. Subclasses set the class attributes and override what applies."""
-
-    name: str = ""
-    # method name -> the option names it accepts ("method" itself is always accepted)
-    methods: Mapping[str, frozenset[str]] = {}
-    # flat sweep-table columns this family fills (the union over families = every table's method columns)
-    columns: tuple[str, ...] = ()
-    # "layer": the driver calls compress_layer for every linear of every block, block by block with
-    # calibration statistics; "model": the driver calls compress_model once (it may rewrite the model)
-    level: str = "layer"
-
-    def parse(self, method: str, spec: Mapping[str, Any], where: str) -> dict[str, Any]:
-        """Validated options with defaults filled (the canonical form; a ``None`` value is omitted)."""
-        raise NotImplementedError
-
-    def label(self, spec: "MethodSpec") -> str:
-        return spec.method
-
-    def needs(self, spec: "MethodSpec") -> set[str]:
-        """Per-layer calibration statistics: ``"H"`` (X^T X / n) and/or ``"sq"`` (sum of x^2 per input)."""
-        return set()
-
-    def check_fits(self, spec: "MethodSpec", shapes: Mapping[str, tuple[int, int]]) -> None:
-        """Raise ``ValueError`` naming the option if ``spec`` does not fit a layer (N, K) in ``shapes``."""
-
-    def compress_layer(self, spec: "MethodSpec", w: torch.Tensor, bias: torch.Tensor | None,
-                       stats: Any) -> LayerResult:
-        raise NotImplementedError(f"family {self.name!r} works on whole models (level={self.level!r})")
-
-    def compress_model(self, model: nn.Module, spec: "MethodSpec", calib_ids: torch.Tensor | None, *,
-                       progress: bool = True) -> "CompressionReport":
-        raise NotImplementedError(f"family {self.name!r} compresses layer by layer (level={self.level!r})")
-
-    def method_columns(self, spec: "MethodSpec") -> dict[str, Any]:
-        """Values for (a subset of) :attr:`columns`; the driver leaves the others empty."""
-        return {}
-
-    def storage_format(self, spec: Mapping[str, Any]) -> dict[str, Any] | None:
-        """The per-layer storage format a spec dict produces, ``{"kind": <a registered format>, ...}``
-        (what ``experiments.measure.latency`` times with random weights: a format's speed does not depend on the
-        algorithm that chose its values). ``None``: no per-layer format (a model-level family whose
-        result is an ordinary, smaller model)."""
-        return None
-
-
-FAMILIES: dict[str, Family] = {}
-_BY_METHOD: dict[str, Family] = {}
-# storage-format kind -> builder(N, K, *, dtype, device, backend, seed, tune_m, **format) of a layer in
-# that format from random weights (see register_format)
-FORMATS: dict[str, Callable[..., nn.Module]] = {}
-
-
-def register_format(kind: str, build: Callable[..., nn.Module]) -> None:
-    """Teach ``experiments.measure.latency`` to build a layer of storage-format ``kind`` from random weights:
-    ``build(N, K, *, dtype, device, backend, seed, tune_m, **format_options) -> nn.Module``."""
-    if kind in FORMATS:
-        raise ValueError(f"a storage format named {kind!r} is already registered")
-    FORMATS[kind] = build
-
-
 def random_linear(N: int, K: int, dtype: torch.dtype, device, generator: torch.Generator) -> nn.Linear:
     """An ``nn.Linear(K, N)`` without bias, weights ~ N(0, 1/K) from ``generator`` (the format builders' input)."""
     lin = nn.Linear(K, N, bias=False)
@@ -166,43 +79,3 @@ def random_linear(N: int, K: int, dtype: torch.dtype, device, generator: torch.G
     lin.weight.data = w.to(device=device, dtype=dtype)
     return lin
 
-
-def register(family: Family) -> Family:
-    """Add ``family`` to the registry; its name and method names must be new."""
-    if family.level not in ("layer", "model"):
-        raise ValueError(f"family {family.name!r}: level={family.level!r} must be 'layer' or 'model'")
-    if family.name in FAMILIES:
-        raise ValueError(f"a compression family named {family.name!r} is already registered")
-    clash = sorted(set(family.methods) & set(_BY_METHOD))
-    if clash:
-        raise ValueError(f"family {family.name!r}: method(s) {clash} already belong to "
-                         f"{sorted({_BY_METHOD[m].name for m in clash})}")
-    FAMILIES[family.name] = family
-    for m in family.methods:
-        _BY_METHOD[m] = family
-    return family
-
-
-def methods() -> tuple[str, ...]:
-    """Every method name the registered families answer to, in registration order."""
-    return tuple(_BY_METHOD)
-
-
-def family_of(method: str, where: str = "method spec") -> Family:
-    fam = _BY_METHOD.get(method)
-    if fam is None:
-        fail(where, f"unknown method={method!r}; choose one of {', '.join(methods())}")
-    return fam
-
-
-def option_names() -> frozenset[str]:
-    """Every option any registered method accepts (the attributes a ``MethodSpec`` answers)."""
-    return frozenset().union(*(o for f in FAMILIES.values() for o in f.methods.values()))
-
-
-def all_columns() -> tuple[str, ...]:
-    """The method columns of a sweep table: the families' columns, in registration order, once each."""
-    out: list[str] = []
-    for f in FAMILIES.values():
-        out.extend(c for c in f.columns if c not in out)
-    return tuple(out)

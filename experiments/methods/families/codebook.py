@@ -20,8 +20,9 @@ from typing import Any, Mapping
 
 import torch
 
-from experiments.methods.families.base import (Family, LayerResult, check_group_fits, damp_suffix, fail, fp16_exact,
-                                       is_int, parse_damp, register, register_format, stored_bytes)
+from experiments.methods.families.base import (check_group_fits, damp_suffix, fp16_exact, is_int, parse_damp,
+                                               stored_bytes)
+from experiments.methods.spec import Family, LayerResult, fail, register, register_format
 
 # Per method: allowed bits, default group size (-1 = per-channel), default bits.
 _BITS = {"nf": range(2, 9), "fp4": range(4, 5), "piecewise": range(1, 9), "kmeans": range(1, 9),
@@ -82,7 +83,7 @@ SHARED_TABLE = ("nf", "fp4")
 
 
 def storage_format(spec: Mapping[str, Any]) -> dict[str, Any]:
-    """The ``CodebookLinear`` storage a spec produces, as ``experiments.measure.latency`` times it:
+    """The ``CodebookLinear`` storage a spec produces, as ``experiments.measure`` times it:
     ``{"kind": "codebook", "bits", "group_size", "table": "shared" | "per_row", "scales": bool}``
     (a per-row table without groups has no scales)."""
     method = spec["method"]

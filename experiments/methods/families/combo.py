@@ -16,7 +16,8 @@ from typing import Any, Mapping
 from torch import nn
 
 from experiments.methods.families import quant, sparse
-from experiments.methods.families.base import Family, LayerResult, fail, family_of, register, stored_bytes
+from experiments.methods.families.base import stored_bytes
+from experiments.methods.spec import Family, LayerResult, fail, family_of, parse_spec, register
 
 
 def modelled_sparse_quant_bytes(sparse_mod: nn.Module, qmod: nn.Module) -> int:
@@ -49,7 +50,6 @@ class ComboFamily(Family):
     columns = ("prune_method", "quant_method", "damp")
 
     def parse(self, method: str, spec: Mapping[str, Any], where: str) -> dict[str, Any]:
-        from experiments.methods.compress import parse_spec
         steps = spec.get("steps")
         if not isinstance(steps, (list, tuple)) or len(steps) != 2:
             fail(where, "combo needs steps=[<pruning step>, <quantization step>] (prune, then quantize the kept weights)")

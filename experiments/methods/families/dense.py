@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
-from experiments.methods.families.base import Family, random_linear, register, register_format
+from experiments.methods.families.base import random_linear
+from experiments.methods.spec import CompressionReport, Family, LayerRecord, fp16_bytes, register, register_format
 
 
 class DenseFamily(Family):
@@ -15,9 +16,8 @@ class DenseFamily(Family):
     def parse(self, method: str, spec: Mapping[str, Any], where: str) -> dict[str, Any]:
         return {}
 
-    def compress_model(self, model, spec, calib_ids, *, progress=True):
-        from experiments.methods.compress import CompressionReport, LayerRecord, fp16_bytes, linear_layers
-        from experiments.lm.models import linear_weight
+    def compress_model(self, model, spec, calib_ids, *, driver=None, progress=True):
+        from experiments.lm.models import linear_layers, linear_weight
         report = CompressionReport(spec=spec)
         for name, layer in linear_layers(model):
             w = linear_weight(layer)

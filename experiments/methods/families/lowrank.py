@@ -12,8 +12,8 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
-from experiments.methods.families.base import (Family, LayerResult, damp_suffix, fail, fp16_exact, is_int, is_number,
-                                       parse_damp, register, register_format, stored_bytes)
+from experiments.methods.families.base import damp_suffix, fp16_exact, is_int, is_number, parse_damp, stored_bytes
+from experiments.methods.spec import Family, LayerResult, fail, register, register_format
 
 # Whitened SVD: SVD-LLM whitens without damping; a little keeps S invertible (dead or collinear
 # inputs). Chosen from `python -m experiments.measure.damping` (results/damping_whitened_svd.csv): 49 real

@@ -12,8 +12,9 @@ from typing import Any, Mapping
 
 import torch
 
-from experiments.methods.families.base import (Family, LayerResult, check_group_fits, damp_suffix, fail, is_int,
-                                       parse_damp, random_linear, register, register_format, stored_bytes)
+from experiments.methods.families.base import (check_group_fits, damp_suffix, is_int, parse_damp, random_linear,
+                                               stored_bytes)
+from experiments.methods.spec import Family, LayerResult, fail, register, register_format
 
 # GPTQ's usual default; a partial last group is part of the kernel format, so 128 is fine for K=576.
 DEFAULT_GROUP_SIZE = 128

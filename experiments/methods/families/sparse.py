@@ -21,9 +21,9 @@ from typing import Any, Mapping
 
 import torch
 
-from experiments.methods.families.base import (Family, LayerResult, damp_suffix, dense_linear, fail, fp16_exact,
-                                       is_number, parse_damp, random_linear, register, register_format,
-                                       stored_bytes)
+from experiments.methods.families.base import (damp_suffix, dense_linear, fp16_exact, is_number, parse_damp,
+                                               random_linear, stored_bytes)
+from experiments.methods.spec import Family, LayerResult, fail, register, register_format
 
 SCOPES = ("row", "layer")
 

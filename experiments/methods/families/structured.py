@@ -47,7 +47,11 @@ from typing import Any, Mapping
 
 import torch
 
-from experiments.methods.families.base import Family, fail, is_int, is_number, register
+from experiments.core.dtypes import DTYPE_NAMES
+from experiments.methods.algorithms import structured as structured_pruning
+from experiments.methods.families.base import is_int, is_number
+from experiments.methods.spec import (CompressionReport, Family, LayerRecord, fail, family_of, fp16_bytes, parse_spec,
+                                      register)
 
 WIDTH_METHODS = ("channels", "heads", "channels_heads")
 DEFAULT_DECODE_TOKENS = 32
@@ -56,58 +60,42 @@ DECODE_DTYPE = torch.bfloat16
 _COMMON = frozenset({"criterion", "decode_tokens", "steps"})
 
 
-def _alg():
-    from experiments.methods.algorithms import structured
-    return structured
+@dataclass
+class StructuredReport(CompressionReport):
+    """The driver's ``CompressionReport`` with the structured columns added."""
+    params_dense: int = 0
+    params: int = 0
+    removed_fraction: float = float("nan")
+    kept_blocks: list = field(default_factory=list)
+    widths: dict = field(default_factory=dict)
+    decode: dict = field(default_factory=dict)
+    decode_seconds: float = 0.0
+
+    def summary(self) -> dict[str, Any]:
+        s = super().summary()
+        s["compress_seconds"] = round(self.seconds - self.decode_seconds, 2)
+        dense_tps, tps = self.decode.get("dense_tokens_per_s"), self.decode.get("tokens_per_s")
+        s.update({
+            "params_dense": self.params_dense, "params": self.params,
+            "params_kept": round(self.params / self.params_dense, 6) if self.params_dense else "",
+            "structure_removed": round(self.removed_fraction, 6),
+            "n_blocks": len(self.kept_blocks),
+            "kept_blocks": json.dumps(self.kept_blocks),
+            "layer_widths": json.dumps(self.widths, sort_keys=True),
+            "decode_tokens_per_s": round(tps, 3) if tps else "",
+            "dense_decode_tokens_per_s": round(dense_tps, 3) if dense_tps else "",
+            "decode_speedup": round(self.decode["speedup"], 4) if "speedup" in self.decode else "",
+            "decode_new_tokens": self.decode.get("new_tokens", ""),
+            "decode_timer": self.decode.get("timer", ""),
+            "decode_dtype": self.decode.get("dtype", ""),
+            "linears_m1_ms": _rounded_or_blank(self.decode.get("linears_ms")),
+            "dense_linears_m1_ms": _rounded_or_blank(self.decode.get("dense_linears_ms")),
+            "linears_m1_speedup": _rounded_or_blank(self.decode.get("linears_speedup")),
+        })
+        return s
 
 
-def _report_cls():
-    """``StructuredReport``: the driver's ``CompressionReport`` with the structured columns added."""
-    global _REPORT
-    if _REPORT is None:
-        from experiments.methods.compress import CompressionReport
-
-        @dataclass
-        class StructuredReport(CompressionReport):
-            params_dense: int = 0
-            params: int = 0
-            removed_fraction: float = float("nan")
-            kept_blocks: list = field(default_factory=list)
-            widths: dict = field(default_factory=dict)
-            decode: dict = field(default_factory=dict)
-            decode_seconds: float = 0.0
-
-            def summary(self) -> dict[str, Any]:
-                s = super().summary()
-                s["compress_seconds"] = round(self.seconds - self.decode_seconds, 2)
-                dense_tps, tps = self.decode.get("dense_tokens_per_s"), self.decode.get("tokens_per_s")
-                s.update({
-                    "params_dense": self.params_dense, "params": self.params,
-                    "params_kept": round(self.params / self.params_dense, 6) if self.params_dense else "",
-                    "structure_removed": round(self.removed_fraction, 6),
-                    "n_blocks": len(self.kept_blocks),
-                    "kept_blocks": json.dumps(self.kept_blocks),
-                    "layer_widths": json.dumps(self.widths, sort_keys=True),
-                    "decode_tokens_per_s": round(tps, 3) if tps else "",
-                    "dense_decode_tokens_per_s": round(dense_tps, 3) if dense_tps else "",
-                    "decode_speedup": round(self.decode["speedup"], 4) if "speedup" in self.decode else "",
-                    "decode_new_tokens": self.decode.get("new_tokens", ""),
-                    "decode_timer": self.decode.get("timer", ""),
-                    "decode_dtype": self.decode.get("dtype", ""),
-                    "linears_m1_ms": _r(self.decode.get("linears_ms")),
-                    "dense_linears_m1_ms": _r(self.decode.get("dense_linears_ms")),
-                    "linears_m1_speedup": _r(self.decode.get("linears_speedup")),
-                })
-                return s
-
-        _REPORT = StructuredReport
-    return _REPORT
-
-
-_REPORT = None
-
-
-def _r(v, nd: int = 4):
+def _rounded_or_blank(v, nd: int = 4):
     return "" if v is None else round(v, nd)
 
 
@@ -191,11 +179,10 @@ def measure_speed(dense, pruned, new_tokens: int, *, dtype: torch.dtype = DECODE
     copies (``dense`` is cast in place: pass a copy; ``pruned`` is copied, so the model the sweep
     evaluates keeps its dtype). Returns the decode dict with ``dtype``, ``linears_ms``,
     ``dense_linears_ms`` and ``linears_speedup`` added."""
-    from experiments.measure.latency import _DTYPE_NAMES
     dense = dense.to(dtype)
     fast = copy.deepcopy(pruned).to(dtype)
     out = decode_pair(dense, fast, new_tokens, progress=progress)
-    out["dtype"] = _DTYPE_NAMES[dtype]
+    out["dtype"] = DTYPE_NAMES[dtype]
     out["linears_ms"] = linear_latency(fast)
     out["dense_linears_ms"] = linear_latency(dense)
     out["linears_speedup"] = out["dense_linears_ms"] / out["linears_ms"]
@@ -213,9 +200,8 @@ class StructuredFamily(Family):
     level = "model"
 
     def parse(self, method: str, spec: Mapping[str, Any], where: str) -> dict[str, Any]:
-        S = _alg()
         crit = spec.get("criterion")
-        allowed = S.LAYER_CRITERIA if method == "layers" else S.CRITERIA
+        allowed = structured_pruning.LAYER_CRITERIA if method == "layers" else structured_pruning.CRITERIA
         if crit not in allowed:
             fail(where, f"criterion={crit!r} for method={method!r} must be one of {', '.join(allowed)}")
         out: dict[str, Any] = {"criterion": crit}
@@ -232,8 +218,8 @@ class StructuredFamily(Family):
                             f" parameters removed")
             out["sparsity"] = float(sp)
             scope = spec.get("scope", "uniform")
-            if scope not in S.SCOPES:
-                fail(where, f"scope={scope!r} must be one of {', '.join(S.SCOPES)} (same ratio in every layer, "
+            if scope not in structured_pruning.SCOPES:
+                fail(where, f"scope={scope!r} must be one of {', '.join(structured_pruning.SCOPES)} (same ratio in every layer, "
                             f"or one threshold across layers)")
             out["scope"] = scope
             fl = spec.get("floor", 0.1)
@@ -242,8 +228,8 @@ class StructuredFamily(Family):
             out["floor"] = float(fl)
             if method != "channels":
                 hu = spec.get("head_unit", "group")
-                if hu not in S.HEAD_UNITS:
-                    fail(where, f"head_unit={hu!r} must be one of {', '.join(S.HEAD_UNITS)} (whole k/v groups, or "
+                if hu not in structured_pruning.HEAD_UNITS:
+                    fail(where, f"head_unit={hu!r} must be one of {', '.join(structured_pruning.HEAD_UNITS)} (whole k/v groups, or "
                                 f"query heads removed evenly from every group)")
                 out["head_unit"] = hu
         dt = spec.get("decode_tokens", DEFAULT_DECODE_TOKENS)
@@ -252,7 +238,6 @@ class StructuredFamily(Family):
         out["decode_tokens"] = dt
         steps = spec.get("steps")
         if steps is not None:
-            from experiments.methods.compress import parse_spec
             if not isinstance(steps, (list, tuple)) or len(steps) != 1:
                 fail(where, "steps must be a list of one quantization spec, e.g. [{method: gptq, bits: 4, "
                             "group_size: 64}] (applied to the pruned model)")
@@ -293,13 +278,12 @@ class StructuredFamily(Family):
         if spec.method == "layers" and spec.blocks >= len(blocks):
             fail("method='layers'", f"blocks={spec.blocks} must be smaller than the model's {len(blocks)} blocks")
         for q in spec.steps:
-            from experiments.methods.families import family_of
             family_of(q.method).check_fits(q, shapes)
 
-    def compress_model(self, model, spec, calib_ids, *, progress=True):
-        from experiments.methods.compress import LayerRecord, compress_model, fp16_bytes, linear_layers
-        from experiments.lm.models import linear_weight
-        S = _alg()
+    def compress_model(self, model, spec, calib_ids, *, driver, progress=True):
+        """Prune ``model`` in place, then (``steps``) quantize its linears with ``driver`` (the driver's
+        ``compress_model``); with ``decode_tokens``, time it against the dense model."""
+        from experiments.lm.models import linear_layers, linear_weight
         t0 = time.perf_counter()
         timing = 0.0
         decode: dict[str, Any] = {}
@@ -310,7 +294,7 @@ class StructuredFamily(Family):
             timing += time.perf_counter() - t
         # Original weights by (block, linear), to report sizes and errors against the dense model.
         orig = {name: linear_weight(layer).detach().clone() for name, layer in linear_layers(model)}
-        res = S.prune_model(model, method=spec.method, criterion=spec.criterion, ratio=spec.sparsity,
+        res = structured_pruning.prune_model(model, method=spec.method, criterion=spec.criterion, ratio=spec.sparsity,
                             blocks=spec.blocks, scope=spec.scope or "uniform", head_unit=spec.head_unit or "group",
                             floor=spec.floor if spec.floor is not None else 0.1, calib_ids=calib_ids,
                             progress=progress)
@@ -319,9 +303,9 @@ class StructuredFamily(Family):
                    for name, layer in linear_layers(model)}
         qreport = None
         for q in spec.steps:
-            qreport = compress_model(model, q, calib_ids, progress=progress)
+            qreport = driver(model, q, calib_ids, progress=progress)
         qrecs = {r.name: r for r in qreport.layers} if qreport is not None else {}
-        report = _report_cls()(spec=spec)
+        report = StructuredReport(spec=spec)
         new_index = {old: new for new, old in enumerate(res.kept_blocks)}
         now = dict(linear_layers(model))
         for name, w in orig.items():
