@@ -51,7 +51,7 @@ def _add_run_dir(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    from experiments.run.sweep import available_sweeps, load_sweep
+    from experiments.run.sweep_config import available_sweeps, load_sweep
     print(f"{'sweep':10s} {'full':>5s} {'quick':>5s}  description")
     for name, path in available_sweeps().items():
         sw = load_sweep(path)
@@ -92,7 +92,8 @@ def _add_run(p: argparse.ArgumentParser) -> None:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from experiments.run.executors import PointsFailed, make_executor
-    from experiments.run.sweep import resolve_sweeps, run_sweeps
+    from experiments.run.sweep import run_sweeps
+    from experiments.run.sweep_config import resolve_sweeps
     t0 = time.perf_counter()
     executor = make_executor(args.executor, ray_address=args.ray_address, gpus_per_point=args.gpus_per_point,
                              cpus_per_point=args.cpus_per_point, max_retries=args.max_retries)

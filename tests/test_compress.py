@@ -84,7 +84,8 @@ def test_spec_roundtrip_and_defaults():
 def test_prune_scope_canonical_form_and_labels():
     """A spec without ``scope`` keeps meaning per-row (what every committed magnitude row used); an
     explicit "row" is the same point; "layer" is a different point with its own label and id."""
-    from experiments.run.sweep import method_columns, point_id
+    from experiments.run.point import method_columns
+    from experiments.run.sweep import point_id
     plain = parse_spec({"method": "magnitude", "sparsity": 0.5})
     row = parse_spec({"method": "magnitude", "sparsity": 0.5, "scope": "row"})
     layer = parse_spec({"method": "magnitude", "sparsity": 0.5, "scope": "layer"})
@@ -99,7 +100,7 @@ def test_prune_scope_canonical_form_and_labels():
 
 def test_damp_is_recorded_and_named_when_not_the_former_default():
     from experiments.methods.compress import DEFAULT_WHITENING_DAMP
-    from experiments.run.sweep import method_columns
+    from experiments.run.point import method_columns
     w = parse_spec({"method": "whitened_svd", "ratio": 0.8})
     assert w.damp == DEFAULT_WHITENING_DAMP and w.to_dict()["damp"] == DEFAULT_WHITENING_DAMP
     assert method_columns(w)["damp"] == DEFAULT_WHITENING_DAMP

@@ -9,7 +9,7 @@ import experiments.methods.spec as registry
 from experiments.methods import families
 from experiments.methods.compress import MethodSpec, compress_model, parse_spec
 from experiments.methods.families import base
-from experiments.run.sweep import method_columns
+from experiments.run.point import method_columns
 
 
 class _Identity(nn.Module):

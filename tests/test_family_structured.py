@@ -173,7 +173,7 @@ def test_check_fits_rejects_too_many_blocks():
 
 
 def test_sweep_file_expands():
-    from experiments.run.sweep import resolve_sweeps
+    from experiments.run.sweep_config import resolve_sweeps
     (sw,) = resolve_sweeps("structured")
     full = sw.points(False)
     assert len(full) == 1 + 4 + 16 + 32 + 8

@@ -24,7 +24,9 @@ import ray
 import torch
 
 from experiments.run.executors import PointsFailed, RayExecutor, failed_path, init_ray, ray_runtime_env
-from experiments.run.sweep import load_sweep, measure_point, run_sweeps
+from experiments.run.point import measure_point
+from experiments.run.sweep import run_sweeps
+from experiments.run.sweep_config import load_sweep
 from tests.tiny_model import build_tiny
 
 REPO = Path(__file__).resolve().parent.parent

@@ -84,7 +84,8 @@ def sweep_table(name: str, *, quick: bool, run_missing: bool = False, model: str
             raise NoResults(f"no {name} results for model {model!r} in {_where(root)} ({path} does not exist); "
                             f"run {how} (it writes {runs_root() / default_run_name(model)}) and read that "
                             f"directory (results_dir=...), or pass run_missing=True with a run directory")
-        from experiments.run.sweep import resolve_sweeps, run_sweeps
+        from experiments.run.sweep import run_sweeps
+        from experiments.run.sweep_config import resolve_sweeps
         run_sweeps(resolve_sweeps(name), quick=quick, model=model, out_dir=root)
     df = pd.read_csv(path)
     check_single_context(df.to_dict("records"), SWEEP_CONTEXT, str(path))

@@ -88,7 +88,8 @@ def _tables_digest(out: Path) -> list:
 def main(args: argparse.Namespace) -> int:
     from experiments.measure import latency, roofline
     from experiments.analysis.compare import OUT_NAME, compare
-    from experiments.run.sweep import SWEEPS_DIR, resolve_sweeps, run_sweeps
+    from experiments.run.sweep import run_sweeps
+    from experiments.run.sweep_config import SWEEPS_DIR, resolve_sweeps
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     root = run_root(out_dir=args.out_dir, run=args.run)

@@ -54,7 +54,7 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
 def resolve_point(point: str, sweep: str | None = None):
     """``(MethodSpec, Sweep | None)`` for a label, an inline JSON spec or a .json file."""
     from experiments.methods.compress import parse_spec
-    from experiments.run.sweep import available_sweeps, load_sweep, resolve_sweeps
+    from experiments.run.sweep_config import available_sweeps, load_sweep, resolve_sweeps
     text = point.strip()
     if text.endswith(".json"):
         path = Path(text)
@@ -88,12 +88,12 @@ def resolve_point(point: str, sweep: str | None = None):
 
 
 def _settings(sw, quick: bool) -> dict[str, int]:
-    from experiments.run.sweep import SWEEPS_DIR, _load_yaml, _settings as sweep_settings
+    from experiments.run.sweep_config import SWEEPS_DIR, load_yaml, merge_settings
     if sw is not None:
         return dict(sw.settings(quick))
-    d = _load_yaml(SWEEPS_DIR / "_defaults.yaml")
+    d = load_yaml(SWEEPS_DIR / "_defaults.yaml")
     section = "quick" if quick else "full"
-    return sweep_settings(d.get(section, {}), None, f"_defaults.yaml {section}")
+    return merge_settings(d.get(section, {}), None, f"_defaults.yaml {section}")
 
 
 def compress_main(args: argparse.Namespace) -> int:
@@ -103,14 +103,15 @@ def compress_main(args: argparse.Namespace) -> int:
     from experiments.lm.models import layer_shapes
     from experiments.methods.compress import check_spec_fits, compress_model
     from experiments.run.saving import save_compressed
-    from experiments.run.sweep import _device_of, text_digest
+    from experiments.run.point import device_of
+    from experiments.run.sweep import text_digest
 
     out = Path(args.out)
     if out.exists() and not args.overwrite:
         raise ValueError(f"--out {str(out)!r} already exists; choose another directory or pass --overwrite")
     spec, sw = resolve_point(args.point, args.sweep)
     st = _settings(sw, args.quick)
-    dev = _device_of(args.device)
+    dev = device_of(args.device)
     calib_ids = None
     calibration: dict[str, Any] = {"used": bool(spec.needs())}
     if spec.needs():
@@ -143,14 +144,14 @@ def eval_main(args: argparse.Namespace) -> int:
     from experiments.lm import data, evaluate, models
     from experiments.methods.compress import module_backends
     from experiments.run.saving import load_compressed, read_manifest
-    from experiments.run.sweep import _device_of
+    from experiments.run.point import device_of
 
     manifest = read_manifest(args.dir)
     base_spec = args.base or manifest["base_model"].get("spec")
     if not base_spec:
         raise ValueError(f"{args.dir}: the manifest names no base model spec (the tokenizer comes from it); "
                          f"pass --base SPEC")
-    dev = _device_of(args.device)
+    dev = device_of(args.device)
     extra = manifest.get("extra") or {}
     settings = extra.get("settings") if extra.get("quick", False) == args.quick and extra.get("settings") else None
     if settings is None:

@@ -352,7 +352,7 @@ def load_sweep_specs(name: str, *, quick: bool = False) -> list[dict]:
     so are model-level families (structured pruning): they change the model's shapes rather than a
     layer's format, and their sweep rows carry their own decode speed measured against dense."""
     from experiments.methods.families import family_of
-    from experiments.run.sweep import resolve_sweeps
+    from experiments.run.sweep_config import resolve_sweeps
 
     specs: list[dict] = []
     for sw in resolve_sweeps(name):

@@ -4,7 +4,7 @@
     python -m experiments run quant --executor ray                    # a local Ray instance
     python -m experiments run quant --executor ray --ray-address auto --device cuda --gpus-per-point 1
 
-Both executors call the same :func:`experiments.run.sweep.measure_point` for every point and hand its
+Both executors call the same :func:`experiments.run.point.measure_point` for every point and hand its
 row back to the driver (``experiments.run.sweep.run_sweeps``), which alone writes the tables: each row
 is appended atomically as its point finishes, so the table, the resume logic (point ids already in
 the table are skipped) and the provenance columns are those of a serial run, whichever executor
@@ -151,15 +151,15 @@ class SerialExecutor:
     name = "serial"
 
     def check_device(self, device: str) -> None:
-        from experiments.run.sweep import _device_of
-        _device_of(device)
+        from experiments.run.point import device_of
+        device_of(device)
 
     def provenance(self, device: str) -> dict[str, str]:
         from experiments.core.provenance import provenance
         return provenance(device)
 
     def run(self, jobs, run, inputs, *, on_row, on_failure, progress):
-        from experiments.run.sweep import measure_point
+        from experiments.run.point import measure_point
         for job in jobs:
             windows, calib = inputs[job.sweep]
             on_row(job, measure_point(run, job.sweep, job.point_id, job.spec, job.settings, windows, calib,
@@ -217,9 +217,9 @@ def _probe_task(device: str, threads: int) -> dict[str, str]:
     """Runs on a worker: the provenance of a point's machine (ValueError if the device is not there)."""
     import torch
     from experiments.core.provenance import provenance
-    from experiments.run.sweep import _device_of
+    from experiments.run.point import device_of
     torch.set_num_threads(threads)
-    return provenance(_device_of(device))
+    return provenance(device_of(device))
 
 
 def _measure_task(measure: Callable, run: Any, sweep: str, pid: str, spec: Any, settings: dict[str, int],
@@ -269,7 +269,7 @@ class RayExecutor:
         self.gpus_per_point = gpus_per_point
         self.max_retries = max_retries
         if measure is None:
-            from experiments.run.sweep import measure_point
+            from experiments.run.point import measure_point
             measure = measure_point
         self.measure = measure
         self.log = log
