@@ -29,7 +29,7 @@ Sections, in order (each writes its CSV as soon as it finishes, so a run cut sho
    CodebookLinear, SparseLinear (block, 2:4) and LowRankLinear layers on the GPU, through the kernels'
    custom operators (``triton_kernels.nn._ops``): compiled output equal to eager, number of graphs,
    and eager vs compiled (and CUDA-graph ``reduce-overhead``) time per forward at M=1.
-7. ``decode``: end-to-end greedy decoding (``experiments.measure.latency.decode_tokens_per_second``, 32 new
+7. ``decode``: end-to-end greedy decoding (``experiments.measure.decode_speed.decode_tokens_per_second``, 32 new
    tokens) of a model with the default model's architecture (SmolLM2-135M: 30 Llama blocks, 576 wide;
    random weights, since the GGUF cannot be carried to the GPU machine and decode speed depends on the
    shapes only), fp16, dense vs RTN 4-bit g128, 3-bit g128 and magnitude 2:4 through the Triton
@@ -720,7 +720,7 @@ def run_decode(device: torch.device, deadline: float) -> list[dict]:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from experiments.methods.compress import compress_model, parse_spec
-    from experiments.measure.latency import decode_tokens_per_second
+    from experiments.measure.decode_speed import decode_tokens_per_second
     cpu = device.type == "cpu"
     cfg = LlamaConfig(**(DECODE_CONFIG_CPU if cpu else DECODE_CONFIG))
     dt = torch.bfloat16 if cpu else torch.float16

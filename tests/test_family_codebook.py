@@ -124,13 +124,13 @@ def test_group_size_larger_than_a_layer_is_refused():
 ])
 def test_latency_times_the_codebook_format(spec, fmt, label):
     """Latency rows of codebook specs time a CodebookLinear of the same storage (never QuantLinear)."""
-    from experiments.measure import latency, roofline
+    from experiments.measure import formats, roofline
     from triton_kernels.nn.codebook import CodebookLinear
 
-    assert latency.format_of(spec) == fmt and latency.format_label(fmt) == label
+    assert formats.format_of(spec) == fmt and formats.format_label(fmt) == label
     kw = {k: v for k, v in fmt.items() if k != "kind"}
     N, K = 40, 96
-    layer = latency.build_layer("codebook", N, K, **kw)
+    layer = formats.build_layer("codebook", N, K, **kw)
     assert isinstance(layer, CodebookLinear)
     rows = 1 if fmt["table"] == "shared" else N
     G = (1 if fmt["group_size"] == -1 else -(-K // fmt["group_size"])) if fmt["scales"] else 0

@@ -290,7 +290,7 @@ def test_promote_replaces_whole_tables_only_for_a_finished_run(tmp_path):
 def test_reproduce_recomputes_into_its_run_then_a_rerun_skips_every_step(runs_dir, monkeypatch, capsys):
     """Fresh clone: the committed reference tables must not count as done; every step writes into the
     run directory. Rerun: every finished step is skipped without loading anything."""
-    from experiments.measure import latency, roofline
+    from experiments.measure import decode_speed, latency, roofline
     from experiments.run import sweep
     import papermill
 
@@ -326,7 +326,7 @@ def test_reproduce_recomputes_into_its_run_then_a_rerun_skips_every_step(runs_di
 
     monkeypatch.setattr(sweep, "run_sweeps", fake_sweeps)
     monkeypatch.setattr(latency, "main", fake_latency)
-    monkeypatch.setattr(latency, "run_decode", fake_decode)
+    monkeypatch.setattr(decode_speed, "run_decode", fake_decode)
     monkeypatch.setattr(roofline, "main", fake_roofline)
     monkeypatch.setattr(papermill, "execute_notebook", fake_notebook)
     args = argparse.Namespace(quick=True, device="cpu", run=None, out_dir=None, skip_notebooks=False,

@@ -504,12 +504,12 @@ def _format_key(spec_json: str) -> str:
     """The canonical storage-format key of a row's ``spec`` (JSON), as the decode tables name it."""
     import json
 
-    from experiments.measure.latency import _canon, format_of
-    return _canon(format_of(json.loads(spec_json)))
+    from experiments.measure.formats import canonical, format_of
+    return canonical(format_of(json.loads(spec_json)))
 
 
 def decode_speedup_by_format(decode: pd.DataFrame) -> pd.DataFrame:
-    """One row per (storage format, dtype) of a decode table (``latency.run_decode``): its measured
+    """One row per (storage format, dtype) of a decode table (``experiments.measure.decode_speed.run_decode``): its measured
     eager decode speedup over the dense model in the same dtype. Compiled rows are left out (their
     dense baseline is the compiled dense model); a table of several machines is refused."""
     check_single_context(decode.to_dict("records"), MEASURE_CONTEXT, "the decode table")

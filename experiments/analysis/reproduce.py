@@ -86,7 +86,7 @@ def _tables_digest(out: Path) -> list:
 
 
 def main(args: argparse.Namespace) -> int:
-    from experiments.measure import latency, roofline
+    from experiments.measure import decode_speed, latency, layer_latency, roofline
     from experiments.analysis.compare import OUT_NAME, compare
     from experiments.run.sweep import run_sweeps
     from experiments.run.sweep_config import SWEEPS_DIR, resolve_sweeps
@@ -109,19 +109,19 @@ def main(args: argparse.Namespace) -> int:
                                                       resume=True, min_run_time=None, out=str(lat_csv))), timings)
 
     if not args.no_decode:
-        specs = latency.load_sweep_specs("all", quick=True) if args.quick else list(DECODE_SPECS)
+        specs = layer_latency.load_sweep_specs("all", quick=True) if args.quick else list(DECODE_SPECS)
         # Every uniform-quantization format of the quant sweep in bf16 (the CPU's fast activations;
         # fp32 would be the dequantize-per-call fallback, ~1.5 min per model): each must decode at
         # least as fast as the dense bf16 model (the CPU issue's target).
-        bf16_specs = [] if args.quick else latency.load_sweep_specs("quant", quick=False)
+        bf16_specs = [] if args.quick else layer_latency.load_sweep_specs("quant", quick=False)
         new_tokens = 8 if args.quick else 32
         dec_csv = out / f"decode_{device.type}.csv"
 
         def decode():
-            latency.run_decode(specs, device=device, new_tokens=new_tokens, out=dec_csv, resume=True)
+            decode_speed.run_decode(specs, device=device, new_tokens=new_tokens, out=dec_csv, resume=True)
             if bf16_specs:
-                latency.run_decode(bf16_specs, device=device, new_tokens=new_tokens, out=dec_csv, resume=True,
-                                   dtypes=(torch.bfloat16,))
+                decode_speed.run_decode(bf16_specs, device=device, new_tokens=new_tokens, out=dec_csv, resume=True,
+                                        dtypes=(torch.bfloat16,))
         _run_step(steps, f"end-to-end decode on {device.type}", digest(specs, bf16_specs, new_tokens, str(device)),
                   [dec_csv], decode, timings)
 

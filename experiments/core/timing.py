@@ -1,4 +1,4 @@
-"""Timing helpers shared by the benchmarks and ``experiments.measure.latency``.
+"""Timing helpers shared by the benchmarks and ``experiments.measure``.
 
     time_fn(fn, device)   -> {"median_ms", "iqr_ms", "p20_ms", "p80_ms", "n", "runs", "timer"}
     time_interleaved({name: fn}, device, rounds=R, min_run_time=T) + ratio_of(...): ratios that

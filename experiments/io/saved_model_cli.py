@@ -170,7 +170,7 @@ def eval_main(args: argparse.Namespace) -> int:
                            "module_backends": module_backends(model), "corpus": corpus.get("corpus", ""),
                            "bits_per_weight": (manifest.get("report") or {}).get("bits_per_weight")}
     if args.decode:
-        from experiments.measure.latency import decode_tokens_per_second
+        from experiments.measure.decode_speed import decode_tokens_per_second
         r = decode_tokens_per_second(model, tokenizer, new_tokens=args.decode, progress=not args.no_progress)
         out.update(decode_tokens_per_s=round(r["tokens_per_s"], 3), decode_new_tokens=r["new_tokens"],
                    device=str(dev))

@@ -23,7 +23,10 @@ import math
 from pathlib import Path
 from typing import Iterable
 
+import torch
+
 from experiments.core import results
+from experiments.measure.formats import KINDS, build_layer, format_from_row, format_label, triton_interpret
 
 MODEL_TAG = "roofline (not a measurement)"
 OUT_NAME = "roofline_model.csv"  # in the run directory (experiments.core.runs), never results/ directly
@@ -44,8 +47,6 @@ GPUS: dict[str, dict[str, float]] = {
 }
 # Substrings of torch.cuda.get_device_name() that identify a GPU of the table (for the measured join).
 _NAME_HINTS = {"H100": "H100 SXM", "A100": "A100 80GB", "4090": "RTX 4090"}
-
-KINDS = ("dense", "quant", "codebook", "sparse", "lowrank")
 
 # The standard LLM shapes (N, K) of the latency sweep, plus the default model's own shapes are
 # added by callers that have the model.
@@ -88,11 +89,6 @@ def _freeze(fmt: dict) -> tuple:
 
 @functools.lru_cache(maxsize=None)
 def _weight_bytes_cached(kind: str, N: int, K: int, frozen: tuple) -> int:
-    # Local import: latency imports this module for the measured-vs-ideal join.
-    import torch
-
-    from experiments.measure.latency import build_layer, triton_interpret
-
     # The GPU storage format is the one a backend="triton" module holds (SparseLinear keeps a
     # different storage per backend: on CPU ``auto`` may keep a masked dense weight). Building one
     # on CPU needs triton_usable(cpu), i.e. TRITON_INTERPRET=1; nothing is launched.
@@ -173,34 +169,6 @@ def ideal_time(kind: str, N: int, K: int, M: int, gpu: str, **fmt) -> float:
     return ideal(kind, N, K, M, gpu, **fmt)["ideal_s"]
 
 
-def format_label(fmt: dict) -> str:
-    """Short, stable name of a format, e.g. ``quant int4 g128 asym``, ``sparse 2:4``, ``lowrank r128``."""
-    kind = fmt["kind"]
-    if kind == "dense":
-        return "dense fp16"
-    if kind == "quant":
-        g = fmt.get("group_size")
-        grp = "per-channel" if g in (None, 0, -1) else f"g{g}"
-        return f"quant int{fmt['bits']} {grp} {'sym' if fmt.get('symmetric') else 'asym'}"
-    if kind == "codebook":
-        g = fmt.get("group_size")
-        grp = "per-channel" if g in (None, 0, -1) else f"g{g}"
-        return f"codebook {fmt['bits']}-bit {grp} {'shared' if fmt.get('table') == 'shared' else 'per-row'} table"
-    if kind == "sparse":
-        p = fmt["pattern"]
-        if p == "nm":
-            return f"sparse {fmt['n']}:{fmt['m']}"
-        if p == "block":
-            bn, bk = fmt.get("block", (32, 32))
-            return f"sparse block{bn}x{bk} {fmt['sparsity']:.0%}"
-        if p == "activation":
-            return f"sparse activation {fmt.get('act_sparsity', 0.0):.0%}"
-        return f"sparse unstructured {fmt['sparsity']:.0%}"
-    if kind == "lowrank":
-        return f"lowrank r{fmt['rank']}"
-    raise ValueError(f"format {fmt} has unknown kind; use one of {KINDS}")
-
-
 def table(gpus: Iterable[str] = tuple(GPUS), formats: Iterable[dict] = DEFAULT_FORMATS,
           shapes: Iterable[tuple[int, int]] = STANDARD_SHAPES, Ms: Iterable[int] = STANDARD_M, *,
           progress: bool = False) -> list[dict]:
@@ -258,8 +226,6 @@ def measured_vs_ideal(latency_csv: str | Path) -> list[dict]:
     output row is the measured row plus ``roofline_gpu``, ``ideal_us``, ``regime`` and
     ``fraction_of_roofline`` (ideal / measured, 1.0 = at the roofline).
     """
-    from experiments.measure.latency import format_from_row
-
     out = []
     for row in results.read_rows(latency_csv):
         if row.get("device_type") != "cuda":

@@ -135,7 +135,7 @@ def decode_pair(dense, pruned, new_tokens: int, *, repeats: int = 5, progress: b
     median of the per-pair time ratios, so a change of machine load during the measurement (the
     development machine is shared) shifts both sides of a pair alike. Fixed 16-token prompt (token ids
     1..16: the speed does not depend on the text, and no tokenizer is needed); ``min_new_tokens`` pins
-    the length, as :func:`experiments.measure.latency.decode_tokens_per_second` does."""
+    the length, as :func:`experiments.measure.decode_speed.decode_tokens_per_second` does."""
     from experiments.core.progress import progress_bar
     device = next(pruned.parameters()).device
     ids = torch.arange(1, DECODE_PROMPT_TOKENS + 1, device=device).unsqueeze(0)
