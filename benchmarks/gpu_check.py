@@ -65,7 +65,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from experiments.core.provenance import _version, git_commit
+from experiments.core.provenance import git_commit, package_version
 from experiments.core.results import write_rows as write_csv
 
 SECTIONS = ("correctness", "bandwidth", "dequant", "sparse_lowrank", "codebook", "compile", "decode")
@@ -90,7 +90,7 @@ def provenance(device: torch.device) -> dict:
     return {
         "device": gpu, "device_type": device.type,
         "driver": _driver() if device.type == "cuda" else "",
-        "cuda": torch.version.cuda or "", "torch": torch.__version__, "triton": _version("triton"),
+        "cuda": torch.version.cuda or "", "torch": torch.__version__, "triton": package_version("triton"),
         "python": platform.python_version(), "git_commit": git_commit(),
         "timestamp": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }
@@ -409,7 +409,7 @@ def run_dequant(device, copy_gbps, deadline, save) -> list[dict]:
     from triton_kernels import dequant_matmul as dq
     rows = []
     gemlite = _optional_gemlite()
-    print(f"[dequant] GemLite: {'version ' + _version('gemlite') if gemlite else 'not importable (no column)'}",
+    print(f"[dequant] GemLite: {'version ' + package_version('gemlite') if gemlite else 'not importable (no column)'}",
           flush=True)
     gen = torch.Generator(device=device).manual_seed(0)
     for N, K in DEQUANT_SHAPES:

@@ -17,7 +17,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from experiments.core.results import _umask
+from experiments.core.results import current_umask
 from experiments.core.runs import RUN_META, Steps, mode_dir, reference_dir, run_root
 
 
@@ -28,7 +28,7 @@ def _copy(src: Path, dst: Path) -> None:
     os.close(fd)
     try:
         shutil.copyfile(src, tmp)
-        os.chmod(tmp, 0o666 & ~_umask())
+        os.chmod(tmp, 0o666 & ~current_umask())
         os.replace(tmp, dst)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -13,7 +13,8 @@ import torch
 REPO = Path(__file__).resolve().parents[2]
 
 
-def _version(pkg: str) -> str:
+def package_version(pkg: str) -> str:
+    """The installed version of distribution ``pkg``, or ``"not installed"``."""
     try:
         return importlib.metadata.version(pkg)
     except importlib.metadata.PackageNotFoundError:
@@ -68,8 +69,8 @@ def provenance(device: torch.device | str | None = None) -> dict[str, str]:
         "device_type": device.type,
         "device": device_name(device),
         "torch": torch.__version__,
-        "triton": _version("triton"),
-        "transformers": _version("transformers"),
+        "triton": package_version("triton"),
+        "transformers": package_version("transformers"),
         "python": platform.python_version(),
         "git_commit": git_commit(),
         "timestamp": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),

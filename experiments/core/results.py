@@ -32,7 +32,8 @@ def read_rows(path: str | os.PathLike) -> list[dict[str, str]]:
         return list(csv.DictReader(f))
 
 
-def _umask() -> int:
+def current_umask() -> int:
+    """The process's umask (new files get mode ``0o666 & ~current_umask()``, as ``open`` would give them)."""
     # os.umask can only be read by setting it; set it straight back (single-threaded CLI writers).
     old = os.umask(0o022)
     os.umask(old)
@@ -114,7 +115,7 @@ def write_rows(path: str | os.PathLike, rows: Iterable[Mapping[str, object]], *,
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        os.chmod(tmp, 0o666 & ~_umask())
+        os.chmod(tmp, 0o666 & ~current_umask())
         with os.fdopen(fd, "w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=header, restval="")
             w.writeheader()

@@ -164,14 +164,14 @@ class Steps:
         return self._load().get(step, {}).get("inputs") == inputs
 
     def record(self, step: str, inputs: str, seconds: float, **extra: Any) -> None:
-        from experiments.core.results import _umask  # same file mode rule as the tables
+        from experiments.core.results import current_umask  # same file mode rule as the tables
         data = self._load()
         data[step] = {"inputs": inputs, "seconds": round(seconds, 1),
                       "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **extra}
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_name(f".{self.path.name}.tmp")
         tmp.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
-        os.chmod(tmp, 0o666 & ~_umask())
+        os.chmod(tmp, 0o666 & ~current_umask())
         os.replace(tmp, self.path)
 
     def all(self) -> Mapping[str, dict]:
