@@ -1,4 +1,5 @@
-"""experiments.measure (formats, layer_latency, decode_speed and the latency CLI): spec -> format, layer shapes from the model, well-formed upserted rows, decode speed.
+"""experiments.measure (formats, layer_latency, decode_speed, the latency CLI): spec -> format, layer shapes
+from the model, well-formed upserted rows, decode speed.
 
 Nothing here asserts on speed (timed tests flake on a shared machine): only on the rows' structure,
 the ratio arithmetic within one run, and the device/backend bookkeeping.

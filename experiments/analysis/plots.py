@@ -509,7 +509,7 @@ def _format_key(spec_json: str) -> str:
 
 
 def decode_speedup_by_format(decode: pd.DataFrame) -> pd.DataFrame:
-    """One row per (storage format, dtype) of a decode table (``experiments.measure.decode_speed.run_decode``): its measured
+    """One row per (storage format, dtype) of a decode table (``decode_speed.run_decode``): its measured
     eager decode speedup over the dense model in the same dtype. Compiled rows are left out (their
     dense baseline is the compiled dense model); a table of several machines is refused."""
     check_single_context(decode.to_dict("records"), MEASURE_CONTEXT, "the decode table")

@@ -219,7 +219,8 @@ class StructuredFamily(Family):
             out["sparsity"] = float(sp)
             scope = spec.get("scope", "uniform")
             if scope not in structured_pruning.SCOPES:
-                fail(where, f"scope={scope!r} must be one of {', '.join(structured_pruning.SCOPES)} (same ratio in every layer, "
+                fail(where, f"scope={scope!r} must be one of {', '.join(structured_pruning.SCOPES)} "
+                            f"(same ratio in every layer, "
                             f"or one threshold across layers)")
             out["scope"] = scope
             fl = spec.get("floor", 0.1)
@@ -229,7 +230,8 @@ class StructuredFamily(Family):
             if method != "channels":
                 hu = spec.get("head_unit", "group")
                 if hu not in structured_pruning.HEAD_UNITS:
-                    fail(where, f"head_unit={hu!r} must be one of {', '.join(structured_pruning.HEAD_UNITS)} (whole k/v groups, or "
+                    fail(where, f"head_unit={hu!r} must be one of {', '.join(structured_pruning.HEAD_UNITS)} "
+                                f"(whole k/v groups, or "
                                 f"query heads removed evenly from every group)")
                 out["head_unit"] = hu
         dt = spec.get("decode_tokens", DEFAULT_DECODE_TOKENS)
