@@ -1,1 +1,1 @@
-"""Benchmark scripts (not timed tests). Results land in the run directory (runs/local/ by default, see experiments.runs) as long CSV with provenance."""
+"""Benchmark scripts (not timed tests). Results land in the run directory (runs/local/ by default, see experiments.core.runs) as long CSV with provenance."""

@@ -23,7 +23,7 @@ Weights are random (latency does not depend on the values), quantized by RTN. Be
 quantized variant is checked once against ``dequant_matmul_reference`` (``max_rel_err`` column).
 
 Rows (one per (shape, M, variant), long format) are upserted into the CSV with the provenance
-columns of ``experiments.provenance``; ``speedup_vs_*`` divide the dense medians of the same run
+columns of ``experiments.core.provenance``; ``speedup_vs_*`` divide the dense medians of the same run
 by the variant's median.
 """
 from __future__ import annotations
@@ -39,10 +39,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from experiments.provenance import provenance
-from experiments.results import replace_rows
-from experiments.runs import MEASURE_CONTEXT, mode_dir, refuse_reference, run_root
-from experiments.timing import time_fn
+from experiments.core.provenance import provenance
+from experiments.core.results import replace_rows
+from experiments.core.runs import MEASURE_CONTEXT, mode_dir, refuse_reference, run_root
+from experiments.core.timing import time_fn
 
 SHAPES = ((4096, 4096), (4096, 11008), (11008, 4096))
 M_VALUES = (1, 2, 4, 8, 16, 32, 64, 128, 512)
@@ -199,7 +199,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="4096x4096 only, M in {1, 16}")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
-    p.add_argument("--out", default=None, help="CSV path (default runs/local[/quick]/bench_dequant_<device_type>.csv; experiments.runs)")
+    p.add_argument("--out", default=None, help="CSV path (default runs/local[/quick]/bench_dequant_<device_type>.csv; experiments.core.runs)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: torch's); recorded in the device column. On a shared, "
                         "oversubscribed machine 1 thread gives far steadier numbers than 2")
@@ -229,7 +229,7 @@ def main(argv=None) -> int:
     with torch.inference_mode():
         run(device, shapes, m_values, VARIANTS, min_run_time, out)
     print(f"wrote {out}", file=sys.stderr)
-    print(out)  # stdout: the product only (see experiments.progress)
+    print(out)  # stdout: the product only (see experiments.core.progress)
     return 0
 
 

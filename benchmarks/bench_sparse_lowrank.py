@@ -29,7 +29,7 @@ threads than free cores, torch's parallel kernels stall on descheduled threads (
 matmul timed at tens of ms while other jobs ran). The ``threads`` column records the setting.
 
 Every timed layer is first checked once against a dense recomputation (``max_rel_err`` column).
-Rows are upserted into the CSV (long format) with ``experiments.provenance`` columns.
+Rows are upserted into the CSV (long format) with ``experiments.core.provenance`` columns.
 """
 from __future__ import annotations
 
@@ -42,10 +42,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from experiments.provenance import provenance
-from experiments.results import replace_rows
-from experiments.runs import MEASURE_CONTEXT, mode_dir, refuse_reference, run_root
-from experiments.timing import time_fn
+from experiments.core.provenance import provenance
+from experiments.core.results import replace_rows
+from experiments.core.runs import MEASURE_CONTEXT, mode_dir, refuse_reference, run_root
+from experiments.core.timing import time_fn
 from triton_kernels.lowrank_linear import lowrank_linear_reference
 from triton_kernels.nn.lowrank import LowRankLinear
 from triton_kernels.nn.sparse import SparseLinear
@@ -211,7 +211,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="fewer sweep points (still M in {1, 16, 128})")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
-    p.add_argument("--out", default=None, help="CSV path (default runs/local[/quick]/bench_sparse_lowrank_<device_type>.csv; experiments.runs)")
+    p.add_argument("--out", default=None, help="CSV path (default runs/local[/quick]/bench_sparse_lowrank_<device_type>.csv; experiments.core.runs)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--min-run-time", type=float, default=None,
                    help="seconds per CPU timing (default 0.2, 0.1 with --quick)")
@@ -231,7 +231,7 @@ def main(argv=None) -> int:
     min_run_time = args.min_run_time if args.min_run_time is not None else (0.1 if args.quick else None)
     run(device, QUICK_SWEEPS if args.quick else SWEEPS, M_VALUES, min_run_time, out)
     print(f"wrote {out}", file=sys.stderr)
-    print(out)  # stdout: the product only (see experiments.progress)
+    print(out)  # stdout: the product only (see experiments.core.progress)
     return 0
 
 

@@ -29,7 +29,7 @@ Sections, in order (each writes its CSV as soon as it finishes, so a run cut sho
    CodebookLinear, SparseLinear (block, 2:4) and LowRankLinear layers on the GPU, through the kernels'
    custom operators (``triton_kernels.nn._ops``): compiled output equal to eager, number of graphs,
    and eager vs compiled (and CUDA-graph ``reduce-overhead``) time per forward at M=1.
-7. ``decode``: end-to-end greedy decoding (``experiments.latency.decode_tokens_per_second``, 32 new
+7. ``decode``: end-to-end greedy decoding (``experiments.measure.decode_speed.decode_tokens_per_second``, 32 new
    tokens) of a model with the default model's architecture (SmolLM2-135M: 30 Llama blocks, 576 wide;
    random weights, since the GGUF cannot be carried to the GPU machine and decode speed depends on the
    shapes only), fp16, dense vs RTN 4-bit g128, 3-bit g128 and magnitude 2:4 through the Triton
@@ -65,8 +65,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from experiments.provenance import _version, git_commit
-from experiments.results import write_rows as write_csv
+from experiments.core.provenance import git_commit, package_version
+from experiments.core.results import write_rows as write_csv
 
 SECTIONS = ("correctness", "bandwidth", "dequant", "sparse_lowrank", "codebook", "compile", "decode")
 UNIT_ROUNDOFF = {torch.float16: 2.0 ** -11, torch.bfloat16: 2.0 ** -8, torch.float32: 2.0 ** -24}
@@ -90,7 +90,7 @@ def provenance(device: torch.device) -> dict:
     return {
         "device": gpu, "device_type": device.type,
         "driver": _driver() if device.type == "cuda" else "",
-        "cuda": torch.version.cuda or "", "torch": torch.__version__, "triton": _version("triton"),
+        "cuda": torch.version.cuda or "", "torch": torch.__version__, "triton": package_version("triton"),
         "python": platform.python_version(), "git_commit": git_commit(),
         "timestamp": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }
@@ -409,7 +409,7 @@ def run_dequant(device, copy_gbps, deadline, save) -> list[dict]:
     from triton_kernels import dequant_matmul as dq
     rows = []
     gemlite = _optional_gemlite()
-    print(f"[dequant] GemLite: {'version ' + _version('gemlite') if gemlite else 'not importable (no column)'}",
+    print(f"[dequant] GemLite: {'version ' + package_version('gemlite') if gemlite else 'not importable (no column)'}",
           flush=True)
     gen = torch.Generator(device=device).manual_seed(0)
     for N, K in DEQUANT_SHAPES:
@@ -719,8 +719,8 @@ def run_decode(device: torch.device, deadline: float) -> list[dict]:
     docstring). Each compressed row carries ``speedup_vs_dense``: over the dense model in the same mode."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from experiments.compress import compress_model, parse_spec
-    from experiments.latency import decode_tokens_per_second
+    from experiments.methods.compress import compress_model, parse_spec
+    from experiments.measure.decode_speed import decode_tokens_per_second
     cpu = device.type == "cpu"
     cfg = LlamaConfig(**(DECODE_CONFIG_CPU if cpu else DECODE_CONFIG))
     dt = torch.bfloat16 if cpu else torch.float16

@@ -13,7 +13,7 @@
     python -m experiments export DIR --format gguf|compressed-tensors --out PATH
 
 Measuring commands write into a run directory (``runs/<NAME>/``, ignored by git; see
-``experiments.runs``), never into the committed reference tables under ``results/``.
+``experiments.core.runs``), never into the committed reference tables under ``results/``.
 
 Each command is a function ``cmd_<name>(args) -> int`` registered in :data:`COMMANDS` with a
 function that adds its arguments; adding a command is adding one entry. Bad input (unknown sweep
@@ -25,7 +25,7 @@ one ``error:`` line saying what to install or do, exit status 1.
 
 Streams: stdout carries only a command's product (the ``list`` table, the ``summary`` Markdown,
 the paths of the tables a command wrote, one per line); progress, status lines and errors go to
-stderr (see ``experiments.progress``).
+stderr (see ``experiments.core.progress``).
 """
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ import sys
 import time
 from typing import Callable
 
-from experiments.errors import SetupError
+from experiments.core.errors import SetupError
 
 
 def _add_list(p: argparse.ArgumentParser) -> None:
@@ -42,7 +42,7 @@ def _add_list(p: argparse.ArgumentParser) -> None:
 
 
 def _add_run_dir(p: argparse.ArgumentParser) -> None:
-    """--run / --out-dir: where a measuring command writes (experiments.runs.run_root)."""
+    """--run / --out-dir: where a measuring command writes (experiments.core.runs.run_root)."""
     p.add_argument("--run", default=None, metavar="NAME",
                    help="run directory runs/NAME (default: 'local' for the default model and corpus, "
                         "'local-<model>-<text>' otherwise; $TKR_RUNS_DIR relocates runs/)")
@@ -51,7 +51,7 @@ def _add_run_dir(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    from experiments.sweep import available_sweeps, load_sweep
+    from experiments.run.sweep_config import available_sweeps, load_sweep
     print(f"{'sweep':10s} {'full':>5s} {'quick':>5s}  description")
     for name, path in available_sweeps().items():
         sw = load_sweep(path)
@@ -73,9 +73,9 @@ def _add_run(p: argparse.ArgumentParser) -> None:
                    help="no progress bars/lines (on a terminal: tqdm bars; in a redirected log: a plain line "
                         "every TKR_PROGRESS_INTERVAL seconds, default 30)")
     p.add_argument("--saved-dir", default=None, metavar="DIR",
-                   help="reuse saved compressed points (DIR/<point_id>, experiments.saving) instead of "
+                   help="reuse saved compressed points (DIR/<point_id>, experiments.run.saving) instead of "
                         "recompressing; points not there are compressed and saved there")
-    g = p.add_argument_group("executor", "where the points run (experiments.executors); this process writes the tables")
+    g = p.add_argument_group("executor", "where the points run (experiments.run.executors); this process writes the tables")
     g.add_argument("--executor", default="serial", choices=("serial", "ray"),
                    help="serial (default): one point after another here; ray: one Ray task per point "
                         "(pip install -e '.[ray]')")
@@ -91,8 +91,9 @@ def _add_run(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from experiments.executors import PointsFailed, make_executor
-    from experiments.sweep import resolve_sweeps, run_sweeps
+    from experiments.run.executors import PointsFailed, make_executor
+    from experiments.run.sweep import run_sweeps
+    from experiments.run.sweep_config import resolve_sweeps
     t0 = time.perf_counter()
     executor = make_executor(args.executor, ray_address=args.ray_address, gpus_per_point=args.gpus_per_point,
                              cpus_per_point=args.cpus_per_point, max_retries=args.max_retries)
@@ -113,12 +114,12 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def _add_latency(p: argparse.ArgumentParser) -> None:
-    from experiments.latency import add_arguments
+    from experiments.measure.latency import add_arguments
     add_arguments(p)
 
 
 def cmd_latency(args: argparse.Namespace) -> int:
-    from experiments import latency
+    from experiments.measure import latency
     latency.main(args)
     lat_out, dec_out = latency.output_paths(args)
     print(lat_out)
@@ -128,19 +129,19 @@ def cmd_latency(args: argparse.Namespace) -> int:
 
 
 def _add_roofline(p: argparse.ArgumentParser) -> None:
-    from experiments.roofline import add_arguments
+    from experiments.measure.roofline import add_arguments
     add_arguments(p)
 
 
 def cmd_roofline(args: argparse.Namespace) -> int:
-    from experiments.roofline import main as roofline_main
+    from experiments.measure.roofline import main as roofline_main
     for path in roofline_main(args):
         print(path)
     return 0
 
 
 def _add_reproduce(p: argparse.ArgumentParser) -> None:
-    from experiments.reproduce import add_arguments
+    from experiments.analysis.reproduce import add_arguments
     add_arguments(p)
 
 
@@ -154,67 +155,67 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
             raise ValueError(f"reproduce executes the notebooks, which needs the notebooks extra ({e}): "
                              f"pip install -e '.[notebooks]' (make reproduce installs every extra), "
                              f"or pass --skip-notebooks for the tables only") from None
-    from experiments.reproduce import main as reproduce_main
+    from experiments.analysis.reproduce import main as reproduce_main
     return reproduce_main(args)
 
 
 def _add_compare(p: argparse.ArgumentParser) -> None:
-    from experiments.compare import add_arguments
+    from experiments.analysis.compare import add_arguments
     add_arguments(p)
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from experiments.compare import main as compare_main
+    from experiments.analysis.compare import main as compare_main
     return compare_main(args)
 
 
 def _add_promote(p: argparse.ArgumentParser) -> None:
-    from experiments.promote import add_arguments
+    from experiments.analysis.promote import add_arguments
     add_arguments(p)
 
 
 def cmd_promote(args: argparse.Namespace) -> int:
-    from experiments.promote import main as promote_main
+    from experiments.analysis.promote import main as promote_main
     return promote_main(args)
 
 
 def _add_summary(p: argparse.ArgumentParser) -> None:
-    from experiments.summary import add_arguments
+    from experiments.analysis.summary import add_arguments
     add_arguments(p)
 
 
 def cmd_summary(args: argparse.Namespace) -> int:
-    from experiments.summary import main as summary_main
+    from experiments.analysis.summary import main as summary_main
     return summary_main(args)
 
 
 def _add_compress(p: argparse.ArgumentParser) -> None:
-    from experiments.saved_cli import add_compress_arguments
+    from experiments.io.saved_model_cli import add_compress_arguments
     add_compress_arguments(p)
 
 
 def cmd_compress(args: argparse.Namespace) -> int:
-    from experiments.saved_cli import compress_main
+    from experiments.io.saved_model_cli import compress_main
     return compress_main(args)
 
 
 def _add_eval(p: argparse.ArgumentParser) -> None:
-    from experiments.saved_cli import add_eval_arguments
+    from experiments.io.saved_model_cli import add_eval_arguments
     add_eval_arguments(p)
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from experiments.saved_cli import eval_main
+    from experiments.io.saved_model_cli import eval_main
     return eval_main(args)
 
 
 def _add_export(p: argparse.ArgumentParser) -> None:
-    from experiments.saved_cli import add_export_arguments
+    from experiments.io.saved_model_cli import add_export_arguments
     add_export_arguments(p)
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from experiments.saved_cli import export_main
+    from experiments.io.saved_model_cli import export_main
     return export_main(args)
 
 

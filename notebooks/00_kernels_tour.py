@@ -187,7 +187,7 @@ with tempfile.TemporaryDirectory() as d:
 # %%
 import pandas as pd
 
-from experiments import plots
+from experiments.analysis import plots
 
 root = plots.notebook_root("default", results_dir)
 figures_dir = Path(figures_dir or plots.figures_dir_for(root, quick))

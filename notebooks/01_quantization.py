@@ -26,7 +26,7 @@
 # grid exactly would recover the stored weights and say nothing about 4-bit accuracy; such rows carry
 # `aliases_source_grid = True` and are drawn hollow in red. This toolkit's RTN and GPTQ use *integer*
 # zero points, which cannot express Q4_1's fractional ones, so asymmetric 4-bit g32 does **not**
-# reproduce the weights (the rule is `experiments.models.aliases_source_grid`, tested by requantizing
+# reproduce the weights (the rule is `experiments.lm.models.aliases_source_grid`, tested by requantizing
 # grid weights). Those points are real measurements, but favourable ones: the weights start on a
 # 4-bit, group-32 grid. Read the 4-bit g32 points with that in mind.
 #
@@ -47,7 +47,7 @@ figures_dir = None      # default: <run>/figures, or build/figures for the refer
 # %%
 from pathlib import Path
 
-from experiments import plots
+from experiments.analysis import plots
 
 root = plots.notebook_root(model, results_dir)
 figures_dir = Path(figures_dir or plots.figures_dir_for(root, quick))

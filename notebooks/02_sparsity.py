@@ -35,7 +35,7 @@ figures_dir = None      # default: <run>/figures, or build/figures for the refer
 # %%
 from pathlib import Path
 
-from experiments import plots
+from experiments.analysis import plots
 
 root = plots.notebook_root(model, results_dir)
 figures_dir = Path(figures_dir or plots.figures_dir_for(root, quick))

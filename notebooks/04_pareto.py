@@ -45,7 +45,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from experiments import plots
+from experiments.analysis import plots
 
 root = plots.notebook_root(model, results_dir)
 figures_dir = Path(figures_dir or plots.figures_dir_for(root, quick))
@@ -56,7 +56,7 @@ latency_csv = plots.results_dir(quick, root) / f"latency_{device_type}.csv"
 if not latency_csv.exists() and run_missing and not plots.is_reference(root):
     import argparse
 
-    from experiments import latency
+    from experiments.measure import latency
     latency.main(argparse.Namespace(quick=quick, sweep="all", device=device, decode=False, resume=True,
                                     min_run_time=None, out=str(latency_csv)))
 latency_table = plots.measurement_table(latency_csv)  # refuses a table that mixes machines
@@ -94,7 +94,7 @@ if latency_table is not None:
 # %%
 roof = plots.roofline_table(quick, root)  # written by `python -m experiments roofline`
 if roof is None and run_missing:
-    from experiments import roofline
+    from experiments.measure import roofline
     roof = pd.DataFrame(roofline.table())
 measured = plots.measurement_table(plots.results_dir(quick, root) / "latency_cuda.csv")
 if roof is not None:

@@ -21,7 +21,7 @@
 # zero can lose less. This notebook compares, at 2, 3 and 4 bits, perplexity of the default model
 # after quantizing every linear layer of every transformer block onto:
 #
-# - **uniform** grids: RTN and GPTQ (`experiments/algorithms/quant.py`, `QuantLinear`);
+# - **uniform** grids: RTN and GPTQ (`experiments/methods/algorithms/quant.py`, `QuantLinear`);
 # - **fixed non-uniform tables** times group absmax scales: NormalFloat (`nf`, QLoRA's NF4 table;
 #   NF2/NF3 built the same way) and FP4 E2M1 (`fp4`, the MX/NVFP4 element grid);
 # - **fitted tables per output row**: `piecewise` (segments of levels, each with its own step),
@@ -31,8 +31,8 @@
 #
 # All non-uniform points run through `CodebookLinear` (packed codes + a lookup table); bits per weight
 # count the codes, the tables and the scales (16 bits each), so a per-row table's `2^bits` entries are
-# paid for. The algorithms are in `experiments/algorithms/codebook.py`, the family in
-# `experiments/families/codebook.py`, the sweep in `experiments/sweeps/nonuniform.yaml`.
+# paid for. The algorithms are in `experiments/methods/algorithms/codebook.py`, the family in
+# `experiments/methods/families/codebook.py`, the sweep in `experiments/sweeps/nonuniform.yaml`.
 #
 # **Caveat — source grid.** The default model ships as a Q4_1 GGUF (asymmetric 4-bit, groups of 32):
 # its weights already lie on a uniform 4-bit grid, which favours uniform 4-bit settings at small group
@@ -57,7 +57,7 @@ hist_bits = 3           # the grids drawn over the histogram
 # %%
 from pathlib import Path
 
-from experiments import plots
+from experiments.analysis import plots
 
 root = plots.notebook_root(model, results_dir)
 figures_dir = Path(figures_dir or plots.figures_dir_for(root, quick))
@@ -113,9 +113,9 @@ for g in ("g64", "g128", "pc"):
 # %%
 import torch
 
-from experiments.algorithms import codebook as cb
-from experiments.algorithms import quant
-from experiments.models import load_model
+from experiments.methods.algorithms import codebook as cb
+from experiments.methods.algorithms import quant
+from experiments.lm.models import load_model
 
 net, _, info = load_model(model)
 W = dict(net.named_modules())[layer].weight.detach().float()

@@ -30,7 +30,7 @@
 # tokens/s, and the layer latency at the new shapes (every block linear alone at M=1, summed:
 # `linears_m1_speedup`).
 #
-# Sweep definition: `experiments/sweeps/structured.yaml`; algorithms: `experiments/algorithms/structured.py`.
+# Sweep definition: `experiments/sweeps/structured.yaml`; algorithms: `experiments/methods/algorithms/structured.py`.
 
 # %% tags=["parameters"]
 quick = False           # False: the full sweep's tables; True: the quick subset (<results>/quick/)
@@ -44,7 +44,7 @@ figures_dir = None      # default: <run>/figures, or build/figures for the refer
 # %%
 from pathlib import Path
 
-from experiments import plots
+from experiments.analysis import plots
 
 root = plots.notebook_root(model, results_dir)
 figures_dir = Path(figures_dir or plots.figures_dir_for(root, quick))

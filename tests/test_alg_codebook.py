@@ -1,12 +1,12 @@
-"""Codebook quantization (experiments/algorithms/codebook.py): tables, round trips, each method's
+"""Codebook quantization (experiments/methods/algorithms/codebook.py): tables, round trips, each method's
 defining property, GPTQ over a codebook."""
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from experiments.algorithms import codebook as cb
-from experiments.algorithms.quant import dequantize_result, gptq, rtn
+from experiments.methods.algorithms import codebook as cb
+from experiments.methods.algorithms.quant import dequantize_result, gptq, rtn
 from alg_data import calibration, weight
 
 

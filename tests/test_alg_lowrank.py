@@ -1,8 +1,8 @@
-"""Plain and whitened (SVD-LLM) truncated SVD and rank selection (experiments/algorithms/lowrank.py)."""
+"""Plain and whitened (SVD-LLM) truncated SVD and rank selection (experiments/methods/algorithms/lowrank.py)."""
 import pytest
 import torch
 
-from experiments.algorithms import rank_for_energy, rank_for_ratio, svd, whitened_svd
+from experiments.methods.algorithms import rank_for_energy, rank_for_ratio, svd, whitened_svd
 from alg_data import calibration, weight
 
 
@@ -132,12 +132,12 @@ def _rel_out_err(W, U, V, H):
 
 
 def test_default_whitening_damp_is_as_good_as_undamped():
-    """The damping default is chosen by measurement (``python -m experiments.damping`` on 49 real
+    """The damping default is chosen by measurement (``python -m experiments.measure.damping`` on 49 real
     layers; results/damping_whitened_svd.csv). On a synthetic layer with the measured spectrum of the
     worst of them the same ordering holds: the default stays within 2% of SVD-LLM's undamped
     whitening, on the calibration and on held-out inputs, at every ratio, while the former default
     0.01 loses at least 20% at ratio 0.9 (measured on the real layer: +25% held-out)."""
-    from experiments.compress import DEFAULT_WHITENING_DAMP, parse_spec
+    from experiments.methods.compress import DEFAULT_WHITENING_DAMP, parse_spec
     assert parse_spec({"method": "whitened_svd", "ratio": 0.5}).damp == DEFAULT_WHITENING_DAMP
     W, Hc, Hh = _o_proj_like_layer()
     N, K = W.shape
@@ -158,10 +158,10 @@ def test_default_whitening_damp_is_as_good_as_undamped():
 @pytest.mark.slow
 def test_default_whitening_damp_on_the_default_models_worst_layer():
     """The real layer: block 0 ``o_proj`` of the default model, H from the sweeps' calibration
-    windows, held-out H from *Emma* (as experiments/damping.py measures it)."""
-    from experiments import data, models
-    from experiments.compress import DEFAULT_WHITENING_DAMP
-    from experiments.damping import layer_stats
+    windows, held-out H from *Emma* (as experiments/measure/damping.py measures it)."""
+    from experiments.lm import data, models
+    from experiments.methods.compress import DEFAULT_WHITENING_DAMP
+    from experiments.measure.damping import layer_stats
 
     model, tok, _ = models.load_model("default")
     calib_text, _, _ = data.get_texts("austen")

@@ -1,10 +1,10 @@
-"""Magnitude, Wanda and SparseGPT (experiments/algorithms/prune.py): exact patterns, error vs magnitude."""
+"""Magnitude, Wanda and SparseGPT (experiments/methods/algorithms/prune.py): exact patterns, error vs magnitude."""
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from experiments.algorithms import Pattern, magnitude, parse_pattern, sparsegpt, wanda
+from experiments.methods.algorithms import Pattern, magnitude, parse_pattern, sparsegpt, wanda
 from alg_data import calibration, weight, output_error
 
 

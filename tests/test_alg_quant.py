@@ -1,11 +1,11 @@
-"""RTN and GPTQ (experiments/algorithms/quant.py): grid format, exactness properties, GPTQ vs RTN."""
+"""RTN and GPTQ (experiments/methods/algorithms/quant.py): grid format, exactness properties, GPTQ vs RTN."""
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from experiments.algorithms import QuantResult, dequantize_result, gptq, magnitude, rtn
-from experiments.algorithms.quant import _rtn_own, find_params
+from experiments.methods.algorithms import QuantResult, dequantize_result, gptq, magnitude, rtn
+from experiments.methods.algorithms.quant import _rtn_own, find_params
 from alg_data import calibration, weight, output_error
 
 

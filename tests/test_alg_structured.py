@@ -1,4 +1,4 @@
-"""Structured pruning (experiments/algorithms/structured.py) on tiny random Llama / Mistral / Qwen2 models.
+"""Structured pruning (experiments/methods/algorithms/structured.py) on tiny random Llama / Mistral / Qwen2 models.
 
 The pruned model is physically smaller and must compute exactly what the original computes with the
 removed rows/columns zeroed (removed blocks: the identity), except where FLAP's bias compensation
@@ -14,7 +14,7 @@ from torch import nn
 
 transformers = pytest.importorskip("transformers")
 
-from experiments.algorithms import structured as S  # noqa: E402
+from experiments.methods.algorithms import structured as S  # noqa: E402
 
 VOCAB = 101
 ARCHS = ["llama", "mistral", "qwen2"]

@@ -1,7 +1,7 @@
 """CI writes only to ignored or temporary paths; the compile report carries its own provenance.
 
 ``make test`` once rewrote the tracked ``results/compile_check.csv``; and ``triton_kernels.compile_check``
-imported the harness (``experiments.provenance``) to stamp its rows.
+imported the harness (``experiments.core.provenance``) to stamp its rows.
 """
 import csv
 import json

@@ -137,7 +137,7 @@ def test_bad_input_exits_2_without_rows(tiny, tmp_path, capsys, extra, sweep_bod
 def test_too_short_text_fails_before_the_model_loads(tiny, tmp_path, capsys, monkeypatch):
     """Issue 8: the too-short-text check ran only after the (~25 s) model load. Now only the
     tokenizer is loaded first; a model load here would fail the test."""
-    from experiments import models
+    from experiments.lm import models
     from experiments.__main__ import main
     model, text, _ = tiny
     sweep = tmp_path / "short.yaml"

@@ -166,7 +166,7 @@ def test_inductor_model_of_every_layer(monkeypatch):
 def test_compressed_llama_fullgraph(monkeypatch):
     """A (tiny, random) Llama compressed by the harness, compiled whole: no graph break."""
     transformers = pytest.importorskip("transformers")
-    from experiments.compress import compress_model, parse_spec
+    from experiments.methods.compress import compress_model, parse_spec
     if INTERPRET:
         monkeypatch.delenv("TRITON_INTERPRET")
     cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=96, num_hidden_layers=2,

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from experiments.compress import (CompressionReport, MethodSpec, aliases_source_grid, check_spec_fits,
+from experiments.methods.compress import (CompressionReport, MethodSpec, aliases_source_grid, check_spec_fits,
                                   compress_model, parse_spec)
 
 # ------------------------------------------------------------------ spec validation
@@ -84,7 +84,8 @@ def test_spec_roundtrip_and_defaults():
 def test_prune_scope_canonical_form_and_labels():
     """A spec without ``scope`` keeps meaning per-row (what every committed magnitude row used); an
     explicit "row" is the same point; "layer" is a different point with its own label and id."""
-    from experiments.sweep import method_columns, point_id
+    from experiments.run.point import method_columns
+    from experiments.run.sweep import point_id
     plain = parse_spec({"method": "magnitude", "sparsity": 0.5})
     row = parse_spec({"method": "magnitude", "sparsity": 0.5, "scope": "row"})
     layer = parse_spec({"method": "magnitude", "sparsity": 0.5, "scope": "layer"})
@@ -98,8 +99,8 @@ def test_prune_scope_canonical_form_and_labels():
 
 
 def test_damp_is_recorded_and_named_when_not_the_former_default():
-    from experiments.compress import DEFAULT_WHITENING_DAMP
-    from experiments.sweep import method_columns
+    from experiments.methods.compress import DEFAULT_WHITENING_DAMP
+    from experiments.run.point import method_columns
     w = parse_spec({"method": "whitened_svd", "ratio": 0.8})
     assert w.damp == DEFAULT_WHITENING_DAMP and w.to_dict()["damp"] == DEFAULT_WHITENING_DAMP
     assert method_columns(w)["damp"] == DEFAULT_WHITENING_DAMP
@@ -130,7 +131,7 @@ def test_committed_rows_keep_their_meaning():
     default) never relabel an existing number."""
     import json
 
-    from experiments.families.sparse import prune_scope
+    from experiments.methods.families.sparse import prune_scope
     n = 0
     for path, r in _committed_sweep_rows():
         spec = parse_spec(json.loads(r["spec"]))
@@ -215,7 +216,7 @@ def _module_type(family: str) -> type:
 
 
 def _dense_simulation(model: nn.Module, report: CompressionReport) -> nn.Module:
-    from experiments.models import find_blocks, find_linears
+    from experiments.lm.models import find_blocks, find_linears
     sim = copy.deepcopy(model)
     for i, block in enumerate(find_blocks(sim)):
         for name, layer in find_linears(block).items():
@@ -244,7 +245,7 @@ SPECS = [
 
 @pytest.mark.parametrize("spec", SPECS, ids=lambda s: parse_spec(s).label())
 def test_module_path_matches_dense_simulation(model_and_data, spec):
-    from experiments.models import find_blocks, find_linears
+    from experiments.lm.models import find_blocks, find_linears
     base, calib, ids = model_and_data
     spec = parse_spec(spec)
     model, report = compressed(model_and_data, spec)
@@ -327,7 +328,7 @@ def test_calibrated_method_without_data_fails_before_work(model_and_data):
         compress_model(model, {"method": "gptq", "bits": 4, "group_size": 32}, None, progress=False)
     with pytest.raises(ValueError, match="group_size=256 is larger"):
         compress_model(model, {"method": "rtn", "bits": 4, "group_size": 256}, None, progress=False)
-    from experiments.models import find_linears
+    from experiments.lm.models import find_linears
     assert all(isinstance(m, nn.Linear) for b in model.model.layers for m in find_linears(b).values())
 
 
@@ -337,9 +338,9 @@ def test_sequential_calibration_sees_compressed_upstream(model_and_data):
     Recompute block 1's q_proj by hand twice, from the compressed block 0's outputs and from the
     dense block 0's outputs: compress_model's result must be (much) closer to the former.
     """
-    from experiments.algorithms.quant import gptq
-    from experiments.families.quant import quant_module as _quant_module
-    from experiments.models import block_prefix_forward, find_blocks, run_block
+    from experiments.methods.algorithms.quant import gptq
+    from experiments.methods.families.quant import quant_module as _quant_module
+    from experiments.lm.models import block_prefix_forward, find_blocks, run_block
     base, calib, _ = model_and_data
     model, report = compressed(model_and_data, SPECS[1])
     assert report.spec.method == "gptq"

@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from experiments import data
+from experiments.lm import data
 
 
 class CharTokenizer:

@@ -7,7 +7,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from experiments import summary
+from experiments.analysis import summary
 
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"

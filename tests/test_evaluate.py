@@ -6,7 +6,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from experiments.evaluate import perplexity  # noqa: E402
+from experiments.lm.evaluate import perplexity  # noqa: E402
 
 VOCAB = 101
 
@@ -73,7 +73,7 @@ def test_perplexity_bad_input(tiny_llama, windows, kwargs, exc, match):
 @pytest.mark.slow
 def test_default_model_baseline_perplexity_is_sane():
     """Real model, 4 windows of 512 tokens of Pride and Prejudice: far better than shuffled text."""
-    from experiments import data, models
+    from experiments.lm import data, models
 
     model, tok, _ = models.load_model("default", cache=False)
     _, evaluation, _ = data.get_texts("austen")

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import triton_kernels.nn  # noqa: F401  (kernels decorated under conftest's TRITON_INTERPRET=1)
-from experiments.compress import compress_model
+from experiments.methods.compress import compress_model
 from tests.test_compress import tiny_llama
 
 ct = pytest.importorskip("compressed_tensors")
@@ -14,7 +14,7 @@ from compressed_tensors.compressors.pack_quantized import PackedQuantizationComp
 from compressed_tensors.quantization import QuantizationConfig  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
-from experiments.export_ct import export_compressed_tensors, import_compressed_tensors  # noqa: E402
+from experiments.io.export_ct import export_compressed_tensors, import_compressed_tensors  # noqa: E402
 
 
 @pytest.fixture(autouse=True)

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 import triton_kernels.nn  # noqa: F401  (kernels decorated under conftest's TRITON_INTERPRET=1)
-from experiments.compress import compress_model
-from experiments.export_gguf import export_gguf, gguf_type_for
+from experiments.methods.compress import compress_model
+from experiments.io.export_gguf import export_gguf, gguf_type_for
 from tests.test_compress import tiny_llama
 
 gguf = pytest.importorskip("gguf")

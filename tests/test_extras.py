@@ -34,7 +34,7 @@ OPTIONAL = {
     "httpx": "models' offline probe of the hub (huggingface_hub brings it); without it, a socket probe",
     "IPython": "plots show a figure inline only inside a notebook; ImportError means no display",
     "gemlite": "gpu_check's side-by-side column, only where importable (a blank column otherwise)",
-    "compressed_tensors": "the export extra: experiments/export_ct.py raises SetupError naming it when missing",
+    "compressed_tensors": "the export extra: experiments/io/export_ct.py raises SetupError naming it when missing",
     "ray": "the ray extra, only for `run --executor ray`: executors.import_ray raises a SetupError naming it",
 }
 
@@ -172,10 +172,10 @@ sys.exit(main(["list"]))
 
 def test_reproduce_without_the_notebooks_extra_fails_before_it_starts(tmp_path):
     code = r"""
-import experiments.reproduce
+import experiments.analysis.reproduce
 def started(args):
     raise SystemExit("reproduce started without papermill")
-experiments.reproduce.main = started
+experiments.analysis.reproduce.main = started
 from experiments.__main__ import main
 sys.exit(main(["reproduce", "--quick", "--out-dir", sys.argv[2]]))
 """

@@ -5,10 +5,11 @@ import pytest
 import torch
 from torch import nn
 
-from experiments import families
-from experiments.compress import MethodSpec, compress_model, parse_spec
-from experiments.families import base
-from experiments.sweep import method_columns
+import experiments.methods.spec as registry
+from experiments.methods import families
+from experiments.methods.compress import MethodSpec, compress_model, parse_spec
+from experiments.methods.families import base
+from experiments.run.point import method_columns
 
 
 class _Identity(nn.Module):
@@ -33,7 +34,7 @@ class _ToyFamily(families.Family):
     def parse(self, method, spec, where):
         f = spec.get("factor", 1.0)
         if not base.is_number(f) or f <= 0:
-            base.fail(where, f"factor={f!r} must be a positive number")
+            families.fail(where, f"factor={f!r} must be a positive number")
         return {"factor": float(f)}
 
     def label(self, spec):
@@ -53,9 +54,9 @@ def toy_family():
     try:
         yield fam
     finally:
-        del base.FAMILIES[fam.name]
+        del registry.FAMILIES[fam.name]
         for m in fam.methods:
-            del base._BY_METHOD[m]
+            del registry._BY_METHOD[m]
 
 
 def test_the_builtin_families_own_every_method_once():

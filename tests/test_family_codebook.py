@@ -1,10 +1,10 @@
-"""The codebook family (experiments/families/codebook.py): spec parsing, labels, statistics, and one
+"""The codebook family (experiments/methods/families/codebook.py): spec parsing, labels, statistics, and one
 layer compressed into a real CodebookLinear."""
 import pytest
 import torch
 
-from experiments.compress import parse_spec
-from experiments.families import FAMILIES, family_of
+from experiments.methods.compress import parse_spec
+from experiments.methods.families import FAMILIES, family_of
 from alg_data import calibration, weight
 
 pytest.importorskip("triton_kernels.nn.codebook")
@@ -124,13 +124,13 @@ def test_group_size_larger_than_a_layer_is_refused():
 ])
 def test_latency_times_the_codebook_format(spec, fmt, label):
     """Latency rows of codebook specs time a CodebookLinear of the same storage (never QuantLinear)."""
-    from experiments import latency, roofline
+    from experiments.measure import formats, roofline
     from triton_kernels.nn.codebook import CodebookLinear
 
-    assert latency.format_of(spec) == fmt and latency.format_label(fmt) == label
+    assert formats.format_of(spec) == fmt and formats.format_label(fmt) == label
     kw = {k: v for k, v in fmt.items() if k != "kind"}
     N, K = 40, 96
-    layer = latency.build_layer("codebook", N, K, **kw)
+    layer = formats.build_layer("codebook", N, K, **kw)
     assert isinstance(layer, CodebookLinear)
     rows = 1 if fmt["table"] == "shared" else N
     G = (1 if fmt["group_size"] == -1 else -(-K // fmt["group_size"])) if fmt["scales"] else 0
@@ -158,7 +158,7 @@ def test_a_model_compresses_end_to_end(spec, monkeypatch):
     # The modules choose their backend at call time: without the interpreter, the CPU path (the
     # Triton interpreter made the calibration forwards through compressed blocks take minutes).
     monkeypatch.setenv("TRITON_INTERPRET", "0")
-    from experiments.compress import compress_model, module_backends
+    from experiments.methods.compress import compress_model, module_backends
     from triton_kernels.nn.codebook import CodebookLinear
     from tests.test_compress import tiny_llama
 

@@ -1,4 +1,4 @@
-"""The structured family (experiments/families/structured.py) through the driver on a tiny Llama:
+"""The structured family (experiments/methods/families/structured.py) through the driver on a tiny Llama:
 spec parsing and errors, labels, sizes against the original shapes, removed blocks, decode columns,
 structured + quantization steps, and the sweep file."""
 import json
@@ -8,8 +8,8 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from experiments.compress import compress_model, parse_spec  # noqa: E402
-from experiments.families import family_of  # noqa: E402
+from experiments.methods.compress import compress_model, parse_spec  # noqa: E402
+from experiments.methods.families import family_of  # noqa: E402
 
 VOCAB = 97
 
@@ -143,15 +143,37 @@ def test_structured_then_quantized():
     assert torch.isfinite(out).all()
 
 
+def test_quantizes_with_the_driver_it_is_handed_and_its_report_pickles():
+    """A model-level family gets the driver from its caller (it imports nothing above experiments.methods.spec),
+    and its report is an ordinary module-level dataclass: it pickles, as executors need."""
+    import pickle
+
+    from experiments.methods.families.structured import FAMILY
+    calls = []
+
+    def driver(model, spec, calib_ids, *, progress=True):
+        calls.append(spec.label())
+        return compress_model(model, spec, calib_ids, progress=progress)
+
+    spec = parse_spec({"method": "layers", "criterion": "last", "blocks": 1, "decode_tokens": 0,
+                       "steps": [{"method": "rtn", "bits": 4, "group_size": 32}]})
+    report = FAMILY.compress_model(tiny(layers=3), spec, None, driver=driver, progress=False)
+    assert calls == [spec.steps[0].label()]
+    assert sum(r.module == "QuantLinear" for r in report.layers) == 2 * 7
+    back = pickle.loads(pickle.dumps(report))
+    assert type(back) is type(report) and back.summary() == report.summary()
+
+
 def test_check_fits_rejects_too_many_blocks():
-    from experiments.compress import check_spec_fits, layer_shapes
+    from experiments.lm.models import layer_shapes
+    from experiments.methods.compress import check_spec_fits
     shapes = layer_shapes(tiny(layers=3))
     with pytest.raises(ValueError, match="blocks=3 must be smaller than the model's 3 blocks"):
         check_spec_fits(parse_spec({"method": "layers", "criterion": "last", "blocks": 3}), shapes)
 
 
 def test_sweep_file_expands():
-    from experiments.sweep import resolve_sweeps
+    from experiments.run.sweep_config import resolve_sweeps
     (sw,) = resolve_sweeps("structured")
     full = sw.points(False)
     assert len(full) == 1 + 4 + 16 + 32 + 8
@@ -161,9 +183,9 @@ def test_sweep_file_expands():
 
 
 def test_linear_latency_times_each_distinct_shape_once_and_sums_over_the_model(monkeypatch):
-    import experiments.timing as timing
-    from experiments.algorithms.structured import prune_model
-    from experiments.families.structured import linear_latency
+    import experiments.core.timing as timing
+    from experiments.methods.algorithms.structured import prune_model
+    from experiments.methods.families.structured import linear_latency
     model = tiny(layers=3)
     prune_model(model, method="channels", criterion="magnitude", ratio=0.25, scope="global", floor=0.1)
     calls = []
@@ -174,8 +196,8 @@ def test_linear_latency_times_each_distinct_shape_once_and_sums_over_the_model(m
         return {"median_ms": float(out.shape[-1])}
 
     monkeypatch.setattr(timing, "time_fn", fake_time_fn)
-    from experiments.compress import linear_layers
-    from experiments.models import linear_weight
+    from experiments.lm.models import linear_layers
+    from experiments.lm.models import linear_weight
     shapes = [tuple(linear_weight(lin).shape) for _, lin in linear_layers(model)]
     assert linear_latency(model) == sum(n for n, _ in shapes)  # every linear counted, at its own shape
     assert len(calls) == len(set(shapes)) < len(shapes)  # each distinct shape timed once

@@ -1,4 +1,5 @@
-"""experiments.latency: spec -> format, layer shapes from the model, well-formed upserted rows, decode speed.
+"""experiments.measure (formats, layer_latency, decode_speed, the latency CLI): spec -> format, layer shapes
+from the model, well-formed upserted rows, decode speed.
 
 Nothing here asserts on speed (timed tests flake on a shared machine): only on the rows' structure,
 the ratio arithmetic within one run, and the device/backend bookkeeping.
@@ -10,8 +11,9 @@ import os
 import pytest
 import torch
 
-from experiments import latency, results
-from experiments.provenance import provenance
+from experiments.core import results
+from experiments.core.provenance import provenance
+from experiments.measure import decode_speed, formats, latency, layer_latency
 
 TINY_LLAMA = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
@@ -41,7 +43,7 @@ TINY_LLAMA = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidde
 ], ids=["rtn4g64", "gptq-same-grid", "rtn8pc-sym", "rtn3-default-group", "wanda2:4", "sparsegpt4:8",
         "magnitude70", "wanda-block16x32", "svd-ratio", "wsvd-rank", "combo-2:4+gptq", "dense", "rtn5-dense-cache"])
 def test_format_of(spec, expected):
-    assert latency.format_of(spec) == expected
+    assert formats.format_of(spec) == expected
 
 
 @pytest.mark.parametrize("spec, exc, words", [
@@ -52,13 +54,13 @@ def test_format_of(spec, expected):
 ], ids=["energy-needs-real-weights", "bad-pattern", "no-method", "unknown"])
 def test_format_of_rejects(spec, exc, words):
     with pytest.raises(exc, match=words):
-        latency.format_of(spec)
+        formats.format_of(spec)
 
 
 @pytest.mark.parametrize("N, K, ratio", [(576, 576, 0.5), (192, 576, 0.3), (11008, 4096, 0.25)],
                          ids=["576x576", "192x576", "11008x4096"])
 def test_rank_for_ratio_keeps_at_most_ratio_of_the_parameters(N, K, ratio):
-    r = latency.rank_for(N, K, {"kind": "lowrank", "ratio": ratio})
+    r = formats.rank_for(N, K, {"kind": "lowrank", "ratio": ratio})
     assert r * (N + K) <= ratio * N * K < (r + 1) * (N + K)
 
 
@@ -73,7 +75,7 @@ def test_model_layer_shapes_come_from_the_model():
     model, cfg = _tiny_llama()
     h, i = cfg.hidden_size, cfg.intermediate_size
     kv = cfg.num_key_value_heads * (h // cfg.num_attention_heads)
-    got = {(N, K): set(names.split(",")) for names, N, K in latency.model_layer_shapes(model)}
+    got = {(N, K): set(names.split(",")) for names, N, K in layer_latency.model_layer_shapes(model)}
     assert got == {(h, h): {"q_proj", "o_proj"}, (kv, h): {"k_proj", "v_proj"},
                    (i, h): {"gate_proj", "up_proj"}, (h, i): {"down_proj"}}
 
@@ -99,9 +101,9 @@ _MODULE_OF = {"quant": "triton_kernels.nn.quant", "sparse": "triton_kernels.nn.s
 def _available_specs():
     """The tiny specs whose module has landed (the modules are written in parallel with this file)."""
     import importlib.util
-    pytest.importorskip("experiments.timing")
+    pytest.importorskip("experiments.core.timing")
     specs = [s for s in TINY_SPECS
-             if importlib.util.find_spec(_MODULE_OF[latency.format_of(s)["kind"]]) is not None]
+             if importlib.util.find_spec(_MODULE_OF[formats.format_of(s)["kind"]]) is not None]
     if not specs:
         pytest.skip("no compressed-layer module (triton_kernels.nn.*) importable yet")
     return specs
@@ -111,7 +113,7 @@ def _available_specs():
 def _tiny_table(tmp_path_factory):
     specs = _available_specs()
     out = tmp_path_factory.mktemp("latency") / "latency_cpu.csv"
-    rows = latency.run_latency(specs, TINY_SHAPES, TINY_M, device="cpu", min_run_time=0.001,
+    rows = layer_latency.run_latency(specs, TINY_SHAPES, TINY_M, device="cpu", min_run_time=0.001,
                                out=out, log=lambda s: None)
     return out, rows, specs
 
@@ -133,7 +135,7 @@ def test_rows_are_well_formed(tiny_run):
     for r in on_disk:
         assert r["status"] == "ok", r["status"]
         assert r["device_type"] == "cpu" and r["device"] == prov["device"]
-        assert r["weights"] == latency.WEIGHTS_NOTE
+        assert r["weights"] == layer_latency.WEIGHTS_NOTE
         assert "benchmark" in r["timer"].lower(), r["timer"]  # torch.utils.benchmark on CPU
         assert r["backend"] not in ("", "auto", "unknown", "triton"), r["backend"]
         p20, med, p80 = float(r["p20_ms"]), float(r["median_ms"]), float(r["p80_ms"])
@@ -145,7 +147,7 @@ def test_rows_are_well_formed(tiny_run):
             # CPU backend keeps while timing (that one is resident_bytes).
             assert float(r["bits_per_weight"]) == 9.0 and r["backend"] == "dense"
             assert int(r["resident_bytes"]) == 4 * int(r["N"]) * int(r["K"])
-        kind = latency.format_of(spec)["kind"]
+        kind = formats.format_of(spec)["kind"]
         assert r["kind"] == kind
         if kind == "dense":
             assert r["act_dtype"] == spec["dtype"] and r["backend"] == "torch"
@@ -185,7 +187,7 @@ def test_speedup_is_the_ratio_to_dense_of_the_same_run(tiny_run):
 def test_interleaved_ratios_are_medians_of_per_round_ratios(tmp_path, monkeypatch):
     """interleave=R: each point and the dense layers are timed in R alternating rounds; the speedup is
     the median of the per-round ratios (not a ratio of medians), and the rows say so."""
-    from experiments import timing
+    from experiments.core import timing
     specs = _available_specs()[:1]
     seen = []
     real = timing.time_interleaved
@@ -196,7 +198,7 @@ def test_interleaved_ratios_are_medians_of_per_round_ratios(tmp_path, monkeypatc
         return out
     monkeypatch.setattr(timing, "time_interleaved", spy)
     out = tmp_path / "latency_cpu.csv"
-    rows = latency.run_latency(specs, TINY_SHAPES[:1], TINY_M[:1], device="cpu", min_run_time=0.001, out=out,
+    rows = layer_latency.run_latency(specs, TINY_SHAPES[:1], TINY_M[:1], device="cpu", min_run_time=0.001, out=out,
                                interleave=3, log=lambda s: None)
     compressed = [r for r in rows if r["kind"] != "dense"]
     assert compressed and len(seen) == len(compressed)
@@ -210,11 +212,11 @@ def test_interleaved_ratios_are_medians_of_per_round_ratios(tmp_path, monkeypatc
             assert r[f"speedup_vs_dense_{dt}"] == pytest.approx(per_round[1], rel=1e-12)
             assert r[f"dense_{dt}_median_ms"] == ts[f"dense_{dt}"]["median_ms"]
     with pytest.raises(ValueError, match="interleave"):
-        latency.run_latency(specs, TINY_SHAPES[:1], TINY_M[:1], device="cpu", out=out, interleave=-1)
+        layer_latency.run_latency(specs, TINY_SHAPES[:1], TINY_M[:1], device="cpu", out=out, interleave=-1)
 
 
 def test_time_interleaved_alternates_and_checks_rounds():
-    from experiments import timing
+    from experiments.core import timing
     order = []
     out = timing.time_interleaved({"a": lambda: order.append("a"), "b": lambda: order.append("b")}, "cpu",
                                   rounds=2, min_run_time=0.002)
@@ -242,7 +244,7 @@ def test_cpu_targets_preset_times_every_target_format_in_one_run(monkeypatch, tm
     """--formats cpu-targets: bits {2,3,4,5,6,8} x groups {32,64,128,-1} (+ dense-cache variants)
     at 4096x4096 and N=4096 x K=11008, M=1 and 16, in one run_latency call (ratios in one run)."""
     import argparse
-    p = latency.FORMAT_PRESETS["cpu-targets"]
+    p = layer_latency.FORMAT_PRESETS["cpu-targets"]
     grid = {(s["bits"], s["group_size"]) for s in p["specs"] if not s.get("cache_dequantized")}
     assert grid == {(b, g) for b in (2, 3, 4, 5, 6, 8) for g in (32, 64, 128, -1)}
     assert {(n, k) for _, n, k in p["shapes"]} == {(4096, 4096), (4096, 11008)} and tuple(p["Ms"]) == (1, 16)
@@ -265,11 +267,11 @@ def test_cpu_targets_preset_times_every_target_format_in_one_run(monkeypatch, tm
 
 def test_rerun_upserts_instead_of_duplicating(tiny_run):
     out, first, specs = tiny_run
-    second = latency.run_latency(specs[:1], TINY_SHAPES[:1], TINY_M[:1], device="cpu",
+    second = layer_latency.run_latency(specs[:1], TINY_SHAPES[:1], TINY_M[:1], device="cpu",
                                  min_run_time=0.001, out=out, log=lambda s: None)
     rows = results.read_rows(out)
     assert len(rows) == len(first)
-    keys = [tuple(r[k] for k in latency.KEY) for r in rows]
+    keys = [tuple(r[k] for k in layer_latency.KEY) for r in rows]
     assert len(set(keys)) == len(keys)
     new_run = second[0]["run_id"]
     replaced = [r for r in rows if r["run_id"] == new_run]
@@ -278,7 +280,7 @@ def test_rerun_upserts_instead_of_duplicating(tiny_run):
 
 def test_resume_skips_finished_points(tiny_run):
     out, first, specs = tiny_run
-    again = latency.run_latency(specs, TINY_SHAPES, TINY_M, device="cpu", min_run_time=0.001,
+    again = layer_latency.run_latency(specs, TINY_SHAPES, TINY_M, device="cpu", min_run_time=0.001,
                                 out=out, resume=True, log=lambda s: None)
     assert again == []
     assert len(results.read_rows(out)) == len(first)
@@ -288,7 +290,7 @@ def test_cuda_request_without_cuda_is_an_error(tmp_path):
     if torch.cuda.is_available():
         pytest.skip("a CUDA device is present")
     with pytest.raises(ValueError, match="device"):
-        latency.run_latency(TINY_SPECS, TINY_SHAPES, TINY_M, device="cuda", out=tmp_path / "x.csv")
+        layer_latency.run_latency(TINY_SPECS, TINY_SHAPES, TINY_M, device="cuda", out=tmp_path / "x.csv")
 
 
 # ------------------------------------------------------------------------------------- decode
@@ -307,13 +309,13 @@ def test_decode_tokens_per_second_on_a_tiny_llama(tmp_path):
     model, cfg = _tiny_llama()
     model.generation_config.eos_token_id = 2  # a random model may emit it: min_new_tokens must hold the length
     tok = _tiny_tokenizer()
-    r = latency.decode_tokens_per_second(model, tok, prompt="w3 w4 w5 w6", new_tokens=7, repeats=2)
+    r = decode_speed.decode_tokens_per_second(model, tok, prompt="w3 w4 w5 w6", new_tokens=7, repeats=2)
     assert r["new_tokens"] == 7 and r["prompt_tokens"] == 4 and r["repeats"] == 2
     assert r["seconds_min"] <= r["seconds_median"]
     assert r["tokens_per_s"] == pytest.approx(7 / r["seconds_median"])
     out = tmp_path / "decode_cpu.csv"
-    latency.record_decode(model, tok, label="dense", prompt="w3 w4 w5 w6", new_tokens=5, repeats=1, out=out)
-    row = latency.record_decode(model, tok, label="dense", prompt="w3 w4 w5 w6", new_tokens=5, repeats=1,
+    decode_speed.record_decode(model, tok, label="dense", prompt="w3 w4 w5 w6", new_tokens=5, repeats=1, out=out)
+    row = decode_speed.record_decode(model, tok, label="dense", prompt="w3 w4 w5 w6", new_tokens=5, repeats=1,
                                 out=out, dense_tokens_per_s=100.0)
     rows = results.read_rows(out)
     assert len(rows) == 1 and rows[0]["device_type"] == "cpu" and rows[0]["dtype"] == "fp32"
@@ -323,7 +325,7 @@ def test_decode_tokens_per_second_on_a_tiny_llama(tmp_path):
 def test_decode_under_torch_compile_gives_the_eager_tokens(monkeypatch):
     """``compile=True``: static cache + fullgraph-compiled forward of a quantized tiny Llama (CPU
     backends); the tokens equal eager greedy decoding and the model's forward is restored after."""
-    from experiments.compress import compress_model, parse_spec
+    from experiments.methods.compress import compress_model, parse_spec
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # the CPU weight-only ops, not the interpreter
     model, _ = _tiny_llama()
     model.generation_config.eos_token_id = 2
@@ -333,7 +335,7 @@ def test_decode_under_torch_compile_gives_the_eager_tokens(monkeypatch):
     kw = dict(do_sample=False, max_new_tokens=4, min_new_tokens=4, pad_token_id=1, attention_mask=torch.ones_like(ids))
     with torch.no_grad():
         eager = model.generate(ids, **kw)
-    r = latency.decode_tokens_per_second(model, None, input_ids=ids, new_tokens=4, repeats=1, progress=False,
+    r = decode_speed.decode_tokens_per_second(model, None, input_ids=ids, new_tokens=4, repeats=1, progress=False,
                                          compile=True)
     assert r["compiled"] and r["compile_seconds"] > 0 and r["new_tokens"] == 4 and "torch.compile" in r["timer"]
     assert "forward" not in model.__dict__  # the compiled forward was removed again
@@ -345,17 +347,17 @@ def test_decode_from_token_ids_without_a_tokenizer():
     model, _ = _tiny_llama()
     model.generation_config.eos_token_id = 2
     ids = torch.arange(3, 9).unsqueeze(0)
-    r = latency.decode_tokens_per_second(model, None, input_ids=ids, new_tokens=5, repeats=1, progress=False)
+    r = decode_speed.decode_tokens_per_second(model, None, input_ids=ids, new_tokens=5, repeats=1, progress=False)
     assert r["new_tokens"] == 5 and r["prompt_tokens"] == 6 and r["prompt"] == "<6 token ids>"
     with pytest.raises(ValueError, match="input_ids must be a \\(1, n\\) LongTensor"):
-        latency.decode_tokens_per_second(model, None, input_ids=torch.ones(2, 3, dtype=torch.long), new_tokens=2)
+        decode_speed.decode_tokens_per_second(model, None, input_ids=torch.ones(2, 3, dtype=torch.long), new_tokens=2)
 
 
 def test_sweep_specs_leave_out_model_level_families():
     """Structured pruning changes the model's shapes, not a layer's format: no layer timing rows for it."""
-    specs = latency.load_sweep_specs("structured", quick=False)
+    specs = layer_latency.load_sweep_specs("structured", quick=False)
     assert specs == []
-    assert latency.load_sweep_specs("sparsity", quick=True)
+    assert layer_latency.load_sweep_specs("sparsity", quick=True)
 
 
 @pytest.mark.parametrize("kw, words", [({"new_tokens": 0}, "new_tokens"), ({"repeats": 0}, "repeats")],
@@ -363,7 +365,7 @@ def test_sweep_specs_leave_out_model_level_families():
 def test_decode_rejects_bad_arguments(kw, words):
     model, _ = _tiny_llama()
     with pytest.raises(ValueError, match=words):
-        latency.decode_tokens_per_second(model, _tiny_tokenizer(), **kw)
+        decode_speed.decode_tokens_per_second(model, _tiny_tokenizer(), **kw)
 
 
 # ------------------------------------------------------------------------------ one machine per table
@@ -376,15 +378,15 @@ def test_latency_into_a_table_of_another_machine_is_refused_before_timing(tiny_r
     before = out.read_bytes()
     timed = []
     with pytest.raises(results.ContextMismatch, match=r"device: table has 'CPU Intel\(R\) Xeon\(R\) \(2 threads\)'"):
-        latency.run_latency(specs, TINY_SHAPES, TINY_M, device="cpu", min_run_time=0.001, out=out, resume=True,
+        layer_latency.run_latency(specs, TINY_SHAPES, TINY_M, device="cpu", min_run_time=0.001, out=out, resume=True,
                             log=timed.append)
     assert timed == [] and out.read_bytes() == before
 
 
 def test_decode_resume_skips_finished_rows_without_loading_the_model(tmp_path, monkeypatch):
     """A rerun of reproduce's decode step with every row present measures nothing and loads no model."""
-    from experiments import models
-    from experiments.compress import parse_spec
+    from experiments.lm import models
+    from experiments.methods.compress import parse_spec
 
     def no_load(*a, **k):
         raise AssertionError("the model was loaded although every decode row was done")
@@ -398,26 +400,26 @@ def test_decode_resume_skips_finished_rows_without_loading_the_model(tmp_path, m
     for label, spec in (("dense", {"method": "dense"}), (parse_spec(specs[0]).label(), parse_spec(specs[0]).to_dict())):
         for dt in ("fp32", "bf16"):
             done.append({**prov, "label": f"{label} {dt}", "spec": json.dumps(spec, sort_keys=True), "dtype": dt,
-                         "new_tokens": 8, "prompt": latency.DEFAULT_PROMPT, "tokens_per_s": 10.0})
+                         "new_tokens": 8, "prompt": decode_speed.DEFAULT_PROMPT, "tokens_per_s": 10.0})
     results.write_rows(out, done)
     before = out.read_bytes()
     log = []
-    assert latency.run_decode(specs, device=torch.device("cpu"), new_tokens=8, out=out, resume=True,
+    assert decode_speed.run_decode(specs, device=torch.device("cpu"), new_tokens=8, out=out, resume=True,
                               log=log.append) == []
     assert log == [f"[decode cpu] {parse_spec(specs[0]).label()}: already in {out}"] and out.read_bytes() == before
     # A table of another machine is refused before anything is measured.
     results.write_rows(out, [{**r, "device": "CPU other (2 threads)"} for r in done])
     with pytest.raises(results.ContextMismatch, match="device"):
-        latency.run_decode(specs, device=torch.device("cpu"), new_tokens=8, out=out, resume=True, log=log.append)
+        decode_speed.run_decode(specs, device=torch.device("cpu"), new_tokens=8, out=out, resume=True, log=log.append)
 
 
 def test_decode_reports_progress_on_stderr(capsys, monkeypatch):
     """Issue 8: decode timing was silent for ~60 s per model; it now prints a line per generate call
-    (in a redirected log: plain lines, see experiments.progress)."""
+    (in a redirected log: plain lines, see experiments.core.progress)."""
     monkeypatch.setenv("TKR_PROGRESS_INTERVAL", "0")
     monkeypatch.delenv("TQDM_DISABLE", raising=False)
     model, _ = _tiny_llama()
-    latency.decode_tokens_per_second(model, _tiny_tokenizer(), prompt="w3 w4", new_tokens=2, repeats=2,
+    decode_speed.decode_tokens_per_second(model, _tiny_tokenizer(), prompt="w3 w4", new_tokens=2, repeats=2,
                                      label="decode tiny fp32")
     cap = capsys.readouterr()
     err = cap.err.splitlines()

@@ -9,7 +9,7 @@ from torch import nn
 
 transformers = pytest.importorskip("transformers")
 
-from experiments import models  # noqa: E402
+from experiments.lm import models  # noqa: E402
 
 VOCAB = 97
 # fp32 only: the harness runs models in fp32. Blocks run on captured inputs must reproduce the
@@ -381,7 +381,7 @@ def test_default_model_load_draws_no_bars_in_a_log():
     from pathlib import Path
     import os
     env = {k: v for k, v in os.environ.items() if k != "TQDM_DISABLE"}
-    r = subprocess.run([sys.executable, "-c", "from experiments import models; models.load_model('default')"],
+    r = subprocess.run([sys.executable, "-c", "from experiments.lm import models; models.load_model('default')"],
                        cwd=Path(__file__).resolve().parent.parent, env=env, capture_output=True, text=True,
                        timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]

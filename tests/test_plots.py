@@ -10,7 +10,7 @@ matplotlib.use("Agg")
 
 import pytest  # noqa: E402
 
-from experiments import plots  # noqa: E402
+from experiments.analysis import plots  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 

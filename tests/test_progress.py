@@ -1,4 +1,4 @@
-"""experiments.progress: tqdm on a terminal, plain lines in a redirected log; stdout carries only products.
+"""experiments.core.progress: tqdm on a terminal, plain lines in a redirected log; stdout carries only products.
 
 Issue 8: tqdm bars turned into control-character soup in redirected logs, long steps were silent,
 and status lines and paths went to different streams in no fixed order.
@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from experiments.progress import LineProgress, progress_bar
+from experiments.core.progress import LineProgress, progress_bar
 
 REPO = Path(__file__).resolve().parent.parent
 

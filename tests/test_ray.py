@@ -1,4 +1,4 @@
-"""Sweeps on Ray (``--executor ray``, experiments.executors.RayExecutor) give the serial runner's table.
+"""Sweeps on Ray (``--executor ray``, experiments.run.executors.RayExecutor) give the serial runner's table.
 
 A tiny random Llama (as in test_cli.py) and one local Ray instance with 2 CPUs and no dashboard,
 started once for the module (Ray takes seconds to start). The serial reference runs with one torch
@@ -23,8 +23,10 @@ import pytest
 import ray
 import torch
 
-from experiments.executors import PointsFailed, RayExecutor, failed_path, init_ray, ray_runtime_env
-from experiments.sweep import load_sweep, measure_point, run_sweeps
+from experiments.run.executors import PointsFailed, RayExecutor, failed_path, init_ray, ray_runtime_env
+from experiments.run.point import measure_point
+from experiments.run.sweep import run_sweeps
+from experiments.run.sweep_config import load_sweep
 from tests.tiny_model import build_tiny
 
 REPO = Path(__file__).resolve().parent.parent
@@ -271,7 +273,7 @@ def test_missing_ray_is_one_setup_error(tiny, tmp_path, capsys, monkeypatch):
 
 
 def test_the_serial_path_never_imports_ray():
-    code = ("import sys; import experiments.__main__, experiments.sweep, experiments.executors as e; "
+    code = ("import sys; import experiments.__main__, experiments.run.sweep, experiments.run.executors as e; "
             "e.make_executor('serial').check_device('cpu'); assert 'ray' not in sys.modules, 'ray imported'")
     r = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=_env(), capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr

@@ -1,10 +1,11 @@
-"""experiments.roofline: arithmetic of both regimes, bytes from the modules' memory_bytes(), the table, the join."""
+"""experiments.measure.roofline: arithmetic of both regimes, bytes from the modules' memory_bytes(), the table, the join."""
 import math
 
 import pytest
 import torch
 
-from experiments import results, roofline
+from experiments.core import results
+from experiments.measure import roofline
 
 
 @pytest.mark.parametrize("gpu", sorted(roofline.GPUS))
@@ -92,7 +93,7 @@ def test_weight_bytes_equal_the_modules_memory_bytes(kind, fmt):
     mod_name = {"quant": "triton_kernels.nn.quant", "sparse": "triton_kernels.nn.sparse",
                 "lowrank": "triton_kernels.nn.lowrank"}[kind]
     nn_mod = pytest.importorskip(mod_name)
-    # Built here independently of experiments.latency.build_layer, from an fp16 linear.
+    # Built here independently of experiments.measure.formats.build_layer, from an fp16 linear.
     torch.manual_seed(1)
     lin = torch.nn.Linear(K, N, bias=False).half()
     # backend="triton": the GPU storage format (conftest sets TRITON_INTERPRET=1, so it can be built here).

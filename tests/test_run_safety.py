@@ -21,7 +21,7 @@ import time
 
 import pytest
 
-from experiments import results, runs
+from experiments.core import results, runs
 from tests.test_cli import REPO, _env, rows, tiny  # noqa: F401  (tiny is a fixture)
 
 QUICK_SWEEP = """\
@@ -47,7 +47,7 @@ def _last_error(capsys):
 @pytest.mark.parametrize("name", ["../../results/quick/quant", "sub/quant", "..", "a..b", "quant\\x", "", " x",
                                   "x y", 12])
 def test_a_sweep_name_must_be_a_plain_name(tmp_path, name):
-    from experiments.sweep import load_sweep
+    from experiments.run.sweep_config import load_sweep
     f = tmp_path / "s.yaml"
     f.write_text(f"name: {json.dumps(name)}\npoints: [{{method: dense}}]\n")
     with pytest.raises(ValueError, match=r"s\.yaml: name .* must be a plain name \(letters, digits, '\.', '_', "
@@ -56,7 +56,7 @@ def test_a_sweep_name_must_be_a_plain_name(tmp_path, name):
 
 
 def test_a_sweep_file_name_that_is_not_a_plain_name_needs_a_name_key(tmp_path):
-    from experiments.sweep import load_sweep
+    from experiments.run.sweep_config import load_sweep
     f = tmp_path / "my sweep.yaml"
     f.write_text("points: [{method: dense}]\n")
     with pytest.raises(ValueError, match=r"name 'my sweep' \(from the file name\) must be a plain name"):
@@ -193,7 +193,7 @@ def test_a_killed_run_leaves_no_lock_behind(tmp_path):
     """kill -9 of the lock holder (no cleanup runs) frees the run directory for the next run."""
     d = tmp_path / "run"
     holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from pathlib import Path; "
-                               "from experiments.runs import run_dir_lock\n"
+                               "from experiments.core.runs import run_dir_lock\n"
                                "with run_dir_lock(Path(sys.argv[1])):\n    print('locked', flush=True); time.sleep(60)",
                                str(d)], cwd=REPO, stdout=subprocess.PIPE, text=True)
     try:
@@ -216,13 +216,14 @@ def test_a_killed_run_leaves_no_lock_behind(tmp_path):
 def test_a_point_finished_meanwhile_is_not_measured_again(tiny, tmp_path, monkeypatch):  # noqa: F811
     """"Finished" is checked again before each point (and before its row is appended): a row that another
     writer added meanwhile is neither measured again nor duplicated."""
-    from experiments import sweep as sweep_mod
-    from experiments.sweep import load_sweep, run_sweeps
+    from experiments.run import point as point_mod
+    from experiments.run.sweep import point_id, run_sweeps
+    from experiments.run.sweep_config import load_sweep
     model, text, _ = tiny
     f = tmp_path / "q.yaml"
     f.write_text(QUICK_SWEEP.format(name="q"))
     sw = load_sweep(f)
-    real = sweep_mod.measure_point
+    real = point_mod.measure_point
     measured = []
 
     def measure(run, sweep, pid, spec, settings, windows, calib, *, progress=True):
@@ -230,13 +231,13 @@ def test_a_point_finished_meanwhile_is_not_measured_again(tiny, tmp_path, monkey
         row = real(run, sweep, pid, spec, settings, windows, calib, progress=progress)
         if len(measured) == 1:
             # Another writer appends the rows of the 2nd and 3rd points while the first is measured.
-            others = [(sweep_mod.point_id(s, settings, run.model_name, run.corpus), s) for s in sw.full_points[1:]]
+            others = [(point_id(s, settings, run.model_name, run.corpus), s) for s in sw.full_points[1:]]
             for opid, s in others:
                 results.append_row(table, {**row, "point_id": opid, "point": s.label()})
         return row
 
     table = tmp_path / "run" / "sweep_q.csv"
-    monkeypatch.setattr(sweep_mod, "measure_point", measure)
+    monkeypatch.setattr(point_mod, "measure_point", measure)
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     run_sweeps([sw], model=str(model), text_file=str(text), out_dir=tmp_path / "run", progress=False,
                log=lambda s: None)

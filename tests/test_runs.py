@@ -16,8 +16,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from experiments import compare, plots, promote, reproduce, results, runs, summary
-from experiments.results import ContextMismatch
+from experiments.analysis import compare, plots, promote, reproduce, summary
+from experiments.core import results, runs
+from experiments.core.results import ContextMismatch
 
 REPO = Path(__file__).resolve().parent.parent
 REF_QUICK = REPO / "results" / "quick"
@@ -289,7 +290,8 @@ def test_promote_replaces_whole_tables_only_for_a_finished_run(tmp_path):
 def test_reproduce_recomputes_into_its_run_then_a_rerun_skips_every_step(runs_dir, monkeypatch, capsys):
     """Fresh clone: the committed reference tables must not count as done; every step writes into the
     run directory. Rerun: every finished step is skipped without loading anything."""
-    from experiments import latency, roofline, sweep
+    from experiments.measure import decode_speed, latency, roofline
+    from experiments.run import sweep
     import papermill
 
     calls = []
@@ -324,7 +326,7 @@ def test_reproduce_recomputes_into_its_run_then_a_rerun_skips_every_step(runs_di
 
     monkeypatch.setattr(sweep, "run_sweeps", fake_sweeps)
     monkeypatch.setattr(latency, "main", fake_latency)
-    monkeypatch.setattr(latency, "run_decode", fake_decode)
+    monkeypatch.setattr(decode_speed, "run_decode", fake_decode)
     monkeypatch.setattr(roofline, "main", fake_roofline)
     monkeypatch.setattr(papermill, "execute_notebook", fake_notebook)
     args = argparse.Namespace(quick=True, device="cpu", run=None, out_dir=None, skip_notebooks=False,
@@ -362,7 +364,7 @@ def test_reproduce_recomputes_into_its_run_then_a_rerun_skips_every_step(runs_di
 
 
 def test_migration_splits_a_mixed_table_without_editing_a_value(tmp_path):
-    from experiments import migrate
+    from experiments.analysis import migrate
 
     rows = [{"device_type": "cpu", "device": AMD, "torch": "2.13.0", "ms": str(i)} for i in range(3)]
     rows.insert(1, {"device_type": "cpu", "device": "CPU AMD EPYC (1 threads)", "torch": "2.13.0", "ms": "9"})
@@ -385,7 +387,7 @@ def test_step_digest_reads_the_files(tmp_path):
 
 @pytest.mark.parametrize("command", ["latency", "roofline", "bench_dequant", "bench_sparse_lowrank"])
 def test_explicit_outputs_into_the_reference_are_refused(command):
-    from experiments import latency, roofline
+    from experiments.measure import latency, roofline
 
     target = str(REPO / "results" / "quick" / "x.csv")
     if command == "latency":

@@ -1,4 +1,4 @@
-"""Save/reload of compressed models (experiments.saving): bit-exact round trips for every family,
+"""Save/reload of compressed models (experiments.run.saving): bit-exact round trips for every family,
 clear errors for damaged directories or another base model, atomic writes."""
 import copy
 import json
@@ -13,8 +13,8 @@ import torch
 from torch import nn
 
 import triton_kernels.nn  # noqa: F401  (kernels decorated now, while conftest's TRITON_INTERPRET=1 holds)
-from experiments.compress import compress_model, parse_spec
-from experiments.saving import (BASE_FILE, LAYERS_FILE, MANIFEST, SERIALIZERS, CompressedFormatError,
+from experiments.methods.compress import compress_model, parse_spec
+from experiments.run.saving import (BASE_FILE, LAYERS_FILE, MANIFEST, SERIALIZERS, CompressedFormatError,
                                 load_compressed, read_manifest, save_compressed)
 from tests.test_compress import tiny_llama
 
@@ -235,7 +235,7 @@ def test_existing_directory_needs_overwrite(saved, data):
 
 
 def test_failed_save_leaves_nothing(tmp_path, data, monkeypatch):
-    import experiments.saving as S
+    import experiments.run.saving as S
     model, report = _compressed(SPECS[1], data[0])
     calls = []
 
@@ -255,8 +255,8 @@ def test_failed_save_leaves_nothing(tmp_path, data, monkeypatch):
 _KILL_SCRIPT = """
 import os, signal, sys, torch
 sys.path.insert(0, {root!r})
-import experiments.saving as S
-from experiments.compress import compress_model
+import experiments.run.saving as S
+from experiments.methods.compress import compress_model
 from tests.test_compress import tiny_llama
 model = tiny_llama()
 report = compress_model(model, {{"method": "rtn", "bits": 4, "group_size": 32}}, None, progress=False)
@@ -320,7 +320,7 @@ def test_structured_like_model_round_trips(tmp_path, data):
 
     class R:  # what the structured family's report carries
         kept_blocks = [1]
-    from experiments.compress import CompressionReport
+    from experiments.methods.compress import CompressionReport
     report = CompressionReport(spec=parse_spec({"method": "rtn", "bits": 4, "group_size": 16}))
     report.kept_blocks = R.kept_blocks
     for include in (False, True):

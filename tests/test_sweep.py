@@ -6,9 +6,10 @@ import json
 
 import pytest
 
-from experiments.compress import parse_spec
-from experiments.sweep import (SWEEPS_DIR, available_sweeps, load_sweep, method_columns, point_id,
-                               resolve_sweeps)
+from experiments.methods.compress import parse_spec
+from experiments.run.point import method_columns
+from experiments.run.sweep import point_id
+from experiments.run.sweep_config import SWEEPS_DIR, available_sweeps, load_sweep, resolve_sweeps
 
 SHIPPED = ("quant", "sparsity", "lowrank", "combo", "nonuniform", "structured")
 SETTINGS = {"seqlen": 512, "eval_tokens": 8192, "calib_samples": 16, "calib_seqlen": 512, "seed": 0}
@@ -102,7 +103,7 @@ def test_accuracy_runs_turn_backend_timing_off_and_restore_it():
     perplexity's last digits depend on the machine's load. The switch is restored, also after an error."""
     import inspect
 
-    from experiments import sweep
+    from experiments.run import point
     from triton_kernels.nn import _backend
     assert _backend.autotune_enabled()
     with pytest.raises(RuntimeError):
@@ -111,6 +112,6 @@ def test_accuracy_runs_turn_backend_timing_off_and_restore_it():
             assert _backend.measured_choice(("k",), {"a": lambda: None, "b": lambda: None}) == "a"
             raise RuntimeError
     assert _backend.autotune_enabled() and ("k",) not in _backend.cached_choices()
-    src = inspect.getsource(sweep.measure_point)
+    src = inspect.getsource(point.measure_point)
     assert "with autotune(False):" in src and src.index("with autotune(False):") < src.index("_compressed_point(")
-    assert "compress_model(" in inspect.getsource(sweep._compressed_point)
+    assert "compress_model(" in inspect.getsource(point._compressed_point)

@@ -1,0 +1,395 @@
+"""Headline numbers as Markdown tables, read from the result tables; the README and docs/ hold its output.
+
+    python -m experiments summary [--quick] [--run NAME | --results-dir DIR]     # every table
+    python -m experiments summary --only headline|compile|sweep-<name>|latency|decode
+    python -m experiments summary --write-docs | --check-docs                     # README.md, docs/
+
+Nothing here measures anything: it selects rows of ``sweep_*.csv``, ``latency_*.csv`` and
+``decode_*.csv`` of the reference results (``results/``, default) or of a run directory, and prints
+them with the model, text, device, date and command that produced them. Rows of different contexts
+(``experiments.core.runs.SWEEP_CONTEXT`` / ``MEASURE_CONTEXT``: another model, text, settings or machine)
+are never merged under one heading: each context gets its own heading, and a table that mixes
+several contexts is flagged.
+
+The README and the pages under ``docs/`` hold generated blocks between
+``<!-- summary:NAME:begin ... -->`` and ``<!-- summary:NAME:end -->`` (NAME one of :data:`BLOCKS`);
+``--write-docs`` rewrites each from the reference ``results/`` and ``--check-docs`` fails when one
+differs (``tests/test_docs.py`` checks the same).
+"""
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from pathlib import Path
+
+import pandas as pd
+
+from experiments.analysis.plots import (RESULTS, SWEEPS, UNIFORM_METHODS, model_layer_speedup, results_dir,
+                               with_decode_speedup)
+from experiments.core.runs import MEASURE_CONTEXT, REPO, SWEEP_CONTEXT, check_run_name, runs_root
+
+
+def _fmt(v, nd=3):
+    return "" if pd.isna(v) else f"{v:.{nd}g}"
+
+
+def split_contexts(df: pd.DataFrame, columns) -> list[tuple[dict, pd.DataFrame]]:
+    """``df`` split by the values of ``columns`` it has, in order of first appearance."""
+    cols = [c for c in columns if c in df.columns]
+    if not cols or not len(df):
+        return [({}, df)]
+    keys = df[cols].astype(str).fillna("").agg("\x1f".join, axis=1)
+    return [(dict(zip(cols, k.split("\x1f"))), df[keys == k]) for k in dict.fromkeys(keys)]
+
+
+def _mixed_note(path: Path, parts: list) -> str:
+    varying = sorted({c for ctx, _ in parts for c in ctx if len({p[0].get(c) for p in parts}) > 1})
+    return (f"**Warning: {path} mixes {len(parts)} contexts (they differ in {', '.join(varying)}); "
+            f"they are shown separately below, never merged.**\n")
+
+
+def _rel(path: Path, root: Path) -> str:
+    """``path`` relative to the repository when inside it (results/..., runs/...), else absolute."""
+    try:
+        return str(path.resolve().relative_to(REPO))
+    except ValueError:
+        return str(path)
+
+
+def _origins(tables: list[tuple[str, pd.DataFrame]]) -> str:
+    """Which commit and day produced each table of a section: ``quant: commit abc, 2026-11-24; ...``."""
+    parts = []
+    for name, df in tables:
+        commits = ", ".join(dict.fromkeys(df["git_commit"].astype(str)))
+        days = sorted({str(t)[:10] for t in df["timestamp"]})
+        parts.append(f"{name}: commit {commits}, {days[0]}" + (f" to {days[-1]}" if len(days) > 1 else ""))
+    return "; ".join(parts)
+
+
+def _sweep_sections(quick: bool, root: Path, names=None) -> tuple[list[str], dict]:
+    """The sweep tables (all of :data:`SWEEPS`, or ``names``) grouped by context: (warnings, sections)."""
+    sections: dict[tuple, list[tuple[str, pd.DataFrame]]] = {}
+    notes = []
+    tables = {name: (path, pd.read_csv(path)) for name in (names or SWEEPS)
+              if (path := results_dir(quick, root) / f"sweep_{name}.csv").exists()}
+    # Sections by the context columns every table has: a table written before a context column existed
+    # (text_sha256) joins the section of the tables that agree with it on all the others. Within a table
+    # every context column it has must agree.
+    shared = [c for c in SWEEP_CONTEXT if all(c in df.columns for _, df in tables.values())]
+    for name, (path, table) in tables.items():
+        parts = split_contexts(table, SWEEP_CONTEXT)
+        if len(parts) > 1:
+            notes.append(_mixed_note(path, parts))
+        for ctx, df in split_contexts(table, shared):
+            sections.setdefault(tuple(sorted(ctx.items())), []).append((name, df))
+    return notes, sections
+
+
+def _decode_table(quick: bool, root: Path) -> tuple[Path, pd.DataFrame | None]:
+    path = results_dir(quick, root) / "decode_cpu.csv"
+    return path, (pd.read_csv(path) if path.exists() else None)
+
+
+def sweep_summary(quick: bool, root: Path = RESULTS, names=None) -> str:
+    """Every point of the sweep tables (all, or the sweeps ``names``), one table per context."""
+    notes, sections = _sweep_sections(quick, root, names)
+    if not sections:
+        return "(no sweep tables yet)"
+    out = notes[:]
+    if len(sections) > 1:
+        out.append(f"**The sweep tables hold {len(sections)} different contexts (model, text, settings or "
+                   f"machine); one section each.**\n")
+    decode_path, decode = _decode_table(quick, root)
+    command = "python -m experiments run " + (" ".join(names) if names else "all") + (" --quick" if quick else "")
+    for tables in sections.values():
+        meta = tables[0][1].iloc[0]
+        lines = ["| sweep | point | bits/weight | x smaller than fp16 | perplexity | decode x vs dense | "
+                 "aliases source grid |", "|---|---|---|---|---|---|---|"]
+        dev = ""
+        for name, df in tables:
+            df, d = with_decode_speedup(df.assign(sweep=name), decode)
+            dev = dev or d
+            for _, r in df.sort_values(["method", "bits_per_weight"]).iterrows():
+                sp = f"{_fmt(r['speedup'])} ({r['speedup_dtype']})" if pd.notna(r["speedup"]) else ""
+                lines.append(f"| {name} | {r['point']} | {_fmt(r['bits_per_weight'])} | {_fmt(r['compression_vs_fp16'])} "
+                             f"| {_fmt(r['ppl'], 4)} | {sp} "
+                             f"| {'yes' if str(r['aliases_source_grid']).lower() == 'true' else ''} |")
+        speed = ("\n\n*decode x vs dense*: measured greedy-decode speedup over the dense model in the same dtype: "
+                 "structured points their own (timed back to back with dense in the sweep), the other points "
+                 f"that of their storage format in `{_rel(decode_path, root)}`"
+                 + (f" ({dev})" if dev else "") + "; empty where no decode row exists.")
+        out.append(f"Model {meta['model']}, evaluation text {meta['evaluation_text']} ({int(meta['eval_tokens'])} tokens, "
+                   f"seqlen {int(meta['seqlen'])}), calibration {meta['calibration_text']}; device {meta['device']}; "
+                   f"{_origins(tables)}; "
+                   f"command: `{command}`.{speed}\n\n"
+                   + "\n".join(lines))
+    return "\n\n".join(out)
+
+def _method(r) -> str:
+    return str(r.get("method", ""))
+
+
+def _unquantized(r) -> bool:
+    return pd.isna(r.get("quant_method"))
+
+
+# The README's headline table: one row per question, each the lowest-perplexity point of the sweeps named
+# that matches the predicate (a row whose sweeps hold no such point is left out).
+HEADLINE_ROWS = (
+    ("dense (fp16 storage)", ("quant",), lambda r: _method(r) == "dense"),
+    ("4-bit weights, uniform grid (RTN, GPTQ)", ("quant", "nonuniform"),
+     lambda r: _method(r) in UNIFORM_METHODS and r["bits"] == 4),
+    ("3-bit weights, uniform grid (RTN, GPTQ)", ("quant", "nonuniform"),
+     lambda r: _method(r) in UNIFORM_METHODS and r["bits"] == 3),
+    ("4-bit weights, codebook (non-uniform grid)", ("nonuniform",),
+     lambda r: _method(r) not in (*UNIFORM_METHODS, "dense") and r["bits"] == 4),
+    ("3-bit weights, codebook (non-uniform grid)", ("nonuniform",),
+     lambda r: _method(r) not in (*UNIFORM_METHODS, "dense") and r["bits"] == 3),
+    ("2:4 sparsity", ("sparsity",), lambda r: str(r.get("pattern")) == "2:4"),
+    ("50% unstructured sparsity", ("sparsity",),
+     lambda r: str(r.get("pattern")) == "unstructured" and r["sparsity"] == 0.5),
+    ("50% sparsity in 32x32 blocks", ("sparsity",),
+     lambda r: str(r.get("pattern")).startswith("block") and r["sparsity"] == 0.5),
+    ("low rank, 50% of the parameters", ("lowrank",), lambda r: r["ratio"] == 0.5),
+    ("low rank, 90% of the parameters", ("lowrank",), lambda r: r["ratio"] == 0.9),
+    ("2:4 sparsity + 4-bit", ("combo",), lambda r: str(r.get("pattern")) == "2:4" and r["bits"] == 4),
+    ("20% of the MLP channels removed", ("structured",),
+     lambda r: _method(r) == "channels" and r["sparsity"] == 0.2 and _unquantized(r)),
+    ("10% of the attention heads removed", ("structured",),
+     lambda r: _method(r) == "heads" and r["sparsity"] == 0.1 and _unquantized(r)),
+    ("4 whole blocks dropped", ("structured",),
+     lambda r: _method(r) == "layers" and r["blocks"] == 4 and _unquantized(r)),
+    ("structured pruning + 4-bit", ("structured",),
+     lambda r: _method(r) != "dense" and r.get("quant_method") in UNIFORM_METHODS and r["bits"] == 4),
+)
+
+
+def headline_summary(quick: bool = False, root: Path = RESULTS) -> str:
+    """The best point of each family at each setting of :data:`HEADLINE_ROWS`, with size, perplexity
+    and measured decode speedup; one table per context."""
+    notes, sections = _sweep_sections(quick, root)
+    if not sections:
+        return "(no sweep tables yet)"
+    out = notes[:]
+    if len(sections) > 1:
+        out.append(f"**The sweep tables hold {len(sections)} different contexts (model, text, settings or "
+                   f"machine); one headline table each.**\n")
+    decode_path, decode = _decode_table(quick, root)
+    for tables in sections.values():
+        by_name = dict(tables)
+        meta = tables[0][1].iloc[0]
+        lines = ["| compression | best point (sweep) | bits/weight | MB | perplexity | decode × dense |",
+                 "|---|---|---|---|---|---|"]
+        dev, modelled = "", False
+        for label, sweeps, pick in HEADLINE_ROWS:
+            frames = [by_name[n].assign(sweep=n) for n in sweeps if n in by_name]
+            if not frames:
+                continue
+            df = pd.concat(frames, ignore_index=True)
+            df = df[[bool(pick(r)) for _, r in df.iterrows()] if len(df) else []]
+            df = df[pd.to_numeric(df["ppl"], errors="coerce").notna()]
+            if not len(df):
+                continue
+            df, d = with_decode_speedup(df.loc[[pd.to_numeric(df["ppl"]).idxmin()]], decode)
+            dev = dev or d
+            r = df.iloc[0]
+            star = str(r.get("size_is_modelled")).lower() == "true"
+            modelled = modelled or star
+            if _method(r) == "dense":
+                sp = "1"
+            elif pd.notna(r["speedup"]):
+                sp = _fmt(r["speedup"]) + ("" if r["speedup_dtype"] == "bf16" else f" ({r['speedup_dtype']})")
+            else:
+                sp = ""
+            lines.append(f"| {label} | {r['point']} ({r['sweep']}) | {_fmt(r['bits_per_weight'])}{'*' if star else ''} "
+                         f"| {_fmt(r['bytes'] / 1e6)}{'*' if star else ''} | {_fmt(r['ppl'], 4)} | {sp} |")
+        out.append(
+            f"Model {meta['model']}; perplexity on {meta['evaluation_text']} ({int(meta['eval_tokens'])} tokens, "
+            f"seqlen {int(meta['seqlen'])}); each row the lowest perplexity the sweep tables hold for that "
+            f"setting (`python -m experiments summary --headline`). Size: the transformer blocks' weights, "
+            f"bits per original weight and MB (floats counted at 16 bits). *decode × dense*: measured "
+            f"greedy-decode speedup over the dense model, bf16, on {dev or meta['device']} (structured points "
+            f"timed with the dense model in their sweep, the others by their storage format in "
+            f"`{_rel(decode_path, root)}`; empty where that format has no decode row)."
+            + (" \\* modelled size: no fused sparse + quantized kernel exists." if modelled else "")
+            + "\n\n" + "\n".join(lines))
+    return "\n\n".join(out)
+
+
+def latency_summary(quick: bool, device_type: str = "cpu", root: Path = RESULTS) -> str:
+    path = results_dir(quick, root) / f"latency_{device_type}.csv"
+    if not path.exists():
+        return "(no latency table yet)"
+    parts = split_contexts(pd.read_csv(path), MEASURE_CONTEXT)
+    out = [_mixed_note(path, parts)] if len(parts) > 1 else []
+    for _, lat in parts:
+        ok = lat[(lat["status"] == "ok") & (lat["method"] != "dense")]
+        std = ok[ok["layer"] == "std_4096x4096"].drop_duplicates(["format", "M"])
+        kind = "CPU backends, not GPU numbers" if lat["device_type"].iloc[0] == "cpu" else "GPU (Triton) backends"
+        lines = [f"Layer latency, {lat['device'].iloc[0]}, torch {lat['torch'].iloc[0]}, {lat['timestamp'].iloc[0][:10]}, "
+                 f"commit {lat['git_commit'].iloc[0]}; command: `python -m experiments latency"
+                 f"{' --quick' if quick else ''}` (table {_rel(path, root)}). Random weights in each format; {kind}.\n",
+                 "| format (4096x4096) | M | backend | activations | median ms | x vs dense fp32 | x vs dense bf16 |",
+                 "|---|---|---|---|---|---|---|"]
+        for _, r in std.sort_values(["M", "format"]).iterrows():
+            lines.append(f"| {r['format']} | {r['M']} | {r['backend']} | {r['act_dtype']} | {_fmt(r['median_ms'])} "
+                         f"| {_fmt(r.get('speedup_vs_dense_fp32'))} | {_fmt(r.get('speedup_vs_dense_bf16'))} |")
+        sp = model_layer_speedup(lat)
+        if len(sp):
+            lines += ["", f"Summed over the default model's own layer shapes, M=1, against dense fp32 in the same run "
+                          f"({lat['device'].iloc[0]}):", "",
+                      "| spec | backend | ms | dense fp32 ms | speedup |", "|---|---|---|---|---|"]
+            for _, r in sp.sort_values("speedup", ascending=False).iterrows():
+                lines.append(f"| `{r['spec']}` | {r['backend']} | {_fmt(r['ms'])} | {_fmt(r['dense_ms'])} | {_fmt(r['speedup'])} |")
+        out.append("\n".join(lines))
+    return "\n\n".join(out)
+
+
+def decode_summary(quick: bool, device_type: str = "cpu", root: Path = RESULTS) -> str:
+    path = results_dir(quick, root) / f"decode_{device_type}.csv"
+    if not path.exists():
+        return "(no decode table yet)"
+    parts = split_contexts(pd.read_csv(path), MEASURE_CONTEXT)
+    out = [_mixed_note(path, parts)] if len(parts) > 1 else []
+    for _, d in parts:
+        lines = [f"Greedy decode, {d['device'].iloc[0]}, torch {d['torch'].iloc[0]}, {d['timestamp'].iloc[0][:10]}:\n",
+                 "| model | tokens/s | x vs dense |", "|---|---|---|"]
+        for _, r in d.iterrows():
+            lines.append(f"| {r['label']} | {_fmt(r['tokens_per_s'])} | {_fmt(r.get('speedup_vs_dense'))} |")
+        out.append("\n".join(lines))
+    return "\n\n".join(out)
+
+
+def compile_summary(root: Path = RESULTS) -> str:
+    path = root / "compile_check.csv"
+    if not path.exists():
+        return "(no compile-check table yet: python -m triton_kernels.compile_check --out results/compile_check.csv)"
+    d = pd.read_csv(path)
+    d["family"] = d["kernel"].str.split("_").str[0]
+    lines = [f"Compile check ({d['device'].iloc[0]}, triton {d['triton'].iloc[0]}, {d['timestamp'].iloc[0][:10]}, "
+             f"commit {d['git_commit'].iloc[0]}; command: `python -m triton_kernels.compile_check --out results/compile_check.csv`):\n",
+             "| family | target | configs | ok | max registers | total spill bytes | max shared bytes | shared limit |",
+             "|---|---|---|---|---|---|---|---|"]
+    for (fam, tgt), g in d.groupby(["family", "target"], sort=False):
+        lines.append(f"| {fam} | {tgt} | {len(g)} | {(g['status'] == 'ok').sum()} | {_fmt(g['registers'].max(), 4)} "
+                     f"| {_fmt(g['spill_bytes'].sum(), 6)} | {_fmt(g['shared_bytes'].max(), 7)} | {g['shared_limit'].iloc[0]} |")
+    return "\n".join(lines)
+
+
+# The generated blocks of README.md and docs/*.md: NAME -> its text from a results directory.
+BLOCKS = {
+    "headline": lambda root: headline_summary(False, root),
+    "compile": compile_summary,
+    **{f"sweep-{name}": (lambda root, name=name: sweep_summary(False, root, (name,))) for name in SWEEPS},
+    "latency": lambda root: latency_summary(False, root=root),
+    "decode": lambda root: decode_summary(False, root=root),
+}
+# A marker is a line of its own (a marker quoted inside a line, as in these docs, is text).
+_BLOCK = re.compile(r"^(<!-- summary:(?P<name>[\w-]+):begin[^>\n]*-->\n)(?P<body>.*?)^(<!-- summary:(?P=name):end -->)$",
+                    re.S | re.M)
+_OPEN = re.compile(r"^<!-- summary:[\w-]+:begin", re.M)
+
+
+def doc_files(repo: Path = REPO) -> list[Path]:
+    """The Markdown files that may hold generated blocks: README.md and docs/**/*.md."""
+    return [repo / "README.md", *sorted((repo / "docs").rglob("*.md"))]
+
+
+def render_docs(text: str, root: Path = RESULTS, where: str = "") -> str:
+    """``text`` with every generated block rewritten from the results directory ``root``."""
+    names = [m["name"] for m in _BLOCK.finditer(text)]
+    unknown = sorted(set(names) - set(BLOCKS))
+    if unknown:
+        raise ValueError(f"{where or 'text'}: unknown generated block(s) {', '.join(unknown)}; "
+                         f"known: {', '.join(BLOCKS)}")
+    opened = len(_OPEN.findall(text))
+    if opened != len(names):
+        raise ValueError(f"{where or 'text'}: {opened} '<!-- summary:NAME:begin' markers but {len(names)} "
+                         f"complete blocks (each needs its '<!-- summary:NAME:end -->')")
+    cache: dict[str, str] = {}
+
+    def block(m: re.Match) -> str:
+        if m["name"] not in cache:
+            cache[m["name"]] = BLOCKS[m["name"]](root).rstrip("\n") + "\n"
+        return m.group(1) + cache[m["name"]] + m.group(4)
+    return _BLOCK.sub(block, text)
+
+
+def write_docs(files: list[Path] | None = None, root: Path = RESULTS, check: bool = False) -> list[Path]:
+    """Rewrite the generated blocks of ``files`` (default :func:`doc_files`) from ``root``; returns the
+    files whose blocks changed (with ``check``, nothing is written)."""
+    rendered = {}  # every file rendered before any is written: a bad marker anywhere changes nothing
+    for f in files or doc_files():
+        text = f.read_text()
+        new = render_docs(text, root, where=_rel(f, root))
+        if new != text:
+            rendered[f] = new
+    if not check:
+        for f, new in rendered.items():
+            tmp = f.with_name(f".{f.name}.tmp")
+            tmp.write_text(new)
+            tmp.replace(f)
+    return list(rendered)
+
+
+def main(args: argparse.Namespace) -> int:
+    if getattr(args, "write_docs", False) or getattr(args, "check_docs", False):
+        if args.quick or args.run or args.results_dir or args.only:
+            raise ValueError("--write-docs / --check-docs regenerate README.md and docs/ from the reference "
+                             "results/ only: drop --quick, --run, --results-dir and --only")
+        stale = write_docs(check=args.check_docs)
+        for f in stale:
+            print(_rel(f, RESULTS))
+        if args.check_docs and stale:
+            print(f"error: {len(stale)} file(s) hold generated tables that differ from results/; "
+                  f"run `python -m experiments summary --write-docs`", file=sys.stderr)
+            return 1
+        return 0
+    root = RESULTS
+    if getattr(args, "results_dir", None):
+        root = Path(args.results_dir).expanduser().resolve()
+    elif getattr(args, "run", None):
+        root = runs_root() / check_run_name(args.run)
+    if not root.is_dir():
+        raise FileNotFoundError(f"results directory {root} does not exist (--run / --results-dir)")
+    only = getattr(args, "only", None)
+    if only == "headline":
+        print(headline_summary(args.quick, root))
+        return 0
+    if only == "compile":
+        print(compile_summary(root))
+        return 0
+    if only and only.startswith("sweep-"):
+        print(sweep_summary(args.quick, root, (only[len("sweep-"):],)))
+        return 0
+    if only == "latency":
+        print(latency_summary(args.quick, root=root))
+        return 0
+    if only == "decode":
+        print(decode_summary(args.quick, root=root))
+        return 0
+    print(compile_summary(root if (root / "compile_check.csv").exists() else RESULTS))
+    print()
+    print(sweep_summary(args.quick, root))
+    print()
+    print(latency_summary(args.quick, root=root))
+    print()
+    print(decode_summary(args.quick, root=root))
+    return 0
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--quick", action="store_true", help="summarise the quick-mode tables (<dir>/quick/)")
+    p.add_argument("--run", default=None, metavar="NAME", help="summarise run runs/NAME instead of the reference results/")
+    p.add_argument("--results-dir", default=None, metavar="DIR", help="summarise this results directory")
+    p.add_argument("--only", default=None, choices=tuple(BLOCKS), metavar="TABLE",
+                   help=f"print one table: {', '.join(BLOCKS)}")
+    p.add_argument("--headline", action="store_const", const="headline", dest="only",
+                   help="print the README's headline table (= --only headline)")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--write-docs", action="store_true",
+                   help="rewrite the generated tables in README.md and docs/*.md from results/ "
+                        "(between <!-- summary:NAME:begin --> and <!-- summary:NAME:end -->)")
+    g.add_argument("--check-docs", action="store_true",
+                   help="exit 1, naming the files, when a generated table in README.md or docs/ differs from results/")

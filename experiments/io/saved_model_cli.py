@@ -1,0 +1,221 @@
+"""``python -m experiments compress`` and ``python -m experiments eval``: compress once, save, evaluate later.
+
+    python -m experiments compress gptq-w4-g32-asym --out saved/gptq4        # a sweep point's label
+    python -m experiments compress '{"method": "rtn", "bits": 4, "group_size": 32}' --quick --out DIR
+    python -m experiments eval saved/gptq4 [--quick] [--decode 32]          # perplexity (+ decode speed)
+
+``compress`` takes a point label of any sweep (``python -m experiments list``; ``--sweep`` narrows the
+search) or a method spec as JSON (inline or a ``.json`` file), compresses the model with the
+calibration settings of the sweep that holds the point (else ``_defaults.yaml``; ``--quick`` for the
+quick settings) and writes the directory with :func:`experiments.run.saving.save_compressed`. ``eval``
+loads it with :func:`experiments.run.saving.load_compressed` (no recompression) and prints one JSON object
+to stdout: perplexity over the evaluation windows of the same settings, the stored size, and with
+``--decode N`` the greedy decode speed (tokens/s, on this machine's CPU unless ``--device``).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from experiments.core.runs import refuse_reference_dir
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--quick", action="store_true", help="the quick settings (small calibration/evaluation budgets)")
+    p.add_argument("--text-file", default=None, help="plain-text file: first 10%% calibration, rest evaluation")
+    p.add_argument("--source", default="austen", help="corpus when no --text-file: austen (default) or wikitext2")
+    p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars/lines")
+
+
+def add_compress_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("point", help="a sweep point label (see `list` and the sweep tables' `point` column), a method "
+                                 "spec as JSON, or a path to a .json file holding one")
+    p.add_argument("--out", required=True, metavar="DIR", help="directory to write (must not exist unless --overwrite)")
+    p.add_argument("--sweep", default=None, help="look the label up in this sweep only (name or .yaml path)")
+    p.add_argument("--model", default="default",
+                   help="'default' (embedded SmolLM2-135M GGUF), an HF model id, a local directory or a .gguf file")
+    p.add_argument("--include-base", action="store_true",
+                   help="also store the uncompressed tensors (embeddings, norms): DIR loads without the base model")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing DIR")
+    _common(p)
+
+
+def add_eval_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("dir", help="a directory written by `compress`")
+    p.add_argument("--base", default=None, help="model spec of the base model (default: the one in the manifest)")
+    p.add_argument("--decode", type=int, default=0, metavar="N",
+                   help="also time greedy decoding of N new tokens (median of 3 runs after a warm-up)")
+    _common(p)
+
+
+def resolve_point(point: str, sweep: str | None = None):
+    """``(MethodSpec, Sweep | None)`` for a label, an inline JSON spec or a .json file."""
+    from experiments.methods.compress import parse_spec
+    from experiments.run.sweep_config import available_sweeps, load_sweep, resolve_sweeps
+    text = point.strip()
+    if text.endswith(".json"):
+        path = Path(text)
+        if not path.is_file():
+            raise ValueError(f"point {point!r}: no such .json file")
+        text = path.read_text()
+    if text.startswith("{"):
+        try:
+            return parse_spec(json.loads(text), where="point"), (resolve_sweeps(sweep)[0] if sweep else None)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"point: not valid JSON ({e}); give a method spec like "
+                             f'\'{{"method": "rtn", "bits": 4, "group_size": 32}}\' or a point label') from e
+    sweeps = resolve_sweeps(sweep) if sweep else [load_sweep(p) for p in available_sweeps().values()]
+    found: dict[str, tuple[Any, Any]] = {}
+    labels: set[str] = set()
+    for sw in sweeps:
+        for s in sw.full_points + sw.quick_points:
+            labels.add(s.label())
+            if s.label() == point:
+                found.setdefault(json.dumps(s.to_dict(), sort_keys=True), (s, sw))
+    if not found:
+        near = sorted(lab for lab in labels if lab.split("-")[0] == point.split("-")[0])[:8]
+        raise ValueError(f"point {point!r} is not the label of a point of "
+                         f"{'sweep ' + repr(sweep) if sweep else 'any sweep'}"
+                         + (f"; labels of that method: {', '.join(near)}" if near else "")
+                         + "; or give the method spec as JSON")
+    if len(found) > 1:
+        raise ValueError(f"point {point!r} names {len(found)} different specs: "
+                         f"{', '.join(found)}; give the spec as JSON")
+    return next(iter(found.values()))
+
+
+def _settings(sw, quick: bool) -> dict[str, int]:
+    from experiments.run.sweep_config import SWEEPS_DIR, load_yaml, merge_settings
+    if sw is not None:
+        return dict(sw.settings(quick))
+    d = load_yaml(SWEEPS_DIR / "_defaults.yaml")
+    section = "quick" if quick else "full"
+    return merge_settings(d.get(section, {}), None, f"_defaults.yaml {section}")
+
+
+def compress_main(args: argparse.Namespace) -> int:
+    import torch
+
+    from experiments.lm import data, models
+    from experiments.lm.models import layer_shapes
+    from experiments.methods.compress import check_spec_fits, compress_model
+    from experiments.run.saving import save_compressed
+    from experiments.run.point import device_of
+    from experiments.run.sweep import text_digest
+
+    out = refuse_reference_dir(Path(args.out), "--out")
+    if out.exists() and not args.overwrite:
+        raise ValueError(f"--out {str(out)!r} already exists; choose another directory or pass --overwrite")
+    spec, sw = resolve_point(args.point, args.sweep)
+    st = _settings(sw, args.quick)
+    dev = device_of(args.device)
+    calib_ids = None
+    calibration: dict[str, Any] = {"used": bool(spec.needs())}
+    if spec.needs():
+        calib_text, eval_text, corpus = data.get_texts(source=args.source, text_file=args.text_file)
+        tokenizer = models.load_tokenizer(args.model)
+        n_tok = int(data.tokenize(tokenizer, calib_text).numel())
+        if n_tok < st["calib_seqlen"]:
+            raise ValueError(f"the calibration text has {n_tok} tokens, fewer than calib_seqlen={st['calib_seqlen']}; "
+                             f"give a longer --text-file")
+        calib_ids = data.calibration_batches(tokenizer, calib_text, n_samples=st["calib_samples"],
+                                             seqlen=st["calib_seqlen"], seed=st["seed"]).to(dev)
+        calibration.update(calib_samples=st["calib_samples"], calib_seqlen=st["calib_seqlen"], seed=st["seed"],
+                           text_sha256=text_digest(calib_text, eval_text), **dict(corpus))
+    t0 = time.perf_counter()
+    model, _tok, info = models.load_model(args.model)
+    model = model.to(dev)
+    check_spec_fits(spec, layer_shapes(model))
+    torch.manual_seed(st["seed"])
+    report = compress_model(model, spec, calib_ids, progress=not args.no_progress)
+    path = save_compressed(model.cpu(), report, out, base_model=args.model, base_name=str(info.get("name", args.model)),
+                           calibration=calibration, include_base=args.include_base, overwrite=args.overwrite,
+                           extra={"settings": st, "quick": args.quick, "sweep": sw.name if sw else None})
+    print(f"{spec.label()}: {report.bits_per_weight:.3f} bits/weight, compressed in {report.seconds:.1f}s, "
+          f"saved in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
+    print(path)
+    return 0
+
+
+def eval_main(args: argparse.Namespace) -> int:
+    from experiments.lm import data, evaluate, models
+    from experiments.methods.compress import module_backends
+    from experiments.run.saving import load_compressed, read_manifest
+    from experiments.run.point import device_of
+
+    manifest = read_manifest(args.dir)
+    base_spec = args.base or manifest["base_model"].get("spec")
+    if not base_spec:
+        raise ValueError(f"{args.dir}: the manifest names no base model spec (the tokenizer comes from it); "
+                         f"pass --base SPEC")
+    dev = device_of(args.device)
+    extra = manifest.get("extra") or {}
+    settings = extra.get("settings") if extra.get("quick", False) == args.quick and extra.get("settings") else None
+    if settings is None:
+        settings = _settings(None, args.quick)
+    tokenizer = models.load_tokenizer(base_spec)
+    _calib, eval_text, corpus = data.get_texts(source=args.source, text_file=args.text_file)
+    windows = data.eval_tokens(tokenizer, eval_text, max_tokens=settings["eval_tokens"], seqlen=settings["seqlen"])
+    t0 = time.perf_counter()
+    model = load_compressed(args.dir, base=args.base).to(dev)
+    load_s = time.perf_counter() - t0
+    ev = evaluate.perplexity(model, windows.to(dev), progress=not args.no_progress)
+    out: dict[str, Any] = {"dir": str(args.dir), "label": manifest["label"], "base_model": manifest["base_model"]["name"],
+                           "ppl": float(f"{ev['ppl']:.6g}"), "nll": float(f"{ev['nll']:.6g}"),
+                           "eval_tokens": int(ev["n_tokens"]), "seqlen": settings["seqlen"],
+                           "eval_seconds": round(ev["seconds"], 2), "load_seconds": round(load_s, 2),
+                           "module_backends": module_backends(model), "corpus": corpus.get("corpus", ""),
+                           "bits_per_weight": (manifest.get("report") or {}).get("bits_per_weight")}
+    if args.decode:
+        from experiments.measure.decode_speed import decode_tokens_per_second
+        r = decode_tokens_per_second(model, tokenizer, new_tokens=args.decode, progress=not args.no_progress)
+        out.update(decode_tokens_per_s=round(r["tokens_per_s"], 3), decode_new_tokens=r["new_tokens"],
+                   device=str(dev))
+    print(json.dumps(out, sort_keys=True))
+    return 0
+
+
+EXPORT_FORMATS = ("gguf", "compressed-tensors")
+
+
+def add_export_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("dir", help="a directory written by `compress`")
+    p.add_argument("--format", required=True, choices=EXPORT_FORMATS,
+                   help="gguf: one .gguf file (llama.cpp; Q4_0/Q4_1/Q8_0 blocks); compressed-tensors: a Hugging Face "
+                        "directory in the compressed-tensors pack-quantized format (vLLM, llm-compressor)")
+    p.add_argument("--out", required=True, help="the .gguf file or the output directory (must not exist)")
+    p.add_argument("--base", default=None, help="model spec of the base model (default: the one in the manifest)")
+
+
+def export_main(args: argparse.Namespace) -> int:
+    from experiments.run.saving import load_compressed, read_manifest
+    out = refuse_reference_dir(Path(args.out), "--out")
+    if out.exists():
+        raise ValueError(f"--out {str(out)!r} already exists; choose another path")
+    manifest = read_manifest(args.dir)
+    model = load_compressed(args.dir, base=args.base)
+    base_spec = args.base or manifest["base_model"].get("spec")
+    if args.format == "gguf":
+        from experiments.io.export_gguf import export_gguf
+        tok = None
+        if base_spec:
+            from experiments.lm import models
+            if base_spec == "default":
+                tok = models.default_gguf_path()
+            elif str(base_spec).endswith(".gguf"):
+                tok = Path(base_spec)
+        if out.suffix != ".gguf":
+            raise ValueError(f"--out {str(out)!r}: a GGUF export is one file ending in .gguf")
+        report = export_gguf(model, out, name=manifest.get("label"), tokenizer_from=tok)
+        summary = {k: v for k, v in report.items() if k != "tensors"}
+    else:
+        from experiments.io.export_ct import export_compressed_tensors
+        summary = export_compressed_tensors(model, out)
+    print(json.dumps(summary, sort_keys=True), file=sys.stderr)
+    print(out)
+    return 0
