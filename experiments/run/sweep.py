@@ -336,6 +336,3 @@ def run_sweeps(sweeps: list[Sweep], *, quick: bool = False, model: str = "defaul
         raise PointsFailed(paths, [(j.sweep, j.spec.label(), e) for j, e in failures],
                            sorted({str(failed_path(j.table)) for j, _ in failures}))
     return paths
-
-
-@dataclass(frozen=True)
