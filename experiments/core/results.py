@@ -150,7 +150,7 @@ def _keep_damaged_copy(path: Path) -> Path:
     os.close(fd)
     try:
         shutil.copyfile(path, tmp)
-        os.chmod(tmp, 0o666 & ~_umask())
+        os.chmod(tmp, 0o666 & ~current_umask())
         os.replace(tmp, dst)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
