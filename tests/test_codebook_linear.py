@@ -190,6 +190,47 @@ def test_dense_cache_is_counted_and_reused(monkeypatch):
     assert m.resident_bytes() == stored
 
 
+CODEBOOK_CHANGES = {  # name -> change of the storage after a forward; each one is seen by the next forward
+    "scales-mul_": lambda m: m.scales.mul_(1.7),
+    "scales-assigned": lambda m: setattr(m, "scales", m.scales * 0.6),
+    "codebook-setitem": lambda m: m.codebook.__setitem__((0, slice(0, 4)), -3 * m.codebook[0, :4]),
+    "codebook-assigned": lambda m: setattr(m, "codebook", torch.flip(m.codebook, dims=[1])),
+    "packed-copy_": lambda m: m.packed.copy_(cb.pack(torch.randint(0, 2 ** m.bits, (24, 40)), m.bits)),
+    "packed-assigned": lambda m: setattr(m, "packed", cb.pack(torch.randint(0, 2 ** m.bits, (24, 40)), m.bits)),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=DTYPE_ID.get)
+@pytest.mark.parametrize("change", list(CODEBOOK_CHANGES))
+@pytest.mark.parametrize("backend", ["dense_cache", "auto", "dequant"])
+def test_storage_changes_after_a_forward_are_seen(backend, change, dtype, monkeypatch):
+    """The dense cache follows packed/codebook/scales: changed in place or assigned after a first
+    forward, the next forward matches dequantize() (it kept the old weight before)."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # auto: dense_cache
+    m = _layer(24, 40, 3, 32, True)
+    x = torch.randn(2, 40, dtype=dtype)
+    before = m(x, backend=backend)
+    CODEBOOK_CHANGES[change](m)
+    want = _reference(m, x)
+    assert not torch.allclose(before.float(), want.float(), rtol=0.05, atol=0.05), "the change changed nothing"
+    _assert_close(m(x, backend=backend), want, dtype, f"{backend} after {change}")
+    assert len(m._dense) <= 1
+
+
+def test_storage_change_is_checked_like_the_constructor(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    m = _layer(24, 40, 3, 32, True)
+    x = torch.randn(2, 40)
+    m(x)
+    m.codebook = torch.zeros(1, 4)                       # 3 bits need 8 entries
+    with pytest.raises(ValueError, match="codebook has shape"):
+        m(x)
+    m.codebook = torch.linspace(-1, 1, 8).reshape(1, 8)
+    _assert_close(m(x), _reference(m, x), torch.float32, "after a valid table")
+    m.release_dense_cache()
+    assert m.resident_bytes() == _layer(24, 40, 3, 32, True).resident_bytes() - 8 * 2 + 8 * 4  # fp32 table
+
+
 # ---------------------------------------------------------------------------------------------
 # Module plumbing
 # ---------------------------------------------------------------------------------------------

@@ -164,6 +164,8 @@ def test_quant_linear_cpu_backends_on_column_slices(lid, N, K, bits, gs, sym, ba
     x = _sliced(lead, K, dtype)
     ref = dq.dequant_matmul_reference(x, m.packed, m.scales, m.zeros, bits=bits, group_size=gs,
                                       symmetric=sym, bias=m.bias)
+    if dtype == torch.float32:  # torch's weight-only ops run bf16/fp16 activations only (QuantLinear.why_not)
+        backends = ("dequant",)
     for backend in backends + ("auto",):
         _check(lambda t: m(t, backend=backend), x, ref, TOL[dtype], f"{lid} {backend}")
         assert m.last_backend != "triton"

@@ -265,3 +265,52 @@ def test_bad_arguments():
         SparseLinear.from_linear(lin, "activation")
     with pytest.raises(TypeError, match="float32"):
         SparseLinear.from_linear(lin, "unstructured", sparsity=0.9, backend="torch_csr")(torch.randn(2, K).double())
+
+
+# ---------------------------------------------------------------------------------------------
+# Activation sparsity: NaN inputs propagate, the threshold must be a finite number >= 0
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("mode", [{"threshold": 0.6}, {"sparsity": 0.7}], ids=["threshold", "sparsity"])
+@pytest.mark.parametrize("backend", BACKENDS["activation"])
+def test_activation_nan_input_propagates_like_nn_linear(backend, mode, monkeypatch):
+    """A NaN input feature makes its row NaN, as in nn.Linear; it used to be dropped (|NaN| >= t is
+    False), so the row came out finite, computed without it."""
+    monkeypatch.setenv("TKR_CPU_AUTOTUNE", "0")
+    lin = _linear()
+    mod = SparseLinear.from_linear(lin, "activation", backend=backend, **mode)
+    x = torch.randn(3, K)
+    x[1, 7] = float("nan")
+    want = lin(x).detach()
+    y = mod(x)
+    assert torch.equal(torch.isnan(y), torch.isnan(want)) and bool(torch.isnan(y[1]).all())
+    assert_close(y[[0, 2]], mod(x[[0, 2]]), torch.float32)  # the other rows as without the NaN row
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -0.1])
+def test_activation_threshold_must_be_finite_and_nonnegative(bad):
+    lin = _linear()
+    with pytest.raises(ValueError, match="threshold must be a finite number >= 0"):
+        SparseLinear.from_linear(lin, "activation", threshold=bad)
+    with pytest.raises(ValueError, match="threshold must be a finite number >= 0"):
+        SparseLinear(K, N, "activation", "dense", threshold=bad)  # how saved layers are rebuilt
+    w = lin.weight.detach()
+    for fn in (sm.activation_sparse_matmul, sm.activation_sparse_matmul_reference):
+        with pytest.raises(ValueError, match="threshold must be a finite number >= 0"):
+            fn(torch.randn(2, K), w, threshold=bad)
+        with pytest.raises(ValueError, match="threshold must be a finite number >= 0"):
+            fn(torch.randn(2, K), w, threshold=torch.tensor(bad))
+    with pytest.raises(TypeError, match="threshold must be a finite number"):
+        SparseLinear.from_linear(lin, "activation", threshold="0.5")
+    assert SparseLinear.from_linear(lin, "activation", threshold=0)(torch.randn(2, K)).isfinite().all()
+
+
+def test_activation_sparse_matmul_keeps_nan_features():
+    """The kernel file's own entry points with a threshold: a NaN feature is kept (its row is NaN).
+    (A given mask is the caller's explicit choice and is used as it is.)"""
+    w = torch.randn(N, K)
+    x = torch.randn(2, K)
+    x[0, 3] = float("nan")
+    for fn in (sm.activation_sparse_matmul, sm.activation_sparse_matmul_reference):
+        y = fn(x, w, threshold=0.5)
+        assert bool(torch.isnan(y[0]).all()) and bool(torch.isfinite(y[1]).all())

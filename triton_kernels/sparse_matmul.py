@@ -811,9 +811,14 @@ def _activation_keep(x, threshold, mask):
         if isinstance(threshold, torch.Tensor):
             if threshold.numel() != 1:
                 raise ValueError(f"threshold must be a scalar, got shape {tuple(threshold.shape)}")
-        elif not isinstance(threshold, (int, float)):
+            value = float(threshold) if threshold.device.type == "cpu" else 0.0  # no host sync on a GPU
+        elif isinstance(threshold, bool) or not isinstance(threshold, (int, float)):
             raise TypeError(f"threshold must be a number, got {type(threshold).__name__}")
-        return x.abs() >= threshold
+        else:
+            value = threshold
+        if not 0 <= value < float("inf"):  # NaN would drop every feature, a negative one none
+            raise ValueError(f"threshold must be a finite number >= 0, got {value!r}")
+        return (x.abs() >= threshold) | torch.isnan(x)  # NaN features stay (NaN output, as in a dense matmul)
     if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
         raise TypeError("mask must be a boolean tensor broadcastable to x (True = kept)")
     if mask.device != x.device:

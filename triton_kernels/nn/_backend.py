@@ -1,6 +1,7 @@
 """Backend choice, input checks and size accounting shared by the modules in ``triton_kernels.nn``."""
 import contextlib
 import os
+import weakref
 
 import torch
 
@@ -62,6 +63,48 @@ def check_input(x, *, in_features: int, device: torch.device, dtype: torch.dtype
         raise ValueError(f"x is on {x.device} but the layer's weights are on {device}; move one with .to()")
 
 
+class SourceStamp:
+    """Which tensors a cached copy was derived from: their identity and version counters.
+
+    The modules keep derived copies of their storage (QuantLinear's prepacked weights and cached
+    dense weight, CodebookLinear's dense cache). A copy is valid only while ``matches(storage)``:
+    the same tensor objects (assignment, ``.to()`` and ``load_state_dict`` replace or rewrite them)
+    with the same version counters (every in-place op bumps ``t._version``: ``mul_``, ``copy_``,
+    ``t[...] = v``, through views too). The check costs a few attribute reads per forward.
+
+    What it cannot see: writes through ``t.data`` (torch does not count them) and in-place changes
+    of inference tensors (made under ``torch.inference_mode()``, which keep no version counter;
+    only their identity is checked). Under ``torch.compile`` the modules skip the check (Dynamo
+    cannot branch on a version counter): a compiled forward reads the copies as they are.
+    Weak references hold the identity, so a replaced tensor is freed as usual and a new tensor
+    that happens to get the old one's ``id()`` is still seen as new.
+    """
+
+    __slots__ = ("_refs", "_versions")
+
+    def __init__(self, tensors):
+        self._refs = tuple(None if t is None else weakref.ref(t) for t in tensors)
+        self._versions = tuple(_version(t) for t in tensors)
+
+    def matches(self, tensors) -> bool:
+        """True when ``tensors`` are the same objects, unmodified, as at construction."""
+        if len(tensors) != len(self._refs):
+            return False
+        for ref, version, t in zip(self._refs, self._versions, tensors):
+            if t is None or ref is None:
+                if t is not None or ref is not None:
+                    return False
+            elif ref() is not t or _version(t) != version:
+                return False
+        return True
+
+
+def _version(t):
+    if t is None or t.is_inference():
+        return None  # inference tensors keep no version counter (see SourceStamp)
+    return t._version
+
+
 def format_nbytes(*tensors, float_bytes: int = 2) -> int:
     """Bytes of tensors in a storage format whose floating-point tensors are 16-bit (fp16/bf16).
 
@@ -74,11 +117,11 @@ def format_nbytes(*tensors, float_bytes: int = 2) -> int:
 
 
 def tensor_nbytes(*tensors) -> int:
-    """Bytes the given tensors occupy now (each storage counted once)."""
+    """Bytes the given tensors occupy now (each tensor counted once; ``None`` and non-tensors skipped)."""
     seen: set[int] = set()
     total = 0
     for t in tensors:
-        if t is not None and id(t) not in seen:
+        if torch.is_tensor(t) and id(t) not in seen:
             seen.add(id(t))
             total += t.numel() * t.element_size()
     return total

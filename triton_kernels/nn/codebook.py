@@ -40,7 +40,12 @@ A forced backend that cannot run raises ``ValueError`` saying why. ``last_backen
 the most recent forward actually ran. ``memory_bytes()`` counts the storage format only (packed codes,
 table and scales at 16 bits, bias excluded unless asked for); ``resident_bytes()`` every tensor the
 module holds now in its actual dtype, the dense cache included. The cache is dropped on
-``.to()``/``load_state_dict``.
+``.to()``/``load_state_dict``, and whenever ``packed``, ``codebook`` or ``scales`` changed since it was
+built: each forward checks their identity and version counters (``_backend.SourceStamp``), so
+assigning a new tensor or changing one in place (``m.scales.mul_(2)``, ``m.codebook[0, 3] = x``) is
+seen and the next ``dense_cache`` forward follows ``dequantize()``. Not seen: writes through ``.data``,
+in-place changes of inference tensors, and any change under ``torch.compile`` (the check is not
+traced; call ``release_dense_cache()`` after changing a compiled model's storage).
 """
 from __future__ import annotations
 
@@ -52,8 +57,8 @@ from torch import nn
 
 from triton_kernels import codebook_matmul as cb
 from triton_kernels.nn import _ops
-from triton_kernels.nn._backend import (check_backend, check_input, cpu_dense_rows, format_nbytes, tensor_nbytes,
-                                         triton_usable)
+from triton_kernels.nn._backend import (SourceStamp, check_backend, check_input, cpu_dense_rows, format_nbytes,
+                                         tensor_nbytes, triton_usable)
 
 BACKENDS = ("auto", "triton", "dense_cache", "dequant")
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -99,6 +104,7 @@ class CodebookLinear(nn.Module):
         self.backend = backend
         self.last_backend: str | None = None
         self._dense: dict[torch.dtype, torch.Tensor] = {}
+        self._stamp: SourceStamp | None = None  # what the dense cache was built from
 
     # -- construction ------------------------------------------------------------------------
 
@@ -201,15 +207,38 @@ class CodebookLinear(nn.Module):
 
     def _apply(self, fn, *args, **kwargs):
         self._dense = {}  # derived from the buffers: rebuilt after a move/cast
+        self._stamp = None
         return super()._apply(fn, *args, **kwargs)
 
     def _load_from_state_dict(self, *args, **kwargs):
         self._dense = {}
+        self._stamp = None
         return super()._load_from_state_dict(*args, **kwargs)
+
+    def release_dense_cache(self) -> None:
+        """Drop the dense cache (rebuilt by the next ``dense_cache`` forward)."""
+        self._dense = {}
+
+    def _sync_cache(self) -> None:
+        """Drop the dense cache if ``packed``/``codebook``/``scales`` changed since it was built (assigned
+        or modified in place), checking the new storage as the constructor does. Skipped while compiling."""
+        if _ops.compiling():
+            return
+        storage = (self.packed, self.codebook, self.scales)
+        if self._stamp is not None and self._stamp.matches(storage):
+            return
+        if self._stamp is not None:
+            N = cb._check_weight(self.packed, self.codebook, self.scales, self.bits, self.group_size,
+                                 self.in_features)
+            if N != self.out_features:
+                raise ValueError(f"packed now has {N} rows but the layer has out_features={self.out_features}")
+        self._dense = {}
+        self._stamp = SourceStamp(storage)
 
     # -- forward -----------------------------------------------------------------------------
 
     def forward(self, x: torch.Tensor, backend: str | None = None) -> torch.Tensor:
+        self._sync_cache()  # the storage changed since the dense cache was built: drop it
         check_input(x, in_features=self.in_features, device=self.packed.device, dtypes=_FLOAT_DTYPES)
         chosen = self.resolve_backend(x, backend)
         lead = x.shape[:-1]

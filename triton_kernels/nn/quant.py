@@ -25,14 +25,30 @@ Building one
 Backends (``backend=`` at construction, the ``backend`` attribute, or ``forward(x, backend=...)``)
 -------------------------------------------------------------------------------------------
 - ``"triton"``: ``dequant_matmul`` (CUDA/ROCm, or CPU tensors under ``TRITON_INTERPRET=1``).
-- ``"torch_int4"``: ``torch.ops.aten._weight_int4pack_mm_for_cpu`` (CPU; bits <= 4, any group size,
-  any N and K). The op computes ``sum_k x_k * ((c - 8) * S_j + Z_j)`` for 4-bit codes ``c`` with one
-  (S, Z) per op group ``j`` of 32/64/128/256 columns, K a multiple of the op group, N a multiple of
-  16 (torch 2.13 raises otherwise). The mapping, exact up to rounding S and Z to the activation dtype:
+- ``"torch_int4"``: ``torch.ops.aten._weight_int4pack_mm_for_cpu`` (CPU, bf16/fp16 activations; bits
+  <= 4, any group size, any N and K). The op computes ``sum_k x_k * ((c - 8) * S_j + Z_j)`` in fp32
+  for 4-bit codes ``c`` with one (S, Z) per op group ``j`` of 32/64/128/256 columns (both in x's
+  dtype), K a multiple of the op group, N a multiple of 16 (torch 2.13 raises otherwise), and rounds
+  the result to x's dtype once. The mapping, exact up to rounding S to the activation dtype:
 
   * codes: a b-bit code (b <= 4) is a 4-bit code. Symmetric grids shift it, ``c = q + 8 - 2^(b-1)``
-    (still in [0, 15]), so ``Z = 0`` and ``S = s``; asymmetric grids keep ``c = q``, ``S = s`` and
-    ``Z = (8 - z) * S`` (computed from the rounded ``S``, then rounded once).
+    (still in [0, 15]), so ``Z = 0`` and ``S = s``; asymmetric grids shift by ``t = 8 - round(z)`` as
+    far as [0, 15] allows, ``c = q + t``, ``S = s``, ``Z = (8 - t - z) * S`` (from the rounded ``S``):
+    0 for integer zeros below 4 bits. At 4 bits ``t = 0`` and ``Z = (8 - z) S`` is as large as the
+    weights; rounding it to the activation dtype errs by up to ``2^-8 |Z|`` (bf16) on every weight of
+    the group in the same direction, which inputs with a large mean (or all >= 0) sum up: up to ~300x the
+    dense path's error on heavy-tailed per-channel layers (measured). Added after the op, the
+    correction would be lost in the op's rounded output, so it goes into the op: what rounding Z
+    lost, ``delta = Z - round(Z)`` per (row, layer group), is written as ``Sd * sum_l (c_l - 8) / 16^l``
+    (one scale ``Sd = max|delta| / 7`` per row, L = 2 to 4 codes per group: exact to ~2^-8 of the
+    largest ``delta`` of the row, or better) in extra op groups whose x columns are each layer
+    group's sum of x divided by ``16^l`` (hi and lo parts in x's dtype: two columns per code). That
+    costs ``ceil(4 G / op group)`` op groups (G = groups per row): +3% of the work at 4096 columns
+    with groups of 128, +12.5% with groups of 32, one op group per-channel; built only where some
+    ``delta`` is nonzero (while compiling: 4-bit asymmetric grids, and zeros that are not integers
+    in [0, 2^b - 1]), and then the packed weight is per activation dtype (not shared). fp16 rows
+    whose group sums could overflow are scaled by a power of two for the op and back after (see
+    ``torch_int8``); where ``Sd`` underflows fp16 (tiny scales), that row's correction is lost.
   * groups: one op group never spans two of the layer's groups. Groups of 32..256 are op groups as
     they are; larger groups (512 ...) are 256-column op groups with the scale repeated; one group per
     row (per-channel, or a group >= K) uses the largest of 256/128/64/32 that divides K rounded up to
@@ -44,17 +60,30 @@ Backends (``backend=`` at construction, the ``backend`` attribute, or ``forward(
   * K: a partial last group, or K not a multiple of the op group, is padded with zero columns of x
     (a copy of x per call, M rows: cheap at decode sizes) and code 8 in the weight.
   * N: padded to a multiple of 16 with zero rows (S = Z = 0), sliced off the output.
-- ``"torch_int4x2"``: the same op for bits 5..8: ``q = 16 * hi + lo`` with ``hi, lo`` 4-bit codes, and
+- ``"torch_int4x2"``: the same op (bf16/fp16 activations) for bits 5..8: ``q = 16 * hi + lo`` with
+  ``hi, lo`` 4-bit codes, and
   ``(q - z) s = 16 s (hi - 8) + s (lo - 8) + (136 - z) s``: ONE call on ``[x, x]`` (K doubled) against
   ``[hi, lo]`` with op scales ``16 S`` (exact: a power of two) and ``S``. Symmetric grids shift
   ``hi`` by ``8 - 2^(b-5)`` (in [0, 15] for b <= 8) and put ``Z = 8 S`` (exact) on the ``lo`` half;
   asymmetric grids split the offset ``(136 - z) S`` into its rounding ``Z_hi`` and the rounded
   remainder ``Z_lo = offset - Z_hi``, so the sum is exact to ~2^-16 relative. Groups, K and N as
   for ``torch_int4``. Twice the int4 work; resident copy 8 bits per weight.
-- ``"torch_int8"``: ``torch._weight_int8pack_mm`` (CPU; any bits, one group per row, any N and K).
-  The op computes ``x @ (w_int8 * S)^T``. ``w_int8 = q - 2^(b-1)``: exact for symmetric grids;
-  asymmetric ones add ``rowsum(x) * (2^(b-1) - z) * s`` (a rank-1 term, fp32). K is padded to a
-  multiple of 16 with zero columns (torch 2.13 gives wrong results or segfaults for other K, measured).
+- ``"torch_int8"``: ``torch._weight_int8pack_mm`` (CPU, bf16/fp16 activations; any bits, one group
+  per row, any N and K). The op computes ``x @ (w_int8 * S)^T`` in fp32 and rounds the result to
+  x's dtype once. The zero point is folded into the int8 weight, so no large term is added after
+  that rounding: per row ``w_int8 = q - t`` with ``t = round(z)`` (symmetric: ``2^(b-1)``) wherever
+  ``q - t`` fits int8, i.e. always below 8 bits. The rest of the offset, ``o = t - z`` per row
+  (nonzero for 8-bit rows whose codes leave no room, |o| <= 128, and for fractional zeros), is
+  written as int8 multiples of 1 (two of them), 2^-7 and 2^-14 in extra weight columns that multiply
+  ``rowsum(x)``, ``rowsum / 128`` and ``rowsum / 2^14``: each call appends them to x, every one as
+  three columns (hi + mid + lo parts of x's dtype, exact to ~2^-27), so the zero point is exact to
+  2^-15 of a grid step. Only the columns some row needs are built (none for symmetric grids and
+  integer zeros below 8 bits; while compiling, what the format can need: the integer ones at 8 bits,
+  the rest for zeros that are not integers in [0, 2^b - 1]). fp16 rows whose rowsum could overflow are
+  divided by a power of two for the op (exact) and the output multiplied back. Zeros more than 126
+  outside [0, 2^b - 1] leave a residual, added in fp32 after the op. K (+ those columns) is padded
+  to a multiple of 16 with zero columns (torch 2.13 gives wrong results or segfaults for other K,
+  measured).
 - ``"dequant"``: dequantize to fp32, cast to the activation dtype, ``F.linear``. Works everywhere.
   By default it dequantizes on every call and keeps nothing dense resident; that costs a full
   unpack per forward (~1 s for 4096x4096 on the 2-core dev CPU, ~80 ms for 1536x576). With
@@ -74,22 +103,58 @@ Backends (``backend=`` at construction, the ``backend`` attribute, or ``forward(
   3. otherwise ``dequant``. In particular fp32 activations on CPU go to ``dequant``: the torch
      weight-only ops are 30-125x slower with fp32 activations, and casting fp32 inputs to bf16 behind
      the caller's back would change the numerics (the harness measures perplexity in fp32 through
-     this module). Force a torch op to run it on fp32.
+     this module). The torch ops are not offered for fp32 activations at all, forced or not: their
+     fp32 sums of large terms that cancel (``(c - 8) S + Z``, ``16 S (hi - 8) + ...``, the int8
+     rowsum columns) lose up to ~1e-4 relative on heavy-tailed layers where the dense fp32 path is
+     ~1e-7, and even symmetric layers come out 2.5-9x less accurate (measured) than ``dequant``.
   fp16 note: torch 2.13's weight-only CPU ops take fp16 activations but have no fast fp16 kernel
   (4096x4096, M=1, 1 thread, AMD EPYC at load average ~8, 2026-11-30: int4 31 ms, int8 17 ms vs
   dense fp16 1.5 ms and int4 with bf16 activations 0.9 ms), so fp16 stays exact and compressed in
   memory but is not a speed path; bf16 is.
 
+Accuracy of the CPU backends
+----------------------------
+The torch ops add no error of their own beyond holding the scales in x's dtype (torch requires
+that) and rounding the output once. Against the exact product ``x @ dequantize()^T`` (float64), for
+bf16 and fp16 activations, every CPU backend's relative error (Frobenius norm) is within **2x that
+of the dense path on the same input** (``dequant``: the weight rounded to x's dtype, ``F.linear``),
+and on heavy-tailed layers within 2x the larger of that and the error of the exact product with
+the scales rounded to x's dtype (rounded once): there a few outlier groups carry the output and
+their scale rounding does not average out the way independent per-weight rounding does (that
+ideal alone measured up to 3x the dense error, fp16, groups of 32). Checked by
+``tests/test_quant_linear.py::test_cpu_backends_within_twice_the_dense_error``: every bit width
+1-8, symmetric and asymmetric, per-channel and groups of 32/128, RTN layers of Gaussian and
+Student-t weights, fractional zeros, random codes, on ordinary, nonnegative (ReLU-like), large-mean
+and huge-mean (fp16 rowsum overflow) inputs, N x K = 256 x 1536 and 96 x 1000; measured at most
+1.2x (1.6x for the heavy-tailed bound). fp32 activations: ``dequant`` only (see ``auto`` above).
+(Before: torch_int8 rounded ``x @ (q - 2^(b-1)) s`` to bf16 before adding back the zero's rank-1
+term, 1.5e-2 instead of 2.3e-3 relative at 8 bits and 1.4 at 1 bit on nonnegative inputs; the
+4-bit asymmetric torch_int4 rounded ``Z`` to bf16, up to ~300x the dense error on heavy-tailed
+per-channel layers.)
+
 Under ``torch.compile`` (``fullgraph=True`` works): nothing is timed; ``auto`` takes the choice an eager
 call measured for the same key, else the static order above. The torch ops are traced as they are,
 the Triton kernel through its custom operator (``triton_kernels.nn._ops``); a prepacked copy that does
-not exist yet is built inside the first compiled call and stored, after which Dynamo recompiles once.
+not exist yet is built inside the first compiled call and stored, after which Dynamo recompiles once
+(built there, a copy has the residual columns its format can need: no data-dependent branch can be
+traced).
 
 Each forward remembers its plan per (requested backend, ``cache_dequantized``, dtype, device, M bucket):
 the checked input and the final choice (forced, the only candidate, or measured), so repeated calls at
 decode skip the checks and the choice (41 -> 28 us per call for a 576x576 4-bit layer, bf16, M=1, AMD
 EPYC, 2 threads; the default model decodes ~11% faster for it). Changing ``backend`` or
-``cache_dequantized``, ``clear_choices()``, ``.to()`` and ``load_state_dict`` drop or bypass the plans.
+``cache_dequantized``, ``clear_choices()``, ``.to()``, ``load_state_dict`` and changing the storage
+(below) drop or bypass the plans.
+
+Cached copies follow the storage: every forward (and ``prepack()``) first checks that ``packed``,
+``scales`` and ``zeros`` are the tensors the prepacked copies, the cached dense weight and the plans
+were built from, unmodified (identity + version counter, ``_backend.SourceStamp``: a few attribute
+reads per call). Assigning a new tensor or changing one in place (``m.scales.mul_(2)``,
+``m.zeros[0] = 3``, ``copy_``) drops them, checks the new storage as the constructor does and
+rebuilds on demand, so results always follow ``dequantize()``. Not seen: writes through ``.data``
+and in-place changes of inference tensors (no version counter), and, under ``torch.compile``, any
+change (the check is not traced): call ``release_prepacked()`` (or run one eager forward) after
+changing the storage of a compiled model.
 
 A forced backend that cannot run a given layer/input raises ``ValueError`` saying why and what would.
 ``last_backend`` holds the backend the most recent forward actually ran, ``last_candidates_ms`` what
@@ -98,13 +163,14 @@ A forced backend that cannot run a given layer/input raises ``ValueError`` sayin
 Resident memory
 ---------------
 The torch CPU backends need their own weight formats (int4pack uint8 (Np, Kp/2) + [G, Np, 2]
-scales-and-zeros; int8 (N, Kp) + scales), and ``dequant`` with ``cache_dequantized=True`` a dense
+scales-and-zeros, Kp including torch_int4's residual op groups; int8 (N, Kp) + scales, Kp
+including the rowsum columns), and ``dequant`` with ``cache_dequantized=True`` a dense
 (N, K) weight. They are built once, on first use (or by ``prepack()`` for the torch ops),
 kept next to the storage format (not instead of it: the storage is the state_dict and the source
-of truth), and dropped on ``.to()``/``load_state_dict``. ``memory_bytes()`` counts the storage
-format only, with scales/zeros at 16 bits (what a checkpoint stores, what the harness reports);
-``resident_bytes()`` counts every tensor this module currently holds in its actual dtype, prepacked
-copies included (their K/N padding too).
+of truth), and dropped on ``.to()``/``load_state_dict`` or when the storage changes.
+``memory_bytes()`` counts the storage format only, with scales/zeros at 16 bits (what a checkpoint
+stores, what the harness reports); ``resident_bytes()`` counts every tensor this module currently
+holds in its actual dtype, prepacked copies included (their K/N padding and extra columns too).
 """
 from __future__ import annotations
 
@@ -117,7 +183,7 @@ from torch import nn
 
 from triton_kernels import dequant_matmul as dq
 from triton_kernels.nn import _ops
-from triton_kernels.nn._backend import (check_backend, check_input, choice_entry,
+from triton_kernels.nn._backend import (SourceStamp, check_backend, check_input, choice_entry,
                                          choices_generation, cpu_dense_rows, format_nbytes, m_bucket,
                                          measured_choice, tensor_nbytes, triton_usable)
 
@@ -128,6 +194,9 @@ _INT4_GROUP_SIZES = (256, 128, 64, 32)
 # The torch weight-only ops, in auto's static order (the order when measuring is off).
 # One pass over the weight before two (torch_int4x2 runs the int4 op over twice the columns).
 _TORCH_OPS = ("torch_int4", "torch_int8", "torch_int4x2")
+# torch_int8: the fractional part of a zero point multiplies rowsum(x) as int8 multiples of these
+# (after the integer part, multiples of 1): exact to 2^-15 of a grid step.
+_INT8_FRACTION_LEVELS = (2.0 ** -7, 2.0 ** -14)
 
 
 @functools.lru_cache(maxsize=None)
@@ -147,6 +216,23 @@ def int4_layout(K: int, group_size: int) -> tuple[int, int, int]:
     if g < 32:
         return 32, 32, n_groups
     return min(g, 256), g, n_groups  # power-of-two g >= 32: 256 divides every larger one
+
+
+def _fp16_unscale(amax: torch.Tensor) -> torch.Tensor:
+    """Per row, the power of two ``2^j >= 1`` that brings ``amax`` (M, 1), the largest sum of x a row
+    puts into extra columns, below 2^14: fp16 rows are divided by it for the op (exact, barring
+    underflow of tiny entries) and the op's output multiplied back; 1 for rows already in range."""
+    return torch.exp2((torch.frexp(amax)[1] - 14).clamp(min=0).float())
+
+
+def _int4_residual_layout(G: int, op_group: int) -> tuple[int, int]:
+    """torch_int4's zero residual: ``(extra op groups, columns per layer group)`` for G layer groups.
+
+    At least 2 codes per group (the residual to 1/224 of its largest value in the row), up to 4 where
+    the op groups that hold them have room (per-channel: 4 in one op group); two columns each (the
+    group sum's hi and lo parts in x's dtype)."""
+    extra = -(-4 * G // op_group)
+    return extra, min(4, extra * op_group // (2 * G))
 
 
 class QuantLinear(nn.Module):
@@ -170,22 +256,16 @@ class QuantLinear(nn.Module):
                              f"got {group_size!r}")
         if not torch.is_tensor(packed) or packed.dtype != torch.int32 or packed.dim() != 2:
             raise TypeError(f"packed must be a 2-D int32 tensor (N, ceil(K*bits/32)), got "
-                            f"{getattr(packed, 'dtype', type(packed))} with shape {tuple(getattr(packed, 'shape', ()))}")
+                            f"{getattr(packed, 'dtype', type(packed))} with shape "
+                            f"{tuple(getattr(packed, 'shape', ()))}")
         N, K = packed.shape[0], in_features
         words = math.ceil(K * bits / 32)
         if packed.shape[1] != words:
             raise ValueError(f"packed has {packed.shape[1]} words per row; K={K} at bits={bits} needs {words}")
-        n_groups = 1 if group_size == -1 else math.ceil(K / group_size)
-        _check_param("scales", scales, (N, n_groups), packed.device)
         if symmetric:
             zeros = None  # the symmetric grid's zero is 2^(bits-1); a stored one would be dead weight
-        else:
-            if zeros is None:
-                raise ValueError("zeros is required for an asymmetric grid (symmetric=False); "
-                                 "pass symmetric=True for w = (q - 2^(bits-1)) * s")
-            _check_param("zeros", zeros, (N, n_groups), packed.device)
-        if bias is not None:
-            _check_param("bias", bias, (N,), packed.device)
+        _check_storage(packed, scales, zeros, bias, N=N, K=K, bits=bits, group_size=group_size,
+                       symmetric=symmetric)
 
         self.in_features = K
         self.out_features = N
@@ -208,6 +288,9 @@ class QuantLinear(nn.Module):
         # single candidate, or measured): a repeated forward then skips the checks and the choice
         # (~13 us per call on the dev CPU, ~2.7 ms per token over the default model's 210 linears).
         self._plans: dict[tuple, tuple[str, dict[str, float] | None]] = {}
+        # What the prepacked copies were built from (identity + version of packed/scales/zeros).
+        self._stamp: SourceStamp | None = None
+        self._plain_zeros = self._zeros_are_plain()
 
     # -- construction ------------------------------------------------------------------------
 
@@ -272,8 +355,10 @@ class QuantLinear(nn.Module):
             return None
         if dev.type != "cpu":
             return f"torch's weight-only CPU ops need CPU tensors (x is on {dev})"
-        if x.dtype not in _FLOAT_DTYPES:
-            return f"x must be fp32/bf16/fp16, got {x.dtype}"
+        if x.dtype not in (torch.bfloat16, torch.float16):
+            return (f"torch's weight-only ops run bf16/fp16 activations, x is {x.dtype} (with fp32 "
+                    f"activations their internal sums cancel and miss fp32's accuracy by up to ~1000x; "
+                    f"'dequant' runs fp32 exactly, or cast x to bfloat16)")
         if backend == "torch_int4":
             if self.bits > 4:
                 return f"it needs bits <= 4 (torch_int4x2 runs 5..8), this layer has bits={self.bits}"
@@ -330,12 +415,41 @@ class QuantLinear(nn.Module):
     def _codes(self) -> torch.Tensor:
         return dq.unpack(self.packed, self.bits, self.in_features).to(torch.int32)
 
-    def prepack(self, backend: str, dtype: torch.dtype = torch.bfloat16) -> tuple[torch.Tensor, ...]:
+    def _zeros_are_plain(self) -> bool:
+        """Symmetric, or integer zeros in [0, 2^b - 1] (RTN's, GPTQ's): then below 4 (torch_int4) / 8
+        (torch_int8) bits no zero residual exists. Kept as a Python fact for compiled calls, which
+        cannot look at the data (set at construction and when a forward finds the storage changed)."""
+        z = self.zeros
+        return z is None or bool(((z == z.round()) & (z >= 0) & (z <= 2 ** self.bits - 1)).all())
+
+    def _sync_caches(self) -> None:
+        """Drop the prepacked copies and plans if ``packed``/``scales``/``zeros`` changed since they
+        were built (assigned, or modified in place: ``_backend.SourceStamp``), checking the new
+        storage as the constructor does. Skipped while compiling (see the module docstring)."""
+        if _ops.compiling():
+            return
+        storage = (self.packed, self.scales, self.zeros)
+        if self._stamp is not None and self._stamp.matches(storage):
+            return
+        if self._stamp is not None:
+            _check_storage(self.packed, self.scales, self.zeros, self.bias, N=self.out_features,
+                           K=self.in_features, bits=self.bits, group_size=self.group_size,
+                           symmetric=self.symmetric)
+        self._prepacked = {}
+        self._plans = {}
+        self._stamp = SourceStamp(storage)
+        self._plain_zeros = self._zeros_are_plain()
+
+    def prepack(self, backend: str, dtype: torch.dtype = torch.bfloat16) -> tuple:
         """Build (once) and return the weights ``backend`` needs for activations of ``dtype``.
 
-        torch_int4/torch_int4x2: (int4pack weight, [G, Np, 2] scales-and-zeros); torch_int8:
-        (int8 weight (N, Kp), scales (N,)[, fp32 zero correction (N,)]). See the module docstring.
+        torch_int4/torch_int4x2: (int4pack weight, [G, Np, 2] scales-and-zeros, number of op groups
+        appended for the zero residual); torch_int8: (int8 weight (N, Kp), scales (N,), the factors
+        of rowsum(x) its extra column triples multiply (a tuple, empty: none), fp32 residual (N,) of
+        zeros far outside the code range or None). See the module docstring. Only bf16/fp16
+        activations. Rebuilt after the storage changed.
         """
+        self._sync_caches()
         key = (backend, dtype)
         if key in self._prepacked:
             return self._prepacked[key]
@@ -345,24 +459,51 @@ class QuantLinear(nn.Module):
             raise ValueError(f"nothing to prepack for backend={backend!r} and dtype {dtype}"
                              + (f": {reason}" if reason else f" (only {'/'.join(_TORCH_OPS)} prepack)"))
         # The packed weight does not depend on the activation dtype; share it across dtypes.
-        w = next((v[0] for k, v in self._prepacked.items() if k[0] == backend), None)
+        other = next((v for k, v in self._prepacked.items() if k[0] == backend), None)
         if backend == "torch_int8":
-            packed = self._prepack_int8(w, dtype)
+            packed = self._prepack_int8(other, dtype)
         else:
-            packed = self._prepack_int4(backend, w, dtype)
+            packed = self._prepack_int4(backend, None if other is None else other[0], dtype)
         self._prepacked[key] = packed
         return packed
 
-    def _prepack_int8(self, w, dtype):
-        c = 2 ** (self.bits - 1)  # centre code: q - c fits int8 for every bits <= 8
-        K, kp = self.in_features, -(-self.in_features // 16) * 16
-        if w is None:
-            w = F.pad(self._codes() - c, (0, kp - K)).to(torch.int8).contiguous()
+    def _prepack_int8(self, other, dtype):
         s = self.scales.float()[:, 0]
-        parts = (w, s.to(dtype).contiguous())
-        if not self.symmetric:  # (q - z) s = (q - c) s + (c - z) s: the second term is rank-1
-            parts += (((c - self.zeros.float()[:, 0]) * s).contiguous(),)
-        return parts
+        if other is None:
+            b, K = self.bits, self.in_features
+            q = self._codes()
+            z = torch.full_like(s, 2.0 ** (b - 1)) if self.symmetric else self.zeros.float()[:, 0]
+            zr = z.round().clamp(0, 2 ** b - 1).to(torch.int32)
+            # Per row the int8 weight is q - t with t as close to round(z) as int8 allows; t = round(z)
+            # for bits <= 7 (and symmetric grids), and for 8-bit rows whose codes leave room.
+            t = torch.minimum(torch.maximum(zr, q.amax(dim=1) - 127), q.amin(dim=1) + 128)
+            # (q - z) s = (q - t) s + (t - z) s: the offset o = t - z as int8 multiples of 1 (two of them:
+            # |o| <= 254), 2^-7 and 2^-14 multiplies rowsum(x) through extra columns (module docstring).
+            # Eager calls keep only the columns some row uses. While compiling (no data-dependent
+            # branch) the format decides: integer pieces at 8 bits, fractions (and the fp32 residual
+            # pass) unless the zeros are plain (``_zeros_are_plain``).
+            static = _ops.compiling()
+            plain = self.symmetric or self._plain_zeros
+            rem = t.double() - z.double()
+            levels, cols = [], []
+            if not self.symmetric:  # symmetric: t = 2^(b-1) = z exactly
+                for level in (1.0, 1.0, *_INT8_FRACTION_LEVELS):
+                    k = (rem / level).round().clamp(-127, 127)
+                    need = (b == 8 or not plain) if level == 1.0 else not plain
+                    if need if static else bool(k.any()):
+                        levels.append(level)
+                        cols.append(k)
+                        rem = rem - k * level
+            # What is left: < 2^-15 of a step, except for zeros more than 126 outside [0, 2^b - 1]
+            # (added in fp32 after the op, rounded with its output then).
+            far = not plain if static else bool((rem.abs() > 2.0 ** -15).any())
+            resid = (rem * s.double()).float().contiguous() if far else None
+            extra = [c.to(torch.int32)[:, None].expand(-1, 3) for c in cols]  # hi, mid, lo of each column
+            w = torch.cat([q - t[:, None], *extra], dim=1)
+            kp = -(-w.shape[1] // 16) * 16
+            w = F.pad(w, (0, kp - w.shape[1])).to(torch.int8).contiguous()
+            other = (w, None, tuple(levels), resid)
+        return other[0], s.to(dtype).contiguous(), other[2], other[3]
 
     def _prepack_int4(self, backend, w, dtype):
         N, K, b = self.out_features, self.in_features, self.bits
@@ -372,11 +513,34 @@ class QuantLinear(nn.Module):
         S = self.scales.float().to(dtype).float()  # the op's scales are in x's dtype: round first
         z = torch.full_like(S, 2.0 ** (b - 1)) if self.symmetric else self.zeros.float()
         zr = z.round().clamp(0, 2 ** b - 1).to(torch.int32)
+        extra = 0  # op groups appended for the zero residual (torch_int4, see the module docstring)
         if backend == "torch_int4":
             # c = q + t with t = 8 - round(z) where c stays in [0, 15]: (c - 8) S = (q - round(z)) S is
             # as small as the weight, Z = (8 - t - z) S is 0 for integer zeros (symmetric: always).
             t = (8 - zr).clamp(0, 16 - 2 ** b)
-            parts = [(t, S, ((8.0 - t - z) * S).to(dtype).float())]
+            Z = (8.0 - t - z) * S
+            Zr = Z.to(dtype).float()
+            parts = [(t, S, Zr)]
+            delta = Z - Zr  # what rounding Z to x's dtype lost, per (row, layer group)
+            # (while compiling, no data-dependent branch: 4-bit asymmetric grids and zeros that are not
+            # plain get the residual groups, see _zeros_are_plain)
+            static_need = not self.symmetric and (b == 4 or not self._plain_zeros)
+            if static_need if _ops.compiling() else bool(delta.any()):
+                # delta ~ Sd sum_l (c_l - 8) / 16^l: L = 2..4 4-bit codes per layer group with one scale
+                # Sd per row, in `extra` op groups whose x columns are each layer group's sum of x / 16^l
+                # (L columns per group, zeros after; L = 4 where the op groups have room, e.g. per-channel).
+                extra, L = _int4_residual_layout(G, op_group)
+                Sd = (delta.abs().amax(dim=1) / 7).to(dtype).float()[:, None]
+                inv = torch.where(Sd > 0, 1.0 / Sd.clamp_min(1e-38), torch.zeros_like(Sd))
+                rest, codes = delta, []
+                for level in range(L):
+                    c = (rest * inv * 16 ** level).round().clamp(-8, 7)
+                    codes.append(c)
+                    rest = rest - c * Sd / 16 ** level
+                # each code twice: its column of x holds the group sum's hi part, the next one the lo part
+                cd = torch.stack(codes, dim=2).repeat_interleave(2, dim=2).reshape(N, 2 * L * G).to(torch.int32) + 8
+                Sd = Sd[:, 0]
+                w = None  # these codes depend on x's dtype: no sharing across dtypes
         else:
             # torch_int4x2: hi shifted the same way (as far as [0, 15] allows: not for 8 bits), lo as
             # is; the offset (136 - 16 t - z) S rounded in two steps, Z_hi + Z_lo (see the docstring).
@@ -392,26 +556,46 @@ class QuantLinear(nn.Module):
                 c = c + t.repeat_interleave(g, dim=1)[:, :K]
                 c = F.pad(c, (0, G * g - K), value=8).view(N, G, g)
                 cols.append(F.pad(c, (0, pg - g), value=8).reshape(N, G * pg))
+            if extra:
+                cols.append(F.pad(cd, (0, extra * op_group - cd.shape[1]), value=8))
             c = F.pad(torch.cat(cols, dim=1), (0, 0, 0, np_ - N), value=8)
             w = torch.ops.aten._convert_weight_to_int4pack_for_cpu(c.contiguous(), 2)
         reps = pg // op_group  # op groups per layer group
         sz = []
         for _, scale, zero in parts:
             sz.append(torch.stack([scale, zero], dim=-1).repeat_interleave(reps, dim=1))  # [N, Gop, 2]
+        if extra:
+            sz.append(torch.stack([Sd, torch.zeros_like(Sd)], dim=-1)[:, None].expand(-1, extra, -1))
         sz = F.pad(torch.cat(sz, dim=1), (0, 0, 0, 0, 0, np_ - N))  # padded rows: S = Z = 0
-        return w, sz.transpose(0, 1).to(dtype).contiguous()
+        return w, sz.transpose(0, 1).to(dtype).contiguous(), extra
 
-    def _int4_input(self, x2: torch.Tensor, parts: int) -> torch.Tensor:
-        """``x`` laid out like the int4 weight's columns (zero padding; twice for torch_int4x2)."""
+    def _int4_input(self, x2: torch.Tensor, parts: int, extra: int = 0):
+        """``(x laid out like the int4 weight's columns, row unscale or None)``: zero padding; twice for
+        torch_int4x2; the group sums in ``extra`` op groups after, for torch_int4's zero residual
+        (fp16 rows whose sums could overflow are scaled by a power of two: see ``_fp16_unscale``)."""
         K = self.in_features
-        _, pg, G = int4_layout(K, self.group_size)
+        op_group, pg, G = int4_layout(K, self.group_size)
         g = K if self._one_group_per_row() else self.group_size
+        xg = F.pad(x2, (0, G * g - K)) if G * g != K else x2  # a partial last group
+        unscale = sums = None
+        if extra:
+            sums = xg.float().view(-1, G, g).sum(dim=2)
+            if x2.dtype == torch.float16:
+                unscale = _fp16_unscale(sums.abs().amax(dim=1, keepdim=True))
+                xg, sums = (xg.float() / unscale).to(x2.dtype), sums / unscale
+        xp = xg
         if pg != g:  # groups < 32, or the one group of a per-channel row
-            x2 = F.pad(x2, (0, G * g - K)).view(-1, G, g)
-            x2 = F.pad(x2, (0, pg - g)).reshape(-1, G * pg)
-        elif G * g != K:  # a partial last group
-            x2 = F.pad(x2, (0, G * g - K))
-        return torch.cat([x2, x2], dim=1) if parts == 2 else x2
+            xp = F.pad(xg.view(-1, G, g), (0, pg - g)).reshape(-1, G * pg)
+        if parts == 2:
+            return torch.cat([xp, xp], dim=1), None
+        if extra:
+            L = _int4_residual_layout(G, op_group)[1]
+            sums = torch.stack([sums / 16 ** level for level in range(L)], dim=2)  # (M, G, L)
+            hi = sums.to(x2.dtype)
+            lo = (sums - hi.float()).to(x2.dtype)
+            cols = torch.stack([hi, lo], dim=3).reshape(-1, 2 * L * G)
+            return torch.cat([xp, F.pad(cols, (0, extra * op_group - 2 * L * G))], dim=1), unscale
+        return xp, None
 
     def release_prepacked(self, keep: str | None = None) -> None:
         """Drop the prepacked copies (all, or all but backend ``keep``'s); they are rebuilt on demand.
@@ -426,11 +610,13 @@ class QuantLinear(nn.Module):
         # inputs again: the plans were made for the old device).
         self._prepacked = {}
         self._plans = {}
+        self._stamp = None
         return super()._apply(fn, *args, **kwargs)
 
     def _load_from_state_dict(self, *args, **kwargs):
         self._prepacked = {}
         self._plans = {}
+        self._stamp = None
         return super()._load_from_state_dict(*args, **kwargs)
 
     # -- forward -----------------------------------------------------------------------------
@@ -445,6 +631,7 @@ class QuantLinear(nn.Module):
                 m_bucket(x.numel() // K), triton_usable(x.device), choices_generation())
 
     def forward(self, x: torch.Tensor, backend: str | None = None) -> torch.Tensor:
+        self._sync_caches()  # storage changed since the copies were built: drop them (and the plans)
         pkey = self._plan_key(x, backend)
         plan = self._plans.get(pkey) if pkey is not None else None
         if plan is not None:  # seen before: same dtype, device, width and M bucket, so checked and chosen
@@ -504,26 +691,55 @@ class QuantLinear(nn.Module):
             return F.linear(x2, w, None if self.bias is None else self.bias.to(x2.dtype))
         if x2.shape[0] == 0:
             return x2.new_zeros(0, N)
-        corr = None
         if backend == "torch_int8":
-            w, s, *rest = self.prepack(backend, x2.dtype)
-            xp = F.pad(x2, (0, w.shape[1] - self.in_features)) if w.shape[1] != self.in_features else x2
-            y = torch._weight_int8pack_mm(xp, w, s)
-            corr = rest[0] if rest else None
+            return self._run_int8(x2)
+        w, sz, extra = self.prepack(backend, x2.dtype)
+        xp, unscale = self._int4_input(x2, 2 if backend == "torch_int4x2" else 1, extra)
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(xp, w, int4_layout(self.in_features, self.group_size)[0], sz)
+        if y.shape[1] != N:
+            y = y[:, :N]
+        return self._finish(y, x2.dtype, unscale=unscale)
+
+    def _run_int8(self, x2: torch.Tensor) -> torch.Tensor:
+        """torch_int8: ``[x, rowsum columns, 0 padding] @ (int8 weight * S)^T`` (module docstring)."""
+        dt, K, M = x2.dtype, self.in_features, x2.shape[0]
+        w, S, levels, resid = self.prepack("torch_int8", dt)
+        unscale = corr = None
+        if resid is not None:
+            corr = x2.float().sum(dim=1, keepdim=True) * resid
+        if levels:
+            rs = x2.float().sum(dim=1, keepdim=True)
+            xin = x2
+            if dt == torch.float16:
+                unscale = _fp16_unscale(rs.abs())
+                xin, rs = (x2.float() / unscale).to(dt), rs / unscale
+            vals = rs * rs.new_tensor(levels)               # (M, columns): rowsum * 1, 2^-7, 2^-14
+            hi = vals.to(dt)
+            rest = vals - hi.float()
+            mid = rest.to(dt)
+            lo = (rest - mid.float()).to(dt)
+            cols = torch.stack([hi, mid, lo], dim=2).reshape(M, 3 * len(levels))
+            xp = torch.cat([xin, cols, xin.new_zeros(M, w.shape[1] - K - cols.shape[1])], dim=1)
+        elif w.shape[1] != K:
+            xp = F.pad(x2, (0, w.shape[1] - K))
         else:
-            w, sz = self.prepack(backend, x2.dtype)
-            xp = self._int4_input(x2, 2 if backend == "torch_int4x2" else 1)
-            y = torch.ops.aten._weight_int4pack_mm_for_cpu(xp, w, int4_layout(self.in_features, self.group_size)[0], sz)
-            if y.shape[1] != N:
-                y = y[:, :N]
-        if corr is not None or self.bias is not None:
-            y = y.float()
-            if corr is not None:
-                y = y + x2.float().sum(dim=1, keepdim=True) * corr
-            if self.bias is not None:
-                y = y + self.bias.float()
-            y = y.to(x2.dtype)
-        return y
+            xp = x2
+        y = torch._weight_int8pack_mm(xp, w, S)
+        return self._finish(y, dt, unscale=unscale, corr=corr)
+
+    def _finish(self, y: torch.Tensor, dtype: torch.dtype, *, unscale=None, corr=None) -> torch.Tensor:
+        """The op's output ``y`` (M, N), its rows scaled back, the residual ``corr`` and the bias added
+        in fp32, rounded once to ``dtype``; ``y`` as it is when there is nothing to add."""
+        if unscale is None and corr is None and self.bias is None:
+            return y
+        y = y.float()
+        if unscale is not None:
+            y = y * unscale
+        if corr is not None:
+            y = y + corr
+        if self.bias is not None:
+            y = y + self.bias.float()
+        return y.to(dtype)
 
     def dequantize(self) -> torch.Tensor:
         """The fp32 weight (N, K) these codes stand for."""
@@ -556,6 +772,26 @@ class QuantLinear(nn.Module):
         return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
                 f"group_size={gs}, symmetric={self.symmetric}, bias={self.bias is not None}, "
                 f"backend={self.backend!r}" + (", cache_dequantized=True" if self.cache_dequantized else ""))
+
+
+def _check_storage(packed, scales, zeros, bias, *, N: int, K: int, bits: int, group_size: int,
+                   symmetric: bool) -> None:
+    """The checks of the constructor on scales/zeros/bias against packed (N, words); also run when a
+    forward finds the storage changed."""
+    if not torch.is_tensor(packed) or packed.dtype != torch.int32 or tuple(packed.shape) != (
+            N, math.ceil(K * bits / 32)):
+        raise ValueError(f"packed must be an int32 tensor of shape {(N, math.ceil(K * bits / 32))} "
+                         f"(N, ceil(K*bits/32)), got {getattr(packed, 'dtype', type(packed))} with shape "
+                         f"{tuple(getattr(packed, 'shape', ()))}")
+    n_groups = 1 if group_size == -1 else math.ceil(K / group_size)
+    _check_param("scales", scales, (N, n_groups), packed.device)
+    if not symmetric:
+        if zeros is None:
+            raise ValueError("zeros is required for an asymmetric grid (symmetric=False); "
+                             "pass symmetric=True for w = (q - 2^(bits-1)) * s")
+        _check_param("zeros", zeros, (N, n_groups), packed.device)
+    if bias is not None:
+        _check_param("bias", bias, (N,), packed.device)
 
 
 def _check_param(name: str, t, shape: tuple[int, ...], device: torch.device) -> None:

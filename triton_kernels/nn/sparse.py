@@ -7,8 +7,10 @@ Build one with ``SparseLinear.from_linear(linear, pattern, mask=None, sparsity=N
 - ``pattern="unstructured"`` (``tile=(64, 64)``): weight + 1-bit mask + list of non-empty tiles.
 - ``pattern="activation"`` (``threshold=`` or ``sparsity=`` = target activation sparsity): the dense
   weight stored transposed (K, N); per call, input features with small |x| are dropped and their
-  weight columns are not read. ``threshold`` keeps ``|x| >= threshold``; ``sparsity=s`` keeps the
-  ``K - round(s*K)`` largest |x| of each row (ties may keep a few more).
+  weight columns are not read. ``threshold`` (a finite number >= 0) keeps ``|x| >= threshold``;
+  ``sparsity=s`` keeps the ``K - round(s*K)`` largest |x| of each row (ties may keep a few more).
+  NaN features are always kept, so a NaN input gives NaN outputs as in ``nn.Linear`` (dropping it
+  would return a finite number computed without it).
 
 ``mask`` (bool (N, K), True = kept) is used exactly as given, on a linear whose weight was already
 updated (Wanda/SparseGPT). ``sparsity`` prunes by magnitude (``magnitude_prune``/``block_prune``;
@@ -41,6 +43,9 @@ masked dense fp32 weight. The bias is left out unless ``include_bias=True``. ``b
 is ``8 * memory_bytes() / (N * K)``. ``resident_bytes()`` counts what the module holds in memory
 right now: every buffer of the chosen backend in its actual dtype, bias included.
 """
+import math
+import numbers
+
 import torch
 from torch import nn
 
@@ -66,6 +71,17 @@ _BUFFERS = {
 }
 
 
+def _check_threshold(threshold) -> None:
+    """pattern='activation': ``threshold`` must be a finite number >= 0 (NaN would drop every feature,
+    a negative one none)."""
+    if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real):
+        raise TypeError(f"threshold must be a finite number >= 0 (features with |x| >= threshold are kept), "
+                        f"got {type(threshold).__name__}")
+    if not math.isfinite(threshold) or threshold < 0:
+        raise ValueError(f"threshold must be a finite number >= 0 (features with |x| >= threshold are kept), "
+                         f"got {threshold!r}")
+
+
 def cpu_candidates(pattern: str, dtype: torch.dtype, block=(32, 32)) -> tuple[str, ...]:
     """The CPU backends ``auto`` chooses among for ``pattern`` and weight ``dtype`` (static order:
     the first is taken when measuring is off). torch's CSR/BSR matmuls exist only in fp32 (torch 2.13
@@ -88,6 +104,8 @@ class SparseLinear(nn.Module):
                  block=(32, 32), n=2, m=4, tile=(64, 64), threshold=None, activation_sparsity=None,
                  sparsity=0.0):
         super().__init__()
+        if threshold is not None:
+            _check_threshold(threshold)
         self.in_features, self.out_features = in_features, out_features
         self.pattern, self.backend = pattern, backend
         self.block, self.n, self.m, self.tile = tuple(block), n, m, tuple(tile)
@@ -131,6 +149,8 @@ class SparseLinear(nn.Module):
                                  "(target fraction of dropped input features)")
             if sparsity is not None:
                 sm._check_sparsity(sparsity)
+            else:
+                _check_threshold(threshold)
             mod = cls(K, N, pattern, "", threshold=threshold, activation_sparsity=sparsity)
             mod.backend = mod._resolve(backend, w.device, w.dtype, 1.0)
             mod.register_buffer("weight_t", w.t().contiguous())
@@ -264,14 +284,15 @@ class SparseLinear(nn.Module):
         return self.weight
 
     def _activation_mask(self, x):
+        """The features each row keeps; NaN ones always (NaN must reach the output, as in nn.Linear)."""
         if self.threshold is not None:
-            return x.abs() >= self.threshold
+            return (x.abs() >= self.threshold) | torch.isnan(x)
         K = x.shape[-1]
         kept = K - round(self.activation_sparsity * K)
         if kept == 0:
-            return torch.zeros_like(x, dtype=torch.bool)
+            return torch.isnan(x)
         kth = torch.topk(x.abs(), kept, dim=-1).values[..., -1:]
-        return x.abs() >= kth
+        return (x.abs() >= kth) | torch.isnan(x)
 
     # ------------------------------------------------------------------ forward
     def _weight_tensor(self) -> torch.Tensor:
