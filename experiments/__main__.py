@@ -86,7 +86,8 @@ def _add_run(p: argparse.ArgumentParser) -> None:
                    help="serial (default): one point after another here; ray: one Ray task per point "
                         "(pip install -e '.[ray]')")
     g.add_argument("--ray-address", default=None, metavar="ADDR",
-                   help="join this Ray cluster (auto, host:port, ray://host:port); default: start a local instance")
+                   help="join this Ray cluster (auto, host:port, ray://host:port; Ray expects a trusted network: "
+                        "see the README); default: start a local instance that listens on 127.0.0.1 only")
     g.add_argument("--gpus-per-point", type=float, default=None, metavar="G",
                    help="GPUs a point reserves (default 1 with --device cuda, else 0)")
     g.add_argument("--cpus-per-point", type=int, default=None, metavar="N",
