@@ -21,7 +21,11 @@ or model, missing/empty text file, a setting that does not fit the model, a corp
 prints one ``error:`` line naming the option and exits with status 2 before any result row is written.
 A missing piece of the environment (``datasets`` for ``--source wikitext2``, apt-get for the default
 corpus, the default model's package, no network for an uncached Hub model: ``SetupError``) prints
-one ``error:`` line saying what to install or do, exit status 1.
+one ``error:`` line saying what to install or do, exit status 1. A file that cannot be written (a
+full disk: ``OSError``) is one ``error:`` line naming it, exit status 1; writes are atomic
+(``experiments.core.atomic``, ``experiments.core.results``), so nothing half-written is left and a rerun
+resumes. A perplexity that is NaN or infinite is a failure (``NonFiniteResult``, exit status 1)
+naming the first layer whose output was not finite, never a number printed as a result.
 
 Streams: stdout carries only a command's product (the ``list`` table, the ``summary`` Markdown,
 the paths of the tables a command wrote, one per line); progress, status lines and errors go to
@@ -30,11 +34,13 @@ stderr (see ``experiments.core.progress``).
 from __future__ import annotations
 
 import argparse
+import errno
 import sys
 import time
+from pathlib import Path
 from typing import Callable
 
-from experiments.core.errors import SetupError
+from experiments.core.errors import NonFiniteResult, SetupError
 
 
 def _add_list(p: argparse.ArgumentParser) -> None:
@@ -80,7 +86,8 @@ def _add_run(p: argparse.ArgumentParser) -> None:
                    help="serial (default): one point after another here; ray: one Ray task per point "
                         "(pip install -e '.[ray]')")
     g.add_argument("--ray-address", default=None, metavar="ADDR",
-                   help="join this Ray cluster (auto, host:port, ray://host:port); default: start a local instance")
+                   help="join this Ray cluster (auto, host:port, ray://host:port; Ray expects a trusted network: "
+                        "see the README); default: start a local instance that listens on 127.0.0.1 only")
     g.add_argument("--gpus-per-point", type=float, default=None, metavar="G",
                    help="GPUs a point reserves (default 1 with --device cuda, else 0)")
     g.add_argument("--cpus-per-point", type=int, default=None, metavar="N",
@@ -95,6 +102,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     from experiments.run.sweep import run_sweeps
     from experiments.run.sweep_config import resolve_sweeps
     t0 = time.perf_counter()
+    if args.saved_dir is not None and Path(args.saved_dir).expanduser().exists() \
+            and not Path(args.saved_dir).expanduser().is_dir():
+        raise ValueError(f"--saved-dir {args.saved_dir!r} is a file, not a directory; give a directory of saved "
+                         f"points (it is created if missing)")
     executor = make_executor(args.executor, ray_address=args.ray_address, gpus_per_point=args.gpus_per_point,
                              cpus_per_point=args.cpus_per_point, max_retries=args.max_retries)
     sweeps = resolve_sweeps(args.sweep)
@@ -250,17 +261,35 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line(e: BaseException) -> str:
+    """An error's message on one line (messages quoting a library's may hold newlines)."""
+    return " ".join(str(e).split()) or type(e).__name__
+
+
+def _os_error(e: OSError) -> str:
+    """An OSError as one line that names the file: '<file>: <what>' (+ what to do for a full disk)."""
+    msg = f"{e.filename}: {e.strerror}" if e.filename is not None and e.strerror else _one_line(e)
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        msg += ("; nothing half-written was left there (writes are atomic): free some space or write elsewhere, "
+                "and rerun the same command (a sweep resumes from its finished points)")
+    return msg
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
     except (ValueError, FileNotFoundError) as e:
         # Bad input: one clear line, exit status 2 (argparse's own convention), no traceback.
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {_one_line(e)}", file=sys.stderr)
         return 2
-    except SetupError as e:
-        # Something to install or provide: one clear line saying what, exit status 1, no traceback.
-        print(f"error: {e}", file=sys.stderr)
+    except (SetupError, NonFiniteResult) as e:
+        # Something to install or provide, or a result that is not a number: one line, exit status 1.
+        print(f"error: {_one_line(e)}", file=sys.stderr)
+        return 1
+    except OSError as e:
+        # A full disk, a directory that cannot be written, ...: one line naming the file, exit status 1.
+        print(f"error: {_os_error(e)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("interrupted; finished points are saved, rerun the same command to resume", file=sys.stderr)

@@ -86,3 +86,36 @@ def test_default_model_baseline_perplexity_is_sane():
     # English prose with a 135M model: tens, not hundreds; shuffled tokens cost an order of magnitude.
     assert 5 < real["ppl"] < 100, real
     assert scrambled["ppl"] > 10 * real["ppl"], (real, scrambled)
+
+
+def test_nonfinite_outputs_are_located(tiny_llama):
+    """A NaN weight in one layer: the perplexity is NaN, the batch is reported, and nonfinite_origin
+    names that layer (the first module whose output is not finite, its inputs finite)."""
+    import copy
+
+    from experiments.lm.evaluate import nonfinite_origin
+    model = copy.deepcopy(tiny_llama)
+    with torch.no_grad():
+        model.model.layers[1].self_attn.o_proj.weight[0, 0] = float("nan")
+    windows = torch.randint(0, VOCAB, (3, 12), generator=torch.Generator().manual_seed(1))
+    got = perplexity(model, windows, progress=False)
+    assert math.isnan(got["ppl"]) and got["nonfinite_batch"] == 0
+    assert nonfinite_origin(model, windows[:1]) == "model.layers.1.self_attn.o_proj (Linear), from finite inputs"
+    assert not any(m._forward_hooks for m in model.modules())   # the hooks are removed
+    assert perplexity(tiny_llama, windows, progress=False)["nonfinite_batch"] is None
+    assert nonfinite_origin(tiny_llama, windows[:1]) is None
+
+
+def test_a_loss_too_large_for_exp_is_an_infinite_perplexity():
+    """A finite mean NLL beyond exp's range (about 709.8) gives ppl = inf, not an OverflowError."""
+    class Huge(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.p = torch.nn.Parameter(torch.zeros(1))
+
+        def forward(self, input_ids, use_cache=False):
+            logits = torch.zeros(*input_ids.shape, 4)
+            logits[..., 0] = 1e4   # every target is another token: NLL 1e4 per token
+            return type("Out", (), {"logits": logits})()
+    got = perplexity(Huge(), torch.full((2, 5), 1, dtype=torch.long), progress=False)
+    assert got["nll"] == pytest.approx(1e4) and got["ppl"] == math.inf and got["nonfinite_batch"] is None

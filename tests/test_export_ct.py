@@ -144,3 +144,39 @@ def test_import_of_library_written_checkpoints(tmp_path, symmetric, strategy, gr
         assert torch.equal(mod.dequantize(), want.float()), name
     assert torch.equal(model.model.embed_tokens.weight, state["model.embed_tokens.weight"])
     assert model.lm_head.weight is model.model.embed_tokens.weight
+
+
+def test_a_full_disk_leaves_nothing_and_a_rerun_succeeds(tmp_path, monkeypatch):
+    """The disk fills while the weights are written (simulated: half of the bytes, then OSError(ENOSPC),
+    which names no file): no directory at the path and no temporary one beside it, the error names the
+    path, and the rerun writes a checkpoint that imports."""
+    import errno
+    import os
+
+    import experiments.io.export_ct as E
+    model = _quantized(SPECS[0])
+    out = tmp_path / "ct"
+    real = E.write_file
+
+    def full_disk(path, data):
+        with open(path, "wb") as f:
+            f.write(data[: len(data) // 2])
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    monkeypatch.setattr(E, "write_file", full_disk)
+    with pytest.raises(OSError) as e:
+        export_compressed_tensors(model, out)
+    assert e.value.errno == errno.ENOSPC and e.value.filename == str(out)
+    assert list(tmp_path.iterdir()) == []
+    monkeypatch.setattr(E, "write_file", real)
+    export_compressed_tensors(model, out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ct"]
+    assert len(_qlayers(import_compressed_tensors(out))) == 14
+
+
+def test_a_leftover_temporary_directory_does_not_block_an_export(tmp_path):
+    """What an export killed mid-write left (the fixed temporary name the export used to take) does
+    not make the next export fail: each export takes a temporary name of its own."""
+    (tmp_path / ".ct.tmp").mkdir()
+    (tmp_path / ".ct.tmp" / "model.safetensors").write_bytes(b"half")
+    export_compressed_tensors(_quantized(SPECS[0]), tmp_path / "ct")
+    assert (tmp_path / "ct" / "config.json").is_file()

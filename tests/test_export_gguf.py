@@ -189,3 +189,36 @@ def test_tokenizer_metadata_is_copied(tmp_path):
     assert fields["tokenizer.ggml.model"].contents() == "gpt2"
     assert fields["tokenizer.ggml.tokens"].contents()[:3] == ["t0", "t1", "t2"]
     assert fields["tokenizer.ggml.bos_token_id"].contents() == 1
+
+
+def test_a_full_disk_leaves_no_file_and_a_rerun_succeeds(tmp_path, monkeypatch):
+    """The disk fills while the tensors are written (simulated: the header and metadata are in the file,
+    then some tensor bytes, then OSError(ENOSPC), which names no file): no file at the path, no
+    temporary file beside it, the error names the path; an earlier export there is left as it was; the
+    rerun writes a file that reads back."""
+    import errno
+    import os
+    model = _quantized(CASES[0][0])
+    out = tmp_path / "m.gguf"
+    real = gguf.GGUFWriter.write_tensors_to_file
+
+    def full_disk(self, *args, **kwargs):
+        for f in self.fout:
+            f.write(b"\0" * 4096)
+            f.flush()
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    monkeypatch.setattr(gguf.GGUFWriter, "write_tensors_to_file", full_disk)
+    with pytest.raises(OSError) as e:
+        export_gguf(model, out)
+    assert e.value.errno == errno.ENOSPC and e.value.filename == str(out)
+    assert list(tmp_path.iterdir()) == []
+
+    monkeypatch.setattr(gguf.GGUFWriter, "write_tensors_to_file", real)
+    export_gguf(model, out)
+    first = out.read_bytes()
+    monkeypatch.setattr(gguf.GGUFWriter, "write_tensors_to_file", full_disk)
+    with pytest.raises(OSError):
+        export_gguf(_quantized(CASES[2][0]), out)
+    assert out.read_bytes() == first and list(tmp_path.iterdir()) == [out]
+    monkeypatch.setattr(gguf.GGUFWriter, "write_tensors_to_file", real)
+    assert {t for t, _ in _read(out).values()} >= {"Q4_0"}

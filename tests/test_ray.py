@@ -277,3 +277,140 @@ def test_the_serial_path_never_imports_ray():
             "e.make_executor('serial').check_device('cpu'); assert 'ray' not in sys.modules, 'ray imported'")
     r = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=_env(), capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
+
+
+# ------------------------------------------------------------------- network exposure of a local instance
+
+def _cmdline(pid: int) -> str:
+    with contextlib.suppress(OSError):
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")[:300]
+    return ""
+
+
+def _descendants(pid: int) -> dict[int, str]:
+    """pid -> command line of ``pid`` and every process below it (psutil if installed, else /proc)."""
+    try:
+        import psutil
+    except ImportError:
+        psutil = None
+    if psutil is not None:
+        try:
+            root = psutil.Process(pid)
+            procs = [root, *root.children(recursive=True)]
+        except psutil.NoSuchProcess:
+            return {}
+        out = {}
+        for p in procs:
+            with contextlib.suppress(psutil.Error):
+                out[p.pid] = " ".join(p.cmdline())[:300] or p.name()
+        return out
+    parent, names = {}, {}
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            with contextlib.suppress(OSError, ValueError, IndexError):
+                stat = (d / "stat").read_text()
+                names[int(d.name)] = stat[stat.index("(") + 1:stat.rindex(")")]
+                parent[int(d.name)] = int(stat[stat.rindex(")") + 2:].split()[1])
+    out, todo = {}, [pid]
+    while todo:
+        p = todo.pop()
+        if p in names and p not in out:
+            out[p] = _cmdline(p) or names[p]
+            todo += [c for c, pp in parent.items() if pp == p]
+    return out
+
+
+def _proc_listen_sockets() -> dict[int, str]:
+    """socket inode -> local IP of every TCP socket in LISTEN state (/proc/net/tcp, tcp6)."""
+    import ipaddress
+    out = {}
+    for name in ("tcp", "tcp6"):
+        with contextlib.suppress(OSError):
+            for line in Path(f"/proc/net/{name}").read_text().splitlines()[1:]:
+                f = line.split()
+                if f[3] != "0A":   # TCP_LISTEN
+                    continue
+                hexip = f[1].split(":")[0]
+                raw = b"".join(bytes.fromhex(hexip[i:i + 8])[::-1] for i in range(0, len(hexip), 8))
+                out[int(f[9])] = str(ipaddress.ip_address(raw))
+    return out
+
+
+def _listening(pids: dict[int, str]) -> set[tuple[str, int, str]]:
+    """(local IP, pid, command line) of every listening TCP socket the processes ``pids`` hold."""
+    try:
+        import psutil
+    except ImportError:
+        psutil = None
+    found = set()
+    if psutil is not None:
+        for pid, name in pids.items():
+            with contextlib.suppress(psutil.Error):
+                for c in psutil.Process(pid).net_connections(kind="tcp"):
+                    if c.status == psutil.CONN_LISTEN:
+                        found.add((c.laddr.ip, pid, name))
+        return found
+    sockets = _proc_listen_sockets()
+    for pid, name in pids.items():
+        with contextlib.suppress(OSError):
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                with contextlib.suppress(OSError):
+                    link = os.readlink(f"/proc/{pid}/fd/{fd}")
+                    if link.startswith("socket:[") and int(link[8:-1]) in sockets:
+                        found.add((sockets[int(link[8:-1])], pid, name))
+    return found
+
+
+def _loopback(ip: str) -> bool:
+    import ipaddress
+    addr = ipaddress.ip_address(ip.split("%")[0])
+    mapped = getattr(addr, "ipv4_mapped", None)
+    return addr.is_loopback or bool(mapped and mapped.is_loopback)
+
+
+TWO_POINTS = """\
+name: two
+settings: {seqlen: 32, eval_tokens: 256, calib_samples: 2, calib_seqlen: 32, seed: 0}
+points:
+  - {method: dense}
+  - {method: rtn, bits: 4, group_size: 32}
+"""
+
+
+def test_a_local_ray_instance_listens_on_loopback_only(tiny, tmp_path):
+    """``--executor ray`` without ``--ray-address`` starts Ray itself: while its sweep runs, no process it
+    started (GCS, raylet, workers, agents, the driver) listens on an address other than loopback, and
+    there is no dashboard. Sampled every 0.2 s from the start of the command to its end."""
+    model, text, _ = tiny
+    (tmp_path / "two.yaml").write_text(TWO_POINTS)
+    args = ["run", tmp_path / "two.yaml", "--model", model, "--text-file", text, "--out-dir", tmp_path / "run",
+            "--no-progress", "--executor", "ray"]
+    proc = subprocess.Popen([sys.executable, "-m", "experiments", *map(str, args)], cwd=REPO, env=_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    seen: set[tuple[str, int, str]] = set()
+    try:
+        deadline = time.time() + 300
+        while proc.poll() is None and time.time() < deadline:
+            seen |= _listening(_descendants(proc.pid))
+            time.sleep(0.2)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, err
+    assert len(rows(tmp_path / "run" / "sweep_two.csv")) == 2
+    names = {name for _, _, name in seen}
+    assert any("gcs_server" in n for n in names) and any("raylet" in n for n in names), \
+        f"the sampling did not see Ray's servers listening (saw {sorted(seen)}): nothing was checked"
+    exposed = sorted(s for s in seen if not _loopback(s[0]))
+    assert not exposed, f"listening on a non-loopback address: {exposed}"
+    assert not any("dashboard/dashboard.py" in n for n in names), "a dashboard was started"
+
+
+def test_the_fixture_instance_listens_on_loopback_only(ray_address):
+    """The same for a local instance started in this process by init_ray (what the other tests join)."""
+    assert ray_address.startswith("127.0.0.1:"), ray_address
+    seen = _listening(_descendants(os.getpid()))
+    assert any("gcs_server" in n for _, _, n in seen), seen
+    assert not [s for s in seen if not _loopback(s[0])], seen

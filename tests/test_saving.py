@@ -1,9 +1,11 @@
 """Save/reload of compressed models (experiments.run.saving): bit-exact round trips for every family,
 clear errors for damaged directories or another base model, atomic writes."""
 import copy
+import errno
 import json
 import os
 import signal
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -244,12 +246,57 @@ def test_failed_save_leaves_nothing(tmp_path, data, monkeypatch):
         if path.name == MANIFEST:
             raise OSError("disk full")
         return real(path, data_)
-    real = S._write_file
-    monkeypatch.setattr(S, "_write_file", boom)
+    real = S.write_file
+    monkeypatch.setattr(S, "write_file", boom)
     with pytest.raises(OSError, match="disk full"):
         save_compressed(model, report, tmp_path / "m")
     assert calls == [LAYERS_FILE, MANIFEST]
     assert list(tmp_path.iterdir()) == []
+
+
+def test_full_disk_names_the_directory_leaves_nothing_and_keeps_the_old_save(tmp_path, data, monkeypatch):
+    """A full disk while a file is written (simulated: the writer stores half its bytes, then raises
+    OSError(ENOSPC), which names no file): an OSError naming the directory, nothing left beside it, an
+    existing save (overwrite=True) untouched, and the rerun succeeds."""
+    import experiments.run.saving as S
+    model, report = _compressed(SPECS[1], data[0])
+    out = tmp_path / "m"
+
+    def full_disk(path, data_):
+        with open(path, "wb") as f:
+            f.write(data_[: len(data_) // 2])
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    real = S.write_file
+    monkeypatch.setattr(S, "write_file", full_disk)
+    with pytest.raises(OSError) as e:
+        save_compressed(model, report, out)
+    assert e.value.errno == errno.ENOSPC and e.value.filename == str(out)
+    assert list(tmp_path.iterdir()) == []
+
+    monkeypatch.setattr(S, "write_file", real)
+    save_compressed(model, report, out)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    monkeypatch.setattr(S, "write_file", full_disk)
+    with pytest.raises(OSError):
+        save_compressed(model, parse_spec(SPECS[1]), out, overwrite=True)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before and list(tmp_path.iterdir()) == [out]
+    monkeypatch.setattr(S, "write_file", real)
+    _assert_same_model(model, load_compressed(out, base=tiny_llama()), data[1])
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077, 0o002])
+def test_saved_directory_follows_the_umask(tmp_path, data, umask):
+    """A saved directory gets the mode mkdir gives (0o777 less the umask), its files open()'s, as the
+    result tables do (test_runs.test_tables_respect_the_umask); not tempfile's private 0o700."""
+    model, report = _compressed(SPECS[1], data[0])
+    old = os.umask(umask)
+    try:
+        out = save_compressed(model, report, tmp_path / "m")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o777 & ~umask, oct(out.stat().st_mode)
+    for f in out.iterdir():
+        assert stat.S_IMODE(f.stat().st_mode) == 0o666 & ~umask, (f.name, oct(f.stat().st_mode))
 
 
 _KILL_SCRIPT = """
@@ -260,12 +307,12 @@ from experiments.methods.compress import compress_model
 from tests.test_compress import tiny_llama
 model = tiny_llama()
 report = compress_model(model, {{"method": "rtn", "bits": 4, "group_size": 32}}, None, progress=False)
-real = S._write_file
+real = S.write_file
 def write(path, data):
     real(path, data)
     if path.name == {file!r}:
         os.kill(os.getpid(), signal.SIGKILL)
-S._write_file = write
+S.write_file = write
 S.save_compressed(model, report, {out!r})
 """
 

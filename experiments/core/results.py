@@ -32,6 +32,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
+from experiments.core.atomic import naming
+
 
 class ContextMismatch(ValueError):
     """A row would mix another context (model, corpus, settings, machine) into a table."""
@@ -266,9 +268,9 @@ def write_rows(path: str | os.PathLike, rows: Iterable[Mapping[str, object]], *,
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
-        raise
+        raise naming(e, path, tmp)   # a full disk's OSError names the table (experiments.core.atomic)
 
 
 def append_row(path: str | os.PathLike, row: Mapping[str, object], *, context: Sequence[str] | None = None,

@@ -265,10 +265,32 @@ class Steps:
         self.path = Path(directory) / "steps.json"
 
     def _load(self) -> dict[str, dict]:
+        """The recorded steps; ``{}`` when there is no file. Anything but what :meth:`record` writes (an
+        object of step name -> object with a string ``inputs``) is a ValueError naming the file: a damaged
+        record must neither crash a command nor count a step as finished (``promote`` reads it)."""
         try:
-            return json.loads(self.path.read_text())
-        except (OSError, ValueError):
+            text = self.path.read_text()
+        except FileNotFoundError:
             return {}
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{self.path}: not a record of finished steps ({e}); {self._fix}") from e
+        try:
+            data = json.loads(text)
+        except ValueError as e:
+            raise ValueError(f"{self.path}: not valid JSON ({e}); {self._fix}") from e
+        if not isinstance(data, dict):
+            raise ValueError(f"{self.path} holds a JSON {type(data).__name__}, not an object of finished steps; "
+                             f"{self._fix}")
+        for step, entry in data.items():
+            if not isinstance(entry, dict) or not isinstance(entry.get("inputs"), str):
+                raise ValueError(f"{self.path}: step {step!r} is recorded as {json.dumps(entry)[:80]}, not an "
+                                 f"object with its inputs digest; {self._fix}")
+        return data
+
+    @property
+    def _fix(self) -> str:
+        return ("it is written by `python -m experiments reproduce`: delete it to have every step run again "
+                "(each resumes from its own finished rows), and `promote` needs a finished run")
 
     def done(self, step: str, inputs: str) -> bool:
         return self._load().get(step, {}).get("inputs") == inputs

@@ -26,6 +26,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from experiments.core.atomic import atomic_dir, write_file
+
 WEIGHTS_FILE = "model.safetensors"
 
 
@@ -61,11 +63,13 @@ def _quant_modules(model: nn.Module) -> dict[str, nn.Module]:
 
 
 def export_compressed_tensors(model: nn.Module, out_dir: str | os.PathLike) -> dict[str, Any]:
-    """Write ``model`` as a Hugging Face directory in the compressed-tensors ``pack-quantized`` format."""
+    """Write ``model`` as a Hugging Face directory in the compressed-tensors ``pack-quantized`` format.
+
+    ``out_dir`` must not exist; it appears complete or not at all (experiments.core.atomic)."""
     _require()
     from compressed_tensors.compressors.pack_quantized import PackedQuantizationCompressor as PQC
     from compressed_tensors.quantization import QuantizationConfig, QuantizationScheme
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     out = Path(out_dir)
     if out.exists():
@@ -108,11 +112,13 @@ def export_compressed_tensors(model: nn.Module, out_dir: str | os.PathLike) -> d
         format="pack-quantized", quantization_status="compressed", ignore=["lm_head"])
     cfg = model.config.to_dict()
     cfg["quantization_config"] = {**qcfg.to_dict(), "quant_method": "compressed-tensors"}
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.mkdir(parents=True)
-    save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
-    (tmp / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True, default=str))
-    os.rename(tmp, out)
+    # A unique temporary directory beside out_dir, every file fsynced, renamed into place; removed on
+    # any failure (experiments.core.atomic). The tensors are serialized in memory first, so a full disk is a
+    # plain OSError naming out_dir (safetensors' own file writer reports it as a SafetensorError).
+    weights = save(tensors, metadata={"format": "pt"})
+    with atomic_dir(out) as tmp:
+        write_file(tmp / WEIGHTS_FILE, weights)
+        write_file(tmp / "config.json", json.dumps(cfg, indent=2, sort_keys=True, default=str).encode())
     return {"path": str(out), "layers": len(qmods), "schemes": len(groups), "exact": True}
 
 

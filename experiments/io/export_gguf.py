@@ -37,6 +37,7 @@ float and un-permutes q/k); ``q_proj``/``k_proj`` rows are written in llama.cpp'
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 from typing import Any
@@ -44,6 +45,8 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+
+from experiments.core.atomic import atomic_file
 
 GGUF_BLOCK = 32
 
@@ -125,7 +128,8 @@ def export_gguf(model: nn.Module, path: str | os.PathLike, *, name: str | None =
     ``tokenizer_from``: a GGUF file whose ``tokenizer.*`` metadata is copied (llama.cpp needs it; the
     default model's file has it). Returns ``{"path", "tensors": {gguf name: type}, "exact": bool,
     "inexact_weights", "inexact_groups", "max_abs_diff"}``: the comparison of the file's dequantized
-    weights with the toolkit's (see the module docstring for what is exact).
+    weights with the toolkit's (see the module docstring for what is exact). ``path`` appears complete or
+    not at all (written beside it, fsynced, renamed: experiments.core.atomic); an existing file is replaced.
     """
     import gguf
     from experiments.lm import models
@@ -167,7 +171,7 @@ def export_gguf(model: nn.Module, path: str | os.PathLike, *, name: str | None =
             raise ValueError(f"tensor {hf_name} has no GGUF llama name (gguf.get_tensor_name_map)")
         plan.append((f"{gname}.{leaf if kind != 'QuantLinear' else 'weight'}", (mod_name, leaf, mod, t)))
 
-    writer = gguf.GGUFWriter(str(path), "llama")
+    writer = gguf.GGUFWriter(None, "llama")   # the file is opened by write_header_to_file below
     writer.add_name(name or getattr(cfg, "name_or_path", "") or "compressed")
     writer.add_context_length(int(cfg.max_position_embeddings))
     writer.add_embedding_length(int(cfg.hidden_size))
@@ -217,9 +221,17 @@ def export_gguf(model: nn.Module, path: str | os.PathLike, *, name: str | None =
                 arr = arr[rows]
             writer.add_tensor(gname, arr.contiguous().numpy())
             types[gname] = "F32"
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    # Written to a temporary file beside ``path``, fsynced and renamed into place once complete
+    # (experiments.core.atomic): a failure (a full disk) leaves nothing at ``path`` and no temporary file.
+    with atomic_file(path) as tmp:
+        try:
+            writer.write_header_to_file(path=tmp)
+            writer.write_kv_data_to_file()
+            writer.write_tensors_to_file()
+            writer.close()
+        except BaseException:
+            with contextlib.suppress(OSError):   # after a write error, closing only releases the handle
+                writer.close()
+            raise
     return {"path": str(Path(path)), "tensors": types, "exact": stats["inexact_weights"] == 0,
             "tokenizer_fields": n_tok, **stats}

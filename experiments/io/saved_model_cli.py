@@ -16,11 +16,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
+from experiments.core.errors import NonFiniteResult
 from experiments.core.runs import refuse_reference_dir
 
 
@@ -165,6 +167,8 @@ def eval_main(args: argparse.Namespace) -> int:
     model = load_compressed(args.dir, base=args.base).to(dev)
     load_s = time.perf_counter() - t0
     ev = evaluate.perplexity(model, windows.to(dev), progress=not args.no_progress)
+    if not math.isfinite(ev["ppl"]):
+        raise NonFiniteResult(_nonfinite_message(args.dir, model, windows, ev))
     out: dict[str, Any] = {"dir": str(args.dir), "label": manifest["label"], "base_model": manifest["base_model"]["name"],
                            "ppl": float(f"{ev['ppl']:.6g}"), "nll": float(f"{ev['nll']:.6g}"),
                            "eval_tokens": int(ev["n_tokens"]), "seqlen": settings["seqlen"],
@@ -178,6 +182,21 @@ def eval_main(args: argparse.Namespace) -> int:
                    device=str(dev))
     print(json.dumps(out, sort_keys=True))
     return 0
+
+
+def _nonfinite_message(where: str, model, windows, ev: dict[str, Any]) -> str:
+    """Why a perplexity is NaN or infinite: the first layer whose output was not finite (forward hooks on
+    the batch whose loss was not), or a finite loss too large for exp."""
+    from experiments.lm import evaluate
+    head = f"{where}: the perplexity is {ev['ppl']} (mean NLL {ev['nll']}), not a number to report"
+    i = ev.get("nonfinite_batch")
+    if i is None:
+        return (f"{head}: every output was finite, but the mean NLL is too large for exp (the model's "
+                f"predictions are far off); the saved model is probably broken: compress it again")
+    origin = evaluate.nonfinite_origin(model, windows[i:i + 1])
+    return (f"{head}: evaluation window {i} first gave a non-finite loss; the first layer whose output was "
+            f"not finite is {origin or 'none (only the loss overflowed)'}; check that layer's saved tensors "
+            f"(scales, zeros, codebook) or compress the model again")
 
 
 EXPORT_FORMATS = ("gguf", "compressed-tensors")

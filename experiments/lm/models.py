@@ -292,6 +292,27 @@ def _quiet_gguf_bar():
         gguf_utils.tqdm = bar
 
 
+@contextlib.contextmanager
+def _refused(spec: str, gguf_path: Path | None = None):
+    """A model or tokenizer that transformers (or gguf, safetensors, tokenizers) refuses to load, whatever
+    it raises (OSError, ValueError, KeyError, struct.error, SafetensorError, a config check's error, ...):
+    one ValueError naming the spec, or the GGUF file, and the library's reason on one line. A missing
+    package (ImportError) and a missing piece of the environment (SetupError) pass through."""
+    try:
+        yield
+    except (ImportError, SetupError, MemoryError):
+        raise
+    except Exception as e:  # noqa: BLE001 - the libraries raise many types for a file they cannot read
+        kind = type(e).__name__
+        kind = f"{type(e).__module__}.{kind}" if kind == "error" else kind   # struct.error, not "error"
+        why = " ".join(f"{kind}: {e}".split())[:400]
+        if gguf_path is not None:
+            raise ValueError(f"model spec {spec!r}: could not read the GGUF file {str(gguf_path)!r} ({why}); the "
+                             f"file is truncated or damaged, or holds an architecture transformers cannot load"
+                             ) from e
+        raise ValueError(f"could not load model spec {spec!r} ({why}); {SPEC_HELP}") from e
+
+
 def _resolve(spec: str) -> tuple[str, Path | str, str | None]:
     """(kind, location, gguf file name) with kind in gguf / local / hub."""
     if not isinstance(spec, str) or not spec:
@@ -335,15 +356,12 @@ def load_tokenizer(spec: str = "default"):
         _hf_progress_bars_off_unless_terminal()
         kind, where, gguf_file = _resolve(spec)
         if kind == "gguf":
-            with _hub_offline(), _quiet_gguf_bar():
+            with _hub_offline(), _quiet_gguf_bar(), _refused(spec, Path(where) / gguf_file):
                 tok = AutoTokenizer.from_pretrained(where, gguf_file=gguf_file, local_files_only=True)
         else:
             local_only = kind == "local" or _hub_local_only(spec)
-            try:
+            with _refused(spec):
                 tok = AutoTokenizer.from_pretrained(where, **({"local_files_only": True} if local_only else {}))
-            except (OSError, ValueError) as e:
-                raise ValueError(f"could not load model spec {spec!r} ({type(e).__name__}: {str(e)[:300]}); "
-                                 f"{SPEC_HELP}") from e
         _TOKENIZERS[spec] = tok
     return _TOKENIZERS[spec]
 
@@ -354,10 +372,10 @@ def _load_uncached(spec: str, dtype: torch.dtype):
     kind, where, gguf_file = _resolve(spec)
     tokenizer = load_tokenizer(spec)
     if kind == "gguf":
-        with _hub_offline(), _quiet_gguf_bar():
+        with _hub_offline(), _quiet_gguf_bar(), _refused(spec, Path(where) / gguf_file):
             model = AutoModelForCausalLM.from_pretrained(where, gguf_file=gguf_file, dtype=dtype,
                                                          local_files_only=True)
-        types = gguf_tensor_types(Path(where) / gguf_file)
+            types = gguf_tensor_types(Path(where) / gguf_file)
         grid = gguf_source_grid(types)
         info = {"name": DEFAULT_NAME if spec == "default" else gguf_file, "source": "gguf",
                 "path": str(Path(where) / gguf_file),
@@ -365,11 +383,8 @@ def _load_uncached(spec: str, dtype: torch.dtype):
                 "gguf_tensor_types": dict(collections.Counter(types.values())), "source_grid": grid}
     else:
         kwargs = {"local_files_only": True} if kind == "local" or _hub_local_only(spec) else {}
-        try:
+        with _refused(spec):
             model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, **kwargs)
-        except (OSError, ValueError) as e:
-            raise ValueError(f"could not load model spec {spec!r} ({type(e).__name__}: {str(e)[:300]}); "
-                             f"{SPEC_HELP}") from e
         info = {"name": spec, "source": "hf-local" if kind == "local" else "hf-hub", "path": str(where),
                 "gguf_qtype": None, "gguf_tensor_types": None, "source_grid": None}
     model.eval()

@@ -14,8 +14,10 @@ measured the points, and a driver stopped at any moment (Ctrl-C, ``kill -9``) lo
 
 - One Ray task per unfinished point, each reserving ``cpus_per_point`` CPUs (torch runs that many
   threads) and ``gpus_per_point`` GPUs. Without an address it starts a local Ray instance (all of
-  this machine's CPUs and GPUs); with one (``auto``, ``host:port``, ``ray://host:port``) it joins that
-  cluster, as on Slurm or Kubernetes. Ray's version on the driver must equal the cluster's.
+  this machine's CPUs and GPUs) that listens on 127.0.0.1 only and has no dashboard (:func:`init_ray`);
+  with one (``auto``, ``host:port``, ``ray://host:port``) it joins that cluster, as on Slurm or
+  Kubernetes, whose network exposure is its operator's choice (Ray expects a trusted network). Ray's
+  version on the driver must equal the cluster's.
 - The code goes with the tasks (``runtime_env`` ``py_modules``: this checkout's ``experiments`` and
   ``triton_kernels``, with its git commit in ``TKR_GIT_COMMIT``), so workers run exactly the driver's
   code; torch, transformers and the model (a path all nodes see, a Hub id, or ``default`` with
@@ -201,21 +203,79 @@ def ray_runtime_env() -> dict[str, Any]:
 LOCAL_START_ATTEMPTS = 3
 
 
+# Ray's switch for multi-node clusters (off by default on macOS and Windows). Off, a local node takes
+# the loopback address as its IP, and Ray's servers (GCS, raylet, object manager, workers, agents) bind to
+# the node's IP: 127.0.0.1 only. On, Linux's default, the node takes the address other machines reach it
+# by and those servers listen on every interface (0.0.0.0 / ::) -- for anyone who can reach the machine
+# to submit work to, i.e. to run code as this user.
+RAY_CLUSTER_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+LOOPBACK = ("127.", "::1", "::ffff:127.", "localhost")
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` (an IP or ``localhost``) is a loopback address."""
+    return str(host).startswith(LOOPBACK)
+
+
+@contextlib.contextmanager
+def _single_node(ray) -> Any:
+    """While a local instance starts: multi-node clusters off (see :data:`RAY_CLUSTER_ENV`), in the
+    environment its processes inherit and in this process's Ray, which read the variable at import."""
+    old_env = os.environ.get(RAY_CLUSTER_ENV)
+    os.environ[RAY_CLUSTER_ENV] = "0"
+    constants = sys.modules.get("ray._private.ray_constants")
+    old_const = getattr(constants, "ENABLE_RAY_CLUSTER", None)
+    if old_const is not None:
+        constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
+    finally:
+        if old_env is None:
+            os.environ.pop(RAY_CLUSTER_ENV, None)
+        else:
+            os.environ[RAY_CLUSTER_ENV] = old_env
+        if old_const is not None:
+            constants.ENABLE_RAY_CLUSTER = old_const
+
+
 def init_ray(address: str = "local", *, log: Callable[[str], None] = lambda s: print(s, file=sys.stderr),
              **kwargs: Any) -> None:
     """``ray.init(address, **kwargs)``; a local instance that timed out while starting is started again
-    (up to :data:`LOCAL_START_ATTEMPTS` times in all)."""
+    (up to :data:`LOCAL_START_ATTEMPTS` times in all).
+
+    A local instance (``address="local"``) is reachable from this machine only: its node IP is 127.0.0.1,
+    so every Ray server binds to the loopback interface (checked after the start: a Ray that does not
+    is shut down and refused with a SetupError), and it has no dashboard unless ``include_dashboard=True``
+    is passed. Joining an existing cluster (any other address) is left as Ray does it: that cluster's
+    network exposure is its operator's choice (Ray expects a trusted network; see the README)."""
     ray = import_ray()
+    local = address == "local"
+    if local:
+        kwargs.setdefault("include_dashboard", False)
+    # A driver that joins an instance at a loopback address (one started like this, on this machine)
+    # takes the loopback IP too: Ray would otherwise rewrite 127.0.0.1 to the machine's network address,
+    # where such an instance does not listen.
+    host = address.rpartition(":")[0].strip("[]") if ":" in address and "://" not in address else ""
+    single = local or is_loopback(host)
     for attempt in range(1, LOCAL_START_ATTEMPTS + 1):
         try:
-            ray.init(address=address, **kwargs)
-            return
+            with _single_node(ray) if single else contextlib.nullcontext():
+                ray.init(address=address, **kwargs)
+            break
         except Exception as e:  # noqa: BLE001 - Ray raises a plain Exception for this
-            if address != "local" or "timed out during startup" not in str(e) or attempt == LOCAL_START_ATTEMPTS:
+            if not local or "timed out during startup" not in str(e) or attempt == LOCAL_START_ATTEMPTS:
                 raise
             log(f"ray: the local instance did not start in time ({_one_line(str(e), 200)}); "
                 f"starting it again ({attempt + 1}/{LOCAL_START_ATTEMPTS})")
             ray.shutdown()
+    if local:
+        ip = ray.util.get_node_ip_address()
+        if not is_loopback(ip):
+            ray.shutdown()
+            raise SetupError(f"--executor ray: the local Ray instance took the address {ip}, not 127.0.0.1, so it "
+                             f"would listen on the network (this Ray, {ray.__version__}, ignores "
+                             f"{RAY_CLUSTER_ENV}=0); start a Ray head yourself with the exposure you want "
+                             f"(ray start --head --node-ip-address ...) and pass --ray-address")
 
 
 def _probe_task(device: str, threads: int) -> dict[str, str]:

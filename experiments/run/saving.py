@@ -30,6 +30,9 @@ Writing is atomic: everything goes into a temporary directory beside ``out_dir``
 each file is fsynced, the manifest is written last, and the directory is renamed into place. A save
 killed at any point leaves either no ``out_dir`` or the previous one; a leftover temporary directory
 has no manifest (or one whose files do not check out) and is refused by :func:`load_compressed`.
+A save that fails (a full disk: ``OSError`` naming ``out_dir``) removes its temporary directory. The
+directory gets the mode ``mkdir`` would give it (``0o777`` less the umask), as the tables do
+(``experiments.core.atomic``).
 
 Adding a module type is one entry in :data:`SERIALIZERS`: ``class name -> (to_parts, from_parts)``,
 where ``to_parts(module) -> (tensors: dict[name, Tensor | None], config: dict)`` and
@@ -37,17 +40,16 @@ where ``to_parts(module) -> (tensors: dict[name, Tensor | None], config: dict)``
 """
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
 import torch
 from torch import nn
+
+from experiments.core.atomic import atomic_dir, write_file
 
 FORMAT = "triton-kernels-research/compressed-model"
 FORMAT_VERSION = 1
@@ -206,22 +208,6 @@ def _config_dict(model: nn.Module) -> dict[str, Any] | None:
     return json.loads(cfg.to_json_string(use_diff=False))
 
 
-def _write_file(path: Path, data: bytes) -> None:
-    with open(path, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    with contextlib.suppress(OSError):
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
 def _safetensors_bytes(tensors: Mapping[str, torch.Tensor]) -> bytes:
     from safetensors.torch import save
     return save({k: v.detach().contiguous().cpu() for k, v in tensors.items()})
@@ -316,25 +302,13 @@ def save_compressed(model: nn.Module, report_or_spec: Any, out_dir: str | os.Pat
         **({"extra": dict(extra)} if extra else {}),
     }
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    # experiments.core.atomic: a temporary directory beside out_dir, every file fsynced, renamed into place
+    # (the old directory replaced as a whole with overwrite=True); removed on any error.
+    with atomic_dir(out, overwrite=overwrite) as tmp:
         for name, data in files.items():
-            _write_file(tmp / name, data)
+            write_file(tmp / name, data)
         # The manifest last: a directory without one is never loadable.
-        _write_file(tmp / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True).encode())
-        _fsync_dir(tmp)
-        if out.exists():
-            trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            os.rename(out, trash / "old")
-            os.rename(tmp, out)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.rename(tmp, out)
-        _fsync_dir(out.parent)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        write_file(tmp / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True).encode())
     return out
 
 
@@ -359,7 +333,63 @@ def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
     if manifest.get("format_version") != FORMAT_VERSION:
         raise CompressedFormatError(f"{mf}: format_version {manifest.get('format_version')!r}; this version "
                                     f"reads {FORMAT_VERSION}")
+    problem = _manifest_problem(manifest)
+    if problem:
+        raise CompressedFormatError(f"{mf}: {problem}: not a manifest written by save_compressed (damaged or "
+                                    f"edited); save the model again")
     return manifest
+
+
+def _manifest_problem(m: Mapping[str, Any]) -> str | None:
+    """What in a manifest's structure is not what :func:`save_compressed` writes (types of the parts that
+    loading reads), or None."""
+    def kind(v: Any, want: type | tuple[type, ...], where: str) -> str | None:
+        names = " or ".join(t.__name__ for t in (want if isinstance(want, tuple) else (want,)))
+        return None if isinstance(v, want) else f"{where} is {type(v).__name__}, not {names}"
+
+    checks: list[str | None] = []
+    for key, want in (("files", dict), ("base_model", dict), ("structure", dict), ("layers", dict)):
+        if key not in m:
+            return f"no {key!r} entry"
+        checks.append(kind(m[key], want, key))
+    checks.append(kind(m.get("label"), (str, type(None)), "label"))
+    checks.append(kind(m.get("report"), (dict, type(None)), "report"))
+    checks.append(kind(m.get("extra", {}), (dict, type(None)), "extra"))
+    if any(checks):
+        return next(c for c in checks if c)
+    for name, f in m["files"].items():
+        checks += [kind(f, dict, f"files[{name!r}]")]
+        if isinstance(f, dict):
+            checks += [kind(f.get("bytes"), int, f"files[{name!r}].bytes"), kind(f.get("sha256"), str,
+                                                                                 f"files[{name!r}].sha256")]
+    bm = m["base_model"]
+    checks += [kind(bm.get("uncompressed"), dict, "base_model.uncompressed"),
+               kind(bm.get("aliases", {}), dict, "base_model.aliases"),
+               kind(bm.get("config") or {}, dict, "base_model.config"),
+               kind(bm.get("spec"), (str, type(None)), "base_model.spec")]
+    if isinstance(bm.get("uncompressed"), dict):
+        checks += [kind(v, dict, f"base_model.uncompressed[{k!r}]") or kind(v.get("sha256"), str,
+                   f"base_model.uncompressed[{k!r}].sha256") for k, v in bm["uncompressed"].items()]
+    st = m["structure"]
+    checks += [kind(st.get("n_blocks"), int, "structure.n_blocks"),
+               kind(st.get("attention"), list, "structure.attention"),
+               kind(st.get("source_blocks"), list, "structure.source_blocks")]
+    if isinstance(st.get("source_blocks"), list):
+        checks += [kind(b, int, "structure.source_blocks[...]") for b in st["source_blocks"]]
+    if isinstance(st.get("attention"), list):
+        checks += [kind(a, dict, "structure.attention[...]") for a in st["attention"]]
+    for path, e in m["layers"].items():
+        w = f"layers[{path!r}]"
+        checks.append(kind(e, dict, w))
+        if not isinstance(e, dict):
+            continue
+        checks += [kind(e.get("type"), str, f"{w}.type"), kind(e.get("config"), dict, f"{w}.config"),
+                   kind(e.get("tensors"), dict, f"{w}.tensors"), kind(e.get("none"), list, f"{w}.none")]
+        if isinstance(e.get("tensors"), dict):
+            for name, meta in e["tensors"].items():
+                checks.append(kind(meta, dict, f"{w}.tensors[{name!r}]") or kind(
+                    meta.get("shape"), list, f"{w}.tensors[{name!r}].shape"))
+    return next((c for c in checks if c), None)
 
 
 def _read_checked(d: Path, name: str, manifest: Mapping[str, Any]) -> dict[str, torch.Tensor]:
@@ -444,8 +474,26 @@ def load_compressed(path: str | os.PathLike, base: nn.Module | str | None = None
     the directory has it, else the manifest's base model spec. The returned model carries the manifest
     as ``model.compressed_manifest``.
     """
+    from safetensors import SafetensorError
+    if base is not None and not isinstance(base, (str, nn.Module)):
+        raise TypeError(f"base must be None, a model spec string or an nn.Module, got {type(base).__name__}")
     d = Path(path)
     manifest = read_manifest(d)
+    try:
+        return _load(d, manifest, base)
+    except CompressedFormatError:
+        raise
+    except (KeyError, AttributeError, TypeError, IndexError) as e:
+        # What the manifest check above does not cover (a value of the right type that does not fit):
+        # one error naming the directory, never a traceback from deep inside the rebuild.
+        raise CompressedFormatError(f"{str(d)!r} does not load as a saved compressed model ({type(e).__name__}: "
+                                    f"{e}); the directory is damaged or was edited: save the model again") from e
+    except SafetensorError as e:
+        raise CompressedFormatError(f"{str(d)!r}: a tensor file does not parse as safetensors ({e}); the "
+                                    f"directory is damaged or was edited: save the model again") from e
+
+
+def _load(d: Path, manifest: Mapping[str, Any], base: nn.Module | str | None) -> nn.Module:
     layer_tensors = _read_checked(d, LAYERS_FILE, manifest)
     bm = manifest["base_model"]
     rebuilt = False
