@@ -19,8 +19,8 @@ FILES = ["dequant_matmul", "codebook_matmul", "sparse_matmul", "lowrank_linear"]
 # The definitions codebook_matmul.py copies from dequant_matmul.py: the packed layout (host and jit
 # sides), the interpreter's bf16 dot emulation and small shared utilities.
 CODEBOOK_COPIES = [
-    "planes", "plane_args", "pack", "unpack", "_stream_words", "_num_words", "_num_groups", "_check_bits",
-    "_check_group_size", "_unpack_words", "_plane_codes", "_codes_tile", "_per_weight", "_round_to_bf16",
+    "planes", "plane_args", "pack", "unpack", "_stream_words", "_num_words", "_num_groups", "check_bits",
+    "check_group_size", "_unpack_words", "_plane_codes", "_codes_tile", "_per_weight", "_round_to_bf16",
     "_dot_acc", "_interpreting", "_num_sms",
 ]
 # Copied into every kernel file (each names its own alternatives for CPU callers in _CPU_ALTERNATIVES).

@@ -11,17 +11,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "triton_kernels"
 
-# Private names of the kernel files that the nn modules still use (input checks they share with the
-# kernels). Known debt, listed so that no new one is added unnoticed: (importing module, module, name).
-KNOWN_PRIVATE_USES = {
-    ("triton_kernels.nn.codebook", "triton_kernels.codebook_matmul", "_check_bits"),
-    ("triton_kernels.nn.codebook", "triton_kernels.codebook_matmul", "_check_group_size"),
-    ("triton_kernels.nn.codebook", "triton_kernels.codebook_matmul", "_check_weight"),
-    ("triton_kernels.nn.sparse", "triton_kernels.sparse_matmul", "_check_mask"),
-    ("triton_kernels.nn.sparse", "triton_kernels.sparse_matmul", "_check_sparsity"),
-    ("triton_kernels.nn.sparse", "triton_kernels.sparse_matmul", "_check_weight"),
-    ("triton_kernels.nn.sparse", "triton_kernels.sparse_matmul", "_pad2"),
-}
+# Private names of the kernel files that other modules use: none (the nn modules' shared input checks
+# are public names of the kernel files).
+KNOWN_PRIVATE_USES: set = set()
 
 
 def _modules(package: Path) -> dict[str, Path]:

@@ -22,7 +22,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 # The packages whose modules the syntax checks cover (and whose names they protect).
-PACKAGES = ("experiments", "benchmarks")
+PACKAGES = ("experiments", "benchmarks", "triton_kernels")
 
 
 def _modules() -> dict[str, tuple[Path, bool]]:

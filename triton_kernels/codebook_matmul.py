@@ -529,12 +529,12 @@ def _num_groups(K: int, group_size: int) -> int:
     return 1 if group_size == -1 else (K + group_size - 1) // group_size
 
 
-def _check_bits(bits) -> None:
+def check_bits(bits) -> None:
     if isinstance(bits, bool) or not isinstance(bits, int) or not 1 <= bits <= 8:
         raise ValueError(f"bits must be an integer in 1..8, got {bits!r}")
 
 
-def _check_group_size(group_size) -> None:
+def check_group_size(group_size) -> None:
     ok = isinstance(group_size, int) and not isinstance(group_size, bool) and (
         group_size == -1 or (group_size >= 1 and group_size & (group_size - 1) == 0))
     if not ok:
@@ -542,10 +542,10 @@ def _check_group_size(group_size) -> None:
                          f"64, 128, 256; got {group_size!r}")
 
 
-def _check_weight(packed, codebook, scales, bits, group_size, K):
+def check_weight(packed, codebook, scales, bits, group_size, K):
     """Validates the codebook-quantized weight; returns N."""
-    _check_bits(bits)
-    _check_group_size(group_size)
+    check_bits(bits)
+    check_group_size(group_size)
     if not isinstance(packed, torch.Tensor):
         raise TypeError(f"packed must be an int32 torch.Tensor, got {type(packed).__name__}")
     if packed.dtype != torch.int32:
@@ -594,11 +594,11 @@ def _check_call(x, packed, codebook, scales, bits, group_size, bias, out):
         raise ValueError(f"x must have shape (..., K) with K >= 1, got {tuple(x.shape)}")
     K = x.shape[-1]
     if isinstance(packed, torch.Tensor) and packed.dim() == 2 and packed.dtype == torch.int32:
-        _check_bits(bits)
+        check_bits(bits)
         if packed.shape[1] != _num_words(K, bits):
             raise ValueError(f"K mismatch: x has K={K} (x.shape[-1]), which at bits={bits} needs "
                              f"{_num_words(K, bits)} packed words per row, but packed has {packed.shape[1]}")
-    N = _check_weight(packed, codebook, scales, bits, group_size, K)
+    N = check_weight(packed, codebook, scales, bits, group_size, K)
     if x.device != packed.device:
         raise ValueError(f"x is on {x.device} but packed is on {packed.device}; move them to one device")
     if bias is not None:
@@ -708,7 +708,7 @@ def codebook_matmul(x, packed, codebook, scales=None, *, bits, group_size=-1, bi
 # ----------------------------------------------------------------------------------------------
 def dequantize_codebook(packed, codebook, scales=None, *, bits, group_size=-1, K):
     """fp32 (N, K) weights ``codebook[r, q] * s`` (module docstring; the kernels match it bit for bit)."""
-    N = _check_weight(packed, codebook, scales, bits, group_size, K)
+    N = check_weight(packed, codebook, scales, bits, group_size, K)
     q = unpack(packed, bits, K).long()
     table = codebook.float().expand(N, 2 ** bits)
     w = torch.gather(table, 1, q)
@@ -748,7 +748,7 @@ def _stream_words(codes, width: int):
 
 def pack(q, bits):
     """Codes (N, K) in [0, 2^bits) -> int32 (N, ceil(K*bits/32)) bit planes (see the module docstring)."""
-    _check_bits(bits)
+    check_bits(bits)
     if not isinstance(q, torch.Tensor):
         raise TypeError(f"q must be an integer torch.Tensor of shape (N, K), got {type(q).__name__}")
     if q.is_floating_point() or q.is_complex() or q.dtype == torch.bool:
@@ -781,7 +781,7 @@ def pack(q, bits):
 
 def unpack(packed, bits, K):
     """Inverse of ``pack``: int32 (N, ceil(K*bits/32)) -> uint8 codes (N, K)."""
-    _check_bits(bits)
+    check_bits(bits)
     if not isinstance(packed, torch.Tensor) or packed.dtype != torch.int32:
         raise TypeError("packed must be an int32 torch.Tensor (from pack())")
     if packed.dim() != 2:

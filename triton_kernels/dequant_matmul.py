@@ -471,12 +471,12 @@ def _num_groups(K: int, group_size: int) -> int:
     return 1 if group_size == -1 else (K + group_size - 1) // group_size
 
 
-def _check_bits(bits) -> None:
+def check_bits(bits) -> None:
     if isinstance(bits, bool) or not isinstance(bits, int) or not 1 <= bits <= 8:
         raise ValueError(f"bits must be an integer in 1..8, got {bits!r}")
 
 
-def _check_group_size(group_size) -> None:
+def check_group_size(group_size) -> None:
     ok = isinstance(group_size, int) and not isinstance(group_size, bool) and (
         group_size == -1 or (group_size >= 1 and group_size & (group_size - 1) == 0))
     if not ok:
@@ -494,10 +494,10 @@ def _check_param(name: str, t, N: int, G: int, K: int, group_size: int) -> None:
                          f"over N={N} rows needs ({N}, {G})")
 
 
-def _check_weight(packed, scales, zeros, bits, group_size, K, symmetric):
+def check_weight(packed, scales, zeros, bits, group_size, K, symmetric):
     """Validates the quantized weight; returns N."""
-    _check_bits(bits)
-    _check_group_size(group_size)
+    check_bits(bits)
+    check_group_size(group_size)
     if not isinstance(symmetric, bool):
         raise TypeError(f"symmetric must be a bool, got {symmetric!r}")
     if not isinstance(packed, torch.Tensor):
@@ -535,11 +535,11 @@ def _check_call(x, packed, scales, zeros, bits, group_size, symmetric, bias, out
         raise ValueError(f"x must have shape (..., K) with K >= 1, got {tuple(x.shape)}")
     K = x.shape[-1]
     if isinstance(packed, torch.Tensor) and packed.dim() == 2 and packed.dtype == torch.int32:
-        _check_bits(bits)
+        check_bits(bits)
         if packed.shape[1] != _num_words(K, bits):
             raise ValueError(f"K mismatch: x has K={K} (x.shape[-1]), which at bits={bits} needs "
                              f"{_num_words(K, bits)} packed words per row, but packed has {packed.shape[1]}")
-    N = _check_weight(packed, scales, zeros, bits, group_size, K, symmetric)
+    N = check_weight(packed, scales, zeros, bits, group_size, K, symmetric)
     if x.device != packed.device:
         raise ValueError(f"x is on {x.device} but packed is on {packed.device}; move them to one device")
     if bias is not None:
@@ -641,7 +641,7 @@ def dequant_matmul(x, packed, scales, zeros, *, bits, group_size, symmetric, bia
 # ----------------------------------------------------------------------------------------------
 def dequantize(packed, scales, zeros, *, bits, group_size, K, symmetric):
     """fp32 (N, K) weights, by the definition in the module docstring (the kernels match it bit for bit)."""
-    _check_weight(packed, scales, zeros, bits, group_size, K, symmetric)
+    check_weight(packed, scales, zeros, bits, group_size, K, symmetric)
     q = unpack(packed, bits, K).float()
     gs = K if group_size == -1 else group_size
     s = scales.float().repeat_interleave(gs, dim=1)[:, :K]
@@ -681,7 +681,7 @@ def _stream_words(codes, width: int):
 
 def pack(q, bits):
     """Codes (N, K) in [0, 2^bits) -> int32 (N, ceil(K*bits/32)) bit planes (see the module docstring)."""
-    _check_bits(bits)
+    check_bits(bits)
     if not isinstance(q, torch.Tensor):
         raise TypeError(f"q must be an integer torch.Tensor of shape (N, K), got {type(q).__name__}")
     if q.is_floating_point() or q.is_complex() or q.dtype == torch.bool:
@@ -714,7 +714,7 @@ def pack(q, bits):
 
 def unpack(packed, bits, K):
     """Inverse of ``pack``: int32 (N, ceil(K*bits/32)) -> uint8 codes (N, K)."""
-    _check_bits(bits)
+    check_bits(bits)
     if not isinstance(packed, torch.Tensor) or packed.dtype != torch.int32:
         raise TypeError("packed must be an int32 torch.Tensor (from pack())")
     if packed.dim() != 2:
@@ -751,8 +751,8 @@ def quantize_rtn(w, bits, group_size, symmetric):
     s = 2 * max|w| / (2^bits - 1), q = clamp(round(w / s) + 2^(bits-1)); zeros is None.
     An all-zero group gets s = 1. Every weight then dequantizes to within s/2 of itself.
     """
-    _check_bits(bits)
-    _check_group_size(group_size)
+    check_bits(bits)
+    check_group_size(group_size)
     if not isinstance(w, torch.Tensor) or not w.is_floating_point():
         raise TypeError("w must be a floating-point torch.Tensor of shape (N, K)")
     if w.dim() != 2 or w.shape[1] < 1:

@@ -580,7 +580,7 @@ def activation_sparse_matmul_reference(x, weight, threshold=None, mask=None, bia
 # ----------------------------------------------------------------------------------------------
 # Storage containers, compress and prune helpers
 # ----------------------------------------------------------------------------------------------
-def _check_weight(weight, name="weight"):
+def check_weight(weight, name="weight"):
     if not isinstance(weight, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(weight).__name__}")
     if weight.dim() != 2:
@@ -589,7 +589,7 @@ def _check_weight(weight, name="weight"):
         raise TypeError(f"{name} must be float16, bfloat16 or float32, got {weight.dtype}")
 
 
-def _check_mask(mask, weight, name="mask"):
+def check_mask(mask, weight, name="mask"):
     if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
         raise TypeError(f"{name} must be a boolean tensor (True = kept), got "
                         f"{mask.dtype if isinstance(mask, torch.Tensor) else type(mask).__name__}")
@@ -606,7 +606,7 @@ def _check_block(block, name="block"):
     return int(block[0]), int(block[1])
 
 
-def _check_sparsity(sparsity):
+def check_sparsity(sparsity):
     if not isinstance(sparsity, (int, float)) or not 0.0 <= sparsity <= 1.0:
         raise ValueError(f"sparsity must be a fraction in [0, 1], got {sparsity!r}")
 
@@ -615,7 +615,7 @@ def _nbytes(*tensors) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
-def _pad2(w, rows: int, cols: int):
+def pad2(w, rows: int, cols: int):
     return torch.nn.functional.pad(w, (0, cols - w.shape[1], 0, rows - w.shape[0]))
 
 
@@ -649,11 +649,11 @@ class BlockSparseWeight:
 
 def to_block_sparse(weight, block=(32, 32)) -> BlockSparseWeight:
     """Store the (bn x bk) blocks of ``weight`` (N, K) that hold any nonzero (NaN counts as nonzero)."""
-    _check_weight(weight)
+    check_weight(weight)
     bn, bk = _check_block(block)
     N, K = weight.shape
     nbr, nbc = -(-N // bn), -(-K // bk)
-    blocks = _pad2(weight, nbr * bn, nbc * bk).reshape(nbr, bn, nbc, bk).permute(0, 2, 1, 3)
+    blocks = pad2(weight, nbr * bn, nbc * bk).reshape(nbr, bn, nbc, bk).permute(0, 2, 1, 3)
     keep = (blocks != 0).any(dim=-1).any(dim=-1)  # [nbr, nbc]
     values = blocks[keep].contiguous()  # row-major over (block row, block col): BSR order
     row_ptr = torch.zeros(nbr + 1, dtype=torch.int32, device=weight.device)
@@ -709,11 +709,11 @@ def nm_compress(weight, n=2, m=4) -> NMWeight:
     K not divisible by m is zero-padded to the next multiple. A group with more than n nonzeros raises
     ValueError (prune first with :func:`nm_prune`); groups with fewer keep explicit zeros.
     """
-    _check_weight(weight)
+    check_weight(weight)
     _check_nm(n, m)
     N, K = weight.shape
     Kp = -(-K // m) * m
-    g = _pad2(weight, N, Kp).reshape(N, Kp // m, m)
+    g = pad2(weight, N, Kp).reshape(N, Kp // m, m)
     nz = g != 0
     counts = nz.sum(-1)
     if bool((counts > n).any()):
@@ -785,12 +785,12 @@ def pack_mask_bits(mask) -> torch.Tensor:
 
 def to_masked(weight, mask, tile=(64, 64)) -> MaskedWeight:
     """Pack ``mask`` to bits and list the (tile_n x tile_k) tiles of ``weight`` with any kept entry."""
-    _check_weight(weight)
-    _check_mask(mask, weight)
+    check_weight(weight)
+    check_mask(mask, weight)
     tn, tk = _check_block(tile, "tile")
     N, K = weight.shape
     ntr, ntc = -(-N // tn), -(-K // tk)
-    t = _pad2(mask, ntr * tn, ntc * tk).reshape(ntr, tn, ntc, tk)
+    t = pad2(mask, ntr * tn, ntc * tk).reshape(ntr, tn, ntc, tk)
     keep = t.any(dim=3).any(dim=1)  # [ntr, ntc]
     tile_ptr = torch.zeros(ntr + 1, dtype=torch.int32, device=weight.device)
     tile_ptr[1:] = keep.sum(dim=1).cumsum(0)
@@ -800,7 +800,7 @@ def to_masked(weight, mask, tile=(64, 64)) -> MaskedWeight:
 
 def activation_sparse_weight(weight) -> torch.Tensor:
     """An (N, K) view of a contiguous (K, N) copy: gathered input features become contiguous rows."""
-    _check_weight(weight)
+    check_weight(weight)
     return weight.t().contiguous().t()
 
 
@@ -831,8 +831,8 @@ def _activation_keep(x, threshold, mask):
 
 def magnitude_prune(weight, sparsity) -> torch.Tensor:
     """Boolean mask keeping the ``round((1 - sparsity) * numel)`` largest-|w| entries (ties by position)."""
-    _check_weight(weight)
-    _check_sparsity(sparsity)
+    check_weight(weight)
+    check_sparsity(sparsity)
     keep = round((1.0 - sparsity) * weight.numel())
     mask = torch.zeros(weight.numel(), dtype=torch.bool, device=weight.device)
     if keep:
@@ -842,11 +842,11 @@ def magnitude_prune(weight, sparsity) -> torch.Tensor:
 
 def nm_prune(weight, n=2, m=4) -> torch.Tensor:
     """Boolean mask keeping the n largest-|w| of every m consecutive input features (last group padded)."""
-    _check_weight(weight)
+    check_weight(weight)
     _check_nm(n, m)
     N, K = weight.shape
     Kp = -(-K // m) * m
-    g = _pad2(weight.detach().abs().float(), N, Kp).reshape(N, Kp // m, m)
+    g = pad2(weight.detach().abs().float(), N, Kp).reshape(N, Kp // m, m)
     mask = torch.zeros_like(g, dtype=torch.bool)
     mask.scatter_(2, torch.topk(g, n, dim=-1).indices, True)
     return mask.reshape(N, Kp)[:, :K].contiguous()
@@ -854,12 +854,12 @@ def nm_prune(weight, n=2, m=4) -> torch.Tensor:
 
 def block_prune(weight, block=(32, 32), sparsity=0.5) -> torch.Tensor:
     """Boolean mask keeping the ``round((1 - sparsity) * blocks)`` blocks of largest L2 norm."""
-    _check_weight(weight)
+    check_weight(weight)
     bn, bk = _check_block(block)
-    _check_sparsity(sparsity)
+    check_sparsity(sparsity)
     N, K = weight.shape
     nbr, nbc = -(-N // bn), -(-K // bk)
-    norms = _pad2(weight.detach().float(), nbr * bn, nbc * bk).reshape(nbr, bn, nbc, bk).pow(2).sum((1, 3))
+    norms = pad2(weight.detach().float(), nbr * bn, nbc * bk).reshape(nbr, bn, nbc, bk).pow(2).sum((1, 3))
     keep = round((1.0 - sparsity) * norms.numel())
     kb = torch.zeros(norms.numel(), dtype=torch.bool, device=weight.device)
     if keep:

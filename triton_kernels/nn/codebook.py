@@ -84,7 +84,7 @@ class CodebookLinear(nn.Module):
         if isinstance(in_features, bool) or not isinstance(in_features, int) or in_features < 1:
             raise ValueError(f"in_features must be a positive int, got {in_features!r}")
         # The kernel file's own checks name the argument and the shape that would fit.
-        N = cb._check_weight(packed, codebook, scales, bits, group_size, in_features)
+        N = cb.check_weight(packed, codebook, scales, bits, group_size, in_features)
         if bias is not None:
             if not torch.is_tensor(bias) or bias.dtype not in _FLOAT_DTYPES:
                 raise TypeError(f"bias must be a fp32/bf16/fp16 tensor of shape ({N},) or None, got "
@@ -121,7 +121,7 @@ class CodebookLinear(nn.Module):
                 or q.is_complex():
             raise TypeError(f"q must be a 2-D integer tensor of codes (N, K), got "
                             f"{getattr(q, 'dtype', type(q))} with shape {tuple(getattr(q, 'shape', ()))}")
-        cb._check_bits(bits)
+        cb.check_bits(bits)
         if q.shape[1] < 1:
             raise ValueError(f"q must have K >= 1 columns, got shape {tuple(q.shape)}")
         if q.numel() and (int(q.min()) < 0 or int(q.max()) >= 2 ** bits):
@@ -142,8 +142,8 @@ class CodebookLinear(nn.Module):
         """
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"linear must be a torch.nn.Linear, got {type(linear).__name__}")
-        cb._check_bits(bits)
-        cb._check_group_size(group_size)
+        cb.check_bits(bits)
+        cb.check_group_size(group_size)
         if codebook is None:
             if bits != 4:
                 raise ValueError(f"codebook=None means NF4, which needs bits=4 (got bits={bits}); pass a "
@@ -228,7 +228,7 @@ class CodebookLinear(nn.Module):
         if self._stamp is not None and self._stamp.matches(storage):
             return
         if self._stamp is not None:
-            N = cb._check_weight(self.packed, self.codebook, self.scales, self.bits, self.group_size,
+            N = cb.check_weight(self.packed, self.codebook, self.scales, self.bits, self.group_size,
                                  self.in_features)
             if N != self.out_features:
                 raise ValueError(f"packed now has {N} rows but the layer has out_features={self.out_features}")

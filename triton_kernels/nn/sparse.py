@@ -138,7 +138,7 @@ class SparseLinear(nn.Module):
                 return cls._measured(linear, pattern, cands, tune_m, kw)
         w = linear.weight.detach()
         N, K = w.shape
-        sm._check_weight(w, "linear.weight")
+        sm.check_weight(w, "linear.weight")
         bias = None if linear.bias is None else linear.bias.detach().clone()
 
         if pattern == "activation":
@@ -148,7 +148,7 @@ class SparseLinear(nn.Module):
                 raise ValueError("pattern='activation' needs exactly one of threshold= or sparsity= "
                                  "(target fraction of dropped input features)")
             if sparsity is not None:
-                sm._check_sparsity(sparsity)
+                sm.check_sparsity(sparsity)
             else:
                 _check_threshold(threshold)
             mod = cls(K, N, pattern, "", threshold=threshold, activation_sparsity=sparsity)
@@ -163,7 +163,7 @@ class SparseLinear(nn.Module):
         if mask is not None and sparsity is not None:
             raise ValueError("give mask= (used exactly) or sparsity= (magnitude pruning), not both")
         if mask is not None:
-            sm._check_mask(mask, w)
+            sm.check_mask(mask, w)
         elif sparsity is not None:
             if pattern == "nm":
                 if abs(sparsity - (1 - n / m)) > 1e-9:
@@ -383,13 +383,13 @@ class SparseLinear(nn.Module):
         if self.pattern == "block":
             bn, bk = self.block
             nbr, nbc = -(-N // bn), -(-K // bk)
-            nz = sm._pad2(w_eff != 0, nbr * bn, nbc * bk).reshape(nbr, bn, nbc, bk).any(dim=3).any(dim=1)
+            nz = sm.pad2(w_eff != 0, nbr * bn, nbc * bk).reshape(nbr, bn, nbc, bk).any(dim=3).any(dim=1)
             nnzb = int(nz.sum())
             return nnzb * bn * bk, (nbr + 1) * 4 + nnzb * 4
         tn, tk = self.tile
         ntr, ntc = -(-N // tn), -(-K // tk)
         keep = mask if mask is not None else w_eff != 0
-        tiles = int(sm._pad2(keep, ntr * tn, ntc * tk).reshape(ntr, tn, ntc, tk).any(dim=3).any(dim=1).sum())
+        tiles = int(sm.pad2(keep, ntr * tn, ntc * tk).reshape(ntr, tn, ntc, tk).any(dim=3).any(dim=1).sum())
         return N * K, N * (-(-K // 32)) * 4 + (ntr + 1) * 4 + tiles * 4
 
     def format_values(self) -> int:
