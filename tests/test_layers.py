@@ -191,6 +191,29 @@ def test_no_private_name_is_used_outside_its_module():
         + "\n".join(bad)
 
 
+def _private_module_of(dotted: str) -> str | None:
+    """The leading part of ``dotted`` up to its first private component (``a._b.c`` -> ``a._b``), or None."""
+    parts = dotted.split(".")
+    for i, part in enumerate(parts):
+        if _is_private(part):
+            return ".".join(parts[:i + 1])
+    return None
+
+
+def test_no_private_module_is_imported_from_outside_its_package():
+    """``triton_kernels.nn._backend`` is for ``triton_kernels.nn``'s modules; others use the public names the
+    package exports (``triton_kernels.nn.autotune``)."""
+    bad = []
+    for m, (path, _) in MODULES.items():
+        for source, name, line in _imports(m):
+            for dotted in (source, f"{source}.{name}" if name else None):
+                private = dotted and _private_module_of(dotted)
+                parent = private.rsplit(".", 1)[0] if private else ""
+                if private and private in MODULES and m != parent and not m.startswith(parent + "."):
+                    bad.append(f"{path.relative_to(ROOT)}:{line}: imports {private}")
+    assert not bad, "private modules imported from outside their package:\n" + "\n".join(sorted(set(bad)))
+
+
 def test_the_layer_packages_are_installed():
     """Package discovery (pyproject ``[tool.setuptools.packages.find]``) must ship every subpackage."""
     tomllib = pytest.importorskip("tomllib")

@@ -42,7 +42,7 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 
 from triton_kernels import compile_sass  # noqa: E402
-from triton_kernels._provenance import cpu_name, git_commit  # noqa: E402
+from triton_kernels.provenance import cpu_name, git_commit  # noqa: E402
 from triton_kernels.compile_cases import BUILDERS, Case  # noqa: E402
 
 # Per-block shared-memory limits in bytes (opt-in maximum), see PLATFORM.md.

@@ -22,7 +22,7 @@ def package_version(pkg: str) -> str:
 
 
 # One implementation with the kernels' tooling (the kernels never import the harness).
-from triton_kernels._provenance import cpu_name, git_commit  # noqa: E402,F401
+from triton_kernels.provenance import cpu_name, git_commit  # noqa: E402,F401
 
 
 # The instruction-set extensions that decide which of torch's CPU kernels run and how fast: AVX-512

@@ -92,14 +92,14 @@ def measure_point(run: RunContext, sweep: str, pid: str, spec: MethodSpec, setti
     compression, the perplexity, and the provenance of this process's machine. Every executor calls
     this; the row does not depend on which one did.
 
-    The modules' CPU backend choice by timing (``triton_kernels.nn._backend``) is off here: a
+    The modules' CPU backend choice by timing (``triton_kernels.nn.autotune``) is off here: a
     perplexity is an accuracy number, and a choice that depends on the machine's load would make
     its last digits depend on it too. ``auto`` then takes each module's static order (the dense
     weight for SparseLinear, dequantize for fp32 QuantLinear); the ``module_backends`` column says
     what ran."""
     from experiments.lm import evaluate, models
     from experiments.core.provenance import provenance
-    from triton_kernels.nn._backend import autotune
+    from triton_kernels.nn import autotune
 
     dev = device_of(run.device)
     prov = provenance(dev)

@@ -1,5 +1,5 @@
 """Where a result came from: the checkout's git commit and the CPU's name. Shared by the kernels'
-tooling (``compile_check``) and the harness (``experiments.provenance`` re-exports both), so the
+tooling (``compile_check``) and the harness (``experiments.core.provenance`` re-exports both), so the
 kernels never import the harness and the two never disagree."""
 from __future__ import annotations
 
