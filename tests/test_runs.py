@@ -17,7 +17,7 @@ import pandas as pd
 import pytest
 
 from experiments.analysis import compare, plots, promote, reproduce, summary
-from experiments.core import results, runs
+from experiments.core import atomic, results, runs
 from experiments.core.results import ContextMismatch
 
 REPO = Path(__file__).resolve().parent.parent
@@ -93,7 +93,7 @@ def test_tables_respect_the_umask(tmp_path, umask, mode):
         results.append_row(p, {"a": 2})
         steps = runs.Steps(tmp_path)
         steps.record("x", "d", 1.0)
-        promote._copy(p, tmp_path / "copy.csv")
+        atomic.copy_file(p, tmp_path / "copy.csv")  # what promote copies tables with
     finally:
         os.umask(old)
     for f in (p, steps.path, tmp_path / "copy.csv"):

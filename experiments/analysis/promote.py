@@ -13,26 +13,10 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
-from experiments.core.results import current_umask
+from experiments.core.atomic import copy_file
 from experiments.core.runs import RUN_META, Steps, mode_dir, reference_dir, run_root
-
-
-def _copy(src: Path, dst: Path) -> None:
-    """Atomic copy with an ordinary file mode (umask), like the table writers."""
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent)
-    os.close(fd)
-    try:
-        shutil.copyfile(src, tmp)
-        os.chmod(tmp, 0o666 & ~current_umask())
-        os.replace(tmp, dst)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def promote(run_dir: Path, ref_dir: Path, *, force: bool = False) -> list[Path]:
@@ -46,13 +30,13 @@ def promote(run_dir: Path, ref_dir: Path, *, force: bool = False) -> list[Path]:
                          f"resumes) or pass --force to promote partial tables")
     written = []
     for p in tables:
-        _copy(p, ref_dir / p.name)
+        copy_file(p, ref_dir / p.name)
         written.append(ref_dir / p.name)
     figures = run_dir / "figures"
     if figures.is_dir():
         for p in sorted(figures.iterdir()):
             if p.is_file():
-                _copy(p, ref_dir / "figures" / p.name)
+                copy_file(p, ref_dir / "figures" / p.name)
                 written.append(ref_dir / "figures" / p.name)
     return written
 

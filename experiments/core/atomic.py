@@ -110,6 +110,12 @@ def atomic_file(target: str | os.PathLike) -> Iterator[Path]:
         raise named from e
 
 
+def copy_file(src: str | os.PathLike, dst: str | os.PathLike) -> None:
+    """Copy ``src`` to ``dst`` atomically (:func:`atomic_file`), with an ordinary file mode (the umask)."""
+    with atomic_file(dst) as tmp:
+        shutil.copyfile(src, tmp)
+
+
 @contextlib.contextmanager
 def atomic_dir(target: str | os.PathLike, *, overwrite: bool = False) -> Iterator[Path]:
     """Yield a new empty temporary directory beside ``target``; after the block, fsync every file in it

@@ -24,7 +24,6 @@ from __future__ import annotations
 import csv
 import io
 import os
-import shutil
 import sys
 import tempfile
 import time
@@ -32,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
-from experiments.core.atomic import naming
+from experiments.core.atomic import copy_file, current_umask, naming
 
 
 class ContextMismatch(ValueError):
@@ -148,15 +147,7 @@ def _keep_damaged_copy(path: Path) -> Path:
         dst = path.with_name(f"{path.name}.damaged-{stamp}" + (f"-{i}" if i else ""))
         if not dst.exists():
             break
-    fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        shutil.copyfile(path, tmp)
-        os.chmod(tmp, 0o666 & ~current_umask())
-        os.replace(tmp, dst)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    copy_file(path, dst)
     return dst
 
 
@@ -175,14 +166,6 @@ def rows_for_rewrite(path: str | os.PathLike, *, numeric: Sequence[str] = ()) ->
     table = read_table(path, numeric=numeric)
     _keep_copy_if_damaged(Path(path), table)
     return table.rows
-
-
-def current_umask() -> int:
-    """The process's umask (new files get mode ``0o666 & ~current_umask()``, as ``open`` would give them)."""
-    # os.umask can only be read by setting it; set it straight back (single-threaded CLI writers).
-    old = os.umask(0o022)
-    os.umask(old)
-    return old
 
 
 def _cell(v: object) -> str:

@@ -209,7 +209,7 @@ def run_dir_lock(directory: str | os.PathLike) -> Iterator[Path]:
     """
     from filelock import FileLock, Timeout
 
-    from experiments.core.results import current_umask
+    from experiments.core.atomic import current_umask
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -296,7 +296,7 @@ class Steps:
         return self._load().get(step, {}).get("inputs") == inputs
 
     def record(self, step: str, inputs: str, seconds: float, **extra: Any) -> None:
-        from experiments.core.results import current_umask  # same file mode rule as the tables
+        from experiments.core.atomic import current_umask  # same file mode rule as the tables
         data = self._load()
         data[step] = {"inputs": inputs, "seconds": round(seconds, 1),
                       "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **extra}
