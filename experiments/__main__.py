@@ -11,6 +11,8 @@
     python -m experiments compress <point label|spec JSON> [--quick] [--model M] --out DIR   # save one
     python -m experiments eval DIR [--quick] [--decode N]       # evaluate a saved compressed model
     python -m experiments export DIR --format gguf|compressed-tensors --out PATH
+    python -m experiments lm-eval DIR --tasks T1,T2 [--limit N] [--include-path D] [--run NAME | --out-dir DIR]
+                                                                # lm-evaluation-harness on a saved model
 
 Measuring commands write into a run directory (``runs/<NAME>/``, ignored by git; see
 ``experiments.core.runs``), never into the committed reference tables under ``results/``.
@@ -19,13 +21,14 @@ Each command is a function ``cmd_<name>(args) -> int`` registered in :data:`COMM
 function that adds its arguments; adding a command is adding one entry. Bad input (unknown sweep
 or model, missing/empty text file, a setting that does not fit the model, a corpus too short)
 prints one ``error:`` line naming the option and exits with status 2 before any result row is written.
-A missing piece of the environment (``datasets`` for ``--source wikitext2``, apt-get for the default
-corpus, the default model's package, no network for an uncached Hub model: ``SetupError``) prints
-one ``error:`` line saying what to install or do, exit status 1. A file that cannot be written (a
-full disk: ``OSError``) is one ``error:`` line naming it, exit status 1; writes are atomic
-(``experiments.core.atomic``, ``experiments.core.results``), so nothing half-written is left and a rerun
-resumes. A perplexity that is NaN or infinite is a failure (``NonFiniteResult``, exit status 1)
-naming the first layer whose output was not finite, never a number printed as a result.
+A missing piece of the environment (``datasets`` for ``--source wikitext2``, lm-eval for ``lm-eval``,
+apt-get for the default corpus, the default model's package, no network for an uncached Hub model or
+data set: ``SetupError``) prints one ``error:`` line saying what to install or do, exit status 1. A
+file that cannot be written (a full disk: ``OSError``) is one ``error:`` line naming it, exit status 1;
+writes are atomic (``experiments.core.atomic``, ``experiments.core.results``), so nothing
+half-written is left and a rerun resumes. A perplexity that is NaN or infinite is a failure
+(``NonFiniteResult``, exit status 1) naming the first layer whose output was not finite, never a
+number printed as a result.
 
 Streams: stdout carries only a command's product (the ``list`` table, the ``summary`` Markdown,
 the paths of the tables a command wrote, one per line); progress, status lines and errors go to
@@ -230,6 +233,17 @@ def cmd_export(args: argparse.Namespace) -> int:
     return export_main(args)
 
 
+def _add_lm_eval(p: argparse.ArgumentParser) -> None:
+    from experiments.io.lm_eval_cli import add_arguments
+    add_arguments(p)
+    _add_run_dir(p)
+
+
+def cmd_lm_eval(args: argparse.Namespace) -> int:
+    from experiments.io.lm_eval_cli import lm_eval_main
+    return lm_eval_main(args)
+
+
 COMMANDS: dict[str, tuple[Callable, Callable, str]] = {
     "list": (_add_list, cmd_list, "list the sweeps with their point counts (full and --quick)"),
     "run": (_add_run, cmd_run, "run or resume a sweep; one CSV row per point in the run directory (runs/NAME)"),
@@ -247,6 +261,9 @@ COMMANDS: dict[str, tuple[Callable, Callable, str]] = {
                  "compress the model once (a sweep point label or a spec as JSON) and save it to --out DIR"),
     "eval": (_add_eval, cmd_eval, "perplexity (and --decode speed) of a model saved by `compress`, without recompressing"),
     "export": (_add_export, cmd_export, "write a model saved by `compress` as GGUF (llama.cpp) or compressed-tensors (vLLM)"),
+    "lm-eval": (_add_lm_eval, cmd_lm_eval,
+                "lm-evaluation-harness tasks on a model saved by `compress` (runs/NAME/lm_eval_<device_type>.csv; "
+                "the lmeval extra)"),
 }
 
 

@@ -36,6 +36,7 @@ OPTIONAL = {
     "gemlite": "gpu_check's side-by-side column, only where importable (a blank column otherwise)",
     "compressed_tensors": "the export extra: experiments/io/export_ct.py raises SetupError naming it when missing",
     "ray": "the ray extra, only for `run --executor ray`: executors.import_ray raises a SetupError naming it",
+    "lm_eval": "the lmeval extra, only for `lm-eval`: lm_eval_cli.import_lm_eval raises a SetupError naming it",
 }
 
 
