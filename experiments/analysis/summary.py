@@ -216,8 +216,9 @@ def headline_summary(quick: bool = False, root: Path = RESULTS) -> str:
                 base = r["speedup_baseline"]
             else:
                 sp = ""
-            cells.append((f"| {label} | {r['point']} ({r['sweep']}) | {_fmt(r['bits_per_weight'])}{'*' if star else ''} "
-                          f"| {_fmt(r['bytes'] / 1e6)}{'*' if star else ''} | {_fmt(r['ppl'], 4)}", sp, base))
+            cells.append((f"| {label} | {r['point']} ({r['sweep']}) | {_fmt(r['bits_per_weight'])}"
+                          f"{'*' if star else ''} | {_fmt(r['bytes'] / 1e6)}{'*' if star else ''} "
+                          f"| {_fmt(r['ppl'], 4)}", sp, base))
         # One baseline for every speedup shown: the caption names it; several: each cell names its own.
         bases = sorted({b for *_, b in cells if b})
         lines += [f"{head} | {sp}{f' (vs {b})' if b and len(bases) > 1 else ''} |" for head, sp, b in cells]
@@ -275,7 +276,8 @@ def decode_summary(quick: bool, device_type: str = "cpu", root: Path = RESULTS) 
     parts = split_contexts(pd.read_csv(path), MEASURE_CONTEXT)
     out = [_mixed_note(path, parts)] if len(parts) > 1 else []
     for _, d in parts:
-        fastest = "speedup_vs_fastest_dense" in d and pd.to_numeric(d["speedup_vs_fastest_dense"], errors="coerce").notna().any()
+        fastest = ("speedup_vs_fastest_dense" in d
+                   and pd.to_numeric(d["speedup_vs_fastest_dense"], errors="coerce").notna().any())
         lines = [f"Greedy decode, {d['device'].iloc[0]}, torch {d['torch'].iloc[0]}, {d['timestamp'].iloc[0][:10]}:\n",
                  "| model | tokens/s | x vs dense |" + (" x vs fastest dense (same run) |" if fastest else ""),
                  "|---|---|---|" + ("---|" if fastest else "")]
