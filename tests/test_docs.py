@@ -148,6 +148,72 @@ def test_headline_picks_the_best_point_of_each_setting(tmp_path):
     assert summary.headline_summary(False, tmp_path / "empty") == "(no sweep tables yet)"
 
 
+def _decode_rows(with_fastest: bool):
+    """A synthetic decode table on the reference table's machine: dense fp32 30 tok/s is faster than dense
+    bf16 25 (as on the Intel/AMX machine); rtn-w4-g64-asym bf16 40 tok/s carries the fastest-dense columns;
+    rtn-w3-g64-asym bf16 42.5 tok/s is an older row without them (empty cells)."""
+    template = pd.read_csv(summary.RESULTS / "decode_cpu.csv").iloc[-1].to_dict()
+    rows = []
+    for label, spec, dtype, tps in (("dense fp32", '{"method": "dense"}', "fp32", 30.0),
+                                    ("dense bf16", '{"method": "dense"}', "bf16", 25.0),
+                                    ("rtn-w4-g64-asym bf16", '{"bits": 4, "group_size": 64, "method": "rtn", '
+                                     '"symmetric": false}', "bf16", 40.0),
+                                    ("rtn-w3-g64-asym bf16", '{"bits": 3, "group_size": 64, "method": "rtn", '
+                                     '"symmetric": false}', "bf16", 42.5)):
+        r = {**template, "label": label, "spec": spec, "dtype": dtype, "tokens_per_s": tps,
+             "speedup_vs_dense": tps / (30.0 if dtype == "fp32" else 25.0) if label[:5] != "dense" else "",
+             "speedup_vs_fastest_dense": "", "fastest_dense_dtype": "", "fastest_dense_tokens_per_s": ""}
+        if with_fastest and label != "rtn-w3-g64-asym bf16":
+            r.update(speedup_vs_fastest_dense=tps / 30.0, fastest_dense_dtype="fp32", fastest_dense_tokens_per_s=30.0)
+        rows.append(r)
+    return pd.DataFrame(rows)
+
+
+def test_readers_prefer_the_speedup_over_the_fastest_dense_dtype(tmp_path):
+    """Issue 25.3: the summary and figures take ``speedup_vs_fastest_dense`` where a decode row has it, say
+    so, and fall back to ``speedup_vs_dense`` (over dense in the same dtype) for rows without it."""
+    from experiments.analysis import plots
+    decode = _decode_rows(with_fastest=True)
+    by_fmt = plots.decode_speedup_by_format(decode).set_index("dtype").reset_index()
+    got = {f: (sp, b) for f, sp, b in zip(by_fmt["format"], by_fmt["decode_speedup"], by_fmt["decode_baseline"])}
+    assert len(got) == 2   # the dense rows are the baseline, not a format
+    assert sorted(got.values()) == [(40 / 30, "fastest dense (fp32)"), (42.5 / 25, "dense bf16")]
+
+    quant = pd.read_csv(summary.RESULTS / "sweep_quant.csv")
+    quant.to_csv(tmp_path / "sweep_quant.csv", index=False)
+    decode.to_csv(tmp_path / "decode_cpu.csv", index=False)
+    text = summary.headline_summary(False, tmp_path)
+    rows = {line.split(" | ")[0]: line for line in text.splitlines() if line.startswith("| ")}
+    # Two baselines in one table: each cell names its own.
+    assert rows["| 4-bit weights, uniform grid (RTN, GPTQ)"].endswith(f"| {40 / 30:.3g} (vs fastest dense (fp32)) |")
+    assert rows["| 3-bit weights, uniform grid (RTN, GPTQ)"].endswith(f"| {42.5 / 25:.3g} (vs dense bf16) |")
+    assert "each cell names its baseline" in text
+    sweep = summary.sweep_summary(False, tmp_path)
+    assert f"| {40 / 30:.3g} (bf16 vs fastest dense fp32) |" in sweep and f"| {42.5 / 25:.3g} (bf16) |" in sweep
+    assert "vs fastest dense DTYPE" in sweep
+    table = summary.decode_summary(False, root=tmp_path)
+    assert f"| rtn-w4-g64-asym bf16 | 40 | 1.6 | {40 / 30:.3g} (fp32) |" in table
+    assert "| rtn-w3-g64-asym bf16 | 42.5 | 1.7 | |" in table and "| dense bf16 | 25 |  | 0.833 (fp32) |" in table
+
+    # One baseline, the fastest dense one: the caption names it, the cells stay bare.
+    only4 = decode[decode["label"] != "rtn-w3-g64-asym bf16"]
+    only4.to_csv(tmp_path / "decode_cpu.csv", index=False)
+    text = summary.headline_summary(False, tmp_path)
+    assert "speedup over the fastest dense model measured in the same decode run, fp32, the compressed models" in text
+    assert f"| {40 / 30:.3g} |" in text and "(vs " not in text
+    fig = plots.pareto_figure({"quant": quant}, decode=only4)
+    assert "over fastest dense (fp32)" in fig.axes[1].get_xlabel()
+    plots.plt.close(fig)
+
+    # A table older than the columns (none of them): the same-dtype speedups, as before.
+    _decode_rows(with_fastest=False).drop(columns=["speedup_vs_fastest_dense", "fastest_dense_dtype",
+                                                   "fastest_dense_tokens_per_s"]).to_csv(tmp_path / "decode_cpu.csv",
+                                                                                          index=False)
+    text = summary.headline_summary(False, tmp_path)
+    assert "speedup over the dense model, bf16, on" in text and f"| {40 / 25:.3g} |" in text
+    assert "x vs fastest dense" not in summary.decode_summary(False, root=tmp_path)
+
+
 def test_headline_of_the_reference_names_the_machine():
     text = summary.headline_summary()
     assert "on CPU AMD EPYC (2 threads)" in text

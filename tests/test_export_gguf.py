@@ -111,8 +111,10 @@ def test_file_dequantizes_to_the_toolkit_weights(tmp_path, spec, qtype):
     if qtype == "Q4_1" and spec["bits"] == 2:
         # 2-bit zeros are 0..3; here every z s happened to be an fp16 value: an exact file.
         assert report["exact"]
-    # Embeddings and norms are F32 copies.
-    assert torch.equal(tensors["token_embd.weight"][1], model.model.embed_tokens.weight)
+    # Untouched tensors without a source GGUF (untouched="auto"): the embedding in F16, norms F32 copies.
+    assert tensors["token_embd.weight"][0] == report["tensors"]["token_embd.weight"] == "F16"
+    assert torch.equal(tensors["token_embd.weight"][1], model.model.embed_tokens.weight.half().float())
+    assert tensors["output_norm.weight"][0] == "F32"
     assert torch.equal(tensors["output_norm.weight"][1], model.model.norm.weight)
     assert "output.weight" not in tensors  # tied lm_head: transformers ties it back
 
@@ -125,10 +127,11 @@ def test_transformers_gguf_loader_gives_the_same_logits(tmp_path, spec, qtype):
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="m.gguf", dtype=torch.float32).eval()
     assert loaded.config.num_key_value_heads == 2 and loaded.config.tie_word_embeddings
     # Reference: the toolkit model for Q4_0/Q8_0 (the file holds its weights exactly); for Q4_1, the
-    # toolkit model with the file's weights (fp16 m) put in a dense copy.
-    ref = model
+    # toolkit model with the file's weights (fp16 m) put in a dense copy. Either way with the file's F16
+    # embedding (the untouched default without a source GGUF).
+    tensors = _read(tmp_path / "m.gguf")
+    ref = copy.deepcopy(model)
     if qtype == "Q4_1":
-        tensors = _read(tmp_path / "m.gguf")
         ref = copy.deepcopy(tiny_llama())
         for name, (mod, rows) in _toolkit_layers(model).items():
             i, g = int(name.split(".")[1]), name.split(".")[2]
@@ -140,6 +143,9 @@ def test_transformers_gguf_loader_gives_the_same_logits(tmp_path, spec, qtype):
                 w = w[torch.argsort(rows)]
             with torch.no_grad():
                 ref.model.layers[i].get_submodule(hf).weight.copy_(w)
+    assert tensors["token_embd.weight"][0] == "F16"
+    with torch.no_grad():
+        ref.model.embed_tokens.weight.copy_(tensors["token_embd.weight"][1])
     ids = torch.randint(0, 128, (2, 24), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         got, want = loaded(input_ids=ids).logits, ref(input_ids=ids).logits
@@ -222,3 +228,131 @@ def test_a_full_disk_leaves_no_file_and_a_rerun_succeeds(tmp_path, monkeypatch):
     assert out.read_bytes() == first and list(tmp_path.iterdir()) == [out]
     monkeypatch.setattr(gguf.GGUFWriter, "write_tensors_to_file", real)
     assert {t for t, _ in _read(out).values()} >= {"Q4_0"}
+
+
+# --- untouched tensors (embedding, norms, dense linears): F16 / F32 / the source GGUF's own bytes ---------
+
+def _source_gguf(tmp_path, q8_names=("token_embd.weight", "blk.0.attn_q.weight")):
+    """A GGUF file of the dense tiny Llama (written with untouched="f32") whose ``q8_names`` are re-encoded
+    as Q8_0, like the default model's file (Q8_0 embedding, F32 norms): the source of a GGUF-loaded model."""
+    dense = tmp_path / "dense.gguf"
+    export_gguf(tiny_llama(), dense, untouched="f32")
+    reader = gguf.GGUFReader(str(dense))
+    w = gguf.GGUFWriter(str(tmp_path / "src.gguf"), "llama")
+    for name, field in reader.fields.items():
+        if name.startswith("GGUF.") or name == "general.architecture":
+            continue
+        if field.types[0] == gguf.GGUFValueType.ARRAY:
+            w.add_array(name, field.contents())
+        else:
+            w.add_key_value(name, field.contents(), field.types[0])
+    for t in reader.tensors:
+        if t.name in q8_names:
+            w.add_tensor(t.name, gguf.quants.quantize(np.array(t.data), gguf.GGMLQuantizationType.Q8_0),
+                         raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+        else:
+            w.add_tensor(t.name, np.array(t.data))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return tmp_path / "src.gguf"
+
+
+def _raw(path):
+    """GGUF name -> (type name, the tensor's bytes)."""
+    return {t.name: (t.tensor_type.name, np.ascontiguousarray(t.data).view(np.uint8).tobytes())
+            for t in gguf.GGUFReader(str(path)).tensors}
+
+
+def _loaded(src):
+    from transformers import AutoModelForCausalLM
+    return AutoModelForCausalLM.from_pretrained(src.parent, gguf_file=src.name, dtype=torch.float32).eval()
+
+
+def test_untouched_tensors_pass_the_source_bytes_through(tmp_path):
+    src = _source_gguf(tmp_path)
+    source = _raw(src)
+    assert source["token_embd.weight"][0] == "Q8_0" and source["output_norm.weight"][0] == "F32"
+    # A dense export of the GGUF-loaded model is its source, tensor for tensor (the Q8_0 q_proj of block 0
+    # too: transformers un-permutes its rows on load, the export permutes them back).
+    report = export_gguf(_loaded(src), tmp_path / "dense.gguf", source=src)
+    assert _raw(tmp_path / "dense.gguf") == source
+    assert report["passed_through"] == len(source) and report["untouched"] == "auto"
+
+    # A quantized one: the block linears are the toolkit's Q4_0, everything else the source's bytes.
+    model = _loaded(src)
+    compress_model(model, CASES[0][0], None, progress=False)
+    for mode in ("auto", "source"):
+        report = export_gguf(model, tmp_path / f"{mode}.gguf", source=src, untouched=mode)
+        got = _raw(tmp_path / f"{mode}.gguf")
+        assert got.keys() == source.keys()
+        for name, (qtype, data) in got.items():
+            if name.startswith("blk.") and not name.endswith("norm.weight"):
+                assert qtype == report["tensors"][name] == "Q4_0"
+            else:
+                assert (qtype, data) == source[name], name
+        assert report["passed_through"] == 1 + 2 * 2 + 1   # token_embd, 2 norms per block, output_norm
+    assert (tmp_path / "auto.gguf").read_bytes() == (tmp_path / "source.gguf").read_bytes()
+
+    # f32 still writes the model's values (here the dequantized Q8_0 embedding) as F32.
+    export_gguf(model, tmp_path / "f32.gguf", source=src, untouched="f32")
+    tensors = _read(tmp_path / "f32.gguf")
+    assert tensors["token_embd.weight"][0] == "F32"
+    assert torch.equal(tensors["token_embd.weight"][1], model.model.embed_tokens.weight)
+    assert (tmp_path / "f32.gguf").stat().st_size > (tmp_path / "auto.gguf").stat().st_size
+
+
+def test_a_changed_tensor_is_not_passed_through(tmp_path):
+    src = _source_gguf(tmp_path)
+    model = _loaded(src)
+    compress_model(model, CASES[0][0], None, progress=False)
+    with torch.no_grad():
+        model.model.embed_tokens.weight[3, 5] += 1e-3
+    report = export_gguf(model, tmp_path / "auto.gguf", source=src)
+    tensors = _read(tmp_path / "auto.gguf")
+    assert tensors["token_embd.weight"][0] == report["tensors"]["token_embd.weight"] == "F16"
+    assert torch.equal(tensors["token_embd.weight"][1], model.model.embed_tokens.weight.half().float())
+    assert report["tensors"]["output_norm.weight"] == "F32" and report["passed_through"] == 5
+    with pytest.raises(ValueError, match=r"untouched='source': cannot pass token_embd\.weight through from the "
+                                         r"source GGUF: the model's values differ from the source's Q8_0 tensor"):
+        export_gguf(model, tmp_path / "source.gguf", source=src, untouched="source")
+    assert not (tmp_path / "source.gguf").exists()
+
+
+def test_untouched_f16_and_f32_without_a_source(tmp_path):
+    model = _quantized(CASES[0][0])
+    sizes = {}
+    for mode in ("f16", "f32"):
+        report = export_gguf(model, tmp_path / f"{mode}.gguf", untouched=mode)
+        tensors = _read(tmp_path / f"{mode}.gguf")
+        emb = model.model.embed_tokens.weight
+        assert tensors["token_embd.weight"][0] == mode.upper()
+        assert torch.equal(tensors["token_embd.weight"][1], emb.half().float() if mode == "f16" else emb)
+        for name in ("output_norm.weight", "blk.1.attn_norm.weight", "blk.1.ffn_norm.weight"):
+            assert tensors[name][0] == "F32"   # 1-D: F32 whatever the mode
+        assert report["passed_through"] == 0
+        sizes[mode] = (tmp_path / f"{mode}.gguf").stat().st_size
+    assert sizes["f32"] - sizes["f16"] >= 128 * 96 * 2   # the embedding's half
+    export_gguf(model, tmp_path / "auto.gguf")   # the default without a source GGUF is f16
+    assert (tmp_path / "auto.gguf").read_bytes() == (tmp_path / "f16.gguf").read_bytes()
+
+
+def test_untouched_bad_input(tmp_path):
+    model = _quantized(CASES[0][0])
+    with pytest.raises(ValueError, match=r"untouched='bf16': give one of auto, source, f16, f32"):
+        export_gguf(model, tmp_path / "a.gguf", untouched="bf16")
+    with pytest.raises(ValueError, match=r"untouched='source' needs source=, the GGUF file the model was loaded"):
+        export_gguf(model, tmp_path / "a.gguf", untouched="source")
+    with torch.no_grad():
+        model.model.embed_tokens.weight[0, 0] = 1e5
+    with pytest.raises(ValueError, match=r"token_embd\.weight: values up to 100000 do not fit F16 .* untouched='f32'"):
+        export_gguf(model, tmp_path / "a.gguf")
+    assert list(tmp_path.iterdir()) == []
+    export_gguf(model, tmp_path / "a.gguf", untouched="f32")
+    assert _read(tmp_path / "a.gguf")["token_embd.weight"][1][0, 0] == 1e5
+
+
+def test_cli_choices_match_the_exporter():
+    from experiments.io import export_gguf as eg, saved_model_cli
+    assert saved_model_cli.UNTOUCHED_TYPES == eg.UNTOUCHED_TYPES

@@ -413,6 +413,53 @@ def test_decode_resume_skips_finished_rows_without_loading_the_model(tmp_path, m
         decode_speed.run_decode(specs, device=torch.device("cpu"), new_tokens=8, out=out, resume=True, log=log.append)
 
 
+def test_decode_speedups_against_the_fastest_dense_dtype_of_the_same_run(tmp_path, monkeypatch):
+    """Issue 25.3: every decode row also carries its speed over the fastest dense dtype measured in the same
+    run (synthetic speeds: dense fp32 decodes faster than dense bf16, as on the Intel/AMX machine), never
+    over a dense row of another run (resumed from the table), and compiled rows only over compiled dense."""
+    from experiments.lm import models
+    speeds = {"dense fp32": 30.0, "dense bf16": 25.0, "svd-ratio0.5 fp32": 20.0, "svd-ratio0.5 bf16": 27.0,
+              "magnitude-2:4 bf16": 24.0, "magnitude-2:4 fp32": 12.0, "rtn-w4-g32-asym bf16": 40.0,
+              "dense bf16 compiled": 35.0, "rtn-w4-g32-asym bf16 compiled": 70.0}
+
+    def fake_speed(model, tokenizer, *, label, compile=False, **kw):
+        return {"tokens_per_s": speeds[label.removeprefix("decode ")], "new_tokens": kw["new_tokens"],
+                "prompt": decode_speed.DEFAULT_PROMPT, "compiled": compile}
+    monkeypatch.setattr(models, "load_model", lambda *a, **k: (_tiny_llama()[0], None, {}))
+    monkeypatch.setattr(decode_speed, "decode_tokens_per_second", fake_speed)
+    out = tmp_path / "decode_cpu.csv"
+    cpu = torch.device("cpu")
+    svd, mag, rtn = ({"method": "svd", "ratio": 0.5}, {"method": "magnitude", "pattern": "2:4"},
+                     {"method": "rtn", "bits": 4, "group_size": 32})
+
+    first = decode_speed.run_decode([svd], device=cpu, new_tokens=8, out=out, log=lambda s: None)
+    by = {r["label"]: r for r in first}
+    assert set(by) == {"dense fp32", "dense bf16", "svd-ratio0.5 fp32", "svd-ratio0.5 bf16"}
+    for label, r in by.items():
+        assert r["fastest_dense_dtype"] == "fp32" and r["fastest_dense_tokens_per_s"] == 30.0
+        assert r["speedup_vs_fastest_dense"] == pytest.approx(speeds[label] / 30.0)
+    assert by["svd-ratio0.5 bf16"]["speedup_vs_dense"] == pytest.approx(27 / 25)   # the same-dtype ratio stays
+    table = {r["label"]: r for r in results.read_rows(out)}
+    assert float(table["dense bf16"]["speedup_vs_fastest_dense"]) == pytest.approx(25 / 30)
+    assert float(table["svd-ratio0.5 bf16"]["speedup_vs_fastest_dense"]) == pytest.approx(27 / 30)
+
+    # reproduce's second call, bf16 only: still against the fp32 dense model the first call measured.
+    (row,) = decode_speed.run_decode([mag], device=cpu, new_tokens=8, out=out, resume=True, dtypes=(torch.bfloat16,),
+                                     dense_measured=first, log=lambda s: None)
+    assert row["fastest_dense_dtype"] == "fp32" and row["speedup_vs_fastest_dense"] == pytest.approx(24 / 30)
+    # Another run resuming the table: its dense rows are not this run's, so no fastest-dense columns.
+    (row,) = decode_speed.run_decode([rtn], device=cpu, new_tokens=8, out=out, resume=True, dtypes=(torch.bfloat16,),
+                                     log=lambda s: None)
+    assert row["speedup_vs_dense"] == pytest.approx(40 / 25)
+    assert not set(decode_speed.FASTEST_DENSE_COLUMNS) & set(row)
+    assert results.read_rows(out)[-1]["speedup_vs_fastest_dense"] == ""
+    # Compiled rows: over the compiled dense model only, never the eager fp32 one.
+    rows = decode_speed.run_decode([rtn], device=cpu, new_tokens=8, out=out, dtypes=(torch.bfloat16,), compile=True,
+                                   dense_measured=first, log=lambda s: None)
+    assert [r["fastest_dense_dtype"] for r in rows] == ["bf16", "bf16"]
+    assert rows[1]["speedup_vs_fastest_dense"] == pytest.approx(70 / 35)
+
+
 def test_decode_reports_progress_on_stderr(capsys, monkeypatch):
     """Issue 8: decode timing was silent for ~60 s per model; it now prints a line per generate call
     (in a redirected log: plain lines, see experiments.core.progress)."""

@@ -84,6 +84,33 @@ def test_export_gguf_and_compressed_tensors(tiny, tmp_path):  # noqa: F811
     assert not (tmp_path / "s.gguf").exists()
 
 
+def test_export_gguf_untouched_type(tiny, tmp_path):  # noqa: F811
+    """``--untouched-type``: the embedding in F16 by default (this base model is no GGUF file), F32 on request;
+    ``source`` needs a GGUF base model (one error line, no file)."""
+    import gguf
+    model, _text, _ = tiny
+    saved = tmp_path / "saved"
+    r = cli("compress", '{"method": "rtn", "bits": 4, "group_size": 32, "symmetric": true}', "--model", model,
+            "--out", saved, "--no-progress")
+    assert r.returncode == 0, r.stderr
+    sizes = {}
+    for flag in ([], ["--untouched-type", "f32"]):
+        out = tmp_path / f"m{len(flag)}.gguf"
+        r = cli("export", saved, "--format", "gguf", "--out", out, *flag)
+        assert r.returncode == 0, r.stderr
+        summary = json.loads(r.stderr.strip().splitlines()[-1])
+        assert summary["untouched"] == (flag[-1] if flag else "auto") and summary["passed_through"] == 0
+        assert summary["file_bytes"] == out.stat().st_size
+        types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(str(out)).tensors}
+        assert types["token_embd.weight"] == ("F32" if flag else "F16") and types["output_norm.weight"] == "F32"
+        sizes[bool(flag)] = summary["file_bytes"]
+    assert sizes[True] > sizes[False]
+    r = cli("export", saved, "--format", "gguf", "--out", tmp_path / "s.gguf", "--untouched-type", "source")
+    assert r.returncode == 2 and r.stderr.strip().startswith(
+        "error: --untouched-type source: the base model") and "is not a GGUF file" in r.stderr, r.stderr
+    assert not (tmp_path / "s.gguf").exists()
+
+
 TWO_POINTS = """\
 name: two
 description: a calibrated point and a plain one

@@ -410,8 +410,10 @@ def pareto_figure(tables: dict[str, pd.DataFrame], latency: pd.DataFrame | None 
     """All methods on one accuracy-memory(-speed) frontier, combinations included.
 
     Speed panel: with ``decode`` (a ``latency --decode`` table), the measured end-to-end decode
-    speedup of each point's storage format over the dense model in ``decode_dtype`` (what a format
-    buys when the whole model's weights stream from memory); else, with ``latency``, the summed
+    speedup of each point's storage format in ``decode_dtype`` over the fastest dense dtype of the same
+    decode run (over dense in ``decode_dtype`` for rows older than that column; the axis names the
+    baselines: :func:`with_decode_speedup`) (what a format buys when the whole model's weights stream
+    from memory); else, with ``latency``, the summed
     layer latency at the model's own shapes against dense fp32 (single layers whose weights stay in
     the CPU's cache between timings: a format's fixed per-call cost dominates there).
 
@@ -451,12 +453,14 @@ def pareto_figure(tables: dict[str, pd.DataFrame], latency: pd.DataFrame | None 
         if len(joined):
             front = _pareto(joined, "speedup", "ppl", lower_x_better=False)
             ax.plot(front["speedup"], front["ppl"], "k-", lw=0.8, label="Pareto frontier")
-        ax.axvline(1.0, color="k", ls=":", lw=1, label=f"dense {decode_dtype} speed")
+        other = joined[joined["sweep"] != "structured"]
+        ax.axvline(1.0, color="k", ls=":", lw=1, label=f"{baselines_text(other) or 'dense'} speed")
         _baseline(ax, dense_ppl(df))
         ax.set_yscale("log")
-        own = sorted(set(joined.loc[joined["sweep"] == "structured", "speedup_dtype"]))
-        ax.set_xlabel(f"measured greedy-decode speedup over the dense model ({decode_dtype}, by storage format"
-                      + (f"; structured: own, {'/'.join(own)}" if own else "") + ")", fontsize=8)
+        own = baselines_text(joined[joined["sweep"] == "structured"])
+        ax.set_xlabel(f"measured greedy-decode speedup of each storage format in {decode_dtype} over "
+                      f"{baselines_text(other) or 'dense'}" + (f"; structured: own, over {own}" if own else ""),
+                      fontsize=8)
         ax.set_ylabel("perplexity (log scale)")
         ax.set_title(f"accuracy vs decode speed — measured on {dev}", fontsize=8)
         _legend(ax, loc="upper right")
@@ -508,30 +512,49 @@ def _format_key(spec_json: str) -> str:
     return canonical(format_of(json.loads(spec_json)))
 
 
+def decode_baseline(row) -> tuple[float, str]:
+    """(speedup, what it is over) of one decode-table row: ``speedup_vs_fastest_dense`` where the row has
+    it (the fastest dense dtype measured in the same run, ``decode_speed.fastest_dense``), else the older
+    ``speedup_vs_dense`` (over dense in the row's own dtype); (NaN, "") with neither."""
+    fastest = pd.to_numeric(pd.Series([row.get("speedup_vs_fastest_dense")]), errors="coerce").iloc[0]
+    if pd.notna(fastest):
+        return float(fastest), f"fastest dense ({row.get('fastest_dense_dtype')})"
+    same = pd.to_numeric(pd.Series([row.get("speedup_vs_dense")]), errors="coerce").iloc[0]
+    return (float(same), f"dense {row.get('dtype')}") if pd.notna(same) else (float("nan"), "")
+
+
 def decode_speedup_by_format(decode: pd.DataFrame) -> pd.DataFrame:
     """One row per (storage format, dtype) of a decode table (``decode_speed.run_decode``): its measured
-    eager decode speedup over the dense model in the same dtype. Compiled rows are left out (their
-    dense baseline is the compiled dense model); a table of several machines is refused."""
+    eager decode speedup (:func:`decode_baseline`: over the fastest dense dtype of the same run where the
+    table has that column, else over dense in the same dtype) and that baseline (``decode_baseline``).
+    Compiled rows are left out (their dense baseline is the compiled dense model); a table of several
+    machines is refused."""
     check_single_context(decode.to_dict("records"), MEASURE_CONTEXT, "the decode table")
     d = decode[~decode["label"].astype(str).str.endswith(" compiled")]
-    d = d[pd.to_numeric(d["speedup_vs_dense"], errors="coerce").notna()]
-    rows = [{"format": _format_key(r["spec"]), "dtype": r["dtype"],
-             "decode_speedup": float(r["speedup_vs_dense"]), "decode_device": r["device"]} for _, r in d.iterrows()]
-    return pd.DataFrame(rows, columns=["format", "dtype", "decode_speedup", "decode_device"]).drop_duplicates(
-        ["format", "dtype"])
+    rows = []
+    dense = _format_key('{"method": "dense"}')
+    for _, r in d.iterrows():
+        sp, base = decode_baseline(r)
+        if pd.notna(sp) and _format_key(r["spec"]) != dense:   # dense rows carry their own vs the fastest
+            rows.append({"format": _format_key(r["spec"]), "dtype": r["dtype"], "decode_speedup": sp,
+                         "decode_baseline": base, "decode_device": r["device"]})
+    return pd.DataFrame(rows, columns=["format", "dtype", "decode_speedup", "decode_baseline",
+                                       "decode_device"]).drop_duplicates(["format", "dtype"])
 
 
 def with_decode_speedup(points: pd.DataFrame, decode: pd.DataFrame | None, dtype: str = "bf16"
                         ) -> tuple[pd.DataFrame, str]:
-    """``points`` (sweep rows) with ``speedup`` / ``speedup_dtype``: a row's own measured
-    ``decode_speedup`` (structured pruning, in its ``decode_dtype``; tables older than that column
-    timed in fp32), else the decode table's speedup of its storage format in ``dtype``, else NaN; and
-    the decode table's machine ("" without one)."""
+    """``points`` (sweep rows) with ``speedup`` / ``speedup_dtype`` / ``speedup_baseline``: a row's own
+    measured ``decode_speedup`` (structured pruning, in its ``decode_dtype``, over dense in that dtype;
+    tables older than that column timed in fp32), else the decode table's speedup of its storage format
+    in ``dtype`` (:func:`decode_speedup_by_format`: over the fastest dense dtype of the decode run where
+    the table has it), else NaN; and the decode table's machine ("" without one)."""
     out = points.copy()
     own = pd.to_numeric(out["decode_speedup"], errors="coerce") if "decode_speedup" in out else None
     out["speedup"] = own if own is not None else float("nan")
     own_dtype = out["decode_dtype"].fillna("") if "decode_dtype" in out else pd.Series("", index=out.index)
     out["speedup_dtype"] = [(d or "fp32") if pd.notna(v) else "" for v, d in zip(out["speedup"], own_dtype)]
+    out["speedup_baseline"] = [f"dense {d}" if d else "" for d in out["speedup_dtype"]]
     if decode is None or not len(decode):
         return out, ""
     by_fmt = decode_speedup_by_format(decode)
@@ -543,7 +566,14 @@ def with_decode_speedup(points: pd.DataFrame, decode: pd.DataFrame | None, dtype
         if fmt in by_fmt.index:
             out.at[i, "speedup"] = by_fmt.at[fmt, "decode_speedup"]
             out.at[i, "speedup_dtype"] = dtype
+            out.at[i, "speedup_baseline"] = by_fmt.at[fmt, "decode_baseline"]
     return out, (by_fmt["decode_device"].iloc[0] if len(by_fmt) else "")
+
+
+def baselines_text(points: pd.DataFrame) -> str:
+    """The decode baselines of rows that have a speedup (:func:`with_decode_speedup`), for a caption."""
+    has = points[points["speedup"].notna()] if len(points) else points
+    return ", ".join(sorted(set(has["speedup_baseline"]))) if len(has) else ""
 
 
 def families_figure(tables: dict[str, pd.DataFrame], decode: pd.DataFrame | None = None,
@@ -554,9 +584,11 @@ def families_figure(tables: dict[str, pd.DataFrame], decode: pd.DataFrame | None
     weight of the original weight count: quantization and sparsity formats by their storage, structured
     pruning and low rank by the parameters they keep, all at 16-bit floats). Right: perplexity against the
     *measured* end-to-end decode speedup over the dense model: structured points carry their own (timed
-    back to back with dense in the sweep, fp32); the other families take the decode table's row of their
-    storage format in ``dtype`` (``latency --decode``: a format's speed does not depend on the algorithm
-    that chose its values), points without one are left out of that panel. Contexts are checked as in
+    back to back with dense in the sweep, in its dtype); the other families take the decode table's row of
+    their storage format in ``dtype`` (``latency --decode``: a format's speed does not depend on the
+    algorithm that chose its values), over the fastest dense dtype of that decode run where the table has
+    it (:func:`with_decode_speedup`; the legend names each baseline), points without one are left out of
+    that panel. Contexts are checked as in
     :func:`pareto_figure`."""
     frames = [t.assign(sweep=name) for name, t in tables.items() if t is not None and len(t)]
     if not frames:
@@ -575,7 +607,7 @@ def families_figure(tables: dict[str, pd.DataFrame], decode: pd.DataFrame | None
         has = sub[sub["speedup"].notna()]
         if len(has):
             b.scatter(has["speedup"], has["ppl"], s=16, alpha=0.8, color=c,
-                      label=f"{fam} ({'/'.join(sorted(set(has['speedup_dtype'])))})")
+                      label=f"{fam} ({'/'.join(sorted(set(has['speedup_dtype'])))} vs {baselines_text(has)})")
     for ax in (a, b):
         _baseline(ax, dense_ppl(df))
         ax.set_yscale("log")
@@ -584,7 +616,8 @@ def families_figure(tables: dict[str, pd.DataFrame], decode: pd.DataFrame | None
     a.set_xlabel("effective bits per weight of the block weights (log2; dense fp16 = 16)")
     a.set_title("accuracy vs size", fontsize=9)
     b.axvline(1.0, color="k", ls=":", lw=1, label="dense speed")
-    b.set_xlabel("measured decode speedup over the dense model (same dtype)")
+    b.set_xlabel("measured decode speedup over the dense model (the fastest dense dtype of the decode run "
+                 "where measured, else the same dtype: see the legend)")
     sdev = comp.loc[comp["sweep"] == "structured", "device"]
     where = ", ".join(sorted({str(x) for x in [dev, *sdev.unique()] if x}))
     b.set_title(f"accuracy vs decode speed — measured on {where or 'no machine'}", fontsize=8)

@@ -118,10 +118,10 @@ def main(args: argparse.Namespace) -> int:
         dec_csv = out / f"decode_{device.type}.csv"
 
         def decode():
-            decode_speed.run_decode(specs, device=device, new_tokens=new_tokens, out=dec_csv, resume=True)
-            if bf16_specs:
+            first = decode_speed.run_decode(specs, device=device, new_tokens=new_tokens, out=dec_csv, resume=True)
+            if bf16_specs:   # against the fastest dense dtype the first call measured (this run's, fp32 or bf16)
                 decode_speed.run_decode(bf16_specs, device=device, new_tokens=new_tokens, out=dec_csv, resume=True,
-                                        dtypes=(torch.bfloat16,))
+                                        dtypes=(torch.bfloat16,), dense_measured=first)
         _run_step(steps, f"end-to-end decode on {device.type}", digest(specs, bf16_specs, new_tokens, str(device)),
                   [dec_csv], decode, timings)
 

@@ -25,13 +25,22 @@ from pathlib import Path
 
 import pandas as pd
 
-from experiments.analysis.plots import (RESULTS, SWEEPS, UNIFORM_METHODS, model_layer_speedup, results_dir,
-                               with_decode_speedup)
+from experiments.analysis.plots import (RESULTS, SWEEPS, UNIFORM_METHODS, decode_baseline, model_layer_speedup,
+                                        results_dir, with_decode_speedup)
 from experiments.core.runs import MEASURE_CONTEXT, REPO, SWEEP_CONTEXT, check_run_name, runs_root
 
 
 def _fmt(v, nd=3):
     return "" if pd.isna(v) else f"{v:.{nd}g}"
+
+
+FASTEST = "fastest dense"   # the start of with_decode_speedup's baseline for speedup_vs_fastest_dense
+
+
+def _versus(r) -> str:
+    """`` vs fastest dense fp32`` for a row whose speedup is over the fastest dense dtype, else ""."""
+    base = str(r.get("speedup_baseline", ""))
+    return f" vs {base.replace('(', '').replace(')', '')}" if base.startswith(FASTEST) else ""
 
 
 def split_contexts(df: pd.DataFrame, columns) -> list[tuple[dict, pd.DataFrame]]:
@@ -106,16 +115,19 @@ def sweep_summary(quick: bool, root: Path = RESULTS, names=None) -> str:
         meta = tables[0][1].iloc[0]
         lines = ["| sweep | point | bits/weight | x smaller than fp16 | perplexity | decode x vs dense | "
                  "aliases source grid |", "|---|---|---|---|---|---|---|"]
-        dev = ""
+        dev, fastest = "", False
         for name, df in tables:
             df, d = with_decode_speedup(df.assign(sweep=name), decode)
             dev = dev or d
             for _, r in df.sort_values(["method", "bits_per_weight"]).iterrows():
-                sp = f"{_fmt(r['speedup'])} ({r['speedup_dtype']})" if pd.notna(r["speedup"]) else ""
+                sp = f"{_fmt(r['speedup'])} ({r['speedup_dtype']}{_versus(r)})" if pd.notna(r["speedup"]) else ""
+                fastest = fastest or bool(_versus(r))
                 lines.append(f"| {name} | {r['point']} | {_fmt(r['bits_per_weight'])} | {_fmt(r['compression_vs_fp16'])} "
                              f"| {_fmt(r['ppl'], 4)} | {sp} "
                              f"| {'yes' if str(r['aliases_source_grid']).lower() == 'true' else ''} |")
-        speed = ("\n\n*decode x vs dense*: measured greedy-decode speedup over the dense model in the same dtype: "
+        speed = ("\n\n*decode x vs dense*: measured greedy-decode speedup over the dense model in the same dtype"
+                 + (" (marked *vs fastest dense DTYPE*: over the fastest dense dtype measured in the same decode "
+                    "run, the model a user on that machine would run)" if fastest else "") + ": "
                  "structured points their own (timed back to back with dense in the sweep), the other points "
                  f"that of their storage format in `{_rel(decode_path, root)}`"
                  + (f" ({dev})" if dev else "") + "; empty where no decode row exists.")
@@ -181,7 +193,7 @@ def headline_summary(quick: bool = False, root: Path = RESULTS) -> str:
         meta = tables[0][1].iloc[0]
         lines = ["| compression | best point (sweep) | bits/weight | MB | perplexity | decode × dense |",
                  "|---|---|---|---|---|---|"]
-        dev, modelled = "", False
+        dev, modelled, cells = "", False, []   # (row up to the speedup, speedup, its baseline or "")
         for label, sweeps, pick in HEADLINE_ROWS:
             frames = [by_name[n].assign(sweep=n) for n in sweeps if n in by_name]
             if not frames:
@@ -196,20 +208,31 @@ def headline_summary(quick: bool = False, root: Path = RESULTS) -> str:
             r = df.iloc[0]
             star = str(r.get("size_is_modelled")).lower() == "true"
             modelled = modelled or star
+            base = ""
             if _method(r) == "dense":
                 sp = "1"
             elif pd.notna(r["speedup"]):
                 sp = _fmt(r["speedup"]) + ("" if r["speedup_dtype"] == "bf16" else f" ({r['speedup_dtype']})")
+                base = r["speedup_baseline"]
             else:
                 sp = ""
-            lines.append(f"| {label} | {r['point']} ({r['sweep']}) | {_fmt(r['bits_per_weight'])}{'*' if star else ''} "
-                         f"| {_fmt(r['bytes'] / 1e6)}{'*' if star else ''} | {_fmt(r['ppl'], 4)} | {sp} |")
+            cells.append((f"| {label} | {r['point']} ({r['sweep']}) | {_fmt(r['bits_per_weight'])}"
+                          f"{'*' if star else ''} | {_fmt(r['bytes'] / 1e6)}{'*' if star else ''} "
+                          f"| {_fmt(r['ppl'], 4)}", sp, base))
+        # One baseline for every speedup shown: the caption names it; several: each cell names its own.
+        bases = sorted({b for *_, b in cells if b})
+        lines += [f"{head} | {sp}{f' (vs {b})' if b and len(bases) > 1 else ''} |" for head, sp, b in cells]
+        versus = ("the dense model, bf16" if bases in ([], ["dense bf16"])
+                  else f"the fastest dense model measured in the same decode run, {bases[0][len(FASTEST) + 2:-1]}, "
+                       f"the compressed models in bf16" if len(bases) == 1 and bases[0].startswith(FASTEST)
+                  else "the dense model (each cell names its baseline: the fastest dense dtype of the same decode "
+                       "run where the decode table has it, else dense in the same dtype)")
         out.append(
             f"Model {meta['model']}; perplexity on {meta['evaluation_text']} ({int(meta['eval_tokens'])} tokens, "
             f"seqlen {int(meta['seqlen'])}); each row the lowest perplexity the sweep tables hold for that "
             f"setting (`python -m experiments summary --headline`). Size: the transformer blocks' weights, "
             f"bits per original weight and MB (floats counted at 16 bits). *decode × dense*: measured "
-            f"greedy-decode speedup over the dense model, bf16, on {dev or meta['device']} (structured points "
+            f"greedy-decode speedup over {versus}, on {dev or meta['device']} (structured points "
             f"timed with the dense model in their sweep, the others by their storage format in "
             f"`{_rel(decode_path, root)}`; empty where that format has no decode row)."
             + (" \\* modelled size: no fused sparse + quantized kernel exists." if modelled else "")
@@ -253,10 +276,21 @@ def decode_summary(quick: bool, device_type: str = "cpu", root: Path = RESULTS) 
     parts = split_contexts(pd.read_csv(path), MEASURE_CONTEXT)
     out = [_mixed_note(path, parts)] if len(parts) > 1 else []
     for _, d in parts:
+        fastest = ("speedup_vs_fastest_dense" in d
+                   and pd.to_numeric(d["speedup_vs_fastest_dense"], errors="coerce").notna().any())
         lines = [f"Greedy decode, {d['device'].iloc[0]}, torch {d['torch'].iloc[0]}, {d['timestamp'].iloc[0][:10]}:\n",
-                 "| model | tokens/s | x vs dense |", "|---|---|---|"]
+                 "| model | tokens/s | x vs dense |" + (" x vs fastest dense (same run) |" if fastest else ""),
+                 "|---|---|---|" + ("---|" if fastest else "")]
         for _, r in d.iterrows():
-            lines.append(f"| {r['label']} | {_fmt(r['tokens_per_s'])} | {_fmt(r.get('speedup_vs_dense'))} |")
+            cell = ""
+            if fastest:
+                sp, base = decode_baseline(r)
+                cell = f" {_fmt(sp)} ({base.removeprefix(FASTEST + ' (')[:-1]}) |" if base.startswith(FASTEST) else " |"
+            lines.append(f"| {r['label']} | {_fmt(r['tokens_per_s'])} | {_fmt(r.get('speedup_vs_dense'))} |{cell}")
+        if fastest:
+            lines.append("\n*x vs fastest dense*: over the fastest dense dtype measured in the same decode run (in "
+                         "brackets); empty for rows measured before that column or whose dense rows came from "
+                         "another run.")
         out.append("\n".join(lines))
     return "\n\n".join(out)
 

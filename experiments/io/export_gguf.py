@@ -3,8 +3,23 @@
     report = export_gguf(model, "model.gguf", tokenizer_from="SmolLM2-135M-Instruct.Q4_1.gguf")
 
 Each ``QuantLinear`` is written in the GGUF block type whose grid holds the toolkit's grid, from the
-module's own codes and scales (no re-quantization); every other tensor (embeddings, norms, a dense
-``nn.Linear``) is written as F32.
+module's own codes and scales (no re-quantization). Every other tensor (the token embedding, an untied
+``lm_head``, norms, a block linear left ``nn.Linear``) is *untouched* by the toolkit; ``untouched`` picks
+how it is written:
+
+- ``"auto"`` (default): the source GGUF's own bytes where ``source`` holds a tensor of that name and
+  shape whose dequantized values equal the model's exactly (the default model's Q8_0 embedding, its F32
+  norms; a dense export of a GGUF model is then its source tensor for tensor), else as ``"f16"``.
+- ``"source"``: the source's bytes for every untouched tensor; a ValueError naming a tensor the source
+  lacks or whose values the model changed.
+- ``"f16"``: 2-D tensors in F16, 1-D ones (norms) in F32, as llama.cpp's ``convert_hf_to_gguf.py``
+  writes them for ``--outtype f16``; a value outside fp16's range is a ValueError.
+- ``"f32"``: everything in F32 (the only choice before; 2x the bytes of F16 for the embedding).
+
+Why it matters: the default model's tied 49152x576 embedding is 28M of its 135M weights, and it is the
+output projection too, read for every token. Written as F32 it made the export of ``rtn-w4-g64-asym``
+173.1 MiB against the source file's 93.8 MiB, and llama.cpp decoded it at about half the source's speed
+(issue 25); ``"auto"`` writes 93.8 MiB (the source's Q8_0 embedding), ``"f16"`` 119.1 MiB (docs/export.md).
 
 ============================  ======  ===============================================================
 toolkit grid                  GGUF    block (32 weights of a row)
@@ -49,6 +64,8 @@ from torch import nn
 from experiments.core.atomic import atomic_file
 
 GGUF_BLOCK = 32
+UNTOUCHED_TYPES = ("auto", "source", "f16", "f32")
+FP16_MAX = 65504.0
 
 
 def gguf_type_for(bits: int, group_size: int, symmetric: bool, K: int) -> str:
@@ -121,18 +138,77 @@ def _copy_tokenizer(writer, source: str | os.PathLike) -> int:
     return n
 
 
+def _source_tensors(source: str | os.PathLike | None) -> dict[str, Any]:
+    """GGUF name -> ReaderTensor of the source file ({} without one)."""
+    if source is None:
+        return {}
+    import gguf
+    return {t.name: t for t in gguf.GGUFReader(str(source)).tensors}
+
+
+def _untouched_tensor(gname: str, arr: torch.Tensor, src, mode: str) -> tuple[np.ndarray, Any, str]:
+    """(array, raw GGML type or None, type name) for an untouched tensor ``arr`` (fp32, GGUF row order).
+
+    The source's bytes are passed through unchanged only when they dequantize to exactly ``arr``: then the
+    file holds the model's values and the source's type (see the module docstring for the modes)."""
+    import gguf
+    why = None
+    if mode in ("auto", "source"):
+        if src is None:
+            why = "the source GGUF has no tensor of that name"
+        elif tuple(int(d) for d in reversed(src.shape.tolist())) != tuple(arr.shape):
+            why = (f"the source's tensor has shape {tuple(int(d) for d in reversed(src.shape.tolist()))}, the "
+                   f"model's {tuple(arr.shape)}")
+        else:
+            raw = np.ascontiguousarray(src.data).view(np.uint8)   # (rows, row bytes) or (bytes,): any type
+            try:
+                back = torch.from_numpy(np.array(gguf.quants.dequantize(raw, src.tensor_type), dtype=np.float32))
+            except NotImplementedError:
+                back = None
+                why = f"the gguf package cannot dequantize its type {src.tensor_type.name} to check it"
+            if back is not None and torch.equal(back.reshape(arr.shape), arr):
+                return raw, src.tensor_type, src.tensor_type.name
+            if back is not None:
+                diff = (back.reshape(arr.shape) - arr).abs().max().item()
+                why = (f"the model's values differ from the source's {src.tensor_type.name} tensor (max abs diff "
+                       f"{diff:.3g}): they changed after loading")
+        if mode == "source":
+            raise ValueError(f"untouched='source': cannot pass {gname} through from the source GGUF: {why}; "
+                             f"use untouched='f16' or 'f32' (or 'auto': the source's bytes where they fit)")
+    if mode == "f32" or arr.dim() == 1:
+        return arr.contiguous().numpy(), None, "F32"
+    top = arr.abs().max().item() if arr.numel() else 0.0
+    if not top <= FP16_MAX:   # also catches NaN
+        raise ValueError(f"{gname}: values up to {top:.6g} do not fit F16 (largest {FP16_MAX:g}); export with "
+                         f"untouched='f32'")
+    return arr.to(torch.float16).contiguous().numpy(), None, "F16"
+
+
 def export_gguf(model: nn.Module, path: str | os.PathLike, *, name: str | None = None,
-                tokenizer_from: str | os.PathLike | None = None) -> dict[str, Any]:
+                tokenizer_from: str | os.PathLike | None = None, source: str | os.PathLike | None = None,
+                untouched: str = "auto") -> dict[str, Any]:
     """Write ``model`` (Llama architecture, its block linears ``QuantLinear`` or ``nn.Linear``) to ``path``.
 
-    ``tokenizer_from``: a GGUF file whose ``tokenizer.*`` metadata is copied (llama.cpp needs it; the
-    default model's file has it). Returns ``{"path", "tensors": {gguf name: type}, "exact": bool,
-    "inexact_weights", "inexact_groups", "max_abs_diff"}``: the comparison of the file's dequantized
-    weights with the toolkit's (see the module docstring for what is exact). ``path`` appears complete or
-    not at all (written beside it, fsynced, renamed: experiments.core.atomic); an existing file is replaced.
+    ``source``: the GGUF file the model was loaded from (``models.default_gguf_path()`` for the default
+    model), whose tensors ``untouched`` may pass through (module docstring); ``untouched`` is one of
+    ``UNTOUCHED_TYPES``. ``tokenizer_from`` (default: ``source``): a GGUF file whose ``tokenizer.*``
+    metadata is copied (llama.cpp needs it; the default model's file has it). Returns ``{"path",
+    "tensors": {gguf name: type}, "exact": bool, "inexact_weights", "inexact_groups", "max_abs_diff",
+    "untouched", "passed_through"}``: the comparison of the file's dequantized quantized weights with the
+    toolkit's (see the module docstring for what is exact), the ``untouched`` mode and how many tensors
+    are the source's bytes. ``path`` appears complete or not at all (written beside it, fsynced, renamed:
+    experiments.core.atomic); an existing file is replaced.
     """
     import gguf
     from experiments.lm import models
+
+    if untouched not in UNTOUCHED_TYPES:
+        raise ValueError(f"untouched={untouched!r}: give one of {', '.join(UNTOUCHED_TYPES)}")
+    if untouched == "source" and source is None:
+        raise ValueError("untouched='source' needs source=, the GGUF file the model was loaded from; without one "
+                         "use 'auto', 'f16' or 'f32'")
+    if tokenizer_from is None:
+        tokenizer_from = source
 
     cfg = getattr(model, "config", None)
     if cfg is None or getattr(cfg, "model_type", None) != "llama":
@@ -184,8 +260,9 @@ def export_gguf(model: nn.Module, path: str | os.PathLike, *, name: str | None =
     writer.add_layer_norm_rms_eps(float(cfg.rms_norm_eps))
     writer.add_vocab_size(int(cfg.vocab_size))
     n_tok = _copy_tokenizer(writer, tokenizer_from) if tokenizer_from else 0
+    src_tensors = _source_tensors(source)
 
-    stats = {"inexact_weights": 0, "inexact_groups": 0, "max_abs_diff": 0.0, "n_quantized": 0}
+    stats = {"inexact_weights": 0, "inexact_groups": 0, "max_abs_diff": 0.0, "n_quantized": 0, "passed_through": 0}
     types: dict[str, str] = {}
     for gname, (mod_name, leaf, mod, t) in plan:
         rows = None
@@ -219,8 +296,9 @@ def export_gguf(model: nn.Module, path: str | os.PathLike, *, name: str | None =
             arr = t.detach().float()
             if rows is not None:
                 arr = arr[rows]
-            writer.add_tensor(gname, arr.contiguous().numpy())
-            types[gname] = "F32"
+            data, raw_dtype, types[gname] = _untouched_tensor(gname, arr, src_tensors.get(gname), untouched)
+            stats["passed_through"] += raw_dtype is not None
+            writer.add_tensor(gname, data, raw_dtype=raw_dtype)
     # Written to a temporary file beside ``path``, fsynced and renamed into place once complete
     # (experiments.core.atomic): a failure (a full disk) leaves nothing at ``path`` and no temporary file.
     with atomic_file(path) as tmp:
@@ -234,4 +312,4 @@ def export_gguf(model: nn.Module, path: str | os.PathLike, *, name: str | None =
                 writer.close()
             raise
     return {"path": str(Path(path)), "tensors": types, "exact": stats["inexact_weights"] == 0,
-            "tokenizer_fields": n_tok, **stats}
+            "tokenizer_fields": n_tok, "untouched": untouched, **stats}

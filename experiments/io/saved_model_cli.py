@@ -200,6 +200,7 @@ def _nonfinite_message(where: str, model, windows, ev: dict[str, Any]) -> str:
 
 
 EXPORT_FORMATS = ("gguf", "compressed-tensors")
+UNTOUCHED_TYPES = ("auto", "source", "f16", "f32")   # experiments.io.export_gguf.UNTOUCHED_TYPES (gguf imported lazily)
 
 
 def add_export_arguments(p: argparse.ArgumentParser) -> None:
@@ -209,6 +210,11 @@ def add_export_arguments(p: argparse.ArgumentParser) -> None:
                         "directory in the compressed-tensors pack-quantized format (vLLM, llm-compressor)")
     p.add_argument("--out", required=True, help="the .gguf file or the output directory (must not exist)")
     p.add_argument("--base", default=None, help="model spec of the base model (default: the one in the manifest)")
+    p.add_argument("--untouched-type", default="auto", choices=UNTOUCHED_TYPES,
+                   help="gguf: how the tensors the toolkit did not compress (token embedding, tied lm_head, norms) "
+                        "are written: auto (default: the source GGUF's own bytes where the model still holds "
+                        "them, else F16), source (the source GGUF's bytes, an error where they do not fit), "
+                        "f16 (norms stay F32), f32")
 
 
 def export_main(args: argparse.Namespace) -> int:
@@ -217,24 +223,29 @@ def export_main(args: argparse.Namespace) -> int:
     if out.exists():
         raise ValueError(f"--out {str(out)!r} already exists; choose another path")
     manifest = read_manifest(args.dir)
-    model = load_compressed(args.dir, base=args.base)
     base_spec = args.base or manifest["base_model"].get("spec")
     if args.format == "gguf":
         from experiments.io.export_gguf import export_gguf
-        tok = None
+        if out.suffix != ".gguf":
+            raise ValueError(f"--out {str(out)!r}: a GGUF export is one file ending in .gguf")
+        src = None   # the GGUF file the base model is loaded from: its tokenizer and untouched tensors
         if base_spec:
             from experiments.lm import models
             if base_spec == "default":
-                tok = models.default_gguf_path()
+                src = models.default_gguf_path()
             elif str(base_spec).endswith(".gguf"):
-                tok = Path(base_spec)
-        if out.suffix != ".gguf":
-            raise ValueError(f"--out {str(out)!r}: a GGUF export is one file ending in .gguf")
-        report = export_gguf(model, out, name=manifest.get("label"), tokenizer_from=tok)
+                src = Path(base_spec)
+        if args.untouched_type == "source" and src is None:
+            raise ValueError(f"--untouched-type source: the base model {base_spec!r} is not a GGUF file, so there "
+                             f"are no source tensors to pass through; use auto, f16 or f32")
+        model = load_compressed(args.dir, base=args.base)
+        report = export_gguf(model, out, name=manifest.get("label"), tokenizer_from=src, source=src,
+                             untouched=args.untouched_type)
         summary = {k: v for k, v in report.items() if k != "tensors"}
+        summary["file_bytes"] = out.stat().st_size
     else:
         from experiments.io.export_ct import export_compressed_tensors
-        summary = export_compressed_tensors(model, out)
+        summary = export_compressed_tensors(load_compressed(args.dir, base=args.base), out)
     print(json.dumps(summary, sort_keys=True), file=sys.stderr)
     print(out)
     return 0

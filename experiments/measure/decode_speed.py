@@ -1,7 +1,14 @@
 """End-to-end decode speed: greedy-decoding tokens/s of a model (:func:`decode_tokens_per_second`), and
-of the default model dense and compressed, each against dense in the same dtype on the same machine,
-upserted into ``<run>/decode_<device_type>.csv`` (:func:`run_decode`; one machine per table, as the
-layer table). The command line is :mod:`.latency` (``--decode``).
+of the default model dense and compressed, each against dense in the same dtype on the same machine
+(``speedup_vs_dense``) and against the fastest dense dtype measured in the same run
+(``speedup_vs_fastest_dense``, :func:`fastest_dense`), upserted into ``<run>/decode_<device_type>.csv``
+(:func:`run_decode`; one machine per table, as the layer table). The command line is :mod:`.latency`
+(``--decode``).
+
+Why two baselines: the fastest dense dtype depends on the machine. On the AMD EPYC development machines
+dense bf16 decodes faster than dense fp32; on an Intel Xeon with AMX dense fp32 decoded faster (29.0 vs
+24.5 tok/s, issue 25), so "x vs dense bf16" overstated what a format buys over the dense model a user
+would run there.
 """
 from __future__ import annotations
 
@@ -13,13 +20,15 @@ from typing import Callable, Iterable
 import torch
 
 from experiments.core import results
-from experiments.core.dtypes import DTYPE_NAMES
+from experiments.core.dtypes import DTYPE_NAMES, DTYPES
 from experiments.core.progress import progress_bar, status
 from experiments.core.provenance import provenance
 from experiments.core.runs import MEASURE_CONTEXT, run_root
 from experiments.measure.formats import canonical, format_of
 
 DECODE_KEY = ("device_type", "device", "label", "spec", "dtype", "new_tokens", "prompt")
+# The columns :func:`fastest_dense` adds; rows written before they existed have them empty.
+FASTEST_DENSE_COLUMNS = ("speedup_vs_fastest_dense", "fastest_dense_dtype", "fastest_dense_tokens_per_s")
 DEFAULT_PROMPT = "It is a truth universally acknowledged, that a single man in possession of a good fortune,"
 
 
@@ -108,11 +117,30 @@ def decode_tokens_per_second(model, tokenizer, *, prompt: str = DEFAULT_PROMPT, 
             "prompt": prompt, "timer": timer, "compiled": bool(compile), "compile_seconds": compile_s}
 
 
+def fastest_dense(dense_rows: Iterable[dict]) -> dict | None:
+    """The fastest of ``dense_rows`` (decode rows of the dense model in several dtypes, all measured in
+    the same run on the same machine: the caller's duty), or None without any."""
+    rows = [r for r in dense_rows if r is not None]
+    return max(rows, key=lambda r: float(r["tokens_per_s"])) if rows else None
+
+
+def versus_fastest_dense(row: dict, fastest: dict | None) -> dict:
+    """``row`` with :data:`FASTEST_DENSE_COLUMNS` against ``fastest`` (a dense row of the same run; None
+    leaves ``row`` as it is)."""
+    if fastest is None:
+        return row
+    best = float(fastest["tokens_per_s"])
+    return {**row, "speedup_vs_fastest_dense": float(row["tokens_per_s"]) / best,
+            "fastest_dense_dtype": fastest["dtype"], "fastest_dense_tokens_per_s": best}
+
+
 def record_decode(model, tokenizer, *, label: str, spec: dict | None = None, dense_tokens_per_s: float | None = None,
-                  out: str | Path | None = None, **kw) -> dict:
+                  fastest: dict | None = None, out: str | Path | None = None, **kw) -> dict:
     """Measure decode speed and upsert a row into ``out`` (default ``runs/local/decode_<device_type>.csv``).
 
-    ``dense_tokens_per_s`` (measured on the same machine in the same run) adds ``speedup_vs_dense``.
+    ``dense_tokens_per_s`` (measured on the same machine in the same run) adds ``speedup_vs_dense``;
+    ``fastest`` (the fastest dense row of the same run, :func:`fastest_dense`) adds
+    :data:`FASTEST_DENSE_COLUMNS`.
     """
     device = next(model.parameters()).device
     r = decode_tokens_per_second(model, tokenizer, label=f"decode {label}", **kw)
@@ -120,6 +148,7 @@ def record_decode(model, tokenizer, *, label: str, spec: dict | None = None, den
            "dtype": DTYPE_NAMES.get(next(model.parameters()).dtype, str(next(model.parameters()).dtype)), **r}
     if dense_tokens_per_s:
         row["speedup_vs_dense"] = r["tokens_per_s"] / dense_tokens_per_s
+    row = versus_fastest_dense(row, fastest)
     results.replace_rows(Path(out) if out else default_decode_out(device), [row], DECODE_KEY,
                          context=MEASURE_CONTEXT)
     return row
@@ -127,7 +156,8 @@ def record_decode(model, tokenizer, *, label: str, spec: dict | None = None, den
 
 def run_decode(specs: Iterable[dict], *, device: torch.device, new_tokens: int = 32,
                dtypes: Iterable[torch.dtype] = (torch.float32, torch.bfloat16), out: str | Path | None = None,
-               resume: bool = False, log: Callable[[str], None] = status, compile: bool = False) -> list[dict]:
+               resume: bool = False, log: Callable[[str], None] = status, compile: bool = False,
+               dense_measured: Iterable[dict] = ()) -> list[dict]:
     """Decode tokens/s of the default model, dense and compressed by each spec that needs no
     calibration data (RTN, magnitude, plain SVD: the decode speed depends on the format only, so the
     calibrated methods of the same format are left to the sweep runner). One row per model and dtype.
@@ -143,6 +173,13 @@ def run_decode(specs: Iterable[dict], *, device: torch.device, new_tokens: int =
     ``compile=True`` measures the models under ``torch.compile`` instead (static cache, fullgraph;
     see :func:`decode_tokens_per_second`): rows labelled ``"... compiled"``, each compressed one
     against the compiled dense model.
+
+    Every row measured here (dense ones too) also gets :data:`FASTEST_DENSE_COLUMNS`: its speed over the
+    fastest dense model among those measured *in this run* (this call, plus ``dense_measured``: dense
+    rows an earlier call of the same process returned, e.g. reproduce's fp32+bf16 call before its
+    bf16-only one), in the same mode (eager or compiled), with the same token count and prompt. Dense
+    rows taken from the table by ``resume`` were measured by another run and are never the baseline:
+    when every dense row was resumed, the columns stay empty (``speedup_vs_dense`` still uses them).
     """
     from experiments.methods.compress import compress_model, parse_spec
     from experiments.lm.models import load_model
@@ -191,6 +228,16 @@ def run_decode(specs: Iterable[dict], *, device: torch.device, new_tokens: int =
             log(f"[decode {device.type}] dense {name}{sfx}: {dense[dt]['tokens_per_s']:.1f} tok/s")
             rows.append(dense[dt])
         del model
+
+    def same_setting(r: dict) -> bool:
+        return (r.get("device") == prov["device"] and str(r.get("label", "")).startswith("dense ")
+                and str(r.get("label", "")).endswith(sfx) and str(r.get("compiled")) == str(compile)
+                and str(r.get("new_tokens")) == str(new_tokens) and r.get("prompt") == DEFAULT_PROMPT)
+    fastest = fastest_dense([r for r in [*dense_measured, *rows] if same_setting(r)])
+    if fastest is not None and rows:   # the dense rows of this run, now that all of them are measured
+        rows = [versus_fastest_dense(r, fastest) for r in rows]
+        dense.update({DTYPES[r["dtype"]]: r for r in rows})
+        results.replace_rows(out, rows, DECODE_KEY, context=MEASURE_CONTEXT)
     for parsed in todo_specs:
         left = [dt for dt in dtypes if done_row(f"{parsed.label()} {DTYPE_NAMES[dt]}{sfx}", parsed.to_dict(), dt) is None]
         if not left:
@@ -203,10 +250,12 @@ def run_decode(specs: Iterable[dict], *, device: torch.device, new_tokens: int =
             m.to(device=device, dtype=dt)
             name = DTYPE_NAMES[dt]
             row = record_decode(m, tok, label=f"{parsed.label()} {name}{sfx}", spec=parsed.to_dict(),
-                                new_tokens=new_tokens, dense_tokens_per_s=dense[dt]["tokens_per_s"], out=out,
-                                compile=compile)
+                                new_tokens=new_tokens, dense_tokens_per_s=dense[dt]["tokens_per_s"],
+                                fastest=fastest, out=out, compile=compile)
             log(f"[decode {device.type}] {parsed.label()} {name}{sfx}: {row['tokens_per_s']:.1f} tok/s "
-                f"(x{row['speedup_vs_dense']:.2f} vs dense {name}{sfx})")
+                f"(x{row['speedup_vs_dense']:.2f} vs dense {name}{sfx}"
+                + (f", x{row['speedup_vs_fastest_dense']:.2f} vs the fastest, dense {fastest['dtype']}{sfx})"
+                   if fastest is not None else ")"))
             rows.append(row)
         del m
     return rows

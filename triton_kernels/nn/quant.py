@@ -100,6 +100,11 @@ Backends (``backend=`` at construction, the ``backend`` attribute, or ``forward(
      timing off and takes the first of torch_int4, torch_int8, torch_int4x2, dequant that applies). Prepacked copies of losing candidates are
      dropped after the timing. Dequantize-per-call is never timed against them: it unpacks the whole
      weight per call (~1 s at 4096x4096), an O(N*K) pass the weight-only ops do fused.
+     The dense copy is taken only with that opt-in (it costs dense memory). At M > 1 it is the fast
+     path: on Intel Xeons with AMX dense bf16 is 3-6x faster than every weight-only op (4096x4096,
+     M=16, 2 threads: dense bf16 1.08 ms, torch_int4 3.04, torch_int8 3.20, torch_int4x2 6.10; issue
+     25, 2026-12-07), and on the AMD EPYC reference it wins at M=16 too (docs/cpu.md, "The opt-in
+     dense cache"). So for prefill or batched use on CPU pass ``cache_dequantized=True``.
   3. otherwise ``dequant``. In particular fp32 activations on CPU go to ``dequant``: the torch
      weight-only ops are 30-125x slower with fp32 activations, and casting fp32 inputs to bf16 behind
      the caller's back would change the numerics (the harness measures perplexity in fp32 through
