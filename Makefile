@@ -20,14 +20,14 @@ TRITON_NEWEST ?= 3.9.0
 KERNEL_TESTS := tests/test_dequant_matmul.py tests/test_sparse_matmul.py tests/test_lowrank_linear.py \
                 tests/test_gguf_import.py tests/test_quant_linear.py tests/test_sparse_linear.py \
                 tests/test_cpu_strided_inputs.py tests/test_launch_without_gpu.py tests/test_triton_versions.py \
-                tests/test_codebook_matmul.py tests/test_codebook_linear.py
+                tests/test_codebook_matmul.py tests/test_codebook_linear.py tests/test_tuned_configs.py
 # Where tests and CI write: ignored paths only (the committed results/ are written by the targets
 # that say so: reproduce, compile-check, bench).
 BUILD  := build
 
 TORCH_INSTALL = pip install -q torch==$(TORCH) $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX),)
 
-.PHONY: test test-triton-range test-triton-oldest check-install reproduce promote env compile-check bench gpu-check lab clean-venv
+.PHONY: test test-triton-range test-triton-oldest check-install reproduce promote env compile-check bench gpu-check gpu-report lab clean-venv
 
 env: $(STAMP)
 
@@ -95,7 +95,9 @@ reproduce: $(STAMP)
 promote: $(STAMP)
 	$(PY) -m experiments promote $(if $(QUICK),--quick,) $(if $(RUN),--run $(RUN),)
 
-# On a machine with a CUDA GPU: compiled-kernel correctness + benchmarks vs cuBLAS -> results/gpu/*.csv.
+# On a machine with a CUDA GPU, in one time-boxed call (default 420 s; GPU_ARGS="--dry-run" prints the
+# plan anywhere): kernel correctness, 4-bit decode speed, the harness end to end, then the sweeps
+# -> results/gpu/*.csv and results/gpu/configs/<gpu>.json (tuned configs: copy to triton_kernels/nn/configs/).
 # Installs nothing (the lent GPU machine has torch + triton and no network): the venv's python when
 # there is one, else python3. GemLite columns appear when `gemlite` is importable.
 GPU_PY  ?= $(if $(wildcard $(PY)),$(PY),python3)
@@ -103,6 +105,11 @@ GPU_OUT ?= results/gpu
 GPU_ARGS ?=
 gpu-check:
 	$(GPU_PY) -m benchmarks.gpu_check --out-dir $(GPU_OUT) $(GPU_ARGS)
+
+# After gpu-check, here: the GPU figures into results/figures/ and the generated GPU sections of README/docs.
+gpu-report: $(STAMP)
+	$(PY) -m experiments gpu-figures
+	$(PY) -m experiments summary --write-docs
 
 # JupyterLab on notebooks/, kernel = this venv's Python (the "python3" kernel of the server's env),
 # on 127.0.0.1 only; as root (containers) Jupyter refuses to start without allow_root.

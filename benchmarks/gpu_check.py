@@ -1,9 +1,11 @@
-"""Everything measured on a real GPU in one command: compiled-kernel correctness, then benchmarks.
+"""Everything a lent GPU should answer, in one time-boxed call, what matters most first.
 
     make gpu-check                    # = python -m benchmarks.gpu_check --out-dir results/gpu
-    python -m benchmarks.gpu_check [--budget-s 420] [--workers 12] [--out-dir DIR] [--only correctness,dequant,...]
+    python -m benchmarks.gpu_check --dry-run [--budget-s 420]       # the plan, on any machine
+    python -m benchmarks.gpu_check [--budget-s 420] [--workers 12] [--out-dir DIR] [--only decode4,harness,...]
 
-Sections, in order (each writes its CSV as soon as it finishes, so a run cut short keeps what it measured):
+Sections, in priority order (what matters most if the time runs out comes first; each writes its CSV as
+it goes, so a call cut short keeps what it measured):
 
 1. ``correctness``: every kernel compiled for this GPU (not the interpreter) against its pure-torch
    ``*_reference``: dequant-matmul at every bit width 1-8 x group sizes x sym/asym x fp16/bf16/fp32,
@@ -14,47 +16,58 @@ Sections, in order (each writes its CSV as soon as it finishes, so a run cut sho
    rounding bound of a dot product: ``|y - ref| <= atol + rtol * (|x| @ |W|^T + |bias|)`` with
    ``rtol = c * u + K * 2^-24`` (u = the activation dtype's unit roundoff). The cases run in a pool of
    worker processes so that Triton's compiles (one per autotune config) overlap.
-2. ``bandwidth``: device-to-device copy GB/s, the yardstick for "% of bandwidth".
-3. ``dequant``: ``dequant_matmul`` against torch fp16/bf16 ``F.linear`` (cuBLAS) at LLM shapes and
-   M in {1, 4, 16, 64, 128, 512, 2048}; achieved GB/s (weight storage + activations + output) and %
-   of the copy bandwidth measured in this run. GemLite / torchao columns when importable.
-4. ``sparse_lowrank``: block 90%, 2:4, unstructured 50%, activation 50% and low rank r in
+2. ``bandwidth``: device-to-device copy GB/s, the yardstick for "% of copy bandwidth".
+3. ``decode4``: 4-bit g128 ``dequant_matmul`` at M=1 against cuBLAS fp16/bf16 ``F.linear``, with the
+   achieved GB/s (weight storage + activations + output) as % of the copy bandwidth, on the large shapes
+   and the default model's four (``LARGE_SHAPES``, ``MODEL_SHAPES``).
+4. ``harness``: the harness's CUDA paths end to end (``run_harness``): compression on the GPU (GPTQ 4-bit
+   g128, SparseGPT 2:4, SqueezeLLM 4-bit, whitened SVD) of a model of the default model's architecture with
+   random weights, perplexity through the Triton modules against their reference path, ``latency --quick``.
+5. ``sweep`` / 6. ``large``: bits 2/3/4/8 (g128) x M in {1, 2, 4, 8, 16, 32, 64, 128, 2048} on 28672x8192
+   (the speedup-vs-batch figure), then on the other large shapes.
+7. ``gemlite``: GemLite's layer on the same 4-bit codes beside ours (only where ``gemlite`` is importable).
+8. ``codebook``: ``codebook_matmul`` (a shared NF4-style table with g128 scales, and per-row
+   SqueezeLLM-style tables with per-channel scales) against ``dequant_matmul`` at the same bits and
+   group size and against cuBLAS fp16, M in {1, 16, 2048}; ``time_vs_uniform`` is the codebook kernel's
+   time over the uniform kernel's (goal: <= 1.1); at 4 bits also the ``load`` lookup forced.
+9. ``sparse_lowrank``: block 90%, 2:4, unstructured 50%, activation 50% and low rank r in
    {32, 64, 128, 256} (fused vs two GEMMs vs two cuBLAS matmuls) against dense fp16.
-5. ``codebook``: ``codebook_matmul`` (lookup-table weights: a shared NF4-style table with g128 scales,
-   and per-row SqueezeLLM-style tables with per-channel scales) against ``dequant_matmul`` at the same
-   bits and group size (g128 asym) and against cuBLAS fp16, M in {1, 16, 2048}; the column
-   ``time_vs_uniform`` is the codebook kernel's time over the uniform kernel's (goal: <= 1.1); at 4 bits
-   also with the ``load`` lookup forced, to choose between lookups by measurement.
-6. ``compile``: ``torch.compile(fullgraph=True)`` (Inductor) of a stack of QuantLinear (3 and 4 bits),
-   CodebookLinear, SparseLinear (block, 2:4) and LowRankLinear layers on the GPU, through the kernels'
-   custom operators (``triton_kernels.nn._ops``): compiled output equal to eager, number of graphs,
-   and eager vs compiled (and CUDA-graph ``reduce-overhead``) time per forward at M=1.
-7. ``decode``: end-to-end greedy decoding (``experiments.measure.decode_speed.decode_tokens_per_second``, 32 new
-   tokens) of a model with the default model's architecture (SmolLM2-135M: 30 Llama blocks, 576 wide;
-   random weights, since the GGUF cannot be carried to the GPU machine and decode speed depends on the
-   shapes only), fp16, dense vs RTN 4-bit g128, 3-bit g128 and magnitude 2:4 through the Triton
-   backends: eager for each, then ``torch.compile`` (static KV cache, Inductor) of dense and 4-bit while
-   the budget lasts. A 135M model is launch-bound on a large GPU: the eager rows show the per-layer
-   launch cost, the compiled ones what is left once it is fused away.
+10. ``compile``: ``torch.compile(fullgraph=True)`` (Inductor) of a stack of every compressed layer on the
+    GPU through the kernels' custom operators: output equal to eager, graphs, eager vs compiled vs CUDA
+    graphs (``reduce-overhead``) per forward at M=1.
+11. ``decode``: greedy decoding (32 new tokens) of the default model's architecture (30 Llama blocks, 576
+    wide, random weights: the GGUF is not on the GPU machine, and decode speed depends on the shapes only),
+    fp16, dense vs RTN 4-bit g128, 3-bit g128 and magnitude 2:4 through the Triton backends, eager, then
+    ``torch.compile`` of dense and 4-bit. A 135M model is launch-bound on a large GPU.
 
-Timings: ``triton.testing.do_bench`` (median, p20, p80; it flushes L2 between calls). The whole run
-is time-boxed (``--budget-s``): a section that would start after the budget is skipped and recorded
-as skipped in ``summary.csv``, never silently. Results: ``<out-dir>/*.csv`` with provenance columns
-(GPU name, driver, torch, triton, CUDA, commit). The last thing printed is a short summary table.
+The budget (``--budget-s``, default 420 s): before a section starts, its estimate (``Section.estimate``:
+from the one GPU run so far where the section ran there, else a guess, said so in the plan) is compared
+with what is left; one that would not fit is skipped and recorded as ``SKIPPED (estimate ...)`` in
+``summary.csv``, never silently. A running section is cut at 1.5x its estimate (points past it recorded
+as skipped), and ``GRACE_S`` past the budget a watchdog writes the summary and ends the process.
+``--dry-run`` prints the plan (no GPU needed).
 
-On a CPU (no GPU) ``--device cpu`` runs only the correctness and compile parts under
+Results: ``<out-dir>/<section>.csv`` with provenance columns (GPU name, driver, torch, triton, CUDA,
+commit, ``kernel_revision``), ``summary.csv``, ``latency_cuda.csv`` (the harness), and
+``configs/<gpu>.json``: the autotuner's choice per dequant call key (``triton_kernels.nn.tuned``; copy
+it to ``triton_kernels/nn/configs/`` and commit it). Timings: ``triton.testing.do_bench`` (median, p20,
+p80; it flushes L2 between calls).
+
+On a CPU (no GPU) ``--device cpu`` runs the correctness, harness, compile and decode sections under
 ``TRITON_INTERPRET=1`` at small shapes (compile with the ``aot_eager`` backend): that is how the
-plumbing is tested; it measures nothing.
+plumbing is tested (``tests/test_gpu_check.py``); it measures nothing.
 """
 from __future__ import annotations
 
 import argparse
 import concurrent.futures as cf
+import contextlib
 import datetime as _dt
 import math
 import multiprocessing as mp
 import os
 import platform
+import re
 import subprocess
 import sys
 import time
@@ -67,6 +80,7 @@ import torch.nn.functional as F
 
 from experiments.core.provenance import git_commit, package_version
 from experiments.core.results import write_rows as write_csv
+from triton_kernels.provenance import KERNEL_REVISION
 
 SECTIONS = ("correctness", "bandwidth", "dequant", "sparse_lowrank", "codebook", "compile", "decode")
 UNIT_ROUNDOFF = {torch.float16: 2.0 ** -11, torch.bfloat16: 2.0 ** -8, torch.float32: 2.0 ** -24}
@@ -91,7 +105,7 @@ def provenance(device: torch.device) -> dict:
         "device": gpu, "device_type": device.type,
         "driver": _driver() if device.type == "cuda" else "",
         "cuda": torch.version.cuda or "", "torch": torch.__version__, "triton": package_version("triton"),
-        "python": platform.python_version(), "git_commit": git_commit(),
+        "python": platform.python_version(), "git_commit": git_commit(), "kernel_revision": KERNEL_REVISION,
         "timestamp": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }
 
@@ -392,9 +406,13 @@ def run_bandwidth(device) -> list[dict]:
     return [{"bench": "copy", "bytes_moved": 2 * n * 2, **t, "gbps": round(gbps, 1)}]
 
 
-DEQUANT_SHAPES = [(28672, 8192), (8192, 28672), (8192, 8192), (4096, 4096)]  # (N, K), headline first
-DEQUANT_FORMATS = [(4, 128), (3, 128), (2, 128), (8, 128), (4, 32)]  # (bits, group size), asym
-M_VALUES = [1, 4, 16, 64, 128, 512, 2048]
+LARGE_SHAPES = [(28672, 8192), (8192, 28672), (8192, 8192)]  # (N, K), the Marlin figure's shape first
+# The default model's (SmolLM2-135M) linears: q/o, k/v, gate/up, down. K = 576 is not a multiple of 128:
+# its last group of 128 is partial (64 columns).
+MODEL_SHAPES = [(576, 576), (192, 576), (1536, 576), (576, 1536)]
+SWEEP_BITS = (2, 3, 4, 8)
+SWEEP_M = (1, 2, 4, 8, 16, 32, 64, 128, 2048)
+GEMLITE_M = (1, 16, 128, 2048)
 
 
 def _optional_gemlite():
@@ -405,54 +423,63 @@ def _optional_gemlite():
         return None
 
 
-def run_dequant(device, copy_gbps, deadline, save) -> list[dict]:
+def run_dequant(device, copy_gbps, deadline, save, *, shapes, bits_list=(4,), group_size=128, m_values=(1,),
+                gemlite=None, tuned_table=None, bench=None, clock=time.monotonic) -> list[dict]:
+    """``dequant_matmul`` (asym, ``group_size``) at each bit width against cuBLAS fp16/bf16 ``F.linear``, per
+    shape and M: one row per (shape, M, variant) with the time, GB/s moved, % of the copy bandwidth and
+    the speedups. ``gemlite``: the GemLite module, to time its layer on the same 4-bit codes beside ours.
+    ``tuned_table``: a ``triton_kernels.nn.tuned.TunedConfigs`` that gets the config the autotuner chose
+    for each call. ``bench`` (tests only) replaces ``_bench``. Weights: random, RTN-quantized."""
     from triton_kernels import dequant_matmul as dq
+    from triton_kernels.nn import tuned
+    bench = bench or _bench
     rows = []
-    gemlite = _optional_gemlite()
-    print(f"[dequant] GemLite: {'version ' + package_version('gemlite') if gemlite else 'not importable (no column)'}",
-          flush=True)
     gen = torch.Generator(device=device).manual_seed(0)
-    for N, K in DEQUANT_SHAPES:
+    for N, K in shapes:
         w = torch.randn(N, K, generator=gen, device=device) / K ** 0.5
         dense = {dt: w.to(dt) for dt in (torch.float16, torch.bfloat16)}
         formats, gemlite_layers = {}, {}
-        for bits, gs in DEQUANT_FORMATS:
-            q, s, z = dq.quantize_rtn(w, bits=bits, group_size=gs, symmetric=False)
+        for bits in bits_list:
+            q, s, z = dq.quantize_rtn(w, bits=bits, group_size=group_size, symmetric=False)
             s, z = s.to(torch.float16), z.to(torch.float16)
-            formats[(bits, gs)] = (dq.pack(q, bits), s, z)
-            if gemlite is not None and (bits, gs) == (4, 128):  # GemLite autotunes per M: one format
-                gemlite_layers[(bits, gs)] = _gemlite_layer(gemlite, q, s, z, bits, gs)
+            formats[bits] = (dq.pack(q, bits), s, z)
+            if gemlite is not None and bits == 4:  # GemLite autotunes per M: one format
+                gemlite_layers[bits] = _gemlite_layer(gemlite, q, s, z, bits, group_size)
             del q
         del w
-        for M in M_VALUES:
-            if time.monotonic() > deadline:
-                rows.append({"shape": f"{N}x{K}", "M": M, "variant": "all", "status": "SKIPPED (time budget)"})
+        for M in m_values:
+            if clock() > deadline:
+                rows.append({"shape": f"{N}x{K}", "N": N, "K": K, "M": M, "variant": "all",
+                             "status": "SKIPPED (time budget)"})
                 continue
             x = torch.randn(M, K, device=device, dtype=torch.float16)
             base = {}
             for dt, wd in dense.items():
                 xd = x.to(dt)
-                t = _bench(lambda: F.linear(xd, wd))
+                t = bench(lambda: F.linear(xd, wd))
                 base[DNAME[dt]] = t["median_ms"]
                 rows.append(_dq_row(N, K, M, f"dense_{DNAME[dt]}", "cuBLAS F.linear", t, N * K * 2, x, copy_gbps))
-            for (bits, gs), (packed, s, z) in formats.items():
-                if M > 128 and (bits, gs) not in ((4, 128), (3, 128)):
-                    continue  # prefill: two formats are enough to see the tiled kernel
-                kw = dict(bits=bits, group_size=gs, symmetric=False)
+            for bits, (packed, s, z) in formats.items():
+                kw = dict(bits=bits, group_size=group_size, symmetric=False)
                 fn = lambda: dq.dequant_matmul(x, packed, s, z, **kw)  # noqa: E731
                 fn()  # autotune outside the timing
-                t = _bench(fn)
+                if tuned_table is not None:
+                    tuned.note_dequant(M, N, K, **kw, dtype=x.dtype, param_dtype=s.dtype, device=x.device,
+                                       table=tuned_table)
+                t = bench(fn)
                 wbytes = packed.numel() * 4 + s.numel() * 2 + z.numel() * 2
-                r = _dq_row(N, K, M, f"int{bits}_g{gs}_asym", "triton dequant_matmul", t, wbytes, x, copy_gbps)
-                r.update(bits=bits, group_size=gs)
+                g = "pc" if group_size == -1 else f"g{group_size}"
+                r = _dq_row(N, K, M, f"int{bits}_{g}_asym", "triton dequant_matmul", t, wbytes, x, copy_gbps)
+                r.update(bits=bits, group_size=group_size, kernel_variant=dq.launch_plan(M, N, x.dtype, x.device)[0])
                 for name, ms in base.items():
                     r[f"speedup_vs_{name}"] = round(ms / t["median_ms"], 3)
+                r["ideal_speedup_vs_fp16"] = round(N * K * 2 / wbytes, 3)
                 rows.append(r)
-                gl = gemlite_layers.get((bits, gs))
-                if gl is not None and deadline - time.monotonic() > 60:
-                    r.update(_gemlite_timing(gl, x, t["median_ms"], fn))
+                gl = gemlite_layers.get(bits)
+                if gl is not None:
+                    r.update(_gemlite_timing(gl, x, t["median_ms"], fn, bench))
                 save(rows)
-                print(f"[dequant] {N}x{K} M={M:<5d} int{bits} g{gs}: {t['median_ms']:.4f} ms  "
+                print(f"[dequant] {N}x{K} M={M:<5d} int{bits} {g}: {t['median_ms']:.4f} ms  "
                       f"x{r['speedup_vs_fp16']:.2f} vs fp16  {r['pct_copy_bw']}% of copy BW"
                       + (f"  gemlite {r.get('gemlite_ms', r.get('gemlite_error', ''))}" if gl is not None else ""),
                       flush=True)
@@ -471,14 +498,15 @@ def _gemlite_layer(gemlite, q, s, z, bits, gs):
         return f"{type(e).__name__}: {e}"[:200]
 
 
-def _gemlite_timing(layer, x, ours_ms, ours_fn) -> dict:
+def _gemlite_timing(layer, x, ours_ms, ours_fn, bench=None) -> dict:
+    bench = bench or _bench
     if isinstance(layer, str):
         return {"gemlite_error": layer}
     try:
         y = layer(x)
         ref = ours_fn().float()
         err = ((y.float() - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item()
-        t = _bench(lambda: layer(x))
+        t = bench(lambda: layer(x))
         return {"gemlite_ms": t["median_ms"], "gemlite_p20_ms": t["p20_ms"], "gemlite_p80_ms": t["p80_ms"],
                 "speedup_vs_gemlite": round(t["median_ms"] / ours_ms, 3), "gemlite_rel_err_vs_ours": f"{err:.2e}"}
     except Exception as e:  # noqa: BLE001
@@ -769,95 +797,528 @@ def run_decode(device: torch.device, deadline: float) -> list[dict]:
     return rows
 
 
-def main(argv=None) -> int:
+# ----------------------------------------------------------------------------------------------
+# The harness on the device, end to end
+# ----------------------------------------------------------------------------------------------
+# One point per compression family the harness's CUDA paths need: GPTQ 4-bit g128 (QuantLinear),
+# SparseGPT 2:4 (SparseLinear, N:M kernel), SqueezeLLM 4-bit (CodebookLinear, per-row tables) and
+# activation-aware SVD (LowRankLinear); all but the last need calibration statistics, gathered on the device.
+HARNESS_SPECS = ({"method": "gptq", "bits": 4, "group_size": 128, "symmetric": False},
+                 {"method": "sparsegpt", "pattern": "2:4"},
+                 {"method": "squeezellm", "bits": 4},
+                 {"method": "whitened_svd", "ratio": 0.5})
+HARNESS_LAYERS = 4  # the default model's blocks, fewer of them: the kernels see the same shapes
+HARNESS_RTOL = 1e-3  # |ppl(Triton modules) - ppl(reference path)| / ppl(reference path)
+# Each module's reference path: plain torch on the same stored weights (the modules' docstrings).
+REFERENCE_BACKENDS = {"QuantLinear": "dequant", "CodebookLinear": "dequant", "LowRankLinear": "two_matmul",
+                      "SparseLinear": "dense"}
+
+
+def use_backends(model: torch.nn.Module, path: str) -> None:
+    """Put every compressed module of ``model`` on its Triton path (``path="triton"``) or its plain-torch
+    reference path (``"reference"``, :data:`REFERENCE_BACKENDS`). A SparseLinear holds its backend's storage,
+    so for the reference it is rebuilt with the same effective weight and mask on the ``dense`` backend."""
+    from torch import nn
+
+    from triton_kernels.nn import SparseLinear
+    if path not in ("triton", "reference"):
+        raise ValueError(f"path must be 'triton' or 'reference', got {path!r}")
+    for name, mod in list(model.named_modules()):
+        kind = type(mod).__name__
+        if kind not in REFERENCE_BACKENDS:
+            continue
+        want = "triton" if path == "triton" else REFERENCE_BACKENDS[kind]
+        if kind != "SparseLinear":
+            mod.backend = want
+        elif mod.backend != want:
+            if want == "triton":
+                raise ValueError(f"{name}: a SparseLinear built for backend {mod.backend!r} cannot be switched "
+                                 f"to 'triton' here; evaluate the Triton path first")
+            w = mod.dense_weight().detach()
+            lin = nn.Linear(mod.in_features, mod.out_features, bias=mod.bias is not None,
+                            device=w.device, dtype=w.dtype)
+            with torch.no_grad():
+                lin.weight.copy_(w)
+                if mod.bias is not None:
+                    lin.bias.copy_(mod.bias)
+            kw = ({"threshold": mod.threshold} if mod.threshold is not None else
+                  {"sparsity": mod.activation_sparsity}) if mod.pattern == "activation" else {"mask": w != 0}
+            new = SparseLinear.from_linear(lin, mod.pattern, block=mod.block, n=mod.n, m=mod.m, tile=mod.tile,
+                                           backend="dense", **kw)
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, child, new)
+
+
+# Random weights of std 0.1, not transformers' 0.02: at 0.02 the logits are nearly uniform (perplexity
+# ~ the vocabulary) and compressing moves the perplexity by about the tolerance, so a wrong kernel could
+# hide; at 0.1, RTN 4-bit g32 moved it by 5% on the tiny CPU model and 31% on 2 blocks of the default
+# model's architecture (0.2% and 2% at 0.02; 16 random tokens, CPU, this repository's compress_model).
+HARNESS_INIT_STD = 0.1
+
+
+def harness_config(device_type: str) -> dict:
+    """The LlamaConfig of the harness section's model: the default model's sizes (``HARNESS_LAYERS`` blocks)
+    on a GPU, the tiny rehearsal model on CPU; weights of std ``HARNESS_INIT_STD``."""
+    base = dict(DECODE_CONFIG, num_hidden_layers=HARNESS_LAYERS) if device_type == "cuda" else HARNESS_CONFIG_CPU
+    return dict(base, initializer_range=HARNESS_INIT_STD)
+
+
+# On CPU (plumbing only): smaller still than the decode section's, since fp32 activations take the decode
+# kernel under the interpreter at every M (a program per 16 rows x 16 columns x K split).
+HARNESS_CONFIG_CPU = dict(DECODE_CONFIG_CPU, hidden_size=32, intermediate_size=64, num_attention_heads=2,
+                          num_key_value_heads=1)
+
+
+def run_harness(device: torch.device, deadline: float, out_dir: Path, *, specs=HARNESS_SPECS, config=None,
+                latency: bool = True, clock=time.monotonic) -> list[dict]:
+    """The harness end to end on ``device``: each point of ``specs`` compresses a model of the default
+    model's architecture (random weights; calibration and evaluation on random tokens) on the device
+    (``experiments.methods.compress.compress_model``), then its perplexity through the Triton modules is
+    checked against the same compressed model on the modules' reference path (relative difference <=
+    ``HARNESS_RTOL``); then the latency table's quick path (``run_latency`` with ``--quick``'s formats and M
+    at the model's own shapes, into ``<out_dir>/latency_<device>.csv``). A row per point (and one for the
+    latency); ``ppl_rel_vs_dense`` shows how far the compression itself moved the perplexity, i.e. how
+    much larger than the tolerance an error of the modules would have to hide behind."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from experiments.lm.evaluate import perplexity
+    from experiments.methods.compress import compress_model, module_backends, parse_spec
+    from triton_kernels.nn import autotune
+    cpu = device.type == "cpu"
+    cfg = LlamaConfig(**(config or harness_config(device.type)))
+    n_win, seqlen, n_cal = (1, 16, 2) if cpu else (4, 256, 8)
+    gen = torch.Generator().manual_seed(0)
+    windows = torch.randint(0, cfg.vocab_size, (n_win, seqlen), generator=gen)
+    calib = torch.randint(0, cfg.vocab_size, (n_cal, seqlen), generator=gen).to(device)
+    rows = []
+    torch.manual_seed(0)
+    dense = LlamaForCausalLM(cfg).eval().to(device)
+    dense_ppl = perplexity(dense, windows, progress=False)["ppl"]
+    state = {k: v.clone() for k, v in dense.state_dict().items()}
+    del dense
+    # the tiny CPU model's layers are 32 wide: groups of 32 there
+    specs = [s if not cpu or "group_size" not in s else {**s, "group_size": 32} for s in specs]
+    for spec in specs:
+        label = parse_spec(spec).label()
+        row = {"label": label, "method": spec["method"], "model": _model_name(cfg, cpu), "dtype": "fp32",
+               "windows": f"{n_win}x{seqlen} random tokens", "ppl_dense": dense_ppl}
+        if clock() > deadline:
+            rows.append({**row, "status": "SKIPPED (time budget)"})
+            continue
+        try:
+            t0 = time.perf_counter()
+            model = LlamaForCausalLM(cfg).eval()
+            model.load_state_dict(state)
+            model.to(device)
+            with autotune(False):  # as the harness measures accuracy: no backend chosen by timing
+                compress_model(model, parse_spec(spec), calib, progress=False)
+                row["compress_s"] = round(time.perf_counter() - t0, 2)
+                use_backends(model, "triton")
+                ppl_t = perplexity(model, windows, progress=False)["ppl"]
+                logits_t = _logits(model, windows[:1], device)
+                row["triton_backends"] = module_backends(model)
+                use_backends(model, "reference")
+                ppl_r = perplexity(model, windows, progress=False)["ppl"]
+                logits_r = _logits(model, windows[:1], device)
+                row["reference_backends"] = module_backends(model)
+            rel = abs(ppl_t - ppl_r) / ppl_r
+            # the logits of one window too: max |difference| over max |logit| (perplexity averages errors)
+            lrel = float((logits_t - logits_r).abs().max() / logits_r.abs().max())
+            on_triton = all(b.endswith(":triton") for b in row["triton_backends"].split(","))
+            ok = math.isfinite(rel) and rel <= HARNESS_RTOL and lrel <= HARNESS_RTOL
+            row.update(ppl_triton=ppl_t, ppl_reference=ppl_r, ppl_rel_diff=float(f"{rel:.3e}"),
+                       logits_rel_diff=float(f"{lrel:.3e}"),
+                       ppl_rel_vs_dense=float(f"{abs(ppl_r - dense_ppl) / dense_ppl:.3e}"), rtol=HARNESS_RTOL,
+                       status="ok" if ok and on_triton else
+                       ("FAIL (not every module ran Triton)" if not on_triton else "FAIL"))
+            del model
+        except Exception as e:  # noqa: BLE001 - a row per failure, the section goes on
+            traceback.print_exc()
+            row["status"] = f"ERROR {type(e).__name__}: {e}"[:300]
+        rows.append(row)
+        print(f"[harness] {label}: " + (f"ppl Triton {row['ppl_triton']:.6g} vs reference {row['ppl_reference']:.6g} "
+                                        f"(rel {row['ppl_rel_diff']:.1e}) {row['status']}"
+                                        if "ppl_triton" in row else row["status"]), flush=True)
+    if latency:
+        rows.append(_harness_latency(device, cfg, out_dir, deadline, clock))
+    return rows
+
+
+def _logits(model, ids, device) -> torch.Tensor:
+    with torch.inference_mode():
+        return model(input_ids=ids.to(device), use_cache=False).logits.double().cpu()
+
+
+def _model_name(cfg, cpu: bool) -> str:
+    return ("tiny Llama (plumbing)" if cpu else
+            f"SmolLM2-135M architecture, {cfg.num_hidden_layers} blocks, random weights (std {cfg.initializer_range})")
+
+
+def _harness_latency(device, cfg, out_dir: Path, deadline: float, clock) -> dict:
+    """``latency --quick`` on ``device``: its formats and M at the shapes of ``cfg``'s model (the GGUF
+    that ``latency`` reads them from is not on a GPU machine)."""
+    from transformers import LlamaForCausalLM
+
+    from experiments.measure.layer_latency import QUICK_M, QUICK_SPECS, model_layer_shapes, run_latency
+    out = Path(out_dir) / f"latency_{device.type}.csv"
+    row = {"label": "latency --quick", "method": "latency", "model": _model_name(cfg, device.type == "cpu")}
+    if clock() > deadline:
+        return {**row, "status": "SKIPPED (time budget)"}
+    try:
+        with torch.device("meta"):
+            shapes = model_layer_shapes(LlamaForCausalLM(cfg))
+        cpu = device.type == "cpu"
+        lat = run_latency(list(QUICK_SPECS), shapes, (1,) if cpu else QUICK_M, device=device,
+                          min_run_time=0.01 if cpu else 0.05, out=out, log=lambda m: print(m, flush=True))
+        bad = [r for r in lat if r.get("status") != "ok"]
+        row.update(status="ok" if lat and not bad else f"FAIL ({len(bad)} of {len(lat)} rows not ok)",
+                   latency_rows=len(lat), latency_csv=out.name)
+    except Exception as e:  # noqa: BLE001
+        traceback.print_exc()
+        row["status"] = f"ERROR {type(e).__name__}: {e}"[:300]
+    print(f"[harness] latency --quick: {row['status']}", flush=True)
+    return row
+
+
+# ----------------------------------------------------------------------------------------------
+# Sections, their time estimates and the budget
+# ----------------------------------------------------------------------------------------------
+DEFAULT_BUDGET_S = 420.0  # 7 min: one call on a lent 15-minute GPU, its start and the copy back included
+DEFAULT_GPU_WORKERS = 12  # correctness worker processes on a GPU machine (the lent one has 16 CPUs)
+GRACE_S = 45.0  # past the budget by this much, the watchdog writes the summary and ends the process
+# Cost units from the one GPU run so far (NVIDIA H200, 2026-11-30, results/gpu/summary.csv): correctness
+# 374 cases in 136 s with 12 workers; dequant 148 timed rows in 167 s (autotuning and compiles included).
+CASE_WORKER_S = 136.0 * 12 / 374
+BENCH_ROW_S = 167.2 / 148
+# Sections that have never run on a GPU: guesses, said so in the plan.
+GUESS_S = {"harness": 90.0, "compile": 60.0, "decode": 120.0, "gemlite_autotune": 60.0}
+# On CPU (the interpreter rehearsal): guesses for the 2-core development machine.
+CPU_GUESS_S = {"correctness": 60.0, "harness": 60.0, "compile": 30.0, "decode": 30.0}
+
+
+class Ctx:
+    """What the sections share in one call: the device, where to write, the clock and deadline, state
+    (the copy bandwidth, the tuned-config table) and ``save(rows)`` (that section's CSV, written now)."""
+
+    def __init__(self, device, out_dir, prov, workers, clock=time.monotonic):
+        self.device, self.out_dir, self.prov, self.workers, self.clock = device, Path(out_dir), prov, workers, clock
+        self.copy_gbps = None
+        self.deadline = float("inf")
+        self.gemlite = None
+        self.tuned = None  # TunedConfigs of this GPU, filled by the dequant and decode sections
+        self.save = lambda rows: None
+
+    def save_tuned(self) -> None:
+        """The configs chosen so far, into ``<out_dir>/configs/<gpu>.json`` (triton_kernels.nn.tuned)."""
+        if self.tuned is not None and len(self.tuned):
+            path = self.tuned.save(self.out_dir / "configs")
+            print(f"[tuned] {len(self.tuned)} configs -> {path}", flush=True)
+
+
+def _dequant_section(shapes, bits_list, m_values, gemlite=False):
+    def run(ctx):
+        rows = run_dequant(ctx.device, ctx.copy_gbps, ctx.deadline, ctx.save, shapes=shapes, bits_list=bits_list,
+                           m_values=m_values, gemlite=ctx.gemlite if gemlite else None, tuned_table=ctx.tuned,
+                           clock=ctx.clock)
+        ctx.save_tuned()
+        return rows, _dequant_headline(rows)
+    return run
+
+
+def _run_correctness(ctx):
+    rows = run_correctness(ctx.device, ctx.workers, ctx.deadline)
+    return rows, f"{sum(r['status'] == 'ok' for r in rows)}/{len(rows)} ok"
+
+
+def _run_bandwidth(ctx):
+    rows = run_bandwidth(ctx.device)
+    ctx.copy_gbps = rows[0]["gbps"]
+    return rows, f"copy {ctx.copy_gbps} GB/s"
+
+
+def _run_harness(ctx):
+    rows = run_harness(ctx.device, ctx.deadline, ctx.out_dir, clock=ctx.clock)
+    ok = sum(r["status"] == "ok" for r in rows)
+    bad = [r["label"] for r in rows if r["status"] != "ok"]
+    return rows, f"{ok}/{len(rows)} ok" + (f" (not ok: {', '.join(bad)})" if bad else "")
+
+
+def _run_codebook(ctx):
+    rows = run_codebook(ctx.device, ctx.copy_gbps, ctx.deadline, ctx.save)
+    return rows, _codebook_headline(rows)
+
+
+def _run_sparse_lowrank(ctx):
+    rows = run_sparse_lowrank(ctx.device, ctx.deadline, ctx.save)
+    return rows, _sparse_headline(rows)
+
+
+def _run_compile(ctx):
+    rows = run_compile(ctx.device)
+    return rows, f"{sum(r['status'] == 'ok' for r in rows)}/{len(rows)} ok"
+
+
+def _run_decode(ctx):
+    from triton_kernels.nn import tuned
+    with tuned.recording(ctx.tuned) if ctx.tuned is not None else contextlib.nullcontext():
+        rows = run_decode(ctx.device, ctx.deadline)
+    ctx.save_tuned()
+    return rows, _decode_headline(rows)
+
+
+def _rows_estimate(rows: int) -> float:
+    return rows * BENCH_ROW_S
+
+
+def _dequant_rows(shapes, bits_list, m_values) -> int:
+    return len(shapes) * len(m_values) * (2 + len(bits_list))  # dense fp16 + bf16, then each bit width
+
+
+class Section:
+    """One section of the call: ``run(ctx) -> (rows, status)``, ``estimate(device_type, workers, ctx) -> s``
+    (and whether that estimate is measured or a guess), what it does, where it runs."""
+
+    def __init__(self, name, what, run, estimate, basis="measured", devices=("cuda",)):
+        self.name, self.what, self.run, self.estimate = name, what, run, estimate
+        self.basis, self.devices = basis, devices
+
+
+def sections() -> dict[str, Section]:
+    """The sections in priority order: what matters most if the time runs out comes first."""
+    decode4 = (LARGE_SHAPES + MODEL_SHAPES, (4,), (1,))
+    sweep = (LARGE_SHAPES[:1], SWEEP_BITS, SWEEP_M)
+    large = (LARGE_SHAPES[1:], SWEEP_BITS, SWEEP_M)
+    gem = (LARGE_SHAPES[:1] + LARGE_SHAPES[2:], (4,), GEMLITE_M)
+
+    def cpu_or(name, gpu_s):
+        return lambda dev, workers: CPU_GUESS_S[name] if dev == "cpu" else gpu_s(workers)
+
+    def rows_s(shapes, bits_list, m_values):
+        return lambda dev, workers: _rows_estimate(_dequant_rows(shapes, bits_list, m_values))
+
+    def gemlite_run(ctx):
+        if ctx.gemlite is None:
+            return [], "SKIPPED (gemlite not importable)"
+        return _dequant_section(*gem, gemlite=True)(ctx)
+
+    both = ("cuda", "cpu")
+    return {s.name: s for s in (
+        Section("correctness", "every kernel compiled for the device vs its pure-torch reference", _run_correctness,
+                cpu_or("correctness", lambda w: len(all_cases("cuda")) * CASE_WORKER_S / max(w, 1)), devices=both),
+        Section("bandwidth", "device-to-device copy GB/s (the yardstick of '% of copy bandwidth')", _run_bandwidth,
+                lambda dev, w: 2.0),
+        Section("decode4", f"4-bit g128 M=1 vs cuBLAS fp16, % of copy bandwidth: {len(decode4[0])} shapes (large "
+                           f"+ the default model's)", _dequant_section(*decode4), rows_s(*decode4)),
+        Section("harness", "the harness on the device: GPTQ 4-bit, SparseGPT 2:4, SqueezeLLM 4-bit, whitened SVD "
+                           "on the default model's architecture; perplexity Triton vs reference; latency --quick",
+                _run_harness, cpu_or("harness", lambda w: GUESS_S["harness"]), basis="guess", devices=both),
+        Section("sweep", f"bits {'/'.join(map(str, SWEEP_BITS))} x M {'/'.join(map(str, SWEEP_M))} at "
+                         f"{LARGE_SHAPES[0][0]}x{LARGE_SHAPES[0][1]} (the speedup-vs-batch figure)",
+                _dequant_section(*sweep), rows_s(*sweep)),
+        Section("large", "the same bits x M at " + ", ".join(f"{n}x{k}" for n, k in LARGE_SHAPES[1:]),
+                _dequant_section(*large), rows_s(*large)),
+        Section("gemlite", f"GemLite beside ours, 4-bit g128, M {'/'.join(map(str, GEMLITE_M))} (when importable)",
+                gemlite_run, lambda dev, w: GUESS_S["gemlite_autotune"] + rows_s(*gem)(dev, w), basis="guess"),
+        Section("codebook", "codebook_matmul vs dequant_matmul and cuBLAS fp16", _run_codebook,
+                lambda dev, w: _rows_estimate(len(CODEBOOK_SHAPES) * len(CODEBOOK_M)
+                                              * (1 + 3 * len(CODEBOOK_BITS) + 2))),
+        Section("sparse_lowrank", "block / 2:4 / unstructured / activation sparsity, low rank vs dense fp16",
+                _run_sparse_lowrank, lambda dev, w: _rows_estimate(3 * 17)),
+        Section("compile", "torch.compile(fullgraph) of every layer's Triton path, eager vs compiled vs CUDA graphs",
+                _run_compile, cpu_or("compile", lambda w: GUESS_S["compile"]), basis="guess", devices=both),
+        Section("decode", "greedy decode of the default model's architecture, dense vs 4/3-bit and 2:4",
+                _run_decode, cpu_or("decode", lambda w: GUESS_S["decode"]), basis="guess", devices=both),
+    )}
+
+
+SECTIONS = tuple(sections())
+
+
+def plan(names, device_type: str, workers: int, budget_s: float, registry=None) -> list[dict]:
+    """The call's plan: each section of ``names`` in priority order with its estimate, and whether it fits
+    in what the budget leaves if every earlier section takes its estimate (one that does not is skipped,
+    and the later, cheaper ones may still run)."""
+    registry = registry or sections()
+    left, rows = budget_s, []
+    for name in registry:
+        if name not in names:
+            continue
+        sec = registry[name]
+        if device_type not in sec.devices:
+            rows.append({"section": name, "estimate_s": 0.0, "fits": False, "what": sec.what,
+                         "note": f"runs on {'/'.join(sec.devices)} only"})
+            continue
+        est = float(sec.estimate(device_type, workers))
+        fits = est <= left
+        rows.append({"section": name, "estimate_s": est, "fits": fits, "what": sec.what,
+                     "basis": "guess" if device_type == "cpu" else sec.basis,
+                     "note": "" if fits else f"skipped: estimate {est:.0f} s > {left:.0f} s left"})
+        if fits:
+            left -= est
+    return rows
+
+
+def format_plan(rows, device_type: str, budget_s: float, workers: int) -> str:
+    lines = [f"gpu_check plan on {device_type} (budget {budget_s:.0f} s, {workers} correctness worker(s)); "
+             f"estimates: 'measured' = cases or timed rows x their cost in the H200 run of 2026-11-30, 'guess' otherwise",
+             f"{'#':>2}  {'section':<15} {'estimate':>9} {'basis':<9} {'ends at':>8}  what"]
+    t = 0.0
+    for i, r in enumerate(rows, 1):
+        if r["fits"]:
+            t += r["estimate_s"]
+            lines.append(f"{i:>2}  {r['section']:<15} {r['estimate_s']:>7.0f} s {r['basis']:<9} {t:>6.0f} s  "
+                         f"{r['what']}")
+        else:
+            lines.append(f"{i:>2}  {r['section']:<15} {'-':>9} {r.get('basis', ''):<9} {'-':>8}  {r['note']}")
+    skipped = [r["section"] for r in rows if not r["fits"] and r.get("basis")]
+    elsewhere = [r["section"] for r in rows if not r["fits"] and not r.get("basis")]
+    lines.append(f"planned {t:.0f} s of {budget_s:.0f} s"
+                 + (f"; skipped by the budget: {', '.join(skipped)}" if skipped else "; every section fits")
+                 + (f"; not on {device_type}: {', '.join(elsewhere)}" if elsewhere else ""))
+    return "\n".join(lines)
+
+
+class Watchdog:
+    """Calls ``on_fire()`` once ``seconds`` have passed unless cancelled: the hard end of the budget, for a
+    section that does not return (a hung compile). ``on_fire`` writes the summary and ends the process."""
+
+    def __init__(self, seconds: float, on_fire):
+        import threading
+        self._timer = threading.Timer(max(seconds, 0.0), on_fire)
+        self._timer.daemon = True
+
+    def __enter__(self):
+        self._timer.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._timer.cancel()
+        return False
+
+
+def write_summary(out_dir: Path, summary: list[dict], prov: dict, running: str | None = None,
+                  elapsed: float | None = None) -> Path:
+    """``<out_dir>/summary.csv``: a row per section (run, skipped, or ``running``: INTERRUPTED)."""
+    rows = list(summary)
+    if running is not None:
+        rows.append({"section": running, "status": "INTERRUPTED (budget: the watchdog ended the call)",
+                     "seconds": round(elapsed, 1) if elapsed is not None else ""})
+    path = Path(out_dir) / "summary.csv"
+    write_csv(path, [{**s, **prov} for s in rows])
+    return path
+
+
+def main(argv=None, *, clock=time.monotonic, registry=None, hard_exit=os._exit) -> int:
+    """The command line (module docstring). ``clock``, ``registry`` (sections) and ``hard_exit`` are for
+    tests: a fake clock, fake sections, and what the watchdog calls instead of ending the process."""
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out-dir", default="results/gpu", help="where the CSVs go (default results/gpu)")
-    p.add_argument("--budget-s", type=float, default=420.0,
-                   help="wall-clock budget; sections past it are skipped and recorded (default 420)")
+    p.add_argument("--budget-s", type=float, default=DEFAULT_BUDGET_S,
+                   help=f"wall-clock budget; a section whose estimate exceeds what is left is skipped and "
+                        f"recorded, a section running past its own share is cut, and {GRACE_S:.0f} s past "
+                        f"the budget a watchdog ends the call (default {DEFAULT_BUDGET_S:.0f})")
     p.add_argument("--workers", type=int, default=None,
                    help="processes for the correctness cases (default min(12, CPUs); 1 on CPU)")
-    p.add_argument("--only", default=",".join(SECTIONS), help=f"comma-separated subset of {SECTIONS}")
+    p.add_argument("--only", default=None, help=f"comma-separated subset of {', '.join(SECTIONS)}")
     p.add_argument("--device", default=None, choices=("cuda", "cpu"),
-                   help="cuda (default when present); cpu runs the correctness plumbing under the interpreter")
+                   help="cuda (default when present, and for --dry-run); cpu rehearses under the interpreter")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the plan (sections in priority order, time estimates, what the budget skips) "
+                        "and exit; needs no GPU")
     args = p.parse_args(argv)
-    only = [s.strip() for s in args.only.split(",") if s.strip()]
-    bad = [s for s in only if s not in SECTIONS]
+    registry = registry or sections()
+    names = list(registry)
+    only = names if args.only is None else [s.strip() for s in args.only.split(",") if s.strip()]
+    bad = [s for s in only if s not in registry]
     if bad:
-        p.error(f"--only: unknown section(s) {bad}; choose from {', '.join(SECTIONS)}")
+        p.error(f"--only: unknown section(s) {bad}; choose from {', '.join(names)}")
+    if not args.budget_s > 0:
+        p.error(f"--budget-s must be > 0 seconds, got {args.budget_s}")
+    if args.workers is not None and args.workers < 1:
+        p.error(f"--workers must be >= 1, got {args.workers}")
+    if args.dry_run:
+        dev_type = args.device or "cuda"
+        # planning for the GPU machine from another one: its 16 CPUs give the default 12 workers
+        workers = args.workers or (DEFAULT_GPU_WORKERS if dev_type == "cuda" else 1)
+        print(format_plan(plan(only, dev_type, workers, args.budget_s, registry), dev_type, args.budget_s,
+                          workers))
+        return 0
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device here")
-    if device.type == "cpu":
-        if os.environ.get("TRITON_INTERPRET") != "1":
-            p.error("--device cpu runs the kernels under the interpreter: set TRITON_INTERPRET=1")
-        only = [s for s in only if s in ("correctness", "compile", "decode")]
-    workers = args.workers or (min(12, os.cpu_count() or 1) if device.type == "cuda" else 1)
-    start = time.monotonic()
+    if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        p.error("--device cpu runs the kernels under the interpreter: set TRITON_INTERPRET=1")
+    workers = args.workers or (min(DEFAULT_GPU_WORKERS, os.cpu_count() or 1) if device.type == "cuda" else 1)
+    only = [s for s in only if device.type in registry[s].devices]
+    start = clock()
     deadline = start + args.budget_s
     out_dir = Path(args.out_dir)
     prov = provenance(device)
     print(f"gpu_check on {prov['device']} (driver {prov['driver']}, CUDA {prov['cuda']}), torch {prov['torch']}, "
-          f"triton {prov['triton']}, commit {prov['git_commit']}", flush=True)
-    summary = []
-    copy_gbps = None
-    for section in SECTIONS:
-        if section not in only:
-            continue
-        t0 = time.monotonic()
-        def save(rows, section=section):  # a section that measured nothing writes no file
-            if rows:
-                write_csv(out_dir / f"{section}.csv", [{**r, **prov} for r in rows])
-        if t0 > deadline:
-            summary.append({"section": section, "status": "SKIPPED (time budget)", "seconds": 0})
-            continue
-        try:
-            # Each section gets a share of what is left, so every one of them measures something.
-            share = {"correctness": 0.4, "bandwidth": 1.0, "dequant": 0.6, "sparse_lowrank": 0.6,
-                     "codebook": 0.8, "compile": 0.5, "decode": 1.0}[section]
-            section_deadline = t0 + share * (deadline - t0)
-            if section == "correctness":
-                rows = run_correctness(device, workers, section_deadline)
-                n_ok = sum(r["status"] == "ok" for r in rows)
-                status = f"{n_ok}/{len(rows)} ok"
-            elif section == "bandwidth":
-                rows = run_bandwidth(device)
-                copy_gbps = rows[0]["gbps"]
-                status = f"copy {copy_gbps} GB/s"
-            elif section == "dequant":
-                rows = run_dequant(device, copy_gbps, section_deadline, save)
-                status = _dequant_headline(rows)
-            elif section == "sparse_lowrank":
-                rows = run_sparse_lowrank(device, section_deadline, save)
-                status = _sparse_headline(rows)
-            elif section == "codebook":
-                rows = run_codebook(device, copy_gbps, section_deadline, save)
-                status = _codebook_headline(rows)
-            elif section == "compile":
-                rows = run_compile(device)
-                n_ok = sum(r["status"] == "ok" for r in rows)
-                status = f"{n_ok}/{len(rows)} ok"
-            else:
-                rows = run_decode(device, section_deadline)
-                status = _decode_headline(rows)
-        except Exception as e:  # noqa: BLE001 - record, continue with the next section
-            traceback.print_exc()
-            rows, status = [], f"ERROR {type(e).__name__}: {e}"[:300]
-        save(rows)
-        summary.append({"section": section, "status": status, "seconds": round(time.monotonic() - t0, 1)})
-        print(f"[{section}] {status} ({summary[-1]['seconds']} s)", flush=True)
-    write_csv(out_dir / "summary.csv", [{**s, **prov} for s in summary])
+          f"triton {prov['triton']}, commit {prov['git_commit']}, kernel revision {prov['kernel_revision']}",
+          flush=True)
+    print(format_plan(plan(only, device.type, workers, args.budget_s, registry), device.type, args.budget_s,
+                      workers), flush=True)
+    ctx = Ctx(device, out_dir, prov, workers, clock=clock)
+    if device.type == "cuda":
+        from triton_kernels.nn import tuned
+        ctx.tuned = tuned.TunedConfigs(prov["device"])
+        ctx.gemlite = _optional_gemlite()
+    summary: list[dict] = []
+    state = {"running": None, "t0": start}
+
+    def overrun():  # the watchdog: what ran is on disk; say which section was cut, then end the call
+        print(f"\n[budget] {args.budget_s + GRACE_S:.0f} s passed with {state['running']} still running: "
+              f"summary written, ending the call", flush=True)
+        write_summary(out_dir, summary, prov, running=state["running"], elapsed=clock() - state["t0"])
+        hard_exit(3)
+
+    with Watchdog(args.budget_s + GRACE_S, overrun):
+        for name in only:
+            sec = registry[name]
+            t0 = clock()
+            left = deadline - t0
+            est = float(sec.estimate(device.type, workers))
+            if est > left:
+                status = f"SKIPPED (estimate {est:.0f} s > {max(left, 0):.0f} s left)"
+                summary.append({"section": name, "status": status, "seconds": 0, "estimate_s": round(est, 1)})
+                print(f"[{name}] {status}", flush=True)
+                continue
+            # A section may run past its estimate by half (estimates are rough), never past the budget;
+            # on CPU (the rehearsal measures nothing) only the budget bounds it.
+            ctx.deadline = deadline if device.type == "cpu" else min(deadline, t0 + 1.5 * est)
+            ctx.save = lambda rows, name=name: write_csv(out_dir / f"{name}.csv", [{**r, **prov} for r in rows]) \
+                if rows else None  # a section that measured nothing writes no file
+            state.update(running=name, t0=t0)
+            try:
+                rows, status = sec.run(ctx)
+            except Exception as e:  # noqa: BLE001 - record, continue with the next section
+                traceback.print_exc()
+                rows, status = [], f"ERROR {type(e).__name__}: {e}"[:300]
+            state["running"] = None
+            ctx.save(rows)
+            summary.append({"section": name, "status": status, "seconds": round(clock() - t0, 1),
+                            "estimate_s": round(est, 1)})
+            print(f"[{name}] {status} ({summary[-1]['seconds']} s, estimate {est:.0f} s)", flush=True)
+        write_summary(out_dir, summary, prov)
     print("\nsection          seconds  result")
     for s in summary:
         print(f"{s['section']:<16s} {s['seconds']:>7}  {s['status']}")
-    print(f"total {time.monotonic() - start:.0f} s; CSVs in {out_dir}/")
-    failed = any(s["status"].startswith("ERROR") or ("/" in s["status"] and s["status"].split("/")[0] !=
-                 s["status"].split("/")[1].split()[0]) for s in summary)
-    return 1 if failed else 0
+    print(f"total {clock() - start:.0f} s; CSVs in {out_dir}/")
+    return 1 if any(_failed(s["status"]) for s in summary) else 0
+
+
+def _failed(status: str) -> bool:
+    """A section failed when it raised, or when its "a/b ok" count is short (skips are not failures)."""
+    if status.startswith("ERROR"):
+        return True
+    m = re.match(r"(\d+)/(\d+) ok", status)
+    return bool(m) and m.group(1) != m.group(2)
 
 
 def _dequant_headline(rows) -> str:
     want = [r for r in rows if r.get("shape") == "28672x8192" and r.get("variant") == "int4_g128_asym"
-            and r.get("M") in (1, 16)]
+            and r.get("M") in (1, 16, 2048)]
     return "; ".join(f"int4 g128 28672x8192 M={r['M']}: x{r['speedup_vs_fp16']} vs fp16, {r['pct_copy_bw']}% BW"
                      for r in want) or f"{len(rows)} rows"
 

@@ -8,6 +8,7 @@
     python -m experiments reproduce [--quick] [--run NAME]      # every step, then a diff vs results/
     python -m experiments compare [--quick] [--run NAME]        # a run's numbers vs the reference
     python -m experiments promote --run NAME [--quick]          # make a run the reference results/
+    python -m experiments gpu-figures [--out DIR]               # figures of results/gpu/*.csv (make gpu-check)
     python -m experiments compress <point label|spec JSON> [--quick] [--model M] --out DIR   # save one
     python -m experiments eval DIR [--quick] [--decode N]       # evaluate a saved compressed model
     python -m experiments export DIR --format gguf|compressed-tensors --out PATH
@@ -203,6 +204,16 @@ def cmd_summary(args: argparse.Namespace) -> int:
     return summary_main(args)
 
 
+def _add_gpu_figures(p: argparse.ArgumentParser) -> None:
+    from experiments.analysis.plots import add_gpu_figures_arguments
+    add_gpu_figures_arguments(p)
+
+
+def cmd_gpu_figures(args: argparse.Namespace) -> int:
+    from experiments.analysis.plots import gpu_figures_main
+    return gpu_figures_main(args)
+
+
 def _add_compress(p: argparse.ArgumentParser) -> None:
     from experiments.io.saved_model_cli import add_compress_arguments
     add_compress_arguments(p)
@@ -257,6 +268,8 @@ COMMANDS: dict[str, tuple[Callable, Callable, str]] = {
     "compare": (_add_compare, cmd_compare, "a run's perplexities and sizes against the reference results/"),
     "promote": (_add_promote, cmd_promote, "replace the reference tables in results/ by a finished run's"),
     "summary": (_add_summary, cmd_summary, "headline numbers from the result tables, as Markdown"),
+    "gpu-figures": (_add_gpu_figures, cmd_gpu_figures,
+                    "the GPU figures (speedup vs batch, % of copy bandwidth) from results/gpu/*.csv"),
     "compress": (_add_compress, cmd_compress,
                  "compress the model once (a sweep point label or a spec as JSON) and save it to --out DIR"),
     "eval": (_add_eval, cmd_eval, "perplexity (and --decode speed) of a model saved by `compress`, without recompressing"),

@@ -10,9 +10,10 @@ import pytest
 import torch
 
 from benchmarks import gpu_check
+from triton_kernels.provenance import KERNEL_REVISION
 
 
-def test_cpu_correctness_plumbing_writes_all_ok(tmp_path):
+def test_cpu_correctness_plumbing_writes_all_ok(tmp_path, capsys):
     rc = gpu_check.main(["--device", "cpu", "--out-dir", str(tmp_path)])
     rows = list(csv.DictReader(open(tmp_path / "correctness.csv")))
     assert rc == 0
@@ -22,18 +23,132 @@ def test_cpu_correctness_plumbing_writes_all_ok(tmp_path):
     assert {int(r["bits"]) for r in rows if r["family"] == "codebook"} == set(range(1, 9))
     assert {r["pattern"] for r in rows if r["family"] == "sparse"} == {"block", "nm", "unstructured", "activation"}
     assert all(r["status"] == "ok" for r in rows), [r["case"] for r in rows if r["status"] != "ok"]
-    assert all(r["git_commit"] and r["torch"] for r in rows)
+    assert all(r["git_commit"] and r["torch"] and r["kernel_revision"] == str(KERNEL_REVISION) for r in rows)
     summary = list(csv.DictReader(open(tmp_path / "summary.csv")))
-    assert [s["section"] for s in summary] == ["correctness", "compile", "decode"]
+    # the sections that run on CPU, in priority order, each with the estimate it was admitted with
+    assert [s["section"] for s in summary] == ["correctness", "harness", "compile", "decode"]
+    assert all(float(s["estimate_s"]) > 0 for s in summary)
+    out = capsys.readouterr().out
+    assert out.index("gpu_check plan on cpu") < out.index("[correctness]")  # the plan first
     compiled = list(csv.DictReader(open(tmp_path / "compile.csv")))
     assert {r["dtype"] for r in compiled} == {"fp16", "bf16"}
     assert all(r["status"] == "ok" and r["graphs"] == "1" for r in compiled), compiled
+    # the harness end to end on the device (here: the interpreter): each family through its Triton module
+    # against its reference path, then latency --quick into its own table
+    harness = list(csv.DictReader(open(tmp_path / "harness.csv")))
+    assert [r["method"] for r in harness] == ["gptq", "sparsegpt", "squeezellm", "whitened_svd", "latency"]
+    assert all(r["status"] == "ok" for r in harness), harness
+    for r, module in zip(harness, ("QuantLinear", "SparseLinear", "CodebookLinear", "LowRankLinear")):
+        assert r["triton_backends"] == f"{module}:triton"
+        assert r["reference_backends"] == f"{module}:{gpu_check.REFERENCE_BACKENDS[module]}"
+        assert float(r["ppl_rel_diff"]) <= gpu_check.HARNESS_RTOL and float(r["logits_rel_diff"]) <= 1e-3
+        # the compression itself moved the perplexity by far more than the tolerance: an error of that
+        # size in a kernel could not pass
+        assert float(r["ppl_rel_vs_dense"]) > 10 * gpu_check.HARNESS_RTOL, r
+    latency = list(csv.DictReader(open(tmp_path / "latency_cpu.csv")))
+    assert latency and int(harness[-1]["latency_rows"]) == len(latency)
+    assert {r["method"] for r in latency} >= {"rtn", "magnitude", "svd"}
     # end-to-end decode of a tiny Llama: dense and each compressed format through the Triton backends
     decode = list(csv.DictReader(open(tmp_path / "decode.csv")))
     assert [r["label"] for r in decode] == ["dense", "rtn-w4-g32-asym", "rtn-w3-g32-asym", "magnitude-2:4"]
     assert all(r["status"] == "ok" and float(r["tokens_per_s"]) > 0 for r in decode), decode
     for r in decode[1:]:
         assert float(r["speedup_vs_dense"]) > 0 and "triton" in r["module_backends"], r
+    assert not (tmp_path / "configs").exists()  # tuned configs are a GPU's: none from the interpreter
+
+
+def test_harness_fails_when_a_triton_path_is_wrong(tmp_path, monkeypatch):
+    """A Triton path 1% off its reference (every QuantLinear output scaled) fails the harness check
+    (RTN: no calibration pass, so the cheapest point that runs QuantLinear's Triton path)."""
+    from triton_kernels import dequant_matmul as dq
+    right = dq.dequant_matmul
+    monkeypatch.setattr(dq, "dequant_matmul", lambda *a, **k: right(*a, **k) * 1.01)
+    spec = {"method": "rtn", "bits": 4, "group_size": 32, "symmetric": False}
+    rows = gpu_check.run_harness(torch.device("cpu"), float("inf"), tmp_path, specs=(spec,), latency=False)
+    assert len(rows) == 1 and rows[0]["status"] == "FAIL", rows
+    assert max(rows[0]["ppl_rel_diff"], rows[0]["logits_rel_diff"]) > gpu_check.HARNESS_RTOL
+
+
+def _fake_section(name, estimate, clock, advance, calls, devices=("cuda", "cpu")):
+    def run(ctx):
+        calls.append(name)
+        clock.t += advance
+        ctx.save([{"x": 1}])
+        return [{"x": 1}], "1/1 ok"
+    return gpu_check.Section(name, f"fake {name}", run, lambda dev, w: estimate, devices=devices)
+
+
+class FakeClock:
+    def __init__(self):
+        self.t = 1000.0
+
+    def __call__(self):
+        return self.t
+
+
+def test_budget_skips_a_section_whose_estimate_exceeds_what_is_left(tmp_path, capsys):
+    clock, calls = FakeClock(), []
+    registry = {"a": _fake_section("a", 10, clock, 10, calls), "b": _fake_section("b", 50, clock, 50, calls),
+                "c": _fake_section("c", 10, clock, 10, calls)}
+    args = ["--device", "cpu", "--out-dir", str(tmp_path), "--budget-s", "30"]
+    assert gpu_check.main(args + ["--dry-run"], registry=registry) == 0
+    plan = capsys.readouterr().out
+    assert "skipped: estimate 50 s > 20 s left" in plan and "skipped by the budget: b" in plan
+    assert calls == []  # a dry run runs nothing
+    assert gpu_check.main(args, registry=registry, clock=clock) == 0
+    assert calls == ["a", "c"]  # b would not fit after a; c, cheaper, still does
+    summary = list(csv.DictReader(open(tmp_path / "summary.csv")))
+    assert [(s["section"], s["status"]) for s in summary] == [
+        ("a", "1/1 ok"), ("b", "SKIPPED (estimate 50 s > 20 s left)"), ("c", "1/1 ok")]
+    assert (tmp_path / "a.csv").exists() and not (tmp_path / "b.csv").exists()
+    assert "[b] SKIPPED (estimate 50 s > 20 s left)" in capsys.readouterr().out
+
+
+def test_watchdog_ends_a_call_that_overruns_the_budget(tmp_path, monkeypatch):
+    """A section that does not return: GRACE_S past the budget the watchdog writes the summary (the
+    section marked INTERRUPTED) and ends the call (here: a fake exit that records what was on disk)."""
+    import threading
+    monkeypatch.setattr(gpu_check, "GRACE_S", 0.0)
+    fired, seen = threading.Event(), {}
+
+    def hang(ctx):
+        assert fired.wait(60), "the watchdog never fired"
+        return [], "done"
+
+    def fake_exit(code):
+        seen["code"] = code
+        seen["summary"] = list(csv.DictReader(open(tmp_path / "summary.csv")))
+        fired.set()
+    clock, calls = FakeClock(), []
+    registry = {"quick": _fake_section("quick", 0.01, clock, 0, calls),
+                "hang": gpu_check.Section("hang", "never returns", hang, lambda dev, w: 0.01, devices=("cpu",))}
+    gpu_check.main(["--device", "cpu", "--out-dir", str(tmp_path), "--budget-s", "0.2"], registry=registry,
+                   hard_exit=fake_exit)
+    assert seen["code"] == 3
+    assert [(s["section"], s["status"].split(" ")[0]) for s in seen["summary"]] == [("quick", "1/1"),
+                                                                                     ("hang", "INTERRUPTED")]
+
+
+def test_dry_run_lists_every_section_in_priority_order(capsys):
+    assert gpu_check.main(["--dry-run", "--budget-s", "1000000"]) == 0  # no GPU needed
+    out = capsys.readouterr().out.splitlines()
+    rows = [line.split() for line in out[2:-1]]
+    assert [r[1] for r in rows] == list(gpu_check.SECTIONS)
+    assert gpu_check.SECTIONS[:4] == ("correctness", "bandwidth", "decode4", "harness")  # what matters most first
+    assert all(r[3] == "s" and float(r[2]) > 0 for r in rows)  # every section with its estimate
+    assert {r[1] for r in rows if r[4] == "guess"} == {"harness", "gemlite", "compile", "decode"}
+    assert out[-1].endswith("every section fits")
+    assert gpu_check.main(["--dry-run", "--budget-s", "1"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert all("skipped: estimate" in line for line in out[2:-1])
+    assert out[-1].startswith("planned 0 s of 1 s; skipped by the budget: correctness, bandwidth")
+
+
+def test_budget_and_workers_must_be_positive(capsys):
+    for bad in (["--budget-s", "0"], ["--workers", "0"]):
+        with pytest.raises(SystemExit):
+            gpu_check.main(["--dry-run", *bad])
+        assert bad[0] in capsys.readouterr().err
 
 
 def test_gpu_case_grid_covers_every_bit_width_group_and_dtype():

@@ -102,3 +102,82 @@ def test_families_figure_joins_each_format_to_its_measured_decode_speed(caplog):
     full = dict(tables, quant=plots.sweep_table("quant", quick=False, root=root))
     with pytest.raises(plots.ContextMismatch):
         plots.families_figure(full, decode)
+
+
+def _synthetic_gpu_results(root, revision, bits_list=(2, 4), m_values=(1, 2, 20),
+                           timestamp="2026-12-10T00:00:00+00:00"):
+    """``root/gpu/sweep.csv`` and ``decode4.csv`` written by gpu_check's own row code (the real columns) on
+    CPU under the interpreter, with made-up timings (dense 2 ms, the kernel 1 ms at M=1, 4 ms above)."""
+    import torch
+
+    from benchmarks import gpu_check
+    from experiments.core.results import write_rows
+
+    def bench(fn):
+        ms = 2.0 if "linear" in fn.__code__.co_names else (1.0 if x_rows[0] == 1 else 4.0)
+        return {"median_ms": ms, "p20_ms": ms, "p80_ms": ms}
+    prov = {**gpu_check.provenance(torch.device("cpu")), "device": "Fake GPU", "device_type": "cuda",
+            "kernel_revision": revision, "timestamp": timestamp}
+    for name, shapes, ms in (("sweep", [(64, 256)], m_values), ("decode4", [(64, 256), (32, 128)], (1,))):
+        rows = []
+        for M in ms:
+            x_rows = [M]
+            rows += gpu_check.run_dequant(torch.device("cpu"), 100.0, float("inf"), lambda r: None, shapes=shapes,
+                                          bits_list=bits_list, m_values=(M,), bench=bench)
+        write_rows(root / "gpu" / f"{name}.csv", [{**r, **prov} for r in rows])
+
+
+def test_gpu_figures_from_a_synthetic_gpu_table(tmp_path, recwarn):
+    """The Marlin-style figure (one line per bit width, the ideal 16/bits dashed) and the bandwidth figure
+    from tables with gpu_check's columns; titles say whether the kernels are the current ones."""
+    from triton_kernels.provenance import KERNEL_REVISION
+    _synthetic_gpu_results(tmp_path, KERNEL_REVISION)
+    rows = plots.gpu_dequant_rows(plots.gpu_tables(tmp_path))
+    fig = plots.gpu_speedup_figure(rows)
+    ax = fig.axes[0]
+    lines = {line.get_label(): line for line in ax.get_lines()}
+    assert set(lines) == {"2-bit g128", "4-bit g128", "ideal 16/2 = 8", "ideal 16/4 = 4", "cuBLAS fp16"}
+    assert list(lines["4-bit g128"].get_xdata()) == [1, 2, 20]
+    assert list(lines["4-bit g128"].get_ydata()) == [2.0, 0.5, 0.5]  # dense 2 ms over the kernel's 1 / 4 ms
+    assert lines["ideal 16/4 = 4"].get_linestyle() == "--" and list(lines["ideal 16/4 = 4"].get_ydata()) == [4, 4]
+    assert "64x256" in ax.get_title() and "current kernels" in ax.get_title() and "Fake GPU" in ax.get_title()
+    plots.plt.close(fig)
+    fig = plots.gpu_bandwidth_figure(rows)
+    labels = fig.axes[0].get_legend_handles_labels()[1]
+    assert labels == ["cuBLAS fp16", "4-bit g128", "2-bit g128"]
+    assert [t.get_text() for t in fig.axes[0].get_xticklabels()] == ["64x256", "32x128"]  # largest first
+    plots.plt.close(fig)
+    paths = plots.draw_gpu_figures(tmp_path, tmp_path / "figs")
+    assert sorted(p.name for p in paths) == ["gpu_bandwidth.png", "gpu_bandwidth.svg", "gpu_speedup_vs_batch.png",
+                                             "gpu_speedup_vs_batch.svg"]
+    assert not [str(w.message) for w in recwarn if "jit" not in str(w.message)]
+
+
+def test_gpu_rows_of_old_kernels_are_labelled_and_replaced_by_current_ones(tmp_path):
+    from experiments.analysis import summary
+    from triton_kernels.provenance import KERNEL_REVISION
+    _synthetic_gpu_results(tmp_path, KERNEL_REVISION - 1, bits_list=(4,), m_values=(1,))
+    rows = plots.gpu_dequant_rows(plots.gpu_tables(tmp_path))
+    fig = plots.gpu_speedup_figure(rows)
+    assert "OLD kernels" in fig.axes[0].get_title()
+    plots.plt.close(fig)
+    status = summary.gpu_status(tmp_path)
+    assert status.startswith("**GPU: no number measures the current kernels.**") and "Fake GPU" in status
+    text = summary.gpu_summary(tmp_path)
+    assert "**0 GPU numbers are of the current kernels**" in text
+    assert ("| 4-bit g128, M=1: ≥ 3× cuBLAS fp16 | open: not measured on the current kernels "
+            "(old kernels: 2×") in text
+    # a newer run of the current kernels: its rows win, the older table stays listed as old
+    (tmp_path / "gpu" / "sweep.csv").rename(tmp_path / "gpu" / "dequant.csv")
+    _synthetic_gpu_results(tmp_path, KERNEL_REVISION, bits_list=(4,), m_values=(1,),
+                           timestamp="2026-12-11T00:00:00+00:00")
+    rows = plots.gpu_dequant_rows(plots.gpu_tables(tmp_path))
+    assert set(rows["kernel_revision"]) == {KERNEL_REVISION}
+    text = summary.gpu_summary(tmp_path)
+    assert "| dequant.csv | 3 | Fake GPU |" in text and "| old kernels (revision 1) |" in text
+    assert "| 4-bit g128, M=1: ≥ 3× cuBLAS fp16 | not met: 2× (64x256, Fake GPU" in text
+    status = summary.gpu_status(tmp_path)
+    assert status.startswith(f"**GPU** (current kernels, revision {KERNEL_REVISION}") and "`dequant.csv`" in status
+    (tmp_path / "figures").mkdir()
+    (tmp_path / "figures" / "gpu_speedup_vs_batch.png").write_bytes(b"")
+    assert "![gpu speedup vs batch](results/figures/gpu_speedup_vs_batch.png)" in summary.gpu_status(tmp_path)

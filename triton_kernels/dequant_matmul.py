@@ -18,11 +18,11 @@ Shapes and dtypes:
 
 Kernels: ``dequant_gemv_kernel`` (M <= 16, and fp32 x at any M) unpacks whole packed words in registers
 and splits K where the rows alone give too few programs; ``dequant_matmul_kernel`` (M > 16) is a tiled
-``tl.dot`` kernel. Limits: K is taken from x and only checked against the word and group counts, so pass
-the K the weight was packed with. ``TRITON_INTERPRET=1``: one small config, bf16 dots emulated in fp32.
+``tl.dot`` kernel; autotuned, or ``config=`` (``launch_plan``, ``chosen_config``). Limits: K is taken from x,
+checked against the word and group counts only. ``TRITON_INTERPRET=1``: one small config, bf16 dots in fp32.
 
 Public API: ``pack``, ``unpack``, ``planes``, ``dequantize``, ``dequant_matmul``, ``dequant_matmul_reference``,
-``quantize_rtn``, ``from_gguf``. Imports only torch and triton: copy the file alone.
+``quantize_rtn``, ``from_gguf``, ``launch_plan``, ``chosen_config``. Imports only torch and triton.
 """
 import os
 
@@ -438,6 +438,7 @@ _matmul_autotuned = triton.autotune(
     configs=matmul_configs(), key=["M_BUCKET", "N", "K", "BITS", "GROUP_SIZE", "SYMMETRIC"],
     prune_configs_by={"early_config_prune": _prune_matmul},
 )(dequant_matmul_kernel)
+_AUTOTUNERS = {"gemv": _gemv_direct, "gemv_split": _gemv_split, "matmul": _matmul_autotuned}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -582,18 +583,76 @@ def plane_args(K: int, bits: int) -> dict:
                 W0=widths[0], W1=widths[1], W2=widths[2], ALIGNED=start1 % 32 == 0 and start2 % 32 == 0)
 
 
-def dequant_matmul(x, packed, scales, zeros, *, bits, group_size, symmetric, bias=None, out=None):
+# The kernel variants a call can take, each with its autotuner (keys of ``config`` per variant below).
+VARIANTS = ("gemv", "gemv_split", "matmul")
+CONFIG_KEYS = {"gemv": ("BLOCK_N", "BLOCK_K", "SPLIT_K"), "gemv_split": ("BLOCK_N", "BLOCK_K", "SPLIT_K"),
+               "matmul": ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M")}
+
+
+def launch_plan(M: int, N: int, dtype: torch.dtype, device: torch.device) -> tuple[str, int]:
+    """``(variant, m_bucket)`` of a call with M rows: which kernel runs (one of ``VARIANTS``) and the
+    rows its autotune key sees (the decode kernel's BLOCK_M, 1 or 16; the prefill kernel's M_BUCKET)."""
+    if M <= GEMV_MAX_M or dtype == torch.float32:
+        # fp32 activations take the decode kernel at every M, 16 rows per program along grid axis 2:
+        # no ieee fp32 tl.dot tile big enough for the prefill kernel compiles without spills.
+        block_m = 1 if M == 1 else 16
+        # Split K only where the rows alone give too few programs to keep every SM streaming
+        # (fewer than 2 x 64-row tiles per SM); otherwise store directly, without workspace or copy.
+        split = triton.cdiv(N, 64) * triton.cdiv(M, block_m) < 2 * _num_sms(device)
+        return ("gemv_split" if split else "gemv"), block_m
+    return "matmul", min(triton.next_power_of_2(M), 4096)
+
+
+def chosen_config(variant: str) -> dict | None:
+    """The config ``variant``'s autotuner ran last in this process, as a plain dict (its meta-parameters,
+    ``num_warps``, ``num_stages``): what ``dequant_matmul(..., config=)`` takes. ``None`` before any
+    autotuned launch of that variant (a call given ``config=`` does not autotune)."""
+    if variant not in VARIANTS:
+        raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
+    best = getattr(_AUTOTUNERS[variant], "best_config", None)
+    if best is None:
+        return None
+    return {**{k: int(best.kwargs[k]) for k in CONFIG_KEYS[variant]},
+            "num_warps": int(best.num_warps), "num_stages": int(best.num_stages)}
+
+
+def check_config(config, variant: str) -> dict:
+    """Validate ``config`` for ``variant`` (see ``dequant_matmul``); returns the launch keyword arguments."""
+    keys = (*CONFIG_KEYS[variant], "num_warps", "num_stages")
+    if not isinstance(config, dict) or set(config) != set(keys):
+        raise ValueError(f"config must be a dict with exactly the keys {', '.join(keys)} for the {variant} kernel "
+                         f"(this call's M, N and dtype take it), got "
+                         f"{sorted(config) if isinstance(config, dict) else type(config).__name__}")
+    for k in keys:
+        v = config[k]
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"config[{k!r}] must be a positive int, got {v!r}")
+        if k.startswith("BLOCK_") and v & (v - 1):
+            raise ValueError(f"config[{k!r}] must be a power of two, got {v}")
+    if variant == "gemv" and config["SPLIT_K"] != 1:
+        raise ValueError(f"config['SPLIT_K'] must be 1 for the gemv kernel (it stores directly; this call's rows "
+                         f"fill the GPU), got {config['SPLIT_K']}")
+    return dict(config)
+
+
+def dequant_matmul(x, packed, scales, zeros, *, bits, group_size, symmetric, bias=None, out=None, config=None):
     """``x @ dequantize(packed, scales, zeros)^T (+ bias)`` in x's dtype, accumulated in fp32.
 
     x: (..., K) fp16/bf16/fp32; K is x.shape[-1]. M = prod(x.shape[:-1]) <= 16 takes the decode
-    kernel, larger M the tiled tensor-core kernel. ``out``: optional preallocated
-    contiguous (..., N) tensor of x's dtype.
+    kernel, larger M the tiled tensor-core kernel (``launch_plan`` says which). ``out``: optional
+    preallocated contiguous (..., N) tensor of x's dtype. ``config``: ``None`` autotunes (Triton's
+    autotuner, cached per key in this process); a dict of the variant's meta-parameters plus
+    ``num_warps`` and ``num_stages`` (``CONFIG_KEYS``; what ``chosen_config`` returns) launches exactly
+    that config without searching. This file never reads a config from disk: callers keep them
+    (``triton_kernels.nn`` reads per-GPU tables).
     """
     K, N = _check_call(x, packed, scales, zeros, bits, group_size, symmetric, bias, out)
     _check_launchable(x, "dequant_matmul")
     lead = x.shape[:-1]
     x2 = x.reshape(-1, K)  # a view for sliced/offset x whenever reshape can view it
     M = x2.shape[0]
+    variant, m_bucket = launch_plan(M, N, x.dtype, x.device)
+    fixed = None if config is None else check_config(config, variant)
     if out is None:
         out = torch.empty((*lead, N), device=x.device, dtype=x.dtype)
     out2 = out.view(M, N)
@@ -607,28 +666,23 @@ def dequant_matmul(x, packed, scales, zeros, *, bits, group_size, symmetric, bia
     bias_arg = bias if bias is not None else scales  # unused when not HAS_BIAS
     param_strides = (scales.stride(0), scales.stride(1), zeros_arg.stride(0), zeros_arg.stride(1))
     common = dict(BITS=bits, GROUP_SIZE=group_size, SYMMETRIC=symmetric, HAS_BIAS=bias is not None,
-                  EMULATE_BF16_DOT=_interpreting() and x.dtype == torch.bfloat16, **plane_meta)
-    if M <= GEMV_MAX_M or x.dtype == torch.float32:
-        # fp32 activations take the decode kernel at every M, 16 rows per program along grid axis 2:
-        # no ieee fp32 tl.dot tile big enough for the prefill kernel compiles without spills.
-        block_m = 1 if M == 1 else 16
-        # Split K only where the rows alone give too few programs to keep every SM streaming
-        # (fewer than 2 x 64-row tiles per SM); otherwise store directly, without workspace or copy.
-        split = triton.cdiv(N, 64) * triton.cdiv(M, block_m) < 2 * _num_sms(x.device)
+                  EMULATE_BF16_DOT=_interpreting() and x.dtype == torch.bfloat16, **plane_meta, **(fixed or {}))
+    if variant != "matmul":
+        split = variant == "gemv_split"
         ws = torch.zeros((M, N), device=x.device, dtype=torch.float32) if split else out2
-        kernel = _gemv_split if split else _gemv_direct
-        grid = lambda META: (triton.cdiv(N, META["BLOCK_N"]), META["SPLIT_K"], triton.cdiv(M, block_m))  # noqa: E731
+        kernel = dequant_gemv_kernel if fixed else _AUTOTUNERS[variant]
+        grid = lambda META: (triton.cdiv(N, META["BLOCK_N"]), META["SPLIT_K"], triton.cdiv(M, m_bucket))  # noqa: E731
         kernel[grid](
             x2, packed, scales, zeros_arg, bias_arg, out2, ws,
             M, N, K, *plane_sizes,
             x2.stride(0), x2.stride(1), packed.stride(0), *param_strides, out2.stride(0), ws.stride(0),
-            BLOCK_M=block_m, **common)
+            BLOCK_M=m_bucket, **common)
         if split:
             out2.copy_(ws)  # the cast to the activation dtype, after all K splits have landed
     else:
-        m_bucket = min(triton.next_power_of_2(M), 4096)
+        kernel = dequant_matmul_kernel if fixed else _matmul_autotuned
         grid = lambda META: (triton.cdiv(M, META["BLOCK_M"]) * triton.cdiv(N, META["BLOCK_N"]),)  # noqa: E731
-        _matmul_autotuned[grid](
+        kernel[grid](
             x2, packed, scales, zeros_arg, bias_arg, out2,
             M, N, K, m_bucket, *plane_sizes,
             x2.stride(0), x2.stride(1), packed.stride(0), *param_strides, out2.stride(0), out2.stride(1),

@@ -11,6 +11,17 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 
+#: The generation of the kernels' GPU code that a GPU number measured. ``make gpu-check`` writes it into
+#: every row (``kernel_revision``); the docs call a GPU number *current* only when its revision is this one
+#: (``python -m experiments summary``). Bump it in the commit that changes a kernel's GPU code path so
+#: that earlier GPU timings no longer describe it.
+#:
+#: - 1: the kernels up to commit ed88e8b (the decode kernel gathered one 32-bit word per code). The one
+#:   GPU run so far (NVIDIA H200, 2026-11-30) measured these; its rows predate the column.
+#: - 2: from commit c64838b: whole packed words per thread, bit planes for 3/5/6/7 bits, factored group
+#:   scales, split-K only where the rows are too few; the codebook kernel (added later) on that layout.
+KERNEL_REVISION = 2
+
 
 @functools.lru_cache(maxsize=1)
 def git_commit() -> str:

@@ -694,3 +694,153 @@ def compile_check_figure(cc: pd.DataFrame) -> plt.Figure:
     fig.suptitle("compile check: every autotune config, compiled ahead of time without a GPU (0 spills required)",
                  fontsize=9)
     return fig
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU results (``make gpu-check`` -> results/gpu/*.csv)
+# ---------------------------------------------------------------------------------------------
+# The columns of a dequant benchmark row (benchmarks/gpu_check.py, ``_dq_row``): what the GPU figures read.
+GPU_DEQUANT_COLUMNS = ("shape", "N", "K", "M", "variant", "median_ms", "pct_copy_bw", "device", "git_commit",
+                       "timestamp")
+
+
+def gpu_dir(root: str | Path = RESULTS) -> Path:
+    return Path(root) / "gpu"
+
+
+def gpu_tables(root: str | Path = RESULTS) -> dict[str, pd.DataFrame]:
+    """Every ``<root>/gpu/*.csv`` by name, each with ``kernel_revision`` (rows written before the column
+    existed measured revision 1: ``triton_kernels.provenance.KERNEL_REVISION``)."""
+    out = {}
+    for path in sorted(gpu_dir(root).glob("*.csv")):
+        df = pd.read_csv(path)
+        if "kernel_revision" not in df.columns:
+            df["kernel_revision"] = 1
+        df["kernel_revision"] = pd.to_numeric(df["kernel_revision"], errors="coerce").fillna(1).astype(int)
+        out[path.stem] = df
+    return out
+
+
+def gpu_dequant_rows(tables: dict[str, pd.DataFrame]) -> pd.DataFrame:
+    """The measured ``dequant_matmul`` / cuBLAS rows of all GPU tables (any table with the dequant columns:
+    decode4, sweep, large, gemlite, and the older ``dequant``), one per (device, shape, M, variant): the one of
+    the newest kernel revision, then the newest run."""
+    frames = [df.assign(table=name) for name, df in tables.items()
+              if set(GPU_DEQUANT_COLUMNS) <= set(df.columns) and "speedup_vs_fp16" in df.columns]
+    if not frames:
+        return pd.DataFrame(columns=[*GPU_DEQUANT_COLUMNS, "kernel_revision", "table"])
+    df = pd.concat(frames, ignore_index=True)
+    df = df[(df["status"] == "ok") & pd.to_numeric(df["median_ms"], errors="coerce").notna()].copy()
+    for c in ("M", "N", "K"):
+        df[c] = df[c].astype(int)
+    df = df.sort_values(["kernel_revision", "timestamp"])
+    return df.drop_duplicates(["device", "shape", "M", "variant"], keep="last").reset_index(drop=True)
+
+
+def kernels_label(rows: pd.DataFrame) -> str:
+    """Which kernels the rows measured, for a title: current, or old (and which revision)."""
+    from triton_kernels.provenance import KERNEL_REVISION
+    revs = sorted(set(rows["kernel_revision"]))
+    commits = ", ".join(dict.fromkeys(str(c)[:7] for c in rows["git_commit"]))
+    if revs == [KERNEL_REVISION]:
+        return f"current kernels (revision {KERNEL_REVISION}, commit {commits})"
+    return (f"OLD kernels (revision {'/'.join(map(str, revs))}, commit {commits}; "
+            f"current is revision {KERNEL_REVISION})")
+
+
+def _bits_colour(bits: int) -> str:
+    """One colour per bit width in both GPU figures."""
+    return f"C{bits - 1}"
+
+
+def _uniform_g128(rows: pd.DataFrame) -> pd.DataFrame:
+    q = rows[rows["variant"].astype(str).str.fullmatch(r"int\d_g128_asym")].copy()
+    q["bits"] = q["variant"].str[3].astype(int)
+    return q
+
+
+def gpu_speedup_figure(rows: pd.DataFrame, shape: str | None = None) -> plt.Figure:
+    """Marlin-style: speedup of ``dequant_matmul`` (g128, asym) over cuBLAS fp16 against the batch size M, one
+    line per bit width, the ideal 16/bits (weight bytes only) dashed in the same colour. ``shape``: the
+    layer (default: the one with the most points, the largest on ties)."""
+    q = _uniform_g128(rows)
+    if not len(q):
+        raise NoResults("no dequant_matmul g128 rows in the GPU tables (make gpu-check: sweep, decode4)")
+    if shape is None:
+        count = q.groupby("shape").size()
+        first = q.groupby("shape")[["N", "K"]].first()
+        shape = max(count.index, key=lambda s: (count[s], first.loc[s, "N"] * first.loc[s, "K"]))
+    q = q[q["shape"] == shape]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for bits, s in sorted(q.groupby("bits"), key=lambda t: t[0]):
+        s = s.sort_values("M")
+        ax.plot(s["M"], s["speedup_vs_fp16"], marker="o", ms=3, color=_bits_colour(bits), label=f"{bits}-bit g128")
+        ax.axhline(16 / bits, color=_bits_colour(bits), ls="--", lw=0.9, label=f"ideal 16/{bits} = {16 / bits:.2g}")
+    ax.axhline(1.0, color="k", ls=":", lw=1, label="cuBLAS fp16")
+    Ms = sorted(q["M"].unique())
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log", base=2)
+    ax.set_xticks(Ms, [str(m) for m in Ms])
+    ax.set_xlabel("batch size M (tokens per matmul)")
+    ax.set_ylabel("speedup over cuBLAS fp16 (GPU measurement, log2)")
+    ax.set_title(f"dequant_matmul {shape}, {q['device'].iloc[0]}\n{kernels_label(q)}", fontsize=8)
+    _legend(ax, loc="upper left", bbox_to_anchor=(1.01, 1))
+    return fig
+
+
+def gpu_bandwidth_figure(rows: pd.DataFrame, M: int = 1) -> plt.Figure:
+    """Achieved bandwidth (weights + activations + output moved, over the time) as % of the device-to-device
+    copy bandwidth measured in the same run, at batch ``M``, per layer shape: cuBLAS fp16 and each bit width."""
+    sub = rows[(rows["M"] == M) & pd.to_numeric(rows["pct_copy_bw"], errors="coerce").notna()]
+    q = _uniform_g128(sub)
+    dense = sub[sub["variant"] == "dense_fp16"].assign(bits=16)
+    both = pd.concat([dense, q], ignore_index=True)
+    if not len(both):
+        raise NoResults(f"no GPU rows at M={M} with a copy bandwidth (make gpu-check: bandwidth, decode4)")
+    first = both.groupby("shape")[["N", "K"]].first()
+    shapes = sorted(first.index, key=lambda s: -int(first.loc[s, "N"]) * int(first.loc[s, "K"]))
+    series = sorted(both["bits"].unique(), reverse=True)
+    fig, ax = plt.subplots(figsize=(max(5.0, 0.9 * len(shapes) + 2), 3.6))
+    h = 0.8 / len(series)
+    for i, bits in enumerate(series):
+        s = both[both["bits"] == bits].set_index("shape")["pct_copy_bw"].astype(float)
+        ax.bar([j + i * h for j in range(len(shapes))], [s.get(x, float("nan")) for x in shapes], width=h,
+               label="cuBLAS fp16" if bits == 16 else f"{bits}-bit g128",
+               color="0.6" if bits == 16 else _bits_colour(bits))
+    ax.axhline(100, color="k", ls="--", lw=1)
+    ax.set_xticks([j + h * (len(series) - 1) / 2 for j in range(len(shapes))], shapes, rotation=30, ha="right")
+    ax.set_ylabel(f"% of copy bandwidth at M={M}")
+    ax.set_title(f"{both['device'].iloc[0]}: {kernels_label(both)}", fontsize=8)
+    _legend(ax, loc="upper left", bbox_to_anchor=(1.01, 1))
+    return fig
+
+
+def draw_gpu_figures(root: str | Path = RESULTS, figures_dir: str | Path | None = None) -> list[Path]:
+    """Both GPU figures from ``<root>/gpu/*.csv`` into ``figures_dir`` (default: beside the other figures of
+    ``root``, see :func:`figures_dir_for`): ``gpu_speedup_vs_batch`` and ``gpu_bandwidth``."""
+    rows = gpu_dequant_rows(gpu_tables(root))
+    figures_dir = Path(figures_dir) if figures_dir is not None else figures_dir_for(root, False)
+    paths = []
+    for name, draw in (("gpu_speedup_vs_batch", gpu_speedup_figure), ("gpu_bandwidth", gpu_bandwidth_figure)):
+        fig = draw(rows)
+        paths += save(fig, name, figures_dir)
+        plt.close(fig)
+    return paths
+
+
+def add_gpu_figures_arguments(p) -> None:
+    p.add_argument("--results-dir", default=str(RESULTS), metavar="DIR",
+                   help="the results directory whose gpu/*.csv to draw (default: the reference results/)")
+    p.add_argument("--out", default=None, metavar="DIR",
+                   help="where the figures go (default <results-dir>/figures: results/figures for the reference, "
+                        "committed with the GPU tables)")
+
+
+def gpu_figures_main(args) -> int:
+    """``python -m experiments gpu-figures``: both GPU figures; prints the paths written."""
+    root = Path(args.results_dir).expanduser().resolve()
+    if not gpu_dir(root).is_dir():
+        raise NoResults(f"--results-dir {args.results_dir}: no gpu/ directory there (make gpu-check writes it)")
+    for path in draw_gpu_figures(root, Path(args.out) if args.out else root / "figures"):
+        print(path)
+    return 0

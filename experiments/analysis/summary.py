@@ -1,7 +1,7 @@
 """Headline numbers as Markdown tables, read from the result tables; the README and docs/ hold its output.
 
     python -m experiments summary [--quick] [--run NAME | --results-dir DIR]     # every table
-    python -m experiments summary --only headline|compile|sweep-<name>|latency|decode
+    python -m experiments summary --only headline|compile|sweep-<name>|latency|decode|gpu|gpu-status
     python -m experiments summary --write-docs | --check-docs                     # README.md, docs/
 
 Nothing here measures anything: it selects rows of ``sweep_*.csv``, ``latency_*.csv`` and
@@ -25,8 +25,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from experiments.analysis.plots import (RESULTS, SWEEPS, UNIFORM_METHODS, decode_baseline, model_layer_speedup,
-                                        results_dir, with_decode_speedup)
+from experiments.analysis.plots import (RESULTS, SWEEPS, UNIFORM_METHODS, decode_baseline, gpu_dequant_rows,
+                                        gpu_tables, model_layer_speedup, results_dir, with_decode_speedup)
 from experiments.core.runs import MEASURE_CONTEXT, REPO, SWEEP_CONTEXT, check_run_name, runs_root
 
 
@@ -311,6 +311,174 @@ def compile_summary(root: Path = RESULTS) -> str:
     return "\n".join(lines)
 
 
+# ---------------------------------------------------------------------------------------------
+# GPU: which numbers are of the current kernels
+# ---------------------------------------------------------------------------------------------
+GPU_FIGURES = ("gpu_speedup_vs_batch", "gpu_bandwidth")
+
+
+def _revision_word(rev: int) -> str:
+    from triton_kernels.provenance import KERNEL_REVISION
+    return "current kernels" if rev == KERNEL_REVISION else f"old kernels (revision {rev})"
+
+
+def _gpu_value(rows: pd.DataFrame, variant: str, M: int, col: str, shape: str | None = None):
+    """``col`` of the row of ``variant`` at ``M`` (on ``shape``, else the largest shape that has one), with that
+    row; (None, None) when there is none."""
+    r = rows[(rows["variant"] == variant) & (rows["M"] == M)]
+    if shape is not None:
+        r = r[r["shape"] == shape]
+    r = r[pd.to_numeric(r.get(col), errors="coerce").notna()] if col in r.columns else r.iloc[0:0]
+    if not len(r):
+        return None, None
+    r = r.assign(_size=r["N"] * r["K"]).sort_values(["_size", "N"]).iloc[-1]  # ties: the taller (28672x8192)
+    return float(r[col]), r
+
+
+def _lowrank_fused_wins(sl: pd.DataFrame):
+    """Whether the fused low-rank kernel beat two GEMMs at every r <= 128 (M=1), from a sparse_lowrank table."""
+    m1 = sl[(sl["M"] == 1) & sl["variant"].astype(str).str.startswith("rank")]
+    pairs = []
+    for r in (32, 64, 128):
+        f = m1[m1["variant"] == f"rank{r}_fused"]["median_ms"]
+        t = m1[m1["variant"] == f"rank{r}_two_gemm"]["median_ms"]
+        if len(f) and len(t):
+            pairs.append(float(f.iloc[0]) < float(t.iloc[0]))
+    return (all(pairs), f"{sum(pairs)} of {len(pairs)} ranks") if pairs else (None, "")
+
+
+def gpu_targets(tables: dict[str, pd.DataFrame]) -> list[tuple[str, str]]:
+    """``(target, status)`` for each GPU target: met / not met where the current kernels were measured,
+    open otherwise (with what the old kernels measured, if anything)."""
+    from triton_kernels.provenance import KERNEL_REVISION
+    dq = gpu_dequant_rows(tables)
+    sl = tables.get("sparse_lowrank")
+    sl = sl[sl["status"] == "ok"] if sl is not None and "status" in sl.columns else None
+    checks = [
+        ("4-bit g128, M=1: ≥ 3× cuBLAS fp16", dq, "int4_g128_asym", 1, "speedup_vs_fp16", 3.0, "×"),
+        ("4-bit g128, M=1: ≥ 70% of copy bandwidth", dq, "int4_g128_asym", 1, "pct_copy_bw", 70.0, "%"),
+        ("prefill at M=2048: ≥ 0.8× cuBLAS fp16", dq, "int4_g128_asym", 2048, "speedup_vs_fp16", 0.8, "×"),
+        ("block-sparse 90%: ≥ 4× dense fp16", sl, "block32_s0.9", 1, "speedup_vs_fp16", 4.0, "×"),
+        ("activation-sparse 50%: ≥ 1.6× dense fp16", sl, "activation_s0.5", 1, "speedup_vs_fp16", 1.6, "×"),
+    ]
+    out = []
+    for label, rows, variant, M, col, goal, unit in checks:
+        measured = rows is not None and "variant" in rows.columns
+        value, row = _gpu_value(rows, variant, M, col) if measured else (None, None)
+        if value is None:
+            out.append((label, "open: never measured on a GPU"))
+            continue
+        where = f"{row['shape']}, {row['device']}, commit {str(row['git_commit'])[:7]}"
+        shown = f"{value:.3g}{unit}"
+        if int(row.get("kernel_revision", 1)) != KERNEL_REVISION:
+            out.append((label, f"open: not measured on the current kernels (old kernels: {shown}, {where})"))
+        else:
+            out.append((label, f"{'met' if value >= goal else 'not met'}: {shown} ({where})"))
+    label = "fused low rank faster than two GEMMs at r ≤ 128 (M=1)"
+    if sl is None or not len(sl):
+        out.append((label, "open: never measured on a GPU"))
+    else:
+        wins, detail = _lowrank_fused_wins(sl)
+        current = set(sl.get("kernel_revision", pd.Series([1]))) == {KERNEL_REVISION}
+        if wins is None:
+            out.append((label, "open: never measured on a GPU"))
+        elif not current:
+            out.append((label, f"open: not measured on the current kernels (old kernels: faster at {detail})"))
+        else:
+            out.append((label, f"{'met' if wins else 'not met'}: faster at {detail}"))
+    return out
+
+
+def _gpu_figure_lines(root: Path, prefix: str) -> list[str]:
+    return [f"![{name.replace('_', ' ')}]({prefix}results/figures/{name}.png)" for name in GPU_FIGURES
+            if (root / "figures" / f"{name}.png").exists()]
+
+
+def gpu_summary(root: Path = RESULTS) -> str:
+    """docs/gpu.md's account of the GPU tables: which kernels each measured (current or old), the decode
+    and prefill numbers of ``dequant_matmul``, the targets, and the figures when drawn."""
+    from triton_kernels.provenance import KERNEL_REVISION
+    tables = gpu_tables(root)
+    if not tables:
+        return "(no GPU tables yet: `make gpu-check` on a machine with a CUDA GPU writes results/gpu/*.csv)"
+    lines = [f"GPU tables in `{_rel(root / 'gpu', root)}/` (`make gpu-check`). A number is of the *current kernels* "
+             f"when the kernel revision it measured (its `kernel_revision` column; rows written before that column "
+             f"existed measured revision 1) is today's, {KERNEL_REVISION} (`triton_kernels/provenance.py`); "
+             f"otherwise it is of *old kernels* and says nothing about today's code.\n",
+             "| table | rows | device | commit | date | kernel revision | numbers are of |",
+             "|---|---|---|---|---|---|---|"]
+    n_current = 0
+    for name, df in tables.items():
+        for rev, g in df.groupby("kernel_revision", sort=True):
+            n_current += len(g) if rev == KERNEL_REVISION else 0
+            commits = ", ".join(dict.fromkeys(str(c)[:7] for c in g["git_commit"]))
+            days = sorted({str(t)[:10] for t in g["timestamp"]})
+            lines.append(f"| {name}.csv | {len(g)} | {', '.join(dict.fromkeys(map(str, g['device'])))} | {commits} "
+                         f"| {days[0]}{' to ' + days[-1] if len(days) > 1 else ''} | {rev} | {_revision_word(rev)} |")
+    lines += ["", f"**{n_current} GPU numbers are of the current kernels**"
+              + ("; every other row above is of old kernels." if n_current else
+                 ": every GPU number above is of old kernels, so every GPU target is open.")]
+    dq = gpu_dequant_rows(tables)
+    if len(dq):
+        lines += ["", "`dequant_matmul` (asymmetric, groups of 128) against cuBLAS fp16 `F.linear` (newest row of each "
+                      "point; `python -m experiments summary --only gpu`):", "",
+                  "| shape (N × K) | M | format | ms | cuBLAS fp16 ms | × vs fp16 | % copy BW | kernels |",
+                  "|---|---|---|---|---|---|---|---|"]
+        q = dq[dq["variant"].astype(str).str.fullmatch(r"int\d_g128_asym")]
+        largest = q.assign(_size=q["N"] * q["K"]).sort_values(["_size", "N"])["shape"].iloc[-1] if len(q) else None
+        pick = q[((q["M"] == 1) & (q["variant"] == "int4_g128_asym"))
+                 | ((q["shape"] == largest) & ((q["M"] == 1) | ((q["variant"] == "int4_g128_asym")
+                                                             & q["M"].isin([16, 2048]))))]
+        for _, r in pick.sort_values(["M", "N", "K", "variant"], ascending=[True, False, False, False]).iterrows():
+            dense = dq[(dq["shape"] == r["shape"]) & (dq["M"] == r["M"]) & (dq["variant"] == "dense_fp16")
+                       & (dq["timestamp"] == r["timestamp"])]["median_ms"]
+            lines.append(f"| {r['shape'].replace('x', '×')} | {r['M']} | int{r['variant'][3]} g128 "
+                         f"| {_fmt(r['median_ms'], 4)} "
+                         f"| {_fmt(dense.iloc[0], 4) if len(dense) else ''} | {_fmt(r['speedup_vs_fp16'], 2)} "
+                         f"| {_fmt(pd.to_numeric(r['pct_copy_bw'], errors='coerce'), 2)} "
+                         f"| {_revision_word(int(r['kernel_revision']))} |")
+    lines += ["", "| target | status |", "|---|---|"]
+    lines += [f"| {t} | {st} |" for t, st in gpu_targets(tables)]
+    figs = _gpu_figure_lines(root, "../")
+    lines += ["", *figs] if figs else [
+        "", "Figures: `make gpu-report` draws `results/figures/gpu_speedup_vs_batch.png` (speedup over cuBLAS fp16 "
+            "against M, one line per bit width, ideal 16/bits dashed) and `gpu_bandwidth.png` (% of copy bandwidth "
+            "at M=1) from these tables; not drawn yet."]
+    return "\n".join(lines)
+
+
+def gpu_status(root: Path = RESULTS) -> str:
+    """The README's short GPU paragraph: whether any GPU number is of the current kernels, and the headline."""
+    from triton_kernels.provenance import KERNEL_REVISION
+    tables = gpu_tables(root)
+    if not tables:
+        return ("**GPU**: nothing measured on a GPU yet; `make gpu-check` measures the kernels where one exists "
+                "([docs/gpu.md](docs/gpu.md)).")
+    dq = gpu_dequant_rows(tables)
+    x, row = _gpu_value(dq, "int4_g128_asym", 1, "speedup_vs_fp16") if len(dq) else (None, None)
+    bw, _ = _gpu_value(dq, "int4_g128_asym", 1, "pct_copy_bw", shape=row["shape"]) if row is not None else (None, None)
+    revs = sorted({int(r) for df in tables.values() for r in df["kernel_revision"]})
+    runs = sorted({(str(d), str(c)[:7], str(t)[:10]) for df in tables.values()
+                   for d, c, t in zip(df["device"], df["git_commit"], df["timestamp"])})
+    where = "; ".join(f"{d}, commit {c}, {t}" for d, c, t in runs)
+    head = ""
+    if row is not None:
+        head = f"4-bit g128 at M=1 on {row['shape']}: {x:.3g}× cuBLAS fp16" + (
+            f", {bw:.3g}% of copy bandwidth" if bw is not None else "")
+    figs = _gpu_figure_lines(root, "")
+    if KERNEL_REVISION not in revs:
+        text = (f"**GPU: no number measures the current kernels.** Every GPU number in `results/gpu/` is of old "
+                f"kernels (revision {'/'.join(map(str, revs))}; {where}" + (f"; {head}" if head else "")
+                + f"); the kernels have been rebuilt since (revision {KERNEL_REVISION}), so every GPU target is open "
+                f"until `make gpu-check` runs on a GPU ([docs/gpu.md](docs/gpu.md)).")
+        return text
+    old = sorted(name for name, df in tables.items() if set(df["kernel_revision"]) != {KERNEL_REVISION})
+    text = (f"**GPU** (current kernels, revision {KERNEL_REVISION}; {where}): " + (head or "no dequant rows")
+            + (f". Old-kernel numbers remain in {', '.join(f'`{n}.csv`' for n in old)}" if old else "")
+            + "; every table and target: [docs/gpu.md](docs/gpu.md).")
+    return "\n\n".join([text, *figs])
+
+
 # The generated blocks of README.md and docs/*.md: NAME -> its text from a results directory.
 BLOCKS = {
     "headline": lambda root: headline_summary(False, root),
@@ -318,6 +486,8 @@ BLOCKS = {
     **{f"sweep-{name}": (lambda root, name=name: sweep_summary(False, root, (name,))) for name in SWEEPS},
     "latency": lambda root: latency_summary(False, root=root),
     "decode": lambda root: decode_summary(False, root=root),
+    "gpu": gpu_summary,
+    "gpu-status": gpu_status,
 }
 # A marker is a line of its own (a marker quoted inside a line, as in these docs, is text).
 _BLOCK = re.compile(r"^(<!-- summary:(?P<name>[\w-]+):begin[^>\n]*-->\n)(?P<body>.*?)^(<!-- summary:(?P=name):end -->)$",
@@ -402,6 +572,9 @@ def main(args: argparse.Namespace) -> int:
         return 0
     if only == "decode":
         print(decode_summary(args.quick, root=root))
+        return 0
+    if only in ("gpu", "gpu-status"):
+        print(BLOCKS[only](root))
         return 0
     print(compile_summary(root if (root / "compile_check.csv").exists() else RESULTS))
     print()

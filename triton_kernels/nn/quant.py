@@ -24,7 +24,9 @@ Building one
 
 Backends (``backend=`` at construction, the ``backend`` attribute, or ``forward(x, backend=...)``)
 -------------------------------------------------------------------------------------------
-- ``"triton"``: ``dequant_matmul`` (CUDA/ROCm, or CPU tensors under ``TRITON_INTERPRET=1``).
+- ``"triton"``: ``dequant_matmul`` (CUDA/ROCm, or CPU tensors under ``TRITON_INTERPRET=1``), with the
+  config stored for this GPU and call where ``triton_kernels/nn/configs/<gpu>.json`` has one
+  (``triton_kernels.nn.tuned``; autotuned otherwise, and always under ``torch.compile``).
 - ``"torch_int4"``: ``torch.ops.aten._weight_int4pack_mm_for_cpu`` (CPU, bf16/fp16 activations; bits
   <= 4, any group size, any N and K). The op computes ``sum_k x_k * ((c - 8) * S_j + Z_j)`` in fp32
   for 4-bit codes ``c`` with one (S, Z) per op group ``j`` of 32/64/128/256 columns (both in x's
@@ -187,7 +189,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from triton_kernels import dequant_matmul as dq
-from triton_kernels.nn import _ops
+from triton_kernels.nn import _ops, tuned
 from triton_kernels.nn._backend import (SourceStamp, check_backend, check_input, choice_entry,
                                          choices_generation, cpu_dense_rows, format_nbytes, m_bucket,
                                          measured_choice, tensor_nbytes, triton_usable)
@@ -683,8 +685,17 @@ class QuantLinear(nn.Module):
             if _ops.compiling():
                 return _ops.dequant_linear(x2, self.packed, self.scales, self.zeros, self.bias, self.bits,
                                            self.group_size, self.symmetric)
-            return dq.dequant_matmul(x2, self.packed, self.scales, self.zeros, bits=self.bits,
-                                     group_size=self.group_size, symmetric=self.symmetric, bias=self.bias)
+            # A config tuned for this GPU and call (triton_kernels/nn/configs/<gpu>.json) skips the search.
+            fmt = dict(bits=self.bits, group_size=self.group_size, symmetric=self.symmetric, dtype=x2.dtype,
+                       param_dtype=self.scales.dtype, device=x2.device)
+            M, K = x2.shape
+            config = tuned.dequant_config(M, N, K, **fmt)
+            y = dq.dequant_matmul(x2, self.packed, self.scales, self.zeros, bits=self.bits,
+                                  group_size=self.group_size, symmetric=self.symmetric, bias=self.bias,
+                                  config=config)
+            if config is None and tuned.is_recording():
+                tuned.note_dequant(M, N, K, **fmt)
+            return y
         if backend == "dequant":
             if self.cache_dequantized:
                 key = ("dequant", x2.dtype)
