@@ -10,7 +10,7 @@ does not depend on batch size beyond float32 rounding inside the model.
 The model is called as is, so a model whose linears were replaced by compressed modules is
 evaluated through those modules' real forward.
 
-Per window and against the dense model (issue 24)
+Per window and against the dense model
     :func:`perplexity` also returns each window's mean NLL (``window_nll``): the windows are the same
     for every point of a run, so two points can be compared window by window (a *paired* difference,
     :mod:`experiments.core.stats`). Given a :class:`DenseReference` (the dense model's output on the
@@ -26,8 +26,9 @@ The dense reference (:class:`DenseReference`; :func:`save_reference` / :func:`lo
     ``1 - sum``), and the full ``logsumexp`` of the logits (float32; ``logit = logprob + lse`` recovers
     the top-k logits); per window its mean NLL (float64). That is ``8 k + 8`` bytes per token: 264 B at
     the default ``k = 32`` (:data:`REFERENCE_TOPK`), e.g. 2.2 MB for the full sweeps' 8,176 predicted
-    tokens and 0.54 MB for quick mode's 2,040. Float32 rather than float16 values: float16 rounding
-    would leave the dense model's KL against itself at ~1e-5 instead of exactly 0, to save 64 B/token.
+    tokens and 0.54 MB for quick mode's 2,040. Float32 rather than float16 values: float16 steps
+    (0.004 nats at a log-probability of -4) would leave the dense model's KL against itself above 0,
+    to save 64 B/token; in float32 it is exactly 0 on the machine that computed the reference.
 
 KL over top-k + rest
     KL(p || q) is computed over ``k + 1`` bins: the dense model's top-k tokens and one bin for all the
@@ -35,9 +36,10 @@ KL over top-k + rest
     the logsumexp of its other logits). Merging tokens into one bin can only lower a KL divergence (the
     data-processing inequality; log-sum inequality), so the value is a **lower bound** of the true
     per-token KL; with ``k`` = the vocabulary size it is the exact KL (tested). llama.cpp's
-    ``llama-perplexity --kl-divergence`` stores the full logits instead (uint16-quantized) and reports
-    the full KL and "same top p"; here the stored reference is 190x smaller (vocab 49,152) for a bound
-    that the top-32 bins make tight where the dense model is confident.
+    ``llama-perplexity --kl-divergence`` stores every token's full log-probabilities instead (uint16,
+    ~98 KB per token at the default model's vocabulary of 49,152) and reports the full KL and "same top
+    p"; the reference here is ~370x smaller, for a bound that is tight where the dense model's top 32
+    tokens carry nearly all of its probability (the missing part is the rest bin's internal KL).
 """
 from __future__ import annotations
 

@@ -248,10 +248,12 @@ def dense_reference_path(directory: Path, model: str, model_name: str, windows: 
 
 
 def _dense_references(prepared: list[_Prepared], out: Path, model: str, model_name: str, device: str,
-                      prov: Mapping[str, str], *, progress: bool, log: Callable[[str], None]) -> None:
+                      prov: Mapping[str, str], *, threads: int | None = None, progress: bool,
+                      log: Callable[[str], None]) -> None:
     """Fill each prepared sweep's ``reference`` (module docstring): loaded from the run directory, or
     computed with the dense model and saved there; only for sweeps with points left to run. Call it
-    holding the run directory's lock."""
+    holding the run directory's lock. ``threads``: torch's CPU threads while computing it, those a
+    point runs with (Ray's ``--cpus-per-point``), so the dense point's KL against it is exactly 0."""
     from experiments.lm import evaluate, models
     from experiments.run.point import device_of
     done: dict[Path, Any] = {}
@@ -271,7 +273,12 @@ def _dense_references(prepared: list[_Prepared], out: Path, model: str, model_na
                 if model_copy is None:
                     model_copy = models.load_model(model)[0].to(dev)
                 t0 = time.perf_counter()
-                ref = evaluate.dense_reference(model_copy, p.windows.to(dev), progress=progress)
+                before = torch.get_num_threads()
+                torch.set_num_threads(threads or before)
+                try:
+                    ref = evaluate.dense_reference(model_copy, p.windows.to(dev), progress=progress)
+                finally:
+                    torch.set_num_threads(before)
                 evaluate.save_reference(ref, path)
                 log(f"dense reference ({tuple(p.windows.shape)} windows, top-{ref.k}, {ref.nbytes() / 1e6:.2f} MB) "
                     f"computed in {time.perf_counter() - t0:.1f}s -> {path}")
@@ -414,7 +421,8 @@ def run_sweeps(sweeps: list[Sweep], *, quick: bool = False, model: str = "defaul
         prepared = [_prepare_sweep(sw, quick, out, token_cache, context_of(sw.settings(quick)), model_name, corpus)
                     for sw in sweeps]
         _log_resume(prepared, log)
-        _dense_references(prepared, out, model, model_name, device, prov, progress=progress, log=log)
+        _dense_references(prepared, out, model, model_name, device, prov, progress=progress, log=log,
+                          threads=getattr(executor, "cpus_per_point", None))
         failures = _measure_points(executor, prepared, run_ctx, progress=progress, log=log, context_of=context_of,
                                    prov=prov)
     paths = [p.path for p in prepared]
