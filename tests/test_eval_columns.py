@@ -22,7 +22,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 SWEEP = """\
 name: ev
-settings: {{seqlen: 32, eval_tokens: 128, eval2_tokens: {eval2}, calib_samples: 2, calib_seqlen: 32, seed: 0}}
+settings: {{seqlen: 32, eval_tokens: 128, eval2_windows: {eval2}, calib_samples: 2, calib_seqlen: 32, seed: 0}}
 points: [{points}]
 """
 POINTS = "{method: dense}, {method: rtn, bits: 3, group_size: 32}"
@@ -37,7 +37,7 @@ def second_text(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)   # the modules' CPU backends, as a user runs them
 
 
-def _run(tiny, tmp_path, eval2=64, points=POINTS, **kw):  # noqa: F811
+def _run(tiny, tmp_path, eval2=2, points=POINTS, **kw):  # noqa: F811
     from experiments.run.sweep import run_sweeps
     from experiments.run.sweep_config import load_sweep
     model, text, _ = tiny
@@ -59,7 +59,7 @@ def test_a_sweep_row_carries_intervals_paired_metrics_and_the_second_text(tiny, 
         assert float(r["ppl_lo"]) <= float(r["ppl"]) <= float(r["ppl_hi"])
         assert len(json.loads(r["window_nll2"])) == 2 and int(r["eval2_tokens"]) == 2 * 31
         assert float(r["ppl2_lo"]) <= float(r["ppl2"]) <= float(r["ppl2_hi"]) and float(r["ppl2"]) != float(r["ppl"])
-        assert r["evaluation_text2"] == "Tiny second text" and r["eval2_token_budget"] == "64"
+        assert r["evaluation_text2"] == "Tiny second text" and r["eval2_windows"] == "2"
         assert r["kl_topk"] == "32" and r["bootstrap"].startswith("percentile 95%, 2000 resamples")
     # The dense point against its own reference: exactly KL 0, top-1 1, ΔNLL 0.
     assert [float(dense[c]) for c in ("kl", "kl_lo", "kl_hi", "dnll", "dnll_lo", "dnll_hi")] == [0.0] * 6
@@ -92,17 +92,17 @@ def test_nothing_left_to_run_computes_no_reference(tiny, tmp_path, second_text, 
 
 
 def test_the_second_text_budget_is_not_in_the_point_id_but_is_context(tiny, tmp_path, second_text):  # noqa: F811
-    """Committed rows keep their ids (eval2_tokens is a setting added later), and a table holds one
+    """Committed rows keep their ids (eval2_windows is a setting added later), and a table holds one
     second-text budget: a run with another is refused before measuring, naming the column."""
     from experiments.run.sweep import point_id
     from experiments.methods.spec import parse_spec
     st = {"seqlen": 32, "eval_tokens": 128, "calib_samples": 2, "calib_seqlen": 32, "seed": 0}
     spec = parse_spec({"method": "dense"})
-    assert point_id(spec, {**st, "eval2_tokens": 64}, "m", {}) == point_id(spec, st, "m", {})
+    assert point_id(spec, {**st, "eval2_windows": 2}, "m", {}) == point_id(spec, st, "m", {})
     table = _run(tiny, tmp_path)
     before = table.read_bytes()
-    with pytest.raises(ContextMismatch, match="eval2_token_budget: table has '64', this run has '96'"):
-        _run(tiny, tmp_path, eval2=96, points=POINTS + ", {method: rtn, bits: 4, group_size: 32}")
+    with pytest.raises(ContextMismatch, match="eval2_windows: table has '2', this run has '3'"):
+        _run(tiny, tmp_path, eval2=3, points=POINTS + ", {method: rtn, bits: 4, group_size: 32}")
     assert table.read_bytes() == before
 
 
@@ -110,7 +110,7 @@ def test_without_a_second_text_its_columns_are_empty(tiny, tmp_path, monkeypatch
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     table = _run(tiny, tmp_path, points="{method: dense}")
     (r,) = rows(table)
-    assert all(r[c] == "" for c in ("ppl2", "ppl2_lo", "window_nll2", "evaluation_text2", "eval2_token_budget"))
+    assert all(r[c] == "" for c in ("ppl2", "ppl2_lo", "window_nll2", "evaluation_text2", "eval2_windows"))
     assert r["kl"] == "0.0" and r["ppl_lo"] != ""
 
 
@@ -123,7 +123,7 @@ def _new_style(old: dict, point: str, window_nll: list[float], **extra) -> dict:
             "ppl": math.exp(mean), "ppl_lo": math.exp(mean) * 0.99, "ppl_hi": math.exp(mean) * 1.01,
             "window_nll": json.dumps(window_nll), "kl": 0.01, "kl_lo": 0.009, "kl_hi": 0.011, "top1": 0.9,
             "top1_lo": 0.89, "top1_hi": 0.91, "dnll": 0.02, "dnll_lo": 0.01, "dnll_hi": 0.03,
-            "evaluation_text2": "Emma", "text2_sha256": "abc", "eval2_token_budget": 1024, "kl_topk": 32,
+            "evaluation_text2": "Emma", "text2_sha256": "abc", "eval2_windows": 4, "kl_topk": 32,
             "bootstrap": "percentile 95%, 2000 resamples of the windows, numpy default_rng seed 0", **extra}
 
 
@@ -208,3 +208,30 @@ def test_the_headline_says_when_the_best_point_is_within_noise_of_the_runner_up(
                          key=("point",), **kw)
     line = next(x for x in summary.headline_summary(True, root).splitlines() if "4-bit weights, uniform grid" in x)
     assert "within noise" not in line and "best-4bit (quant)" in line
+
+
+def test_a_second_text_too_short_for_its_windows_names_the_setting(tiny, tmp_path, second_text):  # noqa: F811
+    with pytest.raises(ValueError, match=r"the second evaluation text has \d+ tokens, \d+ full window\(s\) of "
+                                         r"seqlen=32, but the setting eval2_windows=500 asks for 500; set "
+                                         r"eval2_windows <= \d+ \(`eval2_windows:` under `settings:`"):
+        _run(tiny, tmp_path, eval2=500)
+    assert not (tmp_path / "run" / "sweep_ev.csv").exists()
+
+
+@pytest.mark.parametrize("value, match", [(-1, "eval2_windows=-1 must be a non-negative integer"),
+                                          (True, "eval2_windows=True must be a non-negative integer")])
+def test_bad_eval2_windows_is_one_clear_error(tmp_path, value, match):
+    from experiments.run.sweep_config import load_sweep
+    f = tmp_path / "s.yaml"
+    f.write_text(f"name: s\nsettings: {{eval2_windows: {str(value).lower()}}}\npoints: [{{method: dense}}]\n")
+    with pytest.raises(ValueError, match=match):
+        load_sweep(f)
+
+
+def test_defaults_without_eval2_windows_measure_no_second_text(tmp_path):
+    from experiments.run.sweep_config import load_sweep
+    f = tmp_path / "s.yaml"
+    f.write_text("name: s\nsettings: {seqlen: 32, eval_tokens: 64}\npoints: [{method: dense}]\n")
+    old_defaults = {"seqlen": 32, "eval_tokens": 64, "calib_samples": 1, "calib_seqlen": 32, "seed": 0}
+    sw = load_sweep(f, defaults={"full": old_defaults, "quick": old_defaults})
+    assert sw.settings(False)["eval2_windows"] == 0

@@ -28,7 +28,7 @@ from experiments.core.stats import BOOTSTRAP_LEVEL, Interval, paired_interval, w
 
 # What two rows must share for their windows to be the same windows.
 SAME_WINDOWS = ("model", "corpus", "evaluation_text", "text_sha256", "seqlen", "eval_token_budget")
-SAME_WINDOWS_2 = ("model", "evaluation_text2", "text2_sha256", "seqlen", "eval2_token_budget")
+SAME_WINDOWS_2 = ("model", "evaluation_text2", "text2_sha256", "seqlen", "eval2_windows")
 WITHIN_NOISE = "within noise"
 
 

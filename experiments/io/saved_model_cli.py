@@ -193,16 +193,16 @@ def eval_main(args: argparse.Namespace) -> int:
     dev = device_of(args.device)
     extra = manifest.get("extra") or {}
     settings = extra.get("settings") if extra.get("quick", False) == args.quick and extra.get("settings") else None
-    # Settings the manifest predates (eval2_tokens) come from _defaults.yaml.
+    # Settings the manifest predates (eval2_windows) come from _defaults.yaml.
     settings = {**_settings(None, args.quick), **(settings or {})}
     if args.reference_dir is not None and args.no_dense:
         raise ValueError("--reference-dir keeps the dense reference that --no-dense skips: give one of them")
     tokenizer = models.load_tokenizer(base_spec)
     _calib, eval_text, corpus = data.get_texts(source=args.source, text_file=args.text_file)
     windows = data.eval_tokens(tokenizer, eval_text, max_tokens=settings["eval_tokens"], seqlen=settings["seqlen"])
-    eval2_tokens = settings.get("eval2_tokens", 0)
-    second = data.second_evaluation_text(source=args.source, text_file=args.text_file) if eval2_tokens else None
-    windows2 = (data.eval_tokens(tokenizer, second[1], max_tokens=eval2_tokens, seqlen=settings["seqlen"])
+    n2 = settings.get("eval2_windows", 0)
+    second = data.second_evaluation_text(source=args.source, text_file=args.text_file) if n2 else None
+    windows2 = (data.eval_tokens(tokenizer, second[1], max_tokens=n2 * settings["seqlen"], seqlen=settings["seqlen"])
                 if second else None)
     reference = None if args.no_dense else _dense_reference(base_spec, windows, dev, args)
     t0 = time.perf_counter()

@@ -15,8 +15,8 @@ The columns of the evaluation (issue 24; tables older than them read them empty)
   per token over the top-k + rest bins, a lower bound of the full KL), ``top1`` (fraction of tokens
   whose argmax is the dense model's), ``dnll`` (mean NLL minus the dense model's), each with
   ``_lo``/``_hi`` (paired bootstrap over windows). The dense point itself gets 0 / 1 / 0;
-- the second evaluation text (``evaluation_text2``, ``eval2_token_budget`` of the ``eval2_tokens``
-  setting, ``text2_sha256``): ``ppl2``, ``nll2``, ``ppl2_lo``/``ppl2_hi``, ``window_nll2``,
+- the second evaluation text (``evaluation_text2``, ``eval2_windows`` of ``seqlen`` tokens (the setting),
+  ``text2_sha256``): ``ppl2``, ``nll2``, ``ppl2_lo``/``ppl2_hi``, ``window_nll2``,
   ``eval2_tokens``, ``eval2_seconds``. Empty where the corpus has no second text (``--text-file``).
 """
 from __future__ import annotations
@@ -62,14 +62,14 @@ def context_row(model_name: str, corpus: Mapping[str, str], text_sha: str, quick
     run's rows; ``text2`` the second evaluation text's description and hash (:attr:`RunContext.text2`)."""
     from experiments.core.stats import bootstrap_method
     from experiments.lm.evaluate import REFERENCE_TOPK
-    second = bool(text2) and settings.get("eval2_tokens", 0) > 0
+    second = bool(text2) and settings.get("eval2_windows", 0) > 0
     return {"model": model_name, "corpus": corpus.get("corpus", ""),
             "calibration_text": corpus.get("calibration", ""), "evaluation_text": corpus.get("evaluation", ""),
             "text_sha256": text_sha, "quick": quick, "seqlen": settings["seqlen"],
             "eval_token_budget": settings["eval_tokens"], "seed": settings["seed"],
             "device_type": prov["device_type"], "device": prov["device"], "torch": prov["torch"],
             "evaluation_text2": text2["name"] if second else "", "text2_sha256": text2["sha256"] if second else "",
-            "eval2_token_budget": settings["eval2_tokens"] if second else "",
+            "eval2_windows": settings["eval2_windows"] if second else "",
             "kl_topk": REFERENCE_TOPK, "bootstrap": bootstrap_method()}
 
 

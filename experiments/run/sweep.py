@@ -40,7 +40,7 @@ covers the model, the windows, ``k``, the machine and torch; :func:`dense_refere
 resumed run loads it instead of recomputing it, and it travels to the executors inside each sweep's
 :class:`experiments.run.point.Evaluation` (for Ray, through the object store once per sweep, ~2 MB):
 workers on other machines need no access to the run directory. The second evaluation text
-(``experiments.lm.data.second_evaluation_text``, the ``eval2_tokens`` setting) is cut here too.
+(``experiments.lm.data.second_evaluation_text``, the ``eval2_windows`` setting) is cut here too.
 """
 from __future__ import annotations
 
@@ -94,22 +94,24 @@ def _where_to_set(sw: Sweep, quick: bool, key: str) -> str:
 
 def _eval_windows(sw: Sweep, quick: bool, tokenizer, text: str, st: Mapping[str, int], text_file,
                   key: str = "eval_tokens", which: str = "evaluation text") -> torch.Tensor:
-    """``data.eval_tokens`` for a sweep's settings (budget ``st[key]``); a too-short text names the sweep
-    settings to change."""
+    """``data.eval_tokens`` for a sweep's settings (budget ``st[key]``: tokens for ``eval_tokens``, windows
+    for ``eval2_windows``); a too-short text names the sweep settings to change."""
     from experiments.lm import data
     n_tok = int(data.tokenize(tokenizer, text).numel())
-    seqlen, budget = st["seqlen"], st[key]
+    seqlen = st["seqlen"]
+    wanted = st[key] // seqlen if key == "eval_tokens" else st[key]
     available = n_tok // seqlen
-    if budget // seqlen > available:
+    if wanted > available:
         if available == 0:
             fix = f"seqlen <= {n_tok} ({_where_to_set(sw, quick, 'seqlen')})"
         else:
-            fix = f"{key} <= {available * seqlen} ({_where_to_set(sw, quick, key)})"
+            fits = available * seqlen if key == "eval_tokens" else available
+            fix = f"{key} <= {fits} ({_where_to_set(sw, quick, key)})"
         raise ValueError(f"sweep {sw.name!r}{' (--quick)' if quick else ''}: the {which} has {n_tok} tokens, "
-                         f"{available} full window(s) of seqlen={seqlen}, but the setting {key}={budget} asks for "
-                         f"{budget // seqlen}; set {fix}, or give a longer "
+                         f"{available} full window(s) of seqlen={seqlen}, but the setting {key}={st[key]} asks for "
+                         f"{wanted}; set {fix}, or give a longer "
                          f"{'--text-file' if text_file else 'text with --text-file'}")
-    return data.eval_tokens(tokenizer, text, max_tokens=budget, seqlen=seqlen)
+    return data.eval_tokens(tokenizer, text, max_tokens=wanted * seqlen, seqlen=seqlen)
 
 
 def _calib_windows(sw: Sweep, quick: bool, tokenizer, text: str, st: Mapping[str, int], text_file) -> torch.Tensor:
@@ -144,7 +146,7 @@ def _eval_key(st: Mapping[str, int]) -> tuple:
 
 
 def _eval2_key(st: Mapping[str, int]) -> tuple:
-    return ("eval2", st["eval2_tokens"], st["seqlen"])
+    return ("eval2", st["eval2_windows"], st["seqlen"])
 
 
 def _calib_key(st: Mapping[str, int]) -> tuple:
@@ -154,16 +156,16 @@ def _calib_key(st: Mapping[str, int]) -> tuple:
 def _token_windows(sweeps: list[Sweep], quick: bool, tokenizer, calib_text: str, eval_text: str,
                    text_file, eval2_text: str | None = None) -> dict[tuple, torch.Tensor]:
     """Every sweep's evaluation windows (and calibration windows, where a point needs them, and the
-    second text's, where there is one and ``eval2_tokens`` > 0), each cut once; a text too short for a
+    second text's, where there is one and ``eval2_windows`` > 0), each cut once; a text too short for a
     sweep's budgets fails here, before the model loads."""
     token_cache: dict[tuple, torch.Tensor] = {}
     for sw in sweeps:
         st = sw.settings(quick)
         if _eval_key(st) not in token_cache:
             token_cache[_eval_key(st)] = _eval_windows(sw, quick, tokenizer, eval_text, st, text_file)
-        if eval2_text is not None and st["eval2_tokens"] > 0 and _eval2_key(st) not in token_cache:
+        if eval2_text is not None and st["eval2_windows"] > 0 and _eval2_key(st) not in token_cache:
             token_cache[_eval2_key(st)] = _eval_windows(sw, quick, tokenizer, eval2_text, st, text_file,
-                                                        key="eval2_tokens", which="second evaluation text")
+                                                        key="eval2_windows", which="second evaluation text")
         if any(s.needs() for s in sw.points(quick)) and _calib_key(st) not in token_cache:
             token_cache[_calib_key(st)] = _calib_windows(sw, quick, tokenizer, calib_text, st, text_file)
     return token_cache
@@ -395,7 +397,7 @@ def run_sweeps(sweeps: list[Sweep], *, quick: bool = False, model: str = "defaul
     calib_text, eval_text, corpus = data.get_texts(source=source, text_file=text_file)
     text_sha = text_digest(calib_text, eval_text)
     second = (data.second_evaluation_text(source=source, text_file=text_file)
-              if any(sw.settings(quick)["eval2_tokens"] > 0 for sw in sweeps) else None)
+              if any(sw.settings(quick)["eval2_windows"] > 0 for sw in sweeps) else None)
     text2 = None if second is None else {"name": second[0],
                                          "sha256": hashlib.sha256(second[1].encode("utf-8", "replace")).hexdigest()[:16]}
     # The tokenizer alone first: the texts are checked against every sweep's token budgets before
