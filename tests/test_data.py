@@ -139,8 +139,21 @@ def test_cache_root_env(monkeypatch, tmp_path):
 def test_default_split_is_disjoint():
     split = data.default_split()
     titles = set(data.AUSTEN_NOVELS.values())
-    assert set(split["calibration"]) <= titles and set(split["evaluation"]) <= titles
-    assert not set(split["calibration"]) & set(split["evaluation"])
+    assert set(split) == {"calibration", "evaluation", "evaluation2"}
+    for a in split:
+        assert set(split[a]) <= titles and split[a]
+        for b in split:
+            assert a == b or not set(split[a]) & set(split[b]), (a, b)
+    assert split["evaluation2"] == ["Emma"]
+
+
+def test_text_file_and_wikitext_have_no_second_text(tmp_path):
+    f = tmp_path / "t.txt"
+    f.write_text(TEXT)
+    assert data.second_evaluation_text(text_file=f) is None
+    assert data.second_evaluation_text(source="wikitext2") is None
+    with pytest.raises(ValueError, match="source='ptb' is not known"):
+        data.second_evaluation_text(source="ptb")
 
 
 # --- the real corpus (apt-get + dpkg on first use) --------------------------------------------
@@ -178,3 +191,31 @@ def test_austen_texts_follow_default_split(corpus_dir):
     assert novels["Sense and Sensibility"] in calib and novels["Pride and Prejudice"] not in calib
     assert novels["Emma"] not in calib
     assert desc["evaluation"] == "Pride and Prejudice"
+
+
+@pytest.mark.slow
+def test_calibration_windows_never_overlap_either_evaluation_text(corpus_dir):
+    """By novel (the texts share none) and by token windows: no calibration window of the default
+    settings (full and quick: 16 x 512 and 4 x 256 tokens, seed 0; here bytes, as the char tokenizer
+    makes them) occurs in the evaluation text or the second one, and no evaluation window in the
+    calibration text."""
+    calib, evaluation, desc = data.get_texts("austen", cache_dir=corpus_dir)
+    name2, evaluation2 = data.second_evaluation_text("austen", cache_dir=corpus_dir)
+    novels = data.load_corpus(cache_dir=corpus_dir)
+    assert name2 == "Emma" and evaluation2 == novels["Emma"]
+    assert name2 not in desc["calibration"] and name2 not in desc["evaluation"]
+    for title in data.default_split()["calibration"]:
+        assert novels[title] in calib and novels[title] not in evaluation + evaluation2
+    tok = CharTokenizer()
+
+    def text(ids):
+        return bytes(ids.tolist()).decode("utf-8", errors="strict")
+
+    for n, seqlen in ((16, 512), (4, 256)):
+        for w in data.calibration_batches(tok, calib, n_samples=n, seqlen=seqlen, seed=0):
+            piece = bytes(w.tolist())
+            assert piece not in evaluation.encode() and piece not in evaluation2.encode()
+        for ev in (evaluation, evaluation2):
+            for w in data.eval_tokens(tok, ev, max_tokens=8192, seqlen=seqlen):
+                assert bytes(w.tolist()) not in calib.encode()
+    assert text(data.eval_tokens(tok, evaluation2, max_tokens=256, seqlen=256)[0]).startswith(evaluation2[:200])

@@ -119,3 +119,122 @@ def test_a_loss_too_large_for_exp_is_an_infinite_perplexity():
             return type("Out", (), {"logits": logits})()
     got = perplexity(Huge(), torch.full((2, 5), 1, dtype=torch.long), progress=False)
     assert got["nll"] == pytest.approx(1e4) and got["ppl"] == math.inf and got["nonfinite_batch"] is None
+
+
+# --- per-window NLL and the paired metrics against a dense reference (issue 24) -----------------------
+
+def _perturbed(model, scale=0.02, seed=0):
+    import copy
+    other = copy.deepcopy(model)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(scale * torch.randn(p.shape, generator=gen))
+    return other
+
+
+def _exact_kl_per_window(dense, other, windows):
+    with torch.no_grad():
+        lp = torch.log_softmax(dense(windows, use_cache=False).logits[:, :-1].double(), -1)
+        lq = torch.log_softmax(other(windows, use_cache=False).logits[:, :-1].double(), -1)
+    return (lp.exp() * (lp - lq)).sum(-1).mean(1)
+
+
+@pytest.mark.parametrize("batch_size", [1, 2], ids=lambda b: f"batch{b}")
+def test_window_nll_is_each_windows_transformers_loss(tiny_llama, batch_size):
+    windows = torch.randint(0, VOCAB, (5, 23), generator=torch.Generator().manual_seed(1))
+    got = perplexity(tiny_llama, windows, batch_size=batch_size, progress=False)
+    with torch.no_grad():
+        want = [tiny_llama(w[None], labels=w[None], use_cache=False).loss.item() for w in windows]
+    assert got["window_nll"] == pytest.approx(want, rel=1e-5)
+    assert sum(got["window_nll"]) / 5 == pytest.approx(got["nll"], rel=1e-12)
+    assert "window_kl" not in got, "no reference: no paired metrics"
+
+
+def test_kl_over_every_token_equals_the_exact_kl(tiny_llama):
+    """With k = vocabulary size the top-k + rest bins are every token: the exact KL(dense || other)."""
+    from experiments.lm.evaluate import dense_reference
+    windows = torch.randint(0, VOCAB, (4, 19), generator=torch.Generator().manual_seed(2))
+    other = _perturbed(tiny_llama)
+    ref = dense_reference(tiny_llama, windows, k=1000, progress=False)    # clipped to the vocabulary
+    assert ref.k == VOCAB and torch.isinf(ref.rest_logprob).all()
+    got = perplexity(other, windows, reference=ref, progress=False)["window_kl"]
+    want = _exact_kl_per_window(tiny_llama, other, windows)
+    assert got == pytest.approx(want.tolist(), rel=1e-4, abs=1e-9)
+    assert min(got) > 0
+
+
+@pytest.mark.parametrize("k", [1, 5, 30])
+def test_kl_over_top_k_is_a_lower_bound_that_grows_with_k(tiny_llama, k):
+    from experiments.lm.evaluate import dense_reference
+    windows = torch.randint(0, VOCAB, (3, 17), generator=torch.Generator().manual_seed(3))
+    other = _perturbed(tiny_llama)
+    exact = _exact_kl_per_window(tiny_llama, other, windows)
+    got = torch.tensor(perplexity(other, windows, reference=dense_reference(tiny_llama, windows, k=k, progress=False),
+                                  progress=False)["window_kl"], dtype=torch.float64)
+    more = torch.tensor(perplexity(other, windows, reference=dense_reference(tiny_llama, windows, k=k + 20,
+                                                                             progress=False),
+                                   progress=False)["window_kl"], dtype=torch.float64)
+    assert (got >= 0).all() and (got <= exact * (1 + 1e-5)).all(), (got, exact)
+    assert (more >= got * (1 - 1e-5)).all(), "merging fewer tokens into the rest bin cannot lower the bound"
+
+
+def test_the_dense_model_against_itself_is_kl_0_top1_1_dnll_0(tiny_llama):
+    from experiments.lm.evaluate import dense_reference, interval_columns
+    windows = torch.randint(0, VOCAB, (4, 21), generator=torch.Generator().manual_seed(4))
+    ref = dense_reference(tiny_llama, windows, progress=False)
+    ev = perplexity(tiny_llama, windows, reference=ref, progress=False)
+    assert ev["window_kl"] == [0.0] * 4 and ev["window_top1"] == [1.0] * 4
+    assert ref.window_nll.tolist() == ev["window_nll"]
+    cols = interval_columns(ev, ref)
+    assert (cols["kl"], cols["kl_lo"], cols["kl_hi"]) == (0, 0, 0)
+    assert (cols["top1"], cols["top1_lo"], cols["top1_hi"]) == (1, 1, 1)
+    assert (cols["dnll"], cols["dnll_lo"], cols["dnll_hi"]) == (0, 0, 0)
+    assert cols["ppl_lo"] < ev["ppl"] < cols["ppl_hi"]
+
+
+def test_top1_is_agreement_with_the_dense_argmax(tiny_llama):
+    from experiments.lm.evaluate import dense_reference, interval_columns
+    windows = torch.randint(0, VOCAB, (3, 25), generator=torch.Generator().manual_seed(5))
+    other = _perturbed(tiny_llama, scale=0.003)
+    ev = perplexity(other, windows, reference=dense_reference(tiny_llama, windows, k=4, progress=False),
+                    progress=False)
+    with torch.no_grad():
+        same = (tiny_llama(windows).logits[:, :-1].argmax(-1) == other(windows).logits[:, :-1].argmax(-1))
+    assert ev["window_top1"] == pytest.approx(same.double().mean(1).tolist())
+    assert 0 < min(ev["window_top1"]) and max(ev["window_top1"]) < 1
+    dense = perplexity(tiny_llama, windows, progress=False)
+    cols = interval_columns(ev, dense_reference(tiny_llama, windows, k=4, progress=False))
+    assert cols["dnll"] == pytest.approx(ev["nll"] - dense["nll"], rel=1e-5)
+    assert cols["dnll_lo"] <= cols["dnll"] <= cols["dnll_hi"]
+
+
+def test_a_reference_of_other_windows_is_refused(tiny_llama):
+    from experiments.lm.evaluate import dense_reference
+    windows = torch.randint(0, VOCAB, (2, 9), generator=torch.Generator().manual_seed(6))
+    ref = dense_reference(tiny_llama, windows, progress=False)
+    with pytest.raises(ValueError, match="reference was computed on other windows"):
+        perplexity(tiny_llama, windows.flip(0), reference=ref, progress=False)
+    with pytest.raises(ValueError, match="k .* must be a positive integer"):
+        dense_reference(tiny_llama, windows, k=0, progress=False)
+
+
+def test_reference_file_round_trip_size_and_damage(tiny_llama, tmp_path):
+    from experiments.lm.evaluate import dense_reference, load_reference, save_reference
+    windows = torch.randint(0, VOCAB, (3, 11), generator=torch.Generator().manual_seed(7))
+    ref = dense_reference(tiny_llama, windows, k=8, progress=False)
+    # The stated size: 8 k + 8 bytes per predicted token (+ 8 bytes of NLL per window).
+    assert ref.nbytes() == (8 * 8 + 8) * 3 * 10 + 8 * 3
+    path = save_reference(ref, tmp_path / "refs" / "r.pt")
+    assert [p.name for p in path.parent.iterdir()] == ["r.pt"], "no temporary file left beside it"
+    back = load_reference(path)
+    assert back.windows_sha == ref.windows_sha
+    for f in ("topk_ids", "topk_logprobs", "rest_logprob", "lse", "window_nll"):
+        assert torch.equal(getattr(back, f), getattr(ref, f)), f
+    assert back.topk_ids.dtype == torch.int32 and back.topk_logprobs.dtype == torch.float32
+    assert load_reference(tmp_path / "missing.pt") is None
+    torch.save({"format": -1}, tmp_path / "old.pt")
+    assert load_reference(tmp_path / "old.pt") is None, "an older format is recomputed, not misread"
+    (tmp_path / "junk.pt").write_bytes(b"not a torch file")
+    with pytest.raises(ValueError, match="junk.pt: not a dense reference"):
+        load_reference(tmp_path / "junk.pt")

@@ -34,13 +34,27 @@ def test_compress_then_eval_equals_the_sweep_row(tiny, tmp_path):  # noqa: F811
     assert manifest["label"] == row["point"] == "gptq-w4-g32-asym-act"
     assert manifest["calibration"]["calib_samples"] == 2 and manifest["base_model"]["spec"] == str(model)
 
-    r = cli("eval", out, "--text-file", text, "--quick", "--no-progress")
+    refs = tmp_path / "refs"
+    r = cli("eval", out, "--text-file", text, "--quick", "--no-progress", "--reference-dir", refs)
     assert r.returncode == 0, r.stderr
     got = json.loads(r.stdout)
     # Same calibration, same compression, same windows: the same number the sweep wrote.
     assert got["ppl"] == float(row["ppl"]) and got["eval_tokens"] == int(row["eval_tokens"])
     assert got["bits_per_weight"] == float(row["bits_per_weight"])
     assert "QuantLinear" in got["module_backends"]
+    # ... and the same interval, per-window NLL and paired metrics against the dense base model.
+    for col in ("ppl_lo", "ppl_hi", "kl", "kl_lo", "kl_hi", "top1", "top1_lo", "top1_hi", "dnll", "dnll_lo", "dnll_hi"):
+        assert got[col] == float(row[col]), col
+    assert got["window_nll"] == json.loads(row["window_nll"]) and got["kl"] > 0
+    assert got["ppl2"] is None and got["evaluation_text2"] is None   # --text-file: no second text
+    assert "dense reference computed" in r.stderr and len(list(refs.glob("*.pt"))) == 1
+    r = cli("eval", out, "--text-file", text, "--quick", "--no-progress", "--reference-dir", refs)
+    assert r.returncode == 0 and "dense reference computed" not in r.stderr, r.stderr
+    assert json.loads(r.stdout)["kl"] == got["kl"]
+    r = cli("eval", out, "--text-file", text, "--quick", "--no-progress", "--no-dense")
+    assert r.returncode == 0, r.stderr
+    nodense = json.loads(r.stdout)
+    assert nodense["kl"] is None and nodense["ppl_lo"] == got["ppl_lo"]
 
 
 def test_bad_input_is_one_error_line(tiny, tmp_path):  # noqa: F811

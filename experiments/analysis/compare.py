@@ -25,7 +25,8 @@ import statistics
 from pathlib import Path
 
 from experiments.core import results
-from experiments.core.runs import COMPARABLE_CONTEXT, MEASURE_CONTEXT, SWEEP_CONTEXT, mode_dir, reference_dir, run_root
+from experiments.core.runs import (COMPARABLE_CONTEXT, MEASURE_CONTEXT, SWEEP_CONTEXT, SWEEP_CONTEXT_ADDED, mode_dir,
+                                   reference_dir, run_root)
 
 SWEEP_METRICS = (("ppl", "accuracy"), ("bits_per_weight", "size"), ("bytes", "size"))
 OUT_NAME = "compare_reference.csv"
@@ -62,14 +63,14 @@ def compare_sweeps(run_dir: Path, ref_dir: Path) -> list[dict]:
         run = results.read_rows(path)
         if not run:
             continue
-        run_ctx = results.check_single_context(run, SWEEP_CONTEXT, str(path))
+        run_ctx = results.check_single_context(run, SWEEP_CONTEXT, str(path), added=SWEEP_CONTEXT_ADDED)
         ref_path = ref_dir / path.name
         ref = results.read_rows(ref_path)
         base = {"sweep": sweep, "run_device": run_ctx.get("device", "")}
         if not ref:
             out += [{**base, "point": r["point"], "status": f"no reference table {ref_path}"} for r in run]
             continue
-        ref_ctx = results.check_single_context(ref, SWEEP_CONTEXT, str(ref_path))
+        ref_ctx = results.check_single_context(ref, SWEEP_CONTEXT, str(ref_path), added=SWEEP_CONTEXT_ADDED)
         base["reference_device"] = ref_ctx.get("device", "")
         differ = [c for c in COMPARABLE_CONTEXT if c in run_ctx and c in ref_ctx and run_ctx[c] != ref_ctx[c]]
         if differ:

@@ -22,8 +22,8 @@ import matplotlib.pyplot as plt
 import pandas as pd
 
 from experiments.core.results import ContextMismatch, check_single_context
-from experiments.core.runs import MEASURE_CONTEXT, REFERENCE, REPO, SWEEP_CONTEXT, default_run_name, is_reference, \
-    runs_root
+from experiments.core.runs import MEASURE_CONTEXT, REFERENCE, REPO, SWEEP_CONTEXT, SWEEP_CONTEXT_ADDED, \
+    default_run_name, is_reference, runs_root
 
 RESULTS = REFERENCE
 SWEEPS = ("quant", "sparsity", "lowrank", "combo", "nonuniform", "structured")
@@ -88,7 +88,7 @@ def sweep_table(name: str, *, quick: bool, run_missing: bool = False, model: str
         from experiments.run.sweep_config import resolve_sweeps
         run_sweeps(resolve_sweeps(name), quick=quick, model=model, out_dir=root)
     df = pd.read_csv(path)
-    check_single_context(df.to_dict("records"), SWEEP_CONTEXT, str(path))
+    check_single_context(df.to_dict("records"), SWEEP_CONTEXT, str(path), added=SWEEP_CONTEXT_ADDED)
     want = model_name(model)
     have = str(df["model"].iloc[0]) if len(df) else ""
     if have != want:

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from experiments.analysis.paired import ordering_note
 from experiments.analysis.plots import (RESULTS, SWEEPS, UNIFORM_METHODS, decode_baseline, gpu_dequant_rows,
                                         gpu_tables, model_layer_speedup, results_dir, with_decode_speedup)
 from experiments.core.runs import MEASURE_CONTEXT, REPO, SWEEP_CONTEXT, check_run_name, runs_root
@@ -203,7 +204,11 @@ def headline_summary(quick: bool = False, root: Path = RESULTS) -> str:
             df = df[pd.to_numeric(df["ppl"], errors="coerce").notna()]
             if not len(df):
                 continue
-            df, d = with_decode_speedup(df.loc[[pd.to_numeric(df["ppl"]).idxmin()]], decode)
+            ranked = df.loc[pd.to_numeric(df["ppl"]).sort_values(kind="stable").index]
+            # "The best point" is an ordering: say so when the runner-up is within the windows' noise
+            # (experiments.analysis.paired; rows without window_nll say nothing).
+            note = ordering_note(ranked.iloc[0], ranked.iloc[1]) if len(ranked) > 1 else None
+            df, d = with_decode_speedup(ranked.iloc[:1], decode)
             dev = dev or d
             r = df.iloc[0]
             star = str(r.get("size_is_modelled")).lower() == "true"
@@ -216,8 +221,8 @@ def headline_summary(quick: bool = False, root: Path = RESULTS) -> str:
                 base = r["speedup_baseline"]
             else:
                 sp = ""
-            cells.append((f"| {label} | {r['point']} ({r['sweep']}) | {_fmt(r['bits_per_weight'])}"
-                          f"{'*' if star else ''} | {_fmt(r['bytes'] / 1e6)}{'*' if star else ''} "
+            cells.append((f"| {label} | {r['point']} ({r['sweep']}){'; ' + note if note else ''} "
+                          f"| {_fmt(r['bits_per_weight'])}{'*' if star else ''} | {_fmt(r['bytes'] / 1e6)}{'*' if star else ''} "
                           f"| {_fmt(r['ppl'], 4)}", sp, base))
         # One baseline for every speedup shown: the caption names it; several: each cell names its own.
         bases = sorted({b for *_, b in cells if b})

@@ -18,6 +18,13 @@ A table holds one *context* (the model, corpus, settings and machine its rows we
 with; the columns are named by the caller, e.g. ``experiments.core.runs.SWEEP_CONTEXT``). Writers pass
 ``context=`` and a row whose context differs from the rows already in the table raises
 :class:`ContextMismatch` instead of being mixed in; readers call :func:`check_single_context`.
+
+New columns join old tables without invalidating their rows: a row appended with a column the table
+lacks adds it to the header, and the older rows read it as empty. A context column added later (e.g.
+``experiments.core.runs.SWEEP_CONTEXT_ADDED``) is passed as ``added_context=`` / ``added=``: an empty
+cell (a row older than the column) matches any value, and the non-empty cells must all agree. Passed
+as an ordinary context column instead, the first append would pass (the table lacks the column) and
+every later one would fail against the old rows' empty cells.
 """
 from __future__ import annotations
 
@@ -185,12 +192,30 @@ def describe_context(ctx: Mapping[str, str]) -> str:
     return ", ".join(f"{k}={v!r}" for k, v in ctx.items())
 
 
+_FIX = ("A table holds one context (model, corpus, settings, machine) so that runs never mix: write this run "
+        "elsewhere (--run NAME or --out-dir DIR; runs/<NAME>/ by default)")
+
+
+def _check_added(path: str | os.PathLike, rows: list[Mapping[str, object]], new_rows: list[Mapping[str, object]],
+                 added: Sequence[str]) -> None:
+    """The ``added`` context columns: every non-empty cell of ``rows`` + ``new_rows`` agrees (module docstring)."""
+    diffs = []
+    for c in added:
+        seen = list(dict.fromkeys(v for v in (_cell(r.get(c)) for r in [*rows, *new_rows]) if v != ""))
+        if len(seen) > 1:
+            diffs.append(f"{c}: table has {seen[0]!r}, this run has {seen[1]!r}")
+    if diffs:
+        raise ContextMismatch(f"{path} holds results of another context ({'; '.join(diffs)}). {_FIX}")
+
+
 def check_context(path: str | os.PathLike, new_rows: Iterable[Mapping[str, object]], columns: Sequence[str],
-                  existing: list[dict[str, str]] | None = None) -> None:
+                  existing: list[dict[str, str]] | None = None, added: Sequence[str] = ()) -> None:
     """Raise :class:`ContextMismatch` when ``new_rows`` differ from the rows of ``path`` (or from each
-    other) in any of ``columns`` present in the table. An empty or missing table accepts any context."""
+    other) in any of ``columns`` present in the table, or in a non-empty cell of an ``added`` column
+    (module docstring). An empty or missing table accepts any context."""
     rows = read_rows(path) if existing is None else existing
     new_rows = [dict(r) for r in new_rows]
+    _check_added(path, rows, new_rows, added)
     ref = rows[0] if rows else (new_rows[0] if new_rows else None)
     if ref is None:
         return
@@ -202,14 +227,19 @@ def check_context(path: str | os.PathLike, new_rows: Iterable[Mapping[str, objec
         diff = {k: (want.get(k, ""), got.get(k, "")) for k in cols if want.get(k, "") != got.get(k, "")}
         if diff:
             what = "; ".join(f"{k}: table has {a!r}, this run has {b!r}" for k, (a, b) in diff.items())
-            raise ContextMismatch(
-                f"{path} holds results of another context ({what}). A table holds one context (model, corpus, "
-                f"settings, machine) so that runs never mix: write this run elsewhere (--run NAME or --out-dir "
-                f"DIR; runs/<NAME>/ by default)")
+            raise ContextMismatch(f"{path} holds results of another context ({what}). {_FIX}")
 
 
-def check_single_context(rows: Iterable[Mapping[str, object]], columns: Sequence[str], what: str) -> dict[str, str]:
-    """The one context of ``rows``; :class:`ContextMismatch` naming the contexts when there are several."""
+def check_single_context(rows: Iterable[Mapping[str, object]], columns: Sequence[str], what: str,
+                         added: Sequence[str] = ()) -> dict[str, str]:
+    """The one context of ``rows``; :class:`ContextMismatch` naming the contexts when there are several
+    (in ``columns``, or in the non-empty cells of an ``added`` column: module docstring)."""
+    rows = list(rows)
+    for c in added:
+        vals = list(dict.fromkeys(v for v in (_cell(r.get(c)) for r in rows) if v != ""))
+        if len(vals) > 1:
+            raise ContextMismatch(f"{what} mixes {len(vals)} contexts ({c}: {', '.join(map(repr, vals))}); "
+                                  f"refusing to merge them. Select one context first")
     seen: dict[tuple, int] = {}
     ctxs: dict[tuple, dict[str, str]] = {}
     for r in rows:
@@ -257,30 +287,32 @@ def write_rows(path: str | os.PathLike, rows: Iterable[Mapping[str, object]], *,
 
 
 def append_row(path: str | os.PathLike, row: Mapping[str, object], *, context: Sequence[str] | None = None,
-               numeric: Sequence[str] = (), unique: str | None = None) -> bool:
-    """Append one complete row atomically (see module docstring); ``context`` as in :func:`check_context`,
-    ``numeric`` as in :func:`read_table` (damaged rows are left out, after a copy). With ``unique`` (a
-    column), a row whose value there is already in the table is not appended: returns False."""
+               numeric: Sequence[str] = (), unique: str | None = None, added_context: Sequence[str] = ()) -> bool:
+    """Append one complete row atomically (see module docstring); ``context`` and ``added_context`` as
+    ``columns`` and ``added`` in :func:`check_context`, ``numeric`` as in :func:`read_table` (damaged
+    rows are left out, after a copy). With ``unique`` (a column), a row whose value there is already in
+    the table is not appended: returns False."""
     path = Path(path)
     table = read_table(path, numeric=numeric)
     if unique is not None and any(r.get(unique) == _cell(row.get(unique)) for r in table.rows):
         return False
-    if context:
-        check_context(path, [row], context, existing=table.rows)
+    if context or added_context:
+        check_context(path, [row], context or (), existing=table.rows, added=added_context)
     _keep_copy_if_damaged(path, table)
     write_rows(path, table.rows + [dict(row)])
     return True
 
 
 def replace_rows(path: str | os.PathLike, rows: Iterable[Mapping[str, object]],
-                 key: Iterable[str], *, context: Sequence[str] | None = None, numeric: Sequence[str] = ()) -> None:
+                 key: Iterable[str], *, context: Sequence[str] | None = None, numeric: Sequence[str] = (),
+                 added_context: Sequence[str] = ()) -> None:
     """Upsert ``rows`` into the table: rows with the same values in ``key`` columns are replaced."""
     path = Path(path)
     key = tuple(key)
     new = [dict(r) for r in rows]
     table = read_table(path, numeric=numeric)
-    if context:
-        check_context(path, new, context, existing=table.rows)
+    if context or added_context:
+        check_context(path, new, context or (), existing=table.rows, added=added_context)
     new_keys = {tuple(str(r.get(k, "")) for k in key) for r in new}
     kept = [r for r in table.rows if tuple(str(r.get(k, "")) for k in key) not in new_keys]
     _keep_copy_if_damaged(path, table)

@@ -3,6 +3,7 @@
     python -m experiments compress gptq-w4-g32-asym --out saved/gptq4        # a sweep point's label
     python -m experiments compress '{"method": "rtn", "bits": 4, "group_size": 32}' --quick --out DIR
     python -m experiments eval saved/gptq4 [--quick] [--decode 32]          # perplexity (+ decode speed)
+    python -m experiments eval saved/gptq4 --reference-dir runs/refs          # dense reference kept there
 
 ``compress`` takes a point label of any sweep (``python -m experiments list``; ``--sweep`` narrows the
 search) or a method spec as JSON (inline or a ``.json`` file), compresses the model with the
@@ -11,6 +12,14 @@ quick settings) and writes the directory with :func:`experiments.run.saving.save
 loads it with :func:`experiments.run.saving.load_compressed` (no recompression) and prints one JSON object
 to stdout: perplexity over the evaluation windows of the same settings, the stored size, and with
 ``--decode N`` the greedy decode speed (tokens/s, on this machine's CPU unless ``--device``).
+
+The JSON carries the same evaluation columns as a sweep row (``experiments.run.point``): the perplexity
+with its 95% bootstrap interval and per-window NLL, the paired metrics against the dense base model on
+the same windows (KL, top-1 agreement, ΔNLL, each with its interval; ``--no-dense`` skips them and the
+dense forward pass they need), and the second evaluation text (``ppl2`` ...; none for ``--text-file``).
+The dense reference is computed with the base model (one forward pass over the windows) or, with
+``--reference-dir DIR``, loaded from / saved to DIR (the file name is a digest of the model, windows,
+machine and torch, as in a run directory), so evaluating several saved points computes it once.
 """
 from __future__ import annotations
 
@@ -52,6 +61,10 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--base", default=None, help="model spec of the base model (default: the one in the manifest)")
     p.add_argument("--decode", type=int, default=0, metavar="N",
                    help="also time greedy decoding of N new tokens (median of 3 runs after a warm-up)")
+    p.add_argument("--no-dense", action="store_true",
+                   help="skip the paired metrics against the dense base model (KL, top-1, ΔNLL) and its forward pass")
+    p.add_argument("--reference-dir", default=None, metavar="DIR",
+                   help="keep the dense reference in DIR (loaded when it is there, else computed and saved)")
     _common(p)
 
 
@@ -144,11 +157,33 @@ def compress_main(args: argparse.Namespace) -> int:
     return 0
 
 
+def _dense_reference(base_spec: str, windows, dev, args: argparse.Namespace):
+    """The dense base model's reference on ``windows``: from ``--reference-dir`` when it holds it, else
+    computed (and saved there when given)."""
+    from experiments.core.provenance import provenance
+    from experiments.lm import evaluate, models
+    from experiments.run.sweep import dense_reference_path
+    path = None
+    if args.reference_dir is not None:
+        path = dense_reference_path(refuse_reference_dir(Path(args.reference_dir), "--reference-dir"), base_spec,
+                                    models.model_name(base_spec), windows, provenance(dev))
+        ref = evaluate.load_reference(path)
+        if ref is not None and ref.windows_sha == evaluate.windows_digest(windows):
+            return ref
+    t0 = time.perf_counter()
+    ref = evaluate.dense_reference(models.load_model(base_spec)[0].to(dev), windows.to(dev),
+                                   progress=not args.no_progress)
+    print(f"dense reference computed in {time.perf_counter() - t0:.1f}s"
+          + (f" -> {evaluate.save_reference(ref, path)}" if path is not None else ""), file=sys.stderr)
+    return ref
+
+
 def eval_main(args: argparse.Namespace) -> int:
+    from experiments.core.stats import bootstrap_method
     from experiments.lm import data, evaluate, models
     from experiments.methods.compress import module_backends
     from experiments.run.saving import load_compressed, read_manifest
-    from experiments.run.point import device_of
+    from experiments.run.point import device_of, evaluation_columns
 
     manifest = read_manifest(args.dir)
     base_spec = args.base or manifest["base_model"].get("spec")
@@ -158,22 +193,37 @@ def eval_main(args: argparse.Namespace) -> int:
     dev = device_of(args.device)
     extra = manifest.get("extra") or {}
     settings = extra.get("settings") if extra.get("quick", False) == args.quick and extra.get("settings") else None
-    if settings is None:
-        settings = _settings(None, args.quick)
+    # Settings the manifest predates (eval2_windows) come from _defaults.yaml.
+    settings = {**_settings(None, args.quick), **(settings or {})}
+    if args.reference_dir is not None and args.no_dense:
+        raise ValueError("--reference-dir keeps the dense reference that --no-dense skips: give one of them")
     tokenizer = models.load_tokenizer(base_spec)
     _calib, eval_text, corpus = data.get_texts(source=args.source, text_file=args.text_file)
     windows = data.eval_tokens(tokenizer, eval_text, max_tokens=settings["eval_tokens"], seqlen=settings["seqlen"])
+    n2 = settings.get("eval2_windows", 0)
+    second = data.second_evaluation_text(source=args.source, text_file=args.text_file) if n2 else None
+    windows2 = (data.eval_tokens(tokenizer, second[1], max_tokens=n2 * settings["seqlen"], seqlen=settings["seqlen"])
+                if second else None)
+    reference = None if args.no_dense else _dense_reference(base_spec, windows, dev, args)
     t0 = time.perf_counter()
     model = load_compressed(args.dir, base=args.base).to(dev)
     load_s = time.perf_counter() - t0
-    ev = evaluate.perplexity(model, windows.to(dev), progress=not args.no_progress)
+    ev = evaluate.perplexity(model, windows.to(dev), progress=not args.no_progress, reference=reference)
     if not math.isfinite(ev["ppl"]):
         raise NonFiniteResult(_nonfinite_message(args.dir, model, windows, ev))
+    ev2 = evaluate.perplexity(model, windows2.to(dev), progress=not args.no_progress) if second else None
+    metrics = evaluation_columns(ev, reference, ev2)
+    for col in ("window_nll", "window_nll2"):   # lists in the JSON, not the table's JSON-in-a-cell
+        metrics[col] = json.loads(metrics[col]) if metrics[col] else None
     out: dict[str, Any] = {"dir": str(args.dir), "label": manifest["label"], "base_model": manifest["base_model"]["name"],
                            "ppl": float(f"{ev['ppl']:.6g}"), "nll": float(f"{ev['nll']:.6g}"),
                            "eval_tokens": int(ev["n_tokens"]), "seqlen": settings["seqlen"],
                            "eval_seconds": round(ev["seconds"], 2), "load_seconds": round(load_s, 2),
                            "module_backends": module_backends(model), "corpus": corpus.get("corpus", ""),
+                           "evaluation_text": corpus.get("evaluation", ""),
+                           "evaluation_text2": second[0] if second else None,
+                           "bootstrap": bootstrap_method(), "kl_topk": reference.k if reference is not None else None,
+                           **{k: (None if v == "" else v) for k, v in metrics.items()},
                            "bits_per_weight": (manifest.get("report") or {}).get("bits_per_weight")}
     if args.decode:
         from experiments.measure.decode_speed import decode_tokens_per_second

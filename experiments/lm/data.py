@@ -14,9 +14,11 @@ Default corpus
 Default split (``default_split()``)
     calibration: Sense and Sensibility, Mansfield Park, Northanger Abbey, Persuasion
     evaluation:  Pride and Prejudice
-    Emma is held out of both, so a second unseen novel remains for cross-checks
-    (PLATFORM.md has a baseline on Emma). Calibration and evaluation never share a novel.
-    Several novels are joined with a blank line (``"\\n\\n"``) between them.
+    second evaluation text: Emma (:func:`second_evaluation_text`; held out of calibration and of the
+    main evaluation, so every point is also scored on a second unseen novel: the ``ppl2`` columns)
+    Calibration and the two evaluation texts never share a novel (``tests/test_data.py`` also checks
+    that no calibration window occurs in either evaluation text). Several novels are joined with a
+    blank line (``"\\n\\n"``) between them. ``--text-file`` and WikiText-2 have no second text.
 
 ``--text-file``
     The first 10% of the characters (extended to the end of that line) is calibration text, the
@@ -173,11 +175,27 @@ def load_corpus(name: str = "austen", cache_dir: str | os.PathLike | None = None
 
 
 def default_split() -> dict[str, list[str]]:
-    """Titles used for calibration and for evaluation by default (disjoint; see module docstring)."""
+    """Titles used for calibration, for evaluation and for the second evaluation text by default
+    (pairwise disjoint; see module docstring)."""
     return {
         "calibration": ["Sense and Sensibility", "Mansfield Park", "Northanger Abbey", "Persuasion"],
         "evaluation": ["Pride and Prejudice"],
+        "evaluation2": ["Emma"],
     }
+
+
+def second_evaluation_text(source: str = "austen", text_file: str | os.PathLike | None = None,
+                           cache_dir: str | os.PathLike | None = None) -> tuple[str, str] | None:
+    """(description, text) of the second held-out evaluation text of a corpus source: for the default
+    Austen corpus the novel(s) of ``default_split()["evaluation2"]`` (Emma), used by neither
+    calibration nor the main evaluation; None for ``text_file`` and WikiText-2, which have none."""
+    if text_file is not None or source != "austen":
+        if text_file is None and source not in SOURCES:
+            raise ValueError(f"source={source!r} is not known; accepted: {', '.join(SOURCES)}")
+        return None
+    novels = load_corpus("austen", cache_dir)
+    titles = default_split()["evaluation2"]
+    return "; ".join(titles), "\n\n".join(novels[t] for t in titles)
 
 
 def split_text_file(text_file: str | os.PathLike) -> tuple[str, str]:

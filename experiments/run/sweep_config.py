@@ -15,8 +15,14 @@ not sweeps)::
       points: [...]
 
 Settings (``_defaults.yaml``, sections ``full`` and ``quick``, overridden per sweep): ``seqlen``
-(evaluation window), ``eval_tokens`` (evaluation budget), ``calib_samples`` and ``calib_seqlen``
-(calibration windows), ``seed``. The runner is :mod:`experiments.run.sweep`.
+(evaluation window), ``eval_tokens`` (evaluation budget), ``eval2_windows`` (windows of ``seqlen``
+tokens on the second evaluation text; 0 = none), ``calib_samples`` and ``calib_seqlen`` (calibration
+windows), ``seed``. The runner is :mod:`experiments.run.sweep`.
+
+Settings added after the reference tables were committed (:data:`ADDED_SETTINGS`) stay out of a
+point's id (``experiments.run.sweep.point_id``), so the committed rows keep their ids and a resumed
+run does not measure them twice; their value is a context column instead
+(``experiments.core.runs.SWEEP_CONTEXT_ADDED``).
 """
 from __future__ import annotations
 
@@ -32,7 +38,10 @@ from experiments.core.runs import PLAIN_NAME_RULE, is_plain_name
 from experiments.methods.spec import MethodSpec, parse_spec
 
 SWEEPS_DIR = Path(__file__).resolve().parents[1] / "sweeps"
-SETTING_KEYS = ("seqlen", "eval_tokens", "calib_samples", "calib_seqlen", "seed")
+SETTING_KEYS = ("seqlen", "eval_tokens", "calib_samples", "calib_seqlen", "seed", "eval2_windows")
+ADDED_SETTINGS = ("eval2_windows",)
+# Settings that may be 0: the seed, and a budget whose 0 means "not measured".
+_ZERO_OK = ("seed", "eval2_windows")
 
 
 @dataclass
@@ -68,10 +77,12 @@ def merge_settings(base: Mapping[str, Any], override: Mapping[str, Any] | None, 
         if k not in SETTING_KEYS:
             raise ValueError(f"{where}: unknown setting {k!r}; settings are {', '.join(SETTING_KEYS)}")
         out[k] = v
+    out.setdefault("eval2_windows", 0)   # an older _defaults.yaml of a user's own: no second text
     for k in SETTING_KEYS:
         v = out.get(k)
-        if isinstance(v, bool) or not isinstance(v, int) or v < (0 if k == "seed" else 1):
-            raise ValueError(f"{where}: setting {k}={v!r} must be a {'non-negative' if k == 'seed' else 'positive'} integer")
+        if isinstance(v, bool) or not isinstance(v, int) or v < (0 if k in _ZERO_OK else 1):
+            raise ValueError(f"{where}: setting {k}={v!r} must be a {'non-negative' if k in _ZERO_OK else 'positive'} "
+                             f"integer")
     if out["eval_tokens"] < out["seqlen"]:
         raise ValueError(f"{where}: setting eval_tokens={out['eval_tokens']} is smaller than seqlen={out['seqlen']}, "
                          f"so no evaluation window fits; use eval_tokens >= {out['seqlen']} (a multiple of seqlen)")
