@@ -194,6 +194,12 @@ class Family:
         """Values for (a subset of) :attr:`columns`; the driver leaves the others empty."""
         return {}
 
+    def uniform_grid(self, spec: "MethodSpec") -> dict[str, Any] | None:
+        """The uniform grid the spec's weights end on, ``{"bits", "group_size", "symmetric",
+        "integer_zero"}`` (what decides whether it can reproduce an already-quantized source model's
+        weights: :func:`experiments.lm.models.aliases_source_grid`), or ``None`` (no uniform grid)."""
+        return None
+
     def storage_format(self, spec: Mapping[str, Any]) -> dict[str, Any] | None:
         """The per-layer storage format a spec dict produces, ``{"kind": <a registered format>, ...}``
         (what ``experiments.measure`` times with random weights: a format's speed does not depend on the
