@@ -163,6 +163,9 @@ class Family:
     # "layer": the driver calls compress_layer for every linear of every block, block by block with
     # calibration statistics; "model": the driver calls compress_model once (it may rewrite the model)
     level: str = "layer"
+    # True when the family changes tensors outside the layers it compresses (AWQ folds its scales into the
+    # norms): a saved point must then carry the model's other tensors (experiments.run.saving includes them)
+    rewrites_base: bool = False
 
     def parse(self, method: str, spec: Mapping[str, Any], where: str) -> dict[str, Any]:
         """Validated options with defaults filled (the canonical form; a ``None`` value is omitted)."""
