@@ -87,7 +87,8 @@ def test_codes_are_re_chosen_on_the_stored_grid():
     """Each stored code is the nearest level of the fp16 grid the module holds (not the fp32 one)."""
     N, K = 32, 128
     w = weight(N, K, 31) * 0.05
-    mod = FAMILIES["hqq"].compress_layer(parse_spec({"method": "hqq", "bits": 3, "group_size": 32}), w, None, None).module
+    spec = parse_spec({"method": "hqq", "bits": 3, "group_size": 32})
+    mod = FAMILIES["hqq"].compress_layer(spec, w, None, None).module
     from triton_kernels import dequant_matmul as dq
     q = dq.unpack(mod.packed, 3, K).float()
     s = mod.scales.float().repeat_interleave(32, 1)
