@@ -280,10 +280,12 @@ def test_a_saved_awq_model_carries_its_norms(tmp_path, _cpu):
     report = compress_model(model, {"method": "awq", "bits": 4, "group_size": 32}, calib, progress=False)
     out = save_compressed(model, report, tmp_path / "m", include_base=False)
     assert (out / BASE_FILE).exists()  # included although not asked for: the norms changed
-    loaded = load_compressed(out)  # rebuilt from the carried tensors
     ids = torch.randint(0, 128, (2, 20), generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        assert torch.equal(model(ids).logits, loaded(ids).logits)
+    # rebuilt from the carried tensors, or over the base model given (what a sweep's --saved-dir does)
+    for base in (None, tiny_llama()):
+        loaded = load_compressed(out, base=base)
+        with torch.no_grad():
+            assert torch.equal(model(ids).logits, loaded(ids).logits)
 
 
 def test_storage_format_is_quant_linears():

@@ -497,6 +497,13 @@ def load_compressed(path: str | os.PathLike, base: nn.Module | str | None = None
                                     f"directory is damaged or was edited: save the model again") from e
 
 
+def _rewrites_base(manifest: Mapping[str, Any]) -> bool:
+    """Whether the saved point's family changes tensors outside its layers (``Family.rewrites_base``)."""
+    from experiments.methods.families import FAMILIES
+    fam = FAMILIES.get(manifest.get("family") or "")
+    return bool(fam is not None and fam.rewrites_base)
+
+
 def _load(d: Path, manifest: Mapping[str, Any], base: nn.Module | str | None) -> nn.Module:
     layer_tensors = _read_checked(d, LAYERS_FILE, manifest)
     bm = manifest["base_model"]
@@ -523,6 +530,10 @@ def _load(d: Path, manifest: Mapping[str, Any], base: nn.Module | str | None) ->
 
     _apply_structure(model, manifest, rebuilt=rebuilt)
     layers = manifest["layers"]
+    if not rebuilt and bm.get("included") and _rewrites_base(manifest):
+        # The family changed tensors outside its layers (AWQ's norms): the carried ones replace the base's.
+        base_t = _read_checked(d, BASE_FILE, manifest)
+        rebuilt = True
     if rebuilt:
         # Every tensor outside the saved modules comes from base.safetensors (tied ones by alias).
         state = {}
