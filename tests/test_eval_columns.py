@@ -16,6 +16,7 @@ import pytest
 
 from experiments.core import results, runs
 from experiments.core.results import ContextMismatch
+from experiments.lm.evaluate import REFERENCE_TOPK
 from tests.test_cli import WORDS, rows, tiny  # noqa: F401  (tiny is a fixture)
 
 REPO = Path(__file__).resolve().parent.parent
@@ -60,7 +61,7 @@ def test_a_sweep_row_carries_intervals_paired_metrics_and_the_second_text(tiny, 
         assert len(json.loads(r["window_nll2"])) == 2 and int(r["eval2_tokens"]) == 2 * 31
         assert float(r["ppl2_lo"]) <= float(r["ppl2"]) <= float(r["ppl2_hi"]) and float(r["ppl2"]) != float(r["ppl"])
         assert r["evaluation_text2"] == "Tiny second text" and r["eval2_windows"] == "2"
-        assert r["kl_topk"] == "32" and r["bootstrap"].startswith("percentile 95%, 2000 resamples")
+        assert r["kl_topk"] == str(REFERENCE_TOPK) and r["bootstrap"].startswith("percentile 95%, 2000 resamples")
     # The dense point against its own reference: exactly KL 0, top-1 1, ΔNLL 0.
     assert [float(dense[c]) for c in ("kl", "kl_lo", "kl_hi", "dnll", "dnll_lo", "dnll_hi")] == [0.0] * 6
     assert [float(dense[c]) for c in ("top1", "top1_lo", "top1_hi")] == [1.0] * 3
@@ -79,7 +80,7 @@ def test_a_sweep_row_carries_intervals_paired_metrics_and_the_second_text(tiny, 
     assert any(f"dense reference loaded from {ref}" in s for s in log), log
     third = rows(table)[2]
     assert third["point"] == "rtn-w4-g32-asym" and float(third["kl"]) < float(rtn["kl"])
-    assert evaluate.load_reference(ref).k == 32
+    assert evaluate.load_reference(ref).k == min(REFERENCE_TOPK, len(set(WORDS)) + 1)   # k <= the vocabulary
 
 
 def test_nothing_left_to_run_computes_no_reference(tiny, tmp_path, second_text, monkeypatch):  # noqa: F811
