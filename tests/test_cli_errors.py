@@ -10,6 +10,7 @@ import errno
 import hashlib
 import json
 import os
+import re
 import shutil
 
 import pytest
@@ -65,16 +66,22 @@ def test_full_disk_during_run(tiny, tmp_path, capsys, monkeypatch):  # noqa: F81
                "--no-progress"])
     line = one_error_line(capsys)
     assert rc == 1
-    assert line.startswith(f"error: {out / 'sweep_one.csv'}: No space left on device; nothing half-written"), line
+    # The first file a run writes is the dense reference (experiments.run.sweep), then the table.
+    assert re.match(rf"error: {re.escape(str(out / 'dense_reference'))}/[0-9a-f]+\.pt: No space left on device; "
+                    r"nothing half-written", line), line
     assert "rerun the same command" in line
-    # no table, no temporary file (the run directory's lock file stays by design: experiments.core.runs)
-    assert [p.name for p in out.iterdir() if p.name != LOCK_NAME] == []
+    # no table, no reference, no temporary file (the run directory's lock file stays by design:
+    # experiments.core.runs; the reference's directory may stay, empty)
+    assert [p.name for p in out.iterdir() if p.name not in (LOCK_NAME, "dense_reference")] == []
+    assert not (out / "dense_reference").exists() or list((out / "dense_reference").iterdir()) == []
 
     monkeypatch.undo()   # space again: the rerun writes the row
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     assert main(["run", str(sweep), "--model", str(model), "--text-file", str(text), "--out-dir", str(out),
                  "--no-progress"]) == 0
-    assert [p.name for p in out.iterdir() if p.name != LOCK_NAME] == ["sweep_one.csv"]
+    # the table and the run's dense reference (one file)
+    assert sorted(p.name for p in out.iterdir() if p.name != LOCK_NAME) == ["dense_reference", "sweep_one.csv"]
+    assert len(list((out / "dense_reference").iterdir())) == 1
 
 
 def test_full_disk_during_compress(tiny, tmp_path, capsys, monkeypatch):  # noqa: F811
