@@ -269,7 +269,7 @@ COMMANDS: dict[str, tuple[Callable, Callable, str]] = {
     "promote": (_add_promote, cmd_promote, "replace the reference tables in results/ by a finished run's"),
     "summary": (_add_summary, cmd_summary, "headline numbers from the result tables, as Markdown"),
     "gpu-figures": (_add_gpu_figures, cmd_gpu_figures,
-                    "the GPU figures (speedup vs batch, % of copy bandwidth) from results/gpu/*.csv"),
+                    "the GPU figures (speedup vs batch, %% of copy bandwidth) from results/gpu/*.csv"),
     "compress": (_add_compress, cmd_compress,
                  "compress the model once (a sweep point label or a spec as JSON) and save it to --out DIR"),
     "eval": (_add_eval, cmd_eval, "perplexity (and --decode speed) of a model saved by `compress`, without recompressing"),

@@ -256,3 +256,21 @@ def test_damaged_steps_json(tmp_path, capsys, monkeypatch, content):
     assert not ref.exists()
     with pytest.raises(ValueError, match="steps.json"):
         Steps(run).done("sweeps", "digest")
+
+
+def _subcommands():
+    import argparse
+
+    from experiments.__main__ import build_parser
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    return sorted(sub.choices)
+
+
+@pytest.mark.parametrize("argv", [["--help"]] + [[name, "--help"] for name in _subcommands()])
+def test_help_prints_for_every_command(argv, capsys):
+    # argparse %-formats help strings: a bare "%" in one (it was "% of copy bandwidth") made every
+    # `--help` a TypeError traceback.
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 0
+    assert "usage:" in capsys.readouterr().out
