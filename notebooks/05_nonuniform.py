@@ -25,8 +25,10 @@
 # - **fixed non-uniform tables** times group absmax scales: NormalFloat (`nf`, QLoRA's NF4 table;
 #   NF2/NF3 built the same way) and FP4 E2M1 (`fp4`, the MX/NVFP4 element grid);
 # - **fitted tables per output row**: `piecewise` (segments of levels, each with its own step),
-#   `kmeans` (1-D k-means of the row) and `squeezellm` (k-means weighted by the diagonal of the layer
-#   Hessian `X^T X / n` from calibration);
+#   `kmeans` (1-D k-means of the row), both with an exact zero level in every row's table (`-nozero`:
+#   without it), and `squeezellm` (k-means weighted by each weight's Fisher information, the squared
+#   gradients of the dense model's loss on the calibration windows; `-diagh`: weighted by the diagonal
+#   of `X^T X` of the layer's inputs instead);
 # - **GPTQ over a table** (`+gptq`): GPTQ's error feedback rounding to the nearest table entry.
 #
 # All non-uniform points run through `CodebookLinear` (packed codes + a lookup table); bits per weight
@@ -40,7 +42,11 @@
 #
 # Expected (SqueezeLLM and QLoRA papers, on LLaMA-scale models): at 3 bits per-channel
 # `squeezellm < gptq < rtn` in perplexity, and `nf` 4-bit no worse than RTN 4-bit at the same group
-# size. The tables below check both on this model and say what they find.
+# size. And on this model: k-means and piecewise tables need their zero level. A few input channels
+# carry activations thousands of times the median (attention sinks) through tiny weights; a table
+# without an exact 0 turns those weights into the smallest level, about twice their size, and the
+# sink tokens multiply that error. The tables below check all of it on this model and say what they
+# find.
 
 # %% tags=["parameters"]
 quick = False           # False: the full sweep's table; True: the quick subset (<results>/quick/)
@@ -103,6 +109,9 @@ print(check(["squeezellm pc", "gptq pc", "rtn pc"], 3, "3-bit per-channel squeez
 print(check(["squeezellm pc", "rtn pc"], 3, "3-bit per-channel squeezellm < rtn"))
 for g in ("g64", "g128", "pc"):
     print(check([f"nf {g}", f"rtn {g}"], 4, f"4-bit {g}: nf <= rtn"))
+for m in ("kmeans", "piecewise"):
+    print(check([f"{m} g128", "rtn g128"], 3, f"3-bit g128: {m} (zero level) < rtn"))
+    print(check([f"{m} g128", f"{m}-nozero g128"], 3, f"3-bit g128: {m} with the zero level < without"))
 
 # %% [markdown]
 # ## Where the levels go: one real weight row

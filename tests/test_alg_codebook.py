@@ -120,9 +120,15 @@ def test_kmeans_represents_few_distinct_values_exactly():
     levels = torch.randn(N, 8, generator=g).sort(dim=1).values
     idx = torch.arange(K) % 8
     W = levels[:, idx][:, torch.randperm(K, generator=g)]
-    r = cb.kmeans(W, bits=bits)
+    r = cb.kmeans(W, bits=bits, zero_level=False)
     assert torch.equal(cb.dequantize_codebook_result(r), W)
     torch.testing.assert_close(r.codebook, levels, atol=0, rtol=0)
+    # With the zero level, rows whose values include 0 are still represented exactly.
+    levels[:, 3] = 0
+    W = levels[:, idx][:, torch.randperm(K, generator=g)]
+    r = cb.kmeans(W, bits=bits)
+    assert torch.equal(cb.dequantize_codebook_result(r), W)
+    torch.testing.assert_close(r.codebook, levels.sort(dim=1).values, atol=0, rtol=0)
 
 
 @settings(max_examples=40, deadline=None, database=None)
@@ -156,16 +162,21 @@ def lloyd_step(X, w, table):
 
 @pytest.mark.parametrize("bits", [2, 3, 4])
 @pytest.mark.parametrize("weighted", [False, True], ids=["kmeans", "squeezellm"])
-def test_kmeans_is_a_fixed_point(bits, weighted):
+@pytest.mark.parametrize("zero_level", [False, True], ids=["free", "zero"])
+def test_kmeans_is_a_fixed_point(bits, weighted, zero_level):
     N, K = 16, 200
     W = weight(N, K, 4) * torch.linspace(0.2, 2.0, K)
     H = hessian(K, 4)
-    r = cb.squeezellm(W, H.diagonal(), bits=bits) if weighted else cb.kmeans(W, bits=bits)
+    r = (cb.squeezellm(W, H.diagonal(), bits=bits, zero_level=zero_level) if weighted
+         else cb.kmeans(W, bits=bits, zero_level=zero_level))
     w = H.diagonal().double().expand(N, K) if weighted else torch.ones(N, K, dtype=torch.float64)
     q, new = lloyd_step(W.double(), w, r.codebook.double())
     assert torch.equal(q, r.q.long()), f"{(q != r.q.long()).sum().item()} weights not at their nearest entry"
-    diff = (new - r.codebook.double()).abs().max().item()
-    # Every entry is the weighted mean of its cluster (to float32, the table's precision).
+    zero = r.codebook == 0
+    # The zero level: exactly one exact 0 per row, held there (Lloyd for the table constrained to hold 0).
+    assert zero.sum(dim=1).tolist() == [int(zero_level)] * N
+    diff = (new - r.codebook.double())[~zero].abs().max().item()
+    # Every other entry is the weighted mean of its cluster (to float32, the table's precision).
     assert diff <= 2e-7 * W.abs().max().item(), f"one Lloyd step moves an entry by {diff}"
 
 
@@ -173,14 +184,14 @@ def test_kmeans_deterministic_and_each_weighting_wins_its_own_objective():
     N, K = 32, 192
     W = weight(N, K, 5)
     H = hessian(K, 5)
-    km, km2 = cb.kmeans(W, bits=3), cb.kmeans(W, bits=3)
-    assert torch.equal(km.q, km2.q) and torch.equal(km.codebook, km2.codebook)
+    km, km2 = cb.kmeans(W, bits=3, zero_level=False), cb.kmeans(W, bits=3, zero_level=False)
+    assert torch.equal(km.q, km2.q) and torch.equal(km.codebook, km2.codebook)   # seeded k-means++ starts
     sq = cb.squeezellm(W, H.diagonal(), bits=3)
     hd = H.diagonal()
 
     def err(r, w):
         return (w * (W - cb.dequantize_codebook_result(r)) ** 2).sum().item()
-    # Five deterministic starts: both local optima, each best on the objective it was fitted to.
+    # Several starts: both local optima, each best on the objective it was fitted to.
     assert err(km, 1.0) < err(sq, 1.0)
     assert err(sq, hd) < err(km, hd)
     # And on the layer-output error the sensitivity weighting targets (this data has outlier inputs).
@@ -198,6 +209,71 @@ def test_kmeans_beats_uniform_grid_in_mse():
         assert e_km < e_u, f"{bits} bits: k-means {e_km:.4g} vs uniform {e_u:.4g}"
 
 
+def fisher_like_rows(N, K, seed):
+    """Heavy-tailed weight rows and per-weight sensitivities shaped like SqueezeLLM's Fisher on a real
+    layer (an output factor x the input's E[x^2], with outlier inputs, x a log-normal per-weight spread)."""
+    g = torch.Generator().manual_seed(seed)
+    W = weight(N, K, seed) / torch.rand(N, K, generator=g).clamp(min=0.05).sqrt() * 0.05
+    xsq = calibration(256, K, seed).square().mean(0)
+    sens = torch.rand(N, 1, generator=g) * xsq * torch.exp(1.5 * torch.randn(N, K, generator=g))
+    return W, sens
+
+
+@pytest.mark.parametrize("bits", [3, 4])
+def test_squeezellm_clusterer_at_least_as_good_as_the_references_sklearn_kmeans(bits):
+    """SqueezeLLM's nuq.py clusters each row with sklearn's KMeans (k-means++, random_state=0,
+    max_iter=50) under sample weights; ours must reach a weighted SSE no worse (within 2%)."""
+    np = pytest.importorskip("numpy")
+    KMeans = pytest.importorskip("sklearn.cluster", reason="scikit-learn is in the dev extra").KMeans
+    W, sens = fisher_like_rows(24, 576, 40 + bits)
+
+    def sse(table, q):
+        return (sens.double() * (W.double() - table.double().gather(1, q.long())) ** 2).sum().item()
+    from threadpoolctl import threadpool_limits   # sklearn's own dependency
+
+    r = cb.squeezellm(W, sens, bits=bits)
+    tables, codes = [], []
+    with threadpool_limits(1):       # one row of 576 values: OpenMP threads only wait on a shared machine
+        for i in range(W.shape[0]):
+            km = KMeans(n_clusters=2 ** bits, random_state=0, n_init="auto", max_iter=50).fit(
+                W[i].numpy().reshape(-1, 1), sample_weight=sens[i].numpy())
+            tables.append(km.cluster_centers_.reshape(-1))
+            codes.append(km.labels_.astype(np.int64))
+    e_ours, e_ref = sse(r.codebook, r.q), sse(torch.tensor(np.array(tables)), torch.tensor(np.array(codes)))
+    assert e_ours <= 1.02 * e_ref, f"weighted SSE ours / sklearn = {e_ours / e_ref:.3f}"
+
+
+def test_kmeans_restarts_are_seeded_and_only_add_starts():
+    W, sens = fisher_like_rows(16, 192, 45)
+
+    def err(r):
+        return (sens.double() * (W - cb.dequantize_codebook_result(r)).double() ** 2).sum(dim=1)
+    a, b = cb.kmeans(W, bits=3, weights=sens), cb.kmeans(W, bits=3, weights=sens)
+    assert torch.equal(a.codebook, b.codebook) and torch.equal(a.q, b.q)
+    none = cb.kmeans(W, bits=3, weights=sens, restarts=0)
+    # Each row keeps its best start, so adding k-means++ starts can only lower a row's error.
+    assert bool((err(a) <= err(none) * (1 + 1e-6)).all())
+    assert err(a).sum() < err(none).sum()
+
+
+def test_squeezellm_leaves_zero_weights_out_of_the_fit():
+    """nuq.py multiplies the sample weights by (w != 0): weights that are exactly 0 (pruned) do not
+    pull a level to 0, so the levels serve the remaining weights."""
+    N, K = 16, 192
+    W, sens = fisher_like_rows(N, K, 46)
+    W[:, ::3] = 0
+    sens[:, ::3] *= 100              # sensitive, but zero: the mask removes them anyway
+    keep = W != 0
+
+    def err_kept(r):
+        return (sens.double() * keep * (W - cb.dequantize_codebook_result(r)).double() ** 2).sum().item()
+    masked = cb.squeezellm(W, sens, bits=3)
+    unmasked = cb.kmeans(W, bits=3, weights=sens, zero_level=False)
+    torch.testing.assert_close(masked.codebook, cb.kmeans(W, bits=3, weights=sens * keep, zero_level=False).codebook,
+                               atol=0, rtol=0)
+    assert err_kept(masked) < 0.9 * err_kept(unmasked), (err_kept(masked), err_kept(unmasked))
+
+
 # ---------------------------------------------------------------------------------------------------
 # Piecewise-linear grid
 # ---------------------------------------------------------------------------------------------------
@@ -205,20 +281,30 @@ def test_kmeans_beats_uniform_grid_in_mse():
 @pytest.mark.parametrize("bits, group_size, segments", [
     (2, -1, 4), (3, -1, 2), (3, 32, 4), (4, -1, 4), (4, 64, 3), (4, -1, 1)])
 @pytest.mark.parametrize("weighted", [False, True], ids=["mse", "hdiag"])
-def test_piecewise_monotone_never_worse_than_uniform_start(bits, group_size, segments, weighted):
+@pytest.mark.parametrize("zero_level", [False, True], ids=["free", "zero"])
+def test_piecewise_monotone_never_worse_than_uniform_start(bits, group_size, segments, weighted, zero_level):
     N, K = 24, 160
     W = weight(N, K, 7) / torch.randn(N, K, generator=torch.Generator().manual_seed(8)).abs().clamp(min=0.3).sqrt()
+    W[:4] = W[:4].abs() + 0.1       # rows that never cross 0: the zero level is an end of their grid
     hd = hessian(K, 7).diagonal() if weighted else None
-    kw = dict(bits=bits, group_size=group_size, segments=segments, weights=hd)
+    kw = dict(bits=bits, group_size=group_size, segments=segments, weights=hd, zero_level=zero_level)
     r = cb.piecewise(W, **kw)
     start = cb.piecewise(W, iters=0, **kw)
     L = 2 ** bits
     assert bool((r.codebook.diff(dim=1) > 0).all()), "piecewise table must be strictly increasing"
-    # The start is the uniform grid over each row's range (of W / s when grouped).
+    # The start is a uniform grid over each row's range (of W / s when grouped).
     steps0 = start.codebook.double().diff(dim=1)
     torch.testing.assert_close(steps0, steps0[:, :1].expand_as(steps0), atol=0, rtol=1e-5)
     X = W if group_size == -1 else W / r.scales.repeat_interleave(group_size, 1)[:, :K]
-    torch.testing.assert_close(start.codebook[:, 0], X.amin(dim=1), atol=0, rtol=0)
+    if zero_level:
+        # ... the smallest one that holds 0 and covers the range; the fit keeps the exact 0.
+        assert (start.codebook == 0).sum(dim=1).tolist() == [1] * N
+        assert (r.codebook == 0).sum(dim=1).tolist() == [1] * N
+        assert bool((start.codebook[:, 0] <= X.amin(dim=1)).all() and (start.codebook[:, -1] >= X.amax(dim=1)).all())
+        lo, hi = X.amin(dim=1).clamp(max=0), X.amax(dim=1).clamp(min=0)
+        assert bool((steps0[:, 0] <= (hi - lo) / (L - 2) * (1 + 1e-6)).all()), "a wider step than needed"
+    else:
+        torch.testing.assert_close(start.codebook[:, 0], X.amin(dim=1), atol=0, rtol=0)
     # Per-segment steps: the L - 1 steps form (at most) `segments` runs of equal steps.
     S = min(segments, L - 1)
     sizes = [(L - 1) // S + (1 if j < (L - 1) % S else 0) for j in range(S)]
@@ -233,6 +319,39 @@ def test_piecewise_monotone_never_worse_than_uniform_start(bits, group_size, seg
     assert excess <= 1e-9 * e0.max().item(), f"a row got worse than the uniform start by {excess}"
     if S > 1:
         assert e.sum() < 0.97 * e0.sum(), f"the fit should improve on heavy-tailed rows: {e.sum():.4g} vs {e0.sum():.4g}"
+
+
+# ---------------------------------------------------------------------------------------------------
+# The zero level (issue 23): a massive-activation input column whose weights are tiny
+# ---------------------------------------------------------------------------------------------------
+
+def massive_activation_layer():
+    """A layer shaped like the default model's: row RMS 0.17, and one input column whose weights are
+    tiny (|w| ~ 0.01) but whose activation is huge on a few "sink" tokens (E[x^2] ~10^5 x the median
+    column's; the default model has 4,863x to 7*10^5x, issue 23)."""
+    N, K, c = 96, 256, 37
+    W = weight(N, K, 30) * 0.17
+    W[:, c] = weight(N, 1, 31)[:, 0] * 0.014
+    X = calibration(512, K, 30)
+    X[:8, c] = 1e4
+    return W, X
+
+
+@pytest.mark.parametrize("method", ["kmeans", "piecewise"])
+@pytest.mark.parametrize("group_size", [128, -1])
+def test_zero_level_keeps_tiny_weights_of_massive_activation_inputs(method, group_size):
+    W, X = massive_activation_layer()
+    fit = getattr(cb, method)
+
+    def out_err(W_hat):
+        return ((W - W_hat) @ X.T).square().sum().item()
+    e_zero = out_err(cb.dequantize_codebook_result(fit(W, bits=3, group_size=group_size)))
+    e_free = out_err(cb.dequantize_codebook_result(fit(W, bits=3, group_size=group_size, zero_level=False)))
+    e_rtn = out_err(dequantize_result(rtn(W, bits=3, group_size=group_size, symmetric=False)))
+    # Without 0 in the table the tiny weights become +-(smallest level), several times their own
+    # size, and the sink tokens multiply that; with it (the default) the table beats RTN's grid.
+    assert e_zero < e_rtn, f"{method}: output error {e_zero:.4g} vs RTN {e_rtn:.4g}"
+    assert e_free > 2 * e_zero, f"{method}: without zero level {e_free:.4g}, with {e_zero:.4g}"
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -319,10 +438,16 @@ def test_bad_arguments():
         cb.kmeans(W, bits=2, iters=0)
     with pytest.raises(ValueError, match="weights must be"):
         cb.kmeans(W, bits=2, weights=torch.ones(95))
-    with pytest.raises(ValueError, match="hdiag must be a \\(96,\\)"):
-        cb.squeezellm(W, torch.ones(8, 96), bits=2)
-    with pytest.raises(ValueError, match="no calibration input"):
-        cb.squeezellm(W, torch.zeros(96), bits=2)
+    with pytest.raises(ValueError, match="restarts must be"):
+        cb.kmeans(W, bits=2, restarts=-1)
+    with pytest.raises(ValueError, match="zero_level must be"):
+        cb.kmeans(W, bits=2, zero_level=1)
+    with pytest.raises(ValueError, match="zero_level must be"):
+        cb.piecewise(W, bits=2, zero_level="yes")
+    with pytest.raises(ValueError, match="sensitivity must be a \\(96,\\) per-input .* or \\(8, 96\\) per-weight"):
+        cb.squeezellm(W, torch.ones(7, 96), bits=2)
+    with pytest.raises(ValueError, match="no calibration input or gradient"):
+        cb.squeezellm(W, torch.zeros(8, 96), bits=2)
     with pytest.raises(ValueError, match="segments"):
         cb.piecewise(W, bits=3, segments=0)
     r = cb.nf(W, bits=3, group_size=32)

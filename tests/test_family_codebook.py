@@ -11,12 +11,14 @@ pytest.importorskip("triton_kernels.nn.codebook")
 
 
 class _Stats:
-    """What the driver's calibration statistics offer a family: ``hessian()`` and ``sq``."""
+    """What the driver's calibration statistics offer a family: ``hessian()``, ``sq`` and ``fisher``
+    (here a stand-in (N, K) per-weight sensitivity: the input's sum of squares times a per-row factor)."""
 
-    def __init__(self, X):
+    def __init__(self, X, N=None):
         self.n = X.shape[0]
         self.H = (X.T @ X).double()
         self.sq = X.double().square().sum(0)
+        self.fisher = None if N is None else (torch.linspace(0.5, 2.0, N)[:, None] * self.sq.float()[None, :])
 
     def hessian(self):
         return (self.H / self.n).float()
@@ -28,9 +30,16 @@ class _Stats:
     ({"method": "fp4", "group_size": 16}, "fp4-w4-g16", set()),
     ({"method": "piecewise", "bits": 2}, "piecewise-w2-pc", set()),
     ({"method": "piecewise", "bits": 3, "segments": 2, "group_size": 128}, "piecewise-w3-g128-s2", set()),
+    ({"method": "piecewise", "bits": 3, "group_size": 128, "zero_level": False}, "piecewise-w3-g128-nozero", set()),
     ({"method": "kmeans", "bits": 3}, "kmeans-w3-pc", set()),
-    ({"method": "squeezellm", "bits": 3}, "squeezellm-w3-pc", {"sq"}),
-    ({"method": "squeezellm", "bits": 3, "gptq": True}, "squeezellm-w3-pc-gptq", {"H"}),
+    ({"method": "kmeans", "bits": 3, "zero_level": True}, "kmeans-w3-pc", set()),
+    ({"method": "kmeans", "bits": 3, "zero_level": False}, "kmeans-w3-pc-nozero", set()),
+    ({"method": "squeezellm", "bits": 3}, "squeezellm-w3-pc", {"fisher"}),
+    ({"method": "squeezellm", "bits": 3, "sensitivity": "diag_h"}, "squeezellm-w3-pc-diagh", {"sq"}),
+    ({"method": "squeezellm", "bits": 3, "zero_level": True}, "squeezellm-w3-pc-zero", {"fisher"}),
+    ({"method": "squeezellm", "bits": 3, "gptq": True}, "squeezellm-w3-pc-gptq", {"H", "fisher"}),
+    ({"method": "squeezellm", "bits": 3, "gptq": True, "sensitivity": "diag_h"}, "squeezellm-w3-pc-diagh-gptq",
+     {"H"}),
     ({"method": "nf", "bits": 4, "group_size": 128, "gptq": True, "act_order": True, "damp": 0.05},
      "nf-w4-g128-gptq-act-damp0.05", {"H"}),
 ])
@@ -39,6 +48,13 @@ def test_parse_label_needs(spec, label, needs):
     assert s.family == "codebook" and family_of(spec["method"]) is FAMILIES["codebook"]
     assert s.label() == label and s.needs() == needs
     assert parse_spec(s.to_dict()).to_dict() == s.to_dict()     # the canonical form is a fixed point
+    cols = FAMILIES["codebook"].method_columns(s)
+    if spec["method"] in ("piecewise", "kmeans", "squeezellm"):
+        # The zero level is always in the canonical spec (its default changed: new point ids) and a column.
+        assert s.to_dict()["zero_level"] == cols["zero_level"] == spec.get("zero_level", spec["method"] != "squeezellm")
+    else:
+        assert "zero_level" not in s.to_dict() and cols["zero_level"] == ""
+    assert cols["sensitivity"] == (spec.get("sensitivity", "fisher") if spec["method"] == "squeezellm" else "")
 
 
 @pytest.mark.parametrize("spec, match", [
@@ -50,6 +66,10 @@ def test_parse_label_needs(spec, label, needs):
     ({"method": "nf", "gptq": "yes"}, "gptq='yes' must be true"),
     ({"method": "piecewise", "bits": 3, "segments": 0}, "segments=0 must be a positive integer"),
     ({"method": "kmeans", "bits": 3, "segments": 2}, "segments"),
+    ({"method": "kmeans", "bits": 3, "zero_level": "yes"}, "zero_level='yes' must be true"),
+    ({"method": "nf", "zero_level": False}, "unknown option.*zero_level"),
+    ({"method": "squeezellm", "bits": 3, "sensitivity": "hessian"}, "sensitivity='hessian' must be 'fisher'"),
+    ({"method": "kmeans", "bits": 3, "sensitivity": "fisher"}, "unknown option.*sensitivity"),
 ])
 def test_bad_specs_name_the_option(spec, match):
     with pytest.raises(ValueError, match=match):
@@ -62,6 +82,7 @@ def test_bad_specs_name_the_option(spec, match):
     {"method": "piecewise", "bits": 3, "group_size": -1},
     {"method": "kmeans", "bits": 2, "group_size": 64},
     {"method": "squeezellm", "bits": 3},
+    {"method": "squeezellm", "bits": 3, "sensitivity": "diag_h"},
     {"method": "squeezellm", "bits": 3, "gptq": True},
     {"method": "nf", "bits": 3, "group_size": 64, "gptq": True, "act_order": True},
 ], ids=lambda s: parse_spec(s).label())
@@ -74,7 +95,7 @@ def test_compress_layer_builds_a_codebook_linear(spec):
     s = parse_spec(spec)
     fam = FAMILIES["codebook"]
     fam.check_fits(s, {"layer": (N, K)})
-    res = fam.compress_layer(s, w.clone(), bias, _Stats(X))
+    res = fam.compress_layer(s, w.clone(), bias, _Stats(X, N))
     mod = res.module
     assert isinstance(mod, CodebookLinear)
     assert res.bytes == mod.memory_bytes()
@@ -98,7 +119,7 @@ def test_compress_layer_builds_a_codebook_linear(spec):
 def test_gptq_option_lowers_the_output_error():
     N, K = 48, 160
     w, X = weight(N, K, 21), calibration(768, K, 21)
-    fam, st = FAMILIES["codebook"], _Stats(X)
+    fam, st = FAMILIES["codebook"], _Stats(X, N)
     errs = {}
     for g in (False, True):
         res = fam.compress_layer(parse_spec({"method": "squeezellm", "bits": 3, "gptq": g}), w.clone(), None, st)
@@ -149,9 +170,10 @@ def test_a_group_below_float16_range_keeps_a_positive_scale():
     assert res.w_hat[0, :32].abs().max().item() < 1e-7
 
 
-@pytest.mark.parametrize("spec", [{"method": "squeezellm", "bits": 3}, {"method": "nf", "bits": 4, "group_size": 32,
-                                                                         "gptq": True}],
-                         ids=["squeezellm-sq-stats", "nf-gptq-H-stats"])
+@pytest.mark.parametrize("spec", [{"method": "squeezellm", "bits": 3},
+                                  {"method": "squeezellm", "bits": 3, "sensitivity": "diag_h"},
+                                  {"method": "nf", "bits": 4, "group_size": 32, "gptq": True}],
+                         ids=["squeezellm-fisher-stats", "squeezellm-sq-stats", "nf-gptq-H-stats"])
 def test_a_model_compresses_end_to_end(spec, monkeypatch):
     """The driver collects the statistics the family asks for, replaces every block linear with a
     CodebookLinear, and the sweep's backend column names it."""
@@ -172,3 +194,28 @@ def test_a_model_compresses_end_to_end(spec, monkeypatch):
     with torch.no_grad():
         model(calib)
     assert module_backends(model).startswith("CodebookLinear:")
+
+
+def test_squeezellm_weights_each_layer_by_the_dense_models_fisher(monkeypatch):
+    """SqueezeLLM's Fisher comes from the dense model, once, before any layer is quantized: the
+    sensitivity every layer (block 1's too, after block 0 was quantized) is clustered with equals
+    ``squared_gradients`` of the uncompressed model on the calibration windows."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    from experiments.lm import models
+    from experiments.methods.algorithms import codebook as alg
+    from experiments.methods.compress import compress_model
+    from tests.test_compress import tiny_llama
+
+    calib = torch.randint(0, 128, (3, 24), generator=torch.Generator().manual_seed(0))
+    want = models.squared_gradients(tiny_llama(), calib)
+    seen = []
+    real = alg.squeezellm
+
+    def spy(W, sensitivity, **kw):
+        seen.append(sensitivity.clone())
+        return real(W, sensitivity, **kw)
+    monkeypatch.setattr(alg, "squeezellm", spy)
+    compress_model(tiny_llama(), {"method": "squeezellm", "bits": 3}, calib, progress=False)
+    assert len(seen) == len(want)
+    for (name, f), got in zip(want.items(), seen):
+        torch.testing.assert_close(got, f, atol=0, rtol=0, msg=lambda m: f"{name}: {m}")

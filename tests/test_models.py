@@ -109,6 +109,47 @@ def test_blocks_from_captured_inputs_reproduce_logits(family):
     assert torch.allclose(got, want, atol=atol, rtol=rtol), f"{family}: max abs {err:.3g}, rel {rel:.3g}"
 
 
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_squared_gradients_are_the_per_window_fisher_of_the_dense_model(family):
+    """SqueezeLLM's sensitivity: sum over windows of the squared gradient of each window's own loss
+    (transformers' ``model(ids, labels=ids).loss``), not the square of the summed gradient; GPT-2's
+    Conv1D gradients come back (out, in). The model is left as it was."""
+    model = _tiny(family)
+    for p in model.parameters():
+        if p.dim() == 2:
+            p.data.normal_(0, 0.1)      # random init's tiny weights would give near-zero gradients
+    ids = torch.randint(0, VOCAB, (3, 12), generator=torch.Generator().manual_seed(2))
+    params = dict(model.named_parameters())
+    model.get_input_embeddings().weight.requires_grad_(False)        # a flag the call must restore
+    got = models.squared_gradients(model, ids)
+    assert not model.get_input_embeddings().weight.requires_grad and not model.training
+    assert all(p.grad is None for p in params.values())
+    layers = models.linear_layers(model)
+    assert list(got) == [name for name, _ in layers]
+    want = {name: 0 for name, _ in layers}
+    total = {name: 0 for name, _ in layers}
+    for i in range(ids.shape[0]):
+        model.zero_grad(set_to_none=True)
+        model(input_ids=ids[i:i + 1], labels=ids[i:i + 1], use_cache=False).loss.backward()
+        for name, layer in layers:
+            g = models.linear_weight(layer).grad if isinstance(layer, nn.Linear) else layer.weight.grad.t()
+            want[name] = want[name] + g.square()
+            total[name] = total[name] + g
+    model.zero_grad(set_to_none=True)
+    for name, layer in layers:
+        assert got[name].shape == models.linear_weight(layer).shape and got[name].dtype == torch.float32
+        assert want[name].abs().max() > 0
+        rel = ((got[name] - want[name]).norm() / want[name].norm()).item()
+        assert rel < 1e-5, f"{name}: relative error {rel:.3g} against per-window autograd"
+        off = ((got[name] - total[name].square()).norm() / want[name].norm()).item()
+        assert off > 0.1, f"{name}: equals the square of the batch gradient (rel diff {off:.3g})"
+
+
+def test_squared_gradients_rejects_short_windows():
+    with pytest.raises(ValueError, match="input_ids must be \\(n_windows, seq\\) with seq >= 2"):
+        models.squared_gradients(_tiny("llama"), torch.zeros(2, 1, dtype=torch.long))
+
+
 def test_capture_keeps_per_block_masks():
     """Qwen2 with sliding layers passes block 0 a full-attention mask and the others a sliding one."""
     model = _tiny("qwen2")

@@ -46,18 +46,26 @@ def test_nonuniform_figures_draw_without_warnings(recwarn):
     import pandas as pd
     import torch
 
-    rows = [("dense", -1, "", 16.0, 23.6), ("rtn", -1, "", 3.05, 316.0), ("gptq", -1, "", 3.05, 60.0),
-            ("squeezellm", -1, False, 3.19, 40.9), ("squeezellm", -1, True, 3.19, 35.0),
-            ("nf", 64, False, 4.25, 28.9), ("rtn", 64, "", 4.5, 28.5), ("nf", 64, True, 4.25, 28.0)]
-    df = pd.DataFrame([{"method": m, "group_size": g, "gptq": gp, "bits_per_weight": b, "ppl": p,
-                        "aliases_source_grid": False, "model": "m", "evaluation_text": "t", "eval_tokens": 2048,
-                        "device": "cpu"} for m, g, gp, b, p in rows])
+    rows = [("dense", -1, "", "", "", 16.0, 23.6), ("rtn", -1, "", "", "", 3.05, 316.0),
+            ("gptq", -1, "", "", "", 3.05, 60.0),
+            ("squeezellm", -1, False, False, "fisher", 3.19, 40.9), ("squeezellm", -1, True, False, "fisher", 3.19, 35.0),
+            ("squeezellm", -1, False, False, "diag_h", 3.19, 43.0), ("squeezellm", -1, False, True, "fisher", 3.19, 41.0),
+            ("kmeans", 128, False, True, "", 3.32, 80.0), ("kmeans", 128, False, False, "", 3.32, 1351.0),
+            ("nf", 64, False, "", "", 4.25, 28.9), ("rtn", 64, "", "", "", 4.5, 28.5), ("nf", 64, True, "", "", 4.25, 28.0)]
+    df = pd.DataFrame([{"method": m, "group_size": g, "gptq": gp, "zero_level": z, "sensitivity": sens,
+                        "bits_per_weight": b, "ppl": p, "aliases_source_grid": False, "model": "m",
+                        "evaluation_text": "t", "eval_tokens": 2048, "device": "cpu"}
+                       for m, g, gp, z, sens, b, p in rows])
     series = plots.nonuniform_series(df).tolist()
-    assert series == ["dense", "rtn pc", "gptq pc", "squeezellm pc", "squeezellm+gptq pc", "nf g64", "rtn g64",
-                      "nf+gptq g64"]
+    assert series == ["dense", "rtn pc", "gptq pc", "squeezellm pc", "squeezellm+gptq pc", "squeezellm-diagh pc",
+                      "squeezellm-zero pc", "kmeans g128", "kmeans-nozero g128", "nf g64", "rtn g64", "nf+gptq g64"]
+    # A table written before the zero_level / sensitivity columns existed keeps its old series names.
+    assert plots.nonuniform_series(df.drop(columns=["zero_level", "sensitivity"])).tolist()[3:9] == [
+        "squeezellm pc", "squeezellm+gptq pc", "squeezellm pc", "squeezellm pc", "kmeans g128", "kmeans g128"]
     fig = plots.nonuniform_figure(df)
     labels = fig.axes[0].get_legend_handles_labels()[1]
-    assert "RTN pc (uniform)" in labels and "squeezellm+gptq pc" in labels and len(fig.axes[0].lines) == 8
+    assert "RTN pc (uniform)" in labels and "squeezellm+gptq pc" in labels and "kmeans-nozero g128" in labels
+    assert len(fig.axes[0].lines) == 12
     plots.show(fig)
     w = torch.randn(1, 300)
     fig = plots.levels_figure(w, {"uniform": torch.linspace(-2, 2, 8), "learned": torch.randn(8)}, title="t")

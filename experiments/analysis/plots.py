@@ -312,12 +312,33 @@ def _flag(col: pd.Series) -> pd.Series:
     return col.astype(str).str.lower() == "true"
 
 
+def _codebook_variant(df: pd.DataFrame) -> pd.Series:
+    """Per row: the label part of a non-default zero level or sensitivity (``-nozero``, ``-zero``,
+    ``-diagh``; :func:`experiments.methods.families.codebook.variant_suffix`), ``""`` otherwise and in
+    tables written before those columns existed."""
+    from experiments.methods.families.codebook import DEFAULT_SENSITIVITY, DEFAULT_ZERO_LEVEL
+
+    def one(row) -> str:
+        out = ""
+        default = DEFAULT_ZERO_LEVEL.get(row["method"])
+        zero = str(row.get("zero_level", "")).lower()          # bools, or "True"/"False" read back from CSV
+        if default is not None and zero in ("true", "false") and (zero == "true") != default:
+            out += "-zero" if zero == "true" else "-nozero"
+        sens = row.get("sensitivity", "")
+        if isinstance(sens, str) and sens not in ("", DEFAULT_SENSITIVITY):
+            out += "-" + sens.replace("_", "")
+        return out
+    return df.apply(one, axis=1).astype(object) if len(df) else pd.Series("", index=df.index, dtype=object)
+
+
 def nonuniform_series(df: pd.DataFrame) -> pd.Series:
     """Per row of the nonuniform sweep: the line it belongs to, e.g. ``"squeezellm+gptq pc"``,
-    ``"rtn g64"`` (GPTQ over a codebook is ``<table>+gptq``; uniform GPTQ stays ``gptq``)."""
+    ``"rtn g64"``, ``"kmeans-nozero g128"`` (GPTQ over a codebook is ``<table>+gptq``; uniform GPTQ
+    stays ``gptq``; a non-default zero level or sensitivity is its own line)."""
     gptq = _flag(df["gptq"]) if "gptq" in df else pd.Series(False, index=df.index)
     g = pd.to_numeric(df["group_size"], errors="coerce").fillna(-1).astype(int)
-    name = df["method"].where(~gptq, df["method"] + "+gptq")
+    method = df["method"] + _codebook_variant(df)
+    name = method.where(~gptq, method + "+gptq")
     series = name + " " + g.map(lambda v: "pc" if v == -1 else f"g{v}")
     return series.where(df["method"] != "dense", "dense")
 

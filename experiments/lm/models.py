@@ -31,6 +31,10 @@ Sequential calibration (``block_prefix_forward``, ``run_block``)
     Captures the hidden states entering block 0 and, for every block, the keyword arguments the
     model passes it (attention mask, position ids, rotary position embeddings, ...), so blocks can
     be run one at a time on calibration data exactly as inside the model.
+
+Per-weight Fisher information (``squared_gradients``)
+    The sum over calibration windows of each block linear weight's squared gradient of the dense
+    model's loss: SqueezeLLM's sensitivity.
 """
 from __future__ import annotations
 
@@ -607,3 +611,62 @@ def final_logits(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
         if project_out is not None:
             hidden = project_out(hidden)
         return model.get_output_embeddings()(hidden)
+
+
+# --------------------------------------------------------------------------------------------
+# Per-weight Fisher information (squared gradients)
+# --------------------------------------------------------------------------------------------
+
+def squared_gradients(model: nn.Module, input_ids: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Empirical Fisher diagonal of every block linear's weight: ``sum_w (dL_w / dW)^2`` over the
+    windows ``w`` of ``input_ids`` (n, seq), where ``L_w`` is the window's mean next-token
+    cross-entropy (``model(window, labels=window).loss``, no BOS), one window per backward pass.
+
+    -> ``{name: float32 (N, K)}`` keyed like :func:`linear_layers` (``block<i>.<name>``), in
+    ``(out_features, in_features)`` layout (GPT-2's Conv1D gradients transposed). This is the
+    sensitivity SqueezeLLM uses (kssteven418/SqueezeLLM-gradients: a squaring hook on each weight's
+    gradient, one calibration sample per backward, so ``.grad`` accumulates the per-sample squares);
+    it runs in the model's dtype here (fp32 for the default model), not bf16 as there.
+
+    The model is left as it was (parameter ``requires_grad`` flags, ``.grad`` fields, train/eval
+    mode); only the block linears' weights get gradients (embeddings, norms and the LM head none).
+    Cost: one forward and backward per window, plus two float32 copies of the block linears' weights
+    (gradient and sum of squares) alive at once.
+    """
+    import torch.nn.functional as F  # noqa: PLC0415
+
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.shape[1] < 2:
+        raise ValueError(f"input_ids must be (n_windows, seq) with seq >= 2, got shape "
+                         f"{tuple(getattr(input_ids, 'shape', ()))}")
+    layers = linear_layers(model)
+    params = list(model.parameters())
+    flags = [p.requires_grad for p in params]
+    grads = [p.grad for p in params]
+    was_training = model.training
+    device = next(model.parameters()).device
+    fisher = {name: torch.zeros(tuple(linear_weight(layer).shape), dtype=torch.float32, device=device)
+              for name, layer in layers}
+    try:
+        for p in params:
+            p.requires_grad_(False)
+            p.grad = None
+        for _, layer in layers:
+            layer.weight.requires_grad_(True)
+        model.eval()
+        with torch.enable_grad():
+            for i in range(input_ids.shape[0]):
+                ids = input_ids[i:i + 1].to(device)
+                logits = model(input_ids=ids, use_cache=False).logits
+                loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
+                loss.backward()
+                for name, layer in layers:
+                    g = layer.weight.grad
+                    g = g if isinstance(layer, nn.Linear) else g.t()
+                    fisher[name] += g.float().square()
+                    layer.weight.grad = None
+    finally:
+        for p, f, g in zip(params, flags, grads):
+            p.requires_grad_(f)
+            p.grad = g
+        model.train(was_training)
+    return fisher

@@ -31,7 +31,10 @@ and labels name it when it is not 0.01).
 :func:`compress_model` runs a *model-level* family once on the whole model; for a *layer-level*
 family it compresses every linear layer inside the transformer blocks in place, block by block as
 GPTQ/SparseGPT do: the calibration inputs of block ``i`` are the outputs of the already
-*compressed* blocks ``0..i-1``, so each layer's algorithm sees the errors made upstream.
+*compressed* blocks ``0..i-1``, so each layer's algorithm sees the errors made upstream. The one
+statistic that is not sequential is the per-weight Fisher (``"fisher"``, SqueezeLLM's sensitivity):
+squared gradients of the *dense* model's loss, computed once before any layer is compressed, as the
+SqueezeLLM paper does.
 Embeddings and ``lm_head`` are not compressed: SmolLM2 ties ``lm_head`` to the token embedding,
 so compressing one would silently change the other, and the literature we compare with (GPTQ,
 SparseGPT, Wanda, SVD-LLM) reports numbers with both kept dense.
@@ -89,11 +92,19 @@ def aliases_source_grid(spec: MethodSpec, source_grid: Mapping[str, Any] | None)
 
 # ----------------------------------------------------------------------------- calibration
 
+#: Calibration statistics a family may ask for (:meth:`Family.needs`): ``"H"`` and ``"sq"`` come from the
+#: inputs each layer receives (sequentially: after the blocks before it were compressed), ``"fisher"``
+#: from the gradients of the *dense* model, computed once before any layer is compressed.
+STATISTICS = ("H", "sq", "fisher")
+
+
 class _Stats:
-    """Accumulates H = X^T X / n and/or the per-input-feature sum of squares over calibration tokens."""
+    """Accumulates H = X^T X / n and/or the per-input-feature sum of squares over calibration tokens;
+    ``fisher`` holds the layer's (N, K) per-weight Fisher (``models.squared_gradients``) when asked for."""
 
     def __init__(self, k: int, needs: set[str]):
         self.k, self.n = k, 0
+        self.fisher: torch.Tensor | None = None
         # float64 sums: the sum runs over ~10^4-10^5 tokens and H is inverted/Cholesky-factored later.
         self.H = torch.zeros(k, k, dtype=torch.float64) if "H" in needs else None
         self.sq = torch.zeros(k, dtype=torch.float64) if "sq" in needs else None
@@ -160,8 +171,8 @@ def compress_model(model: nn.Module, spec: Mapping[str, Any] | MethodSpec, calib
     """Compress every linear of every transformer block of ``model`` in place; see module docstring.
 
     ``calib_ids`` (LongTensor (n_samples, seqlen)) is only used by methods that need calibration
-    statistics (gptq, wanda, sparsegpt, whitened_svd, and combos containing them); rtn, magnitude
-    and svd skip the capture entirely. Blocks run on ``chunk`` calibration samples at a time.
+    statistics (gptq, wanda, sparsegpt, whitened_svd, squeezellm, and combos containing them); rtn,
+    magnitude and svd skip the capture entirely. Blocks run on ``chunk`` calibration samples at a time.
     """
     spec = parse_spec(spec)
     blocks = models.find_blocks(model)
@@ -179,8 +190,16 @@ def compress_model(model: nn.Module, spec: Mapping[str, Any] | MethodSpec, calib
         return report
     report = CompressionReport(spec=spec, weights={} if keep_weights else None)
     needs = spec.needs()
+    unknown = needs - set(STATISTICS)
+    if unknown:
+        raise ValueError(f"method {spec.label()} asks for unknown calibration statistics {sorted(unknown)}; "
+                         f"the driver collects {list(STATISTICS)}")
     if needs and calib_ids is None:
         raise ValueError(f"method {spec.label()} needs calibration data: pass calib_ids")
+    # Gradients of the dense model, before any layer changes (SqueezeLLM's Fisher comes from the
+    # uncompressed model); the layer-input statistics below are sequential.
+    fisher = models.squared_gradients(model, calib_ids) if "fisher" in needs else {}
+    needs = needs - {"fisher"}
     hidden = kwargs = None
     if needs:
         hidden, kwargs = _capture(model, calib_ids)
@@ -189,13 +208,16 @@ def compress_model(model: nn.Module, spec: Mapping[str, Any] | MethodSpec, calib
                                            enabled=progress)):
         linears = per_block[i]
         stats: dict[str, _Stats] = {}
+        for name, layer in linears.items():
+            if fisher or needs:
+                stats[name] = _Stats(models.linear_weight(layer).shape[1], needs)
+            if fisher:
+                stats[name].fisher = fisher.pop(f"block{i}.{name}")
         if needs:
             handles = []
             shared: dict[str, Any] = {"x": None, "owner": None}
             for name, layer in linears.items():
-                k = models.linear_weight(layer).shape[1]
-                st = stats[name] = _Stats(k, needs)
-                handles.append(layer.register_forward_pre_hook(_make_hook(st, shared)))
+                handles.append(layer.register_forward_pre_hook(_make_hook(stats[name], shared)))
             try:
                 models.run_block(block, hidden, kwargs[i], batch_size=chunk)
             finally:

@@ -103,7 +103,8 @@ class MethodSpec:
         return self._step_of("quant")
 
     def needs(self) -> set[str]:
-        """Calibration statistics the method needs: "H" (X^T X / n) and/or "sq" (sum of x^2)."""
+        """Calibration statistics the method needs: "H" (X^T X / n), "sq" (sum of x^2) and/or "fisher"
+        (per-weight squared gradients of the dense model's loss)."""
         return family_of(self.method).needs(self)
 
     def to_dict(self) -> dict[str, Any]:
@@ -172,7 +173,8 @@ class Family:
         return spec.method
 
     def needs(self, spec: "MethodSpec") -> set[str]:
-        """Per-layer calibration statistics: ``"H"`` (X^T X / n) and/or ``"sq"`` (sum of x^2 per input)."""
+        """Per-layer calibration statistics: ``"H"`` (X^T X / n), ``"sq"`` (sum of x^2 per input) and/or
+        ``"fisher"`` (the layer's (N, K) per-weight Fisher of the dense model, ``stats.fisher``)."""
         return set()
 
     def check_fits(self, spec: "MethodSpec", shapes: Mapping[str, tuple[int, int]]) -> None:
