@@ -297,12 +297,12 @@ def test_piecewise_monotone_never_worse_than_uniform_start(bits, group_size, seg
     torch.testing.assert_close(steps0, steps0[:, :1].expand_as(steps0), atol=0, rtol=1e-5)
     X = W if group_size == -1 else W / r.scales.repeat_interleave(group_size, 1)[:, :K]
     if zero_level:
-        # ... the smallest one that holds 0 and covers the range; the fit keeps the exact 0.
+        # ... RTN's asymmetric grid of the row (of W / s), exact 0 included; the fit keeps the exact 0.
         assert (start.codebook == 0).sum(dim=1).tolist() == [1] * N
         assert (r.codebook == 0).sum(dim=1).tolist() == [1] * N
-        assert bool((start.codebook[:, 0] <= X.amin(dim=1)).all() and (start.codebook[:, -1] >= X.amax(dim=1)).all())
-        lo, hi = X.amin(dim=1).clamp(max=0), X.amax(dim=1).clamp(min=0)
-        assert bool((steps0[:, 0] <= (hi - lo) / (L - 2) * (1 + 1e-6)).all()), "a wider step than needed"
+        u = rtn(X, bits=bits, group_size=-1, symmetric=False)
+        rtn_levels = (torch.arange(L)[None, :] - u.zeros) * u.scales
+        torch.testing.assert_close(start.codebook, rtn_levels, atol=1e-6, rtol=1e-5)
     else:
         torch.testing.assert_close(start.codebook[:, 0], X.amin(dim=1), atol=0, rtol=0)
     # Per-segment steps: the L - 1 steps form (at most) `segments` runs of equal steps.
@@ -319,6 +319,10 @@ def test_piecewise_monotone_never_worse_than_uniform_start(bits, group_size, seg
     assert excess <= 1e-9 * e0.max().item(), f"a row got worse than the uniform start by {excess}"
     if S > 1:
         assert e.sum() < 0.97 * e0.sum(), f"the fit should improve on heavy-tailed rows: {e.sum():.4g} vs {e0.sum():.4g}"
+    if zero_level and group_size == -1:
+        # so per channel it is never worse than RTN-asym, row by row
+        e_rtn = (w * (W - dequantize_result(rtn(W, bits=bits, group_size=-1, symmetric=False))) ** 2).double().sum(dim=1)
+        assert (e - e_rtn).max().item() <= 1e-6 * e_rtn.max().item()
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -528,15 +528,14 @@ def _segment_design(L: int, segments: int) -> torch.Tensor:
 
 
 def _zero_grid_start(lo: torch.Tensor, hi: torch.Tensor, L: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The smallest step (N,) and zero index (N,) of a uniform ``L``-level grid ``(i - z) * step`` that
-    holds 0 and covers ``[lo, hi]`` of every row (the zero-level analogue of ``linspace(lo, hi, L)``)."""
-    z = torch.arange(L, dtype=torch.float64)
-    inf = torch.tensor(math.inf, dtype=torch.float64)
-    neg, pos = (-lo).clamp(min=0)[:, None], hi.clamp(min=0)[:, None]           # (N, 1)
-    below = torch.where(z > 0, neg / z.clamp(min=1), torch.where(neg > 0, inf, 0.0))        # (N, L)
-    above = torch.where(z < L - 1, pos / (L - 1 - z).clamp(min=1), torch.where(pos > 0, inf, 0.0))
-    step, zi = torch.maximum(below, above).min(dim=1)
-    return step, zi
+    """Step (N,) and zero index (N,) of the uniform asymmetric grid ``(i - z) * step`` of every row:
+    RTN's (``quant.rtn``, ``symmetric=False``): the range widened to hold 0, ``step = (hi - lo) / (L - 1)``,
+    ``z = round(-lo / step)``; level ``z`` is exactly 0. In float32 as RTN computes it, so the same ``z``
+    on a tie (a row of ``W / s`` spans exactly [-1, 1]: ``-lo / step`` is 3.5 at 3 bits)."""
+    lo, hi = lo.float().clamp(max=0), hi.float().clamp(min=0)
+    step = (hi - lo) / (L - 1)
+    z = torch.round(-lo / torch.where(step > 0, step, torch.ones_like(step))).clamp(0, L - 1).long()
+    return step.double(), z
 
 
 def piecewise(W: torch.Tensor, *, bits: int, group_size: int = -1, segments: int = 4,
@@ -544,9 +543,9 @@ def piecewise(W: torch.Tensor, *, bits: int, group_size: int = -1, segments: int
     """Piecewise-linear grid per row: ``segments`` runs of levels, each with its own step.
 
     Start: the uniform grid ``linspace(min, max, 2^bits)`` of each row of ``W`` (of ``W / s`` with group
-    absmax scales when ``group_size > 0``); with ``zero_level`` (default) the uniform grid
-    ``(i - z) * step`` with the smallest step that holds 0 at some level ``z`` and covers the row's
-    range. Then, ``iters`` times: assign every weight to its nearest level; refit the offset and the
+    absmax scales when ``group_size > 0``); with ``zero_level`` (default) RTN's asymmetric grid
+    ``(i - z) * step`` of the row, whose level ``z`` is exactly 0 (:func:`_zero_grid_start`), so that
+    per-channel the fit is never worse than RTN-asym in (weighted) squared error. Then, ``iters`` times: assign every weight to its nearest level; refit the offset and the
     per-segment steps by weighted least squares on those assignments (with ``zero_level`` the offset
     is not free: level ``z`` stays exactly 0 and only the steps are refitted); keep a row's refit only
     if all its steps stay positive and its (weighted) squared error does not grow. Each accepted step
