@@ -6,7 +6,7 @@
 #       extension: .py
 #       format_name: percent
 #       format_version: '1.3'
-#       jupytext_version: 1.19.6
+#       jupytext_version: 1.19.7
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -19,10 +19,12 @@
 # Unstructured and N:M sparsity need special kernels to pay off. Structured pruning removes whole MLP
 # channels, attention heads (whole k/v groups of the grouped-query attention) or transformer blocks, so
 # the result is an ordinary dense model with smaller `nn.Linear` modules: smaller and faster with the
-# stock kernels, the CPU included. Criteria: magnitude (weight norms), Wanda (|W|·‖X‖ over the
-# structure), FLAP (fluctuation of the channel input × squared column norm, with bias compensation) and
-# first-order Taylor (|w·∂L/∂w| on calibration text); for blocks, ShortGPT's Block Influence
-# (1 − cos(block input, block output)) against dropping the last blocks.
+# stock kernels, the CPU included. Criteria: FLAP (fluctuation of the channel input × squared column
+# norm, with bias compensation; `scope: global` is its adaptive search on scores standardized within each
+# layer), FLAP's baselines magnitude-sp and Wanda-sp (the down_proj / o_proj input columns only; Wanda-sp
+# block by block on the pruned model), this project's magnitude and Wanda (the same quantities over every
+# weight the unit removes) and first-order Taylor (|w·∂L/∂w| on calibration text); for blocks, ShortGPT's
+# Block Influence (1 − cos(block input, block output)) against dropping the last blocks.
 #
 # `sparsity` is the fraction of the pruned structures' parameters removed; `params_kept` the fraction of
 # the whole model (embeddings included) that remains. Every point carries the speed of bf16 copies of the
@@ -65,18 +67,23 @@ plots.show(fig)
 
 # %% [markdown]
 # ## Orderings the papers report
-# FLAP and Wanda-sp report lower perplexity than magnitude at equal parameters; ShortGPT reports that
-# removing the blocks of lowest Block Influence beats dropping the last blocks. Each ratio below is the
-# baseline's perplexity divided by the method's (above 1: the method is better) on this model and text.
+# FLAP reports lower perplexity than its baseline Wanda-sp at equal parameters, and Wanda-sp than
+# magnitude; ShortGPT reports that removing the blocks of lowest Block Influence beats dropping the last
+# blocks. Each ratio below is the baseline's perplexity divided by the method's (above 1: the method is
+# better) on this model and text, per structure, scope and sparsity.
 
 # %%
 s = df[(df["method"] != "dense") & df["criterion"].notna()]
 s = s[s["quant_method"].isna()] if "quant_method" in s else s
-width = s[s["method"] != "layers"].pivot_table(index=["method", "sparsity"], columns="criterion", values="ppl",
-                                               aggfunc="first")
-for c in ("wanda", "flap", "taylor"):
-    if {"magnitude", c} <= set(width.columns):
-        width[f"magnitude_over_{c}"] = width["magnitude"] / width[c]
+w = s[s["method"] != "layers"].copy()
+w["scope"] = w["scope"].astype(object).fillna("").replace("", "uniform") if "scope" in w else "uniform"
+w["head_unit"] = w["head_unit"].astype(object).fillna("") if "head_unit" in w else ""
+width = w.pivot_table(index=["method", "scope", "head_unit", "sparsity"], columns="criterion", values="ppl",
+                      aggfunc="first")
+for base, c in (("magnitude", "wanda"), ("magnitude", "flap"), ("magnitude", "taylor"),
+                ("magnitude-sp", "wanda-sp"), ("wanda-sp", "flap")):
+    if {base, c} <= set(width.columns):
+        width[f"{base}_over_{c}"] = width[base] / width[c]
 width
 
 # %%

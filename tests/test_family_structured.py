@@ -40,7 +40,9 @@ def calib():
     ({"method": "channels", "criterion": "taylor", "sparsity": 0.5, "steps": [{"method": "gptq", "bits": 4,
                                                                                  "group_size": 64}]},
      "channels-taylor-s0.5+gptq-w4-g64"),
-], ids=["channels", "heads", "layers", "steps"])
+    ({"method": "channels_heads", "criterion": "wanda-sp", "sparsity": 0.2, "head_unit": "query"},
+     "channels_heads-wanda-sp-s0.2-query"),
+], ids=["channels", "heads", "layers", "steps", "wanda-sp"])
 def test_parse_label_roundtrip(spec, label):
     s = parse_spec(spec)
     assert s.family == "structured" and family_of(s.method).level == "model"
@@ -56,6 +58,8 @@ def test_parse_label_roundtrip(spec, label):
     ({"method": "channels", "criterion": "flap", "sparsity": 1.2}, "sparsity=1.2"),
     ({"method": "heads", "criterion": "flap", "sparsity": 0.2, "head_unit": "kv"}, "head_unit='kv'"),
     ({"method": "heads", "criterion": "flap", "sparsity": 0.2, "scope": "row"}, "scope='row'"),
+    ({"method": "channels", "criterion": "wanda-sp", "sparsity": 0.2, "scope": "global"},
+     "scope='global' does not fit criterion='wanda-sp'"),
     ({"method": "layers", "criterion": "last"}, "blocks=None"),
     ({"method": "layers", "criterion": "last", "blocks": 2, "sparsity": 0.2}, "unknown option"),
     ({"method": "channels", "criterion": "flap", "sparsity": 0.2, "decode_tokens": -1}, "decode_tokens=-1"),
@@ -70,7 +74,8 @@ def test_bad_specs_name_the_option(spec, msg):
 def test_needs_calibration_only_for_calibrated_criteria():
     assert parse_spec({"method": "channels", "criterion": "magnitude", "sparsity": 0.2}).needs() == set()
     assert parse_spec({"method": "layers", "criterion": "last", "blocks": 1}).needs() == set()
-    for c in ("wanda", "flap", "taylor"):
+    assert parse_spec({"method": "channels", "criterion": "magnitude-sp", "sparsity": 0.2}).needs() == set()
+    for c in ("wanda", "flap", "taylor", "wanda-sp"):
         assert parse_spec({"method": "channels", "criterion": c, "sparsity": 0.2}).needs()
     assert parse_spec({"method": "layers", "criterion": "bi", "blocks": 1}).needs()
 
@@ -176,7 +181,10 @@ def test_sweep_file_expands():
     from experiments.run.sweep_config import resolve_sweeps
     (sw,) = resolve_sweeps("structured")
     full = sw.points(False)
-    assert len(full) == 1 + 4 + 16 + 32 + 8
+    assert len(full) == 1 + 4 + 24 + 4 + 32 + 4 + 6 + 8
+    sp = [p for p in full if p.criterion in ("magnitude-sp", "wanda-sp")]
+    assert len(sp) == 18 and {p.scope for p in sp} == {"uniform"}  # as FLAP runs its baselines
+    assert any(p.method == "channels" and p.criterion == "flap" and p.scope == "global" for p in full)
     assert {p.method for p in full} == {"dense", "channels", "heads", "channels_heads", "layers"}
     assert any(p.steps for p in full)
     assert 2 <= len(sw.points(True)) <= 6

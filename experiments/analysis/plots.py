@@ -261,11 +261,15 @@ def structured_figure(df: pd.DataFrame) -> plt.Figure:
     if "steps" not in s:
         s["steps"] = ""
     s["_quant"] = s["quant_method"].fillna("").astype(str) if "quant_method" in s else ""
-    markers = {"magnitude": "o", "wanda": "s", "flap": "^", "taylor": "D", "bi": "v", "last": "x"}
+    markers = {"magnitude": "o", "wanda": "s", "flap": "^", "taylor": "D", "magnitude-sp": "P", "wanda-sp": "X",
+               "bi": "v", "last": "x"}
     styles = {"channels": "-", "heads": "--", "channels_heads": "-.", "layers": ":"}
-    for (method, crit, quant), sub in s.groupby(["method", "criterion", "_quant"]):
+    # FLAP channels run with both scopes: one line each
+    s["_scope"] = s["scope"].fillna("").astype(str) if "scope" in s else ""
+    for (method, crit, quant, scope), sub in s.groupby(["method", "criterion", "_quant", "_scope"]):
         sub = sub.sort_values("params_kept")
-        label = f"{method} / {crit}" + (f" + {quant} w{int(sub['bits'].iloc[0])}" if quant else "")
+        label = (f"{method} / {crit}" + (f" ({scope})" if scope not in ("", "uniform") else "")
+                 + (f" + {quant} w{int(sub['bits'].iloc[0])}" if quant else ""))
         kw = dict(marker=markers.get(crit, "o"), ls=styles.get(method, "-") if not quant else "none", label=label)
         a.plot(100 * sub["params_kept"].astype(float), sub["ppl"], **kw)
         if "decode_speedup" in sub:

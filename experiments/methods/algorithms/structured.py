@@ -20,32 +20,57 @@ Structures (``method``)
     ``layers``    whole blocks; ``config.num_hidden_layers``, ``config.layer_types`` and every
                   attention's ``layer_idx`` (the KV cache slot) are renumbered.
 
-Importance criteria (higher = more important; a unit's score aggregates over all weights it removes)
-    ``magnitude`` L2 norm of the unit's weights (rows of gate/up/q/k/v, columns of down/o).
-    ``wanda``     sum of |W_ij| * ||X_j|| over the unit's weights, X_j the calibration input feature
-                  of that linear (Wanda, Sun et al. 2023, aggregated over the structure: "Wanda-sp").
-    ``flap``      FLAP (An et al. 2024): fluctuation of the unit's input channels into the output
+Importance criteria (higher = more important)
+    Scores of one unit aggregate over its weights. The first four score every weight the unit removes
+    (rows of gate/up/q/k/v, columns of down/o); FLAP and its two baselines score only the unit's input
+    columns of the output projection (down_proj / o_proj), as FLAP's code does.
+    ``magnitude`` L2 norm of all the unit's weights (rows of gate/up/q/k/v, columns of down/o). Not a
+                  paper's baseline: FLAP's is ``magnitude-sp``.
+    ``wanda``     sum of |W_ij| * ||X_j|| over all the unit's weights, X_j the calibration input feature
+                  of that linear, from one pass of the dense model. Not FLAP's Wanda-sp (``wanda-sp``).
+    ``magnitude-sp``  FLAP's magnitude baseline (CASIA-IVA-Lab/FLAP ``prune_magnitude_sp``): the L2 norm
+                  of the unit's down_proj / o_proj input column; a head sums its columns' norms.
+    ``wanda-sp``  FLAP's Wanda-sp (``prune_wanda_sp``): mean over output rows of |W_ij| * ||X_j|| of the
+                  down_proj / o_proj input column j (a head sums its columns), computed *sequentially*:
+                  block i's statistics come from the model with blocks < i already pruned, so it runs
+                  with ``scope="uniform"`` only (FLAP runs it with the same ratio in every layer).
+                  No bias compensation, as in FLAP.
+    ``flap``      FLAP (An et al. 2024, WIFV): fluctuation of the unit's input channels into the output
                   projection (variance over calibration tokens) times the squared column norm of
-                  down_proj / o_proj; the removed channels' mean contribution ``W[:, removed] @
-                  mean(x[removed])`` is added back as a bias of down_proj / o_proj (which are rebuilt
-                  with a bias for that): bias compensation.
+                  down_proj / o_proj; for attention that per-channel metric is squared and a head sums
+                  it (``prune.py``: ``W_metric ** 2`` then per-head sum or, in the global setting, the
+                  mean of the standardized values). The removed channels' mean contribution
+                  ``W[:, removed] @ mean(x[removed])`` is added back as a bias of down_proj / o_proj
+                  (which are rebuilt with a bias for that): bias compensation.
     ``taylor``    first-order Taylor |w * dL/dw| summed over the unit's weights, gradients of the
                   language-model loss on the calibration text (LLM-Pruner, Ma et al. 2023).
     for ``layers``: ``bi`` ShortGPT's Block Influence 1 - cos(block input, block output) averaged over
                   calibration tokens (Men et al. 2024), lowest removed; ``last`` the last blocks.
 
+    GQA (FLAP's code is for multi-head attention): a query head is scored from its q rows / o
+    columns; a k/v group adds its k and v rows for the criteria that score every weight (FLAP and its
+    baselines score a group by its query heads' o_proj columns alone).
+
 Statistics are collected in one pass of the dense model over the calibration samples (block by
-block with ``experiments.lm.models.block_prefix_forward`` / ``run_block``), before anything is removed.
+block with ``experiments.lm.models.block_prefix_forward`` / ``run_block``), before anything is removed
+(``wanda-sp``: the same pass, with each block pruned before its output feeds the next).
 
 Ratios
     ``ratio`` is the fraction of the parameters of the pruned structures that is removed: of the MLP
     linears for ``channels``, of the attention linears for ``heads``, of both for ``channels_heads``.
     ``scope="uniform"``: every layer removes the number of units closest to ``ratio`` of its own
-    parameters. ``scope="global"``: scores are standardized per structure kind across all layers
-    (z-scores, so channels and heads compare; FLAP's global "AL-AM" setting standardizes within each
-    layer, which carries no information with 2-3 head units per layer), then units are removed from
-    the least important up across all layers until ``ratio`` of the parameters is removed. Both keep
-    at least ``max(1, ceil(floor * units))`` units of each kind in every layer, so no layer is emptied.
+    parameters (FLAP's "UL-UM"). ``scope="global"``: FLAP's adaptive "AL-AM" search (``prune.py``,
+    ``standarlization``): each layer's per-channel metric of each structure kind (MLP channels;
+    attention: the o_proj input channels) is standardized with that layer's own mean and standard
+    deviation; a unit's score is the mean of its channels' standardized values (for FLAP a head's is
+    exactly FLAP's); then units of all layers and kinds are removed from the lowest score up until
+    ``ratio`` of the parameters is removed (units weighted by their parameters, as FLAP's search).
+    A layer whose metric is small throughout is therefore not drained: only how a unit stands within
+    its own layer counts. What differs from FLAP: MLP-only (``channels``) and attention-only
+    (``heads``) global runs (FLAP's AL-AM always mixes both), GQA units (groups, query slots), and a
+    ``floor``: both scopes keep at least ``max(1, ceil(floor * units))`` units of each kind in every
+    layer, so no layer is emptied (FLAP has no floor). For the criteria that also score k/v rows, a
+    group's k/v channels are spread evenly over its query channels before standardizing.
     Head units are coarse (a KV group of a 3-group model is a third of the attention): the
     removed fraction is the nearest that whole units allow; :class:`PruneResult` reports what was
     actually removed, counted from the real tensors.
@@ -57,21 +82,23 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
 
 __all__ = [
-    "METHODS", "CRITERIA", "LAYER_CRITERIA", "SCOPES", "HEAD_UNITS",
-    "BlockStats", "PruneResult", "collect_stats", "taylor_scores", "channel_scores", "head_scores",
+    "METHODS", "CRITERIA", "LAYER_CRITERIA", "SCOPES", "HEAD_UNITS", "CALIBRATED", "SEQUENTIAL",
+    "BlockStats", "PruneResult", "collect_stats", "taylor_scores", "channel_scores", "head_scores", "unit_zscores",
     "prune_model", "prune_channels", "prune_heads", "remove_blocks", "count_params", "check_architecture",
     "block_geometry",
 ]
 
 METHODS = ("channels", "heads", "channels_heads", "layers")
-CRITERIA = ("magnitude", "wanda", "flap", "taylor")
+CRITERIA = ("magnitude", "wanda", "flap", "taylor", "magnitude-sp", "wanda-sp")
 LAYER_CRITERIA = ("bi", "last")
+CALIBRATED = ("wanda", "flap", "taylor", "wanda-sp", "bi")  # criteria that need calibration text
+SEQUENTIAL = ("wanda-sp",)  # statistics of block i taken after blocks < i are pruned: uniform scope only
 SCOPES = ("uniform", "global")
 HEAD_UNITS = ("group", "query")
 ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -159,9 +186,14 @@ def _sum_hook(acc: dict[str, Any], key: str, with_sum: bool):
 
 
 @torch.no_grad()
-def collect_stats(model: nn.Module, calib_ids: torch.Tensor, *, chunk: int = 8,
-                  progress: bool = False) -> list[BlockStats]:
-    """One pass of the (unpruned) model over ``calib_ids`` (LongTensor (samples, seqlen)), block by block."""
+def collect_stats(model: nn.Module, calib_ids: torch.Tensor, *, chunk: int = 8, progress: bool = False,
+                  after_block: Callable[[int, nn.Module, BlockStats], None] | None = None) -> list[BlockStats]:
+    """One pass of the (unpruned) model over ``calib_ids`` (LongTensor (samples, seqlen)), block by block.
+
+    ``after_block(i, block, stats_i)``, when given, runs once block ``i``'s statistics are taken (it may
+    prune the block); block ``i`` is then run again, and that output feeds block ``i + 1``: the
+    sequential scheme of FLAP's Wanda-sp (statistics of block i from the already pruned blocks < i).
+    """
     from experiments.lm.models import block_prefix_forward, run_block  # noqa: PLC0415
     from experiments.core.progress import progress_bar  # noqa: PLC0415
 
@@ -185,6 +217,9 @@ def collect_stats(model: nn.Module, calib_ids: torch.Tensor, *, chunk: int = 8,
         cos = torch.nn.functional.cosine_similarity(hidden.double(), new.double(), dim=-1)
         n = hidden.shape[0] * hidden.shape[1]
         out.append(BlockStats(n=n, bi=float(1 - cos.mean()), **acc))
+        if after_block is not None:
+            after_block(i, block, out[-1])
+            new = run_block(block, hidden, kwargs[i], batch_size=chunk)
         hidden = new
     return out
 
@@ -243,12 +278,17 @@ def taylor_scores(model: nn.Module, calib_ids: torch.Tensor, *, chunk: int = 4,
 # ----------------------------------------------------------------------------- scores
 
 def _need_stats(criterion: str, stats: BlockStats | None, taylor: dict[str, torch.Tensor] | None) -> None:
-    if criterion in ("wanda", "flap") and stats is None:
+    if criterion not in CRITERIA:
+        raise ValueError(f"criterion={criterion!r} is not one of {', '.join(CRITERIA)} for channels/heads")
+    if criterion in CALIBRATED and criterion != "taylor" and stats is None:
         raise ValueError(f"criterion={criterion!r} needs calibration statistics (collect_stats)")
     if criterion == "taylor" and taylor is None:
         raise ValueError("criterion='taylor' needs gradient scores (taylor_scores)")
-    if criterion not in CRITERIA:
-        raise ValueError(f"criterion={criterion!r} is not one of {', '.join(CRITERIA)} for channels/heads")
+
+
+def _rms(sq_sum: torch.Tensor, n: int) -> torch.Tensor:
+    """sqrt(E[x^2]) per input feature: Wanda's ||X_j|| up to the constant sqrt(n)."""
+    return (sq_sum / n).sqrt()
 
 
 def channel_scores(block: nn.Module, criterion: str, stats: BlockStats | None = None,
@@ -264,34 +304,43 @@ def channel_scores(block: nn.Module, criterion: str, stats: BlockStats | None = 
         return (g.abs() @ xin) + (u.abs() @ xin) + d.abs().sum(0) * xh
     if criterion == "flap":
         return stats.var("down_in") * d.square().sum(0)
+    if criterion == "magnitude-sp":  # FLAP: torch.norm(down_proj.weight, dim=0)
+        return d.square().sum(0).sqrt()
+    if criterion == "wanda-sp":      # FLAP: (|W| * sqrt(scaler_row)).mean(axis=0) of down_proj
+        return d.abs().mean(0) * _rms(stats.down_in_sq, stats.n)
     t = taylor
     return (t["gate_proj"].double().sum(1) + t["up_proj"].double().sum(1) + t["down_proj"].double().sum(0))
+
+
+def _head_channels(block: nn.Module, criterion: str, stats: BlockStats | None,
+                   taylor: dict[str, torch.Tensor] | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel attention metric: (one value per o_proj input channel = q row, (q_heads*head_dim,);
+    one per k/v channel, (kv_heads*head_dim,), zero for the criteria that score o_proj alone). A query
+    head's score is the sum of its head_dim channels; magnitude's values are squared weights."""
+    a = block.self_attn
+    q, k, v, o = (getattr(a, n).weight.detach().double() for n in ATTN)
+    none = torch.zeros(k.shape[0], dtype=torch.float64)
+    if criterion == "magnitude":
+        return q.square().sum(1) + o.square().sum(0), k.square().sum(1) + v.square().sum(1)
+    if criterion == "wanda":
+        xin = stats.attn_in_sq.sqrt()
+        return q.abs() @ xin + o.abs().sum(0) * stats.o_in_sq.sqrt(), k.abs() @ xin + v.abs() @ xin
+    if criterion == "flap":  # FLAP squares the attention metric (prune.py: W_metric ** 2 for o_proj)
+        return (stats.var("o_in") * o.square().sum(0)).square(), none
+    if criterion == "magnitude-sp":
+        return o.square().sum(0).sqrt(), none
+    if criterion == "wanda-sp":
+        return o.abs().mean(0) * _rms(stats.o_in_sq, stats.n), none
+    t = {n: taylor[n].double() for n in ATTN}
+    return t["q_proj"].sum(1) + t["o_proj"].sum(0), t["k_proj"].sum(1) + t["v_proj"].sum(1)
 
 
 def _per_q_head(block: nn.Module, criterion: str, stats: BlockStats | None,
                 taylor: dict[str, torch.Tensor] | None) -> tuple[torch.Tensor, torch.Tensor]:
     """(score of each query head from its q rows and o columns, score of each k/v head from k and v rows)."""
-    a = block.self_attn
     geo = block_geometry(block)
-    hd, nq, nkv = geo["head_dim"], geo["q_heads"], geo["kv_heads"]
-    q, k, v, o = (getattr(a, n).weight.detach().double() for n in ATTN)
-    if criterion == "magnitude":
-        qs = q.square().sum(1).reshape(nq, hd).sum(1) + o.square().sum(0).reshape(nq, hd).sum(1)
-        kvs = (k.square().sum(1) + v.square().sum(1)).reshape(nkv, hd).sum(1)
-        return qs, kvs  # squared norms: summed over a unit, then square-rooted by the caller
-    if criterion == "wanda":
-        xin = stats.attn_in_sq.sqrt()
-        xo = stats.o_in_sq.sqrt()
-        qs = (q.abs() @ xin).reshape(nq, hd).sum(1) + (o.abs().sum(0) * xo).reshape(nq, hd).sum(1)
-        kvs = ((k.abs() @ xin) + (v.abs() @ xin)).reshape(nkv, hd).sum(1)
-        return qs, kvs
-    if criterion == "flap":
-        qs = (stats.var("o_in") * o.square().sum(0)).reshape(nq, hd).sum(1)
-        return qs, torch.zeros(nkv, dtype=torch.float64)  # FLAP scores heads by the o_proj input only
-    t = {n: taylor[n].double() for n in ATTN}
-    qs = t["q_proj"].sum(1).reshape(nq, hd).sum(1) + t["o_proj"].sum(0).reshape(nq, hd).sum(1)
-    kvs = (t["k_proj"].sum(1) + t["v_proj"].sum(1)).reshape(nkv, hd).sum(1)
-    return qs, kvs
+    qc, kvc = _head_channels(block, criterion, stats, taylor)
+    return qc.reshape(geo["q_heads"], -1).sum(1), kvc.reshape(geo["kv_heads"], -1).sum(1)
 
 
 def head_scores(block: nn.Module, criterion: str, stats: BlockStats | None = None,
@@ -304,17 +353,48 @@ def head_scores(block: nn.Module, criterion: str, stats: BlockStats | None = Non
     non-decreasing and removing the first r slots drops the r weakest query heads of every group.
     """
     _need_stats(criterion, stats, taylor)
+    if head_unit not in HEAD_UNITS:
+        raise ValueError(f"head_unit={head_unit!r} is not one of {', '.join(HEAD_UNITS)}")
     geo = block_geometry(block)
     qs, kvs = _per_q_head(block, criterion, stats, taylor)
     per_group = qs.reshape(geo["kv_heads"], geo["group"])
     if head_unit == "group":
         s = per_group.sum(1) + kvs
-        return s.sqrt() if criterion == "magnitude" else s
-    if head_unit == "query":
-        srt = per_group.sort(dim=1).values  # ascending within each group
-        s = srt.sum(0)[:-1]                  # the strongest query head of a group always stays
-        return s.sqrt() if criterion == "magnitude" else s
-    raise ValueError(f"head_unit={head_unit!r} is not one of {', '.join(HEAD_UNITS)}")
+    else:
+        s = per_group.sort(dim=1).values.sum(0)[:-1]  # ascending per group; the strongest always stays
+    return s.sqrt() if criterion == "magnitude" else s
+
+
+def _standardize(units: torch.Tensor, channels: torch.Tensor) -> torch.Tensor:
+    """(units - mean) / std with the mean and (unbiased, as torch.std in FLAP) std of ``channels``."""
+    sd = float(channels.std()) if channels.numel() > 1 else 0.0
+    return (units - channels.mean()) / (sd if sd > 0 and math.isfinite(sd) else 1.0)
+
+
+def unit_zscores(block: nn.Module, kind: str, criterion: str, stats: BlockStats | None = None,
+                 taylor: dict[str, torch.Tensor] | None = None, *, head_unit: str = "group") -> torch.Tensor:
+    """FLAP's per-layer standardized score of each unit of ``kind`` ("channels" or "heads") of ``block``,
+    in the order of :func:`channel_scores` / :func:`head_scores`: the mean over the unit's channels of
+    (channel metric - this layer's mean) / this layer's std (FLAP ``prune.py``: ``standarlization``
+    per layer, then ``.mean`` over a head's channels). The order within the layer is that of the raw
+    scores; only comparisons across layers change."""
+    _need_stats(criterion, stats, taylor)
+    if kind == "channels":
+        s = channel_scores(block, criterion, stats, taylor)
+        return _standardize(s, s)
+    if kind != "heads":
+        raise ValueError(f"kind={kind!r} is not one of channels, heads")
+    geo = block_geometry(block)
+    nkv, g, hd = geo["kv_heads"], geo["group"], geo["head_dim"]
+    qc, kvc = _head_channels(block, criterion, stats, taylor)
+    if head_unit == "group":  # a group's k/v channels spread over its query channels (sums unchanged)
+        ch = (qc.reshape(nkv, g, hd) + kvc.reshape(nkv, 1, hd) / g).reshape(-1)
+        return _standardize(ch.reshape(nkv, g * hd).mean(1), ch)
+    if head_unit != "query":
+        raise ValueError(f"head_unit={head_unit!r} is not one of {', '.join(HEAD_UNITS)}")
+    head_mean = qc.reshape(nkv, g, hd).mean(2)
+    slots = head_mean.sort(dim=1).values.mean(0)[:-1]  # slot r: the r-th weakest head of every group
+    return _standardize(slots, qc)
 
 
 # ----------------------------------------------------------------------------- physical pruning
@@ -441,6 +521,7 @@ class _Kind:
     floor: int                # units that must stay
     total_params: int         # parameters of the structure in this layer (MLP or attention linears)
     ordered: bool = False     # query slots: must be removed in index order
+    z: torch.Tensor | None = None  # per-layer standardized scores (unit_zscores), for scope="global"
 
 
 def _mlp_unit_params(block) -> int:
@@ -478,18 +559,9 @@ def _select(kinds: list[_Kind], ratio: float, scope: str) -> dict[tuple[int, str
         return removed
     total = sum(k.total_params for k in kinds)
     target = ratio * total
-    # One mean and standard deviation per structure kind over all layers (FLAP standardizes within
-    # each layer instead; with 3 k/v groups or 2 query slots per layer, as on the default model, a
-    # per-layer z-score is fixed by the count alone and says nothing about importance).
-    norm = {}
-    for kind in {k.kind for k in kinds}:
-        allv = torch.cat([k.scores for k in kinds if k.kind == kind])
-        sd = float(allv.std()) if allv.numel() > 1 else 0.0
-        norm[kind] = (float(allv.mean()), sd if sd > 0 else 1.0)
     entries = []
     for ki, k in enumerate(kinds):
-        s = k.scores
-        z = (s - norm[k.kind][0]) / norm[k.kind][1]
+        s, z = k.scores, k.z  # z: FLAP's per-layer standardized scores (unit_zscores)
         order = range(s.numel()) if k.ordered else s.argsort(stable=True).tolist()
         # rank within the kind: a unit can only go after the lower-ranked ones of its kind
         for rank, idx in enumerate(order):
@@ -566,10 +638,58 @@ def _check_options(method, criterion, ratio, blocks, scope, head_unit, floor):
         raise ValueError(f"ratio={ratio!r} must be a float in [0, 1) (fraction of the structures' parameters removed)")
     if scope not in SCOPES:
         raise ValueError(f"scope={scope!r} is not one of {', '.join(SCOPES)}")
+    if criterion in SEQUENTIAL and scope != "uniform":
+        raise ValueError(f"criterion={criterion!r} prunes block by block (each block's statistics come from the "
+                         f"pruned blocks before it), so it needs scope='uniform', got scope={scope!r}")
     if head_unit not in HEAD_UNITS:
         raise ValueError(f"head_unit={head_unit!r} is not one of {', '.join(HEAD_UNITS)}")
     if isinstance(floor, bool) or not isinstance(floor, (int, float)) or not 0 <= floor < 1:
         raise ValueError(f"floor={floor!r} must be a float in [0, 1) (fraction of each layer's units always kept)")
+
+
+def _block_kinds(i: int, b: nn.Module, st: BlockStats | None, tl: dict[str, torch.Tensor] | None, *,
+                 method: str, criterion: str, head_unit: str, floor: float, scope: str) -> list[_Kind]:
+    """The unit kinds of block ``i`` that ``method`` prunes, with their scores (and per-layer z-scores)."""
+    kinds = []
+    z = scope == "global"  # uniform scope compares units within a layer only: raw scores suffice
+    if method in ("channels", "channels_heads"):
+        s = channel_scores(b, criterion, st, tl)
+        kinds.append(_Kind(i, "channels", s, _mlp_unit_params(b), _floor_units(s.numel(), floor),
+                           sum(_nparams(getattr(b.mlp, x)) for x in MLP),
+                           z=unit_zscores(b, "channels", criterion, st, tl) if z else None))
+    if method in ("heads", "channels_heads"):
+        geo = block_geometry(b)
+        s = head_scores(b, criterion, st, tl, head_unit=head_unit)
+        fl = _floor_units(geo["kv_heads"], floor) if head_unit == "group" else 0
+        kinds.append(_Kind(i, "heads", s, _head_unit_params(b, head_unit), fl,
+                           sum(_nparams(getattr(b.self_attn, x)) for x in ATTN), ordered=head_unit == "query",
+                           z=unit_zscores(b, "heads", criterion, st, tl, head_unit=head_unit) if z else None))
+    return kinds
+
+
+def _prune_units(b: nn.Module, k: _Kind, r: int, st: BlockStats | None, tl: dict[str, torch.Tensor] | None,
+                 criterion: str, head_unit: str, extra: dict[str, Any]) -> None:
+    """Remove the ``r`` lowest-scoring units of ``k`` from block ``b`` (FLAP: with bias compensation)."""
+    if r == 0:
+        return
+    comp = criterion == "flap"
+    if k.kind == "channels":
+        keep = k.scores.argsort(descending=True, stable=True)[: k.scores.numel() - r].sort().values
+        extra.setdefault("keep_channels", {})[k.layer] = keep.tolist()
+        prune_channels(b, keep, mean_in=st.mean("down_in") if comp else None)
+        return
+    geo = block_geometry(b)
+    g = geo["group"]
+    if head_unit == "group":
+        keep_groups = k.scores.argsort(descending=True, stable=True)[: k.scores.numel() - r].sort().values
+        keep_q = (keep_groups[:, None] * g + torch.arange(g)).flatten()
+    else:
+        qs, _ = _per_q_head(b, criterion, st, tl)
+        order = qs.reshape(geo["kv_heads"], g).argsort(dim=1, descending=True, stable=True)[:, : g - r]
+        keep_q = (torch.arange(geo["kv_heads"])[:, None] * g + order).flatten()
+    keep_q = keep_q.sort().values
+    extra.setdefault("keep_q_heads", {})[k.layer] = keep_q.tolist()
+    prune_heads(b, keep_q, mean_in=st.mean("o_in") if comp else None)
 
 
 def prune_model(model: nn.Module, *, method: str, criterion: str, ratio: float | None = None,
@@ -578,8 +698,9 @@ def prune_model(model: nn.Module, *, method: str, criterion: str, ratio: float |
                 stats: list[BlockStats] | None = None) -> PruneResult:
     """Prune ``model`` in place (see module docstring) and return what was done.
 
-    ``calib_ids`` (LongTensor (samples, seqlen)) is needed by wanda, flap, taylor and bi; ``stats``
-    may pass statistics already collected by :func:`collect_stats` on this (unpruned) model.
+    ``calib_ids`` (LongTensor (samples, seqlen)) is needed by the :data:`CALIBRATED` criteria; ``stats``
+    may pass statistics already collected by :func:`collect_stats` on this (unpruned) model (not for
+    the :data:`SEQUENTIAL` ones, which collect theirs while pruning).
     """
     import time  # noqa: PLC0415
 
@@ -589,10 +710,20 @@ def prune_model(model: nn.Module, *, method: str, criterion: str, ratio: float |
     params_before = count_params(model)
     struct_before = _struct_params(model, method)
     blist = _blocks_list(model)
-    needs_stats = criterion in ("wanda", "flap", "bi")
-    if (needs_stats or criterion == "taylor") and calib_ids is None and not (needs_stats and stats is not None):
+    if criterion in SEQUENTIAL and stats is not None:
+        raise ValueError(f"criterion={criterion!r} takes each block's statistics after the blocks before it are "
+                         f"pruned; it cannot use precomputed stats (pass calib_ids only)")
+    needs_stats = criterion in CALIBRATED and criterion != "taylor"
+    if criterion in CALIBRATED and calib_ids is None and not (needs_stats and stats is not None):
         raise ValueError(f"criterion={criterion!r} needs calibration data: pass calib_ids")
-    if needs_stats and stats is None:
+    if head_unit == "query" and method in ("heads", "channels_heads"):
+        for i, b in enumerate(blist):
+            geo = block_geometry(b)
+            if geo["group"] < 2:
+                raise ValueError(f"head_unit='query' needs grouped-query attention with >= 2 query heads per "
+                                 f"k/v head; block {i} has {geo['q_heads']} query / {geo['kv_heads']} k/v heads: "
+                                 f"use head_unit='group'")
+    if needs_stats and stats is None and criterion not in SEQUENTIAL:
         stats = collect_stats(model, calib_ids, chunk=chunk, progress=progress)
     if stats is not None and len(stats) != len(blist):
         raise ValueError(f"stats has {len(stats)} blocks, the model {len(blist)}")
@@ -612,49 +743,23 @@ def prune_model(model: nn.Module, *, method: str, criterion: str, ratio: float |
     else:
         taylor = taylor_scores(model, calib_ids, chunk=max(1, chunk // 2), progress=progress) \
             if criterion == "taylor" else None
-        kinds: list[_Kind] = []
-        for i, b in enumerate(blist):
-            st = stats[i] if stats is not None else None
-            tl = taylor[i] if taylor is not None else None
-            if method in ("channels", "channels_heads"):
-                s = channel_scores(b, criterion, st, tl)
-                kinds.append(_Kind(i, "channels", s, _mlp_unit_params(b), _floor_units(s.numel(), floor),
-                                   sum(_nparams(getattr(b.mlp, x)) for x in MLP)))
-            if method in ("heads", "channels_heads"):
-                geo = block_geometry(b)
-                if head_unit == "query" and geo["group"] < 2:
-                    raise ValueError(f"head_unit='query' needs grouped-query attention with >= 2 query heads per "
-                                     f"k/v head; block {i} has {geo['q_heads']} query / {geo['kv_heads']} k/v heads: "
-                                     f"use head_unit='group'")
-                s = head_scores(b, criterion, st, tl, head_unit=head_unit)
-                fl = _floor_units(geo["kv_heads"], floor) if head_unit == "group" else 0
-                kinds.append(_Kind(i, "heads", s, _head_unit_params(b, head_unit), fl,
-                                   sum(_nparams(getattr(b.self_attn, x)) for x in ATTN), ordered=head_unit == "query"))
-        n_removed = _select(kinds, float(ratio), scope)
-        comp = criterion == "flap"
-        for k in kinds:
-            r = n_removed[(k.layer, k.kind)]
-            b, st = blist[k.layer], stats[k.layer] if stats is not None else None
-            if r == 0:
-                continue
-            if k.kind == "channels":
-                keep = k.scores.argsort(descending=True, stable=True)[: k.scores.numel() - r]
-                keep = keep.sort().values
-                result_extra.setdefault("keep_channels", {})[k.layer] = keep.tolist()
-                prune_channels(b, keep, mean_in=st.mean("down_in") if comp else None)
-            else:
-                geo = block_geometry(b)
-                g = geo["group"]
-                if head_unit == "group":
-                    keep_groups = k.scores.argsort(descending=True, stable=True)[: k.scores.numel() - r].sort().values
-                    keep_q = (keep_groups[:, None] * g + torch.arange(g)).flatten()
-                else:
-                    qs, _ = _per_q_head(b, criterion, st, taylor[k.layer] if taylor is not None else None)
-                    order = qs.reshape(geo["kv_heads"], g).argsort(dim=1, descending=True, stable=True)[:, : g - r]
-                    keep_q = (torch.arange(geo["kv_heads"])[:, None] * g + order).flatten()
-                keep_q = keep_q.sort().values
-                result_extra.setdefault("keep_q_heads", {})[k.layer] = keep_q.tolist()
-                prune_heads(b, keep_q, mean_in=st.mean("o_in") if comp else None)
+        opts = dict(method=method, criterion=criterion, head_unit=head_unit, floor=floor, scope=scope)
+        if criterion in SEQUENTIAL:  # FLAP's Wanda-sp: score, prune, then feed the pruned block forward
+            def prune_now(i: int, b: nn.Module, st: BlockStats) -> None:
+                ks = _block_kinds(i, b, st, None, **opts)
+                n = _select(ks, float(ratio), "uniform")
+                for k in ks:
+                    _prune_units(b, k, n[(k.layer, k.kind)], st, None, criterion, head_unit, result_extra)
+            collect_stats(model, calib_ids, chunk=chunk, progress=progress, after_block=prune_now)
+        else:
+            kinds = [k for i, b in enumerate(blist) for k in
+                     _block_kinds(i, b, stats[i] if stats is not None else None,
+                                  taylor[i] if taylor is not None else None, **opts)]
+            n_removed = _select(kinds, float(ratio), scope)
+            for k in kinds:
+                _prune_units(blist[k.layer], k, n_removed[(k.layer, k.kind)],
+                             stats[k.layer] if stats is not None else None,
+                             taylor[k.layer] if taylor is not None else None, criterion, head_unit, result_extra)
         kept = list(range(len(blist)))
     _update_config(model)
     geos = [block_geometry(b) for b in _blocks_list(model)]

@@ -2,13 +2,32 @@
 
     {"method": "channels", "criterion": "flap", "sparsity": 0.2}
     {"method": "heads", "criterion": "wanda", "sparsity": 0.3, "scope": "global", "head_unit": "query"}
+    {"method": "channels_heads", "criterion": "wanda-sp", "sparsity": 0.2, "head_unit": "query"}
     {"method": "channels_heads", "criterion": "taylor", "sparsity": 0.2}
     {"method": "layers", "criterion": "bi", "blocks": 4}
     {"method": "channels", "criterion": "flap", "sparsity": 0.2, "steps": [{"method": "gptq", "bits": 4}]}
 
 The algorithms are :mod:`experiments.methods.algorithms.structured` (criteria ``magnitude`` / ``wanda`` /
-``flap`` / ``taylor`` for channels and heads, ``bi`` / ``last`` for layers; ``scope`` uniform or
-global; ``head_unit`` group or query; ``floor``: the fraction of each layer's units always kept).
+``flap`` / ``taylor`` / ``magnitude-sp`` / ``wanda-sp`` for channels and heads, ``bi`` / ``last`` for
+layers; ``scope`` uniform or global; ``head_unit`` group or query; ``floor``: the fraction of each
+layer's units always kept).
+
+What follows which paper (details in the algorithms module):
+
+- ``flap`` follows FLAP (An et al. 2024; CASIA-IVA-Lab/FLAP ``lib/prune.py``): the WIFV fluctuation
+  metric, squared and summed over a head for attention, bias compensation; ``scope: global`` is its
+  adaptive search (each layer's metric standardized with the layer's own mean and std, then one
+  threshold across layers and kinds, units weighted by their parameters). Not as FLAP: a ``floor``
+  of units kept in every layer, MLP-only and attention-only global runs, GQA head units.
+- ``magnitude-sp`` and ``wanda-sp`` are FLAP's baselines (``prune_magnitude_sp``, ``prune_wanda_sp``):
+  a channel or head is scored from its down_proj / o_proj input columns only; Wanda-sp is computed
+  block by block on the already pruned model, so it runs with ``scope: uniform`` only (as FLAP runs
+  both). Not as FLAP: the per-layer count is the one nearest to the ratio of the layer's parameters
+  (FLAP truncates ``int(ratio * n)``), and GQA heads are removed as groups or query slots.
+- ``magnitude`` and ``wanda`` are this project's: the same quantities summed over *every* weight the
+  unit removes (gate/up rows and the down column; q/k/v rows and o columns), from one pass of the
+  dense model. ``taylor`` is LLM-Pruner's first-order element-wise score (Ma et al. 2023) summed
+  over the unit, without its LoRA recovery. ``bi`` is ShortGPT's Block Influence (Men et al. 2024).
 ``sparsity`` is the fraction of the pruned structures' parameters removed (of the MLP linears for
 ``channels``, of the attention linears for ``heads``, of both for ``channels_heads``); the result rows
 say what was removed from the whole model (``params``, ``params_kept``).
@@ -220,8 +239,12 @@ class StructuredFamily(Family):
             scope = spec.get("scope", "uniform")
             if scope not in structured_pruning.SCOPES:
                 fail(where, f"scope={scope!r} must be one of {', '.join(structured_pruning.SCOPES)} "
-                            f"(same ratio in every layer, "
-                            f"or one threshold across layers)")
+                            f"(same ratio in every layer, or one threshold across layers on scores "
+                            f"standardized within each layer)")
+            if crit in structured_pruning.SEQUENTIAL and scope != "uniform":
+                fail(where, f"scope={scope!r} does not fit criterion={crit!r}: it prunes block by block (FLAP's "
+                            f"Wanda-sp takes each block's statistics from the already pruned blocks before it), "
+                            f"so it runs with scope: uniform only")
             out["scope"] = scope
             fl = spec.get("floor", 0.1)
             if not is_number(fl) or not 0 <= fl < 1:
@@ -266,7 +289,7 @@ class StructuredFamily(Family):
     def needs(self, spec) -> set[str]:
         # No per-layer statistics from the driver (this family collects its own), but the sweep only
         # hands calibration windows to points that need something: say so for calibrated criteria.
-        calibrated = spec.criterion in ("wanda", "flap", "taylor", "bi")
+        calibrated = spec.criterion in structured_pruning.CALIBRATED
         return ({"sq"} if calibrated else set()).union(*(q.needs() for q in spec.steps))
 
     def check_fits(self, spec, shapes) -> None:
