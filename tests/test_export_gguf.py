@@ -27,8 +27,9 @@ CASES = [  # (spec, GGUF type)
     ({"method": "gptq", "bits": 3, "group_size": 64, "symmetric": True}, "Q4_0"),   # 3-bit codes shifted into Q4_0; partial last group of 32
     ({"method": "rtn", "bits": 2, "group_size": -1, "symmetric": False}, "Q4_1"),   # per-channel: every block of a row shares d, m
     ({"method": "rtn", "bits": 6, "group_size": 64, "symmetric": True}, "Q8_0"),
+    ({"method": "hqq", "bits": 4, "group_size": 32}, "Q4_1"),   # fractional zeros: Q4_1's m = -z s holds them
 ]
-IDS = ["q4_0", "q4_1", "q8_0", "w3-g64-sym", "w2-pc-asym", "w6-g64-sym"]
+IDS = ["q4_0", "q4_1", "q8_0", "w3-g64-sym", "w2-pc-asym", "w6-g64-sym", "hqq-w4-g32"]
 
 
 def _quantized(spec):

@@ -33,6 +33,7 @@ SPECS = [
     {"method": "svd", "ratio": 0.5},
     {"method": "nf", "bits": 4, "group_size": 32},  # CodebookLinear: one shared table + group scales
     {"method": "kmeans", "bits": 3, "group_size": -1},  # CodebookLinear: a table per row, no scales
+    {"method": "hqq", "bits": 3, "group_size": 32},  # QuantLinear with fractional fp16 zero-points
     {"method": "combo", "steps": [{"method": "sparsegpt", "pattern": "2:4"}, {"method": "rtn", "bits": 4, "group_size": 32}]},
 ]
 
@@ -121,7 +122,8 @@ def test_round_trip_is_bit_exact(tmp_path, data, spec, include_base):
     # The loaded model's layers are the compressed modules, not dense copies.
     kinds = {e["type"] for e in m["layers"].values()}
     assert kinds == {{"dense": "Linear", "quant": "QuantLinear", "sparse": "SparseLinear", "lowrank": "LowRankLinear",
-                      "combo": "SparseLinear", "codebook": "CodebookLinear"}[parse_spec(spec).family]}
+                      "combo": "SparseLinear", "codebook": "CodebookLinear",
+                      "hqq": "QuantLinear"}[parse_spec(spec).family]}
 
 
 # The Triton storage layouts of SparseLinear (what it keeps where Triton runs: CUDA, or the interpreter).

@@ -11,7 +11,7 @@ from experiments.run.point import method_columns
 from experiments.run.sweep import point_id
 from experiments.run.sweep_config import SWEEPS_DIR, available_sweeps, load_sweep, resolve_sweeps
 
-SHIPPED = ("quant", "sparsity", "lowrank", "combo", "nonuniform", "structured")
+SHIPPED = ("quant", "sparsity", "lowrank", "combo", "nonuniform", "structured", "modern")
 SETTINGS = {"seqlen": 512, "eval_tokens": 8192, "calib_samples": 16, "calib_seqlen": 512, "seed": 0}
 CORPUS = {"corpus": "austen", "calibration": "a", "evaluation": "b"}
 

@@ -72,21 +72,25 @@ def check_spec_fits(spec: MethodSpec, shapes: Mapping[str, tuple[int, int]]) -> 
 # ----------------------------------------------------------------------------- source grid
 
 def aliases_source_grid(spec: MethodSpec, source_grid: Mapping[str, Any] | None) -> bool:
-    """Whether a setting's quantization step (alone or inside a combo) can reproduce the source grid.
+    """Whether a setting's uniform grid (alone or inside a combo) can reproduce the source grid.
 
     The rule is :func:`experiments.lm.models.aliases_source_grid` (grid containment), applied to the
-    quantization step with integer zero-points (the convention of our quantizers and kernels).
-    RTN and GPTQ are treated alike: on weights that lie on the setting's grid GPTQ's error feedback
-    is zero. Consequence on the default model: its Q4_1 grid has fractional zero-points (m/d), so
-    no integer-zero setting contains it, not even 4-bit asymmetric groups of 32, and the flag is
-    False there (measured: RTN w4 g32 leaves about half a step of error, see models.py); the
+    grid the spec's family reports (:meth:`~experiments.methods.spec.Family.uniform_grid`; ``None``:
+    no uniform grid, never aliases). RTN and GPTQ have integer zero-points (the convention of our
+    quantizers and kernels) and are treated alike: on weights that lie on the setting's grid GPTQ's
+    error feedback is zero. Consequence on the default model: its Q4_1 grid has fractional
+    zero-points (m/d), so no integer-zero setting contains it, not even 4-bit asymmetric groups of
+    32, and the flag is False there (measured: RTN w4 g32 leaves about half a step of error, see
+    models.py); HQQ's fractional zero-points at 4 bits with groups of 32 do contain it. The
     ``weight_rel_error`` column shows how close every setting came to the source weights.
     """
-    q = spec.quant_step
-    if q is None or not source_grid:
+    if not source_grid:
         return False
-    return bool(models.aliases_source_grid(dict(source_grid), bits=q.bits, group_size=q.group_size,
-                                           symmetric=bool(q.symmetric), integer_zero=True))
+    g = family_of(spec.method).uniform_grid(spec)
+    if g is None:
+        return False
+    return bool(models.aliases_source_grid(dict(source_grid), bits=g["bits"], group_size=g["group_size"],
+                                           symmetric=bool(g["symmetric"]), integer_zero=bool(g["integer_zero"])))
 
 
 

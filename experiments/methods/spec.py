@@ -164,6 +164,9 @@ class Family:
     # "layer": the driver calls compress_layer for every linear of every block, block by block with
     # calibration statistics; "model": the driver calls compress_model once (it may rewrite the model)
     level: str = "layer"
+    # True when the family changes tensors outside the layers it compresses (AWQ folds its scales into the
+    # norms): a saved point must then carry the model's other tensors (experiments.run.saving includes them)
+    rewrites_base: bool = False
 
     def parse(self, method: str, spec: Mapping[str, Any], where: str) -> dict[str, Any]:
         """Validated options with defaults filled (the canonical form; a ``None`` value is omitted)."""
@@ -195,6 +198,12 @@ class Family:
     def method_columns(self, spec: "MethodSpec") -> dict[str, Any]:
         """Values for (a subset of) :attr:`columns`; the driver leaves the others empty."""
         return {}
+
+    def uniform_grid(self, spec: "MethodSpec") -> dict[str, Any] | None:
+        """The uniform grid the spec's weights end on, ``{"bits", "group_size", "symmetric",
+        "integer_zero"}`` (what decides whether it can reproduce an already-quantized source model's
+        weights: :func:`experiments.lm.models.aliases_source_grid`), or ``None`` (no uniform grid)."""
+        return None
 
     def storage_format(self, spec: Mapping[str, Any]) -> dict[str, Any] | None:
         """The per-layer storage format a spec dict produces, ``{"kind": <a registered format>, ...}``

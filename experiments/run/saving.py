@@ -225,10 +225,12 @@ def save_compressed(model: nn.Module, report_or_spec: Any, out_dir: str | os.Pat
     model-level family, ``kept_blocks`` are recorded), a ``MethodSpec``, a spec dict, or ``None``.
     ``base_model``: the model spec the model was loaded from (``"default"``, a path, a Hub id), so
     :func:`load_compressed` can rebuild it; ``None`` when the model was built in memory (then pass
-    ``include_base=True`` or give ``base=`` when loading). ``calibration``: the calibration settings
+    ``include_base=True`` or give ``base=`` when loading); a family that changes tensors outside its
+    layers (``Family.rewrites_base``: AWQ's norms) always includes them. ``calibration``: the calibration settings
     (samples, seqlen, seed, text) to record. ``overwrite``: replace an existing ``out_dir``.
     """
     from experiments.methods.compress import CompressionReport, MethodSpec, parse_spec
+    from experiments.methods.spec import family_of
     from experiments.core.provenance import provenance
 
     from experiments.core.runs import refuse_reference_dir
@@ -240,6 +242,8 @@ def save_compressed(model: nn.Module, report_or_spec: Any, out_dir: str | os.Pat
     spec = report.spec if report is not None else report_or_spec
     if spec is not None and not isinstance(spec, MethodSpec):
         spec = parse_spec(spec)
+    if spec is not None and family_of(spec.method).rewrites_base:
+        include_base = True  # e.g. AWQ's scales live in the norms: the base model's tensors would not fit
     saved = _saved_modules(model)
     if not saved:
         raise ValueError("model has no compressed module and no transformer-block linear to save")
@@ -493,6 +497,13 @@ def load_compressed(path: str | os.PathLike, base: nn.Module | str | None = None
                                     f"directory is damaged or was edited: save the model again") from e
 
 
+def _rewrites_base(manifest: Mapping[str, Any]) -> bool:
+    """Whether the saved point's family changes tensors outside its layers (``Family.rewrites_base``)."""
+    from experiments.methods.families import FAMILIES
+    fam = FAMILIES.get(manifest.get("family") or "")
+    return bool(fam is not None and fam.rewrites_base)
+
+
 def _load(d: Path, manifest: Mapping[str, Any], base: nn.Module | str | None) -> nn.Module:
     layer_tensors = _read_checked(d, LAYERS_FILE, manifest)
     bm = manifest["base_model"]
@@ -519,6 +530,10 @@ def _load(d: Path, manifest: Mapping[str, Any], base: nn.Module | str | None) ->
 
     _apply_structure(model, manifest, rebuilt=rebuilt)
     layers = manifest["layers"]
+    if not rebuilt and bm.get("included") and _rewrites_base(manifest):
+        # The family changed tensors outside its layers (AWQ's norms): the carried ones replace the base's.
+        base_t = _read_checked(d, BASE_FILE, manifest)
+        rebuilt = True
     if rebuilt:
         # Every tensor outside the saved modules comes from base.safetensors (tied ones by alias).
         state = {}

@@ -89,6 +89,11 @@ class ComboFamily(Family):
         cols["damp"] = _damps(spec.steps)
         return cols
 
+    def uniform_grid(self, spec) -> dict[str, Any] | None:
+        """The quantization step's grid."""
+        q = spec.steps[1]
+        return family_of(q.method).uniform_grid(q)
+
     def storage_format(self, spec: Mapping[str, Any]) -> dict[str, Any]:
         """A prune-then-quantize layer runs through a ``SparseLinear`` over the dequantized kept values,
         so it is timed as its pruning step's sparse format."""

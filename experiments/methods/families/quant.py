@@ -97,6 +97,11 @@ class QuantFamily(Family):
                 "symmetric": spec.symmetric, "act_order": "" if spec.act_order is None else spec.act_order,
                 "damp": "" if spec.damp is None else spec.damp}
 
+    def uniform_grid(self, spec) -> dict[str, Any]:
+        """RTN's and GPTQ's grid: integer zero-points."""
+        return {"bits": spec.bits, "group_size": spec.group_size, "symmetric": bool(spec.symmetric),
+                "integer_zero": True}
+
     def storage_format(self, spec: Mapping[str, Any]) -> dict[str, Any]:
         """``QuantLinear``'s storage: bits, group size (default 128 as in the driver), sym/asym; with
         ``cache_dequantized`` the same format held with an opt-in dense copy (CPU timing)."""
