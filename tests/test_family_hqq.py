@@ -114,12 +114,14 @@ def test_a_tiny_scale_stays_positive_in_fp16():
     ({"method": "combo", "steps": [{"method": "magnitude", "sparsity": 0.5}, {"method": "rtn", "bits": 4,
                                                                               "group_size": 32}]}, False),
     ({"method": "nf", "bits": 4, "group_size": 32}, False),   # no uniform grid
+    ({"method": "layers", "criterion": "last", "blocks": 1,    # kept original weights, then the step's grid
+      "steps": [{"method": "rtn", "bits": 8, "group_size": 32, "symmetric": True}]}, False),
 ])
 def test_source_grid_flag_asks_the_family(spec, aliases):
     q4_1 = {"bits": 4, "group_size": 32, "symmetric": False}
     assert aliases_source_grid(parse_spec(spec), q4_1) is aliases
-    # a symmetric source: any grid of as many bits holds it, integer zeros included
-    if spec["method"] == "rtn":
+    # a symmetric source: any grid of as many bits holds it, integer zeros included (also as a step)
+    if spec["method"] in ("rtn", "layers"):
         assert aliases_source_grid(parse_spec(spec), {"bits": 4, "group_size": 32, "symmetric": True})
 
 

@@ -366,6 +366,10 @@ class StructuredFamily(Family):
         report.seconds = time.perf_counter() - t0
         return report
 
+    def uniform_grid(self, spec) -> dict[str, Any] | None:
+        """The quantization step's grid (the kept weights are the original ones), ``None`` without one."""
+        return family_of(spec.steps[0].method).uniform_grid(spec.steps[0]) if spec.steps else None
+
     def method_columns(self, spec) -> dict[str, Any]:
         cols = {"prune_method": spec.method, "criterion": spec.criterion,
                 "sparsity": "" if spec.sparsity is None else spec.sparsity,
