@@ -200,7 +200,7 @@ def test_weight_error_equals_the_authors_code_on_the_default_models_layers():
     model, _, _ = models.load_model("default")
     blocks = models.find_blocks(model)
     seen = 0
-    l1 = {bits: {"hqq": 0.0, "rtn": 0.0} for bits in (2, 3, 4)}
+    sums = {bits: {"hqq": 0.0, "rtn": 0.0} for bits in (2, 3, 4)}
     for b in (0, 15, 29):
         for name, layer in models.find_linears(blocks[b]).items():
             W = models.linear_weight(layer).detach().float()
@@ -212,8 +212,8 @@ def test_weight_error_equals_the_authors_code_on_the_default_models_layers():
                     assert abs(l2 - 1) < 1e-2 and abs(l1 - 1) < 1e-2, (b, name, bits, gs, l2, l1)
                     ours = dequantize_result(hqq(W, bits=bits, group_size=gs))
                     base = dequantize_result(rtn(W, bits=bits, group_size=gs, symmetric=False))
-                    l1[bits]["hqq"] += float((W - ours).abs().sum())
-                    l1[bits]["rtn"] += float((W - base).abs().sum())
+                    sums[bits]["hqq"] += float((W - ours).abs().sum())
+                    sums[bits]["rtn"] += float((W - base).abs().sum())
                     seen += 1
     assert seen == 3 * 7 * 3 + 3 * 1 * 3  # 7 linears x g64, plus down_proj (K=1536) x g128
-    assert all(e["hqq"] < e["rtn"] for e in l1.values()), l1
+    assert all(e["hqq"] < e["rtn"] for e in sums.values()), sums
