@@ -174,7 +174,8 @@ def test_check_fits_rejects_too_many_blocks():
 
 def test_sweep_file_expands():
     from experiments.run.sweep_config import resolve_sweeps
-    (sw,) = resolve_sweeps("structured")
+    sw, *seed_sweeps = resolve_sweeps("structured")
+    assert [s.base for s in seed_sweeps] == ["structured"] * len(seed_sweeps)
     full = sw.points(False)
     assert len(full) == 1 + 4 + 16 + 32 + 8
     assert {p.method for p in full} == {"dense", "channels", "heads", "channels_heads", "layers"}
