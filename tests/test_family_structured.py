@@ -179,7 +179,8 @@ def test_check_fits_rejects_too_many_blocks():
 
 def test_sweep_file_expands():
     from experiments.run.sweep_config import resolve_sweeps
-    (sw,) = resolve_sweeps("structured")
+    sw, *seed_sweeps = resolve_sweeps("structured")
+    assert [s.base for s in seed_sweeps] == ["structured"] * len(seed_sweeps)
     full = sw.points(False)
     assert len(full) == 1 + 4 + 24 + 4 + 32 + 4 + 6 + 8
     sp = [p for p in full if p.criterion in ("magnitude-sp", "wanda-sp")]

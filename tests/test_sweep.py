@@ -45,7 +45,11 @@ def test_quant_sweep_covers_the_grid():
 
 
 def test_resolve_all_and_unknown_name():
-    assert [s.name for s in resolve_sweeps("all")] == sorted(available_sweeps())
+    # Each sweep, followed by its seed sweeps (its points' other calibration seeds, tests/test_seeds.py).
+    got = [s.name for s in resolve_sweeps("all")]
+    assert [n for n in got if ".seed" not in n] == sorted(available_sweeps())
+    assert got == [s.name for n in sorted(available_sweeps()) for s in [load_sweep(available_sweeps()[n]),
+                                                                        *load_sweep(available_sweeps()[n]).seed_sweeps()]]
     with pytest.raises(ValueError, match=r"sweep='nope' is not known; choose one of .*quant"):
         resolve_sweeps("nope")
 

@@ -7,7 +7,8 @@ Everything is recomputed into the run directory ``runs/<NAME>/`` (default ``runs
 inside it with --quick; ignored by git, see ``experiments.core.runs``), never into the committed reference
 tables under ``results/``. Steps:
 
-1. every sweep of ``experiments/sweeps/`` (``sweep_<name>.csv``)
+1. every sweep of ``experiments/sweeps/`` (``sweep_<name>.csv``), and its points that list ``calib_seeds``
+   at their other calibration seeds (``sweep_<name>.seed<k>.csv``, ``experiments.run.sweep_config``)
 2. layer latency of every sweep point's format against dense on this device (``latency_<device>.csv``)
 3. greedy-decode tokens/s of the dense and compressed default model (``decode_<device>.csv``)
 4. the roofline model of named GPUs (``roofline_model.csv``; a model, not a measurement)
@@ -100,7 +101,7 @@ def main(args: argparse.Namespace) -> int:
 
     sweeps = resolve_sweeps("all")
     sweep_inputs = digest(args.quick, str(device), [s.path for s in sweeps], SWEEPS_DIR / "_defaults.yaml")
-    _run_step(steps, "sweeps", sweep_inputs, [out / f"sweep_{s.name}.csv" for s in sweeps],
+    _run_step(steps, "sweeps", sweep_inputs, [out / f"sweep_{s.name}.csv" for s in sweeps if s.points(args.quick)],
               lambda: run_sweeps(sweeps, quick=args.quick, out_dir=root, device=str(device)), timings)
 
     lat_csv = out / f"latency_{device.type}.csv"

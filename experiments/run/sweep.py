@@ -387,6 +387,8 @@ def run_sweeps(sweeps: list[Sweep], *, quick: bool = False, model: str = "defaul
     from experiments.lm import data, models
     from experiments.core.runs import check_run_dir_free, mode_dir, refuse_reference_dir, run_dir_lock, run_root
 
+    # A seed sweep (experiments.run.sweep_config.Sweep.seed_sweeps) may have no points in this mode.
+    sweeps = [sw for sw in sweeps if sw.points(quick)]
     executor = executor or SerialExecutor()
     executor.check_device(device)
     out = mode_dir(run_root(out_dir=out_dir, run=run, model=model, text_file=text_file, source=source), quick)
