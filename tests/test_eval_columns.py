@@ -236,3 +236,45 @@ def test_defaults_without_eval2_windows_measure_no_second_text(tmp_path):
     old_defaults = {"seqlen": 32, "eval_tokens": 64, "calib_samples": 1, "calib_seqlen": 32, "seed": 0}
     sw = load_sweep(f, defaults={"full": old_defaults, "quick": old_defaults})
     assert sw.settings(False)["eval2_windows"] == 0
+
+
+def test_task_items_score_the_task_on_every_row_and_stay_out_of_the_id(tiny, tmp_path, second_text,  # noqa: F811
+                                                                        monkeypatch):
+    """task_items > 0: every row carries the multiple-choice task's accuracy (experiments.lm.tasks), scored
+    on the point's own compressed model; the setting is context, not part of the point id."""
+    import torch
+
+    from experiments.lm import models, tasks
+    from experiments.run.sweep import point_id
+    from experiments.methods.spec import parse_spec
+    task_text = " ".join(f"Word{i % 37} said the thing number {i} and then it ended." for i in range(400))
+    monkeypatch.setattr(tasks, "default_task_text", lambda cache_dir=None: (task_text, {"task_text": "tiny task"}))
+    # the default corpus (not --text-file) has a task text: the tiny model's text stands in for it
+    from experiments.lm import data
+    model, text, _ = tiny
+    monkeypatch.setattr(data, "get_texts", lambda source="austen", text_file=None, cache_dir=None:
+                        (Path(text).read_text()[:2000], Path(text).read_text()[2000:],
+                         {"corpus": "tiny", "calibration": "a", "evaluation": "b"}))
+    from experiments.run.sweep import run_sweeps
+    from experiments.run.sweep_config import load_sweep
+    f = tmp_path / "t.yaml"
+    f.write_text(SWEEP.format(eval2=0, points=POINTS).replace("eval2_windows: 0", "eval2_windows: 0, task_items: 12"))
+    (table,) = run_sweeps([load_sweep(f)], model=str(model), out_dir=tmp_path / "run", progress=False,
+                          log=lambda s: None)
+    dense, rtn = rows(table)
+    items = tasks.build_task(models.load_tokenizer(str(model)), task_text, n_items=12)
+    m = models.load_model(str(model))[0]
+    expected = tasks.score_task(m, items)
+    assert dense["task_text"] == "tiny task" and dense["task_items"] == "12" and dense["task_n"] == "12"
+    assert float(dense["task_acc"]) == pytest.approx(expected["acc"], abs=1e-6) and dense["task_correct"] == expected["correct"]
+    for r in (dense, rtn):
+        assert float(r["task_acc_lo"]) <= float(r["task_acc"]) <= float(r["task_acc_hi"]) and r["task_k"] == "4"
+    spec = parse_spec({"method": "dense"})
+    st = {"seqlen": 32, "eval_tokens": 128, "calib_samples": 2, "calib_seqlen": 32, "seed": 0}
+    assert point_id(spec, {**st, "task_items": 12}, "m", {}) == point_id(spec, st, "m", {})
+    assert torch.is_tensor(items.label)
+
+
+def test_without_task_items_the_task_columns_are_empty(tiny, tmp_path, second_text):  # noqa: F811
+    dense, _ = rows(_run(tiny, tmp_path))
+    assert dense["task_text"] == dense["task_items"] == dense["task_acc"] == dense["task_correct"] == ""

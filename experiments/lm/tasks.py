@@ -425,7 +425,11 @@ def score_task(model: nn.Module, items: TaskItems, *, batch_size: int = 16) -> d
 def task_columns(result: Mapping[str, Any], prefix: str = "task_") -> dict[str, Any]:
     """Flat result-row columns of a :func:`score_task` result (``task_acc``, ``task_acc_lo``, ...,
     ``task_correct``)."""
-    keys = ("acc", "acc_lo", "acc_hi", "acc_norm", "acc_norm_lo", "acc_norm_hi", "n", "k", "tokens_forwarded",
-            "correct", "correct_norm")
-    return {f"{prefix}{k}": (round(float(result[k]), 6) if isinstance(result[k], float) else result[k]) for k in keys} \
-        | {f"{prefix}seconds": round(float(result["seconds"]), 2)}
+    return {f"{prefix}{k}": (round(float(result[k]), 6) if isinstance(result[k], float) else result[k])
+            for k in TASK_RESULT_KEYS} | {f"{prefix}seconds": round(float(result["seconds"]), 2)}
+
+
+TASK_RESULT_KEYS = ("acc", "acc_lo", "acc_hi", "acc_norm", "acc_norm_lo", "acc_norm_hi", "n", "k", "tokens_forwarded",
+                    "correct", "correct_norm")
+# The columns task_columns writes (a row scored without the task has them empty).
+TASK_COLUMNS = tuple(f"task_{k}" for k in TASK_RESULT_KEYS) + ("task_seconds",)

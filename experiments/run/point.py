@@ -18,6 +18,11 @@ The columns of the evaluation (issue 24; tables older than them read them empty)
 - the second evaluation text (``evaluation_text2``, ``eval2_windows`` of ``seqlen`` tokens (the setting),
   ``text2_sha256``): ``ppl2``, ``nll2``, ``ppl2_lo``/``ppl2_hi``, ``window_nll2``,
   ``eval2_tokens``, ``eval2_seconds``. Empty where the corpus has no second text (``--text-file``).
+- the zero-shot multiple-choice task (``experiments.lm.tasks``, setting ``task_items``; context columns
+  ``task_text``, ``task_items``): ``task_acc``/``task_acc_norm`` with Wilson 95% ``_lo``/``_hi``, ``task_n``,
+  ``task_k``, ``task_correct``/``task_correct_norm`` (per-item answers, for paired comparisons),
+  ``task_tokens_forwarded``, ``task_seconds``. Empty where ``task_items`` is 0 (the default) or the corpus
+  has no task text (``--text-file``, WikiText-2).
 """
 from __future__ import annotations
 
@@ -56,13 +61,15 @@ def device_of(name: str) -> torch.device:
 
 
 def context_row(model_name: str, corpus: Mapping[str, str], text_sha: str, quick: bool,
-                settings: Mapping[str, int], prov: Mapping[str, str], text2: Mapping[str, str] | None = None
-                ) -> dict[str, Any]:
+                settings: Mapping[str, int], prov: Mapping[str, str], text2: Mapping[str, str] | None = None,
+                task_text: str | None = None) -> dict[str, Any]:
     """The context columns (``experiments.core.runs.SWEEP_CONTEXT`` and ``SWEEP_CONTEXT_ADDED``) of this
-    run's rows; ``text2`` the second evaluation text's description and hash (:attr:`RunContext.text2`)."""
+    run's rows; ``text2`` the second evaluation text's description and hash (:attr:`RunContext.text2`),
+    ``task_text`` the task text's description (:attr:`RunContext.task_text`)."""
     from experiments.core.stats import bootstrap_method
     from experiments.lm.evaluate import REFERENCE_TOPK
     second = bool(text2) and settings.get("eval2_windows", 0) > 0
+    task = bool(task_text) and settings.get("task_items", 0) > 0
     return {"model": model_name, "corpus": corpus.get("corpus", ""),
             "calibration_text": corpus.get("calibration", ""), "evaluation_text": corpus.get("evaluation", ""),
             "text_sha256": text_sha, "quick": quick, "seqlen": settings["seqlen"],
@@ -70,7 +77,8 @@ def context_row(model_name: str, corpus: Mapping[str, str], text_sha: str, quick
             "device_type": prov["device_type"], "device": prov["device"], "torch": prov["torch"],
             "evaluation_text2": text2["name"] if second else "", "text2_sha256": text2["sha256"] if second else "",
             "eval2_windows": settings["eval2_windows"] if second else "",
-            "kl_topk": REFERENCE_TOPK, "bootstrap": bootstrap_method()}
+            "kl_topk": REFERENCE_TOPK, "bootstrap": bootstrap_method(),
+            "task_text": task_text if task else "", "task_items": settings["task_items"] if task else ""}
 
 
 @dataclass(frozen=True)
@@ -81,6 +89,7 @@ class Evaluation:
     windows: torch.Tensor
     reference: Any = None           # experiments.lm.evaluate.DenseReference of ``windows``
     windows2: torch.Tensor | None = None
+    task: Any = None                # experiments.lm.tasks.TaskItems (None: no task)
 
 
 @dataclass(frozen=True)
@@ -95,6 +104,7 @@ class RunContext:
     source_grid: dict | None
     saved_dir: str | None = None    # saved compressed points to reuse / fill (see experiments.run.sweep.run_sweeps)
     text2: dict[str, str] | None = None   # the second evaluation text: {"name", "sha256"}; None: there is none
+    task_text: str | None = None    # the task text's description (experiments.lm.tasks); None: there is none
 
 
 def _compressed_point(run: RunContext, pid: str, spec: MethodSpec, settings: Mapping[str, int], m, calib,
@@ -155,7 +165,7 @@ def measure_point(run: RunContext, sweep: str, pid: str, spec: MethodSpec, setti
     its last digits depend on it too. ``auto`` then takes each module's static order (the dense
     weight for SparseLinear, dequantize for fp32 QuantLinear); the ``module_backends`` column says
     what ran."""
-    from experiments.lm import evaluate, models
+    from experiments.lm import evaluate, models, tasks
     from experiments.core.provenance import provenance
     from triton_kernels.nn import autotune
 
@@ -170,6 +180,7 @@ def measure_point(run: RunContext, sweep: str, pid: str, spec: MethodSpec, setti
         ev = evaluate.perplexity(m, ev_in.windows.to(dev), progress=progress, reference=ev_in.reference)
         ev2 = (evaluate.perplexity(m, ev_in.windows2.to(dev), progress=progress)
                if ev_in.windows2 is not None else None)
+        task = tasks.task_columns(tasks.score_task(m, ev_in.task)) if ev_in.task is not None else {}
         backends = module_backends(m)
     del m
     return {"sweep": sweep, "point_id": pid, "point": spec.label(), **method_columns(spec),
@@ -182,9 +193,11 @@ def measure_point(run: RunContext, sweep: str, pid: str, spec: MethodSpec, setti
             **summary,
             "eval_seconds": round(float(ev["seconds"]), 2),
             **evaluation_columns(ev, ev_in.reference, ev2),
+            **{c: task.get(c, "") for c in tasks.TASK_COLUMNS},
             "module_backends": backends,
             "aliases_source_grid": aliases_source_grid(spec, run.source_grid),
             "source_grid": json.dumps(run.source_grid, sort_keys=True) if run.source_grid else "",
             **context_row(run.model_name, run.corpus, run.text_sha, run.quick, settings, prov,
-                          run.text2 if ev_in.windows2 is not None else None),
+                          run.text2 if ev_in.windows2 is not None else None,
+                          run.task_text if ev_in.task is not None else None),
             **prov, "timestamp": provenance(dev)["timestamp"]}

@@ -139,6 +139,7 @@ class _Prepared:
     calib: torch.Tensor | None
     windows2: torch.Tensor | None = None
     reference: Any = None           # experiments.lm.evaluate.DenseReference of ``windows`` (dense_references)
+    task: Any = None                # experiments.lm.tasks.TaskItems (setting task_items; None: no task)
 
 
 def _eval_key(st: Mapping[str, int]) -> tuple:
@@ -149,16 +150,36 @@ def _eval2_key(st: Mapping[str, int]) -> tuple:
     return ("eval2", st["eval2_windows"], st["seqlen"])
 
 
+def _task_key(st: Mapping[str, int]) -> tuple:
+    return ("task", st["task_items"])
+
+
+def _task_items(sweeps: list[Sweep], quick: bool, tokenizer, task_text: str | None) -> dict[tuple, Any]:
+    """The multiple-choice task (``experiments.lm.tasks``) of every sweep whose ``task_items`` > 0, built
+    once per item count from ``task_text``; none when there is no task text (``--text-file``, WikiText-2)."""
+    from experiments.lm import tasks
+    out: dict[tuple, Any] = {}
+    for sw in sweeps:
+        st = sw.settings(quick)
+        if task_text is not None and st["task_items"] > 0 and _task_key(st) not in out:
+            try:
+                out[_task_key(st)] = tasks.build_task(tokenizer, task_text, n_items=st["task_items"])
+            except ValueError as e:
+                raise ValueError(f"sweep {sw.name!r}{' (--quick)' if quick else ''}: {e}; set a smaller "
+                                 f"{_where_to_set(sw, quick, 'task_items')}") from e
+    return out
+
+
 def _calib_key(st: Mapping[str, int]) -> tuple:
     return ("calib", st["calib_samples"], st["calib_seqlen"], st["seed"])
 
 
 def _token_windows(sweeps: list[Sweep], quick: bool, tokenizer, calib_text: str, eval_text: str,
-                   text_file, eval2_text: str | None = None) -> dict[tuple, torch.Tensor]:
+                   text_file, eval2_text: str | None = None) -> dict[tuple, Any]:
     """Every sweep's evaluation windows (and calibration windows, where a point needs them, and the
     second text's, where there is one and ``eval2_windows`` > 0), each cut once; a text too short for a
     sweep's budgets fails here, before the model loads."""
-    token_cache: dict[tuple, torch.Tensor] = {}
+    token_cache: dict[tuple, Any] = {}
     for sw in sweeps:
         st = sw.settings(quick)
         if _eval_key(st) not in token_cache:
@@ -211,7 +232,7 @@ def _finished_ids(table: Path) -> set[str]:
     return {r.get("point_id", "") for r in read_rows(table, numeric=SWEEP_NUMERIC)}
 
 
-def _prepare_sweep(sw: Sweep, quick: bool, out: Path, token_cache: Mapping[tuple, torch.Tensor],
+def _prepare_sweep(sw: Sweep, quick: bool, out: Path, token_cache: Mapping[tuple, Any],
                    ctx_row: Mapping[str, Any], model_name: str, corpus: Mapping[str, str]) -> _Prepared:
     """What is left to run of ``sw`` in ``out`` (call it holding the run directory's lock): its table's
     context must be this run's (an error otherwise, never "already done"), and points already there
@@ -231,7 +252,7 @@ def _prepare_sweep(sw: Sweep, quick: bool, out: Path, token_cache: Mapping[tuple
     todo = [(pid, s) for pid, s in ids if pid not in done]
     n_failed = len({r.get("point_id") for r in failed_before} & {pid for pid, _ in todo})
     return _Prepared(sw, st, path, todo, len(ids) - len(todo), n_failed, token_cache[_eval_key(st)], calib,
-                     token_cache.get(_eval2_key(st)))
+                     token_cache.get(_eval2_key(st)), task=token_cache.get(_task_key(st)))
 
 
 REFERENCE_DIR = "dense_reference"
@@ -346,7 +367,7 @@ def _measure_points(executor: Executor, prepared: list[_Prepared], run_ctx: "Run
     from experiments.core.progress import progress_bar
     jobs = [PointJob(p.sweep.name, pid, spec, p.settings, p.path) for p in prepared for pid, spec in p.todo]
     bar = progress_bar(total=len(jobs), desc="sweep points", unit="point", enabled=progress)
-    inputs = {p.sweep.name: (Evaluation(p.windows, p.reference, p.windows2), p.calib) for p in prepared}
+    inputs = {p.sweep.name: (Evaluation(p.windows, p.reference, p.windows2, p.task), p.calib) for p in prepared}
     writer = _TableWriter(executor, bar, log, context_of, prov)
     try:
         executor.run(jobs, run_ctx, inputs, on_row=writer.on_row, on_failure=writer.on_failure, progress=progress,
@@ -407,17 +428,24 @@ def run_sweeps(sweeps: list[Sweep], *, quick: bool = False, model: str = "defaul
     tokenizer = models.load_tokenizer(model)
     token_cache = _token_windows(sweeps, quick, tokenizer, calib_text, eval_text, text_file,
                                  None if second is None else second[1])
+    task = None
+    if any(sw.settings(quick)["task_items"] > 0 for sw in sweeps) and text_file is None and source == "austen":
+        from experiments.lm import tasks
+        task_source, task_desc = tasks.default_task_text()
+        task = (task_desc["task_text"], _task_items(sweeps, quick, tokenizer, task_source))
+        token_cache.update(task[1])
     log(f"texts tokenized in {time.perf_counter() - t0:.1f}s; loading model {model!r}")
     shapes, model_name, source_grid = _model_facts(model, log, t0)
     run_ctx = RunContext(model=model, model_name=model_name, corpus=dict(corpus), text_sha=text_sha, quick=quick,
                          device=device, source_grid=source_grid,
-                         saved_dir=str(Path(saved_dir).expanduser().resolve()) if saved_dir else None, text2=text2)
+                         saved_dir=str(Path(saved_dir).expanduser().resolve()) if saved_dir else None, text2=text2,
+                         task_text=task[0] if task else None)
     # The provenance of the machine the points run on (for Ray: reported by a worker with the
     # resources of one point), so the context check compares what the rows will carry.
     prov = executor.provenance(device)
 
     def context_of(settings: Mapping[str, int]) -> dict[str, Any]:
-        return context_row(model_name, corpus, text_sha, quick, settings, prov, text2)
+        return context_row(model_name, corpus, text_sha, quick, settings, prov, text2, task[0] if task else None)
 
     # Everything else that can fail on bad input happens before the first point runs.
     _check_points_fit(sweeps, quick, shapes)

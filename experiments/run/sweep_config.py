@@ -30,7 +30,8 @@ point's spread over seeds.
 
 Settings (``_defaults.yaml``, sections ``full`` and ``quick``, overridden per sweep): ``seqlen``
 (evaluation window), ``eval_tokens`` (evaluation budget), ``eval2_windows`` (windows of ``seqlen``
-tokens on the second evaluation text; 0 = none), ``calib_samples`` and ``calib_seqlen`` (calibration
+tokens on the second evaluation text; 0 = none), ``task_items`` (items of the multiple-choice task of
+:mod:`experiments.lm.tasks`; 0 = none), ``calib_samples`` and ``calib_seqlen`` (calibration
 windows), ``seed``. The runner is :mod:`experiments.run.sweep`.
 
 Settings added after the reference tables were committed (:data:`ADDED_SETTINGS`) stay out of a
@@ -53,10 +54,10 @@ from experiments.core.runs import PLAIN_NAME_RULE, is_plain_name
 from experiments.methods.spec import MethodSpec, parse_spec
 
 SWEEPS_DIR = Path(__file__).resolve().parents[1] / "sweeps"
-SETTING_KEYS = ("seqlen", "eval_tokens", "calib_samples", "calib_seqlen", "seed", "eval2_windows")
-ADDED_SETTINGS = ("eval2_windows",)
+SETTING_KEYS = ("seqlen", "eval_tokens", "calib_samples", "calib_seqlen", "seed", "eval2_windows", "task_items")
+ADDED_SETTINGS = ("eval2_windows", "task_items")
 # Settings that may be 0: the seed, and a budget whose 0 means "not measured".
-_ZERO_OK = ("seed", "eval2_windows")
+_ZERO_OK = ("seed", "eval2_windows", "task_items")
 CALIB_SEEDS_KEY = "calib_seeds"
 # Names ``<sweep>.seed<k>`` belong to the seed sweeps (the tables of a sweep's points at other calibration seeds).
 SEED_SWEEP_NAME = re.compile(r"^(?P<base>.+)\.seed(?P<seed>\d+)$")
@@ -133,7 +134,8 @@ def merge_settings(base: Mapping[str, Any], override: Mapping[str, Any] | None, 
         if k not in SETTING_KEYS:
             raise ValueError(f"{where}: unknown setting {k!r}; settings are {', '.join(SETTING_KEYS)}")
         out[k] = v
-    out.setdefault("eval2_windows", 0)   # an older _defaults.yaml of a user's own: no second text
+    for k in ADDED_SETTINGS:
+        out.setdefault(k, 0)   # an older _defaults.yaml of a user's own: no second text, no task
     for k in SETTING_KEYS:
         v = out.get(k)
         if isinstance(v, bool) or not isinstance(v, int) or v < (0 if k in _ZERO_OK else 1):
