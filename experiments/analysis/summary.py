@@ -484,6 +484,11 @@ def gpu_status(root: Path = RESULTS) -> str:
     return "\n\n".join([text, *figs])
 
 
+def _claims(quick: bool, root: Path) -> str:
+    from experiments.analysis.claims import claims_summary
+    return claims_summary(quick, root)
+
+
 # The generated blocks of README.md and docs/*.md: NAME -> its text from a results directory.
 BLOCKS = {
     "headline": lambda root: headline_summary(False, root),
@@ -493,6 +498,8 @@ BLOCKS = {
     "decode": lambda root: decode_summary(False, root=root),
     "gpu": gpu_summary,
     "gpu-status": gpu_status,
+    "claims": lambda root: _claims(False, root),
+    "claims-quick": lambda root: _claims(True, root),
 }
 # A marker is a line of its own (a marker quoted inside a line, as in these docs, is text).
 _BLOCK = re.compile(r"^(<!-- summary:(?P<name>[\w-]+):begin[^>\n]*-->\n)(?P<body>.*?)^(<!-- summary:(?P=name):end -->)$",
@@ -577,6 +584,9 @@ def main(args: argparse.Namespace) -> int:
         return 0
     if only == "decode":
         print(decode_summary(args.quick, root=root))
+        return 0
+    if only in ("claims", "claims-quick"):
+        print(_claims(args.quick or only == "claims-quick", root))
         return 0
     if only in ("gpu", "gpu-status"):
         print(BLOCKS[only](root))
