@@ -103,3 +103,21 @@ if roof is not None:
     plots.show(fig)
 else:
     print(f"no roofline table in {root}: run `python -m experiments roofline`")
+
+# %% [markdown]
+# ## Which orderings survive the noise
+# Every ordering the project reports (`experiments.analysis.claims.CLAIMS`), checked on these tables:
+# the paired NLL difference per token between the two points on the same evaluation windows, with its
+# 95% bootstrap interval over windows (and on the second text, *Emma*, where the rows have it). A claim
+# *holds* when the whole interval is below 0; an interval across 0 is **within noise**, not a finding.
+# Rows measured before the per-window column existed cannot be paired and are left out of the figure.
+# The error bars on the frontier above are each point's own 95% perplexity interval.
+
+# %%
+from experiments.analysis.claims import claims_table
+
+claims = claims_table(quick, root)
+fig = plots.claims_figure(claims)
+plots.save(fig, "claims", figures_dir)
+plots.show(fig)
+claims[["claim", "sweep", "ppl_better", "ppl_worse", "dnll", "dnll_lo", "dnll_hi", "verdict", "verdict2"]]

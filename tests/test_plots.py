@@ -11,6 +11,7 @@ matplotlib.use("Agg")
 import pytest  # noqa: E402
 
 from experiments.analysis import plots  # noqa: E402
+from experiments.analysis.claims import claims_table  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -23,7 +24,8 @@ def test_figures_from_the_reference_tables_draw_without_warnings(quick, caplog):
         warnings.simplefilter("always")
         figs = [plots.quant_figure(tables["quant"]), plots.sparsity_figure(tables["sparsity"]),
                 plots.lowrank_figure(tables["lowrank"]), plots.pareto_figure(tables, lat), plots.latency_figure(lat),
-                plots.roofline_figure(plots.roofline_table(quick, REPO / "results"))]
+                plots.roofline_figure(plots.roofline_table(quick, REPO / "results")),
+                plots.claims_figure(claims_table(quick, REPO / "results"))]
         for f in figs:
             f.canvas.draw()
     assert not caught, [str(w.message) for w in caught]
@@ -189,3 +191,22 @@ def test_gpu_rows_of_old_kernels_are_labelled_and_replaced_by_current_ones(tmp_p
     (tmp_path / "figures").mkdir()
     (tmp_path / "figures" / "gpu_speedup_vs_batch.png").write_bytes(b"")
     assert "![gpu speedup vs batch](results/figures/gpu_speedup_vs_batch.png)" in summary.gpu_status(tmp_path)
+
+
+def test_claims_figure_draws_each_paired_claim_with_its_interval(tmp_path):
+    import json
+
+    import numpy as np
+    import pandas as pd
+    rng = np.random.default_rng(0)
+    base = rng.normal(3.3, 0.3, 8)
+    ctx = {"model": "m", "corpus": "c", "evaluation_text": "P", "text_sha256": "a", "seqlen": "512",
+           "eval_token_budget": "8192"}
+    rows = [{**ctx, "point": p, "ppl": "30", "window_nll": json.dumps(list(base + d))}
+            for p, d in (("rtn-w3-g64-asym", 0.3), ("gptq-w3-g64-asym", 0.0), ("rtn-w4-g64-asym", 0.0))]
+    pd.DataFrame(rows).to_csv(tmp_path / "sweep_quant.csv", index=False)
+    t = claims_table(root=tmp_path)
+    fig = plots.claims_figure(t)
+    fig.canvas.draw()
+    assert len(fig.axes[0].get_yticklabels()) == len(t) == 2
+    plots.plt.close(fig)

@@ -430,6 +430,49 @@ def _pareto(points: pd.DataFrame, x: str, y: str, lower_x_better: bool = True) -
     return pd.DataFrame(front)
 
 
+def _points_with_intervals(ax, sub: pd.DataFrame, x: str, label: str) -> None:
+    """Scatter ``sub``'s perplexities against column ``x``; where a row has its 95% interval
+    (``ppl_lo``/``ppl_hi``; rows older than the columns have none) a vertical bar of the same colour."""
+    dots = ax.scatter(sub[x], sub["ppl"], s=18, label=label, alpha=0.8)
+    if "ppl_lo" not in sub or "ppl_hi" not in sub:
+        return
+    lo, hi = pd.to_numeric(sub["ppl_lo"], errors="coerce"), pd.to_numeric(sub["ppl_hi"], errors="coerce")
+    ok = lo.notna() & hi.notna()
+    if ok.any():
+        y = pd.to_numeric(sub["ppl"], errors="coerce")[ok]
+        ax.errorbar(sub[x][ok], y, yerr=[(y - lo[ok]).clip(lower=0), (hi[ok] - y).clip(lower=0)], fmt="none",
+                    ecolor=dots.get_facecolor()[0], elinewidth=0.8, alpha=0.6)
+
+
+def claims_figure(table: pd.DataFrame):
+    """Forest plot of :func:`experiments.analysis.claims.claims_table`: each claim's paired ΔNLL per token
+    (better - worse) with its 95% interval, on the main text (and the second text where paired); left
+    of 0 the claim holds, an interval across 0 is within noise. Claims that cannot be paired are left out."""
+    t = table[table["verdict"] != "not paired"].reset_index(drop=True)
+    fig, ax = plt.subplots(figsize=(10, 0.32 * max(len(t), 3) + 1.4))
+    if not len(t):
+        ax.text(0.5, 0.5, "no claim has both rows with per-window NLL", ha="center", va="center",
+                transform=ax.transAxes)
+        ax.set_axis_off()
+        return fig
+    y = range(len(t))[::-1]
+    colours = {"holds": "tab:green", "within noise": "tab:gray", "reversed": "tab:red"}
+    for yi, (_, r) in zip(y, t.iterrows()):
+        ax.errorbar([r["dnll"]], [yi], xerr=[[r["dnll"] - r["dnll_lo"]], [r["dnll_hi"] - r["dnll"]]], fmt="o",
+                    color=colours.get(r["verdict"], "k"), ms=4, capsize=2)
+        if r["verdict2"] != "not paired" and pd.notna(r["dnll2"]):
+            ax.errorbar([r["dnll2"]], [yi - 0.25], xerr=[[r["dnll2"] - r["dnll2_lo"]], [r["dnll2_hi"] - r["dnll2"]]],
+                        fmt="s", color=colours.get(r["verdict2"], "k"), ms=3, capsize=1.5, alpha=0.5)
+    ax.axvline(0, color="k", lw=0.8)
+    ax.set_xscale("symlog", linthresh=0.05)
+    ax.set_yticks(list(y), [f"{r['claim']} ({r['sweep']})" for _, r in t.iterrows()], fontsize=7)
+    ax.set_xlabel("ΔNLL per token, better − worse (95% paired bootstrap over windows; symlog); "
+                  "circles: main text, squares: second text", fontsize=7)
+    ax.set_title("green: holds, grey: within noise, red: reversed", fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
 def pareto_figure(tables: dict[str, pd.DataFrame], latency: pd.DataFrame | None = None,
                   decode: pd.DataFrame | None = None, decode_dtype: str = "bf16") -> plt.Figure:
     """All methods on one accuracy-memory(-speed) frontier, combinations included.
@@ -458,7 +501,7 @@ def pareto_figure(tables: dict[str, pd.DataFrame], latency: pd.DataFrame | None 
     fig, axes = plt.subplots(1, ncols, figsize=(6 * ncols, 4.2), squeeze=False)
     ax = axes[0, 0]
     for sweep, sub in comp.groupby("sweep"):
-        ax.scatter(sub["bits_per_weight"], sub["ppl"], s=18, label=sweep, alpha=0.8)
+        _points_with_intervals(ax, sub, "bits_per_weight", sweep)
     front = _pareto(comp, "bits_per_weight", "ppl")
     ax.plot(front["bits_per_weight"], front["ppl"], "k-", lw=0.8, label="Pareto frontier")
     _mark_aliases(ax, comp, "bits_per_weight")
@@ -474,7 +517,7 @@ def pareto_figure(tables: dict[str, pd.DataFrame], latency: pd.DataFrame | None 
         joined, dev = with_decode_speedup(comp, decode, decode_dtype)
         joined = joined[joined["speedup"].notna()]
         for sweep, sub in joined.groupby("sweep"):
-            ax.scatter(sub["speedup"], sub["ppl"], s=18, label=sweep, alpha=0.8)
+            _points_with_intervals(ax, sub, "speedup", sweep)
         if len(joined):
             front = _pareto(joined, "speedup", "ppl", lower_x_better=False)
             ax.plot(front["speedup"], front["ppl"], "k-", lw=0.8, label="Pareto frontier")
@@ -494,7 +537,7 @@ def pareto_figure(tables: dict[str, pd.DataFrame], latency: pd.DataFrame | None 
         sp = model_layer_speedup(latency)
         joined = comp.merge(sp, on="spec", how="inner")
         for sweep, sub in joined.groupby("sweep"):
-            ax.scatter(sub["speedup"], sub["ppl"], s=18, label=sweep, alpha=0.8)
+            _points_with_intervals(ax, sub, "speedup", sweep)
         if len(joined):
             front = _pareto(joined, "speedup", "ppl", lower_x_better=False)
             ax.plot(front["speedup"], front["ppl"], "k-", lw=0.8, label="Pareto frontier")
