@@ -15,7 +15,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.py"))
-EXPECTED = {"00_kernels_tour", "01_quantization", "02_sparsity", "03_low_rank", "04_pareto", "05_nonuniform", "06_structured"}
+EXPECTED = {"00_kernels_tour", "01_quantization", "02_sparsity", "03_low_rank", "04_pareto", "05_nonuniform", "06_structured",
+            "07_modern_methods"}
 
 
 def _cells(nb):
@@ -89,7 +90,7 @@ def test_defaults_show_the_full_reference_tables(py, tmp_path):
     import pandas as pd
     import papermill
 
-    sweep = {"05_nonuniform": "nonuniform", "06_structured": "structured"}.get(py.stem)
+    sweep = {"05_nonuniform": "nonuniform", "06_structured": "structured", "07_modern_methods": "modern"}.get(py.stem)
     if sweep and not (ROOT / "results" / f"sweep_{sweep}.csv").exists():
         # No full reference run of this sweep is committed yet (only results/quick/): the notebook must
         # say so and name the command, not fall back to other numbers. Strict as soon as one is promoted.
@@ -100,7 +101,7 @@ def test_defaults_show_the_full_reference_tables(py, tmp_path):
     _check_outputs(nb, py, tmp_path / "figures")
     text = _text(nb)
     sweep = {"01_quantization": "quant", "02_sparsity": "sparsity", "03_low_rank": "lowrank",
-             "05_nonuniform": "nonuniform", "06_structured": "structured"}.get(py.stem)
+             "05_nonuniform": "nonuniform", "06_structured": "structured", "07_modern_methods": "modern"}.get(py.stem)
     if sweep:
         n = len(pd.read_csv(ROOT / "results" / f"sweep_{sweep}.csv"))
         assert f"{n} points of SmolLM2-135M" in text and str(ROOT / "results" / f"sweep_{sweep}.csv") in text

@@ -191,6 +191,44 @@ def quant_figure(df: pd.DataFrame) -> plt.Figure:
     return fig
 
 
+def modern_figure(df: pd.DataFrame) -> plt.Figure:
+    """The ``modern`` sweep. Left: perplexity (with its 95% interval where the row has one) against bits,
+    one line per method x group size (RTN, HQQ, AWQ, GPTQ, AWQ+GPTQ on the same asymmetric grid). Right:
+    what each method's compression cost in seconds on this machine (HQQ needs no data; AWQ and GPTQ run
+    on the calibration windows)."""
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    q = df[df["method"] != "dense"].copy()
+    q["group_size"] = q["group_size"].astype(int)
+    q["_name"] = [("awq+gptq" if m == "awq" and str(g).lower() == "true" else m)
+                  for m, g in zip(q["method"], q.get("gptq", pd.Series("", index=q.index)))]
+    styles = {"rtn": ("s", ":"), "hqq": ("D", "-"), "awq": ("^", "-"), "gptq": ("o", "--"), "awq+gptq": ("v", "-.")}
+    for (name, g), sub in q.groupby(["_name", "group_size"]):
+        sub = sub.sort_values("bits")
+        marker, ls = styles.get(name, ("o", "-"))
+        line, = a.plot(sub["bits"], sub["ppl"], marker=marker, ls=ls, label=f"{name.upper()} g{g}")
+        if "ppl_lo" in sub and "ppl_hi" in sub:
+            lo, hi = pd.to_numeric(sub["ppl_lo"], errors="coerce"), pd.to_numeric(sub["ppl_hi"], errors="coerce")
+            ok = lo.notna() & hi.notna()
+            if ok.any():
+                y = pd.to_numeric(sub["ppl"])[ok]
+                a.errorbar(sub["bits"][ok], y, yerr=[(y - lo[ok]).clip(lower=0), (hi[ok] - y).clip(lower=0)],
+                           fmt="none", ecolor=line.get_color(), elinewidth=0.8, alpha=0.6)
+    _baseline(a, dense_ppl(df))
+    a.set_yscale("log")
+    a.set_xticks(sorted(q["bits"].astype(int).unique()))
+    a.set_xlabel("bits per weight of the codes (scales and zeros: +16/g each)")
+    a.set_ylabel("perplexity (log scale; bars: 95% bootstrap interval)")
+    a.set_title(_title(df), fontsize=8)
+    _legend(a, loc="upper right", ncol=2, fontsize=7)
+    cost = q.groupby("_name")["compress_seconds"].median().sort_values()
+    b.barh(cost.index.str.upper(), cost.values, color="tab:blue", alpha=0.7)
+    b.set_xscale("log")
+    b.set_xlabel("compression seconds (median over the sweep's points; log scale)")
+    b.set_title(f"what each method costs to run — {df['device'].iloc[0]}", fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
 def prune_scope(df: pd.DataFrame) -> pd.Series:
     """Per row: "layer" or "row" (magnitude/wanda unstructured comparison group), "" where it does not apply.
 

@@ -39,7 +39,8 @@ import torch
 
 from experiments.core.runs import REPO, Steps, digest, mode_dir, reference_dir, run_root
 
-NOTEBOOKS = ("00_kernels_tour", "01_quantization", "02_sparsity", "03_low_rank", "04_pareto", "05_nonuniform", "06_structured")
+NOTEBOOKS = ("00_kernels_tour", "01_quantization", "02_sparsity", "03_low_rank", "04_pareto", "05_nonuniform", "06_structured",
+             "07_modern_methods")
 # Decode speed depends on the storage format only; one model per format family is enough, and a
 # full-grid decode would spend ~1.5 min per fp32 dequant-fallback model on the 2-core CPU.
 DECODE_SPECS = (
