@@ -76,6 +76,8 @@ CLAIMS = (
     Claim("HQQ beats RTN at 3 bits g128", "modern", "hqq-w3-g128", "rtn-w3-g128-asym"),
     Claim("AWQ beats RTN at 3 bits g128", "modern", "awq-w3-g128-asym", "rtn-w3-g128-asym"),
     Claim("AWQ beats GPTQ at 3 bits g128", "modern", "awq-w3-g128-asym", "gptq-w3-g128-asym"),
+    Claim("rotations beat RTN at 3 bits g128", "modern", "quarot-w3-g128-asym", "rtn-w3-g128-asym"),
+    Claim("rotations + GPTQ beat GPTQ at 3 bits g128", "modern", "quarot-w3-g128-asym+gptq", "gptq-w3-g128-asym"),
 )
 
 COLUMNS = ("claim", "sweep", "better", "worse", "ppl_better", "ppl_worse", "dnll", "dnll_lo", "dnll_hi", "verdict",

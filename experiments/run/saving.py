@@ -542,6 +542,11 @@ def _load(d: Path, manifest: Mapping[str, Any], base: nn.Module | str | None) ->
             if src not in base_t:
                 raise CompressedFormatError(f"{d / BASE_FILE} has no tensor {src!r} (the manifest lists it)")
             state[k] = base_t[src]
+        if ((bm.get("config") or {}).get("tie_word_embeddings") is False
+                and getattr(model.config, "tie_word_embeddings", False) and hasattr(model, "lm_head")):
+            # Saved untied (rotations fold the final norm into lm_head only): untie the base before loading.
+            model.lm_head.weight = nn.Parameter(model.lm_head.weight.detach().clone())
+            model.config.tie_word_embeddings = False
         missing, _unexpected = model.load_state_dict(state, strict=False)
         left = [k for k in missing if not any(k.startswith(p + ".") for p in layers)]
         if left:
