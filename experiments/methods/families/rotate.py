@@ -107,6 +107,7 @@ class RotateFamily(Family):
                                              float((w - w_hat).double().square().sum()),
                                              float(w.double().square().sum())))
         report.size_is_modelled = qreport.size_is_modelled
+        report.weights = qreport.weights
         return report
 
     def method_columns(self, spec) -> dict[str, Any]:
