@@ -21,7 +21,7 @@ it goes, so a call cut short keeps what it measured):
    achieved GB/s (weight storage + activations + output) as % of the copy bandwidth, on the large shapes
    and the default model's four (``LARGE_SHAPES``, ``MODEL_SHAPES``).
 4. ``harness``: the harness's CUDA paths end to end (``run_harness``): compression on the GPU (GPTQ 4-bit
-   g128, SparseGPT 2:4, SqueezeLLM 4-bit, whitened SVD) of a model of the default model's architecture with
+   g128, SparseGPT 2:4, SqueezeLLM 2-bit, whitened SVD) of a model of the default model's architecture with
    random weights, perplexity through the Triton modules against their reference path, ``latency --quick``.
 5. ``sweep`` / 6. ``large``: bits 2/3/4/8 (g128) x M in {1, 2, 4, 8, 16, 32, 64, 128, 2048} on 28672x8192
    (the speedup-vs-batch figure), then on the other large shapes.
@@ -801,11 +801,13 @@ def run_decode(device: torch.device, deadline: float) -> list[dict]:
 # The harness on the device, end to end
 # ----------------------------------------------------------------------------------------------
 # One point per compression family the harness's CUDA paths need: GPTQ 4-bit g128 (QuantLinear),
-# SparseGPT 2:4 (SparseLinear, N:M kernel), SqueezeLLM 4-bit (CodebookLinear, per-row tables) and
+# SparseGPT 2:4 (SparseLinear, N:M kernel), SqueezeLLM 2-bit (CodebookLinear, per-row tables; at 4 bits its
+# Fisher-weighted fit with a zero level moved the plumbing model's perplexity by only 0.24%, too little to
+# expose a wrong kernel) and
 # activation-aware SVD (LowRankLinear); all but the last need calibration statistics, gathered on the device.
 HARNESS_SPECS = ({"method": "gptq", "bits": 4, "group_size": 128, "symmetric": False},
                  {"method": "sparsegpt", "pattern": "2:4"},
-                 {"method": "squeezellm", "bits": 4},
+                 {"method": "squeezellm", "bits": 2},
                  {"method": "whitened_svd", "ratio": 0.5})
 HARNESS_LAYERS = 4  # the default model's blocks, fewer of them: the kernels see the same shapes
 HARNESS_RTOL = 1e-3  # |ppl(Triton modules) - ppl(reference path)| / ppl(reference path)
@@ -1109,7 +1111,7 @@ def sections() -> dict[str, Section]:
                 lambda dev, w: 2.0),
         Section("decode4", f"4-bit g128 M=1 vs cuBLAS fp16, % of copy bandwidth: {len(decode4[0])} shapes (large "
                            f"+ the default model's)", _dequant_section(*decode4), rows_s(*decode4)),
-        Section("harness", "the harness on the device: GPTQ 4-bit, SparseGPT 2:4, SqueezeLLM 4-bit, whitened SVD "
+        Section("harness", "the harness on the device: GPTQ 4-bit, SparseGPT 2:4, SqueezeLLM 2-bit, whitened SVD "
                            "on the default model's architecture; perplexity Triton vs reference; latency --quick",
                 _run_harness, cpu_or("harness", lambda w: GUESS_S["harness"]), basis="guess", devices=both),
         Section("sweep", f"bits {'/'.join(map(str, SWEEP_BITS))} x M {'/'.join(map(str, SWEEP_M))} at "

@@ -20,7 +20,7 @@ SHAPES = {"block0.q_proj": (96, 96), "block0.k_proj": (48, 96), "block0.down_pro
 
 
 @pytest.mark.parametrize("spec, match", [
-    ({"method": "awq", "bits": 4}, r"unknown method='awq'; choose one of dense, rtn, gptq"),
+    ({"method": "quip", "bits": 4}, r"unknown method='quip'; choose one of dense, rtn, gptq"),
     ({"method": "rtn", "bits": 4, "groupsize": 64}, r"unknown option\(s\) \['groupsize'\] for method='rtn'; it accepts"),
     ({"method": "rtn", "bits": 9}, r"bits=9 must be an integer in 1\.\.8"),
     ({"method": "gptq", "bits": 0}, r"bits=0 must be an integer in 1\.\.8"),

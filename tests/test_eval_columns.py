@@ -128,13 +128,26 @@ def _new_style(old: dict, point: str, window_nll: list[float], **extra) -> dict:
             "bootstrap": "percentile 95%, 2000 resamples of the windows, numpy default_rng seed 0", **extra}
 
 
+def _old_style_copy(dst: Path) -> None:
+    """The committed quick quant table as the code before issue 24 wrote it: only the columns of the
+    committed full quant table (measured before the new columns existed, and not rerun since)."""
+    import csv
+    with open(REPO / "results" / "sweep_quant.csv", newline="") as f:
+        old_columns = next(csv.reader(f))
+    with open(REPO / "results" / "quick" / "sweep_quant.csv", newline="") as f:
+        quick = list(csv.DictReader(f))
+    assert "kl" not in old_columns and "kl" in quick[0], "the fixture's premise: old full table, new quick one"
+    results.write_rows(dst, [{c: r.get(c, "") for c in old_columns} for r in quick])
+
+
 @pytest.fixture()
 def old_table(tmp_path):
-    """A copy of the committed quick quant table in a results directory of its own."""
+    """The committed quick quant table, as an old-style table (:func:`_old_style_copy`), in a results
+    directory of its own."""
     root = tmp_path / "results"
     (root / "quick").mkdir(parents=True)
     path = root / "quick" / "sweep_quant.csv"
-    shutil.copyfile(REPO / "results" / "quick" / "sweep_quant.csv", path)
+    _old_style_copy(path)
     return root, path
 
 
@@ -158,7 +171,7 @@ def test_new_columns_join_a_committed_table_and_old_rows_read_them_empty(old_tab
     # ... which passing the added columns as ordinary context could not do without breaking the old rows:
     # the second append then compares with the old rows' empty cells.
     plain = path.with_name("plain.csv")
-    shutil.copyfile(REPO / "results" / "quick" / "sweep_quant.csv", plain)
+    _old_style_copy(plain)
     strict = {**kw, "context": (*runs.SWEEP_CONTEXT, *runs.SWEEP_CONTEXT_ADDED), "added_context": ()}
     assert results.append_row(plain, _new_style(dense, "a", [3.0, 3.1]), **strict)
     with pytest.raises(ContextMismatch, match="evaluation_text2: table has '', this run has 'Emma'"):

@@ -300,6 +300,8 @@ def test_reproduce_recomputes_into_its_run_then_a_rerun_skips_every_step(runs_di
         calls.append("sweeps")
         assert not runs.is_reference(out_dir)
         for sw in sweeps:  # the reference tables, "recomputed" on another machine with one point 1% off
+            if not sw.points(quick):
+                continue  # as run_sweeps: a seed sweep with no point in this mode makes no table
             rows = [{**r, "device": INTEL} for r in _read(runs.reference_dir(quick) / f"sweep_{sw.name}.csv")]
             if sw.name == "combo":
                 rows[-1]["ppl"] = str(float(rows[-1]["ppl"]) * 1.01)

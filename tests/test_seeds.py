@@ -134,6 +134,7 @@ def test_seeds_get_other_calibration_windows_and_the_same_evaluation_windows(tin
     # The seed sweep of the quick-only seed 3 has no full point: it is not run, and makes no table.
     assert set(rec.inputs) == {"s", "s.seed1", "s.seed2"}
     (ev0, cal0), (ev1, cal1), (ev2, cal2) = (rec.inputs[n] for n in ("s", "s.seed1", "s.seed2"))
+    ev0, ev1, ev2 = (e.windows for e in (ev0, ev1, ev2))   # experiments.run.point.Evaluation
     assert torch.equal(ev0, ev1) and torch.equal(ev0, ev2)
     assert cal0.shape == cal1.shape == cal2.shape
     assert not torch.equal(cal0, cal1) and not torch.equal(cal0, cal2) and not torch.equal(cal1, cal2)
