@@ -6,7 +6,7 @@
 #       extension: .py
 #       format_name: percent
 #       format_version: '1.3'
-#       jupytext_version: 1.19.6
+#       jupytext_version: 1.19.7
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -14,11 +14,11 @@
 # ---
 
 # %% [markdown]
-# # 07 — The methods researchers compare against today: HQQ and AWQ
+# # 07 — The methods researchers compare against today: HQQ, AWQ, rotations, mixed precision
 #
-# Both produce the same storage as RTN and GPTQ — `QuantLinear`'s asymmetric uniform grid, packed codes
-# and fp16 group scales and zeros — so every kernel, export and CPU path runs them unchanged, and this
-# notebook compares them with RTN and GPTQ point for point on the same grid:
+# All four produce the same storage as RTN and GPTQ — `QuantLinear`'s asymmetric uniform grid, packed
+# codes and fp16 group scales and zeros — so every kernel, export and CPU path runs them unchanged, and
+# this notebook compares them with RTN and GPTQ point for point, at the same size:
 #
 # - **HQQ** (Badri & Shaji 2023; `experiments/methods/algorithms/hqq.py`, checked against `mobiusml/hqq`):
 #   no calibration data; each group's zero-point is fitted to the weights by a half-quadratic solver of
@@ -27,9 +27,18 @@
 # - **AWQ** (Lin et al. 2024; `experiments/methods/algorithms/awq.py`, checked against `llm-awq`): per
 #   input channel scales `s = mean|x|^alpha` searched on the calibration windows and folded into the
 #   norms and `up_proj`, then weight clipping, then RTN (`awq`) or GPTQ (`awq+gptq`).
+# - **Rotations** (QuaRot-style, weight-only; `experiments/methods/algorithms/rotate.py`): norms folded,
+#   the residual stream and the v/o heads rotated by Hadamard matrices (Kronecker products with Paley's
+#   12 for SmolLM2's 576 and 1536), an exact change of basis, then RTN (`quarot`) or GPTQ.
+# - **Mixed precision under a bit budget** (`experiments/methods/families/mixed.py`): each block linear
+#   gets one of bits {2, 3, 4, 8} × groups {64, 128}, the allocation that minimises the summed
+#   Fisher-weighted weight error Σ F (W − Q(W))² within the budget, solved exactly as a knapsack (integer
+#   program); budgets are effective bits per weight (codes plus scales and zeros), the same
+#   `bits_per_weight` as every other row, so `mixed-b3.25` has exactly RTN w3 g128's size.
 #
 # The papers' expected orderings: HQQ < RTN at every bits × group size, AWQ < RTN and close to GPTQ at
-# 3 and 4 bits, AWQ + GPTQ composing. The paired comparisons at the end say which of them this model's
+# 3 and 4 bits, AWQ + GPTQ composing, rotations < RTN, and a mixed allocation better than the uniform
+# format of the same (or larger) size. The paired comparisons at the end say which of them this model's
 # tables support; an ordering that fails is reported, not tuned away.
 
 # %% tags=["parameters"]
@@ -53,15 +62,27 @@ print(f"{len(df)} points of {df['model'].iloc[0]} from {plots.results_dir(quick,
       f"dense perplexity {plots.dense_ppl(df) or float('nan'):.4g}, measured on {df['device'].iloc[0]}")
 cols = ["point", "bits", "group_size", "bits_per_weight", "ppl", "ppl_lo", "ppl_hi", "kl", "top1", "ppl2",
         "compress_seconds"]
-df[[c for c in cols if c in df]].sort_values(["bits", "point"])
+df[[c for c in cols if c in df]].sort_values(["bits_per_weight", "point"])
 
 # %% [markdown]
-# ## Perplexity by bits, and what each method costs
+# ## Perplexity by size, and what each method costs
 
 # %%
 fig = plots.modern_figure(df)
 plots.save(fig, "modern", figures_dir)
 plots.show(fig)
+
+# %% [markdown]
+# ## Where the mixed allocations put their bits
+# One row per budget: block on x, layer on y, colour = bits of the codes (dots: the smaller groups).
+
+# %%
+fig = plots.allocation_figure(df)
+if fig is None:
+    print("no mixed-precision rows in this table")
+else:
+    plots.save(fig, "mixed_allocation", figures_dir)
+    plots.show(fig)
 
 # %% [markdown]
 # ## The papers' orderings, paired

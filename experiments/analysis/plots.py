@@ -192,31 +192,36 @@ def quant_figure(df: pd.DataFrame) -> plt.Figure:
 
 
 def modern_figure(df: pd.DataFrame) -> plt.Figure:
-    """The ``modern`` sweep. Left: perplexity (with its 95% interval where the row has one) against bits,
-    one line per method x group size (RTN, HQQ, AWQ, GPTQ, AWQ+GPTQ on the same asymmetric grid). Right:
-    what each method's compression cost in seconds on this machine (HQQ needs no data; AWQ and GPTQ run
-    on the calibration windows)."""
+    """The ``modern`` sweep. Left: perplexity (with its 95% interval where the row has one) against the
+    effective bits per weight (codes plus fp16 scales and zeros: what a point stores), one line per method x
+    group size (RTN, HQQ, AWQ, GPTQ, rotations, each alone or then GPTQ, on the same asymmetric grid) and
+    one per mixed-precision variant (its points are budgets). Right: what each method's compression cost in
+    seconds on this machine (HQQ needs no data; AWQ, GPTQ and the mixed allocation's Fisher run on the
+    calibration windows)."""
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
     q = df[df["method"] != "dense"].copy()
-    q["group_size"] = q["group_size"].astype(int)
-    q["_name"] = [("awq+gptq" if m == "awq" and str(g).lower() == "true" else m)
-                  for m, g in zip(q["method"], q.get("gptq", pd.Series("", index=q.index)))]
-    styles = {"rtn": ("s", ":"), "hqq": ("D", "-"), "awq": ("^", "-"), "gptq": ("o", "--"), "awq+gptq": ("v", "-.")}
-    for (name, g), sub in q.groupby(["_name", "group_size"]):
-        sub = sub.sort_values("bits")
+    gptq = q.get("gptq", pd.Series("", index=q.index)).astype(str).str.lower() == "true"
+    q["_name"] = [m + ("+gptq" if g and m != "gptq" else "") for m, g in zip(q["method"], gptq)]
+    groups = pd.to_numeric(q.get("group_size", pd.Series("", index=q.index)), errors="coerce")
+    q["_g"] = ["" if pd.isna(g) else f" g{int(g)}" for g in groups]
+    q["_x"] = pd.to_numeric(q["bits_per_weight"])
+    styles = {"rtn": ("s", ":"), "hqq": ("D", "-"), "awq": ("^", "-"), "gptq": ("o", "--"), "awq+gptq": ("v", "-."),
+              "quarot": ("P", "-"), "quarot+gptq": ("X", "-."), "mixed": ("*", "-"), "mixed+gptq": ("*", "--")}
+    for (name, g), sub in q.groupby(["_name", "_g"]):
+        sub = sub.sort_values("_x")
         marker, ls = styles.get(name, ("o", "-"))
-        line, = a.plot(sub["bits"], sub["ppl"], marker=marker, ls=ls, label=f"{name.upper()} g{g}")
+        line, = a.plot(sub["_x"], sub["ppl"], marker=marker, ls=ls, label=f"{name.upper()}{g}",
+                       ms=9 if marker == "*" else None)
         if "ppl_lo" in sub and "ppl_hi" in sub:
             lo, hi = pd.to_numeric(sub["ppl_lo"], errors="coerce"), pd.to_numeric(sub["ppl_hi"], errors="coerce")
             ok = lo.notna() & hi.notna()
             if ok.any():
                 y = pd.to_numeric(sub["ppl"])[ok]
-                a.errorbar(sub["bits"][ok], y, yerr=[(y - lo[ok]).clip(lower=0), (hi[ok] - y).clip(lower=0)],
+                a.errorbar(sub["_x"][ok], y, yerr=[(y - lo[ok]).clip(lower=0), (hi[ok] - y).clip(lower=0)],
                            fmt="none", ecolor=line.get_color(), elinewidth=0.8, alpha=0.6)
     _baseline(a, dense_ppl(df))
     a.set_yscale("log")
-    a.set_xticks(sorted(q["bits"].astype(int).unique()))
-    a.set_xlabel("bits per weight of the codes (scales and zeros: +16/g each)")
+    a.set_xlabel("effective bits per weight (codes + fp16 scales and zeros)")
     a.set_ylabel("perplexity (log scale; bars: 95% bootstrap interval)")
     a.set_title(_title(df), fontsize=8)
     _legend(a, loc="upper right", ncol=2, fontsize=7)
@@ -226,6 +231,45 @@ def modern_figure(df: pd.DataFrame) -> plt.Figure:
     b.set_xlabel("compression seconds (median over the sweep's points; log scale)")
     b.set_title(f"what each method costs to run — {df['device'].iloc[0]}", fontsize=8)
     fig.tight_layout()
+    return fig
+
+
+def allocation_figure(df: pd.DataFrame) -> plt.Figure | None:
+    """The mixed-precision points' per-layer allocations (the ``allocation`` column): one panel per point,
+    block on x, layer (q, k, v, o, gate, up, down) on y, colour = bits of the codes, a dot where the
+    layer has the smaller groups. ``None`` when no row has an allocation."""
+    import numpy as np
+    from matplotlib.colors import BoundaryNorm, ListedColormap
+    from experiments.methods.families.mixed import parse_allocation
+    rows = df[df.get("allocation", pd.Series("", index=df.index)).fillna("").astype(str) != ""]
+    if rows.empty:
+        return None
+    rows = rows.assign(_x=pd.to_numeric(rows["bits_per_weight"])).sort_values(["_x", "point"])
+    fig, axes = plt.subplots(len(rows), 1, figsize=(11, 1.15 + 1.05 * len(rows)), squeeze=False)
+    levels = [1, 2, 3, 4, 5, 6, 8]
+    cmap = ListedColormap(["#08306b", "#d62728", "#ff7f0e", "#2ca02c", "#17becf", "#9467bd", "#7f7f7f"][:len(levels)])
+    norm = BoundaryNorm([0.5, 1.5, 2.5, 3.5, 4.5, 5.5, 7, 8.5], cmap.N)
+    im = None
+    for ax, (_, r) in zip(axes[:, 0], rows.iterrows()):
+        alloc = parse_allocation(r["allocation"])
+        layers = list(dict.fromkeys(l for _, l, _, _ in alloc))
+        n_blocks = max(b for b, *_ in alloc) + 1
+        grid = np.full((len(layers), n_blocks), np.nan)
+        groups = {}
+        for b, l, bits, g in alloc:
+            grid[layers.index(l), b] = bits
+            groups[(layers.index(l), b)] = g
+        im = ax.imshow(grid, aspect="auto", cmap=cmap, norm=norm, interpolation="nearest")
+        small = min(groups.values(), key=lambda g: g if g > 0 else 10**9)
+        for (y, x), g in groups.items():
+            if g == small and len(set(groups.values())) > 1:
+                ax.plot(x, y, ".", color="white", ms=3)
+        ax.set_yticks(range(len(layers)), layers, fontsize=7)
+        ax.set_xticks(range(0, n_blocks, max(1, n_blocks // 15)))
+        ax.set_title(f"{r['point']}: {r['_x']:.3f} bits per weight, perplexity {float(r['ppl']):.4g}"
+                     f" (dot: groups of {small})", fontsize=8)
+    axes[-1, 0].set_xlabel("block")
+    fig.colorbar(im, ax=axes[:, 0].tolist(), ticks=levels, label="bits of the codes", fraction=0.02, pad=0.01)
     return fig
 
 

@@ -171,8 +171,14 @@ def _set_submodule(root: nn.Module, dotted: str, new: nn.Module) -> None:
 
 @torch.no_grad()
 def compress_model(model: nn.Module, spec: Mapping[str, Any] | MethodSpec, calib_ids: torch.Tensor | None,
-                   *, progress: bool = True, chunk: int = 8, keep_weights: bool = False) -> CompressionReport:
+                   *, progress: bool = True, chunk: int = 8, keep_weights: bool = False,
+                   layer_specs: Mapping[str, MethodSpec] | None = None) -> CompressionReport:
     """Compress every linear of every transformer block of ``model`` in place; see module docstring.
+
+    ``layer_specs`` (layer-level families only): a spec per layer name (``block<i>.<name>``, as
+    :func:`experiments.lm.models.linear_layers` names them) that replaces ``spec`` for that layer; what a
+    family that allocates formats per layer (``mixed``) hands back to the driver. The calibration
+    statistics collected are those every spec in use needs.
 
     ``calib_ids`` (LongTensor (n_samples, seqlen)) is only used by methods that need calibration
     statistics (gptq, wanda, sparsegpt, whitened_svd, squeezellm, and combos containing them); rtn,
@@ -185,6 +191,17 @@ def compress_model(model: nn.Module, spec: Mapping[str, Any] | MethodSpec, calib
               for i, ls in enumerate(per_block) for n, l in ls.items()}
     check_spec_fits(spec, shapes)
     fam = family_of(spec.method)
+    layer_specs = {k: parse_spec(v) for k, v in (layer_specs or {}).items()}
+    unknown_layers = sorted(set(layer_specs) - set(shapes))
+    if unknown_layers:
+        raise ValueError(f"layer_specs names layers the model does not have: {unknown_layers[:5]}; "
+                         f"its layers are {list(shapes)[:3]} ... {list(shapes)[-1:]}")
+    for name, s in layer_specs.items():
+        if family_of(s.method).level != "layer":
+            raise ValueError(f"layer_specs[{name!r}]: method={s.method!r} does not compress single layers")
+        check_spec_fits(s, {name: shapes[name]})
+    if layer_specs and fam.level != "layer":
+        raise ValueError(f"layer_specs needs a layer-level method, not {spec.method!r}")
     t0 = time.perf_counter()
     if fam.level == "model":
         report = fam.compress_model(model, spec, calib_ids, driver=compress_model, progress=progress)
@@ -193,7 +210,7 @@ def compress_model(model: nn.Module, spec: Mapping[str, Any] | MethodSpec, calib
             report.weights = {}
         return report
     report = CompressionReport(spec=spec, weights={} if keep_weights else None)
-    needs = spec.needs()
+    needs = set(spec.needs()).union(*(s.needs() for s in layer_specs.values()))
     unknown = needs - set(STATISTICS)
     if unknown:
         raise ValueError(f"method {spec.label()} asks for unknown calibration statistics {sorted(unknown)}; "
@@ -228,7 +245,9 @@ def compress_model(model: nn.Module, spec: Mapping[str, Any] | MethodSpec, calib
                 for h in handles:
                     h.remove()
         for name, layer in linears.items():
-            new, rec, w_hat, modelled = compress_layer(layer, spec, stats.get(name), name=f"block{i}.{name}")
+            lname = f"block{i}.{name}"
+            new, rec, w_hat, modelled = compress_layer(layer, layer_specs.get(lname, spec), stats.get(name),
+                                                       name=lname)
             _set_submodule(block, name, new)
             report.layers.append(rec)
             report.size_is_modelled |= modelled

@@ -294,6 +294,9 @@ class CompressionReport:
     size_is_modelled: bool = False
     # Optional (``keep_weights=True``): the dense W_hat of every compressed layer, for tests.
     weights: dict[str, torch.Tensor] | None = None
+    # Columns a family adds to its rows beyond the spec's (``mixed``: the per-layer ``allocation``);
+    # :meth:`summary` includes them.
+    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def n_weights(self) -> int:
@@ -333,6 +336,7 @@ class CompressionReport:
             "weight_rel_error": float(f"{self.weight_rel_error:.6g}"),
             "compress_seconds": round(self.seconds, 2),
             "size_is_modelled": self.size_is_modelled,
+            **self.extra,
         }
 
 

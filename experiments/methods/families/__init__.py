@@ -13,6 +13,8 @@ sweep tables consult the registry only:
 - ``hqq``: HQQ's calibration-free zero-points (half-quadratic lp solver) -> ``QuantLinear``
 - ``awq``: AWQ's activation-aware scales folded into the model, clipping, then RTN or GPTQ (model level)
 - ``rotate``: ``quarot``, QuaRot-style orthogonal rotations merged into the model, then RTN or GPTQ (model level)
+- ``mixed``: mixed precision under a bit budget: a uniform grid per layer chosen by an exact knapsack over
+  Fisher-weighted errors, then RTN or GPTQ (model level)
 - ``structured``: ``channels`` / ``heads`` / ``channels_heads`` / ``layers`` structured pruning (model level):
   a physically smaller dense model
 
@@ -24,7 +26,8 @@ layer from random weights (:func:`~experiments.methods.spec.register_format`): t
 """
 from experiments.methods.spec import (FAMILIES, Family, LayerResult, all_columns, fail, family_of, methods,
                                       option_names, register)
-from experiments.methods.families import dense, quant, sparse, lowrank, combo, codebook, structured, hqq, awq, rotate  # noqa: E402,F401  (registers them)
+from experiments.methods.families import (dense, quant, sparse, lowrank, combo, codebook, structured, hqq,  # noqa: E402,F401,I001
+                                          awq, rotate, mixed)  # (importing registers them)
 
 __all__ = ["FAMILIES", "Family", "LayerResult", "all_columns", "fail", "family_of", "methods", "option_names",
            "register"]

@@ -28,19 +28,10 @@ import torch
 
 from experiments.methods.algorithms import awq as alg
 from experiments.methods.families import quant
-from experiments.methods.families.base import check_group_fits, damp_suffix, parse_damp
+from experiments.methods.families.base import check_group_fits
 from experiments.methods.spec import CompressionReport, Family, LayerRecord, fail, register
 
 _OPTS = frozenset({"bits", "group_size", "symmetric", "clip", "gptq", "act_order", "damp"})
-
-
-def quant_step(spec) -> dict[str, Any]:
-    """The driver's spec that quantizes the scaled model: RTN, or GPTQ with ``gptq: true``."""
-    q = {"method": "gptq" if spec.gptq else "rtn", "bits": spec.bits, "group_size": spec.group_size,
-         "symmetric": bool(spec.symmetric)}
-    if spec.gptq:
-        q.update(act_order=bool(spec.act_order), damp=spec.damp)
-    return q
 
 
 def search_quantizer(spec):
@@ -66,25 +57,13 @@ class AwqFamily(Family):
         clip = spec.get("clip", True)
         if not isinstance(clip, bool):
             fail(where, f"clip={clip!r} must be true or false (AWQ's per-group weight clipping search)")
-        g = spec.get("gptq", False)
-        if not isinstance(g, bool):
-            fail(where, f"gptq={g!r} must be true or false (quantize the scaled model with GPTQ instead of RTN)")
-        kw.update(clip=clip, gptq=g)
-        if g:
-            act = spec.get("act_order", False)
-            if not isinstance(act, bool):
-                fail(where, f"act_order={act!r} must be true or false")
-            kw.update(act_order=act, damp=parse_damp(spec, where))
-        elif "act_order" in spec or "damp" in spec:
-            fail(where, "act_order= and damp= apply only with gptq: true (the RTN step has neither)")
+        kw.update(clip=clip, **quant.parse_gptq_step(spec, where, "the scaled model"))
         return kw
 
     def label(self, spec) -> str:
         g = "pc" if spec.group_size == -1 else f"g{spec.group_size}"
         s = f"awq-w{spec.bits}-{g}-{'sym' if spec.symmetric else 'asym'}" + ("" if spec.clip else "-noclip")
-        if spec.gptq:
-            s += "+gptq" + ("-act" if spec.act_order else "") + damp_suffix(spec)
-        return s
+        return s + quant.gptq_suffix(spec)
 
     def needs(self, spec) -> set[str]:
         # The family runs its own calibration pass; "sq" tells the sweep to hand it calibration windows.
@@ -106,7 +85,7 @@ class AwqFamily(Family):
         orig = {name: linear_weight(layer).detach().float().clone() for name, layer in linear_layers(model)}
         res = alg.awq_model(model, calib_ids, quantize=search_quantizer(spec), group_size=spec.group_size,
                             clip=spec.clip, progress=progress)
-        qreport = driver(model, quant_step(spec), calib_ids, progress=progress, keep_weights=True)
+        qreport = driver(model, quant.quantizer_spec(spec), calib_ids, progress=progress, keep_weights=True)
         report = CompressionReport(spec=spec)
         for rec in qreport.layers:
             w, t = orig[rec.name], res.layers.get(rec.name, alg.AwqLayer())

@@ -43,6 +43,39 @@ def quant_module(res, bias):
                                   group_size=res.group_size, symmetric=res.symmetric, bias=bias)
 
 
+def parse_gptq_step(spec: Mapping[str, Any], where: str, what: str) -> dict[str, Any]:
+    """``gptq`` (and with it ``act_order``, ``damp``) of a family that quantizes its result with RTN or GPTQ
+    (AWQ, rotations, mixed precision); ``what`` names that result in the error message."""
+    g = spec.get("gptq", False)
+    if not isinstance(g, bool):
+        fail(where, f"gptq={g!r} must be true or false (quantize {what} with GPTQ instead of RTN)")
+    kw: dict[str, Any] = {"gptq": g}
+    if g:
+        act = spec.get("act_order", False)
+        if not isinstance(act, bool):
+            fail(where, f"act_order={act!r} must be true or false")
+        kw.update(act_order=act, damp=parse_damp(spec, where))
+    elif "act_order" in spec or "damp" in spec:
+        fail(where, "act_order= and damp= apply only with gptq: true (the RTN step has neither)")
+    return kw
+
+
+def quantizer_spec(spec, bits: int | None = None, group_size: int | None = None) -> dict[str, Any]:
+    """The driver's spec that quantizes a family's result (``spec`` carries ``gptq``, ``act_order``,
+    ``damp``, ``symmetric``): RTN, or GPTQ with ``gptq: true``, at ``bits``/``group_size`` (default:
+    the spec's own)."""
+    q = {"method": "gptq" if spec.gptq else "rtn", "bits": spec.bits if bits is None else bits,
+         "group_size": spec.group_size if group_size is None else group_size, "symmetric": bool(spec.symmetric)}
+    if spec.gptq:
+        q.update(act_order=bool(spec.act_order), damp=spec.damp)
+    return q
+
+
+def gptq_suffix(spec) -> str:
+    """``+gptq[-act][-damp<d>]`` for a label when the spec quantizes with GPTQ, else ``""``."""
+    return "+gptq" + ("-act" if spec.act_order else "") + damp_suffix(spec) if spec.gptq else ""
+
+
 class QuantFamily(Family):
     name = "quant"
     methods = {"rtn": _OPTS, "gptq": _OPTS | {"act_order", "damp"}}

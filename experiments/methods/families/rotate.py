@@ -23,20 +23,11 @@ from typing import Any, Mapping
 
 from experiments.methods.algorithms import rotate as alg
 from experiments.methods.families import quant
-from experiments.methods.families.base import check_group_fits, damp_suffix, parse_damp
+from experiments.methods.families.base import check_group_fits
 from experiments.methods.spec import CompressionReport, Family, LayerRecord, fail, register
 
 _OPTS = frozenset({"bits", "group_size", "symmetric", "gptq", "act_order", "damp", "rotation", "rotation_seed"})
 ROTATIONS = ("hadamard", "random")
-
-
-def quant_step(spec) -> dict[str, Any]:
-    """The driver's spec that quantizes the rotated model: RTN, or GPTQ with ``gptq: true``."""
-    q = {"method": "gptq" if spec.gptq else "rtn", "bits": spec.bits, "group_size": spec.group_size,
-         "symmetric": bool(spec.symmetric)}
-    if spec.gptq:
-        q.update(act_order=bool(spec.act_order), damp=spec.damp)
-    return q
 
 
 class RotateFamily(Family):
@@ -57,19 +48,9 @@ class RotateFamily(Family):
         if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
             fail(where, f"rotation_seed={seed!r} must be a non-negative integer (the random orthogonal matrices' "
                         f"seed)")
-        g = spec.get("gptq", False)
-        if not isinstance(g, bool):
-            fail(where, f"gptq={g!r} must be true or false (quantize the rotated model with GPTQ instead of RTN)")
-        kw.update(rotation=rotation, gptq=g)
+        kw.update(rotation=rotation, **quant.parse_gptq_step(spec, where, "the rotated model"))
         if rotation == "random" or seed != 0:
             kw["rotation_seed"] = seed
-        if g:
-            act = spec.get("act_order", False)
-            if not isinstance(act, bool):
-                fail(where, f"act_order={act!r} must be true or false")
-            kw.update(act_order=act, damp=parse_damp(spec, where))
-        elif "act_order" in spec or "damp" in spec:
-            fail(where, "act_order= and damp= apply only with gptq: true (the RTN step has neither)")
         return kw
 
     def label(self, spec) -> str:
@@ -79,9 +60,7 @@ class RotateFamily(Family):
             s += f"-random{spec.rotation_seed or 0}"
         elif spec.rotation_seed:
             s += f"-rseed{spec.rotation_seed}"
-        if spec.gptq:
-            s += "+gptq" + ("-act" if spec.act_order else "") + damp_suffix(spec)
-        return s
+        return s + quant.gptq_suffix(spec)
 
     def needs(self, spec) -> set[str]:
         return {"H"} if spec.gptq else set()
@@ -99,7 +78,7 @@ class RotateFamily(Family):
         from experiments.lm.models import linear_layers, linear_weight
         alg.rotate_model(model, rotation=spec.rotation, seed=spec.rotation_seed or 0)
         rotated = {name: linear_weight(layer).detach().float().clone() for name, layer in linear_layers(model)}
-        qreport = driver(model, quant_step(spec), calib_ids, progress=progress, keep_weights=True)
+        qreport = driver(model, quant.quantizer_spec(spec), calib_ids, progress=progress, keep_weights=True)
         report = CompressionReport(spec=spec)
         for rec in qreport.layers:
             w, w_hat = rotated[rec.name], qreport.weights[rec.name].float()
