@@ -257,9 +257,10 @@ def cmd_lm_eval(args: argparse.Namespace) -> int:
 
 def _add_engine(p: argparse.ArgumentParser) -> None:
     from experiments.io.engine import DEFAULT_POINTS
-    p.add_argument("--points", default=",".join(DEFAULT_POINTS), metavar="LABELS",
-                   help="comma-separated sweep point labels to export and measure (default: %(default)s); the "
-                        "dense model (F16, F32) and the source GGUF file are always measured beside them")
+    p.add_argument("--point", action="append", default=None, metavar="LABEL_OR_JSON", dest="points",
+                   help="a sweep point label or a method spec as JSON to export and measure (repeat for several; "
+                        f"default: {', '.join(DEFAULT_POINTS)}); the dense model (F16, F32) and the source GGUF "
+                        f"file are always measured beside them")
     p.add_argument("--quick", action="store_true", help="the quick settings' windows (fewer tokens)")
     p.add_argument("--new-tokens", type=int, default=32, help="decode steps timed per run (default 32, as tg32)")
     p.add_argument("--repeats", type=int, default=5, help="timed rounds, every file once per round (default 5)")
@@ -271,8 +272,8 @@ def _add_engine(p: argparse.ArgumentParser) -> None:
 
 def cmd_engine(args: argparse.Namespace) -> int:
     from experiments.io.engine import run_engine
-    points = [p.strip() for p in args.points.split(",") if p.strip()]
-    out = run_engine(points, quick=args.quick, run=args.run, out_dir=args.out_dir, new_tokens=args.new_tokens,
+    from experiments.io.engine import DEFAULT_POINTS
+    out = run_engine(args.points or DEFAULT_POINTS, quick=args.quick, run=args.run, out_dir=args.out_dir, new_tokens=args.new_tokens,
                      repeats=args.repeats, threads=args.threads, progress=not args.no_progress, workdir=args.workdir)
     print(out)
     return 0

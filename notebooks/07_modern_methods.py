@@ -34,7 +34,7 @@
 #   gets one of bits {2, 3, 4, 8} × groups {64, 128}, the allocation that minimises the summed
 #   Fisher-weighted weight error Σ F (W − Q(W))² within the budget, solved exactly as a knapsack (integer
 #   program); budgets are effective bits per weight (codes plus scales and zeros), the same
-#   `bits_per_weight` as every other row, so `mixed-b3.25` has exactly RTN w3 g128's size.
+#   `bits_per_weight` as every other row, so `mixed-b3.25` is no larger than RTN w3 g128 (3.27 here: K = 576 leaves a partial group).
 #
 # The papers' expected orderings: HQQ < RTN at every bits × group size, AWQ < RTN and close to GPTQ at
 # 3 and 4 bits, AWQ + GPTQ composing, rotations < RTN, and a mixed allocation better than the uniform

@@ -80,11 +80,11 @@ CLAIMS = (
     Claim("rotations + GPTQ beat GPTQ at 3 bits g128", "modern", "quarot-w3-g128-asym+gptq", "gptq-w3-g128-asym"),
     # Mixed precision against the uniform format of the same size (or, for 3.0 bits, the next larger one).
     Claim("mixed precision beats RTN w2 g64 at its size (2.5 bits)", "modern", "mixed-b2.5", "rtn-w2-g64-asym"),
-    Claim("mixed precision at 3.0 bits beats RTN w3 g128 (3.25 bits)", "modern", "mixed-b3", "rtn-w3-g128-asym"),
-    Claim("mixed precision beats RTN w3 g128 at its size (3.25 bits)", "modern", "mixed-b3.25", "rtn-w3-g128-asym"),
+    Claim("mixed precision at 3.0 bits beats RTN w3 g128 (3.27 bits)", "modern", "mixed-b3", "rtn-w3-g128-asym"),
+    Claim("mixed precision at 3.25 bits beats RTN w3 g128 (3.27 bits)", "modern", "mixed-b3.25", "rtn-w3-g128-asym"),
     Claim("mixed precision beats RTN w3 g64 at its size (3.5 bits)", "modern", "mixed-b3.5", "rtn-w3-g64-asym"),
-    Claim("mixed precision beats RTN w4 g128 at its size (4.25 bits)", "modern", "mixed-b4.25", "rtn-w4-g128-asym"),
-    Claim("mixed precision + GPTQ beats GPTQ w3 g128 at its size (3.25 bits)", "modern", "mixed-b3.25+gptq",
+    Claim("mixed precision at 4.25 bits beats RTN w4 g128 (4.27 bits)", "modern", "mixed-b4.25", "rtn-w4-g128-asym"),
+    Claim("mixed precision + GPTQ at 3.25 bits beats GPTQ w3 g128 (3.27 bits)", "modern", "mixed-b3.25+gptq",
           "gptq-w3-g128-asym"),
 )
 

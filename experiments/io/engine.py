@@ -1,7 +1,7 @@
 """What a format buys in a real engine: exported points decoded by llama.cpp (issue 25).
 
     python -m experiments engine                                  # the default points, full windows
-    python -m experiments engine --points rtn-w4-g32-asym,gptq-w4-g128-asym --quick --run NAME
+    python -m experiments engine --point rtn-w4-g32-asym --point gptq-w4-g64-asym --quick --run NAME
 
 Each point is compressed as its sweep does (calibrated points on the sweep's calibration windows), its
 perplexity measured by the toolkit on the sweep's evaluation windows, then exported to GGUF
@@ -42,9 +42,11 @@ import torch
 from experiments.core.errors import SetupError
 from experiments.measure.decode_speed import DEFAULT_PROMPT
 
-# Points whose format llama.cpp runs (the export maps them exactly, up to Q4_1's fp16 zero).
-DEFAULT_POINTS = ("rtn-w4-g32-asym", "rtn-w4-g64-asym", "rtn-w4-g128-asym", "gptq-w4-g128-asym",
-                  "rtn-w4-g32-sym", "rtn-w8-g32-sym")
+# Points whose format llama.cpp runs (the export maps them exactly, up to Q4_1's fp16 zero): sweep labels or
+# JSON specs (symmetric grids, Q4_0 and Q8_0, are in no sweep).
+DEFAULT_POINTS = ("rtn-w4-g32-asym", "rtn-w4-g64-asym", "rtn-w4-g128-asym", "gptq-w4-g64-asym", "rtn-w3-g64-asym",
+                  '{"method": "rtn", "bits": 4, "group_size": 32, "symmetric": true}',
+                  '{"method": "rtn", "bits": 8, "group_size": 32, "symmetric": true}')
 ENGINE = "llama.cpp"
 ENGINE_KEY = ("device_type", "device", "engine", "label", "new_tokens", "threads", "eval_tokens", "seqlen")
 
@@ -163,7 +165,7 @@ def run_engine(points: Iterable[str] = DEFAULT_POINTS, *, quick: bool = False, r
     specs = []
     for p in points:
         spec, sw = resolve_point(p)
-        specs.append((p, spec, sw))
+        specs.append((spec.label(), spec, sw))
     settings = _settings(None, quick)
     tokenizer = models.load_tokenizer("default")
     calib_text, eval_text, corpus = data.get_texts()
