@@ -28,8 +28,10 @@ CASES = [  # (spec, GGUF type)
     ({"method": "rtn", "bits": 2, "group_size": -1, "symmetric": False}, "Q4_1"),   # per-channel: every block of a row shares d, m
     ({"method": "rtn", "bits": 6, "group_size": 64, "symmetric": True}, "Q8_0"),
     ({"method": "hqq", "bits": 4, "group_size": 32}, "Q4_1"),   # fractional zeros: Q4_1's m = -z s holds them
+    # mixed precision: 2- and 4-bit asymmetric layers with groups of 32 or 64, each layer written as Q4_1
+    ({"method": "mixed", "budget": 3.5, "bit_choices": [2, 4], "group_choices": [32, 64]}, "Q4_1"),
 ]
-IDS = ["q4_0", "q4_1", "q8_0", "w3-g64-sym", "w2-pc-asym", "w6-g64-sym", "hqq-w4-g32"]
+IDS = ["q4_0", "q4_1", "q8_0", "w3-g64-sym", "w2-pc-asym", "w6-g64-sym", "hqq-w4-g32", "mixed-w2-w4"]
 
 
 def _quantized(spec):
@@ -106,10 +108,13 @@ def test_file_dequantizes_to_the_toolkit_weights(tmp_path, spec, qtype):
     # The export's own comparison says the same.
     assert report["inexact_groups"] == inexact_groups
     assert report["exact"] is (inexact_groups == 0)
-    if qtype == "Q4_1" and spec["bits"] == 4:
+    if spec["method"] == "mixed":
+        # A mixed allocation (both widths occur), each layer in its own blocks.
+        assert {m.bits for m, _ in layers.values()} == {2, 4}
+    if qtype == "Q4_1" and spec.get("bits") == 4:
         # 4-bit zeros (up to 15) times fp16 scales: most groups' m are not fp16 values.
         assert inexact_groups > 0 and 0 < report["max_abs_diff"] < 1e-3
-    if qtype == "Q4_1" and spec["bits"] == 2:
+    if qtype == "Q4_1" and spec.get("bits") == 2:
         # 2-bit zeros are 0..3; here every z s happened to be an fp16 value: an exact file.
         assert report["exact"]
     # Untouched tensors without a source GGUF (untouched="auto"): the embedding in F16, norms F32 copies.

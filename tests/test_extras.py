@@ -37,6 +37,7 @@ OPTIONAL = {
     "compressed_tensors": "the export extra: experiments/io/export_ct.py raises SetupError naming it when missing",
     "ray": "the ray extra, only for `run --executor ray`: executors.import_ray raises a SetupError naming it",
     "lm_eval": "the lmeval extra, only for `lm-eval`: lm_eval_cli.import_lm_eval raises a SetupError naming it",
+    "llama_cpp": "the engines extra, only for `engine`: engine.load_engine raises a SetupError naming it",
 }
 
 

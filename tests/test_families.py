@@ -66,7 +66,7 @@ def test_the_builtin_families_own_every_method_once():
                       "nf": "codebook", "fp4": "codebook", "piecewise": "codebook", "kmeans": "codebook",
                       "squeezellm": "codebook",
                       "channels": "structured", "heads": "structured", "channels_heads": "structured",
-                      "layers": "structured", "hqq": "hqq", "awq": "awq", "quarot": "rotate"}
+                      "layers": "structured", "hqq": "hqq", "awq": "awq", "quarot": "rotate", "mixed": "mixed"}
 
 
 def test_unknown_method_and_option_errors_name_what_fits():

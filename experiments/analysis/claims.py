@@ -74,10 +74,12 @@ CLAIMS = (
           "heads-magnitude-s0.1-global-query"),
     Claim("Block Influence beats dropping the last 4 blocks", "structured", "layers-bi-b4", "layers-last-b4"),
     Claim("HQQ beats RTN at 3 bits g128", "modern", "hqq-w3-g128", "rtn-w3-g128-asym"),
+    Claim("HQQ beats RTN at 4 bits g64", "modern", "hqq-w4-g64", "rtn-w4-g64-asym"),
     Claim("AWQ beats RTN at 3 bits g128", "modern", "awq-w3-g128-asym", "rtn-w3-g128-asym"),
     Claim("AWQ beats GPTQ at 3 bits g128", "modern", "awq-w3-g128-asym", "gptq-w3-g128-asym"),
     Claim("rotations beat RTN at 3 bits g128", "modern", "quarot-w3-g128-asym", "rtn-w3-g128-asym"),
     Claim("rotations + GPTQ beat GPTQ at 3 bits g128", "modern", "quarot-w3-g128-asym+gptq", "gptq-w3-g128-asym"),
+    Claim("rotations + GPTQ beat GPTQ at 4 bits g128", "modern", "quarot-w4-g128-asym+gptq", "gptq-w4-g128-asym"),
     # Mixed precision against the uniform format of the same size (or, for 3.0 bits, the next larger one).
     Claim("mixed precision beats RTN w2 g64 at its size (2.5 bits)", "modern", "mixed-b2.5", "rtn-w2-g64-asym"),
     Claim("mixed precision at 3.0 bits beats RTN w3 g128 (3.27 bits)", "modern", "mixed-b3", "rtn-w3-g128-asym"),

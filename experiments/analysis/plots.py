@@ -26,7 +26,7 @@ from experiments.core.runs import MEASURE_CONTEXT, REFERENCE, REPO, SWEEP_CONTEX
     default_run_name, is_reference, runs_root
 
 RESULTS = REFERENCE
-SWEEPS = ("quant", "sparsity", "lowrank", "combo", "nonuniform", "structured")
+SWEEPS = ("quant", "sparsity", "lowrank", "combo", "nonuniform", "structured", "modern")
 SOURCE_GRID_NOTE = "aliases the Q4_1 source grid (reproduces the stored weights; not a real 4-bit result)"
 
 plt.rcParams.update({"figure.dpi": 110, "savefig.dpi": 150, "axes.grid": True, "grid.alpha": 0.3,
@@ -268,6 +268,8 @@ def allocation_figure(df: pd.DataFrame) -> plt.Figure | None:
         ax.set_xticks(range(0, n_blocks, max(1, n_blocks // 15)))
         ax.set_title(f"{r['point']}: {r['_x']:.3f} bits per weight, perplexity {float(r['ppl']):.4g}"
                      f" (dot: groups of {small})", fontsize=8)
+    for ax in axes[:-1, 0]:
+        ax.tick_params(labelbottom=False)   # one block axis, at the bottom: the titles stay readable
     axes[-1, 0].set_xlabel("block")
     fig.colorbar(im, ax=axes[:, 0].tolist(), ticks=levels, label="bits of the codes", fraction=0.02, pad=0.01)
     return fig
@@ -707,11 +709,17 @@ def with_decode_speedup(points: pd.DataFrame, decode: pd.DataFrame | None, dtype
     out["speedup_baseline"] = [f"dense {d}" if d else "" for d in out["speedup_dtype"]]
     if decode is None or not len(decode):
         return out, ""
+    import json
+
+    from experiments.methods.spec import family_of as spec_family
     by_fmt = decode_speedup_by_format(decode)
     by_fmt = by_fmt[by_fmt["dtype"] == dtype].set_index("format")
     for i, r in out.iterrows():
         if pd.notna(r["speedup"]) or r.get("sweep") == "structured":
             continue
+        spec = json.loads(r["spec"])
+        if spec_family(spec["method"]).storage_format(spec) is None:
+            continue   # no single per-layer format (mixed precision): no decode row to take
         fmt = _format_key(r["spec"])
         if fmt in by_fmt.index:
             out.at[i, "speedup"] = by_fmt.at[fmt, "decode_speedup"]

@@ -153,7 +153,7 @@ def run_engine(points: Iterable[str] = DEFAULT_POINTS, *, quick: bool = False, r
     from experiments.core.provenance import provenance
     from experiments.core.runs import run_root
     from experiments.io.export_gguf import export_gguf
-    from experiments.io.saved_model_cli import _settings, resolve_point
+    from experiments.io.saved_model_cli import resolve_point, sweep_settings
     from experiments.lm import data, evaluate, models
     from experiments.methods.compress import compress_model
 
@@ -166,7 +166,7 @@ def run_engine(points: Iterable[str] = DEFAULT_POINTS, *, quick: bool = False, r
     for p in points:
         spec, sw = resolve_point(p)
         specs.append((spec.label(), spec, sw))
-    settings = _settings(None, quick)
+    settings = sweep_settings(None, quick)
     tokenizer = models.load_tokenizer("default")
     calib_text, eval_text, corpus = data.get_texts()
     windows = data.eval_tokens(tokenizer, eval_text, max_tokens=settings["eval_tokens"], seqlen=settings["seqlen"])

@@ -104,7 +104,8 @@ def resolve_point(point: str, sweep: str | None = None):
     return next(iter(found.values()))
 
 
-def _settings(sw, quick: bool) -> dict[str, int]:
+def sweep_settings(sw, quick: bool) -> dict[str, int]:
+    """The settings of sweep ``sw`` (``None``: those of ``_defaults.yaml``), quick or full."""
     from experiments.run.sweep_config import SWEEPS_DIR, load_yaml, merge_settings
     if sw is not None:
         return dict(sw.settings(quick))
@@ -127,7 +128,7 @@ def compress_main(args: argparse.Namespace) -> int:
     if out.exists() and not args.overwrite:
         raise ValueError(f"--out {str(out)!r} already exists; choose another directory or pass --overwrite")
     spec, sw = resolve_point(args.point, args.sweep)
-    st = _settings(sw, args.quick)
+    st = sweep_settings(sw, args.quick)
     dev = device_of(args.device)
     calib_ids = None
     calibration: dict[str, Any] = {"used": bool(spec.needs())}
@@ -194,7 +195,7 @@ def eval_main(args: argparse.Namespace) -> int:
     extra = manifest.get("extra") or {}
     settings = extra.get("settings") if extra.get("quick", False) == args.quick and extra.get("settings") else None
     # Settings the manifest predates (eval2_windows) come from _defaults.yaml.
-    settings = {**_settings(None, args.quick), **(settings or {})}
+    settings = {**sweep_settings(None, args.quick), **(settings or {})}
     if args.reference_dir is not None and args.no_dense:
         raise ValueError("--reference-dir keeps the dense reference that --no-dense skips: give one of them")
     tokenizer = models.load_tokenizer(base_spec)
