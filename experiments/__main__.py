@@ -266,6 +266,9 @@ def _add_engine(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repeats", type=int, default=5, help="timed rounds, every file once per round (default 5)")
     p.add_argument("--threads", type=int, default=None, help="engine threads (default: torch's, the machine's cores)")
     p.add_argument("--workdir", default=None, metavar="DIR", help="where the GGUF files go (default: a temporary dir)")
+    p.add_argument("--no-toolkit", action="store_true",
+                   help="measure the engine only, not the toolkit's own compiled decode of the same models beside "
+                        "it (each compile takes about a minute)")
     p.add_argument("--no-progress", action="store_true")
     _add_run_dir(p)
 
@@ -274,7 +277,8 @@ def cmd_engine(args: argparse.Namespace) -> int:
     from experiments.io.engine import run_engine
     from experiments.io.engine import DEFAULT_POINTS
     out = run_engine(args.points or DEFAULT_POINTS, quick=args.quick, run=args.run, out_dir=args.out_dir, new_tokens=args.new_tokens,
-                     repeats=args.repeats, threads=args.threads, progress=not args.no_progress, workdir=args.workdir)
+                     repeats=args.repeats, threads=args.threads, progress=not args.no_progress, workdir=args.workdir,
+                     toolkit=not args.no_toolkit)
     print(out)
     return 0
 

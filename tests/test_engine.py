@@ -50,7 +50,8 @@ def test_engine_perplexity_is_the_mean_next_token_nll_of_its_logits():
 def test_decode_is_greedy_warmed_up_and_interleaved():
     log: list = []
     models = {"a": FakeLlama(seed=0, log=log, name="a"), "b": FakeLlama(seed=1, log=log, name="b")}
-    out = engine.interleaved_decode(models, [1, 2, 3], new_tokens=4, repeats=2, progress=False)
+    decoders = {k: engine.llama_decoder(m, [1, 2, 3], 4) for k, m in models.items()}
+    out = engine.interleaved_decode(decoders, new_tokens=4, repeats=2, progress=False)
     # Per model and run: the prompt (3 tokens), then 4 one-token steps; warm-ups a, b, then rounds a, b, a, b.
     prompts = [name for name, n in log if n == 3]
     assert prompts == ["a", "b", "a", "b", "a", "b"]
@@ -65,12 +66,31 @@ def test_decode_is_greedy_warmed_up_and_interleaved():
 
 
 def test_speedups_are_ratios_of_the_same_run():
-    rows = [{"label": "dense F16", "dense": True, "tokens_per_s": 50.0},
-            {"label": "dense F32", "dense": True, "tokens_per_s": 40.0},
-            {"label": "rtn-w4-g64-asym", "dense": False, "tokens_per_s": 250.0}]
+    """Each engine's rows against that engine's dense rows; the toolkit's rows also against llama.cpp's
+    file of the same point and its Q4_0 file."""
+    tk = engine.TOOLKIT_ENGINE
+    rows = [{"label": "dense F16", "dense": True, "tokens_per_s": 50.0, "point": "dense 16-bit"},
+            {"label": "dense F32", "dense": True, "tokens_per_s": 40.0, "point": "dense 32-bit"},
+            {"label": "rtn-w4-g64-asym", "dense": False, "tokens_per_s": 250.0, "point": "rtn-w4-g64-asym",
+             "gguf_types": "Q4_1:210 F32:61"},
+            {"label": "rtn-w4-g32-sym", "dense": False, "tokens_per_s": 300.0, "point": "rtn-w4-g32-sym",
+             "gguf_types": "Q4_0:210 F32:61"},
+            {"label": "toolkit dense bf16", "engine": tk, "dense": True, "tokens_per_s": 20.0, "point": "dense 16-bit"},
+            {"label": "toolkit dense fp32", "engine": tk, "dense": True, "tokens_per_s": 25.0, "point": "dense 32-bit"},
+            {"label": "toolkit rtn-w4-g64-asym bf16", "engine": tk, "dense": False, "tokens_per_s": 100.0,
+             "point": "rtn-w4-g64-asym"}]
     engine.with_speedups(rows)
-    assert [r["speedup_vs_f16"] for r in rows] == [1.0, 0.8, 5.0]
+    assert [r["speedup_vs_f16"] for r in rows[:4]] == [1.0, 0.8, 5.0, 6.0]
     assert rows[2]["speedup_vs_fastest_dense"] == 5.0 and rows[2]["fastest_dense_label"] == "dense F16"
+    assert [r["speedup_vs_fastest_dense"] for r in rows[4:]] == [0.8, 1.0, 4.0]
+    assert rows[6]["fastest_dense_label"] == "toolkit dense fp32" and rows[6]["speedup_vs_f16"] == ""
+    assert rows[6]["fraction_of_engine"] == pytest.approx(0.4) and rows[6]["fraction_of_engine_q4_0"] == pytest.approx(1 / 3)
+    assert rows[4]["fraction_of_engine"] == pytest.approx(0.4) and "fraction_of_engine" not in rows[0]
+
+
+def test_same_prefix_counts_leading_equal_tokens():
+    assert engine.same_prefix([1, 2, 3, 4], [1, 2, 5, 4]) == 2
+    assert engine.same_prefix([1, 2], [1, 2, 3]) == 2 and engine.same_prefix([], [1]) == 0
 
 
 def test_gguf_types_count_the_tensor_types():
@@ -118,6 +138,6 @@ def test_an_exported_point_scores_in_the_engine_as_in_the_toolkit(tmp_path, monk
     llm = engine.open_model(path, threads=torch.get_num_threads(), n_ctx=128)
     theirs = engine.engine_perplexity(llm, windows)
     assert abs(theirs["nll"] - ours["nll"]) < 0.01, (theirs["ppl"], ours["ppl"])
-    out = engine.interleaved_decode({"m": llm}, tokenizer("It is a truth")["input_ids"], new_tokens=4, repeats=1,
-                                    progress=False)
+    out = engine.interleaved_decode({"m": engine.llama_decoder(llm, tokenizer("It is a truth")["input_ids"], 4)},
+                                    new_tokens=4, repeats=1, progress=False)
     assert out["m"]["tokens_per_s"] > 0 and len(out["m"]["tokens"]) == 4

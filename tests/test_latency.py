@@ -343,6 +343,42 @@ def test_decode_under_torch_compile_gives_the_eager_tokens(monkeypatch):
         assert torch.equal(model.generate(ids, **kw, cache_implementation="static"), eager)
 
 
+def test_step_decoder_gives_generate_s_greedy_tokens_eager_and_compiled(monkeypatch):
+    """StepDecoder (the engine-style ``tg`` timing: prefill untimed, one-token steps, static cache): its greedy
+    tokens equal ``generate``'s, eagerly (fp32) and with the step compiled (4-bit tiny Llama, bf16, the CPU
+    weight-only ops), and a repeated call starts again from the prompt (the cache is reset)."""
+    from experiments.methods.compress import compress_model, parse_spec
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    model, _ = _tiny_llama()
+    model.generation_config.eos_token_id = 2
+    ids = torch.arange(3, 9).unsqueeze(0)
+    kw = dict(do_sample=False, max_new_tokens=5, min_new_tokens=5, pad_token_id=1, attention_mask=torch.ones_like(ids))
+    with torch.no_grad():
+        want = model.generate(ids, **kw)[0, 6:].tolist()
+    dec = decode_speed.StepDecoder(model, ids[0].tolist(), 5, compile=False)
+    seconds, got = dec()
+    assert got == want and dec.eager_tokens == want and seconds > 0 and dec.compile_seconds is None
+    assert dec()[1] == want
+    compress_model(model, parse_spec({"method": "rtn", "bits": 4, "group_size": 32}), None, progress=False)
+    model.to(torch.bfloat16)
+    with torch.no_grad():
+        want = model.generate(ids, **kw, cache_implementation="static")[0, 6:].tolist()
+    dec = decode_speed.StepDecoder(model, ids[0].tolist(), 5, compile=True)
+    assert dec.compile_seconds > 0 and dec.eager_tokens == want and dec()[1] == want
+    # Where the time goes: every category's milliseconds per token, summing to the profiled run's wall time.
+    for compiled in (False, True):
+        prof = decode_speed.profile_step(dec, compiled=compiled)
+        wall = prof.pop("wall")
+        assert wall > 0 and all(v >= 0 for v in prof.values())
+        assert prof["linear layers"] > 0 and sum(prof.values()) == pytest.approx(wall, rel=0.05)
+        assert (prof["compiled graph (fused kernels and glue)"] > 0) == compiled
+    assert dec()[1] == want        # the compiled step is back after profiling the eager one
+    with pytest.raises(ValueError, match="new_tokens=0 must be a positive int"):
+        decode_speed.StepDecoder(model, [3, 4], 0)
+    with pytest.raises(ValueError, match="prompt_ids is empty"):
+        decode_speed.StepDecoder(model, [], 3)
+
+
 def test_decode_from_token_ids_without_a_tokenizer():
     model, _ = _tiny_llama()
     model.generation_config.eos_token_id = 2

@@ -259,3 +259,104 @@ def run_decode(specs: Iterable[dict], *, device: torch.device, new_tokens: int =
             rows.append(row)
         del m
     return rows
+
+
+class StepDecoder:
+    """Greedy decoding timed as an engine's ``tg`` test times it (llama-bench; :mod:`experiments.io.engine`):
+    the prompt's prefill untimed, then ``new_tokens`` one-token forward calls with a static KV cache, timed
+    together. No ``generate``: no logits processors, stopping criteria or cache bookkeeping per token, so
+    what is timed is the model's own step (and, eager, PyTorch's per-op dispatch).
+
+    ``compile=True`` compiles the one-token step (``torch.compile(model.forward, fullgraph=True)``; the
+    prefill stays eager: one graph per model). One eager run settles the layers' measured backends first
+    (``triton_kernels.nn._ops``); the compiling run is timed apart (``compile_seconds``).
+    ``decoder()`` returns ``(seconds, greedy token ids)``.
+    """
+
+    def __init__(self, model, prompt_ids: Iterable[int], new_tokens: int, *, compile: bool = True):
+        from transformers import StaticCache
+        self.prompt = torch.tensor([list(prompt_ids)], dtype=torch.long)
+        if self.prompt.shape[1] < 1:
+            raise ValueError("prompt_ids is empty: give the prompt's token ids")
+        if isinstance(new_tokens, bool) or not isinstance(new_tokens, int) or new_tokens < 1:
+            raise ValueError(f"new_tokens={new_tokens!r} must be a positive int")
+        self.model, self.new_tokens, self.compiled = model, new_tokens, bool(compile)
+        device = next(model.parameters()).device
+        self.prompt = self.prompt.to(device)
+        self.cache = StaticCache(config=model.config, max_cache_len=self.prompt.shape[1] + new_tokens)
+        self.step = model.forward
+        self.compile_seconds = None
+        self.eager_tokens = self()[1]          # settles backends and prepacked weights, eagerly
+        if compile:
+            # Every model compiled in one process adds graphs to the same code object (the model class's
+            # forward); Dynamo refuses to compile more than recompile_limit of them (8) by default.
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+            self.step = torch.compile(model.forward, fullgraph=True)
+            t0 = time.perf_counter()
+            self()
+            self.compile_seconds = time.perf_counter() - t0
+
+    def _forward(self, fn, ids: torch.Tensor, start: int):
+        pos = torch.arange(start, start + ids.shape[1], device=ids.device).unsqueeze(0)
+        return fn(input_ids=ids, cache=self.cache, position_ids=pos, use_cache=True, logits_to_keep=1).logits
+
+    def __call__(self, around_steps=None) -> tuple[float, list[int]]:
+        """One run: ``(seconds of the new_tokens steps, greedy token ids)``. ``around_steps``: a context
+        manager entered around the timed steps only (a profiler: :func:`profile_step`)."""
+        import contextlib
+        device = self.prompt.device
+        sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+        n = self.prompt.shape[1]
+        out = []
+        with torch.no_grad():
+            self.cache.reset()
+            logits = self._forward(self.model.forward, self.prompt, 0)     # prefill: untimed, eager
+            sync()
+            with around_steps if around_steps is not None else contextlib.nullcontext():
+                t0 = time.perf_counter()
+                for i in range(self.new_tokens):
+                    tok = logits[0, -1].argmax()
+                    out.append(tok)
+                    logits = self._forward(self.step, tok.view(1, 1), n + i)
+                sync()
+                seconds = time.perf_counter() - t0
+        return seconds, [int(t) for t in out]
+
+
+# Where a decode step's time goes (:func:`profile_step`): torch.profiler op names -> category, first match.
+PROFILE_CATEGORIES = (
+    ("linear layers", ("int4pack_mm", "int8pack_mm", "aten::mm", "aten::addmm", "aten::linear", "aten::matmul",
+                       "tkr::", "dequant")),
+    ("attention", ("scaled_dot_product", "flash_attention", "aten::bmm", "aten::baddbmm", "softmax")),
+    ("compiled graph (fused kernels and glue)", ("Torch-Compiled Region", "CompiledFunction", "CompiledFxGraph",
+                                                 "cpp_fused", "Inductor")),
+)
+
+
+def profile_step(decoder: StepDecoder, *, compiled: bool) -> dict[str, float]:
+    """Milliseconds per decoded token by where they go, from ``torch.profiler`` around one timed run of
+    ``decoder`` (its eager forward, or its compiled step when ``compiled``): each profiled op's *self* time
+    summed into :data:`PROFILE_CATEGORIES` (else ``other ops``: norms, rotary, elementwise, copies,
+    embedding), and ``Python and dispatch outside ops`` = the run's wall time minus every op's self time
+    (the interpreter, nn.Module calls, HF bookkeeping, Dynamo guards). Profiling slows every op a little:
+    read the shares, not the totals, against an unprofiled run. ``wall`` is the profiled run's total."""
+    from torch.profiler import ProfilerActivity, profile
+    if compiled and not decoder.compiled:
+        raise ValueError("compiled=True needs a StepDecoder built with compile=True")
+    step = decoder.step
+    decoder.step = step if compiled else decoder.model.forward
+    try:
+        prof = profile(activities=[ProfilerActivity.CPU])
+        seconds, _ = decoder(around_steps=prof)
+    finally:
+        decoder.step = step
+    per_cat: dict[str, float] = {name: 0.0 for name, _ in PROFILE_CATEGORIES}
+    per_cat["other ops"] = 0.0
+    for e in prof.key_averages():
+        cat = next((name for name, keys in PROFILE_CATEGORIES if any(k in e.key for k in keys)), "other ops")
+        per_cat[cat] += float(e.self_cpu_time_total)
+    n, wall_us = decoder.new_tokens, seconds * 1e6
+    out = {k: v / n / 1e3 for k, v in per_cat.items()}
+    out["Python and dispatch outside ops"] = max(0.0, wall_us - sum(per_cat.values())) / n / 1e3
+    out["wall"] = wall_us / n / 1e3
+    return out
