@@ -363,7 +363,8 @@ def test_step_decoder_gives_generate_s_greedy_tokens_eager_and_compiled(monkeypa
     model.to(torch.bfloat16)
     with torch.no_grad():
         want = model.generate(ids, **kw, cache_implementation="static")[0, 6:].tolist()
-    dec = decode_speed.StepDecoder(model, ids[0].tolist(), 5, compile=True)
+    dec = decode_speed.StepDecoder(model, ids[0].tolist(), 5, compile=True, fuse=True)   # q/k/v, gate/up fused
+    assert dec.fused == {"attention": 2, "mlp": 2, "left": 0}
     assert dec.compile_seconds > 0 and dec.eager_tokens == want and dec()[1] == want
     # Where the time goes: every category's milliseconds per token, summing to the profiled run's wall time.
     for compiled in (False, True):

@@ -784,3 +784,31 @@ def test_measured_choice_keeps_the_static_order_within_the_margin():
     assert _backend.measured_choice(("k", 1), {"a": None, "b": None}) == "a" and len(calls) == 4  # cached
     with pytest.raises(ValueError, match="at least one candidate"):
         _backend.measured_choice(("k", 3), {})
+
+
+@pytest.mark.parametrize("bits,gs,sym", [(4, 64, False), (4, 32, True), (3, 32, False), (2, 128, False),
+                                         (8, 32, True), (8, -1, False), (6, 64, False)])
+def test_concat_is_the_layers_outputs_side_by_side_on_every_backend(bits, gs, sym, monkeypatch):
+    """QuantLinear.concat (fused q/k/v, gate/up): bit-exact the concatenation of the layers' outputs, per
+    backend (each forced, CPU ops with bf16 inputs of large mean, the interpreter for Triton), biases
+    (one layer without) included; layers of different formats are refused by name."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    torch.manual_seed(bits * 7 + gs)
+    parts = [nn.Linear(128, n, bias=i != 1) for i, n in enumerate((64, 32, 48))]
+    layers = [QuantLinear.from_linear(p, bits=bits, group_size=gs, symmetric=sym) for p in parts]
+    fused = QuantLinear.concat(layers)
+    assert fused.out_features == 144 and fused.bias is not None and torch.equal(fused.bias[64:96], torch.zeros(32))
+    x = (torch.randn(3, 128) + 4.0).bfloat16()
+    backends = ["dequant", "torch_int4" if bits <= 4 else "torch_int4x2"] + (["torch_int8"] if gs == -1 else [])
+    for backend in backends:
+        want = torch.cat([m(x, backend=backend) for m in layers], dim=-1)
+        assert torch.equal(fused(x, backend=backend), want), backend
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    xf = x[:1].float()
+    want = torch.cat([m(xf, backend="triton") for m in layers], dim=-1)
+    assert torch.equal(fused(xf, backend="triton"), want)
+    other = QuantLinear.from_linear(nn.Linear(128, 16), bits=bits, group_size=gs, symmetric=not sym)
+    with pytest.raises(ValueError, match="layers differ in symmetric"):
+        QuantLinear.concat([layers[0], other])
+    with pytest.raises(TypeError, match="non-empty list of QuantLinear"):
+        QuantLinear.concat([layers[0], parts[0]])

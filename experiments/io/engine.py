@@ -21,8 +21,10 @@ where they are unchanged) and loaded into llama.cpp through its Python binding (
 Beside the engine, in the same interleaved rounds (``toolkit=True``, the default; ``--no-toolkit`` skips
 it): **the toolkit's own decode** of the same models, :class:`experiments.measure.decode_speed.StepDecoder`
 (the same prompt tokens, prefill untimed, ``new_tokens`` one-token steps with a static KV cache and the
-step compiled by ``torch.compile(fullgraph=True)``), for the dense model in bf16 and fp32 and the first
-point of each (bits, symmetric) in bf16. Rows ``engine = "toolkit (torch.compile)"``, with ``fraction_of_engine`` (over
+step compiled by ``torch.compile(fullgraph=True)``, q/k/v and gate/up projections fused:
+:mod:`experiments.lm.fuse`), for the dense model in bf16 and fp32 and the first point of each (bits,
+symmetric) in bf16; dense bf16 and the first point also unfused (``... unfused`` rows, ``fused_projections``
+column: what fusing buys). Rows ``engine = "toolkit (torch.compile)"``, with ``fraction_of_engine`` (over
 llama.cpp's tokens/s for the same point's file), ``fraction_of_engine_q4_0`` (over llama.cpp's Q4_0 file:
 issue 25's target is >= 1/3), ``tokens_same_prefix`` (leading greedy tokens equal to the engine's: bf16 and
 8-bit activations drift apart after a few) and ``compile_seconds``. Where the toolkit's time per token
@@ -41,6 +43,7 @@ export, by name; the README lists which points have an engine row.
 """
 from __future__ import annotations
 
+import copy
 import json
 import os
 import statistics
@@ -251,9 +254,10 @@ def run_engine(points: Iterable[str] = DEFAULT_POINTS, *, quick: bool = False, r
                                           "point": f"dense {mode[1:]}-bit"}
     if toolkit:
         for dt, bits in ((torch.bfloat16, 16), (torch.float32, 32)):
-            ours[f"toolkit dense {DTYPE_NAMES[dt]}"] = {"model": models.load_model("default")[0].to(dt),
-                                                       "spec": '{"method": "dense"}', "dense": True,
-                                                       "point": f"dense {bits}-bit"}
+            for fuse in ((True, False) if dt == torch.bfloat16 else (True,)):
+                ours[f"toolkit dense {DTYPE_NAMES[dt]}" + ("" if fuse else " unfused")] = {
+                    "model": models.load_model("default")[0].to(dt), "spec": '{"method": "dense"}', "dense": True,
+                    "point": f"dense {bits}-bit", "fuse": fuse}
     files["source file (as shipped)"] = {"path": Path(source), "spec": "", "dense": False,
                                          "types": file_types(source), "toolkit": None, "point": "source"}
     seen_formats = set()
@@ -270,9 +274,12 @@ def run_engine(points: Iterable[str] = DEFAULT_POINTS, *, quick: bool = False, r
         f = format_of(spec.to_dict())
         fmt = (f.get("kind"), f.get("bits"), f.get("symmetric"))
         if toolkit and fmt not in seen_formats:
+            if not seen_formats:      # the first point also unfused: what fusing the projections buys
+                ours[f"toolkit {label} bf16 unfused"] = {"model": copy.deepcopy(m).to(torch.bfloat16), "spec": spec,
+                                                         "dense": False, "point": label, "fuse": False}
             seen_formats.add(fmt)
             ours[f"toolkit {label} bf16"] = {"model": m.to(torch.bfloat16), "spec": spec, "dense": False,
-                                             "point": label}
+                                             "point": label, "fuse": True}
         del m
     del dense
     prompt = tokenizer(DEFAULT_PROMPT)["input_ids"]
@@ -287,7 +294,7 @@ def run_engine(points: Iterable[str] = DEFAULT_POINTS, *, quick: bool = False, r
         for k, v in ours.items():
             if progress:
                 print(f"[engine] compiling the toolkit's decode step: {k}", flush=True)
-            v["decoder"] = StepDecoder(v["model"], prompt, new_tokens, compile=True)
+            v["decoder"] = StepDecoder(v["model"], prompt, new_tokens, compile=True, fuse=v["fuse"])
             decoders[k] = v["decoder"]
         load = os.getloadavg()
         speed = interleaved_decode(decoders, new_tokens=new_tokens, repeats=repeats, progress=progress)
@@ -325,11 +332,12 @@ def run_engine(points: Iterable[str] = DEFAULT_POINTS, *, quick: bool = False, r
                      "seqlen": int(windows.shape[1]), "quick": quick, "corpus": corpus.get("corpus", ""),
                      "evaluation_text": corpus.get("evaluation", ""), "point": v["point"],
                      "loadavg_before": " ".join(f"{x:.2f}" for x in load),
-                     "compile_seconds": round(v["decoder"].compile_seconds, 1),
+                     "compile_seconds": round(v["decoder"].compile_seconds, 1), "fused_projections": v["fuse"],
                      "tokens_same_prefix": (same_prefix(speed[k]["tokens"], speed[twin_label]["tokens"])
                                             if twin_label else ""),
                      "timer": "time.perf_counter around new_tokens one-token model.forward calls (greedy, "
-                              "static KV cache, forward = torch.compile(fullgraph=True); prefill untimed)"})
+                              "static KV cache, forward = torch.compile(fullgraph=True); prefill untimed)"
+                              + ("; q/k/v and gate/up fused" if v["fuse"] else "")})
     results.replace_rows(out, with_speedups(rows), ENGINE_KEY)
     if ours:
         profile_rows = []

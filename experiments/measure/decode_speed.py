@@ -270,17 +270,22 @@ class StepDecoder:
     ``compile=True`` compiles the one-token step (``torch.compile(model.forward, fullgraph=True)``; the
     prefill stays eager: one graph per model). One eager run settles the layers' measured backends first
     (``triton_kernels.nn._ops``); the compiling run is timed apart (``compile_seconds``).
+    ``fuse=True`` first fuses the model's q/k/v and gate/up projections in place
+    (:func:`experiments.lm.fuse.fuse_projections`: 4 linear calls per block instead of 7, same outputs).
     ``decoder()`` returns ``(seconds, greedy token ids)``.
     """
 
-    def __init__(self, model, prompt_ids: Iterable[int], new_tokens: int, *, compile: bool = True):
+    def __init__(self, model, prompt_ids: Iterable[int], new_tokens: int, *, compile: bool = True,
+                 fuse: bool = False):
         from transformers import StaticCache
+        from experiments.lm.fuse import fuse_projections
         self.prompt = torch.tensor([list(prompt_ids)], dtype=torch.long)
         if self.prompt.shape[1] < 1:
             raise ValueError("prompt_ids is empty: give the prompt's token ids")
         if isinstance(new_tokens, bool) or not isinstance(new_tokens, int) or new_tokens < 1:
             raise ValueError(f"new_tokens={new_tokens!r} must be a positive int")
         self.model, self.new_tokens, self.compiled = model, new_tokens, bool(compile)
+        self.fused = fuse_projections(model) if fuse else None
         device = next(model.parameters()).device
         self.prompt = self.prompt.to(device)
         self.cache = StaticCache(config=model.config, max_cache_len=self.prompt.shape[1] + new_tokens)
@@ -326,7 +331,7 @@ class StepDecoder:
 # Where a decode step's time goes (:func:`profile_step`): torch.profiler op names -> category, first match.
 PROFILE_CATEGORIES = (
     ("linear layers", ("int4pack_mm", "int8pack_mm", "aten::mm", "aten::addmm", "aten::linear", "aten::matmul",
-                       "tkr::", "dequant")),
+                       "tkr::", "dequant", "mkldnn", "linear_pointwise")),
     ("attention", ("scaled_dot_product", "flash_attention", "aten::bmm", "aten::baddbmm", "softmax")),
     ("compiled graph (fused kernels and glue)", ("Torch-Compiled Region", "CompiledFunction", "CompiledFxGraph",
                                                  "cpp_fused", "Inductor")),

@@ -21,6 +21,8 @@ Building one
   algorithms that choose their own codes.
 - ``QuantLinear(packed, scales, zeros, in_features=K, bits=, group_size=, symmetric=, bias=None)``:
   already packed data.
+- ``QuantLinear.concat([q_proj, k_proj, v_proj])``: layers of one format sharing an input fused into
+  one (rows stacked): one call instead of three at decode, where per-call overhead dominates.
 
 Backends (``backend=`` at construction, the ``backend`` attribute, or ``forward(x, backend=...)``)
 -------------------------------------------------------------------------------------------
@@ -334,6 +336,36 @@ class QuantLinear(nn.Module):
         bias = None if linear.bias is None else linear.bias.detach().clone()
         return cls.from_codes(q, scales, zeros, bits=bits, group_size=group_size, symmetric=symmetric,
                               bias=bias, backend=backend, cache_dequantized=cache_dequantized)
+
+    @classmethod
+    def concat(cls, layers: "list[QuantLinear]") -> "QuantLinear":
+        """One layer whose output is the concatenation of ``layers``' outputs (same input): their rows
+        stacked, e.g. q/k/v or gate/up projections fused into one call. Every layer must share
+        ``in_features``, ``bits``, ``group_size``, ``symmetric`` and the scales' dtype and device; a
+        missing bias is zeros where another layer has one. Backend and ``cache_dequantized`` come from the
+        first layer. Every row is stored and computed as in its own layer (exact)."""
+        layers = list(layers)
+        if not layers or not all(isinstance(m, QuantLinear) for m in layers):
+            raise TypeError(f"layers must be a non-empty list of QuantLinear, got "
+                            f"{[type(m).__name__ for m in layers]}")
+        first = layers[0]
+        for name in ("in_features", "bits", "group_size", "symmetric"):
+            vals = [getattr(m, name) for m in layers]
+            if len(set(vals)) != 1:
+                raise ValueError(f"layers differ in {name} ({vals}): only layers of one format concatenate")
+        kinds = {(m.scales.dtype, m.scales.device) for m in layers}
+        if len(kinds) != 1:
+            raise ValueError(f"layers' scales differ in dtype/device ({sorted(map(str, kinds))}): move them "
+                             f"to one first")
+        bias = None
+        if any(m.bias is not None for m in layers):
+            bias = torch.cat([m.bias if m.bias is not None else m.scales.new_zeros(m.out_features)
+                              for m in layers])
+        return cls(torch.cat([m.packed for m in layers]), torch.cat([m.scales for m in layers]),
+                   None if first.symmetric else torch.cat([m.zeros for m in layers]),
+                   in_features=first.in_features, bits=first.bits, group_size=first.group_size,
+                   symmetric=first.symmetric, bias=bias, backend=first.backend,
+                   cache_dequantized=first.cache_dequantized)
 
     # -- backend choice --------------------------------------------------------------------
 
