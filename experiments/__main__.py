@@ -261,7 +261,9 @@ def _add_engine(p: argparse.ArgumentParser) -> None:
                    help="a sweep point label or a method spec as JSON to export and measure (repeat for several; "
                         f"default: {', '.join(DEFAULT_POINTS)}); the dense model (F16, F32) and the source GGUF "
                         f"file are always measured beside them")
-    p.add_argument("--quick", action="store_true", help="the quick settings' windows (fewer tokens)")
+    p.add_argument("--quick", action="store_true",
+                   help="the quick settings' windows (fewer tokens); without --point only the 4-bit g64 point and "
+                        "Q4_0, and the toolkit's dense fp32 and unfused rows left out")
     p.add_argument("--new-tokens", type=int, default=32, help="decode steps timed per run (default 32, as tg32)")
     p.add_argument("--repeats", type=int, default=5, help="timed rounds, every file once per round (default 5)")
     p.add_argument("--threads", type=int, default=None, help="engine threads (default: torch's, the machine's cores)")
@@ -275,8 +277,8 @@ def _add_engine(p: argparse.ArgumentParser) -> None:
 
 def cmd_engine(args: argparse.Namespace) -> int:
     from experiments.io.engine import run_engine
-    from experiments.io.engine import DEFAULT_POINTS
-    out = run_engine(args.points or DEFAULT_POINTS, quick=args.quick, run=args.run, out_dir=args.out_dir, new_tokens=args.new_tokens,
+    from experiments.io.engine import DEFAULT_POINTS, QUICK_POINTS
+    out = run_engine(args.points or (QUICK_POINTS if args.quick else DEFAULT_POINTS), quick=args.quick, run=args.run, out_dir=args.out_dir, new_tokens=args.new_tokens,
                      repeats=args.repeats, threads=args.threads, progress=not args.no_progress, workdir=args.workdir,
                      toolkit=not args.no_toolkit)
     print(out)

@@ -41,8 +41,9 @@ def test_engine_perplexity_is_the_mean_next_token_nll_of_its_logits():
     got = engine.engine_perplexity(llm, windows)
     lp = torch.log_softmax(torch.from_numpy(llm.table).double(), dim=-1)
     want = [float(-lp[w[:-1], w[1:]].mean()) for w in windows]
-    assert got["window_nll"] == pytest.approx(want, rel=1e-12)
-    assert got["nll"] == pytest.approx(sum(want) / 3, rel=1e-12) and got["ppl"] == pytest.approx(np.exp(got["nll"]))
+    # The engine's logits are fp32 and their log-sum-exp is taken in fp32: ~1e-7 relative of the fp64 reference.
+    assert got["window_nll"] == pytest.approx(want, rel=1e-6)
+    assert got["nll"] == pytest.approx(sum(want) / 3, rel=1e-6) and got["ppl"] == pytest.approx(np.exp(got["nll"]))
     with pytest.raises(ValueError, match="windows must be"):
         engine.engine_perplexity(llm, torch.zeros(5, dtype=torch.long))
 

@@ -1,7 +1,7 @@
 """Headline numbers as Markdown tables, read from the result tables; the README and docs/ hold its output.
 
     python -m experiments summary [--quick] [--run NAME | --results-dir DIR]     # every table
-    python -m experiments summary --only headline|compile|sweep-<name>|latency|decode|gpu|gpu-status
+    python -m experiments summary --only headline|compile|sweep-<name>|latency|decode|engine|gpu|gpu-status
     python -m experiments summary --write-docs | --check-docs                     # README.md, docs/
 
 Nothing here measures anything: it selects rows of ``sweep_*.csv``, ``latency_*.csv`` and
@@ -300,6 +300,33 @@ def decode_summary(quick: bool, device_type: str = "cpu", root: Path = RESULTS) 
     return "\n\n".join(out)
 
 
+def engine_summary(quick: bool, device_type: str = "cpu", root: Path = RESULTS) -> str:
+    """The engine table (``python -m experiments engine``): llama.cpp and the toolkit's own compiled decode of
+    the same models in the same interleaved rounds, with the engine's perplexity beside the toolkit's."""
+    path = results_dir(quick, root) / f"engine_{device_type}.csv"
+    if not path.exists():
+        return "(no engine table yet: python -m experiments engine)"
+    d = pd.read_csv(path)
+    if "engine" not in d:
+        return "(the engine table has no engine column)"
+    num = lambda c: pd.to_numeric(d[c], errors="coerce") if c in d else pd.Series([float("nan")] * len(d))
+    first = d.iloc[0]
+    lines = [f"Greedy decode, {first['device']} ({first.get('cpu_isa', '')}), {first['timestamp'][:10]}, commit "
+             f"{first['git_commit']}, {first.get('engine_version', '')}, torch {first['torch']}; {int(first['new_tokens'])} "
+             f"one-token steps after the prompt (prefill untimed), median of {int(first['repeats'])} interleaved rounds; "
+             f"load average before timing {first.get('loadavg_before', '')}:\n",
+             "| engine | model | GGUF types | tok/s | x vs fastest dense (same engine) | toolkit / llama.cpp, same point "
+             "| toolkit / llama.cpp Q4_0 | engine ppl | toolkit ppl | engine ΔNLL |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    d = d.assign(_sp=num("speedup_vs_fastest_dense"), _fe=num("fraction_of_engine"), _fq=num("fraction_of_engine_q4_0"),
+                 _ep=num("engine_ppl"), _tp=num("toolkit_ppl"), _dn=num("engine_dnll"), _tps=num("tokens_per_s"))
+    for _, r in d.iterrows():
+        lines.append(f"| {r['engine']} | {r['label']} | {r.get('gguf_types', '') if pd.notna(r.get('gguf_types')) else ''} "
+                     f"| {_fmt(r['_tps'])} | {_fmt(r['_sp'])} | {_fmt(r['_fe'])} | {_fmt(r['_fq'])} | {_fmt(r['_ep'], 4)} "
+                     f"| {_fmt(r['_tp'], 4)} | {_fmt(r['_dn'], 2)} |")
+    return "\n".join(lines)
+
+
 def compile_summary(root: Path = RESULTS) -> str:
     path = root / "compile_check.csv"
     if not path.exists():
@@ -496,6 +523,7 @@ BLOCKS = {
     **{f"sweep-{name}": (lambda root, name=name: sweep_summary(False, root, (name,))) for name in SWEEPS},
     "latency": lambda root: latency_summary(False, root=root),
     "decode": lambda root: decode_summary(False, root=root),
+    "engine": lambda root: engine_summary(False, root=root),
     "gpu": gpu_summary,
     "gpu-status": gpu_status,
     "claims": lambda root: _claims(False, root),
@@ -584,6 +612,9 @@ def main(args: argparse.Namespace) -> int:
         return 0
     if only == "decode":
         print(decode_summary(args.quick, root=root))
+        return 0
+    if only == "engine":
+        print(engine_summary(args.quick, root=root))
         return 0
     if only in ("claims", "claims-quick"):
         print(_claims(args.quick or only == "claims-quick", root))

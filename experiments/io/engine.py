@@ -2,6 +2,10 @@
 
     python -m experiments engine                                  # the default points, full windows
     python -m experiments engine --point rtn-w4-g32-asym --point gptq-w4-g64-asym --quick --run NAME
+    python -m experiments engine --quick      # QUICK_POINTS (4-bit g64 and Q4_0), no fp32/unfused toolkit rows
+
+Time (AMD EPYC, 2 threads, 16 default points): ~10 min compressing and evaluating in the toolkit, the
+engine's perplexity of 19 files, ~1 min compiling each of the toolkit's 9 decoders, ~2 min of timed rounds.
 
 Each point is compressed as its sweep does (calibrated points on the sweep's calibration windows), its
 perplexity measured by the toolkit on the sweep's evaluation windows, then exported to GGUF
@@ -70,6 +74,8 @@ DEFAULT_POINTS = ("rtn-w4-g64-asym", "rtn-w4-g32-asym", "rtn-w4-g128-asym", "rtn
                   "gptq-w4-g64-asym", "gptq-w3-g64-asym",
                   '{"method": "rtn", "bits": 4, "group_size": 32, "symmetric": true}',
                   '{"method": "rtn", "bits": 8, "group_size": 32, "symmetric": true}')
+# --quick: the reference 4-bit point and Q4_0 (the issue-25 target), the toolkit's fp32 and unfused rows left out.
+QUICK_POINTS = ("rtn-w4-g64-asym", '{"method": "rtn", "bits": 4, "group_size": 32, "symmetric": true}')
 ENGINE = "llama.cpp"
 TOOLKIT_ENGINE = "toolkit (torch.compile)"
 ENGINE_KEY = ("device_type", "device", "engine", "label", "new_tokens", "threads", "eval_tokens", "seqlen")
@@ -110,9 +116,12 @@ def engine_perplexity(llm, windows: torch.Tensor) -> dict[str, Any]:
     for w in windows.tolist():
         llm.reset()
         llm.eval(w)
-        logits = torch.from_numpy(llm.scores[:len(w) - 1].copy()).double()
-        lp = torch.log_softmax(logits, dim=-1)
-        nll.append(float(-lp.gather(1, torch.tensor(w[1:]).view(-1, 1)).mean()))
+        # NLL = logsumexp(logits) - logit of the next token; the log-sum-exp in fp32 over the engine's own
+        # fp32 logits (a view: no copy of the (seqlen, vocab) array), the difference in fp64.
+        logits = torch.from_numpy(llm.scores[:len(w) - 1])
+        lse = torch.logsumexp(logits, dim=-1).double()
+        target = logits.gather(1, torch.tensor(w[1:]).view(-1, 1)).squeeze(1).double()
+        nll.append(float((lse - target).mean()))
     mean = sum(nll) / len(nll)
     return {"window_nll": nll, "nll": mean, "ppl": float(torch.tensor(mean).exp()),
             "seconds": time.perf_counter() - t0}
@@ -253,8 +262,8 @@ def run_engine(points: Iterable[str] = DEFAULT_POINTS, *, quick: bool = False, r
                                           "types": gguf_types(rep["tensors"]), "toolkit": ev_dense,
                                           "point": f"dense {mode[1:]}-bit"}
     if toolkit:
-        for dt, bits in ((torch.bfloat16, 16), (torch.float32, 32)):
-            for fuse in ((True, False) if dt == torch.bfloat16 else (True,)):
+        for dt, bits in ((torch.bfloat16, 16),) + (() if quick else ((torch.float32, 32),)):
+            for fuse in ((True,) if quick else (True, False)) if dt == torch.bfloat16 else (True,):
                 ours[f"toolkit dense {DTYPE_NAMES[dt]}" + ("" if fuse else " unfused")] = {
                     "model": models.load_model("default")[0].to(dt), "spec": '{"method": "dense"}', "dense": True,
                     "point": f"dense {bits}-bit", "fuse": fuse}
@@ -274,7 +283,7 @@ def run_engine(points: Iterable[str] = DEFAULT_POINTS, *, quick: bool = False, r
         f = format_of(spec.to_dict())
         fmt = (f.get("kind"), f.get("bits"), f.get("symmetric"))
         if toolkit and fmt not in seen_formats:
-            if not seen_formats:      # the first point also unfused: what fusing the projections buys
+            if not seen_formats and not quick:   # the first point also unfused: what fusing the projections buys
                 ours[f"toolkit {label} bf16 unfused"] = {"model": copy.deepcopy(m).to(torch.bfloat16), "spec": spec,
                                                          "dense": False, "point": label, "fuse": False}
             seen_formats.add(fmt)
