@@ -77,6 +77,8 @@ CLAIMS = (
     Claim("HQQ beats RTN at 4 bits g64", "modern", "hqq-w4-g64", "rtn-w4-g64-asym"),
     Claim("AWQ beats RTN at 3 bits g128", "modern", "awq-w3-g128-asym", "rtn-w3-g128-asym"),
     Claim("AWQ beats GPTQ at 3 bits g128", "modern", "awq-w3-g128-asym", "gptq-w3-g128-asym"),
+    Claim("AWQ + GPTQ beats GPTQ at 3 bits g128", "modern", "awq-w3-g128-asym+gptq", "gptq-w3-g128-asym"),
+    Claim("AWQ + GPTQ beats AWQ at 4 bits g128", "modern", "awq-w4-g128-asym+gptq", "awq-w4-g128-asym"),
     Claim("rotations beat RTN at 3 bits g128", "modern", "quarot-w3-g128-asym", "rtn-w3-g128-asym"),
     Claim("rotations + GPTQ beat GPTQ at 3 bits g128", "modern", "quarot-w3-g128-asym+gptq", "gptq-w3-g128-asym"),
     Claim("rotations + GPTQ beat GPTQ at 4 bits g128", "modern", "quarot-w4-g128-asym+gptq", "gptq-w4-g128-asym"),
