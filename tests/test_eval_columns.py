@@ -291,3 +291,22 @@ def test_task_items_score_the_task_on_every_row_and_stay_out_of_the_id(tiny, tmp
 def test_without_task_items_the_task_columns_are_empty(tiny, tmp_path, second_text):  # noqa: F811
     dense, _ = rows(_run(tiny, tmp_path))
     assert dense["task_text"] == dense["task_items"] == dense["task_acc"] == dense["task_correct"] == ""
+
+
+def test_an_old_table_without_the_text_hash_takes_new_rows_that_carry_it(old_table):
+    """The committed full quant table predates ``text_sha256``: its first new row brought the column in with
+    the old rows' cells empty, and the second new row was then refused against those empty cells
+    (found rerunning its claimed points). An empty cell of it now matches any hash; two new rows with
+    different hashes are still refused."""
+    root, path = old_table
+    old = results.read_rows(path)
+    assert "text_sha256" not in old[0], "the fixture's premise: the old table has no text hash"
+    dense = next(r for r in old if r["point"] == "dense")
+    kw = {"context": runs.SWEEP_CONTEXT, "numeric": runs.SWEEP_NUMERIC, "unique": "point_id",
+          "added_context": runs.SWEEP_CONTEXT_ADDED}
+    for point in ("gptq-a", "gptq-b", "gptq-c"):
+        assert results.append_row(path, _new_style(dense, point, [3.2, 3.3], text_sha256="37d139de"), **kw)
+    with pytest.raises(ContextMismatch, match="text_sha256"):
+        results.append_row(path, _new_style(dense, "other-text", [3.2, 3.3], text_sha256="ffff0000"), **kw)
+    got = results.read_rows(path)
+    assert len(got) == len(old) + 3 and all(r["text_sha256"] == "" for r in got[:len(old)])

@@ -41,13 +41,15 @@ DEFAULT_RUN = "local"
 # settings, on which machine. Perplexity of calibrated points moves by ~0.5-3.4% between CPU kinds
 # (docs/reproduce.md), so the machine is part of it. Not settings that vary per point (calib_samples is 0 for
 # uncalibrated points).
-SWEEP_CONTEXT = ("model", "corpus", "calibration_text", "evaluation_text", "text_sha256", "quick", "seqlen",
+SWEEP_CONTEXT = ("model", "corpus", "calibration_text", "evaluation_text", "quick", "seqlen",
                  "eval_token_budget", "seed", "device_type", "device", "torch")
-# Context columns added after the reference tables were committed (issue 24: the second evaluation text,
-# the dense reference's top-k, the bootstrap method, the task). Rows older than them have them empty, which matches
-# any value; the non-empty cells of a table must agree (experiments.core.results.check_context, added=).
-SWEEP_CONTEXT_ADDED = ("evaluation_text2", "text2_sha256", "eval2_windows", "kl_topk", "bootstrap", "task_text",
-                       "task_items")
+# Context columns added after the reference tables were committed (the evaluation text's hash; issue 24: the
+# second evaluation text, the dense reference's top-k, the bootstrap method, the task). Rows older than them
+# have them empty, which matches any value; the non-empty cells of a table must agree
+# (experiments.core.results.check_context, added=). (text_sha256 was a SWEEP_CONTEXT column: a table older
+# than it accepted one new row and then refused the next, its old rows' empty cells against the new hash.)
+SWEEP_CONTEXT_ADDED = ("text_sha256", "evaluation_text2", "text2_sha256", "eval2_windows", "kl_topk", "bootstrap",
+                       "task_text", "task_items")
 # Columns of a sweep table that every measured row holds as a number: a row where one is empty or not a
 # number (a line cut by a copy or an editor, a junk row written back) is damaged, never "finished"
 # (experiments.core.results.read_table).
