@@ -4,6 +4,7 @@ installed (the `engines` extra, `make engines`), an exported 4-bit point of the 
 engine on the toolkit's windows, agreeing with the toolkit's perplexity."""
 from __future__ import annotations
 
+import json
 import sys
 import types
 
@@ -87,6 +88,13 @@ def test_speedups_are_ratios_of_the_same_run():
     assert rows[6]["fastest_dense_label"] == "toolkit dense fp32" and rows[6]["speedup_vs_f16"] == ""
     assert rows[6]["fraction_of_engine"] == pytest.approx(0.4) and rows[6]["fraction_of_engine_q4_0"] == pytest.approx(1 / 3)
     assert rows[4]["fraction_of_engine"] == pytest.approx(0.4) and "fraction_of_engine" not in rows[0]
+
+
+def test_spec_text_is_the_json_of_a_parsed_spec_or_the_string_given():
+    from experiments.methods.compress import parse_spec
+    assert engine.spec_text('{"method": "dense"}') == '{"method": "dense"}'
+    text = engine.spec_text(parse_spec({"method": "rtn", "bits": 4, "group_size": 64}))
+    assert json.loads(text)["bits"] == 4 and text == json.dumps(json.loads(text), sort_keys=True)
 
 
 def test_same_prefix_counts_leading_equal_tokens():

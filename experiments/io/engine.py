@@ -202,6 +202,11 @@ def with_speedups(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
+def spec_text(spec) -> str:
+    """A row's ``spec`` cell: JSON of a parsed spec, or the string given (dense, the source file)."""
+    return spec if isinstance(spec, str) else json.dumps(spec.to_dict(), sort_keys=True)
+
+
 def same_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     """How many leading tokens two greedy decodes share."""
     n = 0
@@ -307,14 +312,16 @@ def run_engine(points: Iterable[str] = DEFAULT_POINTS, *, quick: bool = False, r
             decoders[k] = v["decoder"]
         load = os.getloadavg()
         speed = interleaved_decode(decoders, new_tokens=new_tokens, repeats=repeats, progress=progress)
+        # Where the toolkit's time goes, after the timed rounds, with the same threads.
+        profiles = {(k, mode): profile_step(v["decoder"], compiled=mode == "compiled")
+                    for k, v in ours.items() for mode in ("eager", "compiled")}
     finally:
         torch.set_num_threads(prev_threads)
     prov = provenance("cpu")
     rows = []
     for k, v in files.items():
         tk, en = v["toolkit"], v["engine"]
-        spec = v["spec"] if isinstance(v["spec"], str) else json.dumps(v["spec"].to_dict(), sort_keys=True)
-        rows.append({**prov, **info, "label": k, "spec": spec,
+        rows.append({**prov, **info, "label": k, "spec": spec_text(v["spec"]),
                      "dense": v["dense"], "gguf_types": v["types"],
                      "file_mib": round(Path(v["path"]).stat().st_size / 2 ** 20, 2), "threads": threads,
                      "tokens_per_s": speed[k]["tokens_per_s"], "seconds_median": speed[k]["seconds_median"],
@@ -331,10 +338,9 @@ def run_engine(points: Iterable[str] = DEFAULT_POINTS, *, quick: bool = False, r
     toolkit_info = {"engine": TOOLKIT_ENGINE, "engine_version": f"torch {torch.__version__}",
                     "engine_system_info": f"torch CPU capability {torch.backends.cpu.get_cpu_capability()}"}
     for k, v in ours.items():
-        spec = v["spec"] if isinstance(v["spec"], str) else json.dumps(v["spec"].to_dict(), sort_keys=True)
-        twin = next((f for f in files.values() if f["point"] == v["point"]), None)
-        twin_label = next((lk for lk, f in files.items() if f is twin), None)
-        rows.append({**prov, **toolkit_info, "label": k, "spec": spec, "dense": v["dense"], "threads": threads,
+        twin_label = next((lk for lk, f in files.items() if f["point"] == v["point"]), None)
+        rows.append({**prov, **toolkit_info, "label": k, "spec": spec_text(v["spec"]), "dense": v["dense"],
+                     "threads": threads,
                      "tokens_per_s": speed[k]["tokens_per_s"], "seconds_median": speed[k]["seconds_median"],
                      "seconds_min": speed[k]["seconds_min"], "new_tokens": new_tokens, "repeats": repeats,
                      "prompt_tokens": len(prompt), "eval_tokens": int(windows.numel()),
@@ -350,18 +356,17 @@ def run_engine(points: Iterable[str] = DEFAULT_POINTS, *, quick: bool = False, r
     results.replace_rows(out, with_speedups(rows), ENGINE_KEY)
     if ours:
         profile_rows = []
-        for k, v in ours.items():
-            for mode in ("eager", "compiled"):
-                prof = profile_step(v["decoder"], compiled=mode == "compiled")
-                wall = prof.pop("wall")
-                for cat, ms in prof.items():
-                    profile_rows.append({**prov, **toolkit_info, "label": k, "spec": v["spec"] if isinstance(v["spec"], str)
-                                         else json.dumps(v["spec"].to_dict(), sort_keys=True), "mode": mode,
-                                         "category": cat, "ms_per_token": round(ms, 4), "share": round(ms / wall, 4),
-                                         "wall_ms_per_token": round(wall, 4), "new_tokens": new_tokens,
-                                         "threads": threads, "loadavg_before": " ".join(f"{x:.2f}" for x in load),
-                                         "method": "torch.profiler self CPU time per op over the timed steps; "
-                                                   "outside ops = wall - all ops' self time"})
+        for (k, mode), prof in profiles.items():
+            prof = dict(prof)
+            wall = prof.pop("wall")
+            for cat, ms in prof.items():
+                profile_rows.append({**prov, **toolkit_info, "label": k, "spec": spec_text(ours[k]["spec"]),
+                                     "mode": mode, "category": cat, "ms_per_token": round(ms, 4),
+                                     "share": round(ms / wall, 4), "wall_ms_per_token": round(wall, 4),
+                                     "new_tokens": new_tokens, "threads": threads,
+                                     "loadavg_before": " ".join(f"{x:.2f}" for x in load),
+                                     "method": "torch.profiler self CPU time per op over the timed steps; "
+                                               "outside ops = wall - all ops' self time"})
         results.replace_rows(out.with_name(f"decode_profile_{torch.device('cpu').type}.csv"), profile_rows,
                              PROFILE_KEY)
     return out
