@@ -76,28 +76,24 @@ def fuse_projections(model: nn.Module) -> dict[str, int]:
     """Fuse q/k/v and gate/up of every ``LlamaAttention``/``LlamaMLP`` of ``model`` in place (module
     docstring). Returns ``{"attention": fused, "mlp": fused, "left": blocks left unfused}``."""
     from transformers.models.llama.modeling_llama import LlamaAttention, LlamaMLP
+    # class -> (count key, projections fused, name of the fused layer, forward using it)
+    kinds = {LlamaAttention: ("attention", ("q_proj", "k_proj", "v_proj"), "qkv", _attention_forward),
+             LlamaMLP: ("mlp", ("gate_proj", "up_proj"), "gate_up", _mlp_forward)}
     done = {"attention": 0, "mlp": 0, "left": 0}
     for mod in model.modules():
-        if type(mod) is LlamaAttention and hasattr(mod, "q_proj"):
-            parts = [mod.q_proj, mod.k_proj, mod.v_proj]
-            fused = _concat(parts)
-            if fused is None:
-                done["left"] += 1
-                continue
-            mod.qkv_sizes = [p.out_features for p in parts]
-            mod.qkv_proj = fused
-            del mod.q_proj, mod.k_proj, mod.v_proj
-            mod.forward = types.MethodType(_attention_forward, mod)
-            done["attention"] += 1
-        elif type(mod) is LlamaMLP and hasattr(mod, "gate_proj"):
-            parts = [mod.gate_proj, mod.up_proj]
-            fused = _concat(parts)
-            if fused is None:
-                done["left"] += 1
-                continue
-            mod.gate_up_sizes = [p.out_features for p in parts]
-            mod.gate_up_proj = fused
-            del mod.gate_proj, mod.up_proj
-            mod.forward = types.MethodType(_mlp_forward, mod)
-            done["mlp"] += 1
+        kind = kinds.get(type(mod))
+        if kind is None or not hasattr(mod, kind[1][0]):     # another class, or fused already
+            continue
+        key, names, fused_name, forward = kind
+        parts = [getattr(mod, n) for n in names]
+        fused = _concat(parts)
+        if fused is None:
+            done["left"] += 1
+            continue
+        setattr(mod, f"{fused_name}_sizes", [p.out_features for p in parts])
+        setattr(mod, f"{fused_name}_proj", fused)
+        for n in names:
+            delattr(mod, n)
+        mod.forward = types.MethodType(forward, mod)
+        done[key] += 1
     return done
