@@ -319,3 +319,38 @@ def test_an_old_table_without_the_text_hash_takes_new_rows_that_carry_it(old_tab
         results.append_row(path, _new_style(dense, "other-text", [3.2, 3.3], text_sha256="ffff0000"), **kw)
     got = results.read_rows(path)
     assert len(got) == len(old) + 3 and all(r["text_sha256"] == "" for r in got[:len(old)])
+
+
+def test_eval_of_a_saved_point_scores_the_task(tiny, tmp_path, second_text, monkeypatch, capsys):  # noqa: F811
+    """``python -m experiments eval DIR`` prints the task columns a sweep row carries (the full settings'
+    ``task_items``, or ``--task-items N``), scored on the saved model; ``--task-items 0`` leaves them out,
+    and asking for the task with ``--text-file`` is one error naming the option."""
+    from experiments.__main__ import main
+    from experiments.lm import data, models, tasks
+    from experiments.methods.compress import compress_model
+    from experiments.methods.spec import parse_spec
+    from experiments.run.saving import load_compressed, save_compressed
+    model, text, _ = tiny
+    task_text = " ".join(f"Word{i % 37} said the thing number {i} and then it ended." for i in range(400))
+    monkeypatch.setattr(tasks, "default_task_text", lambda cache_dir=None: (task_text, {"task_text": "tiny task"}))
+    monkeypatch.setattr(data, "get_texts", lambda source="austen", text_file=None, cache_dir=None:
+                        (Path(text).read_text()[:2000], Path(text).read_text()[2000:],
+                         {"corpus": "tiny", "calibration": "a", "evaluation": "b"}))
+    m = models.load_model(str(model))[0]
+    spec = parse_spec({"method": "rtn", "bits": 3, "group_size": 32})
+    report = compress_model(m, spec, None)
+    saved = save_compressed(m, report, tmp_path / "saved", base_model=str(model))
+
+    assert main(["eval", str(saved), "--quick", "--no-progress", "--no-dense", "--task-items", "12"]) == 0
+    got = json.loads(capsys.readouterr().out)
+    expected = tasks.score_task(load_compressed(saved), tasks.build_task(models.load_tokenizer(str(model)), task_text,
+                                                                         n_items=12))
+    assert got["task_n"] == 12 and got["task_k"] == 4 and got["task_text"] == "tiny task"
+    assert got["task_acc"] == pytest.approx(expected["acc"], abs=1e-6) and got["task_correct"] == expected["correct"]
+    assert got["task_acc_lo"] <= got["task_acc"] <= got["task_acc_hi"]
+
+    assert main(["eval", str(saved), "--quick", "--no-progress", "--no-dense"]) == 0   # quick: task_items 0
+    assert "task_acc" not in json.loads(capsys.readouterr().out)
+    assert main(["eval", str(saved), "--no-progress", "--no-dense", "--text-file", str(text), "--task-items", "5"]) == 2
+    err = capsys.readouterr().err
+    assert "error: --task-items" in err and "--task-items 0" in err

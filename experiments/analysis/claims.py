@@ -14,7 +14,9 @@ on the same evaluation windows, so the comparison is *paired*, window by window
 - ``within noise``: the interval contains 0 (the windows do not separate the two points);
 - ``reversed``: the whole interval is above 0.
 
-The same on the second evaluation text (``window_nll2``) where the rows have it, and the spread of
+The same on the second evaluation text (``window_nll2``) where the rows have it; the task accuracy
+difference acc(better) - acc(worse) on the same items (``task_correct``, :mod:`experiments.lm.tasks`;
+verdict *holds* when its interval is above 0) where both rows were scored on the task; and the spread of
 ``better``'s perplexity over calibration seeds where the seed tables hold it
 (:mod:`experiments.analysis.seeds`). Rows written before the per-window column existed cannot be paired
 and say so (``not paired``), never a number. Windows are few (8 full, 8 quick), so a verdict is about
@@ -28,7 +30,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from experiments.analysis.paired import WITHIN_NOISE, NotPaired, paired_difference
+from experiments.analysis.paired import WITHIN_NOISE, NotPaired, paired_difference, paired_task_difference
+from experiments.core.stats import within_noise
 from experiments.analysis.plots import RESULTS, results_dir
 
 
@@ -93,7 +96,8 @@ CLAIMS = (
 )
 
 COLUMNS = ("claim", "sweep", "better", "worse", "ppl_better", "ppl_worse", "dnll", "dnll_lo", "dnll_hi", "verdict",
-           "dnll2", "dnll2_lo", "dnll2_hi", "verdict2", "seeds", "seed_ppl_min", "seed_ppl_max")
+           "dnll2", "dnll2_lo", "dnll2_hi", "verdict2", "dacc", "dacc_lo", "dacc_hi", "verdict_task", "task_n", "seeds",
+           "seed_ppl_min", "seed_ppl_max")
 HOLDS, REVERSED, NOT_PAIRED = "holds", "reversed", "not paired"
 
 
@@ -109,6 +113,14 @@ def _compare(better, worse, column: str) -> tuple[float, float, float, str]:
     except NotPaired:
         return math.nan, math.nan, math.nan, NOT_PAIRED
     return d.dnll.estimate, d.dnll.lo, d.dnll.hi, _verdict(d)
+
+
+def _compare_task(better, worse) -> tuple[float, float, float, str, int]:
+    try:
+        d = paired_task_difference(worse, better)   # acc(better) - acc(worse)
+    except NotPaired:
+        return math.nan, math.nan, math.nan, NOT_PAIRED, 0
+    return d.estimate, d.lo, d.hi, WITHIN_NOISE if within_noise(d) else (HOLDS if d.lo > 0 else REVERSED), d.n
 
 
 def _table(name: str, quick: bool, root: Path) -> pd.DataFrame | None:
@@ -148,11 +160,13 @@ def claims_table(quick: bool = False, root: str | Path = RESULTS, claims=None) -
         b, w = by_label[c.better], by_label[c.worse]
         d, lo, hi, verdict = _compare(b, w, "window_nll")
         d2, lo2, hi2, verdict2 = _compare(b, w, "window_nll2")
+        da, loa, hia, verdict_task, n_items = _compare_task(b, w)
         n, smin, smax = _seed_range(c.sweep, c.better, quick, root)
         out.append({"claim": c.text, "sweep": c.sweep, "better": c.better, "worse": c.worse,
                     "ppl_better": float(b["ppl"]), "ppl_worse": float(w["ppl"]), "dnll": d, "dnll_lo": lo,
                     "dnll_hi": hi, "verdict": verdict, "dnll2": d2, "dnll2_lo": lo2, "dnll2_hi": hi2,
-                    "verdict2": verdict2, "seeds": n, "seed_ppl_min": smin, "seed_ppl_max": smax})
+                    "verdict2": verdict2, "dacc": da, "dacc_lo": loa, "dacc_hi": hia,
+                    "verdict_task": verdict_task, "task_n": n_items, "seeds": n, "seed_ppl_min": smin, "seed_ppl_max": smax})
     return pd.DataFrame(out, columns=list(COLUMNS))
 
 
@@ -167,23 +181,38 @@ def _interval(d: float, lo: float, hi: float, verdict: str) -> str:
 
 
 def claims_summary(quick: bool = False, root: str | Path = RESULTS) -> str:
-    """:func:`claims_table` as Markdown (the README's ``claims`` block)."""
+    """:func:`claims_table` as Markdown (the README's ``claims`` block); the task column only where some
+    claim has both rows scored on the task."""
     t = claims_table(quick, root)
     if not len(t):
         return "(no claim has both of its points in these tables)"
-    lines = ["| claim | ppl (better vs worse) | ΔNLL/token, 95% CI, verdict | on the second text | better's ppl over calibration seeds |",
-             "|---|---|---|---|---|"]
+    task = bool((t["verdict_task"] != NOT_PAIRED).any())
+    head = "| claim | ppl (better vs worse) | ΔNLL/token, 95% CI, verdict | on the second text |"
+    head += " task accuracy, better − worse |" if task else ""
+    lines = [head + " better's ppl over calibration seeds |", "|---|---|---|---|" + ("---|" if task else "") + "---|"]
     for _, r in t.iterrows():
         seeds = (f"{int(r['seeds'])} seeds: {_ppl(r['seed_ppl_min'])}–{_ppl(r['seed_ppl_max'])}"
                  if r["seeds"] else "")
         second = (_interval(r["dnll2"], r["dnll2_lo"], r["dnll2_hi"], r["verdict2"])
                   if r["verdict2"] != NOT_PAIRED else "")
+        acc = (_interval(r["dacc"], r["dacc_lo"], r["dacc_hi"], r["verdict_task"])
+               if r["verdict_task"] != NOT_PAIRED else "")
         lines.append(f"| {r['claim']} (`{r['sweep']}`) | {_ppl(r['ppl_better'])} vs {_ppl(r['ppl_worse'])} "
-                     f"| {_interval(r['dnll'], r['dnll_lo'], r['dnll_hi'], r['verdict'])} | {second} | {seeds} |")
+                     f"| {_interval(r['dnll'], r['dnll_lo'], r['dnll_hi'], r['verdict'])} | {second} |"
+                     + (f" {acc} |" if task else "") + f" {seeds} |")
     n_paired = int((t["verdict"] != NOT_PAIRED).sum())
+    n_task = int((t["verdict_task"] != NOT_PAIRED).sum())
     return ("ΔNLL = NLL(better) − NLL(worse) per token on the same evaluation windows, 95% paired percentile "
             "bootstrap over windows (`experiments.analysis.claims`); *holds*: the interval is below 0, "
             "**within noise**: it contains 0, **reversed**: it is above 0. "
-            f"{n_paired} of {len(t)} claims have both rows with per-window NLL"
+            + (f"Task accuracy: acc(better) − acc(worse) on the same {_task_items(t)} multiple-choice items, paired "
+               "bootstrap over items (*holds* above 0); "
+               f"{n_task} of {len(t)} claims have both rows scored on the task. " if task else "")
+            + f"{n_paired} of {len(t)} claims have both rows with per-window NLL"
             + ("" if n_paired == len(t) else "; the others are rows measured before the column existed "
                "(rerun that sweep to pair them)") + ".\n\n" + "\n".join(lines))
+
+
+def _task_items(t: pd.DataFrame) -> str:
+    """How many items the task comparisons used (the rows' task_n), e.g. "100"."""
+    return "/".join(sorted({str(int(x)) for x in t.loc[t["verdict_task"] != NOT_PAIRED, "task_n"]}, key=int))

@@ -98,6 +98,32 @@ def paired_difference(a: Mapping, b: Mapping, column: str = "window_nll") -> Pai
     return PairedDifference(_cell(a, "point"), _cell(b, "point"), d, verdict)
 
 
+# What two rows must share for their task items to be the same items (experiments.lm.tasks).
+SAME_ITEMS = ("model", "task_text", "task_n", "task_k")
+
+
+def paired_task_difference(a: Mapping, b: Mapping, column: str = "task_correct") -> Interval:
+    """acc(``b``) - acc(``a``) on the same task items (``task_correct``, the per-item answers a row keeps;
+    ``task_correct_norm`` for acc_norm), with a paired percentile bootstrap interval over the items (the
+    method and seed of :func:`paired_difference`; the items counted as independent draws).
+    :class:`NotPaired` when either row has no task answers or the items differ."""
+    from experiments.lm.tasks import decode_correct
+    for row in (a, b):
+        if not _cell(row, column) or not _cell(row, "task_n"):
+            raise NotPaired(f"{_cell(row, 'point') or 'a row'} has no {column} (scored without the task, "
+                            f"task_items 0, or before the column existed)")
+    differ = [c for c in SAME_ITEMS if _cell(a, c) != _cell(b, c)]
+    if differ:
+        what = "; ".join(f"{c}: {_cell(a, c)!r} vs {_cell(b, c)!r}" for c in differ)
+        raise NotPaired(f"{_cell(a, 'point')} and {_cell(b, 'point')} were not scored on the same task items ({what})")
+    n = int(float(_cell(a, "task_n")))
+    try:
+        ca, cb = (decode_correct(_cell(r, column), n).double().tolist() for r in (a, b))
+    except ValueError as e:
+        raise NotPaired(f"{_cell(a, 'point')} / {_cell(b, 'point')}: {column} does not hold {n} answers ({e})") from e
+    return paired_interval(cb, ca)
+
+
 def ordering_note(best: Mapping, other: Mapping) -> str | None:
     """For a statement "``best`` is better than ``other``": None when the windows separate them (or
     cannot say: rows without ``window_nll``), else a short note that the two are within noise."""

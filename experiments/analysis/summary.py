@@ -38,6 +38,20 @@ def _fmt(v, nd=3):
 FASTEST = "fastest dense"   # the start of with_decode_speedup's baseline for speedup_vs_fastest_dense
 
 
+def _num(r, col: str) -> float:
+    """A row's numeric cell, NaN when the column is absent or the cell empty (rows older than the column)."""
+    v = pd.to_numeric(r.get(col, float("nan")), errors="coerce")
+    return float(v) if pd.notna(v) else float("nan")
+
+
+def _with_ci(r, col: str, nd: int) -> str:
+    """``value [lo, hi]`` from ``col`` and ``col_lo``/``col_hi``; the value alone without them; empty without it."""
+    v, lo, hi = _num(r, col), _num(r, f"{col}_lo"), _num(r, f"{col}_hi")
+    if v != v:
+        return ""
+    return f"{_fmt(v, nd)} [{_fmt(lo, nd)}, {_fmt(hi, nd)}]" if lo == lo and hi == hi else _fmt(v, nd)
+
+
 def _versus(r) -> str:
     """`` vs fastest dense fp32`` for a row whose speedup is over the fastest dense dtype, else ""."""
     base = str(r.get("speedup_baseline", ""))
@@ -114,8 +128,8 @@ def sweep_summary(quick: bool, root: Path = RESULTS, names=None) -> str:
     command = "python -m experiments run " + (" ".join(names) if names else "all") + (" --quick" if quick else "")
     for tables in sections.values():
         meta = tables[0][1].iloc[0]
-        lines = ["| sweep | point | bits/weight | x smaller than fp16 | perplexity | decode x vs dense | "
-                 "aliases source grid |", "|---|---|---|---|---|---|---|"]
+        lines = ["| sweep | point | bits/weight | x smaller than fp16 | perplexity [95% CI] | KL vs dense | top-1 agreement "
+                 "| task acc [95% CI] | decode x vs dense | aliases source grid |", "|---|---|---|---|---|---|---|---|---|---|"]
         dev, fastest = "", False
         for name, df in tables:
             df, d = with_decode_speedup(df.assign(sweep=name), decode)
@@ -124,7 +138,8 @@ def sweep_summary(quick: bool, root: Path = RESULTS, names=None) -> str:
                 sp = f"{_fmt(r['speedup'])} ({r['speedup_dtype']}{_versus(r)})" if pd.notna(r["speedup"]) else ""
                 fastest = fastest or bool(_versus(r))
                 lines.append(f"| {name} | {r['point']} | {_fmt(r['bits_per_weight'])} | {_fmt(r['compression_vs_fp16'])} "
-                             f"| {_fmt(r['ppl'], 4)} | {sp} "
+                             f"| {_with_ci(r, 'ppl', 4)} | {_fmt(_num(r, 'kl'), 3)} | {_fmt(_num(r, 'top1'), 3)} "
+                             f"| {_with_ci(r, 'task_acc', 2)} | {sp} "
                              f"| {'yes' if str(r['aliases_source_grid']).lower() == 'true' else ''} |")
         speed = ("\n\n*decode x vs dense*: measured greedy-decode speedup over the dense model in the same dtype"
                  + (" (marked *vs fastest dense DTYPE*: over the fastest dense dtype measured in the same decode "
@@ -132,6 +147,11 @@ def sweep_summary(quick: bool, root: Path = RESULTS, names=None) -> str:
                  "structured points their own (timed back to back with dense in the sweep), the other points "
                  f"that of their storage format in `{_rel(decode_path, root)}`"
                  + (f" ({dev})" if dev else "") + "; empty where no decode row exists.")
+        speed += ("\n\n*perplexity [95% CI]*: percentile bootstrap over the evaluation windows; *KL vs dense*: mean "
+                  "KL(dense ‖ point) per token, *top-1 agreement*: fraction of tokens where the point's most likely "
+                  "next token is the dense model's (both on the same windows); *task acc*: the zero-shot "
+                  "multiple-choice task (`experiments.lm.tasks`, Wilson interval). Empty cells: rows measured before "
+                  "those columns existed, or without the task (`task_items` 0).")
         out.append(f"Model {meta['model']}, evaluation text {meta['evaluation_text']} ({int(meta['eval_tokens'])} tokens, "
                    f"seqlen {int(meta['seqlen'])}), calibration {meta['calibration_text']}; device {meta['device']}; "
                    f"{_origins(tables)}; "

@@ -65,6 +65,9 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
                    help="skip the paired metrics against the dense base model (KL, top-1, ΔNLL) and its forward pass")
     p.add_argument("--reference-dir", default=None, metavar="DIR",
                    help="keep the dense reference in DIR (loaded when it is there, else computed and saved)")
+    p.add_argument("--task-items", type=int, default=None, metavar="N",
+                   help="items of the multiple-choice task (experiments.lm.tasks; 0: none; default: the sweeps' "
+                        "task_items, 100 full / 0 quick); the default corpus only")
     _common(p)
 
 
@@ -198,6 +201,14 @@ def eval_main(args: argparse.Namespace) -> int:
     settings = {**sweep_settings(None, args.quick), **(settings or {})}
     if args.reference_dir is not None and args.no_dense:
         raise ValueError("--reference-dir keeps the dense reference that --no-dense skips: give one of them")
+    if args.task_items is not None:
+        if args.task_items < 0:
+            raise ValueError(f"--task-items must be 0 (no task) or a positive item count, got {args.task_items}")
+        if args.task_items and (args.text_file is not None or args.source != "austen"):
+            raise ValueError("--task-items: the task is cut from the default corpus (Emma); it has no items for "
+                             "--text-file or --source wikitext2 (pass --task-items 0)")
+        settings["task_items"] = args.task_items
+    n_task = settings.get("task_items", 0) if args.text_file is None and args.source == "austen" else 0
     tokenizer = models.load_tokenizer(base_spec)
     _calib, eval_text, corpus = data.get_texts(source=args.source, text_file=args.text_file)
     windows = data.eval_tokens(tokenizer, eval_text, max_tokens=settings["eval_tokens"], seqlen=settings["seqlen"])
@@ -214,6 +225,11 @@ def eval_main(args: argparse.Namespace) -> int:
         raise NonFiniteResult(_nonfinite_message(args.dir, model, windows, ev))
     ev2 = evaluate.perplexity(model, windows2.to(dev), progress=not args.no_progress) if second else None
     metrics = evaluation_columns(ev, reference, ev2)
+    if n_task:
+        from experiments.lm import tasks
+        task_text, task_desc = tasks.default_task_text()
+        items = tasks.build_task(tokenizer, task_text, n_items=n_task)
+        metrics.update(tasks.task_columns(tasks.score_task(model, items)), **task_desc)
     for col in ("window_nll", "window_nll2"):   # lists in the JSON, not the table's JSON-in-a-cell
         metrics[col] = json.loads(metrics[col]) if metrics[col] else None
     out: dict[str, Any] = {"dir": str(args.dir), "label": manifest["label"], "base_model": manifest["base_model"]["name"],
