@@ -105,7 +105,7 @@ def test_damp_is_recorded_and_named_when_not_the_former_default():
     assert w.damp == DEFAULT_WHITENING_DAMP and w.to_dict()["damp"] == DEFAULT_WHITENING_DAMP
     assert method_columns(w)["damp"] == DEFAULT_WHITENING_DAMP
     old = parse_spec({"method": "whitened_svd", "ratio": 0.8, "damp": 0.01})
-    assert old.label() == "whitened_svd-ratio0.8"  # the label every committed whitened_svd row carries
+    assert old.label() == "whitened_svd-ratio0.8"  # the label of the whitened_svd rows measured before 1e-3 became the default
     assert parse_spec({"method": "whitened_svd", "ratio": 0.8, "damp": 0.001}).label() == "whitened_svd-ratio0.8-damp0.001"
     assert parse_spec({"method": "gptq", "bits": 4, "damp": 0.1}).label() == "gptq-w4-g128-asym-damp0.1"
     combo = parse_spec({"method": "combo", "steps": [{"method": "sparsegpt", "pattern": "2:4", "damp": 0.05},

@@ -232,7 +232,7 @@ def test_cli_only_and_check_docs():
     r = _cli("--headline")
     assert r.returncode == 0 and r.stdout.strip() == summary.headline_summary().strip()
     r = _cli("--only", "sweep-lowrank")
-    assert r.returncode == 0 and "| lowrank | whitened_svd-ratio0.5 |" in r.stdout and "| quant |" not in r.stdout
+    assert r.returncode == 0 and "| lowrank | whitened_svd-ratio0.5-damp0.001 |" in r.stdout and "| quant |" not in r.stdout
     r = _cli("--check-docs")
     assert r.returncode == 0, r.stdout + r.stderr
 
