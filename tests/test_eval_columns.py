@@ -323,8 +323,8 @@ def test_an_old_table_without_the_text_hash_takes_new_rows_that_carry_it(old_tab
 
 def test_eval_of_a_saved_point_scores_the_task(tiny, tmp_path, second_text, monkeypatch, capsys):  # noqa: F811
     """``python -m experiments eval DIR`` prints the task columns a sweep row carries (the full settings'
-    ``task_items``, or ``--task-items N``), scored on the saved model; ``--task-items 0`` leaves them out,
-    and asking for the task with ``--text-file`` is one error naming the option."""
+    ``task_items``, or ``--task-items N``), scored on the saved model; the quick settings (``task_items`` 0)
+    leave them out, and asking for the task with ``--text-file`` is one error naming the option."""
     from experiments.__main__ import main
     from experiments.lm import data, models, tasks
     from experiments.methods.compress import compress_model
